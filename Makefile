@@ -1,0 +1,36 @@
+# Every target does all of its own set-up on a fresh Debian machine of this kind:
+# the Debian libraries Mooncake needs, a .venv, the CPU torch pin, the project and its dev extras.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+PROFILE ?= cpu
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test setup proto clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@# Mooncake's wheel links against libibverbs/librdmacm/libnuma even when it only uses TCP.
+	@if ! ldconfig -p | grep -q libibverbs.so.1 || ! ldconfig -p | grep -q librdmacm.so.1 || ! ldconfig -p | grep -q libnuma.so.1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q libibverbs1 librdmacm1 libnuma1; \
+	fi
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[$(PROFILE),dev]"
+	touch $(STAMP)
+
+demo: setup
+	MC_FORCE_TCP=1 $(BIN)/epd demo
+
+test: setup
+	MC_FORCE_TCP=1 $(BIN)/python -m pytest -q
+
+proto: setup
+	$(BIN)/python scripts/gen_proto.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

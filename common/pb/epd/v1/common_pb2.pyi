@@ -1,0 +1,194 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TransferState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRANSFER_STATE_UNSPECIFIED: _ClassVar[TransferState]
+    TRANSFER_STATE_BOOTSTRAPPING: _ClassVar[TransferState]
+    TRANSFER_STATE_WAITING_FOR_INPUT: _ClassVar[TransferState]
+    TRANSFER_STATE_TRANSFERRING: _ClassVar[TransferState]
+    TRANSFER_STATE_SUCCESS: _ClassVar[TransferState]
+    TRANSFER_STATE_FAILED: _ClassVar[TransferState]
+
+class FailureReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FAILURE_REASON_UNSPECIFIED: _ClassVar[FailureReason]
+    FAILURE_REASON_TIMEOUT: _ClassVar[FailureReason]
+    FAILURE_REASON_CANCELLED: _ClassVar[FailureReason]
+    FAILURE_REASON_TRANSPORT: _ClassVar[FailureReason]
+    FAILURE_REASON_INTEGRITY: _ClassVar[FailureReason]
+    FAILURE_REASON_RESOURCE_EXHAUSTED: _ClassVar[FailureReason]
+    FAILURE_REASON_PEER_LOST: _ClassVar[FailureReason]
+    FAILURE_REASON_INVALID: _ClassVar[FailureReason]
+TRANSFER_STATE_UNSPECIFIED: TransferState
+TRANSFER_STATE_BOOTSTRAPPING: TransferState
+TRANSFER_STATE_WAITING_FOR_INPUT: TransferState
+TRANSFER_STATE_TRANSFERRING: TransferState
+TRANSFER_STATE_SUCCESS: TransferState
+TRANSFER_STATE_FAILED: TransferState
+FAILURE_REASON_UNSPECIFIED: FailureReason
+FAILURE_REASON_TIMEOUT: FailureReason
+FAILURE_REASON_CANCELLED: FailureReason
+FAILURE_REASON_TRANSPORT: FailureReason
+FAILURE_REASON_INTEGRITY: FailureReason
+FAILURE_REASON_RESOURCE_EXHAUSTED: FailureReason
+FAILURE_REASON_PEER_LOST: FailureReason
+FAILURE_REASON_INVALID: FailureReason
+
+class Image(_message.Message):
+    __slots__ = ("data", "mime_type")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    mime_type: str
+    def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ...) -> None: ...
+
+class FieldLayout(_message.Message):
+    __slots__ = ("name", "dtype", "per_token_shape", "bytes_per_token", "offset")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PER_TOKEN_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    per_token_shape: _containers.RepeatedScalarFieldContainer[int]
+    bytes_per_token: int
+    offset: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., per_token_shape: _Optional[_Iterable[int]] = ..., bytes_per_token: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class PoolLayout(_message.Message):
+    __slots__ = ("block_size", "num_blocks", "fields", "record_bytes", "base_address")
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    RECORD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BASE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    block_size: int
+    num_blocks: int
+    fields: _containers.RepeatedCompositeFieldContainer[FieldLayout]
+    record_bytes: int
+    base_address: int
+    def __init__(self, block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., fields: _Optional[_Iterable[_Union[FieldLayout, _Mapping]]] = ..., record_bytes: _Optional[int] = ..., base_address: _Optional[int] = ...) -> None: ...
+
+class TransferError(_message.Message):
+    __slots__ = ("reason", "message")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    reason: FailureReason
+    message: str
+    def __init__(self, reason: _Optional[_Union[FailureReason, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Checksum(_message.Message):
+    __slots__ = ("field", "value")
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    value: int
+    def __init__(self, field: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+
+class TransferStatus(_message.Message):
+    __slots__ = ("request_id", "state", "sent_tokens", "total_tokens", "round", "round_tokens", "allocated_tokens", "checksums", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    state: TransferState
+    sent_tokens: int
+    total_tokens: int
+    round: int
+    round_tokens: int
+    allocated_tokens: int
+    checksums: _containers.RepeatedCompositeFieldContainer[Checksum]
+    error: TransferError
+    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[_Union[TransferState, str]] = ..., sent_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., round: _Optional[int] = ..., round_tokens: _Optional[int] = ..., allocated_tokens: _Optional[int] = ..., checksums: _Optional[_Iterable[_Union[Checksum, _Mapping]]] = ..., error: _Optional[_Union[TransferError, _Mapping]] = ...) -> None: ...
+
+class RankView(_message.Message):
+    __slots__ = ("rank", "state", "sent_tokens", "allocated_tokens", "session")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    state: TransferState
+    sent_tokens: int
+    allocated_tokens: int
+    session: str
+    def __init__(self, rank: _Optional[int] = ..., state: _Optional[_Union[TransferState, str]] = ..., sent_tokens: _Optional[int] = ..., allocated_tokens: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...
+
+class TransferInfo(_message.Message):
+    __slots__ = ("request_id", "state", "sent_tokens", "total_tokens", "rounds", "ranks", "error", "age_seconds", "allocated_tokens", "peer", "transfer_seconds", "bytes")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    state: TransferState
+    sent_tokens: int
+    total_tokens: int
+    rounds: int
+    ranks: _containers.RepeatedCompositeFieldContainer[RankView]
+    error: TransferError
+    age_seconds: float
+    allocated_tokens: int
+    peer: str
+    transfer_seconds: float
+    bytes: int
+    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[_Union[TransferState, str]] = ..., sent_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankView, _Mapping]]] = ..., error: _Optional[_Union[TransferError, _Mapping]] = ..., age_seconds: _Optional[float] = ..., allocated_tokens: _Optional[int] = ..., peer: _Optional[str] = ..., transfer_seconds: _Optional[float] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class GetTransferRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+
+class ListTransfersRequest(_message.Message):
+    __slots__ = ("states", "limit")
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    states: _containers.RepeatedScalarFieldContainer[TransferState]
+    limit: int
+    def __init__(self, states: _Optional[_Iterable[_Union[TransferState, str]]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListTransfersReply(_message.Message):
+    __slots__ = ("transfers",)
+    TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    transfers: _containers.RepeatedCompositeFieldContainer[TransferInfo]
+    def __init__(self, transfers: _Optional[_Iterable[_Union[TransferInfo, _Mapping]]] = ...) -> None: ...
+
+class CancelRequest(_message.Message):
+    __slots__ = ("request_id", "reason")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    reason: str
+    def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CancelReply(_message.Message):
+    __slots__ = ("cancelled", "state")
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    cancelled: bool
+    state: TransferState
+    def __init__(self, cancelled: _Optional[bool] = ..., state: _Optional[_Union[TransferState, str]] = ...) -> None: ...

@@ -1,0 +1,52 @@
+from common.pb.epd.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("request_id", "images", "text", "synthetic_tokens", "synthetic_seed", "expected_tokens", "want_digest")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SYNTHETIC_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SYNTHETIC_SEED_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WANT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
+    text: str
+    synthetic_tokens: int
+    synthetic_seed: int
+    expected_tokens: int
+    want_digest: bool
+    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., text: _Optional[str] = ..., synthetic_tokens: _Optional[int] = ..., synthetic_seed: _Optional[int] = ..., expected_tokens: _Optional[int] = ..., want_digest: _Optional[bool] = ...) -> None: ...
+
+class GenerateReply(_message.Message):
+    __slots__ = ("request_id", "total_tokens", "rounds", "bytes", "transfer_seconds", "total_seconds", "integrity_verified", "encoder", "payload_sha256", "first_token_id", "initial_allocated_tokens")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INTEGRITY_VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_ALLOCATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    total_tokens: int
+    rounds: int
+    bytes: int
+    transfer_seconds: float
+    total_seconds: float
+    integrity_verified: bool
+    encoder: str
+    payload_sha256: str
+    first_token_id: int
+    initial_allocated_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., total_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., integrity_verified: _Optional[bool] = ..., encoder: _Optional[str] = ..., payload_sha256: _Optional[str] = ..., first_token_id: _Optional[int] = ..., initial_allocated_tokens: _Optional[int] = ...) -> None: ...
