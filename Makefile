@@ -18,7 +18,6 @@ $(STAMP): pyproject.toml Makefile
 		$$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q libibverbs1 librdmacm1 libnuma1; \
 	fi
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[$(PROFILE),dev]"
 	touch $(STAMP)

@@ -1,0 +1,1 @@
+"""EPD common: config, pools, planning, transport, integrity, errors (DESIGN §3)."""

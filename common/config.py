@@ -1,0 +1,186 @@
+"""Typed, validated service configuration (DESIGN §11).
+
+One frozen dataclass per service, built from CLI flags and `EPD_*` environment variables (flags
+win). Every field has a docstring; `validate()` rejects impossible values with a message that
+names the setting. services/cli.py turns these dataclasses into argparse flags, so the README
+table, the flags and the env names all come from the same place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from common.layout import DTYPE_SIZES, FieldSpec, RecordLayout, default_fields
+
+
+class ConfigError(ValueError):
+    """An impossible or unknown setting; the message names it."""
+
+
+ALLOC_POLICIES = ("fixed", "hint", "adaptive")
+PROTOCOLS = ("tcp", "rdma")
+EMBEDDING_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _setting(default, help: str, *, flag: str | None = None, choices=None, unit: str = "", repeat: bool = False):
+    """A dataclass field carrying the metadata the CLI and README need."""
+    meta = {"help": help, "flag": flag, "choices": choices, "unit": unit, "repeat": repeat}
+    if isinstance(default, (list, tuple)):
+        return dataclasses.field(default=tuple(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    """Settings shared by the encoder and the language service."""
+
+    host: str = _setting("127.0.0.1", "address to bind the gRPC server and Mooncake session to")
+    """Bind address for gRPC and the Mooncake session (loopback by default)."""
+    port: int = _setting(0, "gRPC port (0 = pick a free one and print it in the EPD_READY line)")
+    """gRPC port; 0 picks an ephemeral port."""
+    metrics_port: int = _setting(0, "Prometheus /metrics port (0 = disabled)")
+    """Port of the Prometheus endpoint; 0 disables it."""
+    device: str = _setting("cpu", "pool device: cpu or cuda:N")
+    """Where the block pool lives: `cpu` or `cuda:N`."""
+    protocol: str = _setting("tcp", "Mooncake transport protocol", choices=PROTOCOLS)
+    """Mooncake protocol: `tcp` (sets MC_FORCE_TCP=1) or `rdma`."""
+    rdma_device: str = _setting("", "RDMA device names for Mooncake (empty = auto)")
+    """Mooncake device list for `rdma` (e.g. `mlx5_0`); ignored for tcp."""
+    block_size: int = _setting(128, "tokens per block (a power of two)", unit="tokens")
+    """Tokens per block; a power of two."""
+    pool_blocks: int = _setting(1024, "blocks in the pool", unit="blocks")
+    """Blocks in this process's pool."""
+    hidden: int = _setting(3584, "embedding width (hidden size)", unit="elements")
+    """Hidden size of the `embeddings` field."""
+    dtype: str = _setting("bfloat16", "embeddings dtype", choices=EMBEDDING_DTYPES)
+    """dtype of the `embeddings` field."""
+    alloc_timeout_s: float = _setting(30.0, "longest wait for pool blocks", unit="s")
+    """How long an allocation may wait for free blocks before RESOURCE_EXHAUSTED."""
+    integrity: bool = _setting(True, "send/verify per-round checksums")
+    """Per-round, per-field checksums sent by the encoder and verified by the language."""
+    history_size: int = _setting(256, "finished transfers kept for inspection", unit="transfers")
+    """How many finished transfers inspection keeps (bounded history)."""
+    log_level: str = _setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    """Python logging level."""
+
+    @property
+    def record(self) -> RecordLayout:
+        return RecordLayout.pack(self.field_specs)
+
+    @property
+    def field_specs(self) -> tuple[FieldSpec, ...]:
+        return default_fields(self.hidden, self.dtype)
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port={self.port}: must be in 0..65535")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port={self.metrics_port}: must be in 0..65535")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device={self.device!r}: must be 'cpu' or 'cuda:N'")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol={self.protocol!r}: must be one of {PROTOCOLS}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size={self.block_size}: must be a power of two >= 1")
+        if self.pool_blocks < 1:
+            raise ConfigError(f"pool_blocks={self.pool_blocks}: the pool must hold at least one block")
+        if self.hidden < 1:
+            raise ConfigError(f"hidden={self.hidden}: must be >= 1")
+        if self.dtype not in EMBEDDING_DTYPES or self.dtype not in DTYPE_SIZES:
+            raise ConfigError(f"dtype={self.dtype!r}: must be one of {EMBEDDING_DTYPES}")
+        if self.alloc_timeout_s <= 0:
+            raise ConfigError(f"alloc_timeout_s={self.alloc_timeout_s}: must be > 0")
+        if self.history_size < 0:
+            raise ConfigError(f"history_size={self.history_size}: must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig(ServiceConfig):
+    """Settings of `epd encoder`."""
+
+    port: int = _setting(50051, "gRPC port (0 = pick a free one and print it in the EPD_READY line)")
+    """gRPC port; 0 picks an ephemeral port."""
+    pool_blocks: int = _setting(1024, "blocks in the source pool", unit="blocks")
+    """Blocks in the encoder's source pool (holds whole payloads while they are sent)."""
+    model: str = _setting("bytes", "encoder model for non-synthetic requests ('bytes' = byte-level text only)")
+    """Encoder model: `bytes` embeds UTF-8 text bytes with a seeded table (images need a VLM model)."""
+    bootstrap_timeout_s: float = _setting(30.0, "longest wait for Init from every data rank (and for Encode)", unit="s")
+    """A request not initialised by every data rank (or never encoded) within this fails with `timeout`."""
+    resume_timeout_s: float = _setting(30.0, "longest wait for Resume after a partial round", unit="s")
+    """A partial round not resumed by every data rank within this fails with `timeout`."""
+    max_request_tokens: int = _setting(1_000_000, "largest payload one request may have", unit="tokens")
+    """Encode above this many tokens is rejected with INVALID_ARGUMENT before any allocation."""
+    encoder_id: str = _setting("", "name reported to peers (default host:port)")
+    """Identity reported in RegisterReply and GenerateReply.encoder."""
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("bootstrap_timeout_s", "resume_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be > 0")
+        if self.max_request_tokens < 1:
+            raise ConfigError(f"max_request_tokens={self.max_request_tokens}: must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageConfig(ServiceConfig):
+    """Settings of `epd language`."""
+
+    port: int = _setting(50052, "gRPC port (0 = pick a free one and print it in the EPD_READY line)")
+    """gRPC port; 0 picks an ephemeral port."""
+    pool_blocks: int = _setting(256, "blocks in the destination pool (per rank)", unit="blocks")
+    """Blocks in each rank's destination pool."""
+    encoder: tuple[str, ...] = _setting((), "encoder address host:port (repeatable)", repeat=True)
+    """Encoder addresses; the first reachable one is used (one encoder for now)."""
+    tp: int = _setting(1, "tensor-parallel ranks of this language instance", unit="ranks")
+    """TP size (rank processes); only 1 is supported by this release."""
+    data_ranks: str = _setting("", "comma-separated ranks that receive data (default: all)")
+    """Which ranks receive a copy of the payload; the others are dummy ranks."""
+    initial_tokens: int = _setting(8192, "tokens reserved before the real size is known", unit="tokens")
+    """Initial allocation of the `fixed` policy (clamped to the pool)."""
+    alloc_policy: str = _setting("fixed", "initial allocation policy", choices=ALLOC_POLICIES)
+    """`fixed` (initial_tokens), `hint` (the client's expected_tokens) or `adaptive`."""
+    adaptive_min_tokens: int = _setting(1024, "lower bound of the adaptive policy", unit="tokens")
+    """Smallest initial allocation `adaptive` may choose."""
+    adaptive_max_tokens: int = _setting(65536, "upper bound of the adaptive policy", unit="tokens")
+    """Largest initial allocation `adaptive` may choose."""
+    consumer: str = _setting("null", "what receives the payload ('null': checks and releases it)")
+    """Consumer the received payload is handed to."""
+    language_id: str = _setting("", "identity of this language instance (default: a UUID)")
+    """Identity sent with Register/Init/Resume; unique per instance."""
+    generate_timeout_s: float = _setting(600.0, "upper bound of one Generate when the client sets no deadline", unit="s")
+    """Generate fails with DEADLINE_EXCEEDED after this long."""
+
+    def validate(self) -> None:
+        super().validate()
+        for addr in self.encoder:
+            if not re.fullmatch(r"[^\s:]+:\d{1,5}", addr):
+                raise ConfigError(f"encoder={addr!r}: must be host:port")
+        if self.tp != 1:
+            raise ConfigError(f"tp={self.tp}: this release runs one rank per language instance (tp=1)")
+        if self.data_ranks:
+            try:
+                ranks = [int(r) for r in self.data_ranks.split(",")]
+            except ValueError:
+                raise ConfigError(f"data_ranks={self.data_ranks!r}: must be comma-separated rank numbers") from None
+            if not ranks or any(not 0 <= r < self.tp for r in ranks) or len(set(ranks)) != len(ranks):
+                raise ConfigError(f"data_ranks={self.data_ranks!r}: must be distinct ranks in 0..{self.tp - 1}")
+        if self.initial_tokens < 1:
+            raise ConfigError(f"initial_tokens={self.initial_tokens}: must be >= 1")
+        if self.alloc_policy not in ALLOC_POLICIES:
+            raise ConfigError(f"alloc_policy={self.alloc_policy!r}: must be one of {ALLOC_POLICIES}")
+        if not 1 <= self.adaptive_min_tokens <= self.adaptive_max_tokens:
+            raise ConfigError(
+                f"adaptive_min_tokens={self.adaptive_min_tokens}, adaptive_max_tokens={self.adaptive_max_tokens}: "
+                "need 1 <= min <= max")
+        if self.consumer not in ("null",):
+            raise ConfigError(f"consumer={self.consumer!r}: must be one of ('null',)")
+        if self.generate_timeout_s <= 0:
+            raise ConfigError(f"generate_timeout_s={self.generate_timeout_s}: must be > 0")
+
+    @property
+    def data_rank_list(self) -> tuple[int, ...]:
+        if not self.data_ranks:
+            return tuple(range(self.tp))
+        return tuple(int(r) for r in self.data_ranks.split(","))

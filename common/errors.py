@@ -1,0 +1,106 @@
+"""Domain errors, one class per gRPC status code (DESIGN §8).
+
+Domain code raises these; the gRPC edge (services/rpc.py) maps `code` to `grpc.StatusCode` in
+one place. No grpc import here, so pool, plan and the state machines stay transport-free.
+"""
+
+from __future__ import annotations
+
+from common.states import FailureReason
+
+
+class EpdError(Exception):
+    """Base of every error that should reach a client with a specific status code."""
+
+    code: str = "UNKNOWN"
+    """Name of the matching `grpc.StatusCode` member."""
+    reason: FailureReason = FailureReason.UNSPECIFIED
+    """The transfer failure reason this error maps to when it ends a transfer."""
+
+    def __init__(self, message: str, *, reason: FailureReason | None = None):
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+
+
+class InvalidArgument(EpdError):
+    code = "INVALID_ARGUMENT"
+    reason = FailureReason.INVALID
+
+
+class NotFound(EpdError):
+    code = "NOT_FOUND"
+    reason = FailureReason.INVALID
+
+
+class AlreadyExists(EpdError):
+    code = "ALREADY_EXISTS"
+    reason = FailureReason.INVALID
+
+
+class FailedPrecondition(EpdError):
+    code = "FAILED_PRECONDITION"
+    reason = FailureReason.INVALID
+
+
+class ResourceExhausted(EpdError):
+    code = "RESOURCE_EXHAUSTED"
+    reason = FailureReason.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(EpdError):
+    code = "DEADLINE_EXCEEDED"
+    reason = FailureReason.TIMEOUT
+
+
+class Cancelled(EpdError):
+    code = "CANCELLED"
+    reason = FailureReason.CANCELLED
+
+
+class Unavailable(EpdError):
+    code = "UNAVAILABLE"
+    reason = FailureReason.PEER_LOST
+
+
+class Aborted(EpdError):
+    code = "ABORTED"
+    reason = FailureReason.UNSPECIFIED
+
+
+class Internal(EpdError):
+    code = "INTERNAL"
+    reason = FailureReason.UNSPECIFIED
+
+
+class TransportError(EpdError):
+    """A Mooncake write returned non-zero or raised."""
+
+    code = "UNAVAILABLE"
+    reason = FailureReason.TRANSPORT
+
+
+class IntegrityError(EpdError):
+    """A received round does not match the checksums the encoder sent."""
+
+    code = "DATA_LOSS"
+    reason = FailureReason.INTEGRITY
+
+
+# How a transfer that FAILED with a given reason surfaces to a client of Generate.
+REASON_TO_ERROR: dict[FailureReason, type[EpdError]] = {
+    FailureReason.TIMEOUT: DeadlineExceeded,
+    FailureReason.CANCELLED: Cancelled,
+    FailureReason.TRANSPORT: TransportError,
+    FailureReason.INTEGRITY: IntegrityError,
+    FailureReason.RESOURCE_EXHAUSTED: ResourceExhausted,
+    FailureReason.PEER_LOST: Unavailable,
+    FailureReason.INVALID: InvalidArgument,
+    FailureReason.UNSPECIFIED: Internal,
+}
+
+
+def error_for_reason(reason: FailureReason, message: str) -> EpdError:
+    """The domain error a client sees for a transfer that failed with `reason`."""
+    return REASON_TO_ERROR.get(reason, Internal)(message, reason=reason)

@@ -1,0 +1,54 @@
+"""Transfer states and failure reasons (DESIGN §4): the domain mirror of the proto enums.
+
+Values equal the proto enum numbers, so the edge converts with a plain int().
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+class TransferState(enum.IntEnum):
+    UNSPECIFIED = 0
+    BOOTSTRAPPING = 1
+    WAITING_FOR_INPUT = 2
+    TRANSFERRING = 3
+    SUCCESS = 4
+    FAILED = 5
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TransferState.SUCCESS, TransferState.FAILED)
+
+
+class FailureReason(enum.IntEnum):
+    UNSPECIFIED = 0
+    TIMEOUT = 1
+    CANCELLED = 2
+    TRANSPORT = 3
+    INTEGRITY = 4
+    RESOURCE_EXHAUSTED = 5
+    PEER_LOST = 6
+    INVALID = 7
+
+    @property
+    def label(self) -> str:
+        """The lower-case name used in metrics and logs (`resource_exhausted`)."""
+        return self.name.lower()
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusUpdate:
+    """What a Status stream carries (the domain mirror of TransferStatus)."""
+
+    request_id: str
+    state: TransferState
+    sent_tokens: int = 0
+    total_tokens: int = 0
+    round: int = 0
+    round_tokens: int = 0
+    allocated_tokens: int = 0
+    checksums: tuple[tuple[str, int], ...] = ()
+    reason: FailureReason = FailureReason.UNSPECIFIED
+    message: str = ""

@@ -1,0 +1,72 @@
+"""Live transfers plus a bounded history of finished ones, for lookups and inspection (§8, §9).
+
+Entries are any object with `request_id` and `state`; a finished entry moves to the history,
+which keeps the last `history_size` and forgets older ones, so nothing outlives its request
+except this bounded record.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Generic, Iterable, TypeVar
+
+from common.errors import AlreadyExists, NotFound
+from common.states import TransferState
+
+T = TypeVar("T")
+
+
+class TransferTable(Generic[T]):
+    def __init__(self, history_size: int):
+        self._live: dict[str, T] = {}
+        self._history: collections.OrderedDict[str, T] = collections.OrderedDict()
+        self._history_size = history_size
+
+    def add(self, request_id: str, entry: T) -> None:
+        if request_id in self._live:
+            raise AlreadyExists(f"request_id {request_id!r} is already in use")
+        # A finished request's id may be reused; the new transfer replaces the old record.
+        self._history.pop(request_id, None)
+        self._live[request_id] = entry
+
+    def live_get(self, request_id: str) -> T | None:
+        return self._live.get(request_id)
+
+    def get(self, request_id: str) -> T | None:
+        return self._live.get(request_id) or self._history.get(request_id)
+
+    def require(self, request_id: str) -> T:
+        entry = self.get(request_id)
+        if entry is None:
+            raise NotFound(f"unknown request_id {request_id!r}")
+        return entry
+
+    def finish(self, request_id: str, entry: T) -> None:
+        """Move a finished entry from the live table to the bounded history."""
+        if self._live.get(request_id) is entry:
+            del self._live[request_id]
+        if self._history_size > 0:
+            self._history[request_id] = entry
+            self._history.move_to_end(request_id)
+            while len(self._history) > self._history_size:
+                self._history.popitem(last=False)
+
+    @property
+    def live(self) -> list[T]:
+        return list(self._live.values())
+
+    @property
+    def history(self) -> list[T]:
+        return list(self._history.values())
+
+    def select(self, states: Iterable[TransferState] = (), limit: int = 0) -> list[T]:
+        """Live entries first (oldest first), then history (newest first), filtered by state."""
+        wanted = set(states)
+        out = []
+        for entry in [*self._live.values(), *reversed(self._history.values())]:
+            if wanted and entry.state not in wanted:
+                continue
+            out.append(entry)
+            if limit and len(out) >= limit:
+                break
+        return out

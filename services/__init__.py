@@ -1,0 +1,1 @@
+"""EPD services: encoder, language and the `epd` command."""

@@ -1,0 +1,112 @@
+"""Encoder models (DESIGN §10): how a request's inputs become payload records.
+
+An `EncoderModel` knows `token_count(inputs)` cheaply (before anything is allocated) and
+`encode_into(inputs, runs, record)` fills the source-pool records of an allocation.
+
+- Requests with `synthetic_tokens > 0` always use the §14 synthetic payload.
+- `bytes`: a dependency-free text model — one token per UTF-8 byte, embeddings from a seeded
+  table, positions (i, i, i). It has no vision tower, so images are validated and then refused;
+  the Qwen2-VL model (`tiny` / a checkpoint path) is a later issue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol, Sequence
+
+import torch
+
+from common.errors import FailedPrecondition, InvalidArgument
+from common.layout import RecordLayout
+from common.pool import field_of
+from common.synthetic import fill_synthetic
+
+SUPPORTED_IMAGE_TYPES = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeInputs:
+    """A request's inputs, transport-free."""
+
+    images: tuple[tuple[bytes, str], ...]
+    """(data, mime_type) per image."""
+    text: str
+    synthetic_tokens: int = 0
+    synthetic_seed: int = 0
+
+
+class EncoderModel(Protocol):
+    name: str
+
+    def token_count(self, inputs: EncodeInputs) -> int: ...
+
+    def encode_into(self, inputs: EncodeInputs, runs: Sequence[torch.Tensor], record: RecordLayout) -> None: ...
+
+
+def validate_images(images: Sequence[tuple[bytes, str]]) -> None:
+    """Cheap checks on image bytes before any work: non-empty, PNG or JPEG by magic number."""
+    for i, (data, mime) in enumerate(images):
+        if not data:
+            raise InvalidArgument(f"images[{i}]: data is empty")
+        kind = next((k for k, magic in SUPPORTED_IMAGE_TYPES.items() if data.startswith(magic)), None)
+        if kind is None:
+            raise InvalidArgument(f"images[{i}]: not a PNG or JPEG image (mime_type={mime!r}, first bytes {data[:8]!r})")
+        if mime and mime != kind:
+            raise InvalidArgument(f"images[{i}]: mime_type={mime!r} but the data is {kind}")
+
+
+class SyntheticModel:
+    """The deterministic §14 payload."""
+
+    name = "synthetic"
+
+    def token_count(self, inputs: EncodeInputs) -> int:
+        return inputs.synthetic_tokens
+
+    def encode_into(self, inputs: EncodeInputs, runs: Sequence[torch.Tensor], record: RecordLayout) -> None:
+        start = 0
+        for run in runs:
+            fill_synthetic(run, record, inputs.synthetic_seed, start)
+            start += run.shape[0]
+
+
+class ByteTextModel:
+    """One token per UTF-8 byte of the text; embeddings from a seeded [256, hidden] table."""
+
+    name = "bytes"
+
+    def __init__(self, hidden: int, dtype: str, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self._table = torch.randn((256, hidden), generator=gen).to(getattr(torch, dtype))
+
+    def token_count(self, inputs: EncodeInputs) -> int:
+        if inputs.images:
+            raise FailedPrecondition(
+                f"images[0]: the encoder's model {self.name!r} has no vision tower; "
+                "send text only or synthetic_tokens")
+        return len(inputs.text.encode("utf-8"))
+
+    def encode_into(self, inputs: EncodeInputs, runs: Sequence[torch.Tensor], record: RecordLayout) -> None:
+        ids = torch.tensor(list(inputs.text.encode("utf-8")), dtype=torch.int64)
+        start = 0
+        for run in runs:
+            k = run.shape[0]
+            chunk = ids[start:start + k]
+            pos = torch.arange(start, start + k, dtype=torch.int32)
+            for f in record.fields:
+                view = field_of(run, f)
+                if f.name == "embeddings":
+                    view.copy_(self._table[chunk].to(view.device))
+                elif f.name == "token_ids":
+                    view.copy_(chunk.to(torch.int32).to(view.device))
+                elif f.name == "mrope_positions":
+                    view.copy_(torch.stack((pos, pos, pos), dim=1).to(view.device))
+                else:
+                    view.zero_()
+            start += k
+
+
+def load_model(name: str, hidden: int, dtype: str) -> EncoderModel:
+    if name == "bytes":
+        return ByteTextModel(hidden, dtype)
+    raise InvalidArgument(f"model={name!r}: unknown encoder model (available: 'bytes')")

@@ -1,0 +1,319 @@
+"""The encoder service: its pool, Mooncake engine, sessions, transfers, and the gRPC servicer.
+
+`EncoderService.start()` allocates the source pool, registers it with Mooncake once, starts the
+gRPC server (Encoder + health + reflection) and only then reports SERVING. `shutdown()` is
+idempotent: health NOT_SERVING, stop accepting, fail live transfers, stop the server,
+unregister memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import Sequence
+
+import grpc
+
+from common import errors
+from common.config import EncoderConfig
+from common.integrity import checksums as compute_checksums
+from common.layout import PoolGeometry
+from common.pb.epd.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc
+from common.plan import blocks_for_tokens
+from common.pool import BlockPool
+from common.states import FailureReason, StatusUpdate, TransferState
+from common.table import TransferTable
+from common.transport import MooncakeTransport, memory_location
+from services import rpc
+from services.encoder.models import EncodeInputs, SyntheticModel, load_model, validate_images
+from services.encoder.transfer import EncoderTransfer, PeerSession, validate_allocation
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "epd.v1.Encoder"
+
+
+class EncoderService:
+    """Everything one encoder process owns."""
+
+    def __init__(self, config: EncoderConfig, *, transport: MooncakeTransport | None = None):
+        config.validate()
+        self.config = config
+        self.bootstrap_timeout_s = config.bootstrap_timeout_s
+        self.resume_timeout_s = config.resume_timeout_s
+        self.integrity = config.integrity
+        self.pool = BlockPool(config.record, config.block_size, config.pool_blocks, config.device)
+        self.transport = transport
+        self.synthetic = SyntheticModel()
+        self.model = load_model(config.model, config.hidden, config.dtype)
+        self.sessions: dict[tuple[str, int], PeerSession] = {}
+        self.transfers: TransferTable[EncoderTransfer] = TransferTable(config.history_size)
+        self.server: grpc.aio.Server | None = None
+        self.health: rpc.HealthService | None = None
+        self.port = 0
+        self.encoder_id = config.encoder_id
+        self._shutdown_done = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        cfg = self.config
+        if self.transport is None:
+            self.transport = await asyncio.to_thread(MooncakeTransport, cfg.host, cfg.protocol, cfg.rdma_device)
+        # Registered once, before any peer can open our segment (peers cache descriptors).
+        self.transport.register(self.pool.base_address, self.pool.nbytes, memory_location(cfg.device))
+        self.server = grpc.aio.server(options=rpc.SERVER_OPTIONS)
+        encoder_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(self), self.server)
+        self.health = rpc.HealthService(self.server, [SERVICE_NAME])
+        rpc.add_reflection(self.server, [SERVICE_NAME])
+        self.port = rpc.bind(self.server, cfg.host, cfg.port)
+        self.encoder_id = cfg.encoder_id or f"{socket.gethostname()}:{self.port}"
+        await self.server.start()
+        await self.health.set(True)
+        log.info("encoder %s serving on %s:%d, session %s, pool %d x %d tokens x %d B on %s",
+                 self.encoder_id, cfg.host, self.port, self.transport.session, cfg.pool_blocks, cfg.block_size,
+                 self.pool.record.record_bytes, cfg.device)
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        if self._shutdown_done:
+            return
+        self._shutdown_done = True
+        if self.health is not None:
+            await self.health.set(False)
+        for t in self.transfers.live:
+            t.fail(FailureReason.CANCELLED, "encoder shutting down")
+        tasks = [t.task for t in self.transfers.live if t.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.transport is not None:
+            self.transport.close()
+
+    # ------------------------------------------------------------------ TransferEnv
+
+    async def write(self, session: str, triples: Sequence[tuple[int, int, int]]) -> None:
+        await self.transport.write(session, triples)
+
+    async def round_checksums(self, blocks: Sequence[int], start: int, n_tokens: int) -> dict[str, int]:
+        runs = self.pool.runs(blocks, start, n_tokens)
+        return await asyncio.to_thread(compute_checksums, runs, self.pool.record, start)
+
+    def on_finished(self, transfer: EncoderTransfer) -> None:
+        self.transfers.finish(transfer.request_id, transfer)
+
+    # ------------------------------------------------------------------ operations
+
+    def register(self, language_id: str, rank: int, session: str, geometry: PoolGeometry) -> None:
+        if not language_id:
+            raise errors.InvalidArgument("language_id is empty")
+        if not session or session.count(":") != 1 or not session.rsplit(":", 1)[1].isdigit():
+            raise errors.InvalidArgument(f"session={session!r}: must be the Mooncake session 'host:port'")
+        diffs = self.pool.record.differences(geometry.record)
+        if diffs:
+            raise errors.FailedPrecondition(
+                f"layout of language {language_id!r} rank {rank} does not match the encoder's: " + "; ".join(diffs))
+        key = (language_id, rank)
+        old = self.sessions.get(key)
+        if old is not None and old.session == session and old.geometry == geometry:
+            return  # idempotent
+        generation = old.generation + 1 if old else 0
+        self.sessions[key] = PeerSession(language_id, rank, session, geometry, generation)
+        if old is not None:
+            log.info("language %s rank %d re-registered: session %s -> %s", language_id, rank, old.session, session)
+
+    def _transfer_for(self, request_id: str, *, language_id: str, rank_count: int) -> EncoderTransfer:
+        t = self.transfers.live_get(request_id)
+        if t is None:
+            t = EncoderTransfer(request_id, self, language_id=language_id, rank_count=rank_count)
+            self.transfers.add(request_id, t)
+            t.start()
+        return t
+
+    def init(self, request_id: str, language_id: str, rank: int, rank_count: int,
+             blocks: list[int], allocated_tokens: int) -> EncoderTransfer:
+        what = f"Init of request {request_id!r} rank {rank}"
+        if not request_id:
+            raise errors.InvalidArgument("request_id is empty")
+        if rank_count < 1:
+            raise errors.InvalidArgument(f"{what}: rank_count={rank_count} must be >= 1")
+        peer = self.sessions.get((language_id, rank))
+        if peer is None:
+            raise errors.FailedPrecondition(
+                f"{what}: language_id {language_id!r} rank {rank} has not called Register")
+        validate_allocation(peer, blocks, allocated_tokens, what)
+        existing = self.transfers.live_get(request_id)
+        if existing is None:
+            ended = self.transfers.get(request_id)
+            if ended is not None and ended.language_id == language_id and rank in ended.ranks:
+                raise errors.AlreadyExists(f"{what}: request already ran ({ended.state.name}); use a new request_id")
+        t = existing or EncoderTransfer(request_id, self, language_id=language_id, rank_count=rank_count)
+        t.add_rank(rank, rank_count, peer, blocks, allocated_tokens)  # raises before anything is stored
+        if existing is None:
+            self.transfers.add(request_id, t)
+            t.start()
+        return t
+
+    async def encode(self, request_id: str, inputs: EncodeInputs, rank_count: int, language_id: str) -> tuple[int, float]:
+        started = time.monotonic()
+        if not request_id:
+            raise errors.InvalidArgument("request_id is empty")
+        model = self.synthetic if inputs.synthetic_tokens > 0 else self.model
+        if model is not self.synthetic:
+            validate_images(inputs.images)
+        total = model.token_count(inputs)
+        if total < 1:
+            raise errors.InvalidArgument(f"request {request_id!r} has no tokens (empty text, no images, synthetic_tokens=0)")
+        if total > self.config.max_request_tokens:
+            raise errors.InvalidArgument(
+                f"request {request_id!r} has {total} tokens, above max_request_tokens={self.config.max_request_tokens}")
+        existing = self.transfers.live_get(request_id)
+        if existing is not None:
+            existing.begin_encode(rank_count, language_id)
+            t = existing
+        else:
+            ended = self.transfers.get(request_id)
+            if ended is not None and (ended.src_blocks is not None or ended.total_tokens or ended.encoding):
+                raise errors.AlreadyExists(f"request_id {request_id!r} was already encoded ({ended.state.name})")
+            t = EncoderTransfer(request_id, self, language_id=language_id, rank_count=rank_count)
+            t.begin_encode(rank_count, language_id)
+            self.transfers.add(request_id, t)
+            t.start()
+        blocks: list[int] | None = None
+        try:
+            blocks = await self.pool.allocator.alloc(
+                blocks_for_tokens(total, self.pool.block_size), timeout=self.config.alloc_timeout_s,
+                label=f"encoder source pool for request {request_id}")
+            runs = self.pool.runs(blocks, 0, total)
+            await asyncio.to_thread(model.encode_into, inputs, runs, self.pool.record)
+        except errors.EpdError as e:
+            if blocks is not None:
+                self.pool.allocator.free(blocks)
+            t.encode_failed(e)
+            raise
+        except BaseException as e:
+            if blocks is not None:
+                self.pool.allocator.free(blocks)
+            t.encode_failed(errors.Cancelled(f"Encode interrupted: {e!r}"))
+            raise
+        if not t.attach_payload(blocks, total):
+            self.pool.allocator.free(blocks)
+            raise errors.FailedPrecondition(f"request {request_id!r} ended while encoding: {t.message}")
+        return total, time.monotonic() - started
+
+    def resume(self, request_id: str, language_id: str, rank: int, sent_tokens: int,
+               blocks: list[int], allocated_tokens: int) -> bool:
+        t = self._require(request_id, language_id)
+        return t.resume(rank, sent_tokens, blocks, allocated_tokens)
+
+    def _require(self, request_id: str, language_id: str = "") -> EncoderTransfer:
+        if not request_id:
+            raise errors.InvalidArgument("request_id is empty")
+        t = self.transfers.require(request_id)
+        if language_id and t.language_id and t.language_id != language_id:
+            raise errors.FailedPrecondition(
+                f"request {request_id!r} belongs to language_id {t.language_id!r}, not {language_id!r}")
+        return t
+
+
+class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
+    """Thin gRPC adapter over EncoderService."""
+
+    def __init__(self, service: EncoderService):
+        self.s = service
+
+    @rpc.grpc_errors
+    async def Encode(self, request, context):
+        inputs = EncodeInputs(tuple((im.data, im.mime_type) for im in request.images), request.text,
+                              request.synthetic_tokens, request.synthetic_seed)
+        total, seconds = await self.s.encode(request.request_id, inputs, request.rank_count, request.language_id)
+        return encoder_pb2.EncodeReply(request_id=request.request_id, total_tokens=total, encode_seconds=seconds)
+
+    @rpc.grpc_errors
+    async def Register(self, request, context):
+        if not request.HasField("layout"):
+            raise errors.InvalidArgument("layout is missing")
+        self.s.register(request.language_id, request.rank, request.session, rpc.geometry_from_pb(request.layout))
+        return encoder_pb2.RegisterReply(encoder_id=self.s.encoder_id, layout=rpc.geometry_to_pb(self.s.pool.geometry))
+
+    @rpc.grpc_errors
+    async def Init(self, request, context):
+        t = self.s.init(request.request_id, request.language_id, request.rank, request.rank_count,
+                        list(request.dst_blocks), request.allocated_tokens)
+        return encoder_pb2.InitReply(state=int(t.state))
+
+    @rpc.grpc_errors
+    async def Resume(self, request, context):
+        dup = self.s.resume(request.request_id, request.language_id, request.rank, request.sent_tokens,
+                            list(request.dst_blocks), request.allocated_tokens)
+        return encoder_pb2.ResumeReply(duplicate=dup)
+
+    @rpc.grpc_errors
+    async def Status(self, request, context):
+        t = self.s._require(request.request_id)
+        terminal_seen = False
+        try:
+            async for st in t.statuses():
+                terminal_seen = st.state.terminal
+                yield status_to_pb(st)
+        except asyncio.CancelledError:
+            # The rank went away mid-transfer: its blocks may be gone, so the request cannot finish.
+            if not terminal_seen and request.rank in t.ranks:
+                t.fail(FailureReason.PEER_LOST, f"Status stream of rank {request.rank} closed before the transfer ended")
+            raise
+
+    @rpc.grpc_errors
+    async def GetTransfer(self, request, context):
+        return transfer_info(self.s._require(request.request_id))
+
+    @rpc.grpc_errors
+    async def ListTransfers(self, request, context):
+        states = [_state_arg(s) for s in request.states]
+        return common_pb2.ListTransfersReply(
+            transfers=[transfer_info(t) for t in self.s.transfers.select(states, request.limit)])
+
+    @rpc.grpc_errors
+    async def Cancel(self, request, context):
+        t = self.s._require(request.request_id)
+        cancelled = await t.cancel(f"cancelled by peer: {request.reason or 'no reason given'}",
+                                   cancel_reason(request.reason))
+        return common_pb2.CancelReply(cancelled=cancelled, state=int(t.state))
+
+
+def cancel_reason(text: str) -> FailureReason:
+    """A Cancel whose reason starts with a failure label ("integrity: ...") fails with that reason."""
+    label = text.split(":", 1)[0].strip().upper()
+    if label in FailureReason.__members__ and label != "UNSPECIFIED":
+        return FailureReason[label]
+    return FailureReason.CANCELLED
+
+
+def _state_arg(value: int) -> TransferState:
+    try:
+        state = TransferState(value)
+    except ValueError:
+        raise errors.InvalidArgument(f"states: unknown TransferState value {value}") from None
+    return state
+
+
+def status_to_pb(st: StatusUpdate) -> common_pb2.TransferStatus:
+    return common_pb2.TransferStatus(
+        request_id=st.request_id, state=int(st.state), sent_tokens=st.sent_tokens, total_tokens=st.total_tokens,
+        round=st.round, round_tokens=st.round_tokens, allocated_tokens=st.allocated_tokens,
+        checksums=[common_pb2.Checksum(field=name, value=value) for name, value in st.checksums],
+        error=rpc.error_to_pb(st.reason, st.message))
+
+
+def transfer_info(t: EncoderTransfer) -> common_pb2.TransferInfo:
+    record_bytes = t.env.pool.record.payload_bytes_per_token
+    return common_pb2.TransferInfo(
+        request_id=t.request_id, state=int(t.state), sent_tokens=t.sent_tokens, total_tokens=t.total_tokens,
+        rounds=t.rounds, age_seconds=t.age_seconds, peer=t.language_id, transfer_seconds=t.transfer_seconds,
+        bytes=t.sent_tokens * record_bytes, error=rpc.error_to_pb(t.reason, t.message),
+        allocated_tokens=sum(s.allocated_tokens for s in t.ranks.values() if s.blocks is not None),
+        ranks=[common_pb2.RankView(rank=r, state=int(t.state), sent_tokens=s.sent_tokens,
+                                   allocated_tokens=s.allocated_tokens if s.blocks is not None else 0,
+                                   session=s.peer.session)
+               for r, s in sorted(t.ranks.items())])

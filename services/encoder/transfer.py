@@ -1,0 +1,371 @@
+"""The encoder's per-request transfer state machine (DESIGN §4, §5, §7).
+
+One `EncoderTransfer` per request id, driven by one asyncio task (`run`). Init, Encode and
+Resume only record facts and wake the task; the task decides when a round starts, plans it,
+writes it to every data rank and publishes the new status — after the writes returned, never
+before. Status subscribers read a single feed, so every rank sees identical statuses.
+
+Domain code: no grpc, no mooncake. What it needs from the service comes in a `TransferEnv`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import AsyncIterator, Callable, Protocol, Sequence
+
+from common.errors import AlreadyExists, EpdError, FailedPrecondition, InvalidArgument
+from common.layout import PoolGeometry
+from common.plan import plan_round
+from common.pool import BlockPool
+from common.states import FailureReason, StatusUpdate, TransferState
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerSession:
+    """A language rank as registered with this encoder."""
+
+    language_id: str
+    rank: int
+    session: str
+    """Mooncake session `host:rpc_port` of the rank."""
+    geometry: PoolGeometry
+    """The rank's pool: block size, block count, base address, record layout."""
+    generation: int = 0
+    """Bumped on every re-registration, so a transfer can tell a stale session."""
+
+
+class TransferEnv(Protocol):
+    """What a transfer needs from the encoder service."""
+
+    pool: BlockPool
+    bootstrap_timeout_s: float
+    resume_timeout_s: float
+    integrity: bool
+
+    async def write(self, session: str, triples: Sequence[tuple[int, int, int]]) -> None: ...
+
+    async def round_checksums(self, blocks: Sequence[int], start: int, n_tokens: int) -> dict[str, int]: ...
+
+    def on_finished(self, transfer: "EncoderTransfer") -> None: ...
+
+
+class _Failure(Exception):
+    def __init__(self, reason: FailureReason, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclasses.dataclass
+class RankSlot:
+    """One data rank's part in a transfer."""
+
+    peer: PeerSession
+    blocks: list[int] | None
+    """Destination blocks for the next round; None while a Resume is awaited."""
+    allocated_tokens: int
+    for_sent: int
+    """The sent_tokens the current allocation was given for (0 at Init)."""
+    sent_tokens: int = 0
+
+
+def validate_allocation(peer: PeerSession, blocks: Sequence[int], allocated_tokens: int, what: str) -> None:
+    """Init/Resume allocations must be whole blocks inside the peer's pool; raise InvalidArgument."""
+    geo = peer.geometry
+    if not blocks:
+        raise InvalidArgument(f"{what}: dst_blocks is empty")
+    if allocated_tokens != len(blocks) * geo.block_size:
+        raise InvalidArgument(
+            f"{what}: allocated_tokens={allocated_tokens} must equal len(dst_blocks) * block_size = "
+            f"{len(blocks)} * {geo.block_size} = {len(blocks) * geo.block_size}")
+    for b in blocks:
+        if b >= geo.num_blocks:
+            raise InvalidArgument(f"{what}: dst block id {b} is out of range for a pool of {geo.num_blocks} blocks")
+    if len(set(blocks)) != len(blocks):
+        dup = next(b for i, b in enumerate(blocks) if b in blocks[:i])
+        raise InvalidArgument(f"{what}: dst block id {dup} appears more than once")
+
+
+class EncoderTransfer:
+    """State of one request on the encoder, plus the task that moves it along."""
+
+    def __init__(self, request_id: str, env: TransferEnv, *, language_id: str = "", rank_count: int = 0):
+        self.request_id = request_id
+        self.env = env
+        self.language_id = language_id
+        self.rank_count = rank_count
+        self.created = time.monotonic()
+        self.finished_at: float | None = None
+        self.init_at: float | None = None
+        self.state = TransferState.BOOTSTRAPPING
+        self.ranks: dict[int, RankSlot] = {}
+        self.src_blocks: list[int] | None = None
+        self.total_tokens = 0
+        self.sent_tokens = 0
+        self.rounds = 0
+        self.encoding = False
+        self.round_allocated = 0
+        self.reason = FailureReason.UNSPECIFIED
+        self.message = ""
+        self._failure: _Failure | None = None
+        self._wakeup = asyncio.Event()
+        self._status = StatusUpdate(request_id, TransferState.BOOTSTRAPPING)
+        self._published = asyncio.Event()
+        self.done = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+    # ----------------------------------------------------------------- facts from RPCs
+
+    def add_rank(self, rank: int, rank_count: int, peer: PeerSession, blocks: list[int], allocated_tokens: int) -> None:
+        """Record an Init (already validated against the peer's pool)."""
+        what = f"Init of request {self.request_id!r} rank {rank}"
+        if self.state.terminal:
+            raise FailedPrecondition(f"{what}: the request already ended ({self.state.name})")
+        if rank in self.ranks:
+            raise AlreadyExists(f"{what}: rank {rank} has already sent Init for this request")
+        if self.rank_count and rank_count != self.rank_count:
+            raise InvalidArgument(f"{what}: rank_count={rank_count} differs from the request's rank_count={self.rank_count}")
+        if self.language_id and peer.language_id != self.language_id:
+            raise FailedPrecondition(
+                f"{what}: request belongs to language_id {self.language_id!r}, not {peer.language_id!r}")
+        self.rank_count = rank_count
+        self.language_id = peer.language_id
+        self.ranks[rank] = RankSlot(peer, list(blocks), allocated_tokens, for_sent=0)
+        self.init_at = self.init_at or time.monotonic()
+        if len(self.ranks) == self.rank_count:
+            self._set_state(TransferState.WAITING_FOR_INPUT)
+        self._wake()
+
+    def begin_encode(self, rank_count: int, language_id: str) -> None:
+        what = f"Encode of request {self.request_id!r}"
+        if self.state.terminal:
+            raise FailedPrecondition(f"{what}: the request already ended ({self.state.name})")
+        if self.encoding or self.src_blocks is not None:
+            raise AlreadyExists(f"{what}: request_id {self.request_id!r} was already encoded")
+        if rank_count and self.rank_count and rank_count != self.rank_count:
+            raise InvalidArgument(f"{what}: rank_count={rank_count} differs from the request's rank_count={self.rank_count}")
+        if language_id and self.language_id and language_id != self.language_id:
+            raise FailedPrecondition(f"{what}: request belongs to language_id {self.language_id!r}, not {language_id!r}")
+        self.rank_count = self.rank_count or rank_count
+        self.language_id = self.language_id or language_id
+        self.encoding = True
+
+    def attach_payload(self, blocks: list[int], total_tokens: int) -> bool:
+        """Hand the encoded source blocks to the transfer; False (caller frees) if it ended meanwhile."""
+        self.encoding = False
+        if self.state.terminal or self._failure is not None:
+            self._wake()
+            return False
+        self.src_blocks = blocks
+        self.total_tokens = total_tokens
+        self._wake()
+        return True
+
+    def encode_failed(self, error: EpdError) -> None:
+        self.encoding = False
+        self.fail(error.reason, f"Encode failed: {error.message}")
+
+    def resume(self, rank: int, sent_tokens: int, blocks: list[int], allocated_tokens: int) -> bool:
+        """Record a Resume; returns True when it is a duplicate (a no-op)."""
+        what = f"Resume of request {self.request_id!r} rank {rank}"
+        slot = self.ranks.get(rank)
+        if slot is None:
+            raise FailedPrecondition(f"{what}: rank {rank} never sent Init for this request")
+        if sent_tokens > self.sent_tokens:
+            raise FailedPrecondition(
+                f"{what}: sent_tokens={sent_tokens} is ahead of the {self.sent_tokens} tokens the encoder has sent")
+        if sent_tokens < self.sent_tokens or (slot.blocks is not None and slot.for_sent == sent_tokens):
+            return True
+        if self.state.terminal:
+            raise FailedPrecondition(f"{what}: the request already ended ({self.state.name})")
+        validate_allocation(slot.peer, blocks, allocated_tokens, what)
+        slot.blocks = list(blocks)
+        slot.allocated_tokens = allocated_tokens
+        slot.for_sent = sent_tokens
+        self._wake()
+        return False
+
+    def fail(self, reason: FailureReason, message: str) -> None:
+        """Ask the task to fail the request; it does so once no write is in flight."""
+        if self.state.terminal or self._failure is not None:
+            return
+        self._failure = _Failure(reason, message)
+        self._wake()
+
+    async def cancel(self, message: str, reason: FailureReason = FailureReason.CANCELLED) -> bool:
+        """Fail the request and wait until it ended (no write in flight); False if it had ended already."""
+        if self.state.terminal:
+            return False
+        self.fail(reason, message)
+        await self.done.wait()
+        return self.reason == reason
+
+    # ----------------------------------------------------------------- the task
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.run(), name=f"transfer-{self.request_id}")
+
+    async def run(self) -> None:
+        try:
+            await self._until(self._ready_to_send, self.created + self.env.bootstrap_timeout_s, self._bootstrap_what)
+            while True:
+                n = min(self.total_tokens - self.sent_tokens, *(s.allocated_tokens for s in self.ranks.values()))
+                checksums = await self._send_round(n)
+                self.sent_tokens += n
+                self.rounds += 1
+                for slot in self.ranks.values():
+                    slot.sent_tokens = self.sent_tokens
+                if self._failure is not None:
+                    raise self._failure
+                last = self.sent_tokens >= self.total_tokens
+                if not last:
+                    for slot in self.ranks.values():
+                        slot.blocks = None
+                self.state = TransferState.SUCCESS if last else TransferState.TRANSFERRING
+                self._publish(round_tokens=n, allocated_tokens=n, checksums=checksums)
+                log.debug("request %s: round %d sent %d/%d tokens", self.request_id, self.rounds,
+                          self.sent_tokens, self.total_tokens)
+                if last:
+                    break
+                await self._until(self._all_resumed, time.monotonic() + self.env.resume_timeout_s,
+                                  lambda: f"no Resume from rank(s) {self._missing_resumes()} within "
+                                          f"resume_timeout_s={self.env.resume_timeout_s}")
+        except _Failure as f:
+            self._finish_failed(f.reason, f.message)
+        except asyncio.CancelledError:
+            self._finish_failed(FailureReason.CANCELLED, "encoder shutting down")
+            raise
+        except Exception as e:  # a bug must still end the request cleanly
+            log.exception("request %s: transfer task crashed", self.request_id)
+            self._finish_failed(FailureReason.UNSPECIFIED, f"internal error: {e!r}")
+        finally:
+            self._release()
+
+    async def _send_round(self, n: int) -> tuple[tuple[str, int], ...]:
+        pool = self.env.pool
+        src_geo = pool.geometry
+        writes = []
+        for slot in self.ranks.values():
+            geo = slot.peer.geometry
+            triples = plan_round(
+                src_base=src_geo.base_address, src_blocks=self.src_blocks, src_block_size=src_geo.block_size,
+                src_start=self.sent_tokens, dst_base=geo.base_address, dst_blocks=slot.blocks,
+                dst_block_size=geo.block_size, dst_start=0, n_tokens=n, record_bytes=src_geo.record.record_bytes)
+            writes.append(self.env.write(slot.peer.session, triples))
+        if self.env.integrity:
+            writes.append(self.env.round_checksums(self.src_blocks, self.sent_tokens, n))
+        # Every write runs to completion even when one fails: nothing may still be landing in a
+        # peer's blocks once we publish FAILED and the peer reuses them.
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            err = errors[0]
+            if isinstance(err, asyncio.CancelledError):
+                raise err
+            reason = err.reason if isinstance(err, EpdError) and err.reason != FailureReason.UNSPECIFIED \
+                else FailureReason.TRANSPORT
+            raise _Failure(reason, f"round {self.rounds + 1} write failed: {err}")
+        checksums = results[-1] if self.env.integrity else {}
+        return tuple(checksums.items())
+
+    def _ready_to_send(self) -> bool:
+        return bool(self.rank_count) and len(self.ranks) == self.rank_count and self.src_blocks is not None
+
+    def _bootstrap_what(self) -> str:
+        if not self.rank_count or len(self.ranks) < self.rank_count:
+            have = sorted(self.ranks)
+            return (f"no Init from every data rank within bootstrap_timeout_s={self.env.bootstrap_timeout_s} "
+                    f"(have ranks {have} of rank_count={self.rank_count or '?'})")
+        return f"no Encode within bootstrap_timeout_s={self.env.bootstrap_timeout_s}"
+
+    def _all_resumed(self) -> bool:
+        return all(s.blocks is not None and s.for_sent == self.sent_tokens for s in self.ranks.values())
+
+    def _missing_resumes(self) -> list[int]:
+        return sorted(r for r, s in self.ranks.items() if s.blocks is None or s.for_sent != self.sent_tokens)
+
+    async def _until(self, predicate: Callable[[], bool], deadline: float, what: Callable[[], str]) -> None:
+        """Wait (on wake-ups, not by polling) until predicate holds; fail on failure or deadline.
+        An Encode in progress suspends the deadline: its own allocation has alloc_timeout_s."""
+        while True:
+            if self._failure is not None:
+                raise self._failure
+            if predicate():
+                return
+            timeout = None if self.encoding else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                raise _Failure(FailureReason.TIMEOUT, what())
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    def _finish_failed(self, reason: FailureReason, message: str) -> None:
+        self.state = TransferState.FAILED
+        self.reason = reason
+        self.message = message
+        log.info("request %s: FAILED (%s): %s", self.request_id, reason.label, message)
+        self._publish(reason=reason, message=message)
+
+    def _release(self) -> None:
+        if self.src_blocks is not None:
+            self.env.pool.allocator.free(self.src_blocks)
+            self.src_blocks = None
+        for slot in self.ranks.values():
+            slot.blocks = None
+        self.finished_at = time.monotonic()
+        self.done.set()
+        self.env.on_finished(self)
+
+    # ----------------------------------------------------------------- status feed
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    def _set_state(self, state: TransferState) -> None:
+        if state != self.state:
+            self.state = state
+            self._publish()
+
+    def _publish(self, **extra) -> None:
+        self._status = StatusUpdate(
+            self.request_id, self.state, sent_tokens=self.sent_tokens, total_tokens=self.total_tokens,
+            round=self.rounds, **extra)
+        event, self._published = self._published, asyncio.Event()
+        event.set()
+
+    @property
+    def status(self) -> StatusUpdate:
+        return self._status
+
+    async def statuses(self) -> AsyncIterator[StatusUpdate]:
+        """The current status first, then every change, until a terminal state."""
+        seen: StatusUpdate | None = None
+        while True:
+            event, status = self._published, self._status
+            if status is not seen:
+                seen = status
+                yield status
+                if status.state.terminal:
+                    return
+            else:
+                await event.wait()
+
+    # ----------------------------------------------------------------- inspection
+
+    @property
+    def age_seconds(self) -> float:
+        return time.monotonic() - self.created
+
+    @property
+    def transfer_seconds(self) -> float:
+        if self.finished_at is None or self.init_at is None:
+            return 0.0
+        return self.finished_at - self.init_at
+

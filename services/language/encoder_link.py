@@ -1,0 +1,89 @@
+"""gRPC adapter: one language rank's view of one encoder (the `EncoderLink` of receiver.py).
+
+One channel and stub per encoder, reused by every request. gRPC errors become domain errors
+(`services.rpc.error_from_rpc`); Status messages become `StatusUpdate`s.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Sequence
+
+import grpc
+
+from common import errors
+from common.layout import PoolGeometry
+from common.pb.epd.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc
+from common.states import FailureReason, StatusUpdate, TransferState
+from services import rpc
+
+
+class GrpcEncoderLink:
+    def __init__(self, address: str, language_id: str):
+        self.address = address
+        self.language_id = language_id
+        self.channel = grpc.aio.insecure_channel(address, options=rpc.CLIENT_OPTIONS)
+        self.stub = encoder_pb2_grpc.EncoderStub(self.channel)
+        self.encoder_id = ""
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def _call(self, what: str, coro):
+        try:
+            return await coro
+        except grpc.aio.AioRpcError as e:
+            raise rpc.error_from_rpc(e, f"{what} on encoder {self.address}") from None
+
+    async def register(self, rank: int, session: str, geometry: PoolGeometry, timeout: float = 10.0) -> None:
+        reply = await self._call("Register", self.stub.Register(encoder_pb2.RegisterRequest(
+            language_id=self.language_id, rank=rank, session=session, layout=rpc.geometry_to_pb(geometry)),
+            timeout=timeout, wait_for_ready=True))
+        self.encoder_id = reply.encoder_id
+
+    async def encode(self, request_id: str, images: Sequence[tuple[bytes, str]], text: str,
+                     synthetic_tokens: int, synthetic_seed: int, rank_count: int) -> int:
+        reply = await self._call("Encode", self.stub.Encode(encoder_pb2.EncodeRequest(
+            request_id=request_id, images=[common_pb2.Image(data=d, mime_type=m) for d, m in images], text=text,
+            synthetic_tokens=synthetic_tokens, synthetic_seed=synthetic_seed, rank_count=rank_count,
+            language_id=self.language_id)))
+        return reply.total_tokens
+
+    async def init(self, request_id: str, rank: int, rank_count: int, blocks: Sequence[int], allocated_tokens: int) -> None:
+        await self._call("Init", self.stub.Init(encoder_pb2.InitRequest(
+            request_id=request_id, language_id=self.language_id, rank=rank, rank_count=rank_count,
+            dst_blocks=list(blocks), allocated_tokens=allocated_tokens)))
+
+    async def resume(self, request_id: str, rank: int, sent_tokens: int, blocks: Sequence[int], allocated_tokens: int) -> bool:
+        reply = await self._call("Resume", self.stub.Resume(encoder_pb2.ResumeRequest(
+            request_id=request_id, language_id=self.language_id, rank=rank, sent_tokens=sent_tokens,
+            dst_blocks=list(blocks), allocated_tokens=allocated_tokens)))
+        return reply.duplicate
+
+    async def status(self, request_id: str, rank: int) -> AsyncIterator[StatusUpdate]:
+        call = self.stub.Status(encoder_pb2.StatusRequest(request_id=request_id, rank=rank))
+        try:
+            async for pb in call:
+                yield status_from_pb(pb)
+        except grpc.aio.AioRpcError as e:
+            err = rpc.error_from_rpc(e, f"Status of request {request_id} on encoder {self.address}")
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN):
+                err = errors.Unavailable(err.message, reason=FailureReason.PEER_LOST)
+            raise err from None
+        finally:
+            call.cancel()
+
+    async def cancel(self, request_id: str, reason: str) -> None:
+        await self._call("Cancel", self.stub.Cancel(common_pb2.CancelRequest(request_id=request_id, reason=reason),
+                                                    timeout=10))
+
+
+def status_from_pb(pb: common_pb2.TransferStatus) -> StatusUpdate:
+    try:
+        state = TransferState(pb.state)
+        reason = FailureReason(pb.error.reason)
+    except ValueError:
+        raise errors.IntegrityError(f"request {pb.request_id}: status with unknown state {pb.state} or reason") from None
+    return StatusUpdate(
+        pb.request_id, state, sent_tokens=pb.sent_tokens, total_tokens=pb.total_tokens, round=pb.round,
+        round_tokens=pb.round_tokens, allocated_tokens=pb.allocated_tokens,
+        checksums=tuple((c.field, c.value) for c in pb.checksums), reason=reason, message=pb.error.message)

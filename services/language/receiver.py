@@ -1,0 +1,200 @@
+"""One language rank's receive of one request (DESIGN §6): one asyncio task, no polling.
+
+    alloc -> Init -> for each status: TRANSFERRING -> verify, copy out, free, alloc the rest
+    (partial if short), Resume; SUCCESS -> verify, payload; FAILED -> raise the mapped error.
+
+The encoder is reached through an `EncoderLink` (services/language/encoder_link.py adapts gRPC),
+so this module imports neither grpc nor mooncake. `close()` always runs: it frees every block
+this task holds and, when the transfer may still be live on the encoder, cancels it there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator, Protocol, Sequence
+
+import torch
+
+from common import errors
+from common.integrity import checksums as compute_checksums
+from common.payload import Payload
+from common.plan import blocks_for_tokens
+from common.pool import BlockPool
+from common.states import FailureReason, StatusUpdate, TransferState
+
+log = logging.getLogger(__name__)
+
+
+class EncoderLink(Protocol):
+    """The encoder as one language rank sees it."""
+
+    address: str
+
+    async def init(self, request_id: str, rank: int, rank_count: int, blocks: Sequence[int], allocated_tokens: int) -> None: ...
+
+    async def resume(self, request_id: str, rank: int, sent_tokens: int, blocks: Sequence[int], allocated_tokens: int) -> bool: ...
+
+    def status(self, request_id: str, rank: int) -> AsyncIterator[StatusUpdate]: ...
+
+    async def cancel(self, request_id: str, reason: str) -> None: ...
+
+
+class ReceiveTask:
+    """Receives one request's payload into one rank's pool."""
+
+    def __init__(self, request_id: str, rank: int, rank_count: int, pool: BlockPool, link: EncoderLink, *,
+                 initial_tokens: int, alloc_timeout_s: float, integrity: bool = True):
+        self.request_id = request_id
+        self.rank = rank
+        self.rank_count = rank_count
+        self.pool = pool
+        self.link = link
+        self.initial_tokens = initial_tokens
+        self.alloc_timeout_s = alloc_timeout_s
+        self.integrity = integrity
+        self.state = TransferState.UNSPECIFIED
+        self.blocks: list[int] | None = None
+        self.allocated_tokens = 0
+        self.initial_allocated_tokens = 0
+        self.sent_tokens = 0
+        self.total_tokens = 0
+        self.rounds = 0
+        self.verified_rounds = 0
+        self.reason = FailureReason.UNSPECIFIED
+        self.message = ""
+        self.created = time.monotonic()
+        self.init_at: float | None = None
+        self.finished_at: float | None = None
+        self._stash: torch.Tensor | None = None
+        self._round_tokens = 0
+        self._initialised = False
+        self._terminal_seen = False
+        self._closed = False
+
+    # ------------------------------------------------------------------ protocol
+
+    async def start(self) -> None:
+        """Reserve the initial allocation and Init the transfer on the encoder."""
+        bs = self.pool.block_size
+        self.blocks = await self.pool.allocator.alloc(
+            blocks_for_tokens(self.initial_tokens, bs), timeout=self.alloc_timeout_s,
+            label=f"initial allocation of request {self.request_id} rank {self.rank}")
+        self.allocated_tokens = self.initial_allocated_tokens = len(self.blocks) * bs
+        self.state = TransferState.BOOTSTRAPPING
+        self.init_at = time.monotonic()
+        self._initialised = True  # from here on the encoder may hold state: close() cancels it
+        await self.link.init(self.request_id, self.rank, self.rank_count, self.blocks, self.allocated_tokens)
+
+    async def receive(self) -> Payload:
+        """Follow the Status stream to the end; return the payload or raise the mapped error."""
+        handled = 0
+        async for st in self.link.status(self.request_id, self.rank):
+            if st.state == TransferState.FAILED:
+                self._terminal_seen = True
+                self.state = TransferState.FAILED
+                self.reason, self.message = st.reason, st.message
+                raise errors.error_for_reason(st.reason, f"request {self.request_id}: {st.message}")
+            if st.state in (TransferState.TRANSFERRING, TransferState.SUCCESS) and st.sent_tokens > handled:
+                await self._accept_round(st, handled)
+                if st.state == TransferState.SUCCESS:
+                    self._terminal_seen = True
+                    return await self._finish()
+                await self._copy_out(handled, st.round_tokens)
+                self.pool.allocator.free(self.blocks)
+                self.blocks, self.allocated_tokens = None, 0
+                remaining = self.total_tokens - st.sent_tokens
+                self.blocks = await self.pool.allocator.alloc(
+                    blocks_for_tokens(remaining, self.pool.block_size), timeout=self.alloc_timeout_s,
+                    partial_ok=True, label=f"resume of request {self.request_id} rank {self.rank}")
+                self.allocated_tokens = len(self.blocks) * self.pool.block_size
+                await self.link.resume(self.request_id, self.rank, st.sent_tokens, self.blocks, self.allocated_tokens)
+                handled = st.sent_tokens
+            elif st.state in (TransferState.BOOTSTRAPPING, TransferState.WAITING_FOR_INPUT):
+                self.state = st.state
+            # else: a repeat of a round already handled (sent_tokens <= handled): ignore.
+        raise errors.Unavailable(f"request {self.request_id}: the encoder's Status stream ended before the transfer did",
+                                 reason=FailureReason.PEER_LOST)
+
+    async def _accept_round(self, st: StatusUpdate, handled: int) -> None:
+        """Check that the status describes exactly what our allocation could hold; verify checksums."""
+        what = f"request {self.request_id} rank {self.rank} round {st.round}"
+        n = st.sent_tokens - handled
+        if self.total_tokens and st.total_tokens != self.total_tokens:
+            raise errors.IntegrityError(f"{what}: total_tokens changed from {self.total_tokens} to {st.total_tokens}")
+        if st.sent_tokens > st.total_tokens or n != st.round_tokens or n > self.allocated_tokens:
+            raise errors.IntegrityError(
+                f"{what}: inconsistent status (sent_tokens={st.sent_tokens}, round_tokens={st.round_tokens}, "
+                f"previously received {handled}, allocated_tokens={self.allocated_tokens})")
+        if st.state == TransferState.SUCCESS and st.sent_tokens != st.total_tokens:
+            raise errors.IntegrityError(f"{what}: SUCCESS with sent_tokens={st.sent_tokens} < total_tokens={st.total_tokens}")
+        self.total_tokens = st.total_tokens
+        self.sent_tokens = st.sent_tokens
+        self._round_tokens = n
+        self.rounds = st.round
+        self.state = st.state
+        if self.integrity and st.checksums:
+            got = await asyncio.to_thread(compute_checksums, self.pool.runs(self.blocks, 0, n), self.pool.record, handled)
+            for name, value in st.checksums:
+                if got.get(name) != value:
+                    raise errors.IntegrityError(
+                        f"{what}: checksum of field {name!r} over tokens [{handled}, {st.sent_tokens}) is "
+                        f"{got.get(name)}, the encoder sent {value}")
+            self.verified_rounds += 1
+
+    async def _copy_out(self, start: int, n: int) -> None:
+        if self._stash is None:
+            self._stash = torch.empty((self.total_tokens, self.pool.record.record_bytes), dtype=torch.uint8,
+                                      device=self.pool.slab.device)
+        await asyncio.to_thread(self.pool.copy_out, self.blocks, 0, n, self._stash[start:start + n])
+
+    async def _finish(self) -> Payload:
+        n = self._round_tokens
+        if self._stash is None:
+            # Single round: hand the consumer a view of the pool; blocks return on release().
+            blocks, self.blocks = self.blocks, None
+            self.allocated_tokens = 0
+            payload = Payload(self.pool.record, self.pool.runs(blocks, 0, self.total_tokens),
+                              on_release=lambda: self.pool.allocator.free(blocks))
+        else:
+            await self._copy_out(self.total_tokens - n, n)
+            self.pool.allocator.free(self.blocks)
+            self.blocks, self.allocated_tokens = None, 0
+            stash, self._stash = self._stash, None
+            payload = Payload(self.pool.record, [stash])
+        self.state = TransferState.SUCCESS
+        self.finished_at = time.monotonic()
+        return payload
+
+    @property
+    def integrity_verified(self) -> bool:
+        return self.integrity and self.rounds > 0 and self.verified_rounds == self.rounds
+
+    # ------------------------------------------------------------------ cleanup
+
+    async def close(self, failure: BaseException | None = None) -> None:
+        """Free every block held; if the encoder may still be working on the request, cancel it
+        there first and wait for its answer, so no write can land in blocks we hand out again."""
+        if self._closed:
+            return
+        self._closed = True
+        if failure is not None and self.state != TransferState.FAILED:
+            self.state = TransferState.FAILED
+            if isinstance(failure, errors.EpdError):
+                self.reason, self.message = failure.reason, failure.message
+            elif isinstance(failure, asyncio.CancelledError):
+                self.reason, self.message = FailureReason.CANCELLED, "cancelled"
+            else:
+                self.reason, self.message = FailureReason.UNSPECIFIED, repr(failure)
+        if self._initialised and not self._terminal_seen:
+            try:
+                await asyncio.wait_for(
+                    self.link.cancel(self.request_id, f"{self.reason.label}: {self.message}"), timeout=10)
+            except (errors.EpdError, asyncio.TimeoutError) as e:
+                log.info("request %s rank %d: Cancel on encoder %s: %s", self.request_id, self.rank, self.link.address, e)
+        if self.blocks is not None:
+            self.pool.allocator.free(self.blocks)
+            self.blocks, self.allocated_tokens = None, 0
+        self._stash = None
+        self.finished_at = self.finished_at or time.monotonic()

@@ -1,0 +1,173 @@
+"""The gRPC edge shared by both services: error mapping, pb <-> domain conversion, server set-up.
+
+Domain code raises `common.errors.EpdError` subclasses; `grpc_errors` turns them into
+`context.abort(code, message)` here, in one place. Clients use `error_from_rpc` for the reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import json
+import logging
+import signal
+import sys
+from typing import Any, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common import errors
+from common.layout import FieldLayout, FieldSpec, PoolGeometry, RecordLayout
+from common.pb.epd.v1 import common_pb2
+from common.states import FailureReason, TransferState
+
+log = logging.getLogger(__name__)
+
+_CODE_TO_ERROR: dict[grpc.StatusCode, type[errors.EpdError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: errors.Cancelled,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.ABORTED: errors.Aborted,
+    grpc.StatusCode.DATA_LOSS: errors.IntegrityError,
+}
+
+
+def status_code(err: errors.EpdError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, err.code, grpc.StatusCode.UNKNOWN)
+
+
+def error_from_rpc(e: grpc.RpcError, what: str = "") -> errors.EpdError:
+    """The domain error for a failed client call; connection problems become peer_lost."""
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    details = e.details() if hasattr(e, "details") else str(e)
+    cls = _CODE_TO_ERROR.get(code, errors.Internal)
+    err = cls(f"{what}: {details}" if what else str(details))
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+        err.reason = FailureReason.PEER_LOST
+    return err
+
+
+def grpc_errors(method: Callable) -> Callable:
+    """Servicer decorator: EpdError -> context.abort(code, message); works for streams too."""
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except errors.EpdError as e:
+                await context.abort(status_code(e), e.message)
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        try:
+            return await method(self, request, context)
+        except errors.EpdError as e:
+            await context.abort(status_code(e), e.message)
+    return unary
+
+
+# ---------------------------------------------------------------------------- conversions
+
+def geometry_to_pb(geo: PoolGeometry) -> common_pb2.PoolLayout:
+    return common_pb2.PoolLayout(
+        block_size=geo.block_size, num_blocks=geo.num_blocks, record_bytes=geo.record.record_bytes,
+        base_address=geo.base_address,
+        fields=[common_pb2.FieldLayout(name=f.name, dtype=f.spec.dtype, per_token_shape=list(f.spec.per_token_shape),
+                                       bytes_per_token=f.bytes_per_token, offset=f.offset)
+                for f in geo.record.fields])
+
+
+def geometry_from_pb(pb: common_pb2.PoolLayout) -> PoolGeometry:
+    """A peer's pool layout; InvalidArgument naming the first inconsistent value."""
+    if pb.block_size < 1 or pb.block_size & (pb.block_size - 1):
+        raise errors.InvalidArgument(f"layout.block_size={pb.block_size}: must be a power of two >= 1")
+    if pb.num_blocks < 1:
+        raise errors.InvalidArgument(f"layout.num_blocks={pb.num_blocks}: must be >= 1")
+    if pb.base_address == 0:
+        raise errors.InvalidArgument("layout.base_address=0: the pool's registered address is required")
+    if not pb.fields:
+        raise errors.InvalidArgument("layout.fields is empty")
+    fields = []
+    for i, f in enumerate(pb.fields):
+        try:
+            spec = FieldSpec(f.name, f.dtype, tuple(int(d) for d in f.per_token_shape))
+            declared = spec.bytes_per_token
+        except KeyError:
+            raise errors.InvalidArgument(f"layout.fields[{i}] ({f.name!r}): unknown dtype {f.dtype!r}") from None
+        if declared != f.bytes_per_token:
+            raise errors.InvalidArgument(
+                f"layout.fields[{i}] ({f.name!r}): bytes_per_token={f.bytes_per_token} but dtype and shape give {declared}")
+        if f.offset + declared > pb.record_bytes:
+            raise errors.InvalidArgument(
+                f"layout.fields[{i}] ({f.name!r}): offset {f.offset} + {declared} bytes exceeds record_bytes={pb.record_bytes}")
+        fields.append(FieldLayout(spec, int(f.offset)))
+    return PoolGeometry(RecordLayout(tuple(fields), int(pb.record_bytes)), pb.block_size, pb.num_blocks, pb.base_address)
+
+
+def error_to_pb(reason: FailureReason, message: str) -> common_pb2.TransferError | None:
+    if reason == FailureReason.UNSPECIFIED and not message:
+        return None
+    return common_pb2.TransferError(reason=int(reason), message=message)
+
+
+def state_label(state: int) -> str:
+    return TransferState(state).name
+
+
+# ---------------------------------------------------------------------------- servers
+
+class HealthService:
+    """grpc.health.v1 for the whole server ("") and each named service."""
+
+    def __init__(self, server: grpc.aio.Server, service_names: list[str]):
+        self.servicer = health.aio.HealthServicer()
+        self.names = ["", *service_names]
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+
+    async def set(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self.names:
+            await self.servicer.set(name, status)
+
+
+def add_reflection(server: grpc.aio.Server, service_names: list[str]) -> None:
+    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+
+
+def bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise errors.Unavailable(f"cannot bind gRPC server to {host}:{port}")
+    return bound
+
+
+def announce_ready(**info: Any) -> None:
+    """The one stdout line scripts wait for: `EPD_READY {json}`."""
+    sys.stdout.write("EPD_READY " + json.dumps(info, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+async def wait_for_termination_signal() -> None:
+    """Return on SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+CLIENT_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+SERVER_OPTIONS = CLIENT_OPTIONS
