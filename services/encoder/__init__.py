@@ -1,0 +1,1 @@
+"""The encoder service (DESIGN §3): servicer, transfer state machine, models."""

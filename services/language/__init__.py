@@ -1,0 +1,1 @@
+"""The language service (DESIGN §3): front door, receiver, allocation policy."""
