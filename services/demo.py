@@ -319,7 +319,7 @@ def summarize(results: Sequence[RequestResult], wall_seconds: float,
     """The demo's result object (what `--json` prints). Keys fixed by §14: requests, succeeded,
     failed, mismatches, tokens, bytes, rounds_max, rounds_total, gbps, p50_ms, p99_ms."""
     out = _group_stats(results)
-    out["gbps"] = round(out["bytes"] / wall_seconds / 1e9, 6) if wall_seconds > 0 else 0.0
+    out["gbps"] = float(f"{out['bytes'] / wall_seconds / 1e9:.6g}") if wall_seconds > 0 else 0.0
     out["wall_seconds"] = round(wall_seconds, 6)
     out["requested_tokens"] = sum(r.request.tokens for r in results)
     if out["mismatches"]:
@@ -657,10 +657,23 @@ def project_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
+def demo_env_names() -> set[str]:
+    """The `EPD_*` variables that `epd demo`'s own flags read."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    return {"EPD_" + opt[2:].replace("-", "_").upper()
+            for action in parser._actions for opt in action.option_strings
+            if opt.startswith("--")}
+
+
 def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment of the service children: Mooncake over TCP (§5), the project importable,
     unbuffered stdout (belt and braces for the ready line)."""
     env = dict(os.environ if base is None else base)
+    # The services reject unknown EPD_* variables; the demo's own ones (EPD_REQUESTS, ...) are
+    # meant for the demo, and the settings it shares with them are passed as flags anyway.
+    for name in demo_env_names():
+        env.pop(name, None)
     env["MC_FORCE_TCP"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     root = str(project_root())

@@ -171,3 +171,10 @@ CLIENT_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
 SERVER_OPTIONS = CLIENT_OPTIONS
+
+
+def pool_info(pool, session: str, rank: int = 0) -> common_pb2.PoolInfo:
+    """Inspection view of a BlockPool (GetPool on both services)."""
+    a = pool.allocator
+    return common_pb2.PoolInfo(layout=geometry_to_pb(pool.geometry), used_blocks=a.used_count, free_blocks=a.free_count,
+                               waiters=a.waiters, device=str(pool.device), session=session, rank=rank)

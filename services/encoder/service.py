@@ -281,6 +281,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
                                    cancel_reason(request.reason))
         return common_pb2.CancelReply(cancelled=cancelled, state=int(t.state))
 
+    @rpc.grpc_errors
+    async def GetPool(self, request, context):
+        return rpc.pool_info(self.s.pool, self.s.transport.session)
+
 
 def cancel_reason(text: str) -> FailureReason:
     """A Cancel whose reason starts with a failure label ("integrity: ...") fails with that reason."""

@@ -222,6 +222,10 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
         cancelled, state = await self.s.cancel(request.request_id, request.reason or "no reason given")
         return common_pb2.CancelReply(cancelled=cancelled, state=int(state))
 
+    @rpc.grpc_errors
+    async def GetPool(self, request, context):
+        return rpc.pool_info(self.s.pool, self.s.transport.session, RANK)
+
 
 def record_info(r: GenerateRecord) -> common_pb2.TransferInfo:
     rc = r.receiver

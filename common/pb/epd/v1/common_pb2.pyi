@@ -192,3 +192,25 @@ class CancelReply(_message.Message):
     cancelled: bool
     state: TransferState
     def __init__(self, cancelled: _Optional[bool] = ..., state: _Optional[_Union[TransferState, str]] = ...) -> None: ...
+
+class GetPoolRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PoolInfo(_message.Message):
+    __slots__ = ("layout", "used_blocks", "free_blocks", "waiters", "device", "session", "rank")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    USED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    WAITERS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    layout: PoolLayout
+    used_blocks: int
+    free_blocks: int
+    waiters: int
+    device: str
+    session: str
+    rank: int
+    def __init__(self, layout: _Optional[_Union[PoolLayout, _Mapping]] = ..., used_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., waiters: _Optional[int] = ..., device: _Optional[str] = ..., session: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,134 @@
+"""Shared test harness: real service processes on ephemeral loopback ports, real Mooncake TCP.
+
+`ServiceProcess` runs `python -m services.cli encoder|language ...` and waits for its
+`EPD_READY {json}` line; `TestRank` is a language rank living in the pytest process (its own
+Mooncake engine and block pool) for driving the encoder's protocol by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import grpc
+import pytest
+
+from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2_grpc
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+os.environ.setdefault("MC_FORCE_TCP", "1")
+
+
+class ServiceProcess:
+    """One `epd encoder` or `epd language` process."""
+
+    def __init__(self, role: str, *args: str, ready_timeout: float = 60.0):
+        self.role = role
+        self.args = [sys.executable, "-m", "services.cli", role, "--host", "127.0.0.1", "--port", "0", *args]
+        self._stderr = tempfile.NamedTemporaryFile(prefix=f"epd-{role}-", suffix=".log", delete=False)
+        env = {**os.environ, "MC_FORCE_TCP": "1", "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=subprocess.PIPE, stderr=self._stderr, env=env)
+        self.info = self._wait_ready(ready_timeout)
+        self.port = self.info["port"]
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _wait_ready(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        buf = b""
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
+            if ready:
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                buf += chunk
+                for line in buf.decode(errors="replace").splitlines():
+                    if line.startswith("EPD_READY "):
+                        return json.loads(line[len("EPD_READY "):])
+            if self.proc.poll() is not None:
+                break
+        self.stop()
+        raise RuntimeError(f"{self.role} did not become ready: exit={self.proc.returncode}\n{self.stderr_tail()}")
+
+    def stderr_tail(self, lines: int = 40) -> str:
+        return "\n".join(pathlib.Path(self._stderr.name).read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Pair:
+    """An encoder and a language process wired together."""
+
+    def __init__(self, *, hidden=256, block_size=128, encoder_blocks=2048, language_blocks=96,
+                 initial_tokens=8192, encoder_args=(), language_args=()):
+        self.hidden = hidden
+        self.block_size = block_size
+        self.language_blocks = language_blocks
+        self.initial_tokens = initial_tokens
+        common = ["--hidden", str(hidden), "--block-size", str(block_size)]
+        self.encoder = ServiceProcess("encoder", *common, "--pool-blocks", str(encoder_blocks), *encoder_args)
+        try:
+            self.language = ServiceProcess(
+                "language", *common, "--pool-blocks", str(language_blocks), "--encoder", self.encoder.address,
+                "--initial-tokens", str(initial_tokens), *language_args)
+        except Exception:
+            self.encoder.stop()
+            raise
+
+    def stop(self) -> None:
+        self.language.stop()
+        self.encoder.stop()
+
+    @property
+    def language_pool_tokens(self) -> int:
+        return self.language_blocks * self.block_size
+
+
+def language_stub(address: str):
+    return language_pb2_grpc.LanguageStub(grpc.aio.insecure_channel(address))
+
+
+def encoder_stub(address: str):
+    return encoder_pb2_grpc.EncoderStub(grpc.aio.insecure_channel(address))
+
+
+LIVE_STATES = [1, 2, 3]
+
+
+async def assert_all_free(*addresses_and_kinds: tuple[str, str]) -> None:
+    """Every pool fully free, no allocation waiting, no live transfer (DESIGN §8 invariants)."""
+    for address, kind in addresses_and_kinds:
+        async with grpc.aio.insecure_channel(address) as ch:
+            stub = (encoder_pb2_grpc.EncoderStub if kind == "encoder" else language_pb2_grpc.LanguageStub)(ch)
+            pool = await stub.GetPool(common_pb2.GetPoolRequest())
+            assert pool.used_blocks == 0, f"{kind} {address}: {pool.used_blocks} blocks still used"
+            assert pool.free_blocks == pool.layout.num_blocks
+            assert pool.waiters == 0
+            live = await stub.ListTransfers(common_pb2.ListTransfersRequest(states=LIVE_STATES))
+            assert not live.transfers, f"{kind} {address}: live transfers left: {live.transfers}"
+
+
+@pytest.fixture
+def unique_id():
+    return lambda prefix="req": f"{prefix}-{uuid.uuid4().hex[:10]}"
