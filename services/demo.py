@@ -435,8 +435,9 @@ class Progress:
     """``\\r[#####.....] 12/24 ...`` on a stream, redrawn in place; a no-op when disabled."""
 
     def __init__(self, total: int, stream: IO[str] | None = None, enabled: bool = True,
-                 width: int = 30, label: str = "") -> None:
+                 width: int = 30, label: str = "", fail_label: str = "failed") -> None:
         self.total = total
+        self.fail_label = fail_label
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.width = width
@@ -446,9 +447,12 @@ class Progress:
         self.started = time.monotonic()
         self._drawn = False
 
-    def start(self, label: str | None = None, total: int | None = None) -> None:
+    def start(self, label: str | None = None, total: int | None = None,
+              fail_label: str | None = None) -> None:
         if label is not None:
             self.label = label
+        if fail_label is not None:
+            self.fail_label = fail_label
         if total is not None:
             self.total = total
         self.done = self.failed = 0
@@ -464,7 +468,7 @@ class Progress:
         frac = self.done / self.total if self.total else 1.0
         filled = min(self.width, int(round(frac * self.width)))
         bar = "#" * filled + "." * (self.width - filled)
-        extra = f"  failed {self.failed}" if self.failed else ""
+        extra = f"  {self.fail_label} {self.failed}" if self.failed else ""
         label = f"{self.label} " if self.label else ""
         return (f"{label}[{bar}] {self.done}/{self.total}{extra}  "
                 f"{time.monotonic() - self.started:.1f} s")
@@ -784,9 +788,22 @@ async def run_workload(address: str, plan: Sequence[PlannedRequest], *, concurre
             if progress is not None:
                 progress.advance(failed=not result.rpc_ok)
 
+        async def tick() -> None:      # keep the elapsed time moving during long requests
+            while True:
+                await asyncio.sleep(0.5)
+                progress.draw()
+
+        ticker = (asyncio.create_task(tick())
+                  if progress is not None and progress.enabled else None)
         t_start = time.perf_counter()
-        await asyncio.gather(*(one(r) for r in results))
-        wall = time.perf_counter() - t_start
+        try:
+            await asyncio.gather(*(one(r) for r in results))
+        finally:
+            wall = time.perf_counter() - t_start
+            if ticker is not None:
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
     return results, wall
 
 
@@ -913,7 +930,7 @@ def _run(args: argparse.Namespace, *,
 
         # ---- verification (after the workload, so it does not skew the timings)
         answered = sum(r.rpc_ok for r in results)
-        progress.start(label="verify  ", total=answered)
+        progress.start(label="verify  ", total=answered, fail_label="mismatches")
         verify_results(results, args.hidden, dtype, progress=progress)
         progress.finish()
         for r in results:

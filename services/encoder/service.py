@@ -109,8 +109,9 @@ class EncoderService:
     def register(self, language_id: str, rank: int, session: str, geometry: PoolGeometry) -> None:
         if not language_id:
             raise errors.InvalidArgument("language_id is empty")
-        if not session or session.count(":") != 1 or not session.rsplit(":", 1)[1].isdigit():
-            raise errors.InvalidArgument(f"session={session!r}: must be the Mooncake session 'host:port'")
+        host, _, port = session.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535 or any(c.isspace() for c in session):
+            raise errors.InvalidArgument(f"session={session!r}: must be the Mooncake session 'host:port' (port 1..65535)")
         diffs = self.pool.record.differences(geometry.record)
         if diffs:
             raise errors.FailedPrecondition(
@@ -160,15 +161,9 @@ class EncoderService:
         started = time.monotonic()
         if not request_id:
             raise errors.InvalidArgument("request_id is empty")
-        model = self.synthetic if inputs.synthetic_tokens > 0 else self.model
-        if model is not self.synthetic:
-            validate_images(inputs.images)
-        total = model.token_count(inputs)
-        if total < 1:
-            raise errors.InvalidArgument(f"request {request_id!r} has no tokens (empty text, no images, synthetic_tokens=0)")
-        if total > self.config.max_request_tokens:
-            raise errors.InvalidArgument(
-                f"request {request_id!r} has {total} tokens, above max_request_tokens={self.config.max_request_tokens}")
+        # Bad input changes nothing, not even a transfer an Init already opened: the language
+        # gets this error from Encode and cancels the transfer itself.
+        model, total = self._validate_inputs(request_id, inputs)
         existing = self.transfers.live_get(request_id)
         if existing is not None:
             existing.begin_encode(rank_count, language_id)
@@ -202,6 +197,19 @@ class EncoderService:
             self.pool.allocator.free(blocks)
             raise errors.FailedPrecondition(f"request {request_id!r} ended while encoding: {t.message}")
         return total, time.monotonic() - started
+
+    def _validate_inputs(self, request_id: str, inputs: EncodeInputs):
+        """The model for the inputs and their token count; InvalidArgument before any allocation."""
+        model = self.synthetic if inputs.synthetic_tokens > 0 else self.model
+        if model is not self.synthetic:
+            validate_images(inputs.images)
+        total = model.token_count(inputs)
+        if total < 1:
+            raise errors.InvalidArgument(f"request {request_id!r} has no tokens (empty text, no images, synthetic_tokens=0)")
+        if total > self.config.max_request_tokens:
+            raise errors.InvalidArgument(
+                f"request {request_id!r} has {total} tokens, above max_request_tokens={self.config.max_request_tokens}")
+        return model, total
 
     def resume(self, request_id: str, language_id: str, rank: int, sent_tokens: int,
                blocks: list[int], allocated_tokens: int) -> bool:

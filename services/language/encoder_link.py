@@ -6,7 +6,8 @@ One channel and stub per encoder, reused by every request. gRPC errors become do
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Sequence
+import asyncio
+from typing import Sequence
 
 import grpc
 
@@ -59,22 +60,60 @@ class GrpcEncoderLink:
             dst_blocks=list(blocks), allocated_tokens=allocated_tokens)))
         return reply.duplicate
 
-    async def status(self, request_id: str, rank: int) -> AsyncIterator[StatusUpdate]:
-        call = self.stub.Status(encoder_pb2.StatusRequest(request_id=request_id, rank=rank))
-        try:
-            async for pb in call:
-                yield status_from_pb(pb)
-        except grpc.aio.AioRpcError as e:
-            err = rpc.error_from_rpc(e, f"Status of request {request_id} on encoder {self.address}")
-            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN):
-                err = errors.Unavailable(err.message, reason=FailureReason.PEER_LOST)
-            raise err from None
-        finally:
-            call.cancel()
+    def status(self, request_id: str, rank: int) -> "StatusStream":
+        return StatusStream(self.stub.Status(encoder_pb2.StatusRequest(request_id=request_id, rank=rank)),
+                            f"Status of request {request_id} on encoder {self.address}")
 
     async def cancel(self, request_id: str, reason: str) -> None:
         await self._call("Cancel", self.stub.Cancel(common_pb2.CancelRequest(request_id=request_id, reason=reason),
                                                     timeout=10))
+
+
+_END = object()
+
+
+class StatusStream:
+    """A Status stream read by its own task, so that cancelling the consumer (the receive task)
+    does not cancel the RPC: the receiver first sends Cancel, then closes the stream, and the
+    encoder records `cancelled` rather than a lost peer."""
+
+    def __init__(self, call, what: str):
+        self._call = call
+        self._what = what
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._ended = False
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for pb in self._call:
+                self._queue.put_nowait(pb)
+            self._queue.put_nowait(_END)
+        except grpc.aio.AioRpcError as e:
+            self._queue.put_nowait(e)
+
+    def __aiter__(self) -> "StatusStream":
+        return self
+
+    async def __anext__(self) -> StatusUpdate:
+        if self._ended:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item is _END:
+            self._ended = True
+            raise StopAsyncIteration
+        if isinstance(item, grpc.aio.AioRpcError):
+            self._ended = True
+            err = rpc.error_from_rpc(item, self._what)
+            if item.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN):
+                err = errors.Unavailable(err.message, reason=FailureReason.PEER_LOST)
+            raise err
+        return status_from_pb(item)
+
+    def close(self) -> None:
+        self._ended = True
+        self._reader.cancel()
+        self._call.cancel()
 
 
 def status_from_pb(pb: common_pb2.TransferStatus) -> StatusUpdate:

@@ -27,6 +27,14 @@ from common.states import FailureReason, StatusUpdate, TransferState
 log = logging.getLogger(__name__)
 
 
+class StatusSource(Protocol):
+    """A Status stream: statuses in order; `close()` ends it (idempotent)."""
+
+    def __aiter__(self) -> AsyncIterator[StatusUpdate]: ...
+
+    def close(self) -> None: ...
+
+
 class EncoderLink(Protocol):
     """The encoder as one language rank sees it."""
 
@@ -36,7 +44,7 @@ class EncoderLink(Protocol):
 
     async def resume(self, request_id: str, rank: int, sent_tokens: int, blocks: Sequence[int], allocated_tokens: int) -> bool: ...
 
-    def status(self, request_id: str, rank: int) -> AsyncIterator[StatusUpdate]: ...
+    def status(self, request_id: str, rank: int) -> "StatusSource": ...
 
     async def cancel(self, request_id: str, reason: str) -> None: ...
 
@@ -68,6 +76,7 @@ class ReceiveTask:
         self.init_at: float | None = None
         self.finished_at: float | None = None
         self._stash: torch.Tensor | None = None
+        self._stream: StatusSource | None = None
         self._round_tokens = 0
         self._initialised = False
         self._terminal_seen = False
@@ -90,7 +99,8 @@ class ReceiveTask:
     async def receive(self) -> Payload:
         """Follow the Status stream to the end; return the payload or raise the mapped error."""
         handled = 0
-        async for st in self.link.status(self.request_id, self.rank):
+        self._stream = self.link.status(self.request_id, self.rank)
+        async for st in self._stream:
             if st.state == TransferState.FAILED:
                 self._terminal_seen = True
                 self.state = TransferState.FAILED
@@ -193,6 +203,8 @@ class ReceiveTask:
                     self.link.cancel(self.request_id, f"{self.reason.label}: {self.message}"), timeout=10)
             except (errors.EpdError, asyncio.TimeoutError) as e:
                 log.info("request %s rank %d: Cancel on encoder %s: %s", self.request_id, self.rank, self.link.address, e)
+        if self._stream is not None:
+            self._stream.close()  # after Cancel, so the encoder records why the request ended
         if self.blocks is not None:
             self.pool.allocator.free(self.blocks)
             self.blocks, self.allocated_tokens = None, 0

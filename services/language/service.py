@@ -56,8 +56,8 @@ class GenerateRecord:
         self.encoder = encoder
         self.receiver: ReceiveTask | None = None
         self.created = time.monotonic()
-        self.finished = False
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Future | None = None
+        self.cancel_reason = ""
 
     @property
     def state(self) -> TransferState:
@@ -126,12 +126,22 @@ class LanguageService:
             raise errors.InvalidArgument(f"request {request_id!r}: no images, no text and synthetic_tokens=0")
         record = GenerateRecord(request_id, self.link.address)
         self.requests.add(request_id, record)  # ALREADY_EXISTS for an id in use
-        record.task = asyncio.current_task()
         timeout = min(deadline_s, self.config.generate_timeout_s) if deadline_s else self.config.generate_timeout_s
+        # The work runs in a task of our own: Cancel and deadlines cancel it, never the gRPC
+        # handler, which must stay alive to send the client its status.
+        work = asyncio.ensure_future(self._generate(request_id, request, record))
+        record.task = work
         try:
-            return await asyncio.wait_for(self._generate(request_id, request, record), timeout)
-        except asyncio.TimeoutError:
-            raise errors.DeadlineExceeded(f"request {request_id!r} did not finish within {timeout:.3f} s") from None
+            done, _ = await asyncio.wait({work}, timeout=timeout)
+            if not done:
+                await _cancel_and_wait(work)
+                raise errors.DeadlineExceeded(f"request {request_id!r} did not finish within {timeout:.3f} s")
+            if work.cancelled():
+                raise errors.Cancelled(f"request {request_id!r} was cancelled: {record.cancel_reason}")
+            return work.result()
+        except asyncio.CancelledError:  # the client went away
+            await asyncio.shield(_cancel_and_wait(work))
+            raise
         finally:
             self.requests.finish(request_id, record)
 
@@ -142,7 +152,8 @@ class LanguageService:
             initial_tokens=self.policy.initial_tokens(request.expected_tokens),
             alloc_timeout_s=self.config.alloc_timeout_s, integrity=self.config.integrity)
         record.receiver = receiver
-        encode: asyncio.Task | None = None
+        encode: asyncio.Future | None = None
+        receive: asyncio.Future | None = None
         payload: Payload | None = None
         failure: BaseException | None = None
         try:
@@ -150,13 +161,11 @@ class LanguageService:
             encode = asyncio.ensure_future(self.link.encode(
                 request_id, [(im.data, im.mime_type) for im in request.images], request.text,
                 request.synthetic_tokens, request.synthetic_seed, 1))
-            try:
-                payload = await receiver.receive()
-            except errors.EpdError:
-                # When Encode itself was refused, its error says more than the failed transfer.
-                if encode.done() and encode.exception() is not None:
-                    raise encode.exception() from None
-                raise
+            receive = asyncio.ensure_future(receiver.receive())
+            await asyncio.wait({encode, receive}, return_when=asyncio.FIRST_EXCEPTION)
+            if encode.done() and encode.exception() is not None:
+                raise encode.exception()  # a refused Encode says more than the failed transfer
+            payload = await receive
             await encode
             self.policy.observe(payload.total_tokens)
             digest = await asyncio.to_thread(payload.sha256) if request.want_digest else ""
@@ -172,22 +181,33 @@ class LanguageService:
             failure = e
             raise
         finally:
-            if encode is not None and not encode.done():
-                encode.cancel()
-            if payload is not None:
-                payload.release()
-            # Cleanup must finish even when the Generate itself is being cancelled.
-            await asyncio.shield(receiver.close(failure))
-            if encode is not None:
-                await asyncio.gather(encode, return_exceptions=True)
+            # Cleanup must finish even when this task is being cancelled.
+            await asyncio.shield(self._cleanup(receiver, receive, encode, payload, failure))
+
+    async def _cleanup(self, receiver: ReceiveTask, receive, encode, payload, failure) -> None:
+        for task in (receive, encode):
+            if task is not None:
+                await _cancel_and_wait(task)
+        if payload is None and receive is not None and receive.done() and not receive.cancelled() \
+                and receive.exception() is None:
+            payload = receive.result()
+        if payload is not None:
+            payload.release()
+        await receiver.close(failure)
 
     async def cancel(self, request_id: str, reason: str) -> tuple[bool, TransferState]:
         record = self.requests.require(request_id)
         if self.requests.live_get(request_id) is None or record.task is None or record.task.done():
             return False, record.state
-        record.task.cancel(f"cancelled: {reason}")
-        await asyncio.gather(record.task, return_exceptions=True)
+        record.cancel_reason = reason
+        await _cancel_and_wait(record.task)
         return True, record.state
+
+
+async def _cancel_and_wait(task: asyncio.Future) -> None:
+    if not task.done():
+        task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 class LanguageServicer(language_pb2_grpc.LanguageServicer):

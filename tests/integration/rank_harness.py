@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from common.layout import RecordLayout, default_fields
+from common.layout import PoolGeometry, RecordLayout, default_fields
 from common.pb.epd.v1 import common_pb2, encoder_pb2
 from common.pool import BlockPool, field_of
 from common.synthetic import synthetic_fields
@@ -53,6 +53,7 @@ class TestRank:
         self.pool = BlockPool(self.record, block_size, num_blocks)
         self.transport = transport or shared_transport()
         self.transport.register(self.pool.base_address, self.pool.nbytes)
+        self._held: set[int] = set()
         self._closed = False
 
     # ------------------------------------------------------------------ identity and layout
@@ -69,9 +70,16 @@ class TestRank:
     def num_blocks(self) -> int:
         return self.pool.num_blocks
 
-    def layout(self) -> common_pb2.PoolLayout:
-        """This rank's pool layout as Register sends it (a fresh message: safe to mutate)."""
-        return rpc.geometry_to_pb(self.pool.geometry)
+    def layout(self, *, hidden: int | None = None, dtype: str | None = None) -> common_pb2.PoolLayout:
+        """This rank's pool layout as Register sends it (a fresh message: safe to mutate).
+
+        `hidden`/`dtype` describe the same slab with another record layout (for mismatch tests).
+        """
+        geo = self.pool.geometry
+        if hidden is not None or dtype is not None:
+            record = RecordLayout.pack(default_fields(hidden or self.hidden, dtype or self.dtype))
+            geo = PoolGeometry(record, geo.block_size, geo.num_blocks, base_address=geo.base_address)
+        return rpc.geometry_to_pb(geo)
 
     # ------------------------------------------------------------------ request builders
 
@@ -116,14 +124,25 @@ class TestRank:
 
     # ------------------------------------------------------------------ the pool
 
-    def alloc(self, n_blocks: int) -> list[int]:
-        """n free blocks now (AssertionError when the pool cannot give them)."""
+    def alloc(self, n_blocks: int, *, clear: bool = True) -> list[int]:
+        """n free blocks now, zeroed unless clear=False (AssertionError when the pool cannot give them)."""
         blocks = self.pool.try_alloc(n_blocks)
         assert blocks is not None, f"test rank pool cannot give {n_blocks} blocks ({self.free_blocks} free)"
+        self._held.update(blocks)
+        if clear:
+            self.clear(blocks)
         return blocks
 
     def free(self, blocks: Sequence[int]) -> None:
         self.pool.free(blocks)
+        self._held.difference_update(blocks)
+
+    def release_all(self) -> list[int]:
+        """Free every block still held (clean-up after a failed test); returns them."""
+        leaked = sorted(self._held)
+        if leaked:
+            self.free(leaked)
+        return leaked
 
     @property
     def used_blocks(self) -> int:
