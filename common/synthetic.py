@@ -6,21 +6,33 @@ records, chunk by chunk, so a 100k-token payload never needs a second full-size 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from common.layout import RecordLayout
 
 _CHUNK_TOKENS = 4096
+_MOD = 2003
+
+
+@functools.lru_cache(maxsize=8)
+def _row_table(hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """Every possible embeddings row: row c holds value(m = (c + 31*j) mod 2003) for column j.
+    A token's row only depends on c = (s*7919 + i*131) mod 2003, so a payload is a gather."""
+    c = torch.arange(_MOD, dtype=torch.int64)
+    j = torch.arange(hidden, dtype=torch.int64)
+    m = (c[:, None] + j[None, :] * 31) % _MOD
+    values = (m.to(torch.float32) / torch.tensor(float(_MOD), dtype=torch.float32)) - torch.tensor(0.5, dtype=torch.float32)
+    return values.to(dtype)
 
 
 def synthetic_fields(seed: int, start: int, n: int, hidden: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The §14 values of tokens [start, start+n): embeddings, token_ids, mrope_positions."""
     i = torch.arange(start, start + n, dtype=torch.int64)
-    j = torch.arange(hidden, dtype=torch.int64)
-    m = (seed * 7919 + i[:, None] * 131 + j[None, :] * 31) % 2003
-    emb = (m.to(torch.float32) / torch.tensor(2003.0, dtype=torch.float32)) - torch.tensor(0.5, dtype=torch.float32)
+    c = (seed * 7919 + i * 131) % _MOD
     return {
-        "embeddings": emb.to(dtype),
+        "embeddings": _row_table(hidden, dtype).index_select(0, c),
         "token_ids": ((seed + i) % 65536).to(torch.int32),
         "mrope_positions": torch.stack((i, 2 * i, 3 * i), dim=1).to(torch.int32),
     }
