@@ -1,0 +1,35 @@
+"""`epd demo` end to end: real processes, real Mooncake TCP, the mixed workload, --json keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+DEMO_KEYS = {"requests", "succeeded", "failed", "mismatches", "tokens", "bytes", "rounds_max", "rounds_total",
+             "gbps", "p50_ms", "p99_ms"}
+
+
+def test_demo_json_succeeds_with_multi_round_requests():
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli", "demo", "--requests", "8", "--hidden", "256", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "MC_FORCE_TCP": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    assert DEMO_KEYS <= set(summary)
+    assert summary["requests"] == summary["succeeded"] == 8
+    assert summary["failed"] == 0 and summary["mismatches"] == 0
+    assert summary["rounds_max"] >= 10  # the workload includes requests of >= 10 rounds
+    assert summary["tokens"] > 0 and summary["bytes"] > 0 and summary["gbps"] > 0
+
+
+def test_demo_table_and_exit_code():
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli", "demo", "--requests", "4", "--hidden", "128"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "MC_FORCE_TCP": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    for word in ("requests", "succeeded", "mismatches", "rounds", "GB/s", "p50", "p99", "integrity"):
+        assert word in out.stdout
