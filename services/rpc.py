@@ -151,6 +151,29 @@ def bind(server: grpc.aio.Server, host: str, port: int) -> int:
     return bound
 
 
+class GrpcServer:
+    """A grpc.aio server with one epd service, health and reflection; SERVING only once started."""
+
+    def __init__(self, service_name: str, add_servicer: Callable[[grpc.aio.Server], None]):
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        add_servicer(self.server)
+        self.health = HealthService(self.server, [service_name])
+        add_reflection(self.server, [service_name])
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        self.port = bind(self.server, host, port)
+        await self.server.start()
+        await self.health.set(True)
+        return self.port
+
+    async def set_not_serving(self) -> None:
+        await self.health.set(False)
+
+    async def stop(self, grace: float) -> None:
+        await self.server.stop(grace)
+
+
 def announce_ready(**info: Any) -> None:
     """The one stdout line scripts wait for: `EPD_READY {json}`."""
     sys.stdout.write("EPD_READY " + json.dumps(info, sort_keys=True) + "\n")

@@ -14,7 +14,6 @@ import socket
 import time
 from typing import Sequence
 
-import grpc
 
 from common import errors
 from common.config import EncoderConfig
@@ -50,8 +49,7 @@ class EncoderService:
         self.model = load_model(config.model, config.hidden, config.dtype)
         self.sessions: dict[tuple[str, int], PeerSession] = {}
         self.transfers: TransferTable[EncoderTransfer] = TransferTable(config.history_size)
-        self.server: grpc.aio.Server | None = None
-        self.health: rpc.HealthService | None = None
+        self.server: rpc.GrpcServer | None = None
         self.port = 0
         self.encoder_id = config.encoder_id
         self._shutdown_done = False
@@ -64,14 +62,10 @@ class EncoderService:
             self.transport = await asyncio.to_thread(MooncakeTransport, cfg.host, cfg.protocol, cfg.rdma_device)
         # Registered once, before any peer can open our segment (peers cache descriptors).
         self.transport.register(self.pool.base_address, self.pool.nbytes, memory_location(cfg.device))
-        self.server = grpc.aio.server(options=rpc.SERVER_OPTIONS)
-        encoder_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(self), self.server)
-        self.health = rpc.HealthService(self.server, [SERVICE_NAME])
-        rpc.add_reflection(self.server, [SERVICE_NAME])
-        self.port = rpc.bind(self.server, cfg.host, cfg.port)
+        self.server = rpc.GrpcServer(
+            SERVICE_NAME, lambda server: encoder_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(self), server))
+        self.port = await self.server.start(cfg.host, cfg.port)
         self.encoder_id = cfg.encoder_id or f"{socket.gethostname()}:{self.port}"
-        await self.server.start()
-        await self.health.set(True)
         log.info("encoder %s serving on %s:%d, session %s, pool %d x %d tokens x %d B on %s",
                  self.encoder_id, cfg.host, self.port, self.transport.session, cfg.pool_blocks, cfg.block_size,
                  self.pool.record.record_bytes, cfg.device)
@@ -80,8 +74,8 @@ class EncoderService:
         if self._shutdown_done:
             return
         self._shutdown_done = True
-        if self.health is not None:
-            await self.health.set(False)
+        if self.server is not None:
+            await self.server.set_not_serving()
         for t in self.transfers.live:
             t.fail(FailureReason.CANCELLED, "encoder shutting down")
         tasks = [t.task for t in self.transfers.live if t.task is not None]

@@ -13,7 +13,6 @@ import logging
 import time
 import uuid
 
-import grpc
 
 from common import errors
 from common.config import LanguageConfig
@@ -81,8 +80,7 @@ class LanguageService:
         self.transport = transport
         self.link = GrpcEncoderLink(config.encoder[0], self.language_id)
         self.requests: TransferTable[GenerateRecord] = TransferTable(config.history_size)
-        self.server: grpc.aio.Server | None = None
-        self.health: rpc.HealthService | None = None
+        self.server: rpc.GrpcServer | None = None
         self.port = 0
         self._shutdown_done = False
 
@@ -92,13 +90,9 @@ class LanguageService:
             self.transport = await asyncio.to_thread(MooncakeTransport, cfg.host, cfg.protocol, cfg.rdma_device)
         self.transport.register(self.pool.base_address, self.pool.nbytes, memory_location(cfg.device))
         await self.link.register(RANK, self.transport.session, self.pool.geometry, timeout=register_timeout)
-        self.server = grpc.aio.server(options=rpc.SERVER_OPTIONS)
-        language_pb2_grpc.add_LanguageServicer_to_server(LanguageServicer(self), self.server)
-        self.health = rpc.HealthService(self.server, [SERVICE_NAME])
-        rpc.add_reflection(self.server, [SERVICE_NAME])
-        self.port = rpc.bind(self.server, cfg.host, cfg.port)
-        await self.server.start()
-        await self.health.set(True)
+        self.server = rpc.GrpcServer(
+            SERVICE_NAME, lambda server: language_pb2_grpc.add_LanguageServicer_to_server(LanguageServicer(self), server))
+        self.port = await self.server.start(cfg.host, cfg.port)
         log.info("language %s serving on %s:%d, session %s, encoder %s (%s), pool %d x %d tokens",
                  self.language_id, cfg.host, self.port, self.transport.session, self.link.address,
                  self.link.encoder_id, cfg.pool_blocks, cfg.block_size)
@@ -107,9 +101,8 @@ class LanguageService:
         if self._shutdown_done:
             return
         self._shutdown_done = True
-        if self.health is not None:
-            await self.health.set(False)
         if self.server is not None:
+            await self.server.set_not_serving()
             await self.server.stop(grace)
         tasks = [r.task for r in self.requests.live if r.task is not None]
         for t in tasks:
