@@ -151,14 +151,28 @@ class LanguageConfig(ServiceConfig):
     """Identity sent with Register/Init/Resume; unique per instance."""
     generate_timeout_s: float = _setting(600.0, "upper bound of one Generate when the client sets no deadline", unit="s")
     """Generate fails with DEADLINE_EXCEEDED after this long."""
+    rank_pool_blocks: str = _setting("", "per-rank pool size overrides, e.g. '1:64,2:32' (default: --pool-blocks)")
+    """Ranks whose pool differs from `pool_blocks` (ranks on GPUs with less free memory)."""
+    consumer_log: str = _setting("", "append each consumed request id to PATH.rankN (audit of delivery order)")
+    """Path prefix of a per-rank log of consumed request ids, in consumption order."""
+    rank: int = _setting(0, "this process's TP rank (rank 0 sets it for the rank processes it starts)")
+    """TP rank of this process; 0 is the front door and starts ranks 1..tp-1."""
+    dist_init: str = _setting("", "torch.distributed init method of the rank group (rank 0 sets it)")
+    """Rendezvous of the rank group, e.g. tcp://127.0.0.1:PORT; chosen by rank 0."""
+    fault: str = _setting("", "test-only fault injection, e.g. 'rank=1,status_lag_s=0.05,status_dup=1,hold_blocks=90'")
+    """Fault injection for tests (see services/language/faults.py); empty in production."""
 
     def validate(self) -> None:
         super().validate()
         for addr in self.encoder:
             if not re.fullmatch(r"[^\s:]+:\d{1,5}", addr):
                 raise ConfigError(f"encoder={addr!r}: must be host:port")
-        if self.tp != 1:
-            raise ConfigError(f"tp={self.tp}: this release runs one rank per language instance (tp=1)")
+        if not 1 <= self.tp <= 64:
+            raise ConfigError(f"tp={self.tp}: must be in 1..64")
+        if not 0 <= self.rank < self.tp:
+            raise ConfigError(f"rank={self.rank}: must be in 0..{self.tp - 1}")
+        if self.rank_pool_blocks:
+            self.pool_blocks_of(0)  # validates the syntax
         if self.data_ranks:
             try:
                 ranks = [int(r) for r in self.data_ranks.split(",")]
@@ -178,6 +192,20 @@ class LanguageConfig(ServiceConfig):
             raise ConfigError(f"consumer={self.consumer!r}: must be one of ('null',)")
         if self.generate_timeout_s <= 0:
             raise ConfigError(f"generate_timeout_s={self.generate_timeout_s}: must be > 0")
+
+    def pool_blocks_of(self, rank: int) -> int:
+        """Pool blocks of `rank`, with the `rank_pool_blocks` overrides applied."""
+        blocks = self.pool_blocks
+        for item in filter(None, self.rank_pool_blocks.split(",")):
+            try:
+                r, n = (int(x) for x in item.split(":"))
+            except ValueError:
+                raise ConfigError(f"rank_pool_blocks={self.rank_pool_blocks!r}: items must be RANK:BLOCKS") from None
+            if not 0 <= r < self.tp or n < 1:
+                raise ConfigError(f"rank_pool_blocks={self.rank_pool_blocks!r}: rank {r} or blocks {n} out of range")
+            if r == rank:
+                blocks = n
+        return blocks
 
     @property
     def data_rank_list(self) -> tuple[int, ...]:

@@ -107,23 +107,30 @@ def _event_loop_policy() -> str:
     return "uvloop"
 
 
-async def _serve(role: str, config) -> None:
+async def _serve(role: str, config) -> int:
     from services import rpc
 
     if role == "encoder":
         from services.encoder.service import EncoderService as Service
     else:
         from services.language.service import LanguageService as Service
+
+        if config.rank != 0:
+            from services.language.ranks import run_rank
+
+            return await run_rank(config)
     service = Service(config)
     try:
         await service.start()
+        extra = {"tp": config.tp, "rank_pids": service.rank_pids} if role == "language" else {}
         rpc.announce_ready(role=role, port=service.port, host=config.host, session=service.transport.session,
                            pool_blocks=config.pool_blocks, block_size=config.block_size,
-                           record_bytes=service.pool.record.record_bytes)
+                           record_bytes=service.pool.record.record_bytes, **extra)
         await rpc.wait_for_termination_signal()
         logging.getLogger(role).info("%s: termination signal, shutting down", role)
     finally:
         await service.shutdown()
+    return 0
 
 
 def _run_service(role: str, args: argparse.Namespace) -> int:
@@ -136,11 +143,10 @@ def _run_service(role: str, args: argparse.Namespace) -> int:
     loop_kind = _event_loop_policy()
     logging.getLogger(role).info("starting %s on %s", role, loop_kind)
     try:
-        asyncio.run(_serve(role, config))
+        return asyncio.run(_serve(role, config))
     except EpdError as e:
         print(f"epd {role}: {e.message}", file=sys.stderr)
         return 1
-    return 0
 
 
 def make_parser() -> argparse.ArgumentParser:

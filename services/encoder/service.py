@@ -176,7 +176,13 @@ class EncoderService:
                 blocks_for_tokens(total, self.pool.block_size), timeout=self.config.alloc_timeout_s,
                 label=f"encoder source pool for request {request_id}")
             runs = self.pool.runs(blocks, 0, total)
-            await asyncio.to_thread(model.encode_into, inputs, runs, self.pool.record)
+            fill = asyncio.ensure_future(asyncio.to_thread(model.encode_into, inputs, runs, self.pool.record))
+            try:
+                await asyncio.shield(fill)
+            except asyncio.CancelledError:
+                # The worker thread writes into these blocks until it returns: only then free them.
+                await asyncio.gather(fill, return_exceptions=True)
+                raise
         except errors.EpdError as e:
             if blocks is not None:
                 self.pool.allocator.free(blocks)

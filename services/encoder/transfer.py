@@ -117,6 +117,8 @@ class EncoderTransfer:
         self._status = StatusUpdate(request_id, TransferState.BOOTSTRAPPING)
         self._published = asyncio.Event()
         self.done = asyncio.Event()
+        self.encode_finished = asyncio.Event()  # no Encode is filling source blocks
+        self.encode_finished.set()
         self.task: asyncio.Task | None = None
 
     # ----------------------------------------------------------------- facts from RPCs
@@ -154,10 +156,12 @@ class EncoderTransfer:
         self.rank_count = self.rank_count or rank_count
         self.language_id = self.language_id or language_id
         self.encoding = True
+        self.encode_finished.clear()
 
     def attach_payload(self, blocks: list[int], total_tokens: int) -> bool:
         """Hand the encoded source blocks to the transfer; False (caller frees) if it ended meanwhile."""
         self.encoding = False
+        self.encode_finished.set()
         if self.state.terminal or self._failure is not None:
             self._wake()
             return False
@@ -168,6 +172,7 @@ class EncoderTransfer:
 
     def encode_failed(self, error: EpdError) -> None:
         self.encoding = False
+        self.encode_finished.set()
         self.fail(error.reason, f"Encode failed: {error.message}")
 
     def resume(self, rank: int, sent_tokens: int, blocks: list[int], allocated_tokens: int) -> bool:
@@ -203,6 +208,7 @@ class EncoderTransfer:
             return False
         self.fail(reason, message)
         await self.done.wait()
+        await self.encode_finished.wait()  # an Encode in progress gives its blocks back first
         return self.reason == reason
 
     # ----------------------------------------------------------------- the task

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import AsyncIterator, Protocol, Sequence
+from typing import AsyncIterator, Callable, Protocol, Sequence
 
 import torch
 
@@ -53,7 +53,8 @@ class ReceiveTask:
     """Receives one request's payload into one rank's pool."""
 
     def __init__(self, request_id: str, rank: int, rank_count: int, pool: BlockPool, link: EncoderLink, *,
-                 initial_tokens: int, alloc_timeout_s: float, integrity: bool = True):
+                 initial_tokens: int, alloc_timeout_s: float, integrity: bool = True,
+                 on_progress: Callable[["ReceiveTask"], None] | None = None):
         self.request_id = request_id
         self.rank = rank
         self.rank_count = rank_count
@@ -62,6 +63,7 @@ class ReceiveTask:
         self.initial_tokens = initial_tokens
         self.alloc_timeout_s = alloc_timeout_s
         self.integrity = integrity
+        self.on_progress = on_progress
         self.state = TransferState.UNSPECIFIED
         self.blocks: list[int] | None = None
         self.allocated_tokens = 0
@@ -92,6 +94,7 @@ class ReceiveTask:
             label=f"initial allocation of request {self.request_id} rank {self.rank}")
         self.allocated_tokens = self.initial_allocated_tokens = len(self.blocks) * bs
         self.state = TransferState.BOOTSTRAPPING
+        self._progress()
         self.init_at = time.monotonic()
         self._initialised = True  # from here on the encoder may hold state: close() cancels it
         await self.link.init(self.request_id, self.rank, self.rank_count, self.blocks, self.allocated_tokens)
@@ -119,10 +122,12 @@ class ReceiveTask:
                     blocks_for_tokens(remaining, self.pool.block_size), timeout=self.alloc_timeout_s,
                     partial_ok=True, label=f"resume of request {self.request_id} rank {self.rank}")
                 self.allocated_tokens = len(self.blocks) * self.pool.block_size
+                self._progress()
                 await self.link.resume(self.request_id, self.rank, st.sent_tokens, self.blocks, self.allocated_tokens)
                 handled = st.sent_tokens
             elif st.state in (TransferState.BOOTSTRAPPING, TransferState.WAITING_FOR_INPUT):
                 self.state = st.state
+                self._progress()
             # else: a repeat of a round already handled (sent_tokens <= handled): ignore.
         raise errors.Unavailable(f"request {self.request_id}: the encoder's Status stream ended before the transfer did",
                                  reason=FailureReason.PEER_LOST)
@@ -176,6 +181,10 @@ class ReceiveTask:
         self.state = TransferState.SUCCESS
         self.finished_at = time.monotonic()
         return payload
+
+    def _progress(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self)
 
     @property
     def integrity_verified(self) -> bool:

@@ -1,50 +1,34 @@
-"""The language service: the public front door (`Generate`), its pool, and inspection.
+"""The language service: rank 0's public front door (`Generate`) and inspection.
 
-`LanguageService.start()` allocates the destination pool, registers it with Mooncake once,
-registers the rank with the encoder, starts the gRPC server (Language + health + reflection)
-and only then reports SERVING. One rank per instance in this release (DESIGN §7 comes later).
+`LanguageService.start()` starts ranks 1..tp-1 as processes (services/language/ranks.py), joins
+the rank group, allocates and registers rank 0's pool (Mooncake, then the encoder), waits until
+every rank has done the same, and only then starts the gRPC server (Language + health +
+reflection) and reports SERVING. A Generate is admitted to the rank group, so every rank
+receives it; rank 0 also sends the Encode, and replies once the ranks agreed on the outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
 
-
 from common import errors
 from common.config import LanguageConfig
-from common.payload import Payload
 from common.pb.epd.v1 import common_pb2, language_pb2, language_pb2_grpc
-from common.pool import BlockPool
-from common.states import TransferState
+from common.states import FailureReason, TransferState
 from common.table import TransferTable
-from common.transport import MooncakeTransport, memory_location
+from common.transport import MooncakeTransport
 from services import rpc
-from services.language.encoder_link import GrpcEncoderLink
+from services.language import ranks
 from services.language.policy import AllocationPolicy
-from services.language.receiver import ReceiveTask
+from services.language.rank_group import MAX_REQUEST_ID_BYTES, DistributedGroup, LocalGroup, RankGroup, RankRow
+from services.language.worker import RankOutcome, RankWorker
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "epd.v1.Language"
-RANK = 0
-
-
-@dataclasses.dataclass
-class ConsumerResult:
-    first_token_id: int = -1
-
-
-class NullConsumer:
-    """Accepts the payload and generates nothing (first_token_id = -1)."""
-
-    name = "null"
-
-    async def consume(self, payload: Payload) -> ConsumerResult:
-        return ConsumerResult()
 
 
 class GenerateRecord:
@@ -53,16 +37,24 @@ class GenerateRecord:
     def __init__(self, request_id: str, encoder: str):
         self.request_id = request_id
         self.encoder = encoder
-        self.receiver: ReceiveTask | None = None
         self.created = time.monotonic()
+        self.finished_at: float | None = None
         self.task: asyncio.Future | None = None
         self.cancel_reason = ""
+        self.outcome: RankOutcome | None = None
+        self.failure: errors.EpdError | None = None
+        self.worker: RankWorker | None = None
 
     @property
     def state(self) -> TransferState:
-        if self.receiver is None or self.receiver.state == TransferState.UNSPECIFIED:
+        if self.outcome is not None:
+            return TransferState.SUCCESS if self.outcome.decision.deliver else TransferState.FAILED
+        if self.failure is not None or (self.finished_at is not None):
+            return TransferState.FAILED
+        receiver = self.worker.receivers.get(self.request_id) if self.worker else None
+        if receiver is None or receiver.state == TransferState.UNSPECIFIED:
             return TransferState.BOOTSTRAPPING
-        return self.receiver.state
+        return receiver.state
 
 
 class LanguageService:
@@ -72,30 +64,61 @@ class LanguageService:
             raise errors.InvalidArgument("encoder: at least one --encoder host:port is required")
         self.config = config
         self.language_id = config.language_id or f"lang-{uuid.uuid4().hex[:12]}"
-        self.pool = BlockPool(config.record, config.block_size, config.pool_blocks, config.device)
+        self.dist_init = config.dist_init or (f"tcp://{config.host}:{ranks.free_port(config.host)}" if config.tp > 1 else "")
+        self.group: RankGroup = DistributedGroup(0, config.tp, self.dist_init) if config.tp > 1 else LocalGroup()
+        self.worker = RankWorker(config, 0, self.group, self.language_id, transport=transport)
+        self.pool = self.worker.pool
         self.policy = AllocationPolicy(config.alloc_policy, config.initial_tokens,
-                                       config.pool_blocks * config.block_size,
+                                       min(config.pool_blocks_of(r) for r in config.data_rank_list) * config.block_size,
                                        min_tokens=config.adaptive_min_tokens, max_tokens=config.adaptive_max_tokens)
-        self.consumer = NullConsumer()
-        self.transport = transport
-        self.link = GrpcEncoderLink(config.encoder[0], self.language_id)
         self.requests: TransferTable[GenerateRecord] = TransferTable(config.history_size)
         self.server: rpc.GrpcServer | None = None
+        self.children: list = []
         self.port = 0
         self._shutdown_done = False
 
-    async def start(self, register_timeout: float = 60.0) -> None:
+    @property
+    def transport(self) -> MooncakeTransport | None:
+        return self.worker.transport
+
+    @property
+    def rank_pids(self) -> list[int]:
+        return [p.pid for p in self.children]
+
+    async def start(self) -> None:
         cfg = self.config
-        if self.transport is None:
-            self.transport = await asyncio.to_thread(MooncakeTransport, cfg.host, cfg.protocol, cfg.rdma_device)
-        self.transport.register(self.pool.base_address, self.pool.nbytes, memory_location(cfg.device))
-        await self.link.register(RANK, self.transport.session, self.pool.geometry, timeout=register_timeout)
+        self.group.bind(self.worker.on_admit, self._group_broken)
+        if cfg.tp > 1:
+            self.children = ranks.spawn(cfg, self.language_id, self.dist_init)
+        try:
+            await self.group.start()
+            await self.worker.start()
+            await self.group.begin()  # every rank registered with the encoder
+        except BaseException:
+            ranks.stop(self.children)
+            raise
         self.server = rpc.GrpcServer(
             SERVICE_NAME, lambda server: language_pb2_grpc.add_LanguageServicer_to_server(LanguageServicer(self), server))
         self.port = await self.server.start(cfg.host, cfg.port)
-        log.info("language %s serving on %s:%d, session %s, encoder %s (%s), pool %d x %d tokens",
-                 self.language_id, cfg.host, self.port, self.transport.session, self.link.address,
-                 self.link.encoder_id, cfg.pool_blocks, cfg.block_size)
+        log.info("language %s serving on %s:%d, %d rank(s) (data ranks %s), session %s, encoder %s (%s)",
+                 self.language_id, cfg.host, self.port, cfg.tp, list(cfg.data_rank_list), self.transport.session,
+                 self.worker.link.address, self.worker.link.encoder_id)
+        if self.children:
+            asyncio.get_running_loop().create_task(self._watch_children())
+
+    async def _watch_children(self) -> None:
+        """A rank process that exits breaks the instance (the collective notices too)."""
+        waits = {asyncio.ensure_future(asyncio.to_thread(c.wait)): c for c in self.children}
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if not self._shutdown_done:
+            exited = {waits[t].pid: waits[t].returncode for t in done}
+            self._group_broken(f"rank process exited (pid: exit code) {exited}")
+
+    def _group_broken(self, why: str) -> None:
+        log.error("language %s is unhealthy: %s", self.language_id, why)
+        self.group._break(why)
+        if self.server is not None:
+            asyncio.get_running_loop().create_task(self.server.set_not_serving())
 
     async def shutdown(self, grace: float = 5.0) -> None:
         if self._shutdown_done:
@@ -109,15 +132,22 @@ class LanguageService:
             t.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
-        await self.link.close()
-        if self.transport is not None:
-            self.transport.close()
+        await self.group.close()  # tells ranks 1..N-1 to shut down
+        await asyncio.to_thread(ranks.stop, self.children, grace * 2)
+        await self.worker.close()
+
+    # ------------------------------------------------------------------ Generate
 
     async def generate(self, request: language_pb2.GenerateRequest, deadline_s: float | None) -> language_pb2.GenerateReply:
         request_id = request.request_id or str(uuid.uuid4())
+        if len(request_id.encode("utf-8")) > MAX_REQUEST_ID_BYTES:
+            raise errors.InvalidArgument(f"request_id is {len(request_id.encode())} bytes, above {MAX_REQUEST_ID_BYTES}")
         if request.synthetic_tokens == 0 and not request.text and not request.images:
             raise errors.InvalidArgument(f"request {request_id!r}: no images, no text and synthetic_tokens=0")
-        record = GenerateRecord(request_id, self.link.address)
+        if self.group.broken:
+            raise errors.Unavailable(f"language instance is unhealthy: {self.group.broken}")
+        record = GenerateRecord(request_id, self.worker.link.address)
+        record.worker = self.worker
         self.requests.add(request_id, record)  # ALREADY_EXISTS for an id in use
         timeout = min(deadline_s, self.config.generate_timeout_s) if deadline_s else self.config.generate_timeout_s
         # The work runs in a task of our own: Cancel and deadlines cancel it, never the gRPC
@@ -135,58 +165,76 @@ class LanguageService:
         except asyncio.CancelledError:  # the client went away
             await asyncio.shield(_cancel_and_wait(work))
             raise
+        except errors.EpdError as e:
+            record.failure = e
+            raise
         finally:
+            record.finished_at = time.monotonic()
             self.requests.finish(request_id, record)
 
     async def _generate(self, request_id: str, request, record: GenerateRecord) -> language_pb2.GenerateReply:
         started = time.monotonic()
-        receiver = ReceiveTask(
-            request_id, RANK, 1, self.pool, self.link,
-            initial_tokens=self.policy.initial_tokens(request.expected_tokens),
-            alloc_timeout_s=self.config.alloc_timeout_s, integrity=self.config.integrity)
-        record.receiver = receiver
-        encode: asyncio.Future | None = None
-        receive: asyncio.Future | None = None
-        payload: Payload | None = None
-        failure: BaseException | None = None
+        spec = self.group.admit(request_id, self.policy.initial_tokens(request.expected_tokens), request.want_digest)
+        outcome_fut = self.worker.outcome(request_id)
+        encode = asyncio.ensure_future(self.worker.link.encode(
+            request_id, [(im.data, im.mime_type) for im in request.images], request.text,
+            request.synthetic_tokens, request.synthetic_seed, self.worker.rank_count))
         try:
-            await receiver.start()
-            encode = asyncio.ensure_future(self.link.encode(
-                request_id, [(im.data, im.mime_type) for im in request.images], request.text,
-                request.synthetic_tokens, request.synthetic_seed, 1))
-            receive = asyncio.ensure_future(receiver.receive())
-            await asyncio.wait({encode, receive}, return_when=asyncio.FIRST_EXCEPTION)
+            await asyncio.wait({encode, outcome_fut}, return_when=asyncio.FIRST_COMPLETED)
             if encode.done() and encode.exception() is not None:
+                self.worker.fail_local(request_id, encode.exception().reason)
+                await asyncio.gather(outcome_fut, return_exceptions=True)
                 raise encode.exception()  # a refused Encode says more than the failed transfer
-            payload = await receive
-            await encode
-            self.policy.observe(payload.total_tokens)
-            digest = await asyncio.to_thread(payload.sha256) if request.want_digest else ""
-            result = await self.consumer.consume(payload)
-            transfer_s = (receiver.finished_at or time.monotonic()) - (receiver.init_at or started)
-            return language_pb2.GenerateReply(
-                request_id=request_id, total_tokens=payload.total_tokens, rounds=receiver.rounds,
-                bytes=payload.nbytes, transfer_seconds=transfer_s, total_seconds=time.monotonic() - started,
-                integrity_verified=receiver.integrity_verified, encoder=self.link.encoder_id or self.link.address,
-                payload_sha256=digest, first_token_id=result.first_token_id,
-                initial_allocated_tokens=receiver.initial_allocated_tokens)
+            outcome: RankOutcome = await outcome_fut
+            record.outcome = outcome
+            d = outcome.decision
+            if not d.deliver:
+                if encode.done() and encode.exception() is not None:
+                    raise encode.exception()
+                raise errors.error_for_reason(d.reason, _failure_message(request_id, outcome))
+            total = await encode
+            self.policy.observe(total)
+            return self._reply(request_id, spec.initial_tokens, outcome, total, started)
         except BaseException as e:
-            failure = e
+            reason = e.reason if isinstance(e, errors.EpdError) else FailureReason.CANCELLED
+            if not outcome_fut.done():
+                self.worker.fail_local(request_id, reason)
+                await asyncio.shield(asyncio.gather(outcome_fut, return_exceptions=True))
+            # The Encode may have opened the transfer before any Init: end it on the encoder too,
+            # and wait until its source blocks are free.
+            await asyncio.shield(self._cancel_on_encoder(request_id, f"{reason.label}: {e}"))
             raise
         finally:
-            # Cleanup must finish even when this task is being cancelled.
-            await asyncio.shield(self._cleanup(receiver, receive, encode, payload, failure))
+            await _cancel_and_wait(encode)
 
-    async def _cleanup(self, receiver: ReceiveTask, receive, encode, payload, failure) -> None:
-        for task in (receive, encode):
-            if task is not None:
-                await _cancel_and_wait(task)
-        if payload is None and receive is not None and receive.done() and not receive.cancelled() \
-                and receive.exception() is None:
-            payload = receive.result()
-        if payload is not None:
-            payload.release()
-        await receiver.close(failure)
+    async def _cancel_on_encoder(self, request_id: str, why: str) -> None:
+        try:
+            await self.worker.link.cancel(request_id, why)
+        except errors.NotFound:
+            pass
+        except errors.EpdError as e:
+            log.info("request %s: Cancel on encoder %s: %s", request_id, self.worker.link.address, e)
+
+    def _reply(self, request_id: str, initial_tokens: int, outcome: RankOutcome, total: int,
+               started: float) -> language_pb2.GenerateReply:
+        rows = outcome.decision.rows
+        receiver = outcome.receiver
+        rounds = receiver.rounds if receiver else max((r.rounds for r in rows), default=0)
+        transfer_s = (receiver.finished_at - receiver.init_at) if receiver and receiver.init_at and receiver.finished_at \
+            else time.monotonic() - started
+        reports = [language_pb2.RankReport(rank=r, data_rank=r in self.config.data_rank_list,
+                                           payload_sha256=row.digest.hex(), received_tokens=row.sent, rounds=row.rounds)
+                   for r, row in enumerate(rows)]
+        return language_pb2.GenerateReply(
+            request_id=request_id, total_tokens=total, rounds=rounds,
+            bytes=total * self.pool.record.payload_bytes_per_token, transfer_seconds=transfer_s,
+            total_seconds=time.monotonic() - started,
+            integrity_verified=receiver.integrity_verified if receiver else self.config.integrity,
+            encoder=self.worker.link.encoder_id or self.worker.link.address,
+            payload_sha256=outcome.digest or next((r.digest.hex() for r in rows if r.digest), ""),
+            first_token_id=outcome.consumer.first_token_id if outcome.consumer else -1,
+            initial_allocated_tokens=receiver.initial_allocated_tokens if receiver else initial_tokens,
+            ranks=reports, agreement_seconds=outcome.agreement_seconds)
 
     async def cancel(self, request_id: str, reason: str) -> tuple[bool, TransferState]:
         record = self.requests.require(request_id)
@@ -195,6 +243,14 @@ class LanguageService:
         record.cancel_reason = reason
         await _cancel_and_wait(record.task)
         return True, record.state
+
+
+def _failure_message(request_id: str, outcome: RankOutcome) -> str:
+    receiver = outcome.receiver
+    if receiver is not None and receiver.message:
+        return f"request {request_id}: {receiver.message}"
+    failed = [r for r, row in enumerate(outcome.decision.rows) if row.failed]
+    return f"request {request_id} failed ({outcome.decision.reason.label}) on rank(s) {failed or '?'}"
 
 
 async def _cancel_and_wait(task: asyncio.Future) -> None:
@@ -215,7 +271,7 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
     async def GetTransfer(self, request, context):
         if not request.request_id:
             raise errors.InvalidArgument("request_id is empty")
-        return record_info(self.s.requests.require(request.request_id))
+        return record_info(self.s, self.s.requests.require(request.request_id))
 
     @rpc.grpc_errors
     async def ListTransfers(self, request, context):
@@ -226,7 +282,7 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
             except ValueError:
                 raise errors.InvalidArgument(f"states: unknown TransferState value {v}") from None
         return common_pb2.ListTransfersReply(
-            transfers=[record_info(r) for r in self.s.requests.select(states, request.limit)])
+            transfers=[record_info(self.s, r) for r in self.s.requests.select(states, request.limit)])
 
     @rpc.grpc_errors
     async def Cancel(self, request, context):
@@ -237,23 +293,38 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
 
     @rpc.grpc_errors
     async def GetPool(self, request, context):
-        return rpc.pool_info(self.s.pool, self.s.transport.session, RANK)
+        return rpc.pool_info(self.s.pool, self.s.transport.session, 0)
 
 
-def record_info(r: GenerateRecord) -> common_pb2.TransferInfo:
-    rc = r.receiver
-    info = common_pb2.TransferInfo(request_id=r.request_id, state=int(r.state), age_seconds=time.monotonic() - r.created,
-                                   peer=r.encoder)
-    if rc is not None:
-        info.sent_tokens, info.total_tokens, info.rounds = rc.sent_tokens, rc.total_tokens, rc.rounds
-        info.allocated_tokens = rc.allocated_tokens
-        info.bytes = rc.sent_tokens * rc.pool.record.payload_bytes_per_token
-        if rc.finished_at is not None and rc.init_at is not None:
-            info.transfer_seconds = rc.finished_at - rc.init_at
-        err = rpc.error_to_pb(rc.reason, rc.message)
-        if err is not None:
-            info.error.CopyFrom(err)
-        info.ranks.append(common_pb2.RankView(rank=rc.rank, state=int(rc.state), sent_tokens=rc.sent_tokens,
-                                              allocated_tokens=rc.allocated_tokens))
+def record_info(service: LanguageService, r: GenerateRecord) -> common_pb2.TransferInfo:
+    """Rank 0's record plus every rank's view (the latest rows of the rank group)."""
+    info = common_pb2.TransferInfo(request_id=r.request_id, state=int(r.state), peer=r.encoder,
+                                   age_seconds=time.monotonic() - r.created)
+    rows: tuple[RankRow, ...] = ()
+    if r.outcome is not None:
+        rows = r.outcome.decision.rows
+    elif r.request_id in service.group.rows:
+        rows = service.group.rows[r.request_id]
+    elif r.request_id in service.group.views:
+        rows = (service.group.views[r.request_id].row,)
+    receiver = r.outcome.receiver if r.outcome else service.worker.receivers.get(r.request_id)
+    if receiver is not None:
+        info.sent_tokens, info.total_tokens, info.rounds = receiver.sent_tokens, receiver.total_tokens, receiver.rounds
+        info.allocated_tokens = receiver.allocated_tokens
+        if receiver.finished_at is not None and receiver.init_at is not None:
+            info.transfer_seconds = receiver.finished_at - receiver.init_at
+    elif rows:
+        info.sent_tokens = max(row.sent for row in rows)
+        info.total_tokens = max(row.total for row in rows)
+        info.rounds = max(row.rounds for row in rows)
+    info.bytes = info.sent_tokens * service.pool.record.payload_bytes_per_token
+    failure = r.failure
+    if failure is not None:
+        info.error.CopyFrom(common_pb2.TransferError(reason=int(failure.reason), message=failure.message))
+    elif r.outcome is not None and not r.outcome.decision.deliver:
+        info.error.CopyFrom(common_pb2.TransferError(reason=int(r.outcome.decision.reason),
+                                                     message=_failure_message(r.request_id, r.outcome)))
+    for rank, row in enumerate(rows):
+        info.ranks.append(common_pb2.RankView(rank=rank, state=row.state, sent_tokens=row.sent,
+                                              allocated_tokens=row.allocated))
     return info
-

@@ -83,7 +83,7 @@ async def test_images_are_validated_and_refused_without_a_vision_model(pair, ima
 async def test_client_deadline_and_cancel_free_both_sides(pair, unique_id):
     stub = language_stub(pair.language.address)
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await stub.Generate(language_pb2.GenerateRequest(synthetic_tokens=200000), timeout=0.3)
+        await stub.Generate(language_pb2.GenerateRequest(synthetic_tokens=200000), timeout=0.05)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     rid = unique_id()
     call = asyncio.ensure_future(stub.Generate(language_pb2.GenerateRequest(request_id=rid, synthetic_tokens=200000)))

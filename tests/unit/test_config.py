@@ -42,7 +42,7 @@ def test_env_and_flags_win():
     (("encoder",), {"EPD_NO_SUCH_SETTING": "1"}, "EPD_NO_SUCH_SETTING"),
     (("language", "--encoder", "nohostport"), {}, "encoder='nohostport'"),
     (("language", "--encoder", "h:1", "--initial-tokens", "0"), {}, "initial_tokens=0"),
-    (("language", "--encoder", "h:1", "--tp", "2"), {}, "tp=2"),
+    (("language", "--encoder", "h:1", "--tp", "2", "--data-ranks", "0,2"), {}, "data_ranks='0,2'"),
 ])
 def test_impossible_values_are_named(argv, env, needle):
     cls = EncoderConfig if argv[0] == "encoder" else LanguageConfig

@@ -26,7 +26,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., text: _Optional[str] = ..., synthetic_tokens: _Optional[int] = ..., synthetic_seed: _Optional[int] = ..., expected_tokens: _Optional[int] = ..., want_digest: _Optional[bool] = ...) -> None: ...
 
 class GenerateReply(_message.Message):
-    __slots__ = ("request_id", "total_tokens", "rounds", "bytes", "transfer_seconds", "total_seconds", "integrity_verified", "encoder", "payload_sha256", "first_token_id", "initial_allocated_tokens")
+    __slots__ = ("request_id", "total_tokens", "rounds", "bytes", "transfer_seconds", "total_seconds", "integrity_verified", "encoder", "payload_sha256", "first_token_id", "initial_allocated_tokens", "ranks", "agreement_seconds")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,8 @@ class GenerateReply(_message.Message):
     PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     INITIAL_ALLOCATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     total_tokens: int
     rounds: int
@@ -49,4 +51,20 @@ class GenerateReply(_message.Message):
     payload_sha256: str
     first_token_id: int
     initial_allocated_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., total_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., integrity_verified: _Optional[bool] = ..., encoder: _Optional[str] = ..., payload_sha256: _Optional[str] = ..., first_token_id: _Optional[int] = ..., initial_allocated_tokens: _Optional[int] = ...) -> None: ...
+    ranks: _containers.RepeatedCompositeFieldContainer[RankReport]
+    agreement_seconds: float
+    def __init__(self, request_id: _Optional[str] = ..., total_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., integrity_verified: _Optional[bool] = ..., encoder: _Optional[str] = ..., payload_sha256: _Optional[str] = ..., first_token_id: _Optional[int] = ..., initial_allocated_tokens: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankReport, _Mapping]]] = ..., agreement_seconds: _Optional[float] = ...) -> None: ...
+
+class RankReport(_message.Message):
+    __slots__ = ("rank", "data_rank", "payload_sha256", "received_tokens", "rounds")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    DATA_RANK_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    data_rank: bool
+    payload_sha256: str
+    received_tokens: int
+    rounds: int
+    def __init__(self, rank: _Optional[int] = ..., data_rank: _Optional[bool] = ..., payload_sha256: _Optional[str] = ..., received_tokens: _Optional[int] = ..., rounds: _Optional[int] = ...) -> None: ...

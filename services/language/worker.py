@@ -1,0 +1,227 @@
+"""One language TP rank: its pool, Mooncake engine, encoder link, and one task per request.
+
+Every rank runs the same `RankWorker`. For each request admitted by the rank group it receives
+the payload (data ranks) or just says "ready" (dummy ranks), publishes what it observed in its
+`LocalView`, and then does what the group decided — deliver to the consumer, in the agreed
+order, or drop and free everything. Rank 0 additionally serves the front door
+(services/language/service.py), which reads the outcome of its own rank's task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+
+from common import errors
+from common.config import LanguageConfig
+from common.payload import Payload
+from common.pool import BlockPool
+from common.states import FailureReason, TransferState
+from common.transport import MooncakeTransport, memory_location
+from services.language.encoder_link import GrpcEncoderLink
+from services.language.faults import FaultSpec, FaultyLink
+from services.language.rank_group import Decision, LocalView, RankGroup, RequestSpec
+from services.language.receiver import ReceiveTask
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ConsumerResult:
+    first_token_id: int = -1
+
+
+class NullConsumer:
+    """Accepts the payload and generates nothing (first_token_id = -1)."""
+
+    name = "null"
+
+    async def consume(self, payload: Payload | None) -> ConsumerResult:
+        return ConsumerResult()
+
+
+@dataclasses.dataclass
+class RankOutcome:
+    """What one rank did with one request (rank 0's front door builds its reply from it)."""
+
+    request_id: str
+    decision: Decision
+    receiver: ReceiveTask | None
+    digest: str = ""
+    consumer: ConsumerResult | None = None
+    agreement_seconds: float = 0.0
+
+
+class RankWorker:
+    def __init__(self, config: LanguageConfig, rank: int, group: RankGroup, language_id: str, *,
+                 transport: MooncakeTransport | None = None):
+        self.config = config
+        self.rank = rank
+        self.group = group
+        self.language_id = language_id
+        self.is_data_rank = rank in config.data_rank_list
+        self.rank_count = len(config.data_rank_list)
+        self.pool = BlockPool(config.record, config.block_size, config.pool_blocks_of(rank), config.device)
+        self.transport = transport
+        link = GrpcEncoderLink(config.encoder[0], language_id)
+        self.fault = FaultSpec.parse(config.fault) if config.fault else FaultSpec()
+        if not self.fault.applies_to(rank):
+            self.fault = FaultSpec()
+        self.link = FaultyLink(link, self.fault) if (self.fault.status_lag_s or self.fault.status_dup) else link
+        self.consumer = NullConsumer()
+        self.receivers: dict[str, ReceiveTask] = {}
+        self._outcomes: dict[str, asyncio.Future] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._held: list[int] = []
+        self._consumer_log = open(f"{config.consumer_log}.rank{rank}", "a") if config.consumer_log else None
+
+    async def start(self) -> None:
+        """Register the pool with Mooncake (once, before serving) and with the encoder."""
+        cfg = self.config
+        if self.transport is None:
+            self.transport = await asyncio.to_thread(MooncakeTransport, cfg.host, cfg.protocol, cfg.rdma_device)
+        self.transport.register(self.pool.base_address, self.pool.nbytes, memory_location(cfg.device))
+        await self.link.register(self.rank, self.transport.session, self.pool.geometry, timeout=60.0)
+        if self.fault.hold_blocks:
+            self._held = self.pool.allocator.try_alloc(self.fault.hold_blocks) or []
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._held:
+            self.pool.allocator.free(self._held)
+            self._held = []
+        await self.link.close()
+        if self.transport is not None:
+            self.transport.close()
+        if self._consumer_log is not None:
+            self._consumer_log.close()
+
+    # ------------------------------------------------------------------ per request
+
+    def outcome(self, request_id: str) -> asyncio.Future:
+        """The future of this rank's outcome for a request (made on first ask)."""
+        fut = self._outcomes.get(request_id)
+        if fut is None:
+            fut = self._outcomes[request_id] = asyncio.get_running_loop().create_future()
+        return fut
+
+    def on_admit(self, spec: RequestSpec) -> None:
+        task = asyncio.get_running_loop().create_task(self._handle(spec), name=f"rank{self.rank}-{spec.request_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, spec: RequestSpec) -> None:
+        view = self.group.view(spec.request_id)
+        fut = self.outcome(spec.request_id)
+        receive: asyncio.Future | None = None
+        receiver: ReceiveTask | None = None
+        outcome: RankOutcome | None = None
+        try:
+            if self.is_data_rank:
+                receiver = self._receiver(spec, view)
+                receive = asyncio.ensure_future(self._receive(spec, receiver, view))
+            else:
+                view.update(not_ready=0, state=int(TransferState.SUCCESS))
+                self.group.changed()
+            ready_at = time.monotonic()
+            decision: Decision = await self.group.decision(spec.request_id)
+            payload: Payload | None = None
+            digest = ""
+            if decision.deliver:
+                if receive is not None:
+                    payload, digest = receive.result()  # ready was reported only after it finished
+                    ready_at = receiver.finished_at or ready_at
+                outcome = RankOutcome(spec.request_id, decision, receiver, digest,
+                                      agreement_seconds=max(0.0, decision.decided_at - ready_at))
+                try:
+                    self._log_consumed(spec.request_id)
+                    outcome.consumer = await self.consumer.consume(payload)
+                finally:
+                    if payload is not None:
+                        payload.release()
+            else:
+                if receive is not None:
+                    await _cancel_and_wait(receive)
+                outcome = RankOutcome(spec.request_id, decision, receiver)
+        except BaseException as e:
+            if receive is not None:
+                await asyncio.shield(_cancel_and_wait(receive))
+            if not fut.done():
+                fut.set_exception(e if isinstance(e, Exception) else errors.Cancelled("rank shutting down"))
+            raise
+        finally:
+            if receiver is not None:
+                await asyncio.shield(receiver.close(None if outcome and outcome.decision.deliver
+                                                    else _failure_of(outcome)))
+            self.group.forget(spec.request_id)
+            self._outcomes.pop(spec.request_id, None)
+        if not fut.done():
+            fut.set_result(outcome)
+
+    def _receiver(self, spec: RequestSpec, view: LocalView) -> ReceiveTask:
+        def progress(r: ReceiveTask) -> None:
+            view.update(total=r.total_tokens, sent=r.sent_tokens, state=int(r.state), allocated=r.allocated_tokens,
+                        rounds=r.rounds)
+            self.group.changed()
+
+        receiver = ReceiveTask(
+            spec.request_id, self.rank, self.rank_count, self.pool, self.link,
+            initial_tokens=min(spec.initial_tokens, self.pool.num_blocks * self.pool.block_size),
+            alloc_timeout_s=self.config.alloc_timeout_s, integrity=self.config.integrity, on_progress=progress)
+        self.receivers[spec.request_id] = receiver
+        return receiver
+
+    async def _receive(self, spec: RequestSpec, receiver: ReceiveTask, view: LocalView) -> tuple[Payload, str]:
+        """Receive, then report ready; on failure close at once (free, Cancel on the encoder) and
+        report the failure, so the other ranks learn it at the next step."""
+        try:
+            await receiver.start()
+            payload = await receiver.receive()
+            try:
+                digest = await asyncio.to_thread(payload.sha256) if spec.want_digest else ""
+            except BaseException:
+                payload.release()
+                raise
+            view.update(total=receiver.total_tokens, sent=receiver.sent_tokens, state=int(TransferState.SUCCESS),
+                        allocated=0, rounds=receiver.rounds, not_ready=0, digest=bytes.fromhex(digest))
+            self.group.changed()
+            return payload, digest
+        except BaseException as e:
+            await asyncio.shield(receiver.close(e))
+            reason = e.reason if isinstance(e, errors.EpdError) else FailureReason.CANCELLED
+            if reason == FailureReason.UNSPECIFIED:
+                reason = FailureReason.INVALID
+            view.update(failed=int(reason), state=int(TransferState.FAILED))
+            self.group.changed()
+            log.info("request %s rank %d: %s", spec.request_id, self.rank, e)
+            raise
+
+    def _log_consumed(self, request_id: str) -> None:
+        if self._consumer_log is not None:
+            self._consumer_log.write(request_id + "\n")
+            self._consumer_log.flush()
+
+    def fail_local(self, request_id: str, reason: FailureReason) -> None:
+        """Rank 0's front door gave up on a request (client cancel, deadline, refused Encode)."""
+        view = self.group.views.get(request_id)
+        if view is not None and not view.row.failed:
+            view.update(failed=int(reason), state=int(TransferState.FAILED))
+            self.group.changed()
+
+
+def _failure_of(outcome: RankOutcome | None) -> BaseException:
+    if outcome is None:
+        return errors.Cancelled("cancelled")
+    d = outcome.decision
+    return errors.error_for_reason(d.reason, f"request {outcome.request_id} failed on another rank ({d.reason.label})")
+
+
+async def _cancel_and_wait(task: asyncio.Future) -> None:
+    if not task.done():
+        task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
