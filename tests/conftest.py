@@ -7,6 +7,7 @@ Mooncake engine and block pool) for driving the encoder's protocol by hand.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pathlib
@@ -116,15 +117,27 @@ def encoder_stub(address: str):
 LIVE_STATES = [1, 2, 3]
 
 
-async def assert_all_free(*addresses_and_kinds: tuple[str, str]) -> None:
-    """Every pool fully free, no allocation waiting, no live transfer (DESIGN §8 invariants)."""
+async def assert_all_free(*addresses_and_kinds: tuple[str, str], settle_s: float = 5.0) -> None:
+    """Every pool fully free, no allocation waiting, no live transfer (DESIGN §8 invariants).
+
+    Ranks 1..N-1 of a language instance release a request's blocks just after rank 0 replies,
+    so their pools are given `settle_s` to get there (rank 0 and the encoder must be free at once)."""
     for address, kind in addresses_and_kinds:
         async with grpc.aio.insecure_channel(address) as ch:
             stub = (encoder_pb2_grpc.EncoderStub if kind == "encoder" else language_pb2_grpc.LanguageStub)(ch)
-            pool = await stub.GetPool(common_pb2.GetPoolRequest())
+            deadline = asyncio.get_running_loop().time() + settle_s
+            while True:
+                pool = await stub.GetPool(common_pb2.GetPoolRequest())
+                busy = [rp for rp in pool.rank_pools[1:] if rp.used_blocks != rp.fault_held_blocks or rp.waiters]
+                if not busy or asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.05)
             assert pool.used_blocks == 0, f"{kind} {address}: {pool.used_blocks} blocks still used"
             assert pool.free_blocks == pool.layout.num_blocks
             assert pool.waiters == 0
+            for rp in pool.rank_pools:  # language: every TP rank's pool
+                assert rp.used_blocks == rp.fault_held_blocks, f"{kind} rank {rp.rank}: {rp.used_blocks} blocks used"
+                assert rp.waiters == 0
             live = await stub.ListTransfers(common_pb2.ListTransfersRequest(states=LIVE_STATES))
             assert not live.transfers, f"{kind} {address}: live transfers left: {live.transfers}"
 

@@ -114,12 +114,17 @@ class RankGroup:
         self._seq = 0
         self.broken: str = ""
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.pool_stats: Callable[[], tuple[int, int, int, int]] = lambda: (0, 0, 0, 0)
+        self.rank_pools: list[tuple[int, int, int, int]] = []  # rank 0: every rank's pool_stats
 
     def bind(self, on_admit: Callable[[RequestSpec], None], on_broken: Callable[[str], None],
-             on_shutdown: Callable[[], None] | None = None) -> None:
+             on_shutdown: Callable[[], None] | None = None,
+             pool_stats: Callable[[], tuple[int, int, int, int]] = lambda: (0, 0, 0, 0)) -> None:
         """Callbacks, run on the event loop: a request was admitted on this rank; the group broke;
-        rank 0 ended the group (the other ranks then shut down)."""
+        rank 0 ended the group (the other ranks then shut down). `pool_stats` gives this rank's
+        (used, free, waiters, fault-held) blocks; rank 0 sees every rank's in `rank_pools`."""
         self.loop = asyncio.get_running_loop()
+        self.pool_stats = pool_stats
         self._on_admit = on_admit
         self._on_broken = on_broken
         self._on_shutdown = on_shutdown
@@ -146,6 +151,10 @@ class RankGroup:
 
     def changed(self) -> None:
         """A local view changed: look for a decision soon."""
+
+    async def refresh(self) -> None:
+        """Make `rank_pools` current."""
+        self.rank_pools = [self.pool_stats()]
 
     def forget(self, request_id: str) -> None:
         self.views.pop(request_id, None)
@@ -204,7 +213,7 @@ class LocalGroup(RankGroup):
 
 # ---------------------------------------------------------------------------- distributed
 
-_HEADER = 4                      # shutdown, n_admissions, n_open, step
+_HEADER = 8                      # shutdown, n_admissions, n_open, step, pool used, free, waiters, held
 _ADMIT_WORDS = 4 + MAX_REQUEST_ID_BYTES // 8
 
 
@@ -228,7 +237,7 @@ class DistributedGroup(RankGroup):
         self._thread: threading.Thread | None = None
         self._steps = 0
         self._width = _HEADER + max_open * RankRow.FIELDS + max_admit * _ADMIT_WORDS
-        self._ready = threading.Event()
+        self._step_waiters: list[asyncio.Future] = []
 
     async def start(self) -> None:
         """Join the group (a rendezvous of every rank)."""
@@ -283,6 +292,15 @@ class DistributedGroup(RankGroup):
                 self._news = True
                 self._cv.notify_all()
 
+    async def refresh(self) -> None:
+        """Rank 0: take one more step now and return once it completed (fresh rank_pools)."""
+        fut = self.loop.create_future()
+        with self._cv:
+            self._step_waiters.append(fut)
+            self._news = True
+            self._cv.notify_all()
+        await asyncio.wait_for(fut, 10)
+
     # ------------------------------------------------------------------ step thread
 
     def _run(self) -> None:
@@ -324,6 +342,7 @@ class DistributedGroup(RankGroup):
         mine[1] = len(admit)
         mine[2] = len(self._open)
         mine[3] = self._steps
+        mine[4:8] = torch.tensor(self.pool_stats())
         for i, request_id in enumerate(self._open):
             view = self.views.get(request_id)
             row = view.row if view is not None else RankRow()
@@ -335,6 +354,7 @@ class DistributedGroup(RankGroup):
         dist.all_gather(gathered, mine)
         self._steps += 1
         leader = gathered[0]
+        self.rank_pools = [tuple(int(x) for x in g[4:8]) for g in gathered]
         if any(int(g[2]) != len(self._open) for g in gathered):
             raise RuntimeError(f"ranks disagree on open requests: {[int(g[2]) for g in gathered]}")
         decided: list[tuple[str, Decision]] = []
@@ -351,6 +371,10 @@ class DistributedGroup(RankGroup):
         self._open.extend(s.request_id for s in specs)
         if decided or specs:
             self.loop.call_soon_threadsafe(self._apply, decided, specs)
+        with self._cv:
+            waiters, self._step_waiters = self._step_waiters, []
+        for fut in waiters:
+            self.loop.call_soon_threadsafe(_set_if_pending, fut)
         return int(leader[0]) == 0
 
     def _apply(self, decided: list[tuple[str, Decision]], specs: list[RequestSpec]) -> None:
@@ -361,6 +385,11 @@ class DistributedGroup(RankGroup):
                 self._on_admit(spec)  # view and future were made by admit()
             else:
                 self._admitted(spec)
+
+
+def _set_if_pending(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _pack_row(t, at: int, row: RankRow) -> None:

@@ -92,7 +92,7 @@ async def run_rank(config: LanguageConfig) -> int:
     worker = RankWorker(config, config.rank, group, config.language_id)
     done = asyncio.Event()
     broken: list[str] = []
-    group.bind(worker.on_admit, lambda why: (broken.append(why), done.set()), done.set)
+    group.bind(worker.on_admit, lambda why: (broken.append(why), done.set()), done.set, worker.pool_stats)
     stop_signal = asyncio.ensure_future(rpc.wait_for_termination_signal())
     stop_signal.add_done_callback(lambda _: done.set())
     try:

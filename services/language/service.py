@@ -87,7 +87,7 @@ class LanguageService:
 
     async def start(self) -> None:
         cfg = self.config
-        self.group.bind(self.worker.on_admit, self._group_broken)
+        self.group.bind(self.worker.on_admit, self._group_broken, pool_stats=self.worker.pool_stats)
         if cfg.tp > 1:
             self.children = ranks.spawn(cfg, self.language_id, self.dist_init)
         try:
@@ -293,7 +293,13 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
 
     @rpc.grpc_errors
     async def GetPool(self, request, context):
-        return rpc.pool_info(self.s.pool, self.s.transport.session, 0)
+        info = rpc.pool_info(self.s.pool, self.s.transport.session, 0)
+        if not self.s.group.broken:
+            await self.s.group.refresh()
+        for rank, (used, free, waiters, held) in enumerate(self.s.group.rank_pools):
+            info.rank_pools.append(common_pb2.RankPool(rank=rank, used_blocks=used, free_blocks=free, waiters=waiters,
+                                                       fault_held_blocks=held))
+        return info
 
 
 def record_info(service: LanguageService, r: GenerateRecord) -> common_pb2.TransferInfo:

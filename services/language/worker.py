@@ -87,6 +87,10 @@ class RankWorker:
         if self.fault.hold_blocks:
             self._held = self.pool.allocator.try_alloc(self.fault.hold_blocks) or []
 
+    def pool_stats(self) -> tuple[int, int, int, int]:
+        a = self.pool.allocator
+        return (a.used_count, a.free_count, a.waiters, len(self._held))
+
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()

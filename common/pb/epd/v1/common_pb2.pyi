@@ -198,7 +198,7 @@ class GetPoolRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PoolInfo(_message.Message):
-    __slots__ = ("layout", "used_blocks", "free_blocks", "waiters", "device", "session", "rank")
+    __slots__ = ("layout", "used_blocks", "free_blocks", "waiters", "device", "session", "rank", "rank_pools")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     USED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +206,7 @@ class PoolInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    RANK_POOLS_FIELD_NUMBER: _ClassVar[int]
     layout: PoolLayout
     used_blocks: int
     free_blocks: int
@@ -213,4 +214,19 @@ class PoolInfo(_message.Message):
     device: str
     session: str
     rank: int
-    def __init__(self, layout: _Optional[_Union[PoolLayout, _Mapping]] = ..., used_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., waiters: _Optional[int] = ..., device: _Optional[str] = ..., session: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
+    rank_pools: _containers.RepeatedCompositeFieldContainer[RankPool]
+    def __init__(self, layout: _Optional[_Union[PoolLayout, _Mapping]] = ..., used_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., waiters: _Optional[int] = ..., device: _Optional[str] = ..., session: _Optional[str] = ..., rank: _Optional[int] = ..., rank_pools: _Optional[_Iterable[_Union[RankPool, _Mapping]]] = ...) -> None: ...
+
+class RankPool(_message.Message):
+    __slots__ = ("rank", "used_blocks", "free_blocks", "waiters", "fault_held_blocks")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    USED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    WAITERS_FIELD_NUMBER: _ClassVar[int]
+    FAULT_HELD_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    used_blocks: int
+    free_blocks: int
+    waiters: int
+    fault_held_blocks: int
+    def __init__(self, rank: _Optional[int] = ..., used_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., waiters: _Optional[int] = ..., fault_held_blocks: _Optional[int] = ...) -> None: ...
