@@ -64,6 +64,7 @@ class ReceiveTask:
         self.alloc_timeout_s = alloc_timeout_s
         self.integrity = integrity
         self.on_progress = on_progress
+        self.abort_with: BaseException | None = None  # set before cancelling: the reason to report
         self.state = TransferState.UNSPECIFIED
         self.blocks: list[int] | None = None
         self.allocated_tokens = 0

@@ -149,9 +149,10 @@ class RankWorker:
                     if payload is not None:
                         payload.release()
             else:
-                if receive is not None:
-                    await _cancel_and_wait(receive)
                 outcome = RankOutcome(spec.request_id, decision, receiver)
+                if receive is not None:
+                    receiver.abort_with = _failure_of(outcome)  # what the encoder is told in Cancel
+                    await _cancel_and_wait(receive)
         except BaseException as e:
             if receive is not None:
                 await asyncio.shield(_cancel_and_wait(receive))
@@ -196,7 +197,7 @@ class RankWorker:
             self.group.changed()
             return payload, digest
         except BaseException as e:
-            await asyncio.shield(receiver.close(e))
+            await asyncio.shield(receiver.close(receiver.abort_with or e))
             reason = e.reason if isinstance(e, errors.EpdError) else FailureReason.CANCELLED
             if reason == FailureReason.UNSPECIFIED:
                 reason = FailureReason.INVALID
