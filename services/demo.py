@@ -252,6 +252,8 @@ class RequestResult:
     total_seconds: float = 0.0
     integrity_verified: bool = False
     payload_sha256: str = ""
+    rank_sha256: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+    """(rank, digest) of every data rank's own payload (tp > 1: each rank is checked)."""
     expected_sha256: str = ""
     problems: list[str] = dataclasses.field(default_factory=list)
     """Why a reply does not match the request (empty when it does)."""
@@ -278,6 +280,9 @@ def check_reply(result: RequestResult, expected_sha256: str) -> list[str]:
         problems.append("no payload_sha256 in the reply")
     elif result.payload_sha256.lower() != expected_sha256.lower():
         problems.append(f"payload_sha256 {result.payload_sha256} != reference {expected_sha256}")
+    for rank, digest in result.rank_sha256:
+        if digest.lower() != expected_sha256.lower():
+            problems.append(f"rank {rank} payload_sha256 {digest or '(none)'} != reference {expected_sha256}")
     result.problems = problems
     return problems
 
@@ -371,7 +376,8 @@ def format_table(summary: dict[str, Any]) -> str:
     if cfg:
         lines.append(
             f"epd demo: {s['requests']} requests, concurrency {cfg.get('concurrency')}, "
-            f"hidden {cfg.get('hidden')} {cfg.get('dtype')}, block {cfg.get('block_size')} tokens")
+            f"hidden {cfg.get('hidden')} {cfg.get('dtype')}, block {cfg.get('block_size')} tokens, "
+            f"{cfg.get('tp', 1)} language rank(s)")
         lines.append(
             f"          language pool {cfg.get('language_pool_blocks')} blocks "
             f"({cfg.get('language_pool_tokens', 0):,} tokens), initial allocation "
@@ -379,6 +385,8 @@ def format_table(summary: dict[str, Any]) -> str:
             f"{cfg.get('encoder_pool_blocks')} blocks")
         lines.append("")
     verified = f"{s['succeeded']}/{s['requests']} digests match the reference"
+    if int(cfg.get("tp") or 1) > 1:
+        verified += f", on every data rank of {cfg.get('tp')}"
     rows = [
         ("requests", f"{s['requests']}"),
         ("succeeded", f"{s['succeeded']}"),
@@ -699,6 +707,7 @@ def language_argv(args: argparse.Namespace, encoder_port: int) -> list[str]:
             "--block-size", str(args.block_size), "--pool-blocks", str(args.language_pool_blocks),
             "--hidden", str(args.hidden), "--dtype", _dtype(args),
             "--initial-tokens", str(args.initial_tokens),
+            *(["--tp", str(args.tp)] if getattr(args, "tp", 1) > 1 else []),
             *getattr(args, "language_arg", [])]
 
 
@@ -785,6 +794,7 @@ async def run_workload(address: str, plan: Sequence[PlannedRequest], *, concurre
                     result.total_seconds = float(reply.total_seconds)
                     result.integrity_verified = bool(reply.integrity_verified)
                     result.payload_sha256 = reply.payload_sha256
+                    result.rank_sha256 = [(r.rank, r.payload_sha256) for r in reply.ranks if r.data_rank]
             if progress is not None:
                 progress.advance(failed=not result.rpc_ok)
 
@@ -841,9 +851,8 @@ def _event_loop_runner() -> asyncio.Runner:
 
 def validate_args(args: argparse.Namespace) -> str | None:
     """An error message for flags the demo cannot run with, else None."""
-    if args.tp != 1:
-        return (f"--tp {args.tp}: the multi-rank demo (tp > 1) comes later; "
-                "only --tp 1 is supported for now")
+    if not 1 <= args.tp <= 8:
+        return f"--tp {args.tp}: the demo runs 1 to 8 language ranks"
     if args.encoders != 1:
         return (f"--encoders {args.encoders}: the multi-encoder demo comes later; "
                 "only --encoders 1 is supported for now")

@@ -33,3 +33,12 @@ def test_demo_table_and_exit_code():
     assert out.returncode == 0, out.stderr[-3000:]
     for word in ("requests", "succeeded", "mismatches", "rounds", "GB/s", "p50", "p99", "integrity"):
         assert word in out.stdout
+
+
+def test_demo_with_two_ranks_checks_every_rank():
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli", "demo", "--tp", "2", "--requests", "4", "--hidden", "128", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "MC_FORCE_TCP": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    assert summary["succeeded"] == 4 and summary["mismatches"] == 0 and summary["config"]["tp"] == 2
