@@ -61,6 +61,8 @@ class ServiceConfig:
     """Per-round, per-field checksums sent by the encoder and verified by the language."""
     history_size: int = _setting(256, "finished transfers kept for inspection", unit="transfers")
     """How many finished transfers inspection keeps (bounded history)."""
+    shutdown_grace_s: float = _setting(10.0, "on SIGTERM, how long in-flight transfers may finish", unit="s")
+    """Graceful shutdown: new requests get UNAVAILABLE, live transfers get this long, then fail."""
     log_level: str = _setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     """Python logging level."""
 
@@ -93,6 +95,8 @@ class ServiceConfig:
             raise ConfigError(f"alloc_timeout_s={self.alloc_timeout_s}: must be > 0")
         if self.history_size < 0:
             raise ConfigError(f"history_size={self.history_size}: must be >= 0")
+        if self.shutdown_grace_s < 0:
+            raise ConfigError(f"shutdown_grace_s={self.shutdown_grace_s}: must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +117,16 @@ class EncoderConfig(ServiceConfig):
     """Encode above this many tokens is rejected with INVALID_ARGUMENT before any allocation."""
     encoder_id: str = _setting("", "name reported to peers (default host:port)")
     """Identity reported in RegisterReply and GenerateReply.encoder."""
+    transport_fault: str = _setting(
+        "", "test-only Mooncake write fault injection, e.g. 'fail_nth=3' (see common/transport_faults.py)")
+    """Fault injection for Mooncake writes in tests (see common/transport_faults.py); empty (off) in production."""
 
     def validate(self) -> None:
         super().validate()
+        if self.transport_fault:
+            from common.transport_faults import TransportFaultSpec  # imports this module: import late
+
+            TransportFaultSpec.parse(self.transport_fault)  # ConfigError naming transport_fault
         for name in ("bootstrap_timeout_s", "resume_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be > 0")

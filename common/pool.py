@@ -29,12 +29,13 @@ OnChange = Callable[[int, int], None]
 
 
 class _Waiter:
-    __slots__ = ("n", "partial_ok", "future")
+    __slots__ = ("n", "partial_ok", "future", "priority")
 
-    def __init__(self, n: int, partial_ok: bool, future: asyncio.Future[list[int]]):
+    def __init__(self, n: int, partial_ok: bool, future: asyncio.Future[list[int]], priority: bool = False):
         self.n = n
         self.partial_ok = partial_ok
         self.future = future
+        self.priority = priority
 
     @property
     def min_blocks(self) -> int:
@@ -96,9 +97,14 @@ class BlockAllocator:
         return self._take(n)
 
     async def alloc(
-        self, n: int, *, timeout: float | None, partial_ok: bool = False, label: str = ""
+        self, n: int, *, timeout: float | None, partial_ok: bool = False, label: str = "",
+        priority: bool = False,
     ) -> list[int]:
         """Wait (FIFO) for n blocks; with partial_ok, for at least one, taking min(n, free).
+
+        `priority` waiters (resumes of transfers already under way) queue ahead of the others
+        (FIFO among themselves): a big initial allocation at the head must not stall the
+        transfers whose progress is what frees blocks.
 
         Raises ResourceExhausted at once if n can never be satisfied, or after `timeout` seconds.
         Cancellation while waiting leaves no trace: the waiter is removed and any blocks already
@@ -110,12 +116,16 @@ class BlockAllocator:
             raise ResourceExhausted(
                 f"{label or 'alloc'}: {n} blocks requested but the pool has only {self._num_blocks} blocks"
             )
-        waiter = _Waiter(n, partial_ok, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(n, partial_ok, asyncio.get_running_loop().create_future(), priority)
         self._serve()
-        if not self._waiters and self._free_count >= waiter.min_blocks:
+        ahead = sum(1 for w in self._waiters if w.priority or not priority)
+        if not ahead and self._free_count >= waiter.min_blocks:
             return self._take(min(n, self._free_count))
 
-        self._waiters.append(waiter)
+        if priority:
+            self._waiters.insert(sum(1 for w in self._waiters if w.priority), waiter)
+        else:
+            self._waiters.append(waiter)
         timer = None
         if timeout is not None:
             timer = asyncio.get_running_loop().call_later(
@@ -361,8 +371,9 @@ class BlockPool:
     def try_alloc(self, n: int) -> list[int] | None:
         return self.allocator.try_alloc(n)
 
-    async def alloc(self, n: int, *, timeout: float | None, partial_ok: bool = False, label: str = "") -> list[int]:
-        return await self.allocator.alloc(n, timeout=timeout, partial_ok=partial_ok, label=label)
+    async def alloc(self, n: int, *, timeout: float | None, partial_ok: bool = False, label: str = "",
+                    priority: bool = False) -> list[int]:
+        return await self.allocator.alloc(n, timeout=timeout, partial_ok=partial_ok, label=label, priority=priority)
 
     def free(self, blocks: Iterable[int]) -> None:
         self.allocator.free(blocks)

@@ -119,6 +119,7 @@ async def _serve(role: str, config) -> int:
             from services.language.ranks import run_rank
 
             return await run_rank(config)
+    stop = rpc.termination_event()
     service = Service(config)
     try:
         await service.start()
@@ -126,7 +127,7 @@ async def _serve(role: str, config) -> int:
         rpc.announce_ready(role=role, port=service.port, host=config.host, session=service.transport.session,
                            pool_blocks=config.pool_blocks, block_size=config.block_size,
                            record_bytes=service.pool.record.record_bytes, **extra)
-        await rpc.wait_for_termination_signal()
+        await stop.wait()
         logging.getLogger(role).info("%s: termination signal, shutting down", role)
     finally:
         await service.shutdown()

@@ -180,13 +180,14 @@ def announce_ready(**info: Any) -> None:
     sys.stdout.flush()
 
 
-async def wait_for_termination_signal() -> None:
-    """Return on SIGTERM or SIGINT."""
+def termination_event() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT; install it before announcing readiness, so a signal
+    that follows the EPD_READY line at once is a graceful stop, not the default kill."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 CLIENT_OPTIONS = [

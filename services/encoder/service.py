@@ -25,6 +25,7 @@ from common.pool import BlockPool
 from common.states import FailureReason, StatusUpdate, TransferState
 from common.table import TransferTable
 from common.transport import MooncakeTransport, memory_location
+from common import transport_faults
 from services import rpc
 from services.encoder.models import EncodeInputs, SyntheticModel, load_model, validate_images
 from services.encoder.transfer import EncoderTransfer, PeerSession, validate_allocation
@@ -52,6 +53,7 @@ class EncoderService:
         self.server: rpc.GrpcServer | None = None
         self.port = 0
         self.encoder_id = config.encoder_id
+        self.draining = False
         self._shutdown_done = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -60,6 +62,7 @@ class EncoderService:
         cfg = self.config
         if self.transport is None:
             self.transport = await asyncio.to_thread(MooncakeTransport, cfg.host, cfg.protocol, cfg.rdma_device)
+        self.transport = transport_faults.wrap(self.transport, cfg.transport_fault)  # test-only; "" = unchanged
         # Registered once, before any peer can open our segment (peers cache descriptors).
         self.transport.register(self.pool.base_address, self.pool.nbytes, memory_location(cfg.device))
         self.server = rpc.GrpcServer(
@@ -70,19 +73,27 @@ class EncoderService:
                  self.encoder_id, cfg.host, self.port, self.transport.session, cfg.pool_blocks, cfg.block_size,
                  self.pool.record.record_bytes, cfg.device)
 
-    async def shutdown(self, grace: float = 5.0) -> None:
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Graceful and idempotent: NOT_SERVING, refuse new requests (UNAVAILABLE), give live
+        transfers `shutdown_grace_s` to finish, fail the rest, stop the server, unregister memory."""
         if self._shutdown_done:
             return
         self._shutdown_done = True
+        grace = self.config.shutdown_grace_s if grace is None else grace
+        self.draining = True
         if self.server is not None:
             await self.server.set_not_serving()
+        live = [t.done for t in self.transfers.live]
+        if live:
+            log.info("encoder shutting down: waiting up to %.1f s for %d live transfer(s)", grace, len(live))
+            await asyncio.wait([asyncio.ensure_future(ev.wait()) for ev in live], timeout=grace)
         for t in self.transfers.live:
             t.fail(FailureReason.CANCELLED, "encoder shutting down")
         tasks = [t.task for t in self.transfers.live if t.task is not None]
         if tasks:
-            await asyncio.wait(tasks, timeout=grace)
+            await asyncio.wait(tasks, timeout=5)
         if self.server is not None:
-            await self.server.stop(grace)
+            await self.server.stop(1.0)
         if self.transport is not None:
             self.transport.close()
 
@@ -100,7 +111,12 @@ class EncoderService:
 
     # ------------------------------------------------------------------ operations
 
+    def _refuse_when_draining(self, what: str) -> None:
+        if self.draining:
+            raise errors.Unavailable(f"{what}: encoder {self.encoder_id} is shutting down")
+
     def register(self, language_id: str, rank: int, session: str, geometry: PoolGeometry) -> None:
+        self._refuse_when_draining("Register")
         if not language_id:
             raise errors.InvalidArgument("language_id is empty")
         host, _, port = session.rpartition(":")
@@ -118,6 +134,13 @@ class EncoderService:
         self.sessions[key] = PeerSession(language_id, rank, session, geometry, generation)
         if old is not None:
             log.info("language %s rank %d re-registered: session %s -> %s", language_id, rank, old.session, session)
+            # Transfers bound to the old session must not write into memory that is no longer
+            # that rank's pool (a restarted process): they fail instead.
+            for t in self.transfers.live:
+                slot = t.ranks.get(rank)
+                if slot is not None and slot.peer is old:
+                    t.fail(FailureReason.PEER_LOST,
+                           f"language {language_id!r} rank {rank} re-registered (session {old.session} -> {session})")
 
     def _transfer_for(self, request_id: str, *, language_id: str, rank_count: int) -> EncoderTransfer:
         t = self.transfers.live_get(request_id)
@@ -130,6 +153,7 @@ class EncoderService:
     def init(self, request_id: str, language_id: str, rank: int, rank_count: int,
              blocks: list[int], allocated_tokens: int) -> EncoderTransfer:
         what = f"Init of request {request_id!r} rank {rank}"
+        self._refuse_when_draining(what)
         if not request_id:
             raise errors.InvalidArgument("request_id is empty")
         if rank_count < 1:
@@ -153,6 +177,7 @@ class EncoderService:
 
     async def encode(self, request_id: str, inputs: EncodeInputs, rank_count: int, language_id: str) -> tuple[int, float]:
         started = time.monotonic()
+        self._refuse_when_draining(f"Encode of request {request_id!r}")
         if not request_id:
             raise errors.InvalidArgument("request_id is empty")
         # Bad input changes nothing, not even a transfer an Init already opened: the language

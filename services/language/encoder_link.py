@@ -22,9 +22,10 @@ class GrpcEncoderLink:
     def __init__(self, address: str, language_id: str):
         self.address = address
         self.language_id = language_id
-        self.channel = grpc.aio.insecure_channel(address, options=rpc.CLIENT_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(address, options=rpc.CLIENT_OPTIONS + RECONNECT_OPTIONS)
         self.stub = encoder_pb2_grpc.EncoderStub(self.channel)
         self.encoder_id = ""
+        self._registration: tuple[int, str, PoolGeometry] | None = None
 
     async def close(self) -> None:
         await self.channel.close()
@@ -40,19 +41,29 @@ class GrpcEncoderLink:
             language_id=self.language_id, rank=rank, session=session, layout=rpc.geometry_to_pb(geometry)),
             timeout=timeout, wait_for_ready=True))
         self.encoder_id = reply.encoder_id
+        self._registration = (rank, session, geometry)
 
     async def encode(self, request_id: str, images: Sequence[tuple[bytes, str]], text: str,
                      synthetic_tokens: int, synthetic_seed: int, rank_count: int) -> int:
         reply = await self._call("Encode", self.stub.Encode(encoder_pb2.EncodeRequest(
             request_id=request_id, images=[common_pb2.Image(data=d, mime_type=m) for d, m in images], text=text,
             synthetic_tokens=synthetic_tokens, synthetic_seed=synthetic_seed, rank_count=rank_count,
-            language_id=self.language_id)))
+            language_id=self.language_id), wait_for_ready=True))  # bounded by the Generate and by Init
         return reply.total_tokens
 
     async def init(self, request_id: str, rank: int, rank_count: int, blocks: Sequence[int], allocated_tokens: int) -> None:
-        await self._call("Init", self.stub.Init(encoder_pb2.InitRequest(
-            request_id=request_id, language_id=self.language_id, rank=rank, rank_count=rank_count,
-            dst_blocks=list(blocks), allocated_tokens=allocated_tokens)))
+        request = encoder_pb2.InitRequest(request_id=request_id, language_id=self.language_id, rank=rank,
+                                          rank_count=rank_count, dst_blocks=list(blocks), allocated_tokens=allocated_tokens)
+        try:
+            # The first call of a request waits (boundedly) for a reconnecting channel, e.g. to
+            # an encoder that was just restarted; the calls after it find the channel ready.
+            await self._call("Init", self.stub.Init(request, wait_for_ready=True, timeout=CONNECT_TIMEOUT_S))
+        except errors.FailedPrecondition as e:
+            # A restarted encoder has forgotten our session: register again and retry once.
+            if NOT_REGISTERED not in e.message or self._registration is None:
+                raise
+            await self.register(*self._registration)
+            await self._call("Init", self.stub.Init(request))
 
     async def resume(self, request_id: str, rank: int, sent_tokens: int, blocks: Sequence[int], allocated_tokens: int) -> bool:
         reply = await self._call("Resume", self.stub.Resume(encoder_pb2.ResumeRequest(
@@ -69,7 +80,12 @@ class GrpcEncoderLink:
                                                     timeout=10))
 
 
+CONNECT_TIMEOUT_S = 10.0
+# Reconnect to a restarted encoder within ~2 s instead of gRPC's default backoff of up to 120 s.
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000),
+                     ("grpc.min_reconnect_backoff_ms", 200)]
 _END = object()
+NOT_REGISTERED = "has not called Register"  # the encoder's FAILED_PRECONDITION text for an unknown session
 
 
 class StatusStream:

@@ -61,7 +61,9 @@ def spawn(config: LanguageConfig, language_id: str, dist_init: str) -> list[subp
         child = dataclasses.replace(config, rank=rank, dist_init=dist_init, language_id=language_id, port=0,
                                     metrics_port=0)
         argv = [sys.executable, "-m", "services.cli", "language", *config_to_argv(child)]
-        children.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent))
+        # No preexec_fn: it forces fork() in a process with gRPC threads (fork handlers skipped,
+        # broken pollers); the child sets its own parent-death signal instead (run_rank).
+        children.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, env=env))
     return children
 
 
@@ -88,12 +90,15 @@ async def run_rank(config: LanguageConfig) -> int:
     from services.language.rank_group import DistributedGroup
     from services.language.worker import RankWorker
 
+    _die_with_parent()
+    if os.getppid() == 1:  # rank 0 died before we could ask to be told
+        return 1
     group = DistributedGroup(config.rank, config.tp, config.dist_init)
     worker = RankWorker(config, config.rank, group, config.language_id)
     done = asyncio.Event()
     broken: list[str] = []
     group.bind(worker.on_admit, lambda why: (broken.append(why), done.set()), done.set, worker.pool_stats)
-    stop_signal = asyncio.ensure_future(rpc.wait_for_termination_signal())
+    stop_signal = asyncio.ensure_future(rpc.termination_event().wait())
     stop_signal.add_done_callback(lambda _: done.set())
     try:
         await group.start()

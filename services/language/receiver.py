@@ -121,7 +121,7 @@ class ReceiveTask:
                 remaining = self.total_tokens - st.sent_tokens
                 self.blocks = await self.pool.allocator.alloc(
                     blocks_for_tokens(remaining, self.pool.block_size), timeout=self.alloc_timeout_s,
-                    partial_ok=True, label=f"resume of request {self.request_id} rank {self.rank}")
+                    partial_ok=True, priority=True, label=f"resume of request {self.request_id} rank {self.rank}")
                 self.allocated_tokens = len(self.blocks) * self.pool.block_size
                 self._progress()
                 await self.link.resume(self.request_id, self.rank, st.sent_tokens, self.blocks, self.allocated_tokens)

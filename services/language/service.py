@@ -75,6 +75,7 @@ class LanguageService:
         self.server: rpc.GrpcServer | None = None
         self.children: list = []
         self.port = 0
+        self.draining = False
         self._shutdown_done = False
 
     @property
@@ -120,20 +121,29 @@ class LanguageService:
         if self.server is not None:
             asyncio.get_running_loop().create_task(self.server.set_not_serving())
 
-    async def shutdown(self, grace: float = 5.0) -> None:
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Graceful and idempotent: NOT_SERVING, new Generates get UNAVAILABLE, in-flight ones
+        get `shutdown_grace_s` to finish and are then cancelled (freeing both sides), the ranks
+        are told to stop, memory is unregistered."""
         if self._shutdown_done:
             return
         self._shutdown_done = True
+        grace = self.config.shutdown_grace_s if grace is None else grace
+        self.draining = True
         if self.server is not None:
             await self.server.set_not_serving()
-            await self.server.stop(grace)
         tasks = [r.task for r in self.requests.live if r.task is not None]
+        if tasks:
+            log.info("language shutting down: waiting up to %.1f s for %d request(s)", grace, len(tasks))
+            await asyncio.wait(tasks, timeout=grace)
         for t in tasks:
             t.cancel()
         if tasks:
-            await asyncio.wait(tasks, timeout=grace)
+            await asyncio.wait(tasks, timeout=10)
+        if self.server is not None:
+            await self.server.stop(1.0)
         await self.group.close()  # tells ranks 1..N-1 to shut down
-        await asyncio.to_thread(ranks.stop, self.children, grace * 2)
+        await asyncio.to_thread(ranks.stop, self.children, 15)
         await self.worker.close()
 
     # ------------------------------------------------------------------ Generate
@@ -146,6 +156,8 @@ class LanguageService:
             raise errors.InvalidArgument(f"request {request_id!r}: no images, no text and synthetic_tokens=0")
         if self.group.broken:
             raise errors.Unavailable(f"language instance is unhealthy: {self.group.broken}")
+        if self.draining:
+            raise errors.Unavailable(f"language {self.language_id} is shutting down")
         record = GenerateRecord(request_id, self.worker.link.address)
         record.worker = self.worker
         self.requests.add(request_id, record)  # ALREADY_EXISTS for an id in use

@@ -562,3 +562,29 @@ def test_int64_field_is_aligned_to_its_element_size():
     recs = torch.zeros((3, layout.record_bytes), dtype=torch.uint8)
     recs[1, 8:16] = torch.tensor(list((5).to_bytes(8, "little")), dtype=torch.uint8)
     assert field_of(recs, layout.field("b")).tolist() == [[0, 0], [5, 0], [0, 0]]
+
+
+async def test_priority_waiters_go_ahead_of_a_big_head_waiter():
+    """A resume (priority, partial) must not queue behind an initial allocation that needs
+    blocks only resumed transfers can free (head-of-line deadlock)."""
+    a = BlockAllocator(8)
+    held = a.try_alloc(6)
+    big = asyncio.ensure_future(a.alloc(8, timeout=None))          # initial allocation: waits for all 8
+    await asyncio.sleep(0)
+    resume = await asyncio.wait_for(a.alloc(4, timeout=None, partial_ok=True, priority=True), 1)
+    assert len(resume) == 2  # took what was free at once, ahead of the big waiter
+    later = asyncio.ensure_future(a.alloc(1, timeout=None, partial_ok=True, priority=True))
+    first = asyncio.ensure_future(a.alloc(1, timeout=None))
+    await asyncio.sleep(0)
+    a.free(resume)
+    await asyncio.sleep(0)
+    assert later.done() and not first.done() and not big.done()  # priority served first, FIFO otherwise
+    a.free(later.result())
+    a.free(held)
+    await asyncio.sleep(0)
+    assert big.done() and len(big.result()) == 8 and not first.done()
+    a.free(big.result())
+    await asyncio.sleep(0)
+    assert first.done()
+    a.free(first.result())
+    assert a.free_count == 8

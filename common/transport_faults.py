@@ -1,0 +1,211 @@
+"""Test-only fault injection for Mooncake writes (DESIGN §8 "Mooncake write fails").
+
+A healthy loopback Mooncake never fails a write, so the encoder's handling of a failed,
+slow or silently corrupted write cannot be provoked from outside. `FaultyTransport` wraps the
+process's `MooncakeTransport` with the same interface (`session`, `register`, `write`,
+`write_sync`, `close`) and misbehaves on purpose. It is selected by the encoder setting
+`transport_fault` (`--transport-fault` / `EPD_TRANSPORT_FAULT`); empty, the default, means no
+wrapper at all, so production never runs this code.
+
+Spec: comma-separated `key=value`, keys may be combined:
+- `fail_nth=K`        the K-th write (1-based) fails: nothing is written and `TransportError` is
+                      raised, exactly as when `batch_transfer_sync_write` returns non-zero;
+- `fail_fraction=P`   each write fails with probability P (0..1), drawn from a seeded RNG;
+- `seed=S`            seed of that RNG (default 0), so a run is reproducible;
+- `delay_s=D`         every write sleeps D seconds before it starts (a slow network). The sleep
+                      happens in the worker thread that runs the write, like a slow Mooncake
+                      call: the event loop is never blocked, and a write whose caller is
+                      cancelled still runs to completion, as a real in-flight write would;
+- `corrupt_nth=K`     the K-th write really happens, then some bytes of what it wrote are
+                      flipped at the destination (see below): the language's checksum
+                      verification must catch it.
+
+"Write" means one non-empty `write`/`write_sync` call, i.e. one `batch_transfer_sync_write`
+(the encoder issues one per data rank per round). Writes are counted across the process, in
+the order the calls are made on the event loop (the fate of a write is decided before it is
+handed to a worker thread, so concurrent writes are numbered deterministically by call order).
+
+How corruption works: the destination is another process's memory, reachable only through
+Mooncake, so the wrapper issues a second, small Mooncake write to the first triple's
+destination address from a scratch buffer of its own. The scratch buffer holds the bitwise
+complement of the bytes just written (read from the source when the source is host memory,
+otherwise a fixed 0xA5 pattern), so every one of those bytes really changes. The scratch buffer
+is registered with the transport when the wrapper is built, i.e. at start-up with the pools:
+Mooncake writes only from registered memory (an RDMA source needs a memory region; the TCP
+transport resolves the source against the local segment too), and registering on the write
+path would be slow and would race with writes in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import dataclasses
+import logging
+import random
+import threading
+import time
+from typing import Sequence
+
+from common.config import ConfigError
+from common.errors import TransportError
+
+log = logging.getLogger(__name__)
+
+SCRATCH_BYTES = 64
+"""How many bytes a corruption flips (at most; fewer when the first triple is shorter)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TransportFaultSpec:
+    """A parsed `transport_fault` setting."""
+
+    fail_nth: int = 0
+    fail_fraction: float = 0.0
+    seed: int = 0
+    delay_s: float = 0.0
+    corrupt_nth: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> "TransportFaultSpec":
+        """Parse 'fail_nth=3,delay_s=0.1'; raise ConfigError naming `transport_fault`."""
+        what = f"transport_fault={text!r}"
+        known = [f.name for f in dataclasses.fields(cls)]
+        values: dict = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, eq, raw = (s.strip() for s in item.partition("="))
+            if key not in known:
+                raise ConfigError(f"{what}: unknown key {key!r} (known: {', '.join(known)})")
+            if not eq or not raw:
+                raise ConfigError(f"{what}: {key!r} needs a value ({key}=...)")
+            if key in values:
+                raise ConfigError(f"{what}: {key!r} is given twice")
+            try:
+                values[key] = float(raw) if key in ("fail_fraction", "delay_s") else int(raw)
+            except ValueError:
+                raise ConfigError(f"{what}: bad value for {key!r}: {raw!r}") from None
+        spec = cls(**values)
+        if spec.fail_nth < 0 or spec.corrupt_nth < 0:
+            raise ConfigError(f"{what}: fail_nth and corrupt_nth count writes from 1 (0 = off)")
+        if not 0.0 <= spec.fail_fraction <= 1.0:
+            raise ConfigError(f"{what}: fail_fraction must be in 0..1")
+        if not 0.0 <= spec.delay_s <= 3600.0:
+            raise ConfigError(f"{what}: delay_s must be in 0..3600")
+        return spec
+
+    @property
+    def active(self) -> bool:
+        return bool(self.fail_nth or self.fail_fraction or self.delay_s or self.corrupt_nth)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fate:
+    """What happens to one write, decided when it is issued."""
+
+    number: int
+    fail: str = ""  # why it fails ("" = it does not)
+    corrupt: bool = False
+
+
+class FaultyTransport:
+    """A `MooncakeTransport` whose writes fail, lag or get corrupted as the spec says."""
+
+    def __init__(self, inner, spec: TransportFaultSpec | str):
+        self._inner = inner
+        self.spec = TransportFaultSpec.parse(spec) if isinstance(spec, str) else spec
+        self._rng = random.Random(self.spec.seed)
+        self._lock = threading.Lock()
+        self._corrupt_lock = threading.Lock()
+        self._host_regions: list[tuple[int, int]] = []  # registered host memory: readable with ctypes
+        self.writes = 0
+        """Non-empty writes issued so far (each one numbered 1, 2, ...)."""
+        self.failed: list[int] = []
+        self.corrupted: list[int] = []
+        self._scratch = None
+        self._scratch_address = 0
+        if self.spec.corrupt_nth:
+            self._scratch = ctypes.create_string_buffer(SCRATCH_BYTES)
+            self._scratch_address = ctypes.addressof(self._scratch)
+            inner.register(self._scratch_address, SCRATCH_BYTES, "cpu:0")
+        log.warning("test-only Mooncake write fault injection is ON: %s", self.spec)
+
+    # ------------------------------------------------------------------ the transport interface
+
+    @property
+    def session(self) -> str:
+        return self._inner.session
+
+    def __getattr__(self, name):  # host, protocol, ...
+        return getattr(self._inner, name)
+
+    def register(self, address: int, length: int, location: str = "*") -> None:
+        self._inner.register(address, length, location)
+        if location.startswith("cpu"):
+            self._host_regions.append((address, length))
+
+    def write_sync(self, session: str, triples: Sequence[tuple[int, int, int]]) -> None:
+        if not triples:
+            return self._inner.write_sync(session, triples)
+        self._apply(self._decide(), session, triples)
+
+    async def write(self, session: str, triples: Sequence[tuple[int, int, int]]) -> None:
+        """Like `MooncakeTransport.write`: the (possibly delayed) write runs in a worker thread."""
+        if not triples:
+            return await self._inner.write(session, triples)
+        fate = self._decide()  # on the event loop: writes are numbered in call order
+        await asyncio.to_thread(self._apply, fate, session, triples)
+
+    def close(self) -> None:
+        self._inner.close()  # unregisters the scratch buffer too; it stays alive with self
+
+    # ------------------------------------------------------------------ faults
+
+    def _decide(self) -> _Fate:
+        spec = self.spec
+        with self._lock:
+            self.writes += 1
+            n = self.writes
+            why = ""
+            if spec.fail_nth and n == spec.fail_nth:
+                why = f"fail_nth={spec.fail_nth}"
+            if spec.fail_fraction and self._rng.random() < spec.fail_fraction:
+                why = why or f"fail_fraction={spec.fail_fraction}, seed={spec.seed}"
+            corrupt = not why and spec.corrupt_nth == n
+        return _Fate(n, why, corrupt)
+
+    def _apply(self, fate: _Fate, session: str, triples: Sequence[tuple[int, int, int]]) -> None:
+        if self.spec.delay_s:
+            time.sleep(self.spec.delay_s)
+        if fate.fail:
+            self.failed.append(fate.number)
+            nbytes = sum(t[2] for t in triples)
+            log.warning("injected fault: write #%d (%d bytes to %s) fails (%s)", fate.number, nbytes, session, fate.fail)
+            raise TransportError(f"Mooncake write of {nbytes} bytes in {len(triples)} pieces to {session} returned -1 "
+                                 f"(injected fault: write #{fate.number}, {fate.fail})")
+        self._inner.write_sync(session, triples)
+        if fate.corrupt:
+            self._corrupt(fate.number, session, triples[0])
+
+    def _corrupt(self, number: int, session: str, triple: tuple[int, int, int]) -> None:
+        src, dst, length = triple
+        k = min(SCRATCH_BYTES, length)
+        with self._corrupt_lock:  # one scratch buffer: fill and write it one corruption at a time
+            if self._is_host(src, k):
+                garbage = bytes(b ^ 0xFF for b in ctypes.string_at(src, k))
+            else:
+                garbage = b"\xa5" * k
+            ctypes.memmove(self._scratch_address, garbage, k)
+            self._inner.write_sync(session, [(self._scratch_address, dst, k)])
+        self.corrupted.append(number)
+        log.warning("injected fault: write #%d to %s corrupted: %d bytes flipped at 0x%x", number, session, k, dst)
+
+    def _is_host(self, address: int, length: int) -> bool:
+        return any(a <= address and address + length <= a + n for a, n in self._host_regions)
+
+
+def wrap(transport, spec: str):
+    """`transport` wrapped as `spec` says, or unchanged when `spec` is empty or turns nothing on."""
+    if not spec:
+        return transport
+    parsed = TransportFaultSpec.parse(spec)
+    return FaultyTransport(transport, parsed) if parsed.active else transport
