@@ -212,6 +212,9 @@ class LanguageService:
             if not outcome_fut.done():
                 self.worker.fail_local(request_id, reason)
                 await asyncio.shield(asyncio.gather(outcome_fut, return_exceptions=True))
+            if record.outcome is None and outcome_fut.done() and not outcome_fut.cancelled() \
+                    and outcome_fut.exception() is None:
+                record.outcome = outcome_fut.result()  # inspection shows every rank's part
             # The Encode may have opened the transfer before any Init: end it on the encoder too,
             # and wait until its source blocks are free.
             await asyncio.shield(self._cancel_on_encoder(request_id, f"{reason.label}: {e}"))
@@ -342,7 +345,10 @@ def record_info(service: LanguageService, r: GenerateRecord) -> common_pb2.Trans
     elif r.outcome is not None and not r.outcome.decision.deliver:
         info.error.CopyFrom(common_pb2.TransferError(reason=int(r.outcome.decision.reason),
                                                      message=_failure_message(r.request_id, r.outcome)))
+    failed = r.outcome is not None and not r.outcome.decision.deliver
     for rank, row in enumerate(rows):
-        info.ranks.append(common_pb2.RankView(rank=rank, state=row.state, sent_tokens=row.sent,
-                                              allocated_tokens=row.allocated))
+        # Rows are what each rank had observed when they agreed; a failed request failed on all.
+        state = int(TransferState.FAILED) if failed else row.state
+        info.ranks.append(common_pb2.RankView(rank=rank, state=state, sent_tokens=row.sent,
+                                              allocated_tokens=0 if r.outcome else row.allocated))
     return info
