@@ -79,7 +79,7 @@ class ServiceConfig:
             raise ConfigError(f"port={self.port}: must be in 0..65535")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port={self.metrics_port}: must be in 0..65535")
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+        if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", self.device):
             raise ConfigError(f"device={self.device!r}: must be 'cpu' or 'cuda:N'")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"protocol={self.protocol!r}: must be one of {PROTOCOLS}")
@@ -176,7 +176,7 @@ class LanguageConfig(ServiceConfig):
     def validate(self) -> None:
         super().validate()
         for addr in self.encoder:
-            if not re.fullmatch(r"[^\s:]+:\d{1,5}", addr):
+            if not re.fullmatch(r"[^\s:]+:[0-9]{1,5}", addr):
                 raise ConfigError(f"encoder={addr!r}: must be host:port")
         if not 1 <= self.tp <= 64:
             raise ConfigError(f"tp={self.tp}: must be in 1..64")

@@ -120,7 +120,7 @@ class EncoderService:
         if not language_id:
             raise errors.InvalidArgument("language_id is empty")
         host, _, port = session.rpartition(":")
-        if not host or not port.isdigit() or not 1 <= int(port) <= 65535 or any(c.isspace() for c in session):
+        if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535 or any(c.isspace() for c in session):
             raise errors.InvalidArgument(f"session={session!r}: must be the Mooncake session 'host:port' (port 1..65535)")
         diffs = self.pool.record.differences(geometry.record)
         if diffs:
@@ -168,6 +168,11 @@ class EncoderService:
             ended = self.transfers.get(request_id)
             if ended is not None and ended.language_id == language_id and rank in ended.ranks:
                 raise errors.AlreadyExists(f"{what}: request already ran ({ended.state.name}); use a new request_id")
+            if ended is not None and ended.language_id == language_id and ended.total_tokens:
+                # Encoded and ended (e.g. timed out while this rank waited for blocks): a late Init
+                # must fail at once, not open a fresh transfer that waits for an Encode.
+                raise errors.FailedPrecondition(
+                    f"{what}: the request already ended ({ended.state.name}: {ended.message or 'done'})")
         t = existing or EncoderTransfer(request_id, self, language_id=language_id, rank_count=rank_count)
         t.add_rank(rank, rank_count, peer, blocks, allocated_tokens)  # raises before anything is stored
         if existing is None:

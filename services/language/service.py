@@ -185,42 +185,38 @@ class LanguageService:
             self.requests.finish(request_id, record)
 
     async def _generate(self, request_id: str, request, record: GenerateRecord) -> language_pb2.GenerateReply:
+        """Encode first, then admit the request to every rank. The ranks reserve destination
+        blocks (still blind to the size: the allocation policy decides) only for payloads that
+        exist: a pool full of reservations waiting for encoder blocks held by transfers waiting
+        for those reservations would be a deadlock that only timeouts could break."""
         started = time.monotonic()
-        spec = self.group.admit(request_id, self.policy.initial_tokens(request.expected_tokens), request.want_digest)
-        outcome_fut = self.worker.outcome(request_id)
-        encode = asyncio.ensure_future(self.worker.link.encode(
-            request_id, [(im.data, im.mime_type) for im in request.images], request.text,
-            request.synthetic_tokens, request.synthetic_seed, self.worker.rank_count))
+        outcome_fut: asyncio.Future | None = None
         try:
-            await asyncio.wait({encode, outcome_fut}, return_when=asyncio.FIRST_COMPLETED)
-            if encode.done() and encode.exception() is not None:
-                self.worker.fail_local(request_id, encode.exception().reason)
-                await asyncio.gather(outcome_fut, return_exceptions=True)
-                raise encode.exception()  # a refused Encode says more than the failed transfer
+            total = await self.worker.link.encode(
+                request_id, [(im.data, im.mime_type) for im in request.images], request.text,
+                request.synthetic_tokens, request.synthetic_seed, self.worker.rank_count)
+            spec = self.group.admit(request_id, self.policy.initial_tokens(request.expected_tokens),
+                                    request.want_digest)
+            outcome_fut = self.worker.outcome(request_id)
             outcome: RankOutcome = await outcome_fut
             record.outcome = outcome
-            d = outcome.decision
-            if not d.deliver:
-                if encode.done() and encode.exception() is not None:
-                    raise encode.exception()
-                raise errors.error_for_reason(d.reason, _failure_message(request_id, outcome))
-            total = await encode
+            if not outcome.decision.deliver:
+                raise errors.error_for_reason(outcome.decision.reason, _failure_message(request_id, outcome))
             self.policy.observe(total)
             return self._reply(request_id, spec.initial_tokens, outcome, total, started)
         except BaseException as e:
             reason = e.reason if isinstance(e, errors.EpdError) else FailureReason.CANCELLED
-            if not outcome_fut.done():
-                self.worker.fail_local(request_id, reason)
-                await asyncio.shield(asyncio.gather(outcome_fut, return_exceptions=True))
-            if record.outcome is None and outcome_fut.done() and not outcome_fut.cancelled() \
-                    and outcome_fut.exception() is None:
-                record.outcome = outcome_fut.result()  # inspection shows every rank's part
-            # The Encode may have opened the transfer before any Init: end it on the encoder too,
-            # and wait until its source blocks are free.
+            if outcome_fut is not None:
+                if not outcome_fut.done():
+                    self.worker.fail_local(request_id, reason)
+                    await asyncio.shield(asyncio.gather(outcome_fut, return_exceptions=True))
+                if record.outcome is None and outcome_fut.done() and not outcome_fut.cancelled() \
+                        and outcome_fut.exception() is None:
+                    record.outcome = outcome_fut.result()  # inspection shows every rank's part
+            # End the transfer on the encoder too (the Encode opened it), and wait until its
+            # source blocks are free.
             await asyncio.shield(self._cancel_on_encoder(request_id, f"{reason.label}: {e}"))
             raise
-        finally:
-            await _cancel_and_wait(encode)
 
     async def _cancel_on_encoder(self, request_id: str, why: str) -> None:
         try:
