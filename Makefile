@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 PROFILE ?= cpu
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test setup proto clean
+.PHONY: demo test soak setup proto clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,9 @@ demo: setup
 
 test: setup
 	MC_FORCE_TCP=1 $(BIN)/python -m pytest -q
+
+soak: setup
+	MC_FORCE_TCP=1 SOAK_REQUESTS=$${SOAK_REQUESTS:-5000} $(BIN)/python -m pytest -q -s -m soak
 
 proto: setup
 	$(BIN)/python scripts/gen_proto.py

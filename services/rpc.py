@@ -11,6 +11,7 @@ import functools
 import inspect
 import json
 import logging
+import os
 import signal
 import sys
 from typing import Any, Callable
@@ -151,11 +152,45 @@ def bind(server: grpc.aio.Server, host: str, port: int) -> int:
     return bound
 
 
+class ParseErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Undecodable request bytes are bad input: INVALID_ARGUMENT naming the method, not the
+    UNKNOWN that gRPC answers when its own deserializer raises. The handler gets raw bytes and
+    parses them itself."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+        method = details.method
+
+        async def parsed(raw: bytes, context):
+            try:
+                return parse(raw)
+            except Exception as e:  # protobuf DecodeError and friends
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: request is not a valid message: {e}")
+
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(raw, context):
+                return await inner(await parsed(raw, context), context)
+            return grpc.unary_unary_rpc_method_handler(unary, response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(raw, context):
+                async for item in inner_stream(await parsed(raw, context), context):
+                    yield item
+            return grpc.unary_stream_rpc_method_handler(stream, response_serializer=handler.response_serializer)
+        return handler
+
+
 class GrpcServer:
     """A grpc.aio server with one epd service, health and reflection; SERVING only once started."""
 
     def __init__(self, service_name: str, add_servicer: Callable[[grpc.aio.Server], None]):
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[ParseErrorInterceptor()])
         add_servicer(self.server)
         self.health = HealthService(self.server, [service_name])
         add_reflection(self.server, [service_name])
@@ -202,3 +237,22 @@ def pool_info(pool, session: str, rank: int = 0) -> common_pb2.PoolInfo:
     a = pool.allocator
     return common_pb2.PoolInfo(layout=geometry_to_pb(pool.geometry), used_blocks=a.used_count, free_blocks=a.free_count,
                                waiters=a.waiters, device=str(pool.device), session=session, rank=rank)
+
+
+def diagnostics(table, status_streams: int = 0) -> common_pb2.Diagnostics:
+    """Process diagnostics (GetDiagnostics on both services)."""
+    import threading
+
+    current = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not current]
+    return common_pb2.Diagnostics(asyncio_tasks=len(tasks), threads=threading.active_count(), rss_bytes=_rss_bytes(),
+                                  live_transfers=len(table.live), history_transfers=len(table.history),
+                                  status_streams=status_streams)
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0

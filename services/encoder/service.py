@@ -261,6 +261,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
 
     def __init__(self, service: EncoderService):
         self.s = service
+        self.status_streams = 0
 
     @rpc.grpc_errors
     async def Encode(self, request, context):
@@ -292,6 +293,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     async def Status(self, request, context):
         t = self.s._require(request.request_id)
         terminal_seen = False
+        self.status_streams += 1
         try:
             async for st in t.statuses():
                 terminal_seen = st.state.terminal
@@ -301,6 +303,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             if not terminal_seen and request.rank in t.ranks:
                 t.fail(FailureReason.PEER_LOST, f"Status stream of rank {request.rank} closed before the transfer ended")
             raise
+        finally:
+            self.status_streams -= 1
 
     @rpc.grpc_errors
     async def GetTransfer(self, request, context):
@@ -322,6 +326,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     @rpc.grpc_errors
     async def GetPool(self, request, context):
         return rpc.pool_info(self.s.pool, self.s.transport.session)
+
+    @rpc.grpc_errors
+    async def GetDiagnostics(self, request, context):
+        return rpc.diagnostics(self.s.transfers, self.status_streams)
 
 
 def cancel_reason(text: str) -> FailureReason:

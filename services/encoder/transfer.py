@@ -79,16 +79,19 @@ def validate_allocation(peer: PeerSession, blocks: Sequence[int], allocated_toke
     geo = peer.geometry
     if not blocks:
         raise InvalidArgument(f"{what}: dst_blocks is empty")
+    if len(blocks) > geo.num_blocks:
+        raise InvalidArgument(f"{what}: {len(blocks)} dst_blocks for a pool of {geo.num_blocks} blocks")
     if allocated_tokens != len(blocks) * geo.block_size:
         raise InvalidArgument(
             f"{what}: allocated_tokens={allocated_tokens} must equal len(dst_blocks) * block_size = "
             f"{len(blocks)} * {geo.block_size} = {len(blocks) * geo.block_size}")
+    seen: set[int] = set()
     for b in blocks:
         if b >= geo.num_blocks:
             raise InvalidArgument(f"{what}: dst block id {b} is out of range for a pool of {geo.num_blocks} blocks")
-    if len(set(blocks)) != len(blocks):
-        dup = next(b for i, b in enumerate(blocks) if b in blocks[:i])
-        raise InvalidArgument(f"{what}: dst block id {dup} appears more than once")
+        if b in seen:
+            raise InvalidArgument(f"{what}: dst block id {b} appears more than once")
+        seen.add(b)
 
 
 class EncoderTransfer:

@@ -312,6 +312,10 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
                                                        fault_held_blocks=held))
         return info
 
+    @rpc.grpc_errors
+    async def GetDiagnostics(self, request, context):
+        return rpc.diagnostics(self.s.requests)
+
 
 def record_info(service: LanguageService, r: GenerateRecord) -> common_pb2.TransferInfo:
     """Rank 0's record plus every rank's view (the latest rows of the rank group)."""

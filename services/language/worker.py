@@ -165,6 +165,7 @@ class RankWorker:
                                                     else _failure_of(outcome)))
             self.group.forget(spec.request_id)
             self._outcomes.pop(spec.request_id, None)
+            self.receivers.pop(spec.request_id, None)
         if not fut.done():
             fut.set_result(outcome)
 

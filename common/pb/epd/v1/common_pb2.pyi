@@ -230,3 +230,23 @@ class RankPool(_message.Message):
     waiters: int
     fault_held_blocks: int
     def __init__(self, rank: _Optional[int] = ..., used_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., waiters: _Optional[int] = ..., fault_held_blocks: _Optional[int] = ...) -> None: ...
+
+class GetDiagnosticsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Diagnostics(_message.Message):
+    __slots__ = ("asyncio_tasks", "threads", "rss_bytes", "live_transfers", "history_transfers", "status_streams")
+    ASYNCIO_TASKS_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LIVE_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    asyncio_tasks: int
+    threads: int
+    rss_bytes: int
+    live_transfers: int
+    history_transfers: int
+    status_streams: int
+    def __init__(self, asyncio_tasks: _Optional[int] = ..., threads: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., live_transfers: _Optional[int] = ..., history_transfers: _Optional[int] = ..., status_streams: _Optional[int] = ...) -> None: ...

@@ -80,6 +80,11 @@ class EncoderStub:
                 request_serializer=epd_dot_v1_dot_common__pb2.GetPoolRequest.SerializeToString,
                 response_deserializer=epd_dot_v1_dot_common__pb2.PoolInfo.FromString,
                 _registered_method=True)
+        self.GetDiagnostics = channel.unary_unary(
+                '/epd.v1.Encoder/GetDiagnostics',
+                request_serializer=epd_dot_v1_dot_common__pb2.GetDiagnosticsRequest.SerializeToString,
+                response_deserializer=epd_dot_v1_dot_common__pb2.Diagnostics.FromString,
+                _registered_method=True)
 
 
 class EncoderServicer:
@@ -139,6 +144,12 @@ class EncoderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDiagnostics(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EncoderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -186,6 +197,11 @@ def add_EncoderServicer_to_server(servicer, server):
                     servicer.GetPool,
                     request_deserializer=epd_dot_v1_dot_common__pb2.GetPoolRequest.FromString,
                     response_serializer=epd_dot_v1_dot_common__pb2.PoolInfo.SerializeToString,
+            ),
+            'GetDiagnostics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDiagnostics,
+                    request_deserializer=epd_dot_v1_dot_common__pb2.GetDiagnosticsRequest.FromString,
+                    response_serializer=epd_dot_v1_dot_common__pb2.Diagnostics.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -431,6 +447,33 @@ class Encoder:
             '/epd.v1.Encoder/GetPool',
             epd_dot_v1_dot_common__pb2.GetPoolRequest.SerializeToString,
             epd_dot_v1_dot_common__pb2.PoolInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDiagnostics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epd.v1.Encoder/GetDiagnostics',
+            epd_dot_v1_dot_common__pb2.GetDiagnosticsRequest.SerializeToString,
+            epd_dot_v1_dot_common__pb2.Diagnostics.FromString,
             options,
             channel_credentials,
             insecure,
