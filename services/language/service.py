@@ -24,7 +24,7 @@ from services import rpc
 from services.language import ranks
 from services.language.policy import AllocationPolicy
 from services.language.rank_group import MAX_REQUEST_ID_BYTES, DistributedGroup, LocalGroup, RankGroup, RankRow
-from services.language.worker import RankOutcome, RankWorker
+from services.language.worker import RankOutcome, RankWorker, cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -169,13 +169,13 @@ class LanguageService:
         try:
             done, _ = await asyncio.wait({work}, timeout=timeout)
             if not done:
-                await _cancel_and_wait(work)
+                await cancel_and_wait(work)
                 raise errors.DeadlineExceeded(f"request {request_id!r} did not finish within {timeout:.3f} s")
             if work.cancelled():
                 raise errors.Cancelled(f"request {request_id!r} was cancelled: {record.cancel_reason}")
             return work.result()
         except asyncio.CancelledError:  # the client went away
-            await asyncio.shield(_cancel_and_wait(work))
+            await asyncio.shield(cancel_and_wait(work))
             raise
         except errors.EpdError as e:
             record.failure = e
@@ -252,7 +252,7 @@ class LanguageService:
         if self.requests.live_get(request_id) is None or record.task is None or record.task.done():
             return False, record.state
         record.cancel_reason = reason
-        await _cancel_and_wait(record.task)
+        await cancel_and_wait(record.task)
         return True, record.state
 
 
@@ -262,12 +262,6 @@ def _failure_message(request_id: str, outcome: RankOutcome) -> str:
         return f"request {request_id}: {receiver.message}"
     failed = [r for r, row in enumerate(outcome.decision.rows) if row.failed]
     return f"request {request_id} failed ({outcome.decision.reason.label}) on rank(s) {failed or '?'}"
-
-
-async def _cancel_and_wait(task: asyncio.Future) -> None:
-    if not task.done():
-        task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
 
 
 class LanguageServicer(language_pb2_grpc.LanguageServicer):

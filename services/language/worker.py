@@ -152,10 +152,10 @@ class RankWorker:
                 outcome = RankOutcome(spec.request_id, decision, receiver)
                 if receive is not None:
                     receiver.abort_with = _failure_of(outcome)  # what the encoder is told in Cancel
-                    await _cancel_and_wait(receive)
+                    await cancel_and_wait(receive)
         except BaseException as e:
             if receive is not None:
-                await asyncio.shield(_cancel_and_wait(receive))
+                await asyncio.shield(cancel_and_wait(receive))
             if not fut.done():
                 fut.set_exception(e if isinstance(e, Exception) else errors.Cancelled("rank shutting down"))
             raise
@@ -227,7 +227,8 @@ def _failure_of(outcome: RankOutcome | None) -> BaseException:
     return errors.error_for_reason(d.reason, f"request {outcome.request_id} failed on another rank ({d.reason.label})")
 
 
-async def _cancel_and_wait(task: asyncio.Future) -> None:
+async def cancel_and_wait(task: asyncio.Future) -> None:
+    """Cancel a task (if still running) and wait until it has ended, whatever its outcome."""
     if not task.done():
         task.cancel()
     await asyncio.gather(task, return_exceptions=True)
