@@ -56,6 +56,18 @@ def error_from_rpc(e: grpc.RpcError, what: str = "") -> errors.EpdError:
     return err
 
 
+MAX_MESSAGE_CHARS = 1024
+
+
+def abort_message(err: errors.EpdError) -> str:
+    """The error's message, shortened: messages echo client values (ids, sessions), and gRPC
+    turns status details above its metadata limit into RESOURCE_EXHAUSTED."""
+    m = err.message
+    if len(m) <= MAX_MESSAGE_CHARS:
+        return m
+    return m[:MAX_MESSAGE_CHARS] + f"... ({len(m)} characters in all)"
+
+
 def grpc_errors(method: Callable) -> Callable:
     """Servicer decorator: EpdError -> context.abort(code, message); works for streams too."""
     if inspect.isasyncgenfunction(method):
@@ -65,7 +77,7 @@ def grpc_errors(method: Callable) -> Callable:
                 async for item in method(self, request, context):
                     yield item
             except errors.EpdError as e:
-                await context.abort(status_code(e), e.message)
+                await context.abort(status_code(e), abort_message(e))
         return stream
 
     @functools.wraps(method)
@@ -73,7 +85,7 @@ def grpc_errors(method: Callable) -> Callable:
         try:
             return await method(self, request, context)
         except errors.EpdError as e:
-            await context.abort(status_code(e), e.message)
+            await context.abort(status_code(e), abort_message(e))
     return unary
 
 
