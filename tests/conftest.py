@@ -142,6 +142,19 @@ async def assert_all_free(*addresses_and_kinds: tuple[str, str], settle_s: float
             assert not live.transfers, f"{kind} {address}: live transfers left: {live.transfers}"
 
 
+async def wait_for_rounds(stub, request_id: str, rounds: int, timeout: float = 20.0) -> None:
+    """Until the language shows the request with at least `rounds` rounds received."""
+    async def poll():
+        while True:
+            try:
+                if (await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=request_id))).rounds >= rounds:
+                    return
+            except grpc.aio.AioRpcError as e:
+                assert e.code() == grpc.StatusCode.NOT_FOUND  # not admitted yet
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(poll(), timeout)
+
+
 @pytest.fixture
 def unique_id():
     return lambda prefix="req": f"{prefix}-{uuid.uuid4().hex[:10]}"

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2
 from services.reference_payload import expected_digest
-from tests.conftest import Pair, ServiceProcess, assert_all_free, language_stub
+from tests.conftest import Pair, ServiceProcess, assert_all_free, language_stub, wait_for_rounds
 from tests.integration.rank_harness import TestRank
 
 FAILED = common_pb2.TRANSFER_STATE_FAILED
@@ -28,19 +28,6 @@ def encoder():
                          "--bootstrap-timeout-s", "1", "--resume-timeout-s", "1", "--alloc-timeout-s", "1")
     yield enc
     enc.stop()
-
-
-async def wait_for_rounds(stub, request_id: str, rounds: int, timeout: float = 20.0) -> None:
-    """Until the language shows the request with at least `rounds` rounds received."""
-    async def poll():
-        while True:
-            try:
-                if (await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=request_id))).rounds >= rounds:
-                    return
-            except grpc.aio.AioRpcError as e:
-                assert e.code() == grpc.StatusCode.NOT_FOUND  # not admitted yet
-            await asyncio.sleep(0.01)
-    await asyncio.wait_for(poll(), timeout)
 
 
 async def statuses_until_end(stub, rank: TestRank, request_id: str, timeout: float = 10.0) -> list:

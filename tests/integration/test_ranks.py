@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2
 from services.reference_payload import expected_digest
-from tests.conftest import Pair, assert_all_free, language_stub
+from tests.conftest import Pair, assert_all_free, language_stub, wait_for_rounds
 
 HIDDEN = 128
 INITIAL = 1024
@@ -131,11 +131,7 @@ async def test_rank_process_killed_mid_transfer(tmp_path, unique_id):
         stub = language_stub(pair.language.address)
         rid = unique_id()
         call = asyncio.ensure_future(stub.Generate(language_pb2.GenerateRequest(request_id=rid, synthetic_tokens=60000)))
-        while True:
-            info = await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=rid)) if not call.done() else None
-            if info is None or info.rounds >= 1:
-                break
-            await asyncio.sleep(0.02)
+        await wait_for_rounds(stub, rid, 1)
         assert not call.done()
         os.kill(pair.language.info["rank_pids"][0], signal.SIGKILL)
         with pytest.raises(grpc.aio.AioRpcError) as e:
