@@ -39,7 +39,7 @@ class ServiceConfig:
     """Bind address for gRPC and the Mooncake session (loopback by default)."""
     port: int = _setting(0, "gRPC port (0 = pick a free one and print it in the EPD_READY line)")
     """gRPC port; 0 picks an ephemeral port."""
-    metrics_port: int = _setting(0, "Prometheus /metrics port (0 = disabled)")
+    metrics_port: int = _setting(0, "Prometheus /metrics port (reserved: metrics are not served by this release)")
     """Port of the Prometheus endpoint; 0 disables it."""
     device: str = _setting("cpu", "pool device: cpu or cuda:N")
     """Where the block pool lives: `cpu` or `cuda:N`."""

@@ -9,6 +9,14 @@ from __future__ import annotations
 from common.states import FailureReason
 
 
+def shown(value: str, limit: int = 80) -> str:
+    """A client-supplied string for an error message: its repr, shortened when long, so a huge
+    id cannot crowd out the part of the message that says what is wrong."""
+    if len(value) <= limit:
+        return repr(value)
+    return repr(value[:limit]) + f"... ({len(value)} characters)"
+
+
 class EpdError(Exception):
     """Base of every error that should reach a client with a specific status code."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 from typing import Generic, Iterable, TypeVar
 
-from common.errors import AlreadyExists, NotFound
+from common.errors import AlreadyExists, NotFound, shown
 from common.states import TransferState
 
 T = TypeVar("T")
@@ -24,7 +24,7 @@ class TransferTable(Generic[T]):
 
     def add(self, request_id: str, entry: T) -> None:
         if request_id in self._live:
-            raise AlreadyExists(f"request_id {request_id!r} is already in use")
+            raise AlreadyExists(f"request_id {shown(request_id)} is already in use")
         # A finished request's id may be reused; the new transfer replaces the old record.
         self._history.pop(request_id, None)
         self._live[request_id] = entry
@@ -38,7 +38,7 @@ class TransferTable(Generic[T]):
     def require(self, request_id: str) -> T:
         entry = self.get(request_id)
         if entry is None:
-            raise NotFound(f"unknown request_id {request_id!r}")
+            raise NotFound(f"unknown request_id {shown(request_id)}")
         return entry
 
     def finish(self, request_id: str, entry: T) -> None:

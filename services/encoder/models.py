@@ -16,7 +16,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from common.errors import FailedPrecondition, InvalidArgument
+from common.errors import FailedPrecondition, InvalidArgument, shown
 from common.layout import RecordLayout
 from common.pool import field_of
 from common.synthetic import fill_synthetic
@@ -50,9 +50,9 @@ def validate_images(images: Sequence[tuple[bytes, str]]) -> None:
             raise InvalidArgument(f"images[{i}]: data is empty")
         kind = next((k for k, magic in SUPPORTED_IMAGE_TYPES.items() if data.startswith(magic)), None)
         if kind is None:
-            raise InvalidArgument(f"images[{i}]: not a PNG or JPEG image (mime_type={mime!r}, first bytes {data[:8]!r})")
+            raise InvalidArgument(f"images[{i}]: not a PNG or JPEG image (mime_type={shown(mime)}, first bytes {data[:8]!r})")
         if mime and mime != kind:
-            raise InvalidArgument(f"images[{i}]: mime_type={mime!r} but the data is {kind}")
+            raise InvalidArgument(f"images[{i}]: mime_type={shown(mime)} but the data is {kind}")
 
 
 class SyntheticModel:

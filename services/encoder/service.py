@@ -121,11 +121,11 @@ class EncoderService:
             raise errors.InvalidArgument("language_id is empty")
         host, _, port = session.rpartition(":")
         if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535 or any(c.isspace() for c in session):
-            raise errors.InvalidArgument(f"session={session!r}: must be the Mooncake session 'host:port' (port 1..65535)")
+            raise errors.InvalidArgument(f"session={errors.shown(session)}: must be the Mooncake session 'host:port' (port 1..65535)")
         diffs = self.pool.record.differences(geometry.record)
         if diffs:
             raise errors.FailedPrecondition(
-                f"layout of language {language_id!r} rank {rank} does not match the encoder's: " + "; ".join(diffs))
+                "layout does not match the encoder's: " + "; ".join(diffs) + f" (language {errors.shown(language_id)} rank {rank})")
         key = (language_id, rank)
         old = self.sessions.get(key)
         if old is not None and old.session == session and old.geometry == geometry:
@@ -140,7 +140,7 @@ class EncoderService:
                 slot = t.ranks.get(rank)
                 if slot is not None and slot.peer is old:
                     t.fail(FailureReason.PEER_LOST,
-                           f"language {language_id!r} rank {rank} re-registered (session {old.session} -> {session})")
+                           f"language {errors.shown(language_id)} rank {rank} re-registered (session {old.session} -> {session})")
 
     def _transfer_for(self, request_id: str, *, language_id: str, rank_count: int) -> EncoderTransfer:
         t = self.transfers.live_get(request_id)
@@ -152,7 +152,7 @@ class EncoderService:
 
     def init(self, request_id: str, language_id: str, rank: int, rank_count: int,
              blocks: list[int], allocated_tokens: int) -> EncoderTransfer:
-        what = f"Init of request {request_id!r} rank {rank}"
+        what = f"Init of request {errors.shown(request_id)} rank {rank}"
         self._refuse_when_draining(what)
         if not request_id:
             raise errors.InvalidArgument("request_id is empty")
@@ -161,7 +161,7 @@ class EncoderService:
         peer = self.sessions.get((language_id, rank))
         if peer is None:
             raise errors.FailedPrecondition(
-                f"{what}: language_id {language_id!r} rank {rank} has not called Register")
+                f"{what}: language_id {errors.shown(language_id)} rank {rank} has not called Register")
         validate_allocation(peer, blocks, allocated_tokens, what)
         existing = self.transfers.live_get(request_id)
         if existing is None:
@@ -182,7 +182,7 @@ class EncoderService:
 
     async def encode(self, request_id: str, inputs: EncodeInputs, rank_count: int, language_id: str) -> tuple[int, float]:
         started = time.monotonic()
-        self._refuse_when_draining(f"Encode of request {request_id!r}")
+        self._refuse_when_draining(f"Encode of request {errors.shown(request_id)}")
         if not request_id:
             raise errors.InvalidArgument("request_id is empty")
         # Bad input changes nothing, not even a transfer an Init already opened: the language
@@ -195,7 +195,7 @@ class EncoderService:
         else:
             ended = self.transfers.get(request_id)
             if ended is not None and (ended.src_blocks is not None or ended.total_tokens or ended.encoding):
-                raise errors.AlreadyExists(f"request_id {request_id!r} was already encoded ({ended.state.name})")
+                raise errors.AlreadyExists(f"request_id {errors.shown(request_id)} was already encoded ({ended.state.name})")
             t = EncoderTransfer(request_id, self, language_id=language_id, rank_count=rank_count)
             t.begin_encode(rank_count, language_id)
             self.transfers.add(request_id, t)
@@ -225,7 +225,7 @@ class EncoderService:
             raise
         if not t.attach_payload(blocks, total):
             self.pool.allocator.free(blocks)
-            raise errors.FailedPrecondition(f"request {request_id!r} ended while encoding: {t.message}")
+            raise errors.FailedPrecondition(f"request {errors.shown(request_id)} ended while encoding: {t.message}")
         return total, time.monotonic() - started
 
     def _validate_inputs(self, request_id: str, inputs: EncodeInputs):
@@ -235,10 +235,10 @@ class EncoderService:
             validate_images(inputs.images)
         total = model.token_count(inputs)
         if total < 1:
-            raise errors.InvalidArgument(f"request {request_id!r} has no tokens (empty text, no images, synthetic_tokens=0)")
+            raise errors.InvalidArgument(f"request {errors.shown(request_id)} has no tokens (empty text, no images, synthetic_tokens=0)")
         if total > self.config.max_request_tokens:
             raise errors.InvalidArgument(
-                f"request {request_id!r} has {total} tokens, above max_request_tokens={self.config.max_request_tokens}")
+                f"request {errors.shown(request_id)} has {total} tokens, above max_request_tokens={self.config.max_request_tokens}")
         return model, total
 
     def resume(self, request_id: str, language_id: str, rank: int, sent_tokens: int,
@@ -252,7 +252,7 @@ class EncoderService:
         t = self.transfers.require(request_id)
         if language_id and t.language_id and t.language_id != language_id:
             raise errors.FailedPrecondition(
-                f"request {request_id!r} belongs to language_id {t.language_id!r}, not {language_id!r}")
+                f"request {errors.shown(request_id)} belongs to language_id {errors.shown(t.language_id)}, not {errors.shown(language_id)}")
         return t
 
 

@@ -16,7 +16,7 @@ import logging
 import time
 from typing import AsyncIterator, Callable, Protocol, Sequence
 
-from common.errors import AlreadyExists, EpdError, FailedPrecondition, InvalidArgument
+from common.errors import AlreadyExists, EpdError, FailedPrecondition, InvalidArgument, shown
 from common.layout import PoolGeometry
 from common.plan import plan_round
 from common.pool import BlockPool
@@ -128,7 +128,7 @@ class EncoderTransfer:
 
     def add_rank(self, rank: int, rank_count: int, peer: PeerSession, blocks: list[int], allocated_tokens: int) -> None:
         """Record an Init (already validated against the peer's pool)."""
-        what = f"Init of request {self.request_id!r} rank {rank}"
+        what = f"Init of request {shown(self.request_id)} rank {rank}"
         if self.state.terminal:
             raise FailedPrecondition(f"{what}: the request already ended ({self.state.name})")
         if rank in self.ranks:
@@ -137,7 +137,7 @@ class EncoderTransfer:
             raise InvalidArgument(f"{what}: rank_count={rank_count} differs from the request's rank_count={self.rank_count}")
         if self.language_id and peer.language_id != self.language_id:
             raise FailedPrecondition(
-                f"{what}: request belongs to language_id {self.language_id!r}, not {peer.language_id!r}")
+                f"{what}: request belongs to language_id {shown(self.language_id)}, not {shown(peer.language_id)}")
         self.rank_count = rank_count
         self.language_id = peer.language_id
         self.ranks[rank] = RankSlot(peer, list(blocks), allocated_tokens, for_sent=0)
@@ -147,15 +147,15 @@ class EncoderTransfer:
         self._wake()
 
     def begin_encode(self, rank_count: int, language_id: str) -> None:
-        what = f"Encode of request {self.request_id!r}"
+        what = f"Encode of request {shown(self.request_id)}"
         if self.state.terminal:
             raise FailedPrecondition(f"{what}: the request already ended ({self.state.name})")
         if self.encoding or self.src_blocks is not None:
-            raise AlreadyExists(f"{what}: request_id {self.request_id!r} was already encoded")
+            raise AlreadyExists(f"{what}: request_id {shown(self.request_id)} was already encoded")
         if rank_count and self.rank_count and rank_count != self.rank_count:
             raise InvalidArgument(f"{what}: rank_count={rank_count} differs from the request's rank_count={self.rank_count}")
         if language_id and self.language_id and language_id != self.language_id:
-            raise FailedPrecondition(f"{what}: request belongs to language_id {self.language_id!r}, not {language_id!r}")
+            raise FailedPrecondition(f"{what}: request belongs to language_id {shown(self.language_id)}, not {shown(language_id)}")
         self.rank_count = self.rank_count or rank_count
         self.language_id = self.language_id or language_id
         self.encoding = True
@@ -180,7 +180,7 @@ class EncoderTransfer:
 
     def resume(self, rank: int, sent_tokens: int, blocks: list[int], allocated_tokens: int) -> bool:
         """Record a Resume; returns True when it is a duplicate (a no-op)."""
-        what = f"Resume of request {self.request_id!r} rank {rank}"
+        what = f"Resume of request {shown(self.request_id)} rank {rank}"
         slot = self.ranks.get(rank)
         if slot is None:
             raise FailedPrecondition(f"{what}: rank {rank} never sent Init for this request")

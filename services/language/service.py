@@ -153,7 +153,7 @@ class LanguageService:
         if len(request_id.encode("utf-8")) > MAX_REQUEST_ID_BYTES:
             raise errors.InvalidArgument(f"request_id is {len(request_id.encode())} bytes, above {MAX_REQUEST_ID_BYTES}")
         if request.synthetic_tokens == 0 and not request.text and not request.images:
-            raise errors.InvalidArgument(f"request {request_id!r}: no images, no text and synthetic_tokens=0")
+            raise errors.InvalidArgument(f"request {errors.shown(request_id)}: no images, no text and synthetic_tokens=0")
         if self.group.broken:
             raise errors.Unavailable(f"language instance is unhealthy: {self.group.broken}")
         if self.draining:
@@ -170,9 +170,9 @@ class LanguageService:
             done, _ = await asyncio.wait({work}, timeout=timeout)
             if not done:
                 await cancel_and_wait(work)
-                raise errors.DeadlineExceeded(f"request {request_id!r} did not finish within {timeout:.3f} s")
+                raise errors.DeadlineExceeded(f"request {errors.shown(request_id)} did not finish within {timeout:.3f} s")
             if work.cancelled():
-                raise errors.Cancelled(f"request {request_id!r} was cancelled: {record.cancel_reason}")
+                raise errors.Cancelled(f"request {errors.shown(request_id)} was cancelled: {record.cancel_reason}")
             return work.result()
         except asyncio.CancelledError:  # the client went away
             await asyncio.shield(cancel_and_wait(work))
