@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from common import errors
 from common.layout import FieldLayout, FieldSpec, PoolGeometry, RecordLayout
 from common.pb.epd.v1 import common_pb2
-from common.states import FailureReason, TransferState
+from common.states import FailureReason
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +131,6 @@ def error_to_pb(reason: FailureReason, message: str) -> common_pb2.TransferError
     if reason == FailureReason.UNSPECIFIED and not message:
         return None
     return common_pb2.TransferError(reason=int(reason), message=message)
-
-
-def state_label(state: int) -> str:
-    return TransferState(state).name
 
 
 # ---------------------------------------------------------------------------- servers

@@ -8,69 +8,35 @@ Mooncake engine and block pool) for driving the encoder's protocol by hand.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import pathlib
-import select
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 import uuid
 
 import grpc
 import pytest
 
 from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2_grpc
+from services import demo
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 os.environ.setdefault("MC_FORCE_TCP", "1")
 
 
-class ServiceProcess:
-    """One `epd encoder` or `epd language` process."""
+class ServiceProcess(demo.ServiceProcess):
+    """One `epd encoder` or `epd language` process on 127.0.0.1, started and ready (the demo's
+    process wrapper: EPD_READY line on stdout, stderr in a file)."""
 
     def __init__(self, role: str, *args: str, ready_timeout: float = 60.0):
-        self.role = role
-        self.args = [sys.executable, "-m", "services.cli", role, "--host", "127.0.0.1", "--port", "0", *args]
-        self._stderr = tempfile.NamedTemporaryFile(prefix=f"epd-{role}-", suffix=".log", delete=False)
-        env = {**os.environ, "MC_FORCE_TCP": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=subprocess.PIPE, stderr=self._stderr, env=env)
-        self.info = self._wait_ready(ready_timeout)
-        self.port = self.info["port"]
+        argv = [sys.executable, "-m", "services.cli", role, "--host", "127.0.0.1", "--port", "0", *args]
+        super().__init__(role, argv, env={**os.environ, "MC_FORCE_TCP": "1", "PYTHONUNBUFFERED": "1"})
+        self.start()
+        try:
+            self.wait_ready(ready_timeout)
+        except demo.ServiceStartError as e:
+            self.stop()
+            raise RuntimeError(f"{role} did not become ready: exit={self.proc.returncode}\n{e}") from None
         self.address = f"127.0.0.1:{self.port}"
-
-    def _wait_ready(self, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        buf = b""
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
-            if ready:
-                chunk = os.read(self.proc.stdout.fileno(), 4096)
-                if not chunk:
-                    break
-                buf += chunk
-                for line in buf.decode(errors="replace").splitlines():
-                    if line.startswith("EPD_READY "):
-                        return json.loads(line[len("EPD_READY "):])
-            if self.proc.poll() is not None:
-                break
-        self.stop()
-        raise RuntimeError(f"{self.role} did not become ready: exit={self.proc.returncode}\n{self.stderr_tail()}")
-
-    def stderr_tail(self, lines: int = 40) -> str:
-        return "\n".join(pathlib.Path(self._stderr.name).read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -112,7 +112,6 @@ class EncoderTransfer:
         self.sent_tokens = 0
         self.rounds = 0
         self.encoding = False
-        self.round_allocated = 0
         self.reason = FailureReason.UNSPECIFIED
         self.message = ""
         self._failure: _Failure | None = None
