@@ -39,8 +39,9 @@ class ServiceConfig:
     """Bind address for gRPC and the Mooncake session (loopback by default)."""
     port: int = _setting(0, "gRPC port (0 = pick a free one and print it in the EPD_READY line)")
     """gRPC port; 0 picks an ephemeral port."""
-    metrics_port: int = _setting(0, "Prometheus /metrics port (reserved: metrics are not served by this release)")
-    """Port of the Prometheus endpoint; 0 disables it."""
+    metrics_port: int = _setting(0, "Prometheus /metrics port, 0 = off (language rank R serves on metrics_port + R)")
+    """Port of the Prometheus endpoint on `host`; 0 disables it. Each language rank process
+    serves its own endpoint, rank R on `metrics_port + R`."""
     device: str = _setting("cpu", "pool device: cpu or cuda:N")
     """Where the block pool lives: `cpu` or `cuda:N`."""
     protocol: str = _setting("tcp", "Mooncake transport protocol", choices=PROTOCOLS)
@@ -182,6 +183,9 @@ class LanguageConfig(ServiceConfig):
             raise ConfigError(f"tp={self.tp}: must be in 1..64")
         if not 0 <= self.rank < self.tp:
             raise ConfigError(f"rank={self.rank}: must be in 0..{self.tp - 1}")
+        if self.metrics_port and self.rank == 0 and self.metrics_port + self.tp - 1 > 65535:
+            raise ConfigError(f"metrics_port={self.metrics_port}: ranks 0..{self.tp - 1} serve on metrics_port + rank, "
+                              "which must stay <= 65535")
         if self.rank_pool_blocks:
             self.pool_blocks_of(0)  # validates the syntax
         if self.data_ranks:

@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -197,8 +197,10 @@ class ParseErrorInterceptor(grpc.aio.ServerInterceptor):
 class GrpcServer:
     """A grpc.aio server with one epd service, health and reflection; SERVING only once started."""
 
-    def __init__(self, service_name: str, add_servicer: Callable[[grpc.aio.Server], None]):
-        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[ParseErrorInterceptor()])
+    def __init__(self, service_name: str, add_servicer: Callable[[grpc.aio.Server], None],
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()):
+        # Given interceptors run outermost (metrics see every call, undecodable ones included).
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[*interceptors, ParseErrorInterceptor()])
         add_servicer(self.server)
         self.health = HealthService(self.server, [service_name])
         add_reflection(self.server, [service_name])

@@ -27,6 +27,7 @@ from common.table import TransferTable
 from common.transport import MooncakeTransport, memory_location
 from common import transport_faults
 from services import rpc
+from services.metrics import Metrics
 from services.encoder.models import EncodeInputs, SyntheticModel, load_model, validate_images
 from services.encoder.transfer import EncoderTransfer, PeerSession, validate_allocation
 
@@ -45,6 +46,9 @@ class EncoderService:
         self.resume_timeout_s = config.resume_timeout_s
         self.integrity = config.integrity
         self.pool = BlockPool(config.record, config.block_size, config.pool_blocks, config.device)
+        self.metrics = Metrics("encoder")
+        self.telemetry = self.metrics  # what transfers report to (TransferEnv)
+        self.metrics_port = 0
         self.transport = transport
         self.synthetic = SyntheticModel()
         self.model = load_model(config.model, config.hidden, config.dtype)
@@ -65,8 +69,12 @@ class EncoderService:
         self.transport = transport_faults.wrap(self.transport, cfg.transport_fault)  # test-only; "" = unchanged
         # Registered once, before any peer can open our segment (peers cache descriptors).
         self.transport.register(self.pool.base_address, self.pool.nbytes, memory_location(cfg.device))
+        self.metrics.watch_pool(self.pool.allocator)
+        self.metrics.watch_inflight(lambda: len(self.transfers.live))
+        self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
         self.server = rpc.GrpcServer(
-            SERVICE_NAME, lambda server: encoder_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(self), server))
+            SERVICE_NAME, lambda server: encoder_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(self), server),
+            interceptors=[self.metrics.interceptor()])
         self.port = await self.server.start(cfg.host, cfg.port)
         self.encoder_id = cfg.encoder_id or f"{socket.gethostname()}:{self.port}"
         log.info("encoder %s serving on %s:%d, session %s, pool %d x %d tokens x %d B on %s",
@@ -96,6 +104,7 @@ class EncoderService:
             await self.server.stop(1.0)
         if self.transport is not None:
             self.transport.close()
+        self.metrics.close()
 
     # ------------------------------------------------------------------ TransferEnv
 
@@ -202,10 +211,13 @@ class EncoderService:
             t.start()
         blocks: list[int] | None = None
         try:
+            alloc_started = time.monotonic()
             blocks = await self.pool.allocator.alloc(
                 blocks_for_tokens(total, self.pool.block_size), timeout=self.config.alloc_timeout_s,
                 label=f"encoder source pool for request {request_id}")
+            self.telemetry.alloc_waited(time.monotonic() - alloc_started)
             runs = self.pool.runs(blocks, 0, total)
+            fill_started = time.monotonic()
             fill = asyncio.ensure_future(asyncio.to_thread(model.encode_into, inputs, runs, self.pool.record))
             try:
                 await asyncio.shield(fill)
@@ -213,6 +225,7 @@ class EncoderService:
                 # The worker thread writes into these blocks until it returns: only then free them.
                 await asyncio.gather(fill, return_exceptions=True)
                 raise
+            self.telemetry.encoded(time.monotonic() - fill_started)
         except errors.EpdError as e:
             if blocks is not None:
                 self.pool.allocator.free(blocks)
@@ -361,6 +374,7 @@ def transfer_info(t: EncoderTransfer) -> common_pb2.TransferInfo:
     return common_pb2.TransferInfo(
         request_id=t.request_id, state=int(t.state), sent_tokens=t.sent_tokens, total_tokens=t.total_tokens,
         rounds=t.rounds, age_seconds=t.age_seconds, peer=t.language_id, transfer_seconds=t.transfer_seconds,
+        bootstrap_seconds=t.init_at - t.created if t.init_at is not None else 0.0,
         bytes=t.sent_tokens * record_bytes, error=rpc.error_to_pb(t.reason, t.message),
         allocated_tokens=sum(s.allocated_tokens for s in t.ranks.values() if s.blocks is not None),
         ranks=[common_pb2.RankView(rank=r, state=int(t.state), sent_tokens=s.sent_tokens,

@@ -21,6 +21,7 @@ from common.layout import PoolGeometry
 from common.plan import plan_round
 from common.pool import BlockPool
 from common.states import FailureReason, StatusUpdate, TransferState
+from common.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class TransferEnv(Protocol):
     bootstrap_timeout_s: float
     resume_timeout_s: float
     integrity: bool
+    telemetry: Telemetry
 
     async def write(self, session: str, triples: Sequence[tuple[int, int, int]]) -> None: ...
 
@@ -224,6 +226,7 @@ class EncoderTransfer:
             while True:
                 n = min(self.total_tokens - self.sent_tokens, *(s.allocated_tokens for s in self.ranks.values()))
                 checksums = await self._send_round(n)
+                self.env.telemetry.bytes_moved(n * len(self.ranks) * self.env.pool.record.payload_bytes_per_token)
                 self.sent_tokens += n
                 self.rounds += 1
                 for slot in self.ranks.values():
@@ -243,6 +246,7 @@ class EncoderTransfer:
                 await self._until(self._all_resumed, time.monotonic() + self.env.resume_timeout_s,
                                   lambda: f"no Resume from rank(s) {self._missing_resumes()} within "
                                           f"resume_timeout_s={self.env.resume_timeout_s}")
+                self.env.telemetry.resumed()
         except _Failure as f:
             self._finish_failed(f.reason, f.message)
         except asyncio.CancelledError:
@@ -328,6 +332,12 @@ class EncoderTransfer:
         for slot in self.ranks.values():
             slot.blocks = None
         self.finished_at = time.monotonic()
+        if self.state == TransferState.SUCCESS:
+            self.env.telemetry.transfer_ended(self.state, self.reason, seconds=self.transfer_seconds, rounds=self.rounds)
+        else:
+            if self.reason == FailureReason.INTEGRITY:
+                self.env.telemetry.integrity_failed()  # a language rank found the mismatch and cancelled
+            self.env.telemetry.transfer_ended(TransferState.FAILED, self.reason, seconds=None, rounds=self.rounds)
         self.done.set()
         self.env.on_finished(self)
 

@@ -58,8 +58,9 @@ def spawn(config: LanguageConfig, language_id: str, dist_init: str) -> list[subp
     children = []
     env = {k: v for k, v in os.environ.items() if not k.startswith("EPD_")}  # the flags say it all
     for rank in range(1, config.tp):
+        # Each rank process serves its own /metrics (rank R on metrics_port + R).
         child = dataclasses.replace(config, rank=rank, dist_init=dist_init, language_id=language_id, port=0,
-                                    metrics_port=0)
+                                    metrics_port=config.metrics_port + rank if config.metrics_port else 0)
         argv = [sys.executable, "-m", "services.cli", "language", *config_to_argv(child)]
         # No preexec_fn: it forces fork() in a process with gRPC threads (fork handlers skipped,
         # broken pollers); the child sets its own parent-death signal instead (run_rank).

@@ -23,6 +23,7 @@ from common.payload import Payload
 from common.plan import blocks_for_tokens
 from common.pool import BlockPool
 from common.states import FailureReason, StatusUpdate, TransferState
+from common.telemetry import NULL_TELEMETRY, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class ReceiveTask:
 
     def __init__(self, request_id: str, rank: int, rank_count: int, pool: BlockPool, link: EncoderLink, *,
                  initial_tokens: int, alloc_timeout_s: float, integrity: bool = True,
-                 on_progress: Callable[["ReceiveTask"], None] | None = None):
+                 on_progress: Callable[["ReceiveTask"], None] | None = None, telemetry: Telemetry = NULL_TELEMETRY):
         self.request_id = request_id
         self.rank = rank
         self.rank_count = rank_count
@@ -64,6 +65,7 @@ class ReceiveTask:
         self.alloc_timeout_s = alloc_timeout_s
         self.integrity = integrity
         self.on_progress = on_progress
+        self.telemetry = telemetry
         self.abort_with: BaseException | None = None  # set before cancelling: the reason to report
         self.state = TransferState.UNSPECIFIED
         self.blocks: list[int] | None = None
@@ -90,9 +92,8 @@ class ReceiveTask:
     async def start(self) -> None:
         """Reserve the initial allocation and Init the transfer on the encoder."""
         bs = self.pool.block_size
-        self.blocks = await self.pool.allocator.alloc(
-            blocks_for_tokens(self.initial_tokens, bs), timeout=self.alloc_timeout_s,
-            label=f"initial allocation of request {self.request_id} rank {self.rank}")
+        self.blocks = await self._alloc(blocks_for_tokens(self.initial_tokens, bs),
+                                        label=f"initial allocation of request {self.request_id} rank {self.rank}")
         self.allocated_tokens = self.initial_allocated_tokens = len(self.blocks) * bs
         self.state = TransferState.BOOTSTRAPPING
         self._progress()
@@ -119,12 +120,13 @@ class ReceiveTask:
                 self.pool.allocator.free(self.blocks)
                 self.blocks, self.allocated_tokens = None, 0
                 remaining = self.total_tokens - st.sent_tokens
-                self.blocks = await self.pool.allocator.alloc(
-                    blocks_for_tokens(remaining, self.pool.block_size), timeout=self.alloc_timeout_s,
-                    partial_ok=True, priority=True, label=f"resume of request {self.request_id} rank {self.rank}")
+                self.blocks = await self._alloc(
+                    blocks_for_tokens(remaining, self.pool.block_size), partial_ok=True, priority=True,
+                    label=f"resume of request {self.request_id} rank {self.rank}")
                 self.allocated_tokens = len(self.blocks) * self.pool.block_size
                 self._progress()
                 await self.link.resume(self.request_id, self.rank, st.sent_tokens, self.blocks, self.allocated_tokens)
+                self.telemetry.resumed()
                 handled = st.sent_tokens
             elif st.state in (TransferState.BOOTSTRAPPING, TransferState.WAITING_FOR_INPUT):
                 self.state = st.state
@@ -133,7 +135,22 @@ class ReceiveTask:
         raise errors.Unavailable(f"request {self.request_id}: the encoder's Status stream ended before the transfer did",
                                  reason=FailureReason.PEER_LOST)
 
+    async def _alloc(self, n_blocks: int, *, label: str, partial_ok: bool = False, priority: bool = False) -> list[int]:
+        started = time.monotonic()
+        blocks = await self.pool.allocator.alloc(n_blocks, timeout=self.alloc_timeout_s, partial_ok=partial_ok,
+                                                 priority=priority, label=label)
+        self.telemetry.alloc_waited(time.monotonic() - started)
+        return blocks
+
     async def _accept_round(self, st: StatusUpdate, handled: int) -> None:
+        try:
+            await self._check_round(st, handled)
+        except errors.IntegrityError:
+            self.telemetry.integrity_failed()
+            raise
+        self.telemetry.bytes_moved((st.sent_tokens - handled) * self.pool.record.payload_bytes_per_token)
+
+    async def _check_round(self, st: StatusUpdate, handled: int) -> None:
         """Check that the status describes exactly what our allocation could hold; verify checksums."""
         what = f"request {self.request_id} rank {self.rank} round {st.round}"
         n = st.sent_tokens - handled

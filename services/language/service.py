@@ -83,6 +83,10 @@ class LanguageService:
         return self.worker.transport
 
     @property
+    def metrics_port(self) -> int:
+        return self.worker.metrics_port
+
+    @property
     def rank_pids(self) -> list[int]:
         return [p.pid for p in self.children]
 
@@ -99,7 +103,8 @@ class LanguageService:
             ranks.stop(self.children)
             raise
         self.server = rpc.GrpcServer(
-            SERVICE_NAME, lambda server: language_pb2_grpc.add_LanguageServicer_to_server(LanguageServicer(self), server))
+            SERVICE_NAME, lambda server: language_pb2_grpc.add_LanguageServicer_to_server(LanguageServicer(self), server),
+            interceptors=[self.worker.metrics.interceptor()])
         self.port = await self.server.start(cfg.host, cfg.port)
         log.info("language %s serving on %s:%d, %d rank(s) (data ranks %s), session %s, encoder %s (%s)",
                  self.language_id, cfg.host, self.port, cfg.tp, list(cfg.data_rank_list), self.transport.session,
@@ -206,6 +211,9 @@ class LanguageService:
             return self._reply(request_id, spec.initial_tokens, outcome, total, started)
         except BaseException as e:
             reason = e.reason if isinstance(e, errors.EpdError) else FailureReason.CANCELLED
+            if outcome_fut is None:  # never admitted (Encode refused, cancelled): no rank reports it
+                self.worker.telemetry.transfer_ended(TransferState.FAILED, reason if reason else FailureReason.INVALID,
+                                                     seconds=None, rounds=0)
             if outcome_fut is not None:
                 if not outcome_fut.done():
                     self.worker.fail_local(request_id, reason)
@@ -326,6 +334,8 @@ def record_info(service: LanguageService, r: GenerateRecord) -> common_pb2.Trans
     if receiver is not None:
         info.sent_tokens, info.total_tokens, info.rounds = receiver.sent_tokens, receiver.total_tokens, receiver.rounds
         info.allocated_tokens = receiver.allocated_tokens
+        if receiver.init_at is not None:
+            info.bootstrap_seconds = receiver.init_at - r.created
         if receiver.finished_at is not None and receiver.init_at is not None:
             info.transfer_seconds = receiver.finished_at - receiver.init_at
     elif rows:

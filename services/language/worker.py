@@ -24,6 +24,7 @@ from services.language.encoder_link import GrpcEncoderLink
 from services.language.faults import FaultSpec, FaultyLink
 from services.language.rank_group import Decision, LocalView, RankGroup, RequestSpec
 from services.language.receiver import ReceiveTask
+from services.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ class RankWorker:
         self.is_data_rank = rank in config.data_rank_list
         self.rank_count = len(config.data_rank_list)
         self.pool = BlockPool(config.record, config.block_size, config.pool_blocks_of(rank), config.device)
+        self.metrics = Metrics("language", rank)
+        self.telemetry = self.metrics
+        self.metrics_port = 0
         self.transport = transport
         link = GrpcEncoderLink(config.encoder[0], language_id)
         self.fault = FaultSpec.parse(config.fault) if config.fault else FaultSpec()
@@ -83,6 +87,9 @@ class RankWorker:
         if self.transport is None:
             self.transport = await asyncio.to_thread(MooncakeTransport, cfg.host, cfg.protocol, cfg.rdma_device)
         self.transport.register(self.pool.base_address, self.pool.nbytes, memory_location(cfg.device))
+        self.metrics.watch_pool(self.pool.allocator)
+        self.metrics.watch_inflight(lambda: len(self._tasks))
+        self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)  # rank R's config has metrics_port + R
         await self.link.register(self.rank, self.transport.session, self.pool.geometry, timeout=60.0)
         if self.fault.hold_blocks:
             self._held = self.pool.allocator.try_alloc(self.fault.hold_blocks) or []
@@ -104,6 +111,7 @@ class RankWorker:
             self.transport.close()
         if self._consumer_log is not None:
             self._consumer_log.close()
+        self.metrics.close()
 
     # ------------------------------------------------------------------ per request
 
@@ -163,6 +171,8 @@ class RankWorker:
             if receiver is not None:
                 await asyncio.shield(receiver.close(None if outcome and outcome.decision.deliver
                                                     else _failure_of(outcome)))
+            if receiver is not None:
+                self._report(receiver, outcome)
             self.group.forget(spec.request_id)
             self._outcomes.pop(spec.request_id, None)
             self.receivers.pop(spec.request_id, None)
@@ -178,7 +188,8 @@ class RankWorker:
         receiver = ReceiveTask(
             spec.request_id, self.rank, self.rank_count, self.pool, self.link,
             initial_tokens=min(spec.initial_tokens, self.pool.num_blocks * self.pool.block_size),
-            alloc_timeout_s=self.config.alloc_timeout_s, integrity=self.config.integrity, on_progress=progress)
+            alloc_timeout_s=self.config.alloc_timeout_s, integrity=self.config.integrity, on_progress=progress,
+            telemetry=self.telemetry)
         self.receivers[spec.request_id] = receiver
         return receiver
 
@@ -206,6 +217,17 @@ class RankWorker:
             self.group.changed()
             log.info("request %s rank %d: %s", spec.request_id, self.rank, e)
             raise
+
+    def _report(self, receiver: ReceiveTask, outcome: RankOutcome | None) -> None:
+        """Metrics of a data rank's request (dummy ranks receive nothing and report nothing)."""
+        if outcome is not None and outcome.decision.deliver:
+            seconds = receiver.finished_at - receiver.init_at if receiver.finished_at and receiver.init_at else None
+            self.telemetry.transfer_ended(TransferState.SUCCESS, FailureReason.UNSPECIFIED, seconds=seconds,
+                                          rounds=receiver.rounds)
+            return
+        reason = receiver.reason if receiver.reason != FailureReason.UNSPECIFIED else \
+            outcome.decision.reason if outcome is not None else FailureReason.CANCELLED
+        self.telemetry.transfer_ended(TransferState.FAILED, reason, seconds=None, rounds=receiver.rounds)
 
     def _log_consumed(self, request_id: str) -> None:
         if self._consumer_log is not None:
