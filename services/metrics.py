@@ -20,6 +20,7 @@ from typing import Callable
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from common.errors import Unavailable
 from common.states import FailureReason, TransferState
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,10 @@ class Metrics:
         """Serve /metrics on host:port (0 = do not serve); returns the port or 0."""
         if port == 0:
             return 0
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            raise Unavailable(f"cannot serve /metrics on {host}:{port} (metrics_port): {e.strerror or e}") from None
         self._http = server
         bound = server.server_address[1]
         log.info("%s metrics on http://%s:%d/metrics", self.role, host, bound)

@@ -202,3 +202,20 @@ def test_promtool_accepts_every_processes_metrics(stack):
         checked = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
         assert checked.returncode == 0, f"port {port}: {checked.stdout.decode()} {checked.stderr.decode()}"
         assert not checked.stdout.strip() and not checked.stderr.strip(), (checked.stdout, checked.stderr)
+
+
+def test_metrics_port_in_use_is_a_clear_start_up_error():
+    import os
+    import socket
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "services.cli", "encoder", "--port", "0", "--pool-blocks", "4",
+                               "--hidden", "64", "--metrics-port", str(port)],
+                              capture_output=True, timeout=60, env={**os.environ, "MC_FORCE_TCP": "1"})
+    assert done.returncode == 1, done.stderr.decode()[-2000:]
+    assert f"cannot serve /metrics on 127.0.0.1:{port} (metrics_port)" in done.stderr.decode()
+    assert b"EPD_READY" not in done.stdout
