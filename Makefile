@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 PROFILE ?= cpu
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test soak setup proto clean
+.PHONY: demo test soak setup proto clean bench bench-check
 
 setup: $(STAMP)
 
@@ -30,6 +30,16 @@ demo: setup
 
 test: setup
 	MC_FORCE_TCP=1 $(BIN)/python -m pytest -q
+
+# The DESIGN §13 yardsticks as ratios against raw Mooncake in the same run (docs/BENCHMARKS.md).
+bench: setup
+	MC_FORCE_TCP=1 $(BIN)/epd bench --json bench.json
+
+# Regression check (not part of `make test`): fails when a figure misses its goal by more than
+# BENCH_MARGIN (relative); BENCH_FLAGS=--no-integrity checks the data path without checksums.
+bench-check: setup
+	MC_FORCE_TCP=1 $(BIN)/epd bench --cases single,multi,control,concurrency --check \
+		--margin $${BENCH_MARGIN:-0.15} $${BENCH_FLAGS:-} --json bench-check.json
 
 soak: setup
 	MC_FORCE_TCP=1 SOAK_REQUESTS=$${SOAK_REQUESTS:-5000} $(BIN)/python -m pytest -q -s -m soak

@@ -1,4 +1,4 @@
-"""The `epd` command (DESIGN §12): encoder | language | demo.
+"""The `epd` command (DESIGN §12): encoder | language | demo | status | health.
 
 Flags are generated from the config dataclasses (common/config.py), so every setting has a flag
 `--some-name` and an environment variable `EPD_SOME_NAME`; flags win over the environment.
@@ -98,10 +98,15 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _event_loop_policy() -> str:
+def _event_loop_policy(kind: str = "auto") -> str:
+    """Install uvloop's policy unless told not to; the name of the loop that will run."""
+    if kind == "asyncio":
+        return "asyncio"
     try:
         import uvloop
     except ImportError:
+        if kind == "uvloop":
+            raise ConfigError("event_loop='uvloop': uvloop is not installed") from None
         return "asyncio"
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return "uvloop"
@@ -109,6 +114,11 @@ def _event_loop_policy() -> str:
 
 async def _serve(role: str, config) -> int:
     from services import rpc
+
+    if config.torch_threads:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
 
     if role == "encoder":
         from services.encoder.service import EncoderService as Service
@@ -125,6 +135,7 @@ async def _serve(role: str, config) -> int:
         await service.start()
         extra = {"tp": config.tp, "rank_pids": service.rank_pids} if role == "language" else {}
         rpc.announce_ready(role=role, port=service.port, host=config.host, session=service.transport.session,
+                           metrics_port=service.metrics_port, event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
                            pool_blocks=config.pool_blocks, block_size=config.block_size,
                            record_bytes=service.pool.record.record_bytes, **extra)
         await stop.wait()
@@ -141,7 +152,11 @@ def _run_service(role: str, args: argparse.Namespace) -> int:
         print(f"epd {role}: invalid setting: {e}", file=sys.stderr)
         return 2
     _setup_logging(config.log_level)
-    loop_kind = _event_loop_policy()
+    try:
+        loop_kind = _event_loop_policy(config.event_loop)
+    except ConfigError as e:
+        print(f"epd {role}: invalid setting: {e}", file=sys.stderr)
+        return 2
     logging.getLogger(role).info("starting %s on %s", role, loop_kind)
     try:
         return asyncio.run(_serve(role, config))
@@ -151,7 +166,7 @@ def _run_service(role: str, args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from services import demo
+    from services import demo, inspect_cli
 
     parser = argparse.ArgumentParser(prog="epd", description="EPD embedding transfer services")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +175,14 @@ def make_parser() -> argparse.ArgumentParser:
         add_config_arguments(p, cls)
     p = sub.add_parser("demo", help="start an encoder and a language service on loopback and verify a mixed workload")
     demo.add_arguments(p)
+    p = sub.add_parser("bench", help="measure the DESIGN §13 yardsticks as ratios against raw Mooncake writes")
+    from services import bench
+
+    bench.add_arguments(p)
+    p = sub.add_parser("status", help="show a service's transfers and pool, or one transfer in detail")
+    inspect_cli.add_status_arguments(p)
+    p = sub.add_parser("health", help="ask a service's grpc.health.v1 status; exit 0 only when SERVING")
+    inspect_cli.add_health_arguments(p)
     return parser
 
 
@@ -172,6 +195,15 @@ def main(argv: list[str] | None = None) -> int:
 
         _event_loop_policy()
         return demo.run(args)
+    if args.command == "bench":
+        from services import bench
+
+        _event_loop_policy()
+        return bench.run(args)
+    if args.command in ("status", "health"):
+        from services import inspect_cli
+
+        return inspect_cli.run_status(args) if args.command == "status" else inspect_cli.run_health(args)
     return 2
 
 

@@ -1,6 +1,12 @@
 """`epd demo`: start an encoder and a language service on loopback, send a mixed workload in
 which some requests need many transfer rounds, verify every byte, print a summary (DESIGN §12).
 
+With `--model tiny` (the default) both services run a small seeded Qwen2-VL (the encoder its
+vision tower, the language its prefill, `--consumer qwen2-vl-prefill`) and the workload adds
+requests with real images the demo generates (PNG and JPEG, from a thumbnail of a few dozen
+tokens to an album of seven photos that needs three rounds); their token counts are checked
+against the image-size rule recomputed here, and the first generated token is reported.
+
 The payload check uses `services.reference_payload`, an independent numpy implementation of the
 §14 synthetic payload and digest, so the demo checks the services' code rather than repeating it.
 
@@ -106,8 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of encoder instances (only 1 for now)")
     parser.add_argument("--json", action="store_true", default=_env_flag("--json"),
                         help="print one JSON object on stdout instead of the table")
-    parser.add_argument("--hidden", type=_positive_int, default=d("--hidden", 1024),
-                        help="embedding width (default 1024)")
+    parser.add_argument("--hidden", type=_positive_int, default=d("--hidden", 256),
+                        help="embedding width = the tiny model's hidden size (default 256, so the "
+                             "prefill of many-thousand-token image requests stays fast on a CPU)")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=d("--dtype", "bfloat16"),
                         help="embeddings dtype (default bfloat16)")
     parser.add_argument("--block-size", type=_positive_int, default=d("--block-size", 128),
@@ -138,6 +145,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-dir", default=d("--log-dir", None),
                         help="keep the services' stderr logs in this directory "
                              "(default: temporary files, shown on failure)")
+    parser.add_argument("--model", default=d("--model", "tiny"),
+                        help="'tiny' (default): both services run a small seeded Qwen2-VL and image "
+                             "requests are added; 'none': synthetic requests only (null consumer); "
+                             "PATH: a local Qwen2-VL checkpoint (GPU hosts; --hidden must match it)")
+    parser.add_argument("--image-requests", type=_non_negative_int, default=d("--image-requests", 6),
+                        help="requests with generated images (default 6; none with --model none)")
     parser.add_argument("--encoder-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for the encoder process (repeatable), "
                              "e.g. --encoder-arg=--model=tiny")
@@ -165,6 +178,14 @@ class PlannedRequest:
     min_rounds: int
     """Fewest rounds the transfer can take: round 1 is at most the initial allocation and
     every later round at most the whole language pool. Without contention it is exact."""
+    images: tuple[tuple[int, int, str], ...] = ()
+    """Image requests (kind ``image``): (width, height, format) of each generated image."""
+    text: str = ""
+    """Image requests: the prompt (``<image>`` marks where an image goes)."""
+    name: str = ""
+    """Image requests: which entry of IMAGE_SET."""
+    exact_tokens: bool = True
+    """Whether `tokens` is exact (tiny model: byte-level text) or an estimate (a checkpoint)."""
 
 
 def initial_allocation_tokens(initial_tokens: int, block_size: int, pool_blocks: int) -> int:
@@ -231,6 +252,106 @@ def plan_workload(requests: int, *, seed: int = 1, block_size: int = 128,
 
 
 # --------------------------------------------------------------------------------------------
+# Image requests (pure, except make_image)
+# --------------------------------------------------------------------------------------------
+
+IMAGE_SET: tuple[tuple[str, tuple[tuple[int, int, str], ...], str], ...] = (
+    ("thumbnail", ((224, 160, "png"),), "What is in this thumbnail?"),
+    ("photo", ((1280, 720, "jpeg"),), "Describe the photo <image> in one sentence."),
+    ("three", ((640, 480, "png"), (480, 640, "jpeg"), (1024, 256, "png")),
+     "First <image>, then <image>, and a banner <image>: describe them."),
+    ("panorama", ((3584, 1008, "jpeg"),), "A panorama <image> - which city is this?"),
+    ("gallery", ((2240, 1260, "jpeg"),) * 3, "Compare these three pictures."),
+    ("comic", ((1568, 1568, "png"),) * 4, "Tell the story of this four-panel comic."),
+    ("album", ((1792, 1344, "png"),) * 7, "Seven photos: which one is the odd one out?"),
+)
+"""The image requests, cycled: from a few dozen tokens (thumbnail) to many thousands (gallery,
+comic: 2 rounds with the default allocation; album, the 7th: 7 x 3,072 image tokens, 3 rounds),
+PNG and JPEG, landscape, portrait, square and panorama aspect ratios. The default 6 leave the
+album out: its prefill alone takes 6-12 s on 2 CPU cores. (`_run` sends the largest first.)"""
+
+KIND_DESCRIPTIONS["image"] = "generated PNG/JPEG images, tiny Qwen2-VL + prefill"
+IMAGE_PLACEHOLDER = "<image>"
+# Qwen2-VL's image processor (and the tiny model): 4 .. 16384 tokens per image.
+QWEN_FACTOR = 28
+QWEN_MIN_PIXELS = 56 * 56
+QWEN_MAX_PIXELS = 28 * 28 * 16384
+
+
+def qwen_image_tokens(width: int, height: int, min_pixels: int = QWEN_MIN_PIXELS,
+                      max_pixels: int = QWEN_MAX_PIXELS) -> int:
+    """Tokens of one image by Qwen2-VL's rule — resize to multiples of 28 within min/max pixels,
+    14x14 patches merged 2x2, so (H/28)·(W/28) — recomputed here independently of the services
+    (as `reference_payload` is for synthetic payloads)."""
+    f = QWEN_FACTOR
+    h_bar, w_bar = round(height / f) * f, round(width / f) * f
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(f, math.floor(height / beta / f) * f)
+        w_bar = max(f, math.floor(width / beta / f) * f)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / f) * f
+        w_bar = math.ceil(width * beta / f) * f
+    return (h_bar // f) * (w_bar // f)
+
+
+def expected_image_request_tokens(images: Sequence[tuple[int, int, str]], text: str) -> int:
+    """Payload tokens of an image request with the tiny model: one per UTF-8 byte of the text
+    (placeholders removed), vision-start + image tokens + vision-end per image."""
+    text_tokens = len(text.replace(IMAGE_PLACEHOLDER, "").encode("utf-8"))
+    return text_tokens + sum(qwen_image_tokens(w, h) + 2 for w, h, _ in images)
+
+
+def plan_images(requests: int, *, seed: int = 1, first_index: int = 0, block_size: int = 128,
+                initial_tokens: int = 8192, language_pool_blocks: int = 96,
+                exact_tokens: bool = True) -> list[PlannedRequest]:
+    """`requests` image requests, cycling through IMAGE_SET (seeded image contents)."""
+    pool_tokens = language_pool_blocks * block_size
+    initial = initial_allocation_tokens(initial_tokens, block_size, language_pool_blocks)
+    plan = []
+    for i in range(requests):
+        name, images, text = IMAGE_SET[i % len(IMAGE_SET)]
+        tokens = expected_image_request_tokens(images, text)
+        plan.append(PlannedRequest(
+            index=first_index + i, kind="image", tokens=tokens, seed=(seed * 1000 + i) % 2**32,
+            request_id=f"demo-{seed}-{first_index + i:04d}-image-{name}",
+            min_rounds=min_rounds(tokens, initial, pool_tokens), images=images, text=text, name=name,
+            exact_tokens=exact_tokens))
+    return plan
+
+
+def make_image(width: int, height: int, fmt: str = "png", seed: int = 0) -> bytes:
+    """A synthetic picture (smooth gradients, rings and a little noise) as PNG or JPEG bytes."""
+    import io  # noqa: PLC0415  (keep `epd demo --help` light)
+
+    import numpy as np  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    # Drawn at a quarter of the size and scaled up (cheap), with a little noise on top.
+    w, h = max(1, width // 4), max(1, height // 4)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+    rings = np.sin(np.hypot(x - cx, y - cy) / rng.uniform(2, 10)) * 127 + 128
+    rgb = np.stack([x * 255 / max(w - 1, 1), y * 255 / max(h - 1, 1), rings], axis=-1)
+    rgb += rng.normal(0, 8, size=rgb.shape).astype(np.float32)
+    buf = io.BytesIO()
+    image = Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).resize((width, height), Image.BILINEAR)
+    if fmt.lower() in ("jpg", "jpeg"):
+        image.save(buf, "JPEG", quality=88)
+    else:
+        image.save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def image_payloads(request: PlannedRequest) -> list[tuple[bytes, str]]:
+    """(bytes, mime type) of a planned image request's images."""
+    return [(make_image(w, h, fmt, seed=request.seed + k), "image/jpeg" if fmt == "jpeg" else "image/png")
+            for k, (w, h, fmt) in enumerate(request.images)]
+
+
+# --------------------------------------------------------------------------------------------
 # Results, verification, summary (pure)
 # --------------------------------------------------------------------------------------------
 
@@ -257,6 +378,15 @@ class RequestResult:
     expected_sha256: str = ""
     problems: list[str] = dataclasses.field(default_factory=list)
     """Why a reply does not match the request (empty when it does)."""
+    first_token_id: int = -1
+    """The consumer's first generated token (-1: none, e.g. the null consumer or a synthetic payload)."""
+    consumer: str = ""
+    top_token_ids: list[int] = dataclasses.field(default_factory=list)
+    top_logits: list[float] = dataclasses.field(default_factory=list)
+    logits_norm: float = 0.0
+    prefill_seconds: float = 0.0
+    prefill_skipped: str = ""
+    position_delta: int = 0
 
     @property
     def status(self) -> str:
@@ -283,6 +413,28 @@ def check_reply(result: RequestResult, expected_sha256: str) -> list[str]:
     for rank, digest in result.rank_sha256:
         if digest.lower() != expected_sha256.lower():
             problems.append(f"rank {rank} payload_sha256 {digest or '(none)'} != reference {expected_sha256}")
+    result.problems = problems
+    return problems
+
+
+def check_image_reply(result: RequestResult, expect_first_token: bool = True) -> list[str]:
+    """An image request's reply: the token count the size rule predicts (when exact), every data
+    rank holding the same payload, and a first token from the prefill consumer."""
+    req = result.request
+    problems = []
+    if req.exact_tokens and result.total_tokens != req.tokens:
+        problems.append(f"total_tokens {result.total_tokens} != {req.tokens} predicted from the image sizes")
+    if not result.integrity_verified:
+        problems.append("integrity_verified is false")
+    digests = {d.lower() for _, d in result.rank_sha256}
+    if len(digests) > 1:
+        problems.append(f"data ranks hold different payloads: {sorted(result.rank_sha256)}")
+    if expect_first_token:
+        if result.first_token_id < 0:
+            problems.append(f"no first token (consumer {result.consumer or '?'}"
+                            f"{': ' + result.prefill_skipped if result.prefill_skipped else ''})")
+        elif result.top_token_ids and result.top_token_ids[0] != result.first_token_id:
+            problems.append(f"first_token_id {result.first_token_id} is not the top logit {result.top_token_ids[0]}")
     result.problems = problems
     return problems
 
@@ -334,7 +486,7 @@ def summarize(results: Sequence[RequestResult], wall_seconds: float,
     else:
         out["integrity"] = "UNVERIFIED"
     kinds: dict[str, Any] = {}
-    for kind in KINDS:
+    for kind in (*KINDS, "image"):
         group = [r for r in results if r.request.kind == kind]
         if not group:
             continue
@@ -355,6 +507,25 @@ def summarize(results: Sequence[RequestResult], wall_seconds: float,
             "message": r.error_message if r.status == "failed" else "; ".join(r.problems),
         }
         for r in results if r.status != "ok"
+    ]
+    out["synthetic_requests"] = sum(1 for r in results if r.request.kind != "image")
+    out["digests_matched"] = sum(1 for r in results if r.request.kind != "image" and r.status == "ok")
+    out["per_request"] = [
+        {"request_id": r.request.request_id, "kind": r.request.kind, "tokens": r.total_tokens or r.request.tokens,
+         "rounds": r.rounds, "first_token_id": r.first_token_id, "latency_ms": round(r.latency_s * 1000.0, 3),
+         "status": r.status}
+        for r in results
+    ]
+    out["image_requests"] = [
+        {"request_id": r.request.request_id, "name": r.request.name,
+         "images": [f"{w}x{h} {fmt}" for w, h, fmt in r.request.images],
+         "expected_tokens": r.request.tokens if r.request.exact_tokens else None,
+         "tokens": r.total_tokens, "rounds": r.rounds, "first_token_id": r.first_token_id,
+         "top_token_ids": r.top_token_ids, "top_logits": [round(v, 4) for v in r.top_logits],
+         "logits_norm": round(r.logits_norm, 4), "mrope_position_delta": r.position_delta,
+         "prefill_ms": round(r.prefill_seconds * 1000.0, 3), "latency_ms": round(r.latency_s * 1000.0, 3),
+         "prefill_skipped": r.prefill_skipped, "status": r.status}
+        for r in results if r.request.kind == "image"
     ]
     if config:
         out["config"] = dict(config)
@@ -384,9 +555,14 @@ def format_table(summary: dict[str, Any]) -> str:
             f"{cfg.get('initial_allocation_tokens', 0):,} tokens, encoder pool "
             f"{cfg.get('encoder_pool_blocks')} blocks")
         lines.append("")
-    verified = f"{s['succeeded']}/{s['requests']} digests match the reference"
+    synthetic = s.get("synthetic_requests", s["requests"])
+    verified = f"{s.get('digests_matched', s['succeeded'])}/{synthetic} digests match the reference"
     if int(cfg.get("tp") or 1) > 1:
         verified += f", on every data rank of {cfg.get('tp')}"
+    images = s.get("image_requests") or []
+    if images:
+        good = sum(1 for r in images if r["status"] == "ok")
+        verified += f"; {good}/{len(images)} image requests with the predicted tokens and a first token"
     rows = [
         ("requests", f"{s['requests']}"),
         ("succeeded", f"{s['succeeded']}"),
@@ -417,6 +593,25 @@ def format_table(summary: dict[str, Any]) -> str:
                 f"  {kind:<9} {k['requests']:>4} {k['succeeded']:>4} {k['failed']:>4} "
                 f"{k['mismatches']:>4} {tokens:>17} {rounds:>8} {k['p50_ms']:>9.1f} "
                 f"{k['p99_ms']:>9.1f}  {k['description']}")
+    if images:
+        lines.append("")
+        lines.append(f"  image requests (model {cfg.get('model', '?')}: vision tower on the encoder, "
+                     f"qwen2-vl-prefill on the language)")
+        lines.append(f"  {'request':<10} {'images':<28} {'tokens':>7} {'rounds':>6} {'first token':>11} "
+                     f"{'top logit':>9} {'prefill ms':>10} {'latency ms':>10}")
+        for r in images:
+            shapes = r["images"]
+            what = (shapes[0] if len(shapes) == 1 else f"{len(shapes)} x {shapes[0]}" if len(set(shapes)) == 1
+                    else ",".join(x.split()[0] for x in shapes))
+            top = f"{r['top_logits'][0]:.3f}" if r["top_logits"] else "-"
+            first = str(r["first_token_id"]) if r["first_token_id"] >= 0 else "-"
+            lines.append(f"  {r['name']:<10} {what[:28]:<28} {r['tokens']:>7,} {r['rounds']:>6} {first:>11} "
+                         f"{top:>9} {r['prefill_ms']:>10.1f} {r['latency_ms']:>10.1f}"
+                         + ("" if r["status"] == "ok" else f"  {r['status'].upper()}"))
+        skipped = [r for r in s.get("per_request", []) if r["kind"] != "image"]
+        if skipped:
+            lines.append(f"  (the {len(skipped)} synthetic payloads are no model input: the prefill skips "
+                         f"them, first token -1)")
     return "\n".join(lines) + "\n"
 
 
@@ -698,6 +893,7 @@ def encoder_argv(args: argparse.Namespace) -> list[str]:
             "--host", "127.0.0.1", "--port", "0",
             "--block-size", str(args.block_size), "--pool-blocks", str(args.encoder_pool_blocks),
             "--hidden", str(args.hidden), "--dtype", _dtype(args),
+            *(["--model", args.model] if _uses_model(args) else []),
             *getattr(args, "encoder_arg", [])]
 
 
@@ -708,7 +904,13 @@ def language_argv(args: argparse.Namespace, encoder_port: int) -> list[str]:
             "--hidden", str(args.hidden), "--dtype", _dtype(args),
             "--initial-tokens", str(args.initial_tokens),
             *(["--tp", str(args.tp)] if getattr(args, "tp", 1) > 1 else []),
+            *(["--consumer", "qwen2-vl-prefill", "--model", args.model] if _uses_model(args) else []),
             *getattr(args, "language_arg", [])]
+
+
+def _uses_model(args: argparse.Namespace) -> bool:
+    """Whether the services run a Qwen2-VL (`--model tiny` or a checkpoint), not just synthetic payloads."""
+    return getattr(args, "model", "none") not in ("none", "", "bytes")
 
 
 def _dtype(args: argparse.Namespace) -> str:
@@ -750,7 +952,9 @@ async def run_workload(address: str, plan: Sequence[PlannedRequest], *, concurre
                        request_timeout: float = 300.0, block_size: int = 128,
                        encoder_pool_blocks: int | None = None,
                        progress: Progress | None = None,
-                       connect_timeout: float = 30.0) -> tuple[list[RequestResult], float]:
+                       connect_timeout: float = 30.0,
+                       images: dict[str, list[tuple[bytes, str]]] | None = None,
+                       ) -> tuple[list[RequestResult], float]:
     """Send every planned request to the language service at `address` with up to
     `concurrency` in flight. Returns the results (in plan order) and the wall time in seconds
     from the first send to the last reply. Does not verify digests (see `verify_results`)."""
@@ -767,9 +971,17 @@ async def run_workload(address: str, plan: Sequence[PlannedRequest], *, concurre
 
         async def one(result: RequestResult) -> None:
             p = result.request
-            request = language_pb2.GenerateRequest(
-                request_id=p.request_id, synthetic_tokens=p.tokens, synthetic_seed=p.seed,
-                want_digest=True)
+            if p.kind == "image":
+                from common.pb.epd.v1 import common_pb2  # noqa: PLC0415
+
+                data = (images or {}).get(p.request_id) or image_payloads(p)
+                request = language_pb2.GenerateRequest(
+                    request_id=p.request_id, text=p.text, want_digest=True,
+                    images=[common_pb2.Image(data=d, mime_type=m) for d, m in data])
+            else:
+                request = language_pb2.GenerateRequest(
+                    request_id=p.request_id, synthetic_tokens=p.tokens, synthetic_seed=p.seed,
+                    want_digest=True)
             async with sem, budget.hold(math.ceil(p.tokens / block_size)):
                 t0 = time.perf_counter()
                 try:
@@ -795,6 +1007,16 @@ async def run_workload(address: str, plan: Sequence[PlannedRequest], *, concurre
                     result.integrity_verified = bool(reply.integrity_verified)
                     result.payload_sha256 = reply.payload_sha256
                     result.rank_sha256 = [(r.rank, r.payload_sha256) for r in reply.ranks if r.data_rank]
+                    result.first_token_id = int(reply.first_token_id)
+                    result.consumer = reply.consumer
+                    if reply.HasField("logits"):
+                        lg = reply.logits
+                        result.top_token_ids = list(lg.top_token_ids)
+                        result.top_logits = list(lg.top_logits)
+                        result.logits_norm = lg.norm
+                        result.prefill_seconds = lg.prefill_seconds
+                        result.prefill_skipped = lg.skipped
+                        result.position_delta = lg.mrope_position_delta
             if progress is not None:
                 progress.advance(failed=not result.rpc_ok)
 
@@ -824,7 +1046,12 @@ def verify_results(results: Sequence[RequestResult], hidden: int, dtype: str,
     """Check every answered reply against the reference digest (in a thread pool: hashlib and
     numpy release the GIL). Returns the number of mismatches."""
     digest = digest or reference_payload.expected_digest
-    answered = [r for r in results if r.rpc_ok]
+    for r in results:
+        if r.rpc_ok and r.request.kind == "image":
+            check_image_reply(r, expect_first_token=bool(r.consumer and r.consumer != "null"))
+            if progress is not None:
+                progress.advance(failed=bool(r.problems))
+    answered = [r for r in results if r.rpc_ok and r.request.kind != "image"]
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(digest, r.request.tokens, r.request.seed, hidden, dtype): r
@@ -834,7 +1061,7 @@ def verify_results(results: Sequence[RequestResult], hidden: int, dtype: str,
             check_reply(r, fut.result())
             if progress is not None:
                 progress.advance(failed=bool(r.problems))
-    return sum(1 for r in answered if r.problems)
+    return sum(1 for r in results if r.rpc_ok and r.problems)
 
 
 def _event_loop_runner() -> asyncio.Runner:
@@ -890,12 +1117,19 @@ def _run(args: argparse.Namespace, *,
                          initial_tokens=args.initial_tokens,
                          language_pool_blocks=args.language_pool_blocks,
                          encoder_pool_blocks=args.encoder_pool_blocks)
+    n_images = getattr(args, "image_requests", 0) if _uses_model(args) else 0
+    image_plan = plan_images(n_images, seed=args.seed, first_index=len(plan), block_size=args.block_size,
+                             initial_tokens=args.initial_tokens, language_pool_blocks=args.language_pool_blocks,
+                             exact_tokens=args.model == "tiny")
+    # The slow image requests start first, the largest first, so the wall time stays short.
+    plan = sorted(image_plan, key=lambda p: -p.tokens) + plan
     config = {
         "concurrency": args.concurrency, "hidden": args.hidden, "dtype": dtype,
         "block_size": args.block_size, "language_pool_blocks": args.language_pool_blocks,
         "language_pool_tokens": pool_tokens, "initial_tokens": args.initial_tokens,
         "initial_allocation_tokens": initial, "encoder_pool_blocks": args.encoder_pool_blocks,
         "seed": args.seed, "tp": args.tp, "encoders": args.encoders,
+        "model": getattr(args, "model", "none"), "image_requests": n_images,
     }
     show_progress = not args.no_progress and sys.stderr.isatty()
     env = child_env() if env is None else env
@@ -923,7 +1157,14 @@ def _run(args: argparse.Namespace, *,
         _note(f"language ready on 127.0.0.1:{language.port} ({time.monotonic() - t0:.1f} s)")
 
         # ---- workload
-        kinds = ", ".join(f"{sum(p.kind == k for p in plan)} {k}" for k in KINDS
+        images = {}
+        if image_plan:
+            t0 = time.monotonic()
+            images = {p.request_id: image_payloads(p) for p in image_plan}
+            _note(f"generated {sum(len(v) for v in images.values())} images for {len(image_plan)} image requests "
+                  f"({sum(len(d) for v in images.values() for d, _ in v) / 1e6:.1f} MB, "
+                  f"{time.monotonic() - t0:.1f} s)")
+        kinds = ", ".join(f"{sum(p.kind == k for p in plan)} {k}" for k in (*KINDS, "image")
                           if any(p.kind == k for p in plan))
         _note(f"sending {len(plan)} requests ({kinds}), {args.concurrency} in flight, "
               f"{sum(p.tokens for p in plan):,} tokens in all")
@@ -934,7 +1175,7 @@ def _run(args: argparse.Namespace, *,
                 f"127.0.0.1:{language.port}", plan, concurrency=args.concurrency,
                 request_timeout=args.request_timeout, block_size=args.block_size,
                 encoder_pool_blocks=args.encoder_pool_blocks, progress=progress,
-                connect_timeout=args.startup_timeout))
+                connect_timeout=args.startup_timeout, images=images))
         progress.finish()
 
         # ---- verification (after the workload, so it does not skew the timings)

@@ -177,12 +177,21 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, histogram: Histogram):
         self.histogram = histogram
+        self._wrapped: dict[str, tuple] = {}  # method -> (inner handler, wrapped handler)
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None:
             return handler
-        service, _, method = details.method.lstrip("/").rpartition("/")
+        cached = self._wrapped.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]  # handlers are per method: wrap each once, not once per call
+        wrapped = self._wrap(handler, details.method)
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler, full_method: str):
+        service, _, method = full_method.lstrip("/").rpartition("/")
         observe = self._observer(service or "unknown", method)
 
         if handler.unary_unary is not None:

@@ -165,12 +165,23 @@ class ParseErrorInterceptor(grpc.aio.ServerInterceptor):
     UNKNOWN that gRPC answers when its own deserializer raises. The handler gets raw bytes and
     parses them itself."""
 
+    def __init__(self):
+        self._wrapped: dict[str, tuple] = {}  # method -> (inner handler, wrapped handler)
+
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or handler.request_deserializer is None:
             return handler
+        cached = self._wrapped.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]  # handlers are per method: wrap each once, not once per call
+        wrapped = self._wrap(handler, details.method)
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
+
+    @staticmethod
+    def _wrap(handler, method: str):
         parse = handler.request_deserializer
-        method = details.method
 
         async def parsed(raw: bytes, context):
             try:

@@ -5,8 +5,10 @@ An `EncoderModel` knows `token_count(inputs)` cheaply (before anything is alloca
 
 - Requests with `synthetic_tokens > 0` always use the §14 synthetic payload.
 - `bytes`: a dependency-free text model — one token per UTF-8 byte, embeddings from a seeded
-  table, positions (i, i, i). It has no vision tower, so images are validated and then refused;
-  the Qwen2-VL model (`tiny` / a checkpoint path) is a later issue.
+  table, positions (i, i, i). It has no vision tower, so images are validated and then refused.
+- `tiny` or a checkpoint directory: the Qwen2-VL model (services/encoder/qwen.py), built from
+  Hugging Face transformers' classes. Models may also have `prepare(inputs)`: work that must
+  succeed before anything is allocated (decoding every image), run after `token_count`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class EncodeInputs:
     text: str
     synthetic_tokens: int = 0
     synthetic_seed: int = 0
+    scratch: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    """A model's per-request work kept between `token_count`, `prepare` and `encode_into`."""
 
 
 class EncoderModel(Protocol):
@@ -106,7 +110,12 @@ class ByteTextModel:
             start += k
 
 
-def load_model(name: str, hidden: int, dtype: str) -> EncoderModel:
+def load_model(name: str, hidden: int, dtype: str, device: str = "cpu") -> EncoderModel:
+    """`bytes`, `tiny` (a seeded Qwen2-VL of hidden size `hidden`) or a Qwen2-VL checkpoint directory."""
     if name == "bytes":
         return ByteTextModel(hidden, dtype)
-    raise InvalidArgument(f"model={name!r}: unknown encoder model (available: 'bytes')")
+    from services.encoder import qwen
+
+    if name == qwen.TINY or qwen.is_checkpoint_name(name):
+        return qwen.load_encoder_model(name, hidden, device)
+    raise InvalidArgument(f"model={name!r}: unknown encoder model (available: 'bytes', 'tiny' or a checkpoint directory)")

@@ -17,10 +17,10 @@ from typing import Sequence
 
 from common import errors
 from common.config import EncoderConfig
-from common.integrity import checksums as compute_checksums
+from common.integrity import INLINE_MAX_BYTES, checksums_off_loop, fast_checksums
 from common.layout import PoolGeometry
-from common.pb.epd.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc
-from common.plan import blocks_for_tokens
+from common.pb.epd.v1 import bench_pb2, common_pb2, encoder_pb2, encoder_pb2_grpc
+from common.plan import blocks_for_tokens, plan_round
 from common.pool import BlockPool
 from common.states import FailureReason, StatusUpdate, TransferState
 from common.table import TransferTable
@@ -34,6 +34,8 @@ from services.encoder.transfer import EncoderTransfer, PeerSession, validate_all
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "epd.v1.Encoder"
+MAX_RAW_REPEATS = 1000
+MAX_RAW_CONCURRENCY = 256
 
 
 class EncoderService:
@@ -51,7 +53,7 @@ class EncoderService:
         self.metrics_port = 0
         self.transport = transport
         self.synthetic = SyntheticModel()
-        self.model = load_model(config.model, config.hidden, config.dtype)
+        self.model = load_model(config.model, config.hidden, config.dtype, config.device)
         self.sessions: dict[tuple[str, int], PeerSession] = {}
         self.transfers: TransferTable[EncoderTransfer] = TransferTable(config.history_size)
         self.server: rpc.GrpcServer | None = None
@@ -113,7 +115,7 @@ class EncoderService:
 
     async def round_checksums(self, blocks: Sequence[int], start: int, n_tokens: int) -> dict[str, int]:
         runs = self.pool.runs(blocks, start, n_tokens)
-        return await asyncio.to_thread(compute_checksums, runs, self.pool.record, start)
+        return await checksums_off_loop(runs, self.pool.record, start)
 
     def on_finished(self, transfer: EncoderTransfer) -> None:
         self.transfers.finish(transfer.request_id, transfer)
@@ -196,7 +198,10 @@ class EncoderService:
             raise errors.InvalidArgument("request_id is empty")
         # Bad input changes nothing, not even a transfer an Init already opened: the language
         # gets this error from Encode and cancels the transfer itself.
-        model, total = self._validate_inputs(request_id, inputs)
+        if inputs.synthetic_tokens > 0:
+            model, total = self._validate_inputs(request_id, inputs)
+        else:  # a model may decode images here: off the event loop
+            model, total = await asyncio.to_thread(self._validate_inputs, request_id, inputs)
         existing = self.transfers.live_get(request_id)
         if existing is not None:
             existing.begin_encode(rank_count, language_id)
@@ -218,13 +223,24 @@ class EncoderService:
             self.telemetry.alloc_waited(time.monotonic() - alloc_started)
             runs = self.pool.runs(blocks, 0, total)
             fill_started = time.monotonic()
-            fill = asyncio.ensure_future(asyncio.to_thread(model.encode_into, inputs, runs, self.pool.record))
-            try:
-                await asyncio.shield(fill)
-            except asyncio.CancelledError:
-                # The worker thread writes into these blocks until it returns: only then free them.
-                await asyncio.gather(fill, return_exceptions=True)
-                raise
+            record = self.pool.record
+
+            def fill() -> tuple[tuple[str, int], ...] | None:
+                model.encode_into(inputs, runs, record)
+                # The whole payload's checksums, while its bytes are hot: a single-round transfer
+                # (the common case) then sends them without computing anything beside its write.
+                return tuple(fast_checksums(runs, record, 0).items()) if self.integrity else None
+
+            if model is self.synthetic and total * record.record_bytes <= INLINE_MAX_BYTES:
+                payload_checksums = fill()  # small: cheaper than a thread hop
+            else:
+                filling = asyncio.ensure_future(asyncio.to_thread(fill))
+                try:
+                    payload_checksums = await asyncio.shield(filling)
+                except asyncio.CancelledError:
+                    # The worker thread writes into these blocks until it returns: only then free them.
+                    await asyncio.gather(filling, return_exceptions=True)
+                    raise
             self.telemetry.encoded(time.monotonic() - fill_started)
         except errors.EpdError as e:
             if blocks is not None:
@@ -236,7 +252,7 @@ class EncoderService:
                 self.pool.allocator.free(blocks)
             t.encode_failed(errors.Cancelled(f"Encode interrupted: {e!r}"))
             raise
-        if not t.attach_payload(blocks, total):
+        if not t.attach_payload(blocks, total, payload_checksums):
             self.pool.allocator.free(blocks)
             raise errors.FailedPrecondition(f"request {errors.shown(request_id)} ended while encoding: {t.message}")
         return total, time.monotonic() - started
@@ -250,9 +266,57 @@ class EncoderService:
         if total < 1:
             raise errors.InvalidArgument(f"request {errors.shown(request_id)} has no tokens (empty text, no images, synthetic_tokens=0)")
         if total > self.config.max_request_tokens:
+            describe = getattr(model, "describe", None)  # e.g. which image brings how many tokens
             raise errors.InvalidArgument(
-                f"request {errors.shown(request_id)} has {total} tokens, above max_request_tokens={self.config.max_request_tokens}")
+                f"request {errors.shown(request_id)} has {total} tokens{describe(inputs) if describe else ''}, "
+                f"above max_request_tokens={self.config.max_request_tokens}")
+        prepare = getattr(model, "prepare", None)
+        if prepare is not None:
+            prepare(inputs)  # e.g. decode every image: a corrupt one is refused before any allocation
         return model, total
+
+    async def raw_write(self, language_id: str, rank: int, dst_blocks: list[int], tokens: int, repeats: int,
+                        concurrency: int) -> tuple[list[float], int, int]:
+        """epd bench's baseline: `repeats` timed rounds of `concurrency` plain Mooncake writes of
+        `tokens` records each, from our pool into blocks the language allocated for it, planned
+        like a transfer round but with no protocol around them. Returns (seconds per repeat,
+        bytes per repeat, descriptors per write)."""
+        what = f"RawWrite from language_id {errors.shown(language_id)} rank {rank}"
+        self._refuse_when_draining(what)
+        if not 1 <= tokens <= self.config.max_request_tokens:
+            raise errors.InvalidArgument(f"{what}: tokens={tokens} must be in 1..{self.config.max_request_tokens}")
+        if not 1 <= repeats <= MAX_RAW_REPEATS:
+            raise errors.InvalidArgument(f"{what}: repeats={repeats} must be in 1..{MAX_RAW_REPEATS}")
+        concurrency = concurrency or 1
+        if not 1 <= concurrency <= MAX_RAW_CONCURRENCY:
+            raise errors.InvalidArgument(f"{what}: concurrency={concurrency} must be in 1..{MAX_RAW_CONCURRENCY}")
+        peer = self.sessions.get((language_id, rank))
+        if peer is None:
+            raise errors.FailedPrecondition(f"{what}: language_id {errors.shown(language_id)} rank {rank} has not called Register")
+        per_write = blocks_for_tokens(tokens, peer.geometry.block_size)
+        if len(dst_blocks) != concurrency * per_write:
+            raise errors.InvalidArgument(f"{what}: {len(dst_blocks)} dst_blocks, expected concurrency * "
+                                         f"ceil(tokens / block_size) = {concurrency} * {per_write}")
+        validate_allocation(peer, dst_blocks, len(dst_blocks) * peer.geometry.block_size, what)
+        src_per_write = blocks_for_tokens(tokens, self.pool.block_size)
+        src = await self.pool.allocator.alloc(concurrency * src_per_write, timeout=self.config.alloc_timeout_s,
+                                              label=what)
+        try:
+            geo, src_geo = peer.geometry, self.pool.geometry
+            plans = [plan_round(src_base=src_geo.base_address, src_blocks=src[i * src_per_write:(i + 1) * src_per_write],
+                                src_block_size=src_geo.block_size, src_start=0, dst_base=geo.base_address,
+                                dst_blocks=dst_blocks[i * per_write:(i + 1) * per_write], dst_block_size=geo.block_size,
+                                dst_start=0, n_tokens=tokens, record_bytes=src_geo.record.record_bytes)
+                     for i in range(concurrency)]
+            seconds = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                await asyncio.gather(*(self.transport.write(peer.session, plan) for plan in plans))
+                seconds.append(time.perf_counter() - started)
+        finally:
+            self.pool.allocator.free(src)
+        nbytes = sum(length for plan in plans for _, _, length in plan)
+        return seconds, nbytes, len(plans[0])
 
     def resume(self, request_id: str, language_id: str, rank: int, sent_tokens: int,
                blocks: list[int], allocated_tokens: int) -> bool:
@@ -281,6 +345,13 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         inputs = EncodeInputs(tuple((im.data, im.mime_type) for im in request.images), request.text,
                               request.synthetic_tokens, request.synthetic_seed)
         total, seconds = await self.s.encode(request.request_id, inputs, request.rank_count, request.language_id)
+        if context.cancelled():
+            # The caller gave up while we encoded (a small payload is encoded without a pause in
+            # which the cancellation could land): it will never Init, and its Cancel may have
+            # come and gone before this Encode ran, so end the transfer here.
+            t = self.s.transfers.live_get(request.request_id)
+            if t is not None:
+                await t.cancel("Encode was cancelled by its caller")
         return encoder_pb2.EncodeReply(request_id=request.request_id, total_tokens=total, encode_seconds=seconds)
 
     @rpc.grpc_errors
@@ -343,6 +414,13 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     @rpc.grpc_errors
     async def GetDiagnostics(self, request, context):
         return rpc.diagnostics(self.s.transfers, self.status_streams)
+
+    @rpc.grpc_errors
+    async def RawWrite(self, request, context):
+        seconds, nbytes, descriptors = await self.s.raw_write(
+            request.language_id, request.rank, list(request.dst_blocks), request.tokens, request.repeats,
+            request.concurrency)
+        return bench_pb2.RawWriteReply(seconds=seconds, bytes=nbytes, descriptors=descriptors)
 
 
 def cancel_reason(text: str) -> FailureReason:

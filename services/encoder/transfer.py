@@ -110,6 +110,7 @@ class EncoderTransfer:
         self.state = TransferState.BOOTSTRAPPING
         self.ranks: dict[int, RankSlot] = {}
         self.src_blocks: list[int] | None = None
+        self.payload_checksums: tuple[tuple[str, int], ...] | None = None  # of tokens [0, total), from Encode
         self.total_tokens = 0
         self.sent_tokens = 0
         self.rounds = 0
@@ -162,8 +163,11 @@ class EncoderTransfer:
         self.encoding = True
         self.encode_finished.clear()
 
-    def attach_payload(self, blocks: list[int], total_tokens: int) -> bool:
-        """Hand the encoded source blocks to the transfer; False (caller frees) if it ended meanwhile."""
+    def attach_payload(self, blocks: list[int], total_tokens: int,
+                       checksums: tuple[tuple[str, int], ...] | None = None) -> bool:
+        """Hand the encoded source blocks (and, if computed, the whole payload's checksums) to the
+        transfer; False (caller frees) if it ended meanwhile."""
+        self.payload_checksums = checksums
         self.encoding = False
         self.encode_finished.set()
         if self.state.terminal or self._failure is not None:
@@ -269,7 +273,8 @@ class EncoderTransfer:
                 src_start=self.sent_tokens, dst_base=geo.base_address, dst_blocks=slot.blocks,
                 dst_block_size=geo.block_size, dst_start=0, n_tokens=n, record_bytes=src_geo.record.record_bytes)
             writes.append(self.env.write(slot.peer.session, triples))
-        if self.env.integrity:
+        precomputed = self.payload_checksums if self.sent_tokens == 0 and n == self.total_tokens else None
+        if self.env.integrity and precomputed is None:
             writes.append(self.env.round_checksums(self.src_blocks, self.sent_tokens, n))
         # Every write runs to completion even when one fails: nothing may still be landing in a
         # peer's blocks once we publish FAILED and the peer reuses them.
@@ -282,8 +287,9 @@ class EncoderTransfer:
             reason = err.reason if isinstance(err, EpdError) and err.reason != FailureReason.UNSPECIFIED \
                 else FailureReason.TRANSPORT
             raise _Failure(reason, f"round {self.rounds + 1} write failed: {err}")
-        checksums = results[-1] if self.env.integrity else {}
-        return tuple(checksums.items())
+        if not self.env.integrity:
+            return ()
+        return precomputed if precomputed is not None else tuple(results[-1].items())
 
     def _ready_to_send(self) -> bool:
         return bool(self.rank_count) and len(self.ranks) == self.rank_count and self.src_blocks is not None

@@ -13,7 +13,7 @@ import grpc
 
 from common import errors
 from common.layout import PoolGeometry
-from common.pb.epd.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc
+from common.pb.epd.v1 import bench_pb2, common_pb2, encoder_pb2, encoder_pb2_grpc
 from common.states import FailureReason, StatusUpdate, TransferState
 from services import rpc
 
@@ -78,6 +78,13 @@ class GrpcEncoderLink:
     async def cancel(self, request_id: str, reason: str) -> None:
         await self._call("Cancel", self.stub.Cancel(common_pb2.CancelRequest(request_id=request_id, reason=reason),
                                                     timeout=10))
+
+    async def raw_write(self, rank: int, blocks: Sequence[int], tokens: int, repeats: int,
+                        concurrency: int) -> bench_pb2.RawWriteReply:
+        """epd bench: the encoder writes into `blocks` with plain Mooncake writes, timed."""
+        return await self._call("RawWrite", self.stub.RawWrite(bench_pb2.RawWriteRequest(
+            language_id=self.language_id, rank=rank, dst_blocks=list(blocks), tokens=tokens, repeats=repeats,
+            concurrency=concurrency), timeout=300))
 
 
 CONNECT_TIMEOUT_S = 10.0

@@ -1,7 +1,8 @@
 """One language rank's receive of one request (DESIGN §6): one asyncio task, no polling.
 
-    alloc -> Init -> for each status: TRANSFERRING -> verify, copy out, free, alloc the rest
-    (partial if short), Resume; SUCCESS -> verify, payload; FAILED -> raise the mapped error.
+    alloc -> Status + Init -> for each status: TRANSFERRING -> copy out and verify (side by
+    side), free, alloc the rest (partial if short), Resume; SUCCESS -> verify in place, payload =
+    earlier rounds' copies + a view of the last round's blocks; FAILED -> raise the mapped error.
 
 The encoder is reached through an `EncoderLink` (services/language/encoder_link.py adapts gRPC),
 so this module imports neither grpc nor mooncake. `close()` always runs: it frees every block
@@ -18,7 +19,7 @@ from typing import AsyncIterator, Callable, Protocol, Sequence
 import torch
 
 from common import errors
-from common.integrity import checksums as compute_checksums
+from common.integrity import INLINE_MAX_BYTES, PARALLEL, checksums_off_loop
 from common.payload import Payload
 from common.plan import blocks_for_tokens
 from common.pool import BlockPool
@@ -80,7 +81,7 @@ class ReceiveTask:
         self.created = time.monotonic()
         self.init_at: float | None = None
         self.finished_at: float | None = None
-        self._stash: torch.Tensor | None = None
+        self._segments: list[torch.Tensor] = []  # copies of the rounds before the last
         self._stream: StatusSource | None = None
         self._round_tokens = 0
         self._initialised = False
@@ -99,12 +100,16 @@ class ReceiveTask:
         self._progress()
         self.init_at = time.monotonic()
         self._initialised = True  # from here on the encoder may hold state: close() cancels it
+        # The Encode opened the transfer on the encoder, so its Status stream can be opened now,
+        # alongside the Init: the first round's status then never waits for a stream set-up.
+        self._stream = self.link.status(self.request_id, self.rank)
         await self.link.init(self.request_id, self.rank, self.rank_count, self.blocks, self.allocated_tokens)
 
     async def receive(self) -> Payload:
         """Follow the Status stream to the end; return the payload or raise the mapped error."""
         handled = 0
-        self._stream = self.link.status(self.request_id, self.rank)
+        if self._stream is None:
+            self._stream = self.link.status(self.request_id, self.rank)
         async for st in self._stream:
             if st.state == TransferState.FAILED:
                 self._terminal_seen = True
@@ -112,11 +117,22 @@ class ReceiveTask:
                 self.reason, self.message = st.reason, st.message
                 raise errors.error_for_reason(st.reason, f"request {self.request_id}: {st.message}")
             if st.state in (TransferState.TRANSFERRING, TransferState.SUCCESS) and st.sent_tokens > handled:
-                await self._accept_round(st, handled)
+                self._accept_round(st, handled)
+                n = st.sent_tokens - handled
                 if st.state == TransferState.SUCCESS:
                     self._terminal_seen = True
+                    # The last round is verified in place and handed over as a view of the pool.
+                    await self._verify(self.pool.runs(self.blocks, 0, n), st, handled)
                     return await self._finish()
-                await self._copy_out(handled, st.round_tokens)
+                # Copy the round out and verify it side by side (both only read the blocks), then
+                # give the blocks back and ask for the next round. Verifying before the Resume
+                # means a corrupt round fails the transfer on the encoder too.
+                runs = self.pool.runs(self.blocks, 0, n)
+                copied, verified = await asyncio.gather(self._copy_out(n), self._verify(runs, st, handled),
+                                                        return_exceptions=True)
+                for outcome in (verified, copied):
+                    if isinstance(outcome, BaseException):
+                        raise outcome
                 self.pool.allocator.free(self.blocks)
                 self.blocks, self.allocated_tokens = None, 0
                 remaining = self.total_tokens - st.sent_tokens
@@ -142,60 +158,59 @@ class ReceiveTask:
         self.telemetry.alloc_waited(time.monotonic() - started)
         return blocks
 
-    async def _accept_round(self, st: StatusUpdate, handled: int) -> None:
-        try:
-            await self._check_round(st, handled)
-        except errors.IntegrityError:
-            self.telemetry.integrity_failed()
-            raise
-        self.telemetry.bytes_moved((st.sent_tokens - handled) * self.pool.record.payload_bytes_per_token)
-
-    async def _check_round(self, st: StatusUpdate, handled: int) -> None:
-        """Check that the status describes exactly what our allocation could hold; verify checksums."""
+    def _accept_round(self, st: StatusUpdate, handled: int) -> None:
+        """Check that the status describes exactly what our allocation could hold."""
         what = f"request {self.request_id} rank {self.rank} round {st.round}"
         n = st.sent_tokens - handled
+        problem = ""
         if self.total_tokens and st.total_tokens != self.total_tokens:
-            raise errors.IntegrityError(f"{what}: total_tokens changed from {self.total_tokens} to {st.total_tokens}")
-        if st.sent_tokens > st.total_tokens or n != st.round_tokens or n > self.allocated_tokens:
-            raise errors.IntegrityError(
-                f"{what}: inconsistent status (sent_tokens={st.sent_tokens}, round_tokens={st.round_tokens}, "
-                f"previously received {handled}, allocated_tokens={self.allocated_tokens})")
-        if st.state == TransferState.SUCCESS and st.sent_tokens != st.total_tokens:
-            raise errors.IntegrityError(f"{what}: SUCCESS with sent_tokens={st.sent_tokens} < total_tokens={st.total_tokens}")
+            problem = f"total_tokens changed from {self.total_tokens} to {st.total_tokens}"
+        elif st.sent_tokens > st.total_tokens or n != st.round_tokens or n > self.allocated_tokens:
+            problem = (f"inconsistent status (sent_tokens={st.sent_tokens}, round_tokens={st.round_tokens}, "
+                       f"previously received {handled}, allocated_tokens={self.allocated_tokens})")
+        elif st.state == TransferState.SUCCESS and st.sent_tokens != st.total_tokens:
+            problem = f"SUCCESS with sent_tokens={st.sent_tokens} < total_tokens={st.total_tokens}"
+        if problem:
+            self.telemetry.integrity_failed()
+            raise errors.IntegrityError(f"{what}: {problem}")
         self.total_tokens = st.total_tokens
         self.sent_tokens = st.sent_tokens
         self._round_tokens = n
         self.rounds = st.round
         self.state = st.state
-        if self.integrity and st.checksums:
-            got = await asyncio.to_thread(compute_checksums, self.pool.runs(self.blocks, 0, n), self.pool.record, handled)
-            for name, value in st.checksums:
-                if got.get(name) != value:
-                    raise errors.IntegrityError(
-                        f"{what}: checksum of field {name!r} over tokens [{handled}, {st.sent_tokens}) is "
-                        f"{got.get(name)}, the encoder sent {value}")
-            self.verified_rounds += 1
+        self.telemetry.bytes_moved(n * self.pool.record.payload_bytes_per_token)
 
-    async def _copy_out(self, start: int, n: int) -> None:
-        if self._stash is None:
-            self._stash = torch.empty((self.total_tokens, self.pool.record.record_bytes), dtype=torch.uint8,
-                                      device=self.pool.slab.device)
-        await asyncio.to_thread(self.pool.copy_out, self.blocks, 0, n, self._stash[start:start + n])
+    async def _verify(self, runs: list[torch.Tensor], st: StatusUpdate, handled: int) -> None:
+        """Compare the round's checksums with what we hold; IntegrityError naming the field."""
+        if not (self.integrity and st.checksums):
+            return
+        got = await checksums_off_loop(runs, self.pool.record, handled)
+        for name, value in st.checksums:
+            if got.get(name) != value:
+                self.telemetry.integrity_failed()
+                raise errors.IntegrityError(
+                    f"request {self.request_id} rank {self.rank} round {st.round}: checksum of field {name!r} over "
+                    f"tokens [{handled}, {st.sent_tokens}) is {got.get(name)}, the encoder sent {value}")
+        self.verified_rounds += 1
+
+    async def _copy_out(self, n: int) -> torch.Tensor:
+        """The round's records, copied out of the pool (so its blocks can serve the next round)."""
+        segment = torch.empty((n, self.pool.record.record_bytes), dtype=torch.uint8, device=self.pool.slab.device)
+        # Split over worker threads, like big checksums (torch itself runs single-threaded here).
+        parts = PARALLEL if n * self.pool.record.record_bytes > INLINE_MAX_BYTES else 1
+        step = -(-n // parts)
+        await asyncio.gather(*(asyncio.to_thread(self.pool.copy_out, self.blocks, lo, min(step, n - lo),
+                                                 segment[lo:lo + step]) for lo in range(0, n, step)))
+        self._segments.append(segment)
+        return segment
 
     async def _finish(self) -> Payload:
-        n = self._round_tokens
-        if self._stash is None:
-            # Single round: hand the consumer a view of the pool; blocks return on release().
-            blocks, self.blocks = self.blocks, None
-            self.allocated_tokens = 0
-            payload = Payload(self.pool.record, self.pool.runs(blocks, 0, self.total_tokens),
-                              on_release=lambda: self.pool.allocator.free(blocks))
-        else:
-            await self._copy_out(self.total_tokens - n, n)
-            self.pool.allocator.free(self.blocks)
-            self.blocks, self.allocated_tokens = None, 0
-            stash, self._stash = self._stash, None
-            payload = Payload(self.pool.record, [stash])
+        blocks, self.blocks = self.blocks, None
+        self.allocated_tokens = 0
+        segments, self._segments = self._segments, []
+        # The last round stays in the pool (no copy); its blocks return on release().
+        payload = Payload(self.pool.record, [*segments, *self.pool.runs(blocks, 0, self._round_tokens)],
+                          on_release=lambda: self.pool.allocator.free(blocks))
         self.state = TransferState.SUCCESS
         self.finished_at = time.monotonic()
         return payload
@@ -235,5 +250,5 @@ class ReceiveTask:
         if self.blocks is not None:
             self.pool.allocator.free(self.blocks)
             self.blocks, self.allocated_tokens = None, 0
-        self._stash = None
+        self._segments = []
         self.finished_at = self.finished_at or time.monotonic()

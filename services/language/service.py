@@ -16,7 +16,8 @@ import uuid
 
 from common import errors
 from common.config import LanguageConfig
-from common.pb.epd.v1 import common_pb2, language_pb2, language_pb2_grpc
+from common.pb.epd.v1 import bench_pb2, common_pb2, language_pb2, language_pb2_grpc
+from common.plan import blocks_for_tokens
 from common.states import FailureReason, TransferState
 from common.table import TransferTable
 from common.transport import MooncakeTransport
@@ -159,10 +160,7 @@ class LanguageService:
             raise errors.InvalidArgument(f"request_id is {len(request_id.encode())} bytes, above {MAX_REQUEST_ID_BYTES}")
         if request.synthetic_tokens == 0 and not request.text and not request.images:
             raise errors.InvalidArgument(f"request {errors.shown(request_id)}: no images, no text and synthetic_tokens=0")
-        if self.group.broken:
-            raise errors.Unavailable(f"language instance is unhealthy: {self.group.broken}")
-        if self.draining:
-            raise errors.Unavailable(f"language {self.language_id} is shutting down")
+        self._refuse_when_unhealthy(f"Generate of request {errors.shown(request_id)}")
         record = GenerateRecord(request_id, self.worker.link.address)
         record.worker = self.worker
         self.requests.add(request_id, record)  # ALREADY_EXISTS for an id in use
@@ -174,12 +172,14 @@ class LanguageService:
         try:
             done, _ = await asyncio.wait({work}, timeout=timeout)
             if not done:
+                record.cancel_reason = f"no result within the deadline of {timeout:.3f} s"
                 await cancel_and_wait(work)
                 raise errors.DeadlineExceeded(f"request {errors.shown(request_id)} did not finish within {timeout:.3f} s")
             if work.cancelled():
                 raise errors.Cancelled(f"request {errors.shown(request_id)} was cancelled: {record.cancel_reason}")
             return work.result()
         except asyncio.CancelledError:  # the client went away
+            record.cancel_reason = record.cancel_reason or "the client cancelled the call"
             await asyncio.shield(cancel_and_wait(work))
             raise
         except errors.EpdError as e:
@@ -188,6 +188,12 @@ class LanguageService:
         finally:
             record.finished_at = time.monotonic()
             self.requests.finish(request_id, record)
+
+    def _refuse_when_unhealthy(self, what: str) -> None:
+        if self.group.broken:
+            raise errors.Unavailable(f"{what}: language instance is unhealthy: {self.group.broken}")
+        if self.draining:
+            raise errors.Unavailable(f"{what}: language {self.language_id} is shutting down")
 
     async def _generate(self, request_id: str, request, record: GenerateRecord) -> language_pb2.GenerateReply:
         """Encode first, then admit the request to every rank. The ranks reserve destination
@@ -203,28 +209,39 @@ class LanguageService:
             spec = self.group.admit(request_id, self.policy.initial_tokens(request.expected_tokens),
                                     request.want_digest)
             outcome_fut = self.worker.outcome(request_id)
-            outcome: RankOutcome = await outcome_fut
+            # Shielded: a cancelled Generate must not cancel the rank's outcome, which records
+            # what every rank did (inspection) once fail_local below has ended it.
+            outcome: RankOutcome = await asyncio.shield(outcome_fut)
             record.outcome = outcome
             if not outcome.decision.deliver:
                 raise errors.error_for_reason(outcome.decision.reason, _failure_message(request_id, outcome))
             self.policy.observe(total)
             return self._reply(request_id, spec.initial_tokens, outcome, total, started)
         except BaseException as e:
-            reason = e.reason if isinstance(e, errors.EpdError) else FailureReason.CANCELLED
-            if outcome_fut is None:  # never admitted (Encode refused, cancelled): no rank reports it
-                self.worker.telemetry.transfer_ended(TransferState.FAILED, reason if reason else FailureReason.INVALID,
-                                                     seconds=None, rounds=0)
-            if outcome_fut is not None:
-                if not outcome_fut.done():
-                    self.worker.fail_local(request_id, reason)
-                    await asyncio.shield(asyncio.gather(outcome_fut, return_exceptions=True))
-                if record.outcome is None and outcome_fut.done() and not outcome_fut.cancelled() \
-                        and outcome_fut.exception() is None:
-                    record.outcome = outcome_fut.result()  # inspection shows every rank's part
-            # End the transfer on the encoder too (the Encode opened it), and wait until its
-            # source blocks are free.
-            await asyncio.shield(self._cancel_on_encoder(request_id, f"{reason.label}: {e}"))
+            # One shielded clean-up: the Generate's own deadline and the client's cancellation
+            # can both cancel this task, and a second cancel must not skip the Cancel on the
+            # encoder (its source blocks would wait for the bootstrap timeout).
+            await asyncio.shield(self._abandon(request_id, record, outcome_fut, e))
             raise
+
+    async def _abandon(self, request_id: str, record: GenerateRecord, outcome_fut: asyncio.Future | None,
+                       e: BaseException) -> None:
+        """End a failed or cancelled Generate on every rank and on the encoder."""
+        reason = e.reason if isinstance(e, errors.EpdError) else FailureReason.CANCELLED
+        if outcome_fut is None:  # never admitted (Encode refused, cancelled): no rank reports it
+            self.worker.telemetry.transfer_ended(TransferState.FAILED, reason if reason else FailureReason.INVALID,
+                                                 seconds=None, rounds=0)
+        else:
+            if not outcome_fut.done():
+                self.worker.fail_local(request_id, reason)
+                await asyncio.gather(outcome_fut, return_exceptions=True)
+            if record.outcome is None and outcome_fut.done() and not outcome_fut.cancelled() \
+                    and outcome_fut.exception() is None:
+                record.outcome = outcome_fut.result()  # inspection shows every rank's part
+        # End the transfer on the encoder too (the Encode opened it), and wait until its source
+        # blocks are free.
+        why = str(e) or (record.cancel_reason if isinstance(e, asyncio.CancelledError) else "") or type(e).__name__
+        await self._cancel_on_encoder(request_id, f"{reason.label}: {why}")
 
     async def _cancel_on_encoder(self, request_id: str, why: str) -> None:
         try:
@@ -253,7 +270,26 @@ class LanguageService:
             payload_sha256=outcome.digest or next((r.digest.hex() for r in rows if r.digest), ""),
             first_token_id=outcome.consumer.first_token_id if outcome.consumer else -1,
             initial_allocated_tokens=receiver.initial_allocated_tokens if receiver else initial_tokens,
-            ranks=reports, agreement_seconds=outcome.agreement_seconds)
+            ranks=reports, agreement_seconds=outcome.agreement_seconds,
+            logits=_logits_summary(outcome.consumer), consumer=self.worker.consumer.name)
+
+    async def measure_link(self, tokens: int, repeats: int, concurrency: int) -> bench_pb2.MeasureLinkReply:
+        """epd bench's baseline: the encoder writes plain Mooncake writes into blocks of rank 0's
+        pool reserved for the measurement (so no transfer can be hurt), then they are freed."""
+        if tokens < 1 or repeats < 1 or concurrency < 1:
+            raise errors.InvalidArgument(f"tokens={tokens}, repeats={repeats}, concurrency={concurrency}: each must be >= 1")
+        self._refuse_when_unhealthy("MeasureLink")
+        n = concurrency * blocks_for_tokens(tokens, self.pool.block_size)
+        if n > self.pool.num_blocks:
+            raise errors.InvalidArgument(
+                f"concurrency * tokens = {concurrency} * {tokens} needs {n} blocks, more than the pool's {self.pool.num_blocks}")
+        blocks = await self.pool.allocator.alloc(n, timeout=self.config.alloc_timeout_s, label="MeasureLink")
+        try:
+            reply = await self.worker.link.raw_write(0, blocks, tokens, repeats, concurrency)
+        finally:
+            self.pool.allocator.free(blocks)
+        return bench_pb2.MeasureLinkReply(seconds=reply.seconds, bytes=reply.bytes, descriptors=reply.descriptors,
+                                          encoder=self.worker.link.encoder_id or self.worker.link.address)
 
     async def cancel(self, request_id: str, reason: str) -> tuple[bool, TransferState]:
         record = self.requests.require(request_id)
@@ -262,6 +298,16 @@ class LanguageService:
         record.cancel_reason = reason
         await cancel_and_wait(record.task)
         return True, record.state
+
+
+def _logits_summary(result) -> language_pb2.LogitsSummary | None:
+    """GenerateReply.logits from a consumer's result (unset when the consumer computes none)."""
+    if result is None or not (result.vocab_size or result.skipped):
+        return None
+    return language_pb2.LogitsSummary(
+        top_token_ids=result.top_token_ids, top_logits=result.top_logits, norm=result.logits_norm,
+        sum=result.logits_sum, vocab_size=result.vocab_size, mrope_position_delta=result.position_delta,
+        prefill_tokens=result.prefill_tokens, prefill_seconds=result.prefill_seconds, skipped=result.skipped)
 
 
 def _failure_message(request_id: str, outcome: RankOutcome) -> str:
@@ -317,6 +363,10 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
     @rpc.grpc_errors
     async def GetDiagnostics(self, request, context):
         return rpc.diagnostics(self.s.requests)
+
+    @rpc.grpc_errors
+    async def MeasureLink(self, request, context):
+        return await self.s.measure_link(request.tokens, request.repeats, request.concurrency or 1)
 
 
 def record_info(service: LanguageService, r: GenerateRecord) -> common_pb2.TransferInfo:

@@ -20,6 +20,7 @@ from common.payload import Payload
 from common.pool import BlockPool
 from common.states import FailureReason, TransferState
 from common.transport import MooncakeTransport, memory_location
+from services.language.consumers import ConsumerResult, NullConsumer, build_consumer  # noqa: F401 (re-exported)
 from services.language.encoder_link import GrpcEncoderLink
 from services.language.faults import FaultSpec, FaultyLink
 from services.language.rank_group import Decision, LocalView, RankGroup, RequestSpec
@@ -27,20 +28,6 @@ from services.language.receiver import ReceiveTask
 from services.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class ConsumerResult:
-    first_token_id: int = -1
-
-
-class NullConsumer:
-    """Accepts the payload and generates nothing (first_token_id = -1)."""
-
-    name = "null"
-
-    async def consume(self, payload: Payload | None) -> ConsumerResult:
-        return ConsumerResult()
 
 
 @dataclasses.dataclass
@@ -74,7 +61,7 @@ class RankWorker:
         if not self.fault.applies_to(rank):
             self.fault = FaultSpec()
         self.link = FaultyLink(link, self.fault) if (self.fault.status_lag_s or self.fault.status_dup) else link
-        self.consumer = NullConsumer()
+        self.consumer = build_consumer(config, rank)
         self.receivers: dict[str, ReceiveTask] = {}
         self._outcomes: dict[str, asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()

@@ -202,7 +202,8 @@ def test_flag_defaults():
     a = _parse([])
     assert (a.requests, a.tp, a.encoders, a.json, a.hidden, a.dtype, a.block_size,
             a.initial_tokens, a.language_pool_blocks, a.encoder_pool_blocks, a.concurrency,
-            a.seed) == (24, 1, 1, False, 1024, "bfloat16", 128, 8192, 96, 4096, 8, 1)
+            a.seed, a.model, a.image_requests) == (24, 1, 1, False, 256, "bfloat16", 128, 8192, 96, 4096, 8, 1,
+                                                   "tiny", 6)
 
 
 def test_flags_from_env_and_cli_wins(monkeypatch):
@@ -322,7 +323,7 @@ def fake(tmp_path):
     return argvs()
 
 
-SMALL = ["--requests", "8", "--hidden", "16", "--block-size", "16", "--initial-tokens", "64",
+SMALL = ["--model", "none", "--requests", "8", "--hidden", "16", "--block-size", "16", "--initial-tokens", "64",
          "--language-pool-blocks", "6", "--encoder-pool-blocks", "512", "--concurrency", "3",
          "--startup-timeout", "20"]
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from common.integrity import checksums
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.integrity import INLINE_MAX_BYTES, checksums, checksums_off_loop, small_checksums, split_tokens
 from common.layout import RecordLayout, default_fields
 from common.synthetic import fill_synthetic
 
@@ -38,3 +41,47 @@ def test_detects_corruption_moves_and_swaps():
     swapped_cols[:, [0, 2]] = r[:, [2, 0]]
     assert checksums([swapped_cols], RECORD, 0)["embeddings"] != base["embeddings"]
     assert checksums([r], RECORD, 1) != base  # position matters
+
+
+@settings(max_examples=60, deadline=None)
+@given(hidden=st.sampled_from([1, 7, 64, 255, 3584]), dtype=st.sampled_from(["bfloat16", "float16", "float32"]),
+       n=st.integers(1, 300), cut=st.integers(0, 300), first=st.integers(0, 10**6), seed=st.integers(0, 2**31))
+def test_small_numpy_checksums_equal_the_torch_ones(hidden, dtype, n, cut, first, seed):
+    """The event-loop fast path (numpy, small host segments) is bit-for-bit the torch checksum."""
+    record = RecordLayout.pack(default_fields(hidden, dtype))
+    gen = torch.Generator().manual_seed(seed)
+    records = torch.randint(0, 256, (n, record.record_bytes), dtype=torch.uint8, generator=gen)
+    cut = min(cut, n)
+    segments = [records[:cut], records[cut:]]
+    assert small_checksums(segments, record, first) == checksums(segments, record, first)
+
+
+async def test_checksums_off_loop_picks_a_path_by_size_with_equal_results():
+    record = RecordLayout.pack(default_fields(3584, "bfloat16"))
+    for n in (4, (INLINE_MAX_BYTES // record.record_bytes) + 10):  # inline numpy, then a worker thread
+        records = torch.randint(0, 256, (n, record.record_bytes), dtype=torch.uint8)
+        assert await checksums_off_loop([records], record, 5) == checksums([records], record, 5)
+
+
+@settings(max_examples=80, deadline=None)
+@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=6), first=st.integers(0, 1000),
+       parts=st.integers(1, 5))
+def test_split_tokens_keeps_order_and_positions(lengths, first, parts):
+    segments = [torch.arange(sum(lengths[:i]), sum(lengths[:i + 1])).view(-1, 1) for i in range(len(lengths))]
+    groups = split_tokens(segments, first, parts)
+    assert len(groups) <= parts
+    flat = [int(x) for segs, _ in groups for s in segs for x in s.flatten()]
+    assert flat == list(range(sum(lengths)))
+    for segs, start in groups:  # each group's first token is its absolute position
+        got = [s for s in segs if s.shape[0]]
+        if got:
+            assert start == first + int(got[0][0, 0])
+
+
+async def test_parallel_off_loop_checksums_equal_one_pass():
+    record = RecordLayout.pack(default_fields(512, "bfloat16"))
+    n = INLINE_MAX_BYTES // record.record_bytes * 3 + 7
+    records = torch.randint(0, 256, (n, record.record_bytes), dtype=torch.uint8)
+    segments = [records[:n // 3], records[n // 3:]]
+    for parallel in (1, 2, 3):
+        assert await checksums_off_loop(segments, record, 11, parallel=parallel) == checksums(segments, record, 11)

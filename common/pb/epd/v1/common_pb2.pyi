@@ -130,7 +130,7 @@ class RankView(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., state: _Optional[_Union[TransferState, str]] = ..., sent_tokens: _Optional[int] = ..., allocated_tokens: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...
 
 class TransferInfo(_message.Message):
-    __slots__ = ("request_id", "state", "sent_tokens", "total_tokens", "rounds", "ranks", "error", "age_seconds", "allocated_tokens", "peer", "transfer_seconds", "bytes")
+    __slots__ = ("request_id", "state", "sent_tokens", "total_tokens", "rounds", "ranks", "error", "age_seconds", "allocated_tokens", "peer", "transfer_seconds", "bytes", "bootstrap_seconds")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,7 @@ class TransferInfo(_message.Message):
     PEER_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
+    BOOTSTRAP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     state: TransferState
     sent_tokens: int
@@ -155,7 +156,8 @@ class TransferInfo(_message.Message):
     peer: str
     transfer_seconds: float
     bytes: int
-    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[_Union[TransferState, str]] = ..., sent_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankView, _Mapping]]] = ..., error: _Optional[_Union[TransferError, _Mapping]] = ..., age_seconds: _Optional[float] = ..., allocated_tokens: _Optional[int] = ..., peer: _Optional[str] = ..., transfer_seconds: _Optional[float] = ..., bytes: _Optional[int] = ...) -> None: ...
+    bootstrap_seconds: float
+    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[_Union[TransferState, str]] = ..., sent_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankView, _Mapping]]] = ..., error: _Optional[_Union[TransferError, _Mapping]] = ..., age_seconds: _Optional[float] = ..., allocated_tokens: _Optional[int] = ..., peer: _Optional[str] = ..., transfer_seconds: _Optional[float] = ..., bytes: _Optional[int] = ..., bootstrap_seconds: _Optional[float] = ...) -> None: ...
 
 class GetTransferRequest(_message.Message):
     __slots__ = ("request_id",)

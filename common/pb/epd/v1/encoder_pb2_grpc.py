@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from common.pb.epd.v1 import bench_pb2 as epd_dot_v1_dot_bench__pb2
 from common.pb.epd.v1 import common_pb2 as epd_dot_v1_dot_common__pb2
 from common.pb.epd.v1 import encoder_pb2 as epd_dot_v1_dot_encoder__pb2
 
@@ -85,6 +86,11 @@ class EncoderStub:
                 request_serializer=epd_dot_v1_dot_common__pb2.GetDiagnosticsRequest.SerializeToString,
                 response_deserializer=epd_dot_v1_dot_common__pb2.Diagnostics.FromString,
                 _registered_method=True)
+        self.RawWrite = channel.unary_unary(
+                '/epd.v1.Encoder/RawWrite',
+                request_serializer=epd_dot_v1_dot_bench__pb2.RawWriteRequest.SerializeToString,
+                response_deserializer=epd_dot_v1_dot_bench__pb2.RawWriteReply.FromString,
+                _registered_method=True)
 
 
 class EncoderServicer:
@@ -150,6 +156,13 @@ class EncoderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RawWrite(self, request, context):
+        """epd bench: the raw Mooncake baseline
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EncoderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +215,11 @@ def add_EncoderServicer_to_server(servicer, server):
                     servicer.GetDiagnostics,
                     request_deserializer=epd_dot_v1_dot_common__pb2.GetDiagnosticsRequest.FromString,
                     response_serializer=epd_dot_v1_dot_common__pb2.Diagnostics.SerializeToString,
+            ),
+            'RawWrite': grpc.unary_unary_rpc_method_handler(
+                    servicer.RawWrite,
+                    request_deserializer=epd_dot_v1_dot_bench__pb2.RawWriteRequest.FromString,
+                    response_serializer=epd_dot_v1_dot_bench__pb2.RawWriteReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -474,6 +492,33 @@ class Encoder:
             '/epd.v1.Encoder/GetDiagnostics',
             epd_dot_v1_dot_common__pb2.GetDiagnosticsRequest.SerializeToString,
             epd_dot_v1_dot_common__pb2.Diagnostics.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RawWrite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epd.v1.Encoder/RawWrite',
+            epd_dot_v1_dot_bench__pb2.RawWriteRequest.SerializeToString,
+            epd_dot_v1_dot_bench__pb2.RawWriteReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,3 +1,4 @@
+from common.pb.epd.v1 import bench_pb2 as _bench_pb2
 from common.pb.epd.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -26,7 +27,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., text: _Optional[str] = ..., synthetic_tokens: _Optional[int] = ..., synthetic_seed: _Optional[int] = ..., expected_tokens: _Optional[int] = ..., want_digest: _Optional[bool] = ...) -> None: ...
 
 class GenerateReply(_message.Message):
-    __slots__ = ("request_id", "total_tokens", "rounds", "bytes", "transfer_seconds", "total_seconds", "integrity_verified", "encoder", "payload_sha256", "first_token_id", "initial_allocated_tokens", "ranks", "agreement_seconds")
+    __slots__ = ("request_id", "total_tokens", "rounds", "bytes", "transfer_seconds", "total_seconds", "integrity_verified", "encoder", "payload_sha256", "first_token_id", "initial_allocated_tokens", "ranks", "agreement_seconds", "logits", "consumer")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +41,8 @@ class GenerateReply(_message.Message):
     INITIAL_ALLOCATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
     AGREEMENT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     total_tokens: int
     rounds: int
@@ -53,7 +56,31 @@ class GenerateReply(_message.Message):
     initial_allocated_tokens: int
     ranks: _containers.RepeatedCompositeFieldContainer[RankReport]
     agreement_seconds: float
-    def __init__(self, request_id: _Optional[str] = ..., total_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., integrity_verified: _Optional[bool] = ..., encoder: _Optional[str] = ..., payload_sha256: _Optional[str] = ..., first_token_id: _Optional[int] = ..., initial_allocated_tokens: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankReport, _Mapping]]] = ..., agreement_seconds: _Optional[float] = ...) -> None: ...
+    logits: LogitsSummary
+    consumer: str
+    def __init__(self, request_id: _Optional[str] = ..., total_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., integrity_verified: _Optional[bool] = ..., encoder: _Optional[str] = ..., payload_sha256: _Optional[str] = ..., first_token_id: _Optional[int] = ..., initial_allocated_tokens: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankReport, _Mapping]]] = ..., agreement_seconds: _Optional[float] = ..., logits: _Optional[_Union[LogitsSummary, _Mapping]] = ..., consumer: _Optional[str] = ...) -> None: ...
+
+class LogitsSummary(_message.Message):
+    __slots__ = ("top_token_ids", "top_logits", "norm", "sum", "vocab_size", "mrope_position_delta", "prefill_tokens", "prefill_seconds", "skipped")
+    TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    SUM_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MROPE_POSITION_DELTA_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    top_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_logits: _containers.RepeatedScalarFieldContainer[float]
+    norm: float
+    sum: float
+    vocab_size: int
+    mrope_position_delta: int
+    prefill_tokens: int
+    prefill_seconds: float
+    skipped: str
+    def __init__(self, top_token_ids: _Optional[_Iterable[int]] = ..., top_logits: _Optional[_Iterable[float]] = ..., norm: _Optional[float] = ..., sum: _Optional[float] = ..., vocab_size: _Optional[int] = ..., mrope_position_delta: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., skipped: _Optional[str] = ...) -> None: ...
 
 class RankReport(_message.Message):
     __slots__ = ("rank", "data_rank", "payload_sha256", "received_tokens", "rounds")

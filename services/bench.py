@@ -1,0 +1,466 @@
+"""`epd bench` (DESIGN §13): the performance yardsticks, measured in one run.
+
+Every figure is a ratio against a raw Mooncake `batch_transfer_sync_write` of the same bytes
+between the same two service processes, measured in the same run (the language's MeasureLink
+RPC: the encoder writes plain, protocol-free writes into blocks the language reserved for the
+measurement). Ratios hold on noisy machines where absolute times do not.
+
+Cases (hidden 3584, bf16, block_size 128 unless flags say otherwise):
+- `single`: single-round requests of 256..8192 tokens; delivered bandwidth (Init -> payload
+  received and verified on the language, `GenerateReply.transfer_seconds`) / raw (goal >= 0.9);
+- `multi`: the same totals through a language whose pool holds one 1024-token round (1-8
+  rounds); extra cost per extra round over the exact allocation (goal <= copy-out time of a
+  round + 2 ms);
+- `control`: a 64-token request's client-observed latency minus the raw write of its bytes,
+  p50 and p99 (goal <= 3 ms p50);
+- `concurrency`: 1, 8, 64 requests in flight; aggregate bandwidth / raw aggregate at the same
+  concurrency (goal >= 0.8 at 64);
+- `policies`: `fixed`, `hint`, `adaptive` on one seeded mixed size distribution: rounds per
+  request and peak pool usage;
+- `loops`: the `single` (largest size) and `control` cases again with both services on
+  asyncio's own loop instead of uvloop.
+
+`--check` exits 1 when a goal is missed by more than `--margin` (what `make bench-check` runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from typing import Any, Sequence
+
+import grpc
+
+from common.layout import RecordLayout, default_fields
+from common.pb.epd.v1 import bench_pb2, common_pb2, language_pb2, language_pb2_grpc
+from services import demo
+from services.rpc import CLIENT_OPTIONS
+
+CASES = ("single", "multi", "control", "concurrency", "policies", "loops")
+POLICIES = ("fixed", "hint", "adaptive")
+
+# (figure, comparison, goal) — DESIGN §13. `round_extra_ms` is checked per size against that
+# size's own copy-out time + 2 ms.
+GOALS = {
+    "single_round_ratio": (">=", 0.9),
+    "round_extra_ms": ("<=", "copy_out_ms + 2"),
+    "control_overhead_p50_ms": ("<=", 3.0),
+    "concurrency_64_ratio": (">=", 0.8),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", metavar="PATH", default="",
+                   help="also write the results as JSON to PATH ('-' = print only the JSON to stdout)")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    p.add_argument("--hidden", type=int, default=3584, help="embedding width (default 3584)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--sizes", default="256,1024,4096,8192", help="token counts of the single/multi cases")
+    p.add_argument("--repeats", type=int, default=12, help="timed requests per size (after warm-up)")
+    p.add_argument("--small-requests", type=int, default=300, help="64-token requests of the control case")
+    p.add_argument("--concurrency", default="1,8,64", help="in-flight levels of the concurrency case")
+    p.add_argument("--concurrency-tokens", type=int, default=1024, help="tokens per request of the concurrency case")
+    p.add_argument("--policy-requests", type=int, default=150, help="requests per policy in the policies case")
+    p.add_argument("--integrity", action=argparse.BooleanOptionalAction, default=True,
+                   help="per-round checksums on (the services' default) or off")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, noisier figures)")
+    p.add_argument("--check", action="store_true", help="exit 1 when a goal is missed by more than --margin")
+    p.add_argument("--margin", type=float, default=0.15,
+                   help="relative slack of --check (0.15: a >= 0.9 goal fails below 0.765)")
+    p.add_argument("--keep-logs", metavar="DIR", default="", help="keep the services' logs in DIR")
+
+
+# ---------------------------------------------------------------------------- small helpers
+
+def pct(values: Sequence[float], q: float) -> float:
+    return demo.percentile(list(values), q) if values else float("nan")
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+class Services:
+    """An encoder and a language process for one part of the run."""
+
+    def __init__(self, args: argparse.Namespace, *, language_blocks: int, encoder_blocks: int,
+                 alloc_policy: str = "hint", initial_tokens: int = 8192, event_loop: str = "auto"):
+        common = ["--host", "127.0.0.1", "--port", "0", "--hidden", str(args.hidden), "--dtype", args.dtype,
+                  "--block-size", str(args.block_size), "--event-loop", event_loop, "--log-level", "WARNING",
+                  "--integrity" if args.integrity else "--no-integrity"]
+        env = demo.child_env()
+        py = [sys.executable, "-m", "services.cli"]
+        logs = args.keep_logs or None
+        self.encoder = demo.ServiceProcess("encoder", [*py, "encoder", *common, "--pool-blocks", str(encoder_blocks)],
+                                           env=env, log_dir=logs)
+        self.language: demo.ServiceProcess | None = None
+        self.encoder.start()
+        try:
+            self.encoder.wait_ready(120)
+            self.language = demo.ServiceProcess(
+                "language", [*py, "language", *common, "--pool-blocks", str(language_blocks),
+                             "--encoder", f"127.0.0.1:{self.encoder.port}", "--alloc-policy", alloc_policy,
+                             "--initial-tokens", str(initial_tokens)], env=env, log_dir=logs)
+            self.language.start()
+            self.language.wait_ready(120)
+        except BaseException:
+            self.stop()
+            raise
+        self.event_loop = self.encoder.info.get("event_loop", "?")
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.language.port}", options=CLIENT_OPTIONS)
+        self.stub = language_pb2_grpc.LanguageStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+        self.stop()
+
+    def stop(self) -> None:
+        for p in (self.language, self.encoder):
+            if p is not None:
+                p.stop()
+
+    async def generate(self, tokens: int, expected: int = 0, seed: int = 0) -> language_pb2.GenerateReply:
+        return await self.stub.Generate(language_pb2.GenerateRequest(
+            synthetic_tokens=tokens, synthetic_seed=seed, expected_tokens=expected), timeout=600)
+
+    async def raw(self, tokens: int, repeats: int, concurrency: int = 1) -> bench_pb2.MeasureLinkReply:
+        return await self.stub.MeasureLink(bench_pb2.MeasureLinkRequest(
+            tokens=tokens, repeats=repeats, concurrency=concurrency), timeout=600)
+
+    async def used_blocks(self) -> int:
+        return (await self.stub.GetPool(common_pb2.GetPoolRequest())).used_blocks
+
+
+def record_bytes(args: argparse.Namespace) -> int:
+    return RecordLayout.pack(default_fields(args.hidden, args.dtype)).payload_bytes_per_token
+
+
+def copy_out_ms(args: argparse.Namespace, tokens: int, repeats: int = 15) -> float:
+    """What copying one round's records out of the pool costs on this machine (torch, CPU)."""
+    import torch
+
+    rec = RecordLayout.pack(default_fields(args.hidden, args.dtype)).record_bytes
+    src = torch.empty((tokens, rec), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return median(times) * 1e3
+
+
+# ---------------------------------------------------------------------------- cases
+
+async def case_single(s: Services, sizes: Sequence[int], repeats: int, bpt: int) -> list[dict[str, Any]]:
+    rows = []
+    for n in sizes:
+        for _ in range(2):  # warm-up: channels, first-touch of pool pages
+            await s.generate(n, expected=n)
+        times = [(await s.generate(n, expected=n)).transfer_seconds for _ in range(repeats)]
+        raw = await s.raw(n, repeats)
+        t, r = median(times), median(raw.seconds)
+        rows.append({"tokens": n, "bytes": n * bpt, "rounds": 1, "transfer_ms_p50": t * 1e3,
+                     "transfer_ms_p99": pct(times, 99) * 1e3, "raw_ms_p50": r * 1e3, "gbps": n * bpt / t / 1e9,
+                     "raw_gbps": raw.bytes / r / 1e9, "ratio": r / t * (n * bpt) / raw.bytes,
+                     "descriptors": raw.descriptors})
+    return rows
+
+
+MULTI_ROUND_TOKENS = 1024
+
+
+async def case_multi(args: argparse.Namespace, sizes: Sequence[int], repeats: int,
+                     single: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same totals through a language whose whole pool is one 1024-token round, so a request
+    takes ceil(n / 1024) rounds; compared with the exact allocation of the `single` case."""
+    initial = MULTI_ROUND_TOKENS
+    exact = {row["tokens"]: row["transfer_ms_p50"] for row in single}
+    rows = []
+    s = Services(args, language_blocks=max(1, initial // args.block_size), encoder_blocks=max(sizes) // args.block_size + 8,
+                 alloc_policy="fixed", initial_tokens=initial)
+    try:
+        rows = await _multi_rows(s, args, sizes, repeats, exact)
+    finally:
+        await s.close()
+    return rows
+
+
+async def _multi_rows(s: Services, args: argparse.Namespace, sizes: Sequence[int], repeats: int,
+                      exact: dict[int, float]) -> list[dict[str, Any]]:
+    initial = MULTI_ROUND_TOKENS
+    rows = []
+    for n in sizes:
+        rounds = math.ceil(n / initial)
+        await s.generate(n)
+        replies = [await s.generate(n) for _ in range(repeats)]
+        got_rounds = max(r.rounds for r in replies)
+        t = median([r.transfer_seconds for r in replies]) * 1e3
+        extra = (t - exact[n]) / (got_rounds - 1) if got_rounds > 1 and n in exact else 0.0
+        copy_ms = copy_out_ms(args, min(n, initial))
+        rows.append({"tokens": n, "initial_tokens": initial, "rounds": got_rounds, "expected_rounds": rounds,
+                     "transfer_ms_p50": t, "exact_ms_p50": exact.get(n, float("nan")),
+                     "extra_ms_per_round": extra, "copy_out_ms_per_round": copy_ms,
+                     "goal_ms_per_round": copy_ms + 2.0})
+    return rows
+
+
+async def case_control(s: Services, n_requests: int, bpt: int) -> dict[str, Any]:
+    tokens = 64
+    for _ in range(10):
+        await s.generate(tokens, expected=tokens)
+    latency = []
+    for _ in range(n_requests):
+        t = time.perf_counter()
+        await s.generate(tokens, expected=tokens)
+        latency.append(time.perf_counter() - t)
+    raw = median((await s.raw(tokens, max(20, n_requests // 4))).seconds)
+    overhead = [x - raw for x in latency]
+    return {"tokens": tokens, "bytes": tokens * bpt, "requests": n_requests,
+            "latency_ms_p50": pct(latency, 50) * 1e3, "latency_ms_p99": pct(latency, 99) * 1e3,
+            "raw_ms_p50": raw * 1e3, "overhead_ms_p50": pct(overhead, 50) * 1e3,
+            "overhead_ms_p99": pct(overhead, 99) * 1e3}
+
+
+async def case_concurrency(s: Services, levels: Sequence[int], tokens: int, bpt: int, quick: bool) -> list[dict[str, Any]]:
+    rows = []
+    for c in levels:
+        total = max(4 * c, 16 if quick else 32)
+        sem = asyncio.Semaphore(c)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await s.generate(tokens, expected=tokens, seed=i)
+
+        await asyncio.gather(*(one(i) for i in range(min(c, 8))))  # warm-up
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(total)))
+        wall = time.perf_counter() - started
+        raw = await s.raw(tokens, 3 if quick else 5, concurrency=c)
+        gbps = total * tokens * bpt / wall / 1e9
+        raw_gbps = raw.bytes / median(raw.seconds) / 1e9
+        rows.append({"concurrency": c, "requests": total, "tokens_per_request": tokens, "wall_s": wall,
+                     "gbps": gbps, "raw_gbps": raw_gbps, "ratio": gbps / raw_gbps})
+    return rows
+
+
+def mixed_sizes(n: int, seed: int = 7) -> list[int]:
+    """A seeded mix: mostly small and medium prompts, a tail of large multi-image ones."""
+    rng = random.Random(seed)
+    sizes = []
+    for _ in range(n):
+        u = rng.random()
+        if u < 0.5:
+            sizes.append(rng.randint(64, 1500))
+        elif u < 0.85:
+            sizes.append(rng.randint(1500, 6000))
+        else:
+            sizes.append(rng.randint(6000, 24000))
+    return sizes
+
+
+async def case_policies(args: argparse.Namespace, n_requests: int, bpt: int) -> list[dict[str, Any]]:
+    sizes = mixed_sizes(n_requests)
+    rows = []
+    for policy in POLICIES:
+        s = Services(args, language_blocks=256, encoder_blocks=1024, alloc_policy=policy, initial_tokens=8192)
+        try:
+            peak = 0
+            stop = asyncio.Event()
+
+            async def sample() -> None:
+                nonlocal peak
+                while not stop.is_set():
+                    peak = max(peak, await s.used_blocks())
+                    await asyncio.sleep(0.005)
+
+            sampler = asyncio.ensure_future(sample())
+            sem = asyncio.Semaphore(4)
+            rounds: list[int] = []
+
+            async def one(i: int, n: int) -> None:
+                async with sem:
+                    reply = await s.generate(n, expected=n, seed=i)  # `hint` uses it, the others ignore it
+                    rounds.append(reply.rounds)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(one(i, n) for i, n in enumerate(sizes)))
+            wall = time.perf_counter() - started
+            stop.set()
+            await sampler
+            rows.append({"policy": policy, "requests": len(sizes), "rounds_mean": statistics.fmean(rounds),
+                         "rounds_p90": pct(rounds, 90), "rounds_max": max(rounds),
+                         "resumes_per_request": statistics.fmean(r - 1 for r in rounds),
+                         "peak_pool_blocks": peak, "pool_blocks": 256,
+                         "gbps": sum(sizes) * bpt / wall / 1e9, "wall_s": wall})
+        finally:
+            await s.close()
+    return rows
+
+
+# ---------------------------------------------------------------------------- run
+
+def evaluate(results: dict[str, Any], margin: float) -> list[dict[str, Any]]:
+    """Each goal of §13 with its measured value; `ok` within the margin."""
+    checks = []
+
+    def add(name: str, value: float, op: str, goal: float) -> None:
+        slack = goal * (1 - margin) if op == ">=" else goal * (1 + margin)
+        ok = value >= slack if op == ">=" else value <= slack
+        checks.append({"figure": name, "value": value, "goal": f"{op} {goal:g}", "met": (value >= goal) if op == ">=" else (value <= goal),
+                       "ok_within_margin": ok})
+
+    for row in results.get("single", []):
+        add(f"single_round_ratio[{row['tokens']}]", row["ratio"], ">=", 0.9)
+    for row in results.get("multi", []):
+        if row["rounds"] > 1:
+            add(f"round_extra_ms[{row['tokens']}]", row["extra_ms_per_round"], "<=", row["goal_ms_per_round"])
+    if "control" in results:
+        add("control_overhead_p50_ms", results["control"]["overhead_ms_p50"], "<=", 3.0)
+    for row in results.get("concurrency", []):
+        if row["concurrency"] == 64:
+            add("concurrency_64_ratio", row["ratio"], ">=", 0.8)
+    return checks
+
+
+async def run_async(args: argparse.Namespace) -> dict[str, Any]:
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        raise SystemExit(f"epd bench: unknown case(s) {unknown}; known: {list(CASES)}")
+    sizes = [int(x) for x in args.sizes.split(",")]
+    levels = [int(x) for x in args.concurrency.split(",")]
+    repeats = max(3, args.repeats // 3) if args.quick else args.repeats
+    small = max(30, args.small_requests // 5) if args.quick else args.small_requests
+    policy_requests = max(30, args.policy_requests // 3) if args.quick else args.policy_requests
+    bpt = record_bytes(args)
+    need = max([*sizes, 1]) // args.block_size + 1
+    blocks = max(need, max(levels, default=1) * math.ceil(args.concurrency_tokens / args.block_size)) + 16
+    results: dict[str, Any] = {
+        "config": {"hidden": args.hidden, "dtype": args.dtype, "block_size": args.block_size,
+                   "bytes_per_token": bpt, "integrity": args.integrity, "repeats": repeats, "quick": args.quick,
+                   "sizes": sizes, "concurrency": levels, "pool_blocks": blocks},
+    }
+    main_cases = [c for c in cases if c in ("single", "multi", "control", "concurrency")]
+    if main_cases:
+        s = Services(args, language_blocks=blocks, encoder_blocks=blocks)
+        try:
+            results["config"]["event_loop"] = s.event_loop
+            _note(f"services up on {s.event_loop}")
+            if "single" in cases or "multi" in cases:
+                results["single"] = await case_single(s, sizes, repeats, bpt)
+                _note("single done")
+            if "control" in cases:
+                results["control"] = await case_control(s, small, bpt)
+                _note("control done")
+            if "concurrency" in cases:
+                results["concurrency"] = await case_concurrency(s, levels, args.concurrency_tokens, bpt, args.quick)
+                _note("concurrency done")
+        finally:
+            await s.close()
+    if "multi" in cases:
+        results["multi"] = await case_multi(args, sizes, repeats, results["single"])
+        _note("multi done")
+    if "policies" in cases:
+        results["policies"] = await case_policies(args, policy_requests, bpt)
+        _note("policies done")
+    if "loops" in cases:
+        results["loops"] = await case_loops(args, max(sizes), repeats, small, bpt, results)
+        _note("loops done")
+    results["checks"] = evaluate(results, args.margin)
+    return results
+
+
+async def case_loops(args, tokens: int, repeats: int, small: int, bpt: int, results: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    blocks = tokens // args.block_size + 16
+    for loop in ("uvloop", "asyncio"):
+        s = Services(args, language_blocks=blocks, encoder_blocks=blocks, event_loop=loop)
+        try:
+            single = (await case_single(s, [tokens], repeats, bpt))[0]
+            control = await case_control(s, small, bpt)
+        finally:
+            await s.close()
+        rows.append({"event_loop": loop, "tokens": tokens, "single_ratio": single["ratio"],
+                     "transfer_ms_p50": single["transfer_ms_p50"], "control_latency_ms_p50": control["latency_ms_p50"],
+                     "control_overhead_ms_p50": control["overhead_ms_p50"]})
+    return rows
+
+
+def _note(msg: str) -> None:
+    print(f"[epd bench] {msg}", file=sys.stderr, flush=True)
+
+
+def format_table(r: dict[str, Any]) -> str:
+    out = []
+    c = r["config"]
+    out.append(f"epd bench: hidden {c['hidden']} {c['dtype']}, block {c['block_size']} tokens, "
+               f"{c['bytes_per_token']} B/token, integrity {'on' if c['integrity'] else 'off'}, "
+               f"loop {c.get('event_loop', '-')}, {c['repeats']} repeats{' (quick)' if c['quick'] else ''}")
+    if "single" in r:
+        out += ["", "single-round requests (delivered = Init -> payload verified on the language)",
+                f"  {'tokens':>7} {'MB':>7} {'ms p50':>8} {'raw ms':>8} {'GB/s':>6} {'raw GB/s':>8} {'ratio':>6}  goal >= 0.9"]
+        for x in r["single"]:
+            out.append(f"  {x['tokens']:>7} {x['bytes'] / 1e6:>7.2f} {x['transfer_ms_p50']:>8.2f} {x['raw_ms_p50']:>8.2f} "
+                       f"{x['gbps']:>6.2f} {x['raw_gbps']:>8.2f} {x['ratio']:>6.2f}")
+    if "multi" in r:
+        out += ["", "multi-round (a 1024-token pool: one 1024-token round at a time) vs exact allocation",
+                f"  {'tokens':>7} {'rounds':>6} {'ms p50':>8} {'exact ms':>8} {'extra ms/round':>14} {'goal ms/round':>13}"]
+        for x in r["multi"]:
+            out.append(f"  {x['tokens']:>7} {x['rounds']:>6} {x['transfer_ms_p50']:>8.2f} {x['exact_ms_p50']:>8.2f} "
+                       f"{x['extra_ms_per_round']:>14.2f} {x['goal_ms_per_round']:>13.2f}")
+    if "control" in r:
+        x = r["control"]
+        out += ["", f"control plane: {x['requests']} sequential {x['tokens']}-token requests",
+                f"  latency p50 {x['latency_ms_p50']:.2f} ms, p99 {x['latency_ms_p99']:.2f} ms; raw write {x['raw_ms_p50']:.3f} ms; "
+                f"overhead p50 {x['overhead_ms_p50']:.2f} ms, p99 {x['overhead_ms_p99']:.2f} ms (goal p50 <= 3)"]
+    if "concurrency" in r:
+        out += ["", "concurrent requests", f"  {'in flight':>9} {'requests':>8} {'GB/s':>6} {'raw GB/s':>8} {'ratio':>6}"]
+        for x in r["concurrency"]:
+            out.append(f"  {x['concurrency']:>9} {x['requests']:>8} {x['gbps']:>6.2f} {x['raw_gbps']:>8.2f} {x['ratio']:>6.2f}")
+    if "policies" in r:
+        out += ["", "initial allocation policies (mixed sizes, pool 256 blocks, 4 in flight)",
+                f"  {'policy':>8} {'rounds mean':>11} {'p90':>5} {'max':>5} {'peak blocks':>11} {'GB/s':>6}"]
+        for x in r["policies"]:
+            out.append(f"  {x['policy']:>8} {x['rounds_mean']:>11.2f} {x['rounds_p90']:>5.0f} {x['rounds_max']:>5} "
+                       f"{x['peak_pool_blocks']:>11} {x['gbps']:>6.2f}")
+    if "loops" in r:
+        out += ["", "event loop", f"  {'loop':>8} {'single ratio':>12} {'ms p50':>8} {'64-tok p50 ms':>13} {'overhead ms':>11}"]
+        for x in r["loops"]:
+            out.append(f"  {x['event_loop']:>8} {x['single_ratio']:>12.2f} {x['transfer_ms_p50']:>8.2f} "
+                       f"{x['control_latency_ms_p50']:>13.2f} {x['control_overhead_ms_p50']:>11.2f}")
+    if r.get("checks"):
+        out += ["", "goals (DESIGN §13)"]
+        for x in r["checks"]:
+            mark = "met" if x["met"] else ("within margin" if x["ok_within_margin"] else "MISSED")
+            out.append(f"  {x['figure']:<28} {x['value']:>8.3f}  {x['goal']:<10} {mark}")
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    with contextlib.suppress(KeyboardInterrupt):
+        results = asyncio.run(run_async(args))
+        results["wall_s"] = time.perf_counter() - started
+        text = json.dumps(results, indent=1, sort_keys=True)
+        if args.json == "-":
+            print(text)
+        else:
+            print(format_table(results))
+            if args.json:
+                with open(args.json, "w") as f:
+                    f.write(text + "\n")
+        if args.check and not all(c["ok_within_margin"] for c in results["checks"]):
+            missed = [c["figure"] for c in results["checks"] if not c["ok_within_margin"]]
+            print(f"epd bench: goals missed beyond the {args.margin:.0%} margin: {', '.join(missed)}", file=sys.stderr)
+            return 1
+        return 0
+    return 130
