@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from common.errors import Unavailable
 from common.states import FailureReason, TransferState
+from services.rpc import MethodWrappingInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -171,24 +172,13 @@ def exported_names(role: str, rank: int | None = None) -> set[str]:
     return {s.name for family in m.registry.collect() for s in family.samples}
 
 
-class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+class RpcMetricsInterceptor(MethodWrappingInterceptor):
     """epd_rpc_seconds{service,method,code} for every RPC this server handles, streams included
     (a Status stream's time is its whole life)."""
 
     def __init__(self, histogram: Histogram):
+        super().__init__()
         self.histogram = histogram
-        self._wrapped: dict[str, tuple] = {}  # method -> (inner handler, wrapped handler)
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        cached = self._wrapped.get(details.method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]  # handlers are per method: wrap each once, not once per call
-        wrapped = self._wrap(handler, details.method)
-        self._wrapped[details.method] = (handler, wrapped)
-        return wrapped
 
     def _wrap(self, handler, full_method: str):
         service, _, method = full_method.lstrip("/").rpartition("/")

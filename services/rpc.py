@@ -160,28 +160,37 @@ def bind(server: grpc.aio.Server, host: str, port: int) -> int:
     return bound
 
 
-class ParseErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Undecodable request bytes are bad input: INVALID_ARGUMENT naming the method, not the
-    UNKNOWN that gRPC answers when its own deserializer raises. The handler gets raw bytes and
-    parses them itself."""
+class MethodWrappingInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that wraps each method's handler once (handlers are per method), not
+    once per call; subclasses say how in `_wrap`."""
 
     def __init__(self):
         self._wrapped: dict[str, tuple] = {}  # method -> (inner handler, wrapped handler)
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or handler.request_deserializer is None:
+        if handler is None:
             return handler
         cached = self._wrapped.get(details.method)
         if cached is not None and cached[0] is handler:
-            return cached[1]  # handlers are per method: wrap each once, not once per call
+            return cached[1]
         wrapped = self._wrap(handler, details.method)
         self._wrapped[details.method] = (handler, wrapped)
         return wrapped
 
-    @staticmethod
-    def _wrap(handler, method: str):
+    def _wrap(self, handler, method: str):
+        raise NotImplementedError
+
+
+class ParseErrorInterceptor(MethodWrappingInterceptor):
+    """Undecodable request bytes are bad input: INVALID_ARGUMENT naming the method, not the
+    UNKNOWN that gRPC answers when its own deserializer raises. The handler gets raw bytes and
+    parses them itself."""
+
+    def _wrap(self, handler, method: str):
         parse = handler.request_deserializer
+        if parse is None:
+            return handler
 
         async def parsed(raw: bytes, context):
             try:
