@@ -147,10 +147,10 @@ class RankWorker:
                 outcome = RankOutcome(spec.request_id, decision, receiver)
                 if receive is not None:
                     receiver.abort_with = _failure_of(outcome)  # what the encoder is told in Cancel
-                    await cancel_and_wait(receive)
+                    await _drop(receive)
         except BaseException as e:
             if receive is not None:
-                await asyncio.shield(cancel_and_wait(receive))
+                await asyncio.shield(_drop(receive))
             if not fut.done():
                 fut.set_exception(e if isinstance(e, Exception) else errors.Cancelled("rank shutting down"))
             raise
@@ -234,6 +234,15 @@ def _failure_of(outcome: RankOutcome | None) -> BaseException:
         return errors.Cancelled("cancelled")
     d = outcome.decision
     return errors.error_for_reason(d.reason, f"request {outcome.request_id} failed on another rank ({d.reason.label})")
+
+
+async def _drop(receive: asyncio.Future) -> None:
+    """Stop a receive that will not be delivered; if it finished first (it raced the decision),
+    release the payload it holds, whose blocks would otherwise stay used."""
+    await cancel_and_wait(receive)
+    if not receive.cancelled() and receive.exception() is None:
+        payload, _digest = receive.result()
+        payload.release()
 
 
 async def cancel_and_wait(task: asyncio.Future) -> None:
