@@ -10,12 +10,12 @@ however each splits the round into runs.
 from __future__ import annotations
 
 import asyncio
-import os
 
 import numpy as np
 import torch
 
 from common.layout import FieldLayout, RecordLayout
+from common.parallel import PARALLEL, run_split  # noqa: F401 (PARALLEL: for callers splitting copies)
 
 _MASK32 = (1 << 32) - 1
 
@@ -82,52 +82,28 @@ def _is_small(segments: list[torch.Tensor]) -> bool:
 
 def fast_checksums(segments: list[torch.Tensor], record: RecordLayout, first_token: int) -> dict[str, int]:
     """`checksums` by the fastest route: numpy for small host-memory segments, torch otherwise."""
-    if _is_small(segments) and all(s.device.type == "cpu" for s in segments):
-        return small_checksums(segments, record, first_token)
-    return checksums(segments, record, first_token)
+    if _is_small(segments):
+        if all(s.device.type == "cpu" for s in segments):
+            return small_checksums(segments, record, first_token)
+        return checksums(segments, record, first_token)
+    return parallel_checksums(segments, record, first_token)
 
 
-PARALLEL = max(1, min(4, os.cpu_count() or 1))
-"""Worker threads a big checksum or copy is split over."""
-
-
-async def checksums_off_loop(segments: list[torch.Tensor], record: RecordLayout, first_token: int,
-                             parallel: int = PARALLEL) -> dict[str, int]:
-    """`fast_checksums`, on the loop when the segments are small (INLINE_MAX_BYTES), else split by
-    tokens over `parallel` worker threads (the services run torch single-threaded, so this is
-    where a big round gets more than one core) and combined."""
+async def checksums_off_loop(segments: list[torch.Tensor], record: RecordLayout, first_token: int) -> dict[str, int]:
+    """`fast_checksums`, on the loop when the segments are small (INLINE_MAX_BYTES), else in a
+    worker thread (split over PARALLEL threads)."""
     if _is_small(segments):
         return fast_checksums(segments, record, first_token)
-    parts = split_tokens(segments, first_token, parallel)
-    results = await asyncio.gather(*(asyncio.to_thread(checksums, segs, record, first) for segs, first in parts))
-    out = results[0]
-    for more in results[1:]:
+    return await asyncio.to_thread(fast_checksums, segments, record, first_token)
+
+
+def parallel_checksums(segments: list[torch.Tensor], record: RecordLayout, first_token: int) -> dict[str, int]:
+    """`checksums` split by tokens over PARALLEL threads and combined (blocking)."""
+    parts = run_split(lambda segs, first: checksums(segs, record, first), segments, first_token)
+    out = parts[0]
+    for more in parts[1:]:
         out = {name: combine(out[name], more[name]) for name in out}
     return out
-
-
-def split_tokens(segments: list[torch.Tensor], first_token: int, parts: int) -> list[tuple[list[torch.Tensor], int]]:
-    """Cut consecutive token segments into at most `parts` groups of about equal token counts:
-    [(segments, first token of the group)] (views, no copies)."""
-    total = sum(s.shape[0] for s in segments)
-    per = max(1, -(-total // max(1, parts)))
-    groups: list[tuple[list[torch.Tensor], int]] = []
-    current: list[torch.Tensor] = []
-    room, start, pos = per, first_token, first_token
-    for seg in segments:
-        offset = 0
-        while offset < seg.shape[0]:
-            take = min(room, seg.shape[0] - offset)
-            current.append(seg[offset:offset + take])
-            offset += take
-            pos += take
-            room -= take
-            if room == 0:
-                groups.append((current, start))
-                current, room, start = [], per, pos
-    if current:
-        groups.append((current, start))
-    return groups
 
 
 def small_checksums(segments: list[torch.Tensor], record: RecordLayout, first_token: int) -> dict[str, int]:

@@ -21,6 +21,7 @@ import torch
 from common.errors import FailedPrecondition, InvalidArgument, shown
 from common.layout import RecordLayout
 from common.pool import field_of
+from common.parallel import run_split
 from common.synthetic import fill_synthetic
 
 SUPPORTED_IMAGE_TYPES = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}
@@ -68,10 +69,13 @@ class SyntheticModel:
         return inputs.synthetic_tokens
 
     def encode_into(self, inputs: EncodeInputs, runs: Sequence[torch.Tensor], record: RecordLayout) -> None:
-        start = 0
-        for run in runs:
-            fill_synthetic(run, record, inputs.synthetic_seed, start)
-            start += run.shape[0]
+        def fill(segments: list[torch.Tensor], start: int) -> None:
+            for run in segments:
+                fill_synthetic(run, record, inputs.synthetic_seed, start)
+                start += run.shape[0]
+
+        # Every token's values depend only on its index, so big payloads fill in parallel parts.
+        run_split(fill, list(runs), 0)
 
 
 class ByteTextModel:

@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.integrity import INLINE_MAX_BYTES, checksums, checksums_off_loop, small_checksums, split_tokens
+from common.integrity import INLINE_MAX_BYTES, checksums, checksums_off_loop, parallel_checksums, small_checksums
+from common.parallel import split_tokens
 from common.layout import RecordLayout, default_fields
 from common.synthetic import fill_synthetic
 
@@ -83,5 +84,5 @@ async def test_parallel_off_loop_checksums_equal_one_pass():
     n = INLINE_MAX_BYTES // record.record_bytes * 3 + 7
     records = torch.randint(0, 256, (n, record.record_bytes), dtype=torch.uint8)
     segments = [records[:n // 3], records[n // 3:]]
-    for parallel in (1, 2, 3):
-        assert await checksums_off_loop(segments, record, 11, parallel=parallel) == checksums(segments, record, 11)
+    assert await checksums_off_loop(segments, record, 11) == checksums(segments, record, 11)
+    assert parallel_checksums(segments, record, 11) == checksums(segments, record, 11)

@@ -1,0 +1,58 @@
+"""CPU work on token records split over a few threads.
+
+The services run torch single-threaded (`torch_threads`, common/config.py): OpenMP's spinning
+worker threads stall the many small tensor operations of a transfer when cores are shared. Big
+per-token work (filling a synthetic payload, checksumming a round, copying a round out) gets
+its parallelism here instead: the token range is cut into `PARALLEL` consecutive parts, each
+processed in a worker thread of one shared pool. torch and numpy release the GIL in these
+loops, so the parts really run side by side.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from typing import Callable, TypeVar
+
+import torch
+
+PARALLEL = max(1, min(4, os.cpu_count() or 1))
+"""How many parts big work is split into (and the pool's size)."""
+
+T = TypeVar("T")
+_pool = concurrent.futures.ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="epd-split")
+
+
+def split_tokens(segments: list[torch.Tensor], first_token: int, parts: int) -> list[tuple[list[torch.Tensor], int]]:
+    """Cut consecutive token segments into at most `parts` groups of about equal token counts:
+    [(segments, first token of the group)] (views, no copies)."""
+    total = sum(s.shape[0] for s in segments)
+    per = max(1, -(-total // max(1, parts)))
+    groups: list[tuple[list[torch.Tensor], int]] = []
+    current: list[torch.Tensor] = []
+    room, start, pos = per, first_token, first_token
+    for seg in segments:
+        offset = 0
+        while offset < seg.shape[0]:
+            take = min(room, seg.shape[0] - offset)
+            current.append(seg[offset:offset + take])
+            offset += take
+            pos += take
+            room -= take
+            if room == 0:
+                groups.append((current, start))
+                current, room, start = [], per, pos
+    if current:
+        groups.append((current, start))
+    return groups
+
+
+def run_split(work: Callable[[list[torch.Tensor], int], T], segments: list[torch.Tensor], first_token: int,
+              parts: int = PARALLEL) -> list[T]:
+    """`work(group, first_token_of_group)` for each part, in parallel; results in token order.
+    Blocking: call it from a worker thread, never from the event loop."""
+    groups = split_tokens(segments, first_token, parts)
+    if len(groups) <= 1:
+        return [work(segs, first) for segs, first in groups]
+    futures = [_pool.submit(work, segs, first) for segs, first in groups]
+    return [f.result() for f in futures]
