@@ -19,6 +19,9 @@ import torch
 PARALLEL = max(1, min(4, os.cpu_count() or 1))
 """How many parts big work is split into (and the pool's size)."""
 
+SPLIT_MIN_BYTES = 1 << 20
+"""Work on fewer bytes than this stays in one piece: handing it to threads costs more."""
+
 T = TypeVar("T")
 _pool = concurrent.futures.ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="epd-split")
 
@@ -51,6 +54,8 @@ def run_split(work: Callable[[list[torch.Tensor], int], T], segments: list[torch
               parts: int = PARALLEL) -> list[T]:
     """`work(group, first_token_of_group)` for each part, in parallel; results in token order.
     Blocking: call it from a worker thread, never from the event loop."""
+    if sum(s.numel() * s.element_size() for s in segments) < SPLIT_MIN_BYTES:
+        parts = 1
     groups = split_tokens(segments, first_token, parts)
     if len(groups) <= 1:
         return [work(segs, first) for segs, first in groups]
