@@ -17,7 +17,7 @@ from typing import Sequence
 
 from common import errors
 from common.config import EncoderConfig
-from common.integrity import INLINE_MAX_BYTES, checksums_off_loop, fast_checksums
+from common.integrity import INLINE_MAX_BYTES, PayloadSums, checksums_off_loop, fast_checksums
 from common.layout import PoolGeometry
 from common.pb.epd.v1 import bench_pb2, common_pb2, encoder_pb2, encoder_pb2_grpc
 from common.plan import blocks_for_tokens, plan_round
@@ -225,18 +225,27 @@ class EncoderService:
             fill_started = time.monotonic()
             record = self.pool.record
 
-            def fill() -> tuple[tuple[str, int], ...] | None:
-                model.encode_into(inputs, runs, record)
-                # The whole payload's checksums, while its bytes are hot: a single-round transfer
-                # (the common case) then sends them without computing anything beside its write.
-                return tuple(fast_checksums(runs, record, 0).items()) if self.integrity else None
+            small = total * record.record_bytes <= INLINE_MAX_BYTES
 
-            if model is self.synthetic and total * record.record_bytes <= INLINE_MAX_BYTES:
-                payload_checksums = fill()  # small: cheaper than a thread hop
+            def fill() -> tuple[tuple[tuple[str, int], ...] | None, PayloadSums | None]:
+                model.encode_into(inputs, runs, record)
+                # Checksums while the bytes are hot, so rounds send them without a pass over the
+                # round beside their write: the whole payload's (a single round, the common case)
+                # and, for big payloads, the sums any round's checksums follow from.
+                if not self.integrity:
+                    return None, None
+                if small:
+                    return tuple(fast_checksums(runs, record, 0).items()), None
+                sums = PayloadSums.build(runs, record, self.pool.block_size)
+                whole = sums.checksums(0, total, lambda lo, hi: self.pool.runs(blocks, lo, hi - lo))
+                return tuple(whole.items()), sums
+
+            if model is self.synthetic and small:
+                payload_checksums, payload_sums = fill()  # small: cheaper than a thread hop
             else:
                 filling = asyncio.ensure_future(asyncio.to_thread(fill))
                 try:
-                    payload_checksums = await asyncio.shield(filling)
+                    payload_checksums, payload_sums = await asyncio.shield(filling)
                 except asyncio.CancelledError:
                     # The worker thread writes into these blocks until it returns: only then free them.
                     await asyncio.gather(filling, return_exceptions=True)
@@ -252,7 +261,7 @@ class EncoderService:
                 self.pool.allocator.free(blocks)
             t.encode_failed(errors.Cancelled(f"Encode interrupted: {e!r}"))
             raise
-        if not t.attach_payload(blocks, total, payload_checksums):
+        if not t.attach_payload(blocks, total, payload_checksums, payload_sums):
             self.pool.allocator.free(blocks)
             raise errors.FailedPrecondition(f"request {errors.shown(request_id)} ended while encoding: {t.message}")
         return total, time.monotonic() - started

@@ -17,6 +17,7 @@ import time
 from typing import AsyncIterator, Callable, Protocol, Sequence
 
 from common.errors import AlreadyExists, EpdError, FailedPrecondition, InvalidArgument, shown
+from common.integrity import PayloadSums
 from common.layout import PoolGeometry
 from common.plan import plan_round
 from common.pool import BlockPool
@@ -111,6 +112,7 @@ class EncoderTransfer:
         self.ranks: dict[int, RankSlot] = {}
         self.src_blocks: list[int] | None = None
         self.payload_checksums: tuple[tuple[str, int], ...] | None = None  # of tokens [0, total), from Encode
+        self.payload_sums: PayloadSums | None = None  # from Encode: any round's checksums
         self.total_tokens = 0
         self.sent_tokens = 0
         self.rounds = 0
@@ -164,10 +166,12 @@ class EncoderTransfer:
         self.encode_finished.clear()
 
     def attach_payload(self, blocks: list[int], total_tokens: int,
-                       checksums: tuple[tuple[str, int], ...] | None = None) -> bool:
-        """Hand the encoded source blocks (and, if computed, the whole payload's checksums) to the
-        transfer; False (caller frees) if it ended meanwhile."""
+                       checksums: tuple[tuple[str, int], ...] | None = None, sums: PayloadSums | None = None) -> bool:
+        """Hand the encoded source blocks (and, if computed, the whole payload's checksums and the
+        sums any round's checksums follow from) to the transfer; False (caller frees) if it ended
+        meanwhile."""
         self.payload_checksums = checksums
+        self.payload_sums = sums
         self.encoding = False
         self.encode_finished.set()
         if self.state.terminal or self._failure is not None:
@@ -273,9 +277,18 @@ class EncoderTransfer:
                 src_start=self.sent_tokens, dst_base=geo.base_address, dst_blocks=slot.blocks,
                 dst_block_size=geo.block_size, dst_start=0, n_tokens=n, record_bytes=src_geo.record.record_bytes)
             writes.append(self.env.write(slot.peer.session, triples))
-        precomputed = self.payload_checksums if self.sent_tokens == 0 and n == self.total_tokens else None
-        if self.env.integrity and precomputed is None:
-            writes.append(self.env.round_checksums(self.src_blocks, self.sent_tokens, n))
+        # Checksums come from what Encode computed (no pass over the round beside its write);
+        # computed here only when Encode did not (a small payload sent in several rounds).
+        precomputed = None
+        if self.env.integrity:
+            if self.sent_tokens == 0 and n == self.total_tokens and self.payload_checksums is not None:
+                precomputed = self.payload_checksums
+            elif self.payload_sums is not None:
+                pool, src = self.env.pool, self.src_blocks
+                precomputed = tuple(self.payload_sums.checksums(
+                    self.sent_tokens, n, lambda lo, hi: pool.runs(src, lo, hi - lo)).items())
+            else:
+                writes.append(self.env.round_checksums(self.src_blocks, self.sent_tokens, n))
         # Every write runs to completion even when one fails: nothing may still be landing in a
         # peer's blocks once we publish FAILED and the peer reuses them.
         results = await asyncio.gather(*writes, return_exceptions=True)
