@@ -144,17 +144,22 @@ def record_bytes(args: argparse.Namespace) -> int:
 
 
 def copy_out_ms(args: argparse.Namespace, tokens: int, repeats: int = 15) -> float:
-    """What copying one round's records out of the pool costs on this machine (torch, CPU)."""
+    """What copying one round's records out of the pool costs on this machine, as the language
+    does it: into a fresh buffer (first-touch page faults included), torch single-threaded."""
     import torch
 
-    rec = RecordLayout.pack(default_fields(args.hidden, args.dtype)).record_bytes
-    src = torch.empty((tokens, rec), dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rec = RecordLayout.pack(default_fields(args.hidden, args.dtype)).record_bytes
+        src = torch.randint(0, 256, (tokens, rec), dtype=torch.uint8)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.empty_like(src).copy_(src)
+            times.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
     return median(times) * 1e3
 
 
