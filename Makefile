@@ -13,12 +13,13 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@# Mooncake's wheel links against libibverbs/librdmacm/libnuma even when it only uses TCP;
-	@# the metrics tests scrape with a real Prometheus server and check with promtool.
+	@# the metrics tests scrape with a real Prometheus server and check with promtool; the
+	@# cross-host test makes network namespaces with iproute2.
 	@if ! ldconfig -p | grep -q libibverbs.so.1 || ! ldconfig -p | grep -q librdmacm.so.1 || ! ldconfig -p | grep -q libnuma.so.1 \
-			|| ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+			|| ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || ! command -v ip >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-			libibverbs1 librdmacm1 libnuma1 prometheus; \
+			libibverbs1 librdmacm1 libnuma1 prometheus iproute2; \
 	fi
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"

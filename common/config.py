@@ -24,6 +24,7 @@ ALLOC_POLICIES = ("fixed", "hint", "adaptive")
 PROTOCOLS = ("tcp", "rdma")
 EMBEDDING_DTYPES = ("bfloat16", "float16", "float32")
 CONSUMERS = ("null", "qwen2-vl-prefill")
+ENCODER_POLICIES = ("least-loaded", "round-robin")
 
 
 def validate_model(setting: str, model: str, hidden: int) -> None:
@@ -186,7 +187,12 @@ class LanguageConfig(ServiceConfig):
     pool_blocks: int = _setting(256, "blocks in the destination pool (per rank)", unit="blocks")
     """Blocks in each rank's destination pool."""
     encoder: tuple[str, ...] = _setting((), "encoder address host:port (repeatable)", repeat=True)
-    """Encoder addresses; the first reachable one is used (one encoder for now)."""
+    """Encoder addresses; each request goes to one of them (`encoder_policy`). A name that resolves
+    to several addresses (a scaled compose service) stands for all of them."""
+    encoder_file: str = _setting("", "file with more encoder addresses, one host:port per line ('#' comments)")
+    """Encoders read from a file at start-up, added after `--encoder`."""
+    encoder_policy: str = _setting("least-loaded", "how a request's encoder is picked", choices=ENCODER_POLICIES)
+    """`least-loaded` (fewest transfers in flight, then most free source blocks) or `round-robin`."""
     tp: int = _setting(1, "tensor-parallel ranks of this language instance", unit="ranks")
     """TP size (rank processes); only 1 is supported by this release."""
     data_ranks: str = _setting("", "comma-separated ranks that receive data (default: all)")
@@ -226,6 +232,10 @@ class LanguageConfig(ServiceConfig):
         for addr in self.encoder:
             if not re.fullmatch(r"[^\s:]+:[0-9]{1,5}", addr):
                 raise ConfigError(f"encoder={addr!r}: must be host:port")
+        if self.encoder_file:
+            self.encoder_addresses()  # ConfigError naming the file and line
+        if self.encoder_policy not in ENCODER_POLICIES:
+            raise ConfigError(f"encoder_policy={self.encoder_policy!r}: must be one of {ENCODER_POLICIES}")
         if not 1 <= self.tp <= 64:
             raise ConfigError(f"tp={self.tp}: must be in 1..64")
         if not 0 <= self.rank < self.tp:
@@ -259,6 +269,25 @@ class LanguageConfig(ServiceConfig):
                                   f"(data_ranks={self.data_ranks!r})")
         if self.generate_timeout_s <= 0:
             raise ConfigError(f"generate_timeout_s={self.generate_timeout_s}: must be > 0")
+
+    def encoder_addresses(self) -> tuple[str, ...]:
+        """`encoder` followed by the lines of `encoder_file` (blank lines and '#' comments skipped),
+        without repeats, in order."""
+        out = list(self.encoder)
+        if self.encoder_file:
+            try:
+                with open(self.encoder_file) as f:
+                    lines = f.read().splitlines()
+            except OSError as e:
+                raise ConfigError(f"encoder_file={self.encoder_file!r}: cannot read it: {e.strerror}") from None
+            for n, line in enumerate(lines, 1):
+                addr = line.split("#", 1)[0].strip()
+                if not addr:
+                    continue
+                if not re.fullmatch(r"[^\s:]+:[0-9]{1,5}", addr):
+                    raise ConfigError(f"encoder_file={self.encoder_file!r} line {n}: {addr!r} must be host:port")
+                out.append(addr)
+        return tuple(dict.fromkeys(out))
 
     def pool_blocks_of(self, rank: int) -> int:
         """Pool blocks of `rank`, with the `rank_pool_blocks` overrides applied."""

@@ -109,7 +109,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=_positive_int, default=d("--tp", 1),
                         help="language tensor-parallel ranks (only 1 for now)")
     parser.add_argument("--encoders", type=_positive_int, default=d("--encoders", 1),
-                        help="number of encoder instances (only 1 for now)")
+                        help="number of encoder instances (1 to 8); the language spreads requests over them")
+    parser.add_argument("--kill-encoder-after", type=float, default=d("--kill-encoder-after", 0.0), metavar="S",
+                        help="SIGKILL the last encoder S seconds into the workload (0 = never; needs --encoders >= 2): "
+                             "requests fail over to the others, the summary counts failed-over and failed requests")
     parser.add_argument("--json", action="store_true", default=_env_flag("--json"),
                         help="print one JSON object on stdout instead of the table")
     parser.add_argument("--hidden", type=_positive_int, default=d("--hidden", 256),
@@ -387,6 +390,10 @@ class RequestResult:
     prefill_seconds: float = 0.0
     prefill_skipped: str = ""
     position_delta: int = 0
+    encoder: str = ""
+    """The encoder that served it (GenerateReply.encoder)."""
+    attempts: int = 0
+    failed_over_from: str = ""
 
     @property
     def status(self) -> str:
@@ -527,6 +534,15 @@ def summarize(results: Sequence[RequestResult], wall_seconds: float,
          "prefill_skipped": r.prefill_skipped, "status": r.status}
         for r in results if r.request.kind == "image"
     ]
+    per_encoder: dict[str, int] = {}
+    for r in results:
+        if r.rpc_ok and r.encoder:
+            per_encoder[r.encoder] = per_encoder.get(r.encoder, 0) + 1
+    out["per_encoder"] = dict(sorted(per_encoder.items()))
+    out["failed_over"] = sum(1 for r in results if r.rpc_ok and r.failed_over_from)
+    out["failed_over_requests"] = [
+        {"request_id": r.request.request_id, "from": r.failed_over_from, "to": r.encoder}
+        for r in results if r.rpc_ok and r.failed_over_from]
     if config:
         out["config"] = dict(config)
     return out
@@ -612,6 +628,14 @@ def format_table(summary: dict[str, Any]) -> str:
         if skipped:
             lines.append(f"  (the {len(skipped)} synthetic payloads are no model input: the prefill skips "
                          f"them, first token -1)")
+    if len(s.get("per_encoder", {})) > 1 or s.get("failed_over") or cfg.get("killed_encoder"):
+        lines.append("")
+        spread = ", ".join(f"{name}: {n}" for name, n in s.get("per_encoder", {}).items())
+        lines.append(f"  encoders: {spread or '-'} requests served")
+        if cfg.get("killed_encoder"):
+            lines.append(f"  killed mid-run: {cfg['killed_encoder']}")
+        lines.append(f"  failed over: {s.get('failed_over', 0)} request(s) (retried once on another encoder), "
+                     f"failed: {s.get('failed', 0)}")
     return "\n".join(lines) + "\n"
 
 
@@ -897,9 +921,11 @@ def encoder_argv(args: argparse.Namespace) -> list[str]:
             *getattr(args, "encoder_arg", [])]
 
 
-def language_argv(args: argparse.Namespace, encoder_port: int) -> list[str]:
+def language_argv(args: argparse.Namespace, encoder_port: int | Sequence[int]) -> list[str]:
     return [sys.executable, "-m", "services.cli", "language",
-            "--host", "127.0.0.1", "--port", "0", "--encoder", f"127.0.0.1:{encoder_port}",
+            "--host", "127.0.0.1", "--port", "0",
+            *(x for port in ([encoder_port] if isinstance(encoder_port, int) else encoder_port)
+              for x in ("--encoder", f"127.0.0.1:{port}")),
             "--block-size", str(args.block_size), "--pool-blocks", str(args.language_pool_blocks),
             "--hidden", str(args.hidden), "--dtype", _dtype(args),
             "--initial-tokens", str(args.initial_tokens),
@@ -1008,6 +1034,9 @@ async def run_workload(address: str, plan: Sequence[PlannedRequest], *, concurre
                     result.payload_sha256 = reply.payload_sha256
                     result.rank_sha256 = [(r.rank, r.payload_sha256) for r in reply.ranks if r.data_rank]
                     result.first_token_id = int(reply.first_token_id)
+                    result.encoder = reply.encoder
+                    result.attempts = int(reply.attempts)
+                    result.failed_over_from = reply.failed_over_from
                     result.consumer = reply.consumer
                     if reply.HasField("logits"):
                         lg = reply.logits
@@ -1080,9 +1109,10 @@ def validate_args(args: argparse.Namespace) -> str | None:
     """An error message for flags the demo cannot run with, else None."""
     if not 1 <= args.tp <= 8:
         return f"--tp {args.tp}: the demo runs 1 to 8 language ranks"
-    if args.encoders != 1:
-        return (f"--encoders {args.encoders}: the multi-encoder demo comes later; "
-                "only --encoders 1 is supported for now")
+    if not 1 <= args.encoders <= 8:
+        return f"--encoders {args.encoders}: the demo runs 1 to 8 encoders"
+    if getattr(args, "kill_encoder_after", 0) and args.encoders < 2:
+        return "--kill-encoder-after needs --encoders 2 or more (someone must take over)"
     try:
         reference_payload.canonical_dtype(args.dtype)
     except ValueError as e:
@@ -1143,13 +1173,18 @@ def _run(args: argparse.Namespace, *,
     try:
         # ---- services
         t0 = time.monotonic()
-        encoder = ServiceProcess("encoder", encoder_argv(args), env, args.log_dir)
-        services.append(encoder)
-        encoder.start()
-        encoder.wait_ready(args.startup_timeout)
-        _note(f"encoder ready on 127.0.0.1:{encoder.port} ({time.monotonic() - t0:.1f} s)")
+        encoders = []
+        for i in range(args.encoders):
+            encoder = ServiceProcess("encoder", encoder_argv(args), env, args.log_dir)
+            services.append(encoder)
+            encoders.append(encoder)
+            encoder.start()
+        for encoder in encoders:
+            encoder.wait_ready(args.startup_timeout)
+            _note(f"encoder ready on 127.0.0.1:{encoder.port} ({time.monotonic() - t0:.1f} s)")
         t0 = time.monotonic()
-        language = ServiceProcess("language", language_argv(args, encoder.port), env,
+        ports = [e.port for e in encoders]
+        language = ServiceProcess("language", language_argv(args, ports[0] if len(ports) == 1 else ports), env,
                                   args.log_dir)
         services.append(language)
         language.start()
@@ -1170,6 +1205,18 @@ def _run(args: argparse.Namespace, *,
               f"{sum(p.tokens for p in plan):,} tokens in all")
         progress = Progress(len(plan), enabled=show_progress, label="requests")
         progress.start()
+        killer = None
+        if getattr(args, "kill_encoder_after", 0) and len(encoders) > 1:
+            victim = encoders[-1]
+
+            def kill() -> None:
+                if victim.proc is not None and victim.proc.poll() is None:
+                    victim.proc.kill()
+                    config["killed_encoder"] = f"127.0.0.1:{victim.port}"
+                    _note(f"killed the encoder on 127.0.0.1:{victim.port} {args.kill_encoder_after:g} s into the workload")
+            killer = threading.Timer(args.kill_encoder_after, kill)
+            killer.daemon = True
+            killer.start()
         with _event_loop_runner() as runner:
             results, wall = runner.run(run_workload(
                 f"127.0.0.1:{language.port}", plan, concurrency=args.concurrency,
@@ -1177,6 +1224,8 @@ def _run(args: argparse.Namespace, *,
                 encoder_pool_blocks=args.encoder_pool_blocks, progress=progress,
                 connect_timeout=args.startup_timeout, images=images))
         progress.finish()
+        if killer is not None:
+            killer.cancel()
 
         # ---- verification (after the workload, so it does not skew the timings)
         answered = sum(r.rpc_ok for r in results)
@@ -1199,6 +1248,9 @@ def _run(args: argparse.Namespace, *,
             sys.stdout.write(format_table(summary))
         sys.stdout.flush()
         ok = summary["succeeded"] == summary["requests"]
+        if config.get("killed_encoder") and not summary["mismatches"]:
+            # Requests that had received bytes from the killed encoder fail (never retried): expected.
+            ok = all(r.rpc_ok or r.error_code == "UNAVAILABLE" for r in results)
         if not ok:
             sys.stderr.write(format_failures(results))
             for svc in services:

@@ -77,6 +77,10 @@ class Metrics:
         self.integrity = counter("epd_integrity_failures", "Rounds whose checksums or sizes did not match")
         self.encode_seconds = histogram("epd_encode_seconds", "Encoder model time per request (encoder only)",
                                         SECONDS_BUCKETS)
+        self.failovers = counter("epd_failovers", "Requests retried on another encoder after their first encoder "
+                                 "failed before any byte arrived (language rank 0)")
+        self.encoders_available = gauge("epd_encoders_available", "Encoders in this language instance's rotation "
+                                        "(SERVING, reachable, registered)")
         self.rpc_seconds = Histogram("epd_rpc_seconds", "gRPC server handling time by method and status code",
                                      ["service", "method", "code"], buckets=RPC_SECONDS_BUCKETS, registry=r)
         self._labels = dict(zip(names, values))
@@ -104,6 +108,12 @@ class Metrics:
 
     def watch_inflight(self, count: Callable[[], int]) -> None:
         self.inflight.labels(**self._labels).set_function(count)
+
+    def watch_encoders(self, count: Callable[[], int]) -> None:
+        self.encoders_available.labels(**self._labels).set_function(count)
+
+    def failed_over(self) -> None:
+        self.failovers.labels(**self._labels).inc()
 
     # ------------------------------------------------------------------ Telemetry
 
@@ -165,7 +175,7 @@ def exported_names(role: str, rank: int | None = None) -> set[str]:
     m = Metrics(role, rank)
     m.rpc_seconds.labels(service="s", method="m", code="OK")  # a labelled histogram exports no samples until used
     for metric in (m.transfer_bytes, m.transfer_seconds, m.rounds, m.resumes, m.alloc_wait, m.integrity,
-                   m.encode_seconds, m.inflight, m.pool_waiters):
+                   m.encode_seconds, m.inflight, m.pool_waiters, m.failovers, m.encoders_available):
         metric.labels(**m._labels)
     for state in ("used", "free"):
         m.pool_blocks.labels(**m._labels, state=state)

@@ -259,7 +259,11 @@ CLIENT_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
-SERVER_OPTIONS = CLIENT_OPTIONS
+SERVER_OPTIONS = CLIENT_OPTIONS + [
+    # Clients ping every 2 s while calls are open (encoder links: detect a cut link); allow it.
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
 
 
 def pool_info(pool, session: str, rank: int = 0) -> common_pb2.PoolInfo:

@@ -332,6 +332,29 @@ class EncoderService:
         t = self._require(request_id, language_id)
         return t.resume(rank, sent_tokens, blocks, allocated_tokens)
 
+    def find(self, request_id: str) -> EncoderTransfer:
+        """A transfer by its id or, failing that, by a language's client request id: a language
+        instance sends `LANGUAGE_ID/REQUEST_ID` (`LANGUAGE_ID/REQUEST_ID#2` for a failed-over
+        attempt), so GetTransfer (and `epd status ENCODER ID`) also finds it by the id its client
+        used — the live one first, else the newest."""
+        if not request_id:
+            raise errors.InvalidArgument("request_id is empty")
+        exact = self.transfers.get(request_id)
+        if exact is not None:
+            return exact
+
+        def matches(t: EncoderTransfer) -> bool:
+            if t.client_request_id == t.request_id:
+                return False
+            rest = t.client_request_id
+            return rest == request_id or rest.startswith(request_id + "#")
+
+        for group in (self.transfers.live, self.transfers.history[::-1]):
+            found = sorted((t for t in group if matches(t)), key=lambda t: t.created, reverse=True)
+            if found:
+                return found[0]
+        return self.transfers.require(request_id)  # NotFound naming the id
+
     def _require(self, request_id: str, language_id: str = "") -> EncoderTransfer:
         if not request_id:
             raise errors.InvalidArgument("request_id is empty")
@@ -401,7 +424,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
 
     @rpc.grpc_errors
     async def GetTransfer(self, request, context):
-        return transfer_info(self.s._require(request.request_id))
+        return transfer_info(self.s.find(request.request_id))
 
     @rpc.grpc_errors
     async def ListTransfers(self, request, context):
@@ -411,7 +434,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
 
     @rpc.grpc_errors
     async def Cancel(self, request, context):
-        t = self.s._require(request.request_id)
+        t = self.s.find(request.request_id)
         cancelled = await t.cancel(f"cancelled by peer: {request.reason or 'no reason given'}",
                                    cancel_reason(request.reason))
         return common_pb2.CancelReply(cancelled=cancelled, state=int(t.state))
@@ -459,7 +482,7 @@ def status_to_pb(st: StatusUpdate) -> common_pb2.TransferStatus:
 def transfer_info(t: EncoderTransfer) -> common_pb2.TransferInfo:
     record_bytes = t.env.pool.record.payload_bytes_per_token
     return common_pb2.TransferInfo(
-        request_id=t.request_id, state=int(t.state), sent_tokens=t.sent_tokens, total_tokens=t.total_tokens,
+        request_id=t.client_request_id, state=int(t.state), sent_tokens=t.sent_tokens, total_tokens=t.total_tokens,
         rounds=t.rounds, age_seconds=t.age_seconds, peer=t.language_id, transfer_seconds=t.transfer_seconds,
         bootstrap_seconds=t.init_at - t.created if t.init_at is not None else 0.0,
         bytes=t.sent_tokens * record_bytes, error=rpc.error_to_pb(t.reason, t.message),

@@ -397,6 +397,16 @@ class EncoderTransfer:
     # ----------------------------------------------------------------- inspection
 
     @property
+    def client_request_id(self) -> str:
+        """The id as the language's client knows it: a language instance sends
+        `LANGUAGE_ID/REQUEST_ID` (unique per instance by construction); inspection shows
+        `REQUEST_ID` (`REQUEST_ID#2` for a failed-over attempt), with the language as `peer`."""
+        prefix = f"{self.language_id}/"
+        if self.language_id and self.request_id.startswith(prefix) and len(self.request_id) > len(prefix):
+            return self.request_id[len(prefix):]
+        return self.request_id
+
+    @property
     def age_seconds(self) -> float:
         return time.monotonic() - self.created
 

@@ -13,6 +13,8 @@ import grpc
 
 from common import errors
 from common.layout import PoolGeometry
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from common.pb.epd.v1 import bench_pb2, common_pb2, encoder_pb2, encoder_pb2_grpc
 from common.states import FailureReason, StatusUpdate, TransferState
 from services import rpc
@@ -24,6 +26,7 @@ class GrpcEncoderLink:
         self.language_id = language_id
         self.channel = grpc.aio.insecure_channel(address, options=rpc.CLIENT_OPTIONS + RECONNECT_OPTIONS)
         self.stub = encoder_pb2_grpc.EncoderStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
         self.encoder_id = ""
         self._registration: tuple[int, str, PoolGeometry] | None = None
 
@@ -37,11 +40,25 @@ class GrpcEncoderLink:
             raise rpc.error_from_rpc(e, f"{what} on encoder {self.address}") from None
 
     async def register(self, rank: int, session: str, geometry: PoolGeometry, timeout: float = 10.0) -> None:
+        # Remembered before the call: an Init to an encoder this rank could not reach at start-up
+        # registers then (NOT_REGISTERED below).
+        self._registration = (rank, session, geometry)
         reply = await self._call("Register", self.stub.Register(encoder_pb2.RegisterRequest(
             language_id=self.language_id, rank=rank, session=session, layout=rpc.geometry_to_pb(geometry)),
             timeout=timeout, wait_for_ready=True))
         self.encoder_id = reply.encoder_id
-        self._registration = (rank, session, geometry)
+
+    async def load(self, timeout: float = 1.0) -> tuple[bool, int, int, int, int]:
+        """(serving, free source blocks, used, waiters, live transfers): the live view's poll.
+        Raises a domain error when the encoder cannot be reached within `timeout`."""
+        check = await self._call("Health.Check", self.health.Check(
+            health_pb2.HealthCheckRequest(service="epd.v1.Encoder"), timeout=timeout))
+        if check.status != health_pb2.HealthCheckResponse.SERVING:
+            return False, 0, 0, 0, 0
+        pool, diag = await asyncio.gather(
+            self._call("GetPool", self.stub.GetPool(common_pb2.GetPoolRequest(), timeout=timeout)),
+            self._call("GetDiagnostics", self.stub.GetDiagnostics(common_pb2.GetDiagnosticsRequest(), timeout=timeout)))
+        return True, pool.free_blocks, pool.used_blocks, pool.waiters, diag.live_transfers
 
     async def encode(self, request_id: str, images: Sequence[tuple[bytes, str]], text: str,
                      synthetic_tokens: int, synthetic_seed: int, rank_count: int) -> int:
@@ -58,6 +75,8 @@ class GrpcEncoderLink:
             # The first call of a request waits (boundedly) for a reconnecting channel, e.g. to
             # an encoder that was just restarted; the calls after it find the channel ready.
             await self._call("Init", self.stub.Init(request, wait_for_ready=True, timeout=CONNECT_TIMEOUT_S))
+        except errors.DeadlineExceeded as e:  # the encoder never became reachable: it is lost, not slow
+            raise errors.Unavailable(e.message, reason=FailureReason.PEER_LOST) from None
         except errors.FailedPrecondition as e:
             # A restarted encoder has forgotten our session: register again and retry once.
             if NOT_REGISTERED not in e.message or self._registration is None:
@@ -87,10 +106,14 @@ class GrpcEncoderLink:
             concurrency=concurrency), timeout=300))
 
 
-CONNECT_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 5.0
 # Reconnect to a restarted encoder within ~2 s instead of gRPC's default backoff of up to 120 s.
 RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000),
-                     ("grpc.min_reconnect_backoff_ms", 200)]
+                     ("grpc.min_reconnect_backoff_ms", 200),
+                     # A cut network link breaks a call within ~5 s (HTTP/2 pings while calls are
+                     # open) instead of leaving a Status stream or Resume hanging until TCP gives up.
+                     # The encoder's server allows these pings (services/rpc.py SERVER_OPTIONS).
+                     ("grpc.keepalive_time_ms", 2000), ("grpc.keepalive_timeout_ms", 3000)]
 _END = object()
 NOT_REGISTERED = "has not called Register"  # the encoder's FAILED_PRECONDITION text for an unknown session
 

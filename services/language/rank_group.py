@@ -36,6 +36,7 @@ from common.states import FailureReason
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_ID_BYTES = 128
+ADMIT_KEY_BYTES = MAX_REQUEST_ID_BYTES + 8  # an admission's key: the request id, "#2" on a failover
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,8 @@ class RequestSpec:
     request_id: str
     initial_tokens: int
     want_digest: bool = False
+    encoder: int = 0
+    """Index of the encoder serving it in the instance's ordered encoder list (rank 0 picks)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,9 +141,10 @@ class RankGroup:
     async def close(self) -> None:
         pass
 
-    def admit(self, request_id: str, initial_tokens: int, want_digest: bool) -> RequestSpec:
+    def admit(self, request_id: str, initial_tokens: int, want_digest: bool, encoder: int = 0) -> RequestSpec:
         """Rank 0: add a request; every rank's on_admit runs for it (rank 0's before this returns
-        for LocalGroup, at the next step for DistributedGroup)."""
+        for LocalGroup, at the next step for DistributedGroup). `request_id` is the admission's
+        key (a failed-over attempt is admitted again as `ID#2`); `encoder` the encoder's index."""
         raise NotImplementedError
 
     def view(self, request_id: str) -> LocalView:
@@ -195,9 +199,9 @@ class LocalGroup(RankGroup):
     def __init__(self):
         super().__init__(0, 1)
 
-    def admit(self, request_id: str, initial_tokens: int, want_digest: bool) -> RequestSpec:
+    def admit(self, request_id: str, initial_tokens: int, want_digest: bool, encoder: int = 0) -> RequestSpec:
         self._seq += 1
-        spec = RequestSpec(self._seq, request_id, initial_tokens, want_digest)
+        spec = RequestSpec(self._seq, request_id, initial_tokens, want_digest, encoder)
         self._admitted(spec)
         return spec
 
@@ -214,7 +218,7 @@ class LocalGroup(RankGroup):
 # ---------------------------------------------------------------------------- distributed
 
 _HEADER = 8                      # shutdown, n_admissions, n_open, step, pool used, free, waiters, held
-_ADMIT_WORDS = 4 + MAX_REQUEST_ID_BYTES // 8
+_ADMIT_WORDS = 5 + ADMIT_KEY_BYTES // 8  # seq, initial_tokens, want_digest, key length, encoder, key
 
 
 class DistributedGroup(RankGroup):
@@ -273,10 +277,10 @@ class DistributedGroup(RankGroup):
         except Exception:  # a broken group may not tear down cleanly; the process is ending anyway
             pass
 
-    def admit(self, request_id: str, initial_tokens: int, want_digest: bool) -> RequestSpec:
+    def admit(self, request_id: str, initial_tokens: int, want_digest: bool, encoder: int = 0) -> RequestSpec:
         assert self.rank == 0, "only rank 0 admits requests"
         self._seq += 1
-        spec = RequestSpec(self._seq, request_id, initial_tokens, want_digest)
+        spec = RequestSpec(self._seq, request_id, initial_tokens, want_digest, encoder)
         # The view and decision exist at once on rank 0, so Generate can wait on them.
         self.views[spec.request_id] = LocalView()
         self._decisions[spec.request_id] = self.loop.create_future()
@@ -414,13 +418,15 @@ def _pack_admit(t, at: int, spec: RequestSpec) -> None:
     t[at + 1] = spec.initial_tokens
     t[at + 2] = 1 if spec.want_digest else 0
     t[at + 3] = len(raw)
-    padded = raw.ljust(MAX_REQUEST_ID_BYTES, b"\0")
-    for k in range(MAX_REQUEST_ID_BYTES // 8):
-        t[at + 4 + k] = int.from_bytes(padded[8 * k:8 * k + 8], "little", signed=True)
+    t[at + 4] = spec.encoder
+    padded = raw.ljust(ADMIT_KEY_BYTES, b"\0")
+    for k in range(ADMIT_KEY_BYTES // 8):
+        t[at + 5 + k] = int.from_bytes(padded[8 * k:8 * k + 8], "little", signed=True)
 
 
 def _unpack_admit(t, at: int) -> RequestSpec:
     v = t[at:at + _ADMIT_WORDS].tolist()
-    raw = b"".join(int(x).to_bytes(8, "little", signed=True) for x in v[4:])[:v[3]]
-    return RequestSpec(seq=v[0], request_id=raw.decode("utf-8"), initial_tokens=v[1], want_digest=bool(v[2]))
+    raw = b"".join(int(x).to_bytes(8, "little", signed=True) for x in v[5:])[:v[3]]
+    return RequestSpec(seq=v[0], request_id=raw.decode("utf-8"), initial_tokens=v[1], want_digest=bool(v[2]),
+                       encoder=v[4])
 

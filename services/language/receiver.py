@@ -55,9 +55,10 @@ class ReceiveTask:
     """Receives one request's payload into one rank's pool."""
 
     def __init__(self, request_id: str, rank: int, rank_count: int, pool: BlockPool, link: EncoderLink, *,
-                 initial_tokens: int, alloc_timeout_s: float, integrity: bool = True,
+                 initial_tokens: int, transfer_id: str = "", alloc_timeout_s: float, integrity: bool = True,
                  on_progress: Callable[["ReceiveTask"], None] | None = None, telemetry: Telemetry = NULL_TELEMETRY):
         self.request_id = request_id
+        self.transfer_id = transfer_id or request_id  # the encoder's name for it
         self.rank = rank
         self.rank_count = rank_count
         self.pool = pool
@@ -102,14 +103,14 @@ class ReceiveTask:
         self._initialised = True  # from here on the encoder may hold state: close() cancels it
         # The Encode opened the transfer on the encoder, so its Status stream can be opened now,
         # alongside the Init: the first round's status then never waits for a stream set-up.
-        self._stream = self.link.status(self.request_id, self.rank)
-        await self.link.init(self.request_id, self.rank, self.rank_count, self.blocks, self.allocated_tokens)
+        self._stream = self.link.status(self.transfer_id, self.rank)
+        await self.link.init(self.transfer_id, self.rank, self.rank_count, self.blocks, self.allocated_tokens)
 
     async def receive(self) -> Payload:
         """Follow the Status stream to the end; return the payload or raise the mapped error."""
         handled = 0
         if self._stream is None:
-            self._stream = self.link.status(self.request_id, self.rank)
+            self._stream = self.link.status(self.transfer_id, self.rank)
         async for st in self._stream:
             if st.state == TransferState.FAILED:
                 self._terminal_seen = True
@@ -141,7 +142,7 @@ class ReceiveTask:
                     label=f"resume of request {self.request_id} rank {self.rank}")
                 self.allocated_tokens = len(self.blocks) * self.pool.block_size
                 self._progress()
-                await self.link.resume(self.request_id, self.rank, st.sent_tokens, self.blocks, self.allocated_tokens)
+                await self.link.resume(self.transfer_id, self.rank, st.sent_tokens, self.blocks, self.allocated_tokens)
                 self.telemetry.resumed()
                 handled = st.sent_tokens
             elif st.state in (TransferState.BOOTSTRAPPING, TransferState.WAITING_FOR_INPUT):
@@ -242,7 +243,7 @@ class ReceiveTask:
         if self._initialised and not self._terminal_seen:
             try:
                 await asyncio.wait_for(
-                    self.link.cancel(self.request_id, f"{self.reason.label}: {self.message}"), timeout=10)
+                    self.link.cancel(self.transfer_id, f"{self.reason.label}: {self.message}"), timeout=10)
             except (errors.EpdError, asyncio.TimeoutError) as e:
                 log.info("request %s rank %d: Cancel on encoder %s: %s", self.request_id, self.rank, self.link.address, e)
         if self._stream is not None:

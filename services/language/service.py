@@ -10,6 +10,7 @@ receives it; rank 0 also sends the Encode, and replies once the ranks agreed on 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -22,7 +23,7 @@ from common.states import FailureReason, TransferState
 from common.table import TransferTable
 from common.transport import MooncakeTransport
 from services import rpc
-from services.language import ranks
+from services.language import encoders, ranks
 from services.language.policy import AllocationPolicy
 from services.language.rank_group import MAX_REQUEST_ID_BYTES, DistributedGroup, LocalGroup, RankGroup, RankRow
 from services.language.worker import RankOutcome, RankWorker, cancel_and_wait
@@ -38,6 +39,10 @@ class GenerateRecord:
     def __init__(self, request_id: str, encoder: str):
         self.request_id = request_id
         self.encoder = encoder
+        self.encoder_address = ""
+        self.key = request_id          # the current attempt's admission key (ID, or ID#2 after a failover)
+        self.attempts = 0
+        self.failed_over_from = ""
         self.created = time.monotonic()
         self.finished_at: float | None = None
         self.task: asyncio.Future | None = None
@@ -52,7 +57,7 @@ class GenerateRecord:
             return TransferState.SUCCESS if self.outcome.decision.deliver else TransferState.FAILED
         if self.failure is not None or (self.finished_at is not None):
             return TransferState.FAILED
-        receiver = self.worker.receivers.get(self.request_id) if self.worker else None
+        receiver = self.worker.receivers.get(self.key) if self.worker else None
         if receiver is None or receiver.state == TransferState.UNSPECIFIED:
             return TransferState.BOOTSTRAPPING
         return receiver.state
@@ -61,13 +66,20 @@ class GenerateRecord:
 class LanguageService:
     def __init__(self, config: LanguageConfig, *, transport: MooncakeTransport | None = None):
         config.validate()
-        if not config.encoder:
-            raise errors.InvalidArgument("encoder: at least one --encoder host:port is required")
+        addresses = config.encoder_addresses()
+        if not addresses:
+            raise errors.InvalidArgument("encoder: at least one --encoder host:port (or --encoder-file) is required")
+        # DNS names with several addresses (a scaled compose service) become one entry per
+        # address, here, once: the rank processes get the expanded list, so every rank has the
+        # same ordered encoders and an admission names its encoder by index.
+        addresses, dns_names = encoders.resolve_addresses(addresses)
+        config = dataclasses.replace(config, encoder=tuple(addresses), encoder_file="")
         self.config = config
         self.language_id = config.language_id or f"lang-{uuid.uuid4().hex[:12]}"
         self.dist_init = config.dist_init or (f"tcp://{config.host}:{ranks.free_port(config.host)}" if config.tp > 1 else "")
         self.group: RankGroup = DistributedGroup(0, config.tp, self.dist_init) if config.tp > 1 else LocalGroup()
-        self.worker = RankWorker(config, 0, self.group, self.language_id, transport=transport)
+        self.worker = RankWorker(config, 0, self.group, self.language_id, transport=transport,
+                                 dns_names=tuple(dns_names) if config.tp == 1 else ())
         self.pool = self.worker.pool
         self.policy = AllocationPolicy(config.alloc_policy, config.initial_tokens,
                                        min(config.pool_blocks_of(r) for r in config.data_rank_list) * config.block_size,
@@ -107,9 +119,9 @@ class LanguageService:
             SERVICE_NAME, lambda server: language_pb2_grpc.add_LanguageServicer_to_server(LanguageServicer(self), server),
             interceptors=[self.worker.metrics.interceptor()])
         self.port = await self.server.start(cfg.host, cfg.port)
-        log.info("language %s serving on %s:%d, %d rank(s) (data ranks %s), session %s, encoder %s (%s)",
+        log.info("language %s serving on %s:%d, %d rank(s) (data ranks %s), session %s, encoders %s (%s, %d available)",
                  self.language_id, cfg.host, self.port, cfg.tp, list(cfg.data_rank_list), self.transport.session,
-                 self.worker.link.address, self.worker.link.encoder_id)
+                 [v.address for v in self.worker.encoders.views], cfg.encoder_policy, self.worker.encoders.available)
         if self.children:
             asyncio.get_running_loop().create_task(self._watch_children())
 
@@ -161,7 +173,7 @@ class LanguageService:
         if request.synthetic_tokens == 0 and not request.text and not request.images:
             raise errors.InvalidArgument(f"request {errors.shown(request_id)}: no images, no text and synthetic_tokens=0")
         self._refuse_when_unhealthy(f"Generate of request {errors.shown(request_id)}")
-        record = GenerateRecord(request_id, self.worker.link.address)
+        record = GenerateRecord(request_id, "")
         record.worker = self.worker
         self.requests.add(request_id, record)  # ALREADY_EXISTS for an id in use
         timeout = min(deadline_s, self.config.generate_timeout_s) if deadline_s else self.config.generate_timeout_s
@@ -196,44 +208,132 @@ class LanguageService:
             raise errors.Unavailable(f"{what}: language {self.language_id} is shutting down")
 
     async def _generate(self, request_id: str, request, record: GenerateRecord) -> language_pb2.GenerateReply:
+        """Pick an encoder and run the request there (`_attempt`). When that encoder fails before
+        any byte reached any rank (Encode refused as unavailable or out of source blocks, the
+        encoder lost before round 1), run it once more on another encoder under a fresh transfer
+        id (`ID#2`); once bytes were delivered, the failure is the answer."""
+        started = time.monotonic()
+        tried: list[int] = []
+        first_error: errors.EpdError | None = None
+        while True:
+            if first_error is None:
+                view = await self._pick_encoder(request_id, tried)
+            else:
+                view = self.worker.encoders.pick(exclude=tried)
+                if view is None:  # nowhere else to go: the first failure is the answer
+                    raise first_error
+                record.failed_over_from = record.encoder
+                self.worker.telemetry.failed_over()
+                log.warning("request %s: failing over from encoder %s to %s: %s", request_id, record.encoder,
+                            self.worker.encoders.name(view.index), first_error.message)
+            tried.append(view.index)
+            attempt = len(tried)
+            record.key = request_id if attempt == 1 else f"{request_id}#{attempt}"
+            if attempt > 1 and (record.key in self.group.views or self.requests.live_get(record.key) is not None):
+                record.key = f"{request_id}#{uuid.uuid4().hex[:7]}"  # a client's own id already looks like ours
+            record.attempts = attempt
+            record.encoder = self.worker.encoders.name(view.index)
+            record.encoder_address = view.address
+            record.outcome = None
+            view.inflight += 1
+            view.picked += 1
+            try:
+                return await self._attempt(request_id, request, record, view, started,
+                                           may_retry=attempt < MAX_ATTEMPTS)
+            except _RetryElsewhere as retry:
+                first_error = retry.error
+            finally:
+                view.inflight -= 1
+
+    async def _pick_encoder(self, request_id: str, tried: list[int]):
+        """An available encoder; waits up to CONNECT_WAIT_S for one (e.g. a restarting encoder),
+        then UNAVAILABLE naming each encoder's state."""
+        deadline = time.monotonic() + CONNECT_WAIT_S
+        while True:
+            view = self.worker.encoders.pick(exclude=tried)
+            if view is not None:
+                return view
+            if time.monotonic() > deadline:
+                states = "; ".join(f"{v.address}: {v.last_error or ('not registered' if not v.registered else 'unavailable')}"
+                                   for v in self.worker.encoders.views)
+                raise errors.Unavailable(f"request {errors.shown(request_id)}: no encoder available ({states})",
+                                         reason=FailureReason.PEER_LOST)
+            await asyncio.sleep(0.05)
+
+    async def _attempt(self, request_id: str, request, record: GenerateRecord, view, started: float, *,
+                       may_retry: bool) -> language_pb2.GenerateReply:
         """Encode first, then admit the request to every rank. The ranks reserve destination
         blocks (still blind to the size: the allocation policy decides) only for payloads that
         exist: a pool full of reservations waiting for encoder blocks held by transfers waiting
         for those reservations would be a deadlock that only timeouts could break."""
-        started = time.monotonic()
+        key = record.key
+        link = self.worker.encoders.links[view.index]
+        transfer_id = self.worker.transfer_id(key)
         outcome_fut: asyncio.Future | None = None
         try:
-            total = await self.worker.link.encode(
-                request_id, [(im.data, im.mime_type) for im in request.images], request.text,
-                request.synthetic_tokens, request.synthetic_seed, self.worker.rank_count)
-            spec = self.group.admit(request_id, self.policy.initial_tokens(request.expected_tokens),
-                                    request.want_digest)
-            outcome_fut = self.worker.outcome(request_id)
+            try:
+                total = await self._encode(link, view, transfer_id, request)
+            except errors.EpdError as e:
+                if may_retry and _encoder_unusable(e):
+                    raise _RetryElsewhere(e) from None
+                raise
+            if key in self.group.views:  # a client id equal to another request's failover key
+                raise errors.AlreadyExists(f"request_id {errors.shown(request_id)} is already in use (by a failover)")
+            spec = self.group.admit(key, self.policy.initial_tokens(request.expected_tokens), request.want_digest,
+                                    encoder=view.index)
+            outcome_fut = self.worker.outcome(key)
             # Shielded: a cancelled Generate must not cancel the rank's outcome, which records
             # what every rank did (inspection) once fail_local below has ended it.
             outcome: RankOutcome = await asyncio.shield(outcome_fut)
             record.outcome = outcome
             if not outcome.decision.deliver:
-                raise errors.error_for_reason(outcome.decision.reason, _failure_message(request_id, outcome))
+                error = errors.error_for_reason(outcome.decision.reason, _failure_message(request_id, outcome))
+                if may_retry and _nothing_delivered(outcome) and outcome.decision.reason in RETRY_REASONS \
+                        and not self.group.broken:
+                    raise _RetryElsewhere(error)
+                raise error
             self.policy.observe(total)
-            return self._reply(request_id, spec.initial_tokens, outcome, total, started)
+            return self._reply(request_id, spec.initial_tokens, outcome, total, started, record)
         except BaseException as e:
             # One shielded clean-up: the Generate's own deadline and the client's cancellation
             # can both cancel this task, and a second cancel must not skip the Cancel on the
-            # encoder (its source blocks would wait for the bootstrap timeout).
-            await asyncio.shield(self._abandon(request_id, record, outcome_fut, e))
+            # encoder (its source blocks would wait for the bootstrap timeout). For a retry it
+            # also means: the first encoder answered our Cancel (no write of this attempt is in
+            # flight) or cannot be reached, before the second attempt allocates anything.
+            retry = isinstance(e, _RetryElsewhere)
+            await asyncio.shield(self._abandon(record, link, transfer_id, outcome_fut,
+                                               e.error if retry else e, final=not retry))
             raise
 
-    async def _abandon(self, request_id: str, record: GenerateRecord, outcome_fut: asyncio.Future | None,
-                       e: BaseException) -> None:
-        """End a failed or cancelled Generate on every rank and on the encoder."""
+    async def _encode(self, link, view, transfer_id: str, request) -> int:
+        """Encode on `link`; given up (UNAVAILABLE) when the encoder leaves the rotation meanwhile,
+        so a call waiting for a dead encoder's channel does not wait for the whole deadline."""
+        call = asyncio.ensure_future(link.encode(
+            transfer_id, [(im.data, im.mime_type) for im in request.images], request.text,
+            request.synthetic_tokens, request.synthetic_seed, self.worker.rank_count))
+        try:
+            while True:
+                done, _ = await asyncio.wait({call}, timeout=encoders.POLL_S)
+                if done:
+                    return call.result()
+                if not view.available:
+                    await cancel_and_wait(call)
+                    raise errors.Unavailable(f"Encode on encoder {view.address}: the encoder left the rotation "
+                                             f"({view.last_error or 'unavailable'})", reason=FailureReason.PEER_LOST)
+        finally:
+            await cancel_and_wait(call)
+
+    async def _abandon(self, record: GenerateRecord, link, transfer_id: str, outcome_fut: asyncio.Future | None,
+                       e: BaseException, *, final: bool = True) -> None:
+        """End a failed or cancelled attempt on every rank and on its encoder."""
         reason = e.reason if isinstance(e, errors.EpdError) else FailureReason.CANCELLED
         if outcome_fut is None:  # never admitted (Encode refused, cancelled): no rank reports it
-            self.worker.telemetry.transfer_ended(TransferState.FAILED, reason if reason else FailureReason.INVALID,
-                                                 seconds=None, rounds=0)
+            if final:
+                self.worker.telemetry.transfer_ended(TransferState.FAILED,
+                                                     reason if reason else FailureReason.INVALID, seconds=None, rounds=0)
         else:
             if not outcome_fut.done():
-                self.worker.fail_local(request_id, reason)
+                self.worker.fail_local(record.key, reason)
                 await asyncio.gather(outcome_fut, return_exceptions=True)
             if record.outcome is None and outcome_fut.done() and not outcome_fut.cancelled() \
                     and outcome_fut.exception() is None:
@@ -241,18 +341,18 @@ class LanguageService:
         # End the transfer on the encoder too (the Encode opened it), and wait until its source
         # blocks are free.
         why = str(e) or (record.cancel_reason if isinstance(e, asyncio.CancelledError) else "") or type(e).__name__
-        await self._cancel_on_encoder(request_id, f"{reason.label}: {why}")
+        await self._cancel_on_encoder(link, transfer_id, f"{reason.label}: {why}")
 
-    async def _cancel_on_encoder(self, request_id: str, why: str) -> None:
+    async def _cancel_on_encoder(self, link, transfer_id: str, why: str) -> None:
         try:
-            await self.worker.link.cancel(request_id, why)
+            await link.cancel(transfer_id, why)
         except errors.NotFound:
             pass
         except errors.EpdError as e:
-            log.info("request %s: Cancel on encoder %s: %s", request_id, self.worker.link.address, e)
+            log.info("transfer %s: Cancel on encoder %s: %s", transfer_id, link.address, e)
 
     def _reply(self, request_id: str, initial_tokens: int, outcome: RankOutcome, total: int,
-               started: float) -> language_pb2.GenerateReply:
+               started: float, record: GenerateRecord) -> language_pb2.GenerateReply:
         rows = outcome.decision.rows
         receiver = outcome.receiver
         rounds = receiver.rounds if receiver else max((r.rounds for r in rows), default=0)
@@ -266,7 +366,8 @@ class LanguageService:
             bytes=total * self.pool.record.payload_bytes_per_token, transfer_seconds=transfer_s,
             total_seconds=time.monotonic() - started,
             integrity_verified=receiver.integrity_verified if receiver else self.config.integrity,
-            encoder=self.worker.link.encoder_id or self.worker.link.address,
+            encoder=record.encoder, attempts=record.attempts, failed_over_from=record.failed_over_from,
+            transfer_id=self.worker.transfer_id(record.key),
             payload_sha256=outcome.digest or next((r.digest.hex() for r in rows if r.digest), ""),
             first_token_id=outcome.consumer.first_token_id if outcome.consumer else -1,
             initial_allocated_tokens=receiver.initial_allocated_tokens if receiver else initial_tokens,
@@ -298,6 +399,33 @@ class LanguageService:
         record.cancel_reason = reason
         await cancel_and_wait(record.task)
         return True, record.state
+
+
+MAX_ATTEMPTS = 2         # the first encoder, then one other
+CONNECT_WAIT_S = 10.0    # how long a Generate waits for some encoder to be available
+# Decided failures that may mean "the encoder, not the request": retried elsewhere when no rank
+# received a byte.
+RETRY_REASONS = (FailureReason.PEER_LOST, FailureReason.TRANSPORT)
+
+
+class _RetryElsewhere(Exception):
+    """An attempt failed before any byte was delivered, in a way another encoder may not."""
+
+    def __init__(self, error: errors.EpdError):
+        super().__init__(error.message)
+        self.error = error
+
+
+def _encoder_unusable(e: errors.EpdError) -> bool:
+    """An Encode failure that says nothing about the request: the encoder is unreachable,
+    draining, or out of source blocks."""
+    return isinstance(e, (errors.Unavailable, errors.ResourceExhausted)) or e.reason == FailureReason.PEER_LOST
+
+
+def _nothing_delivered(outcome: RankOutcome) -> bool:
+    rows = outcome.decision.rows
+    receiver = outcome.receiver
+    return all(row.sent == 0 and row.rounds == 0 for row in rows) and (receiver is None or receiver.sent_tokens == 0)
 
 
 def _logits_summary(result) -> language_pb2.LogitsSummary | None:
@@ -371,16 +499,16 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
 
 def record_info(service: LanguageService, r: GenerateRecord) -> common_pb2.TransferInfo:
     """Rank 0's record plus every rank's view (the latest rows of the rank group)."""
-    info = common_pb2.TransferInfo(request_id=r.request_id, state=int(r.state), peer=r.encoder,
+    info = common_pb2.TransferInfo(request_id=r.request_id, state=int(r.state), peer=r.encoder_address,
                                    age_seconds=time.monotonic() - r.created)
     rows: tuple[RankRow, ...] = ()
     if r.outcome is not None:
         rows = r.outcome.decision.rows
-    elif r.request_id in service.group.rows:
-        rows = service.group.rows[r.request_id]
-    elif r.request_id in service.group.views:
-        rows = (service.group.views[r.request_id].row,)
-    receiver = r.outcome.receiver if r.outcome else service.worker.receivers.get(r.request_id)
+    elif r.key in service.group.rows:
+        rows = service.group.rows[r.key]
+    elif r.key in service.group.views:
+        rows = (service.group.views[r.key].row,)
+    receiver = r.outcome.receiver if r.outcome else service.worker.receivers.get(r.key)
     if receiver is not None:
         info.sent_tokens, info.total_tokens, info.rounds = receiver.sent_tokens, receiver.total_tokens, receiver.rounds
         info.allocated_tokens = receiver.allocated_tokens

@@ -21,7 +21,7 @@ from common.pool import BlockPool
 from common.states import FailureReason, TransferState
 from common.transport import MooncakeTransport, memory_location
 from services.language.consumers import ConsumerResult, NullConsumer, build_consumer  # noqa: F401 (re-exported)
-from services.language.encoder_link import GrpcEncoderLink
+from services.language.encoders import EncoderDirectory
 from services.language.faults import FaultSpec, FaultyLink
 from services.language.rank_group import Decision, LocalView, RankGroup, RequestSpec
 from services.language.receiver import ReceiveTask
@@ -44,7 +44,7 @@ class RankOutcome:
 
 class RankWorker:
     def __init__(self, config: LanguageConfig, rank: int, group: RankGroup, language_id: str, *,
-                 transport: MooncakeTransport | None = None):
+                 transport: MooncakeTransport | None = None, dns_names: tuple[str, ...] = ()):
         self.config = config
         self.rank = rank
         self.group = group
@@ -56,11 +56,15 @@ class RankWorker:
         self.telemetry = self.metrics
         self.metrics_port = 0
         self.transport = transport
-        link = GrpcEncoderLink(config.encoder[0], language_id)
         self.fault = FaultSpec.parse(config.fault) if config.fault else FaultSpec()
         if not self.fault.applies_to(rank):
             self.fault = FaultSpec()
-        self.link = FaultyLink(link, self.fault) if (self.fault.status_lag_s or self.fault.status_dup) else link
+        faulty = bool(self.fault.status_lag_s or self.fault.status_dup)
+        # One link per encoder, in the same order on every rank (an admission names its encoder
+        # by index); rank 0 also watches them and picks one per request.
+        self.encoders = EncoderDirectory(config.encoder, language_id, policy=config.encoder_policy,
+                                         wrap=(lambda link: FaultyLink(link, self.fault)) if faulty else (lambda link: link),
+                                         dns_names=dns_names)
         self.consumer = build_consumer(config, rank)
         self.receivers: dict[str, ReceiveTask] = {}
         self._outcomes: dict[str, asyncio.Future] = {}
@@ -77,9 +81,20 @@ class RankWorker:
         self.metrics.watch_pool(self.pool.allocator)
         self.metrics.watch_inflight(lambda: len(self._tasks))
         self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)  # rank R's config has metrics_port + R
-        await self.link.register(self.rank, self.transport.session, self.pool.geometry, timeout=60.0)
+        self.metrics.watch_encoders(lambda: self.encoders.available)
+        await self.encoders.start(self.rank, self.transport.session, self.pool.geometry, watch=self.rank == 0)
         if self.fault.hold_blocks:
             self._held = self.pool.allocator.try_alloc(self.fault.hold_blocks) or []
+
+    @property
+    def link(self):
+        """The first encoder's link (epd bench's MeasureLink)."""
+        return self.encoders.links[0]
+
+    def transfer_id(self, key: str) -> str:
+        """The id the encoder knows a request (attempt) by: unique per language instance by
+        construction, so two instances can use the same request_id on one encoder."""
+        return f"{self.language_id}/{key}"
 
     def pool_stats(self) -> tuple[int, int, int, int]:
         a = self.pool.allocator
@@ -93,7 +108,7 @@ class RankWorker:
         if self._held:
             self.pool.allocator.free(self._held)
             self._held = []
-        await self.link.close()
+        await self.encoders.close()
         if self.transport is not None:
             self.transport.close()
         if self._consumer_log is not None:
@@ -173,7 +188,8 @@ class RankWorker:
             self.group.changed()
 
         receiver = ReceiveTask(
-            spec.request_id, self.rank, self.rank_count, self.pool, self.link,
+            spec.request_id, self.rank, self.rank_count, self.pool, self.encoders.links[spec.encoder],
+            transfer_id=self.transfer_id(spec.request_id),
             initial_tokens=min(spec.initial_tokens, self.pool.num_blocks * self.pool.block_size),
             alloc_timeout_s=self.config.alloc_timeout_s, integrity=self.config.integrity, on_progress=progress,
             telemetry=self.telemetry)

@@ -214,7 +214,7 @@ def test_flags_from_env_and_cli_wins(monkeypatch):
 
 
 def test_unsupported_shapes_are_rejected(capsys):
-    for argv, word, why in ((["--tp", "9"], "--tp 9", "1 to 8"), (["--encoders", "3"], "--encoders 3", "later")):
+    for argv, word, why in ((["--tp", "9"], "--tp 9", "1 to 8"), (["--encoders", "9"], "--encoders 9", "1 to 8")):
         args = _parse(argv)
         assert demo.run(args) == 2
         err = capsys.readouterr().err

@@ -1,0 +1,210 @@
+"""One language rank's set of encoders (issue 8): a link per encoder, registration with each,
+and (rank 0) the live view the front door picks from.
+
+Every rank of an instance holds the same ordered list of encoder addresses (rank 0 expands DNS
+names before it starts the other ranks and hands them the expanded list), so an admission can
+name its encoder by index. Each rank registers with every encoder at start-up, in the
+background: start-up waits for one registration, an encoder that is down keeps being retried
+and joins the rotation once it answers. Rank 0 polls every encoder every `POLL_S` (health
+Check, GetPool, GetDiagnostics) into `EncoderView`s (services/language/selection.py); an
+encoder that is NOT_SERVING or unreachable leaves the rotation until a poll finds it SERVING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from typing import Callable, Sequence
+
+from common import errors
+from common.layout import PoolGeometry
+from services.language.encoder_link import GrpcEncoderLink
+from services.language.selection import EncoderSelector, EncoderView
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5
+POLL_TIMEOUT_S = 1.0
+REGISTER_RETRY_S = 1.0
+RESOLVE_S = 10.0
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def resolve_addresses(addresses: Sequence[str],
+                      getaddrinfo: Callable = socket.getaddrinfo) -> tuple[list[str], list[str]]:
+    """Expand every `name:port` whose name resolves to several IPv4 addresses (e.g. a compose
+    service scaled with `--scale encoder=N`: one DNS name, N A records) into one `ip:port` per
+    address, in sorted order; IP literals and names with one address stay as given; a name that
+    does not resolve stays too (the link keeps trying). Returns (addresses, DNS names expanded)."""
+    out: list[str] = []
+    expanded: list[str] = []
+    for address in addresses:
+        host, port = split_address(address)
+        ips: list[str] = []
+        if not _is_ip(host):
+            try:
+                infos = getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+                ips = sorted({info[4][0] for info in infos})
+            except OSError:
+                ips = []
+        if len(ips) > 1:
+            expanded.append(address)
+            out.extend(f"{ip}:{port}" for ip in ips if f"{ip}:{port}" not in out)
+        elif address not in out:
+            out.append(address)
+    return out, expanded
+
+
+class EncoderDirectory:
+    """Links, registrations and (rank 0) the live view of every encoder of one rank."""
+
+    def __init__(self, addresses: Sequence[str], language_id: str, *, policy: str = "least-loaded",
+                 wrap: Callable = lambda link: link, dns_names: Sequence[str] = ()):
+        if not addresses:
+            raise errors.InvalidArgument("encoder: at least one --encoder host:port is required")
+        self.language_id = language_id
+        self._wrap = wrap
+        self.links: list = []
+        self.views: list[EncoderView] = []
+        self.selector = EncoderSelector(policy)
+        self.dns_names = list(dns_names)
+        self._tasks: list[asyncio.Task] = []
+        self._registration: tuple[int, str, PoolGeometry] | None = None
+        self._registered: asyncio.Event | None = None  # made by start() (needs the running loop)
+        self._watch = False
+        for address in addresses:
+            self._add(address)
+
+    def _add(self, address: str) -> int:
+        index = len(self.links)
+        self.links.append(self._wrap(GrpcEncoderLink(address, self.language_id)))
+        self.views.append(EncoderView(index, address))
+        return index
+
+    @property
+    def available(self) -> int:
+        return sum(1 for v in self.views if v.selectable)
+
+    def name(self, index: int) -> str:
+        link = self.links[index]
+        return link.encoder_id or link.address
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, rank: int, session: str, geometry: PoolGeometry, *, watch: bool,
+                    timeout: float = 60.0) -> None:
+        """Register with every encoder (in the background); return once one registration
+        succeeded (Unavailable naming every address after `timeout`). `watch`: poll the live view."""
+        self._registration = (rank, session, geometry)
+        self._registered = asyncio.Event()
+        self._watch = watch
+        for index in range(len(self.links)):
+            self._spawn(index)
+        if watch and self.dns_names:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._resolve_loop(), name="encoder-dns"))
+        try:
+            await asyncio.wait_for(self._registered.wait(), timeout)
+        except asyncio.TimeoutError:
+            problems = "; ".join(f"{v.address}: {v.last_error or 'no answer'}" for v in self.views)
+            await self.close()
+            raise errors.Unavailable(f"no encoder could be registered with within {timeout:.0f} s ({problems})") from None
+
+    def _spawn(self, index: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._register_loop(index), name=f"encoder-register-{index}"))
+        if self._watch:
+            self._tasks.append(loop.create_task(self._poll_loop(index), name=f"encoder-watch-{index}"))
+
+    async def _register_loop(self, index: int) -> None:
+        view, link = self.views[index], self.links[index]
+        reported = False
+        while True:
+            try:
+                await link.register(*self._registration, timeout=max(REGISTER_RETRY_S, 2.0))
+                view.registered = True
+                view.available = True  # it just answered; the next poll says more
+                view.last_error = ""
+                self._registered.set()
+                if reported:
+                    log.info("encoder %s is reachable again: registered", view.address)
+                return
+            except errors.FailedPrecondition as e:  # a layout mismatch: retrying will not help
+                view.last_error = e.message
+                log.error("encoder %s refused our registration: %s", view.address, e.message)
+                return
+            except errors.EpdError as e:
+                view.last_error = e.message
+                if not reported:
+                    log.warning("encoder %s: not registered yet (%s); retrying in the background", view.address,
+                                e.message)
+                    reported = True
+            await asyncio.sleep(REGISTER_RETRY_S)
+
+    async def _poll_loop(self, index: int) -> None:
+        view, link = self.views[index], self.links[index]
+        while True:
+            inflight_before = view.inflight
+            try:
+                serving, free, used, waiters, live = await link.load(POLL_TIMEOUT_S)
+                was = view.available
+                view.available = serving
+                if serving:
+                    view.free_blocks, view.used_blocks, view.waiters = free, used, waiters
+                    view.live_transfers, view.inflight_at_poll = live, inflight_before
+                    view.last_error = ""
+                else:
+                    view.last_error = "NOT_SERVING"
+                if was != serving:
+                    log.info("encoder %s %s the rotation (%s)", view.address, "joins" if serving else "leaves",
+                             "SERVING" if serving else "NOT_SERVING")
+            except errors.EpdError as e:
+                if view.available:
+                    log.warning("encoder %s leaves the rotation: %s", view.address, e.message)
+                view.available = False
+                view.last_error = e.message
+            await asyncio.sleep(POLL_S)
+
+    async def _resolve_loop(self) -> None:
+        """Rank 0 of a one-rank instance: DNS names are looked up again every RESOLVE_S; new
+        addresses join (registered and watched like the others), vanished ones simply stop
+        answering and leave the rotation. (With several ranks the list is fixed at start-up: the
+        other ranks know encoders by index.)"""
+        while True:
+            await asyncio.sleep(RESOLVE_S)
+            try:
+                found, _ = await asyncio.to_thread(resolve_addresses, self.dns_names)
+            except Exception as e:  # noqa: BLE001 - a resolver hiccup must not end the loop
+                log.info("re-resolving %s: %s", self.dns_names, e)
+                continue
+            for address in found:
+                if address not in (v.address for v in self.views):
+                    log.info("encoder %s found by DNS (%s)", address, ", ".join(self.dns_names))
+                    self._spawn(self._add(address))
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for link in self.links:
+            await link.close()
+
+    # ------------------------------------------------------------------ selection (rank 0)
+
+    def pick(self, exclude: Sequence[int] = ()) -> EncoderView | None:
+        return self.selector.pick(self.views, exclude)

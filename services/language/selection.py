@@ -1,0 +1,89 @@
+"""Which encoder serves a request (issue 8): the language instance's live view of its encoders
+and the selection policy. Domain code: no grpc, no mooncake — services/language/encoders.py
+feeds the views from health checks and GetPool/GetDiagnostics polls.
+
+- `least-loaded` (default): among the available encoders, the one with the fewest transfers in
+  flight — the larger of what the encoder itself reports (every language instance's transfers)
+  and what this instance has sent it since (its own, counted at once, so a burst between two
+  polls spreads too) — then the fewest allocations waiting for source blocks, then the largest
+  free share of the source pool; ties go round-robin.
+- `round-robin`: the next available encoder after the last one picked.
+
+An encoder is available when its last health check said SERVING, it was reachable, and it is
+not draining. `pick(exclude=...)` leaves out encoders already tried (failover).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Sequence
+
+POLICIES = ("least-loaded", "round-robin")
+
+
+@dataclasses.dataclass
+class EncoderView:
+    """What this language instance knows of one encoder."""
+
+    index: int
+    address: str
+    available: bool = False
+    """SERVING and reachable at the last look."""
+    registered: bool = False
+    """This rank's Register succeeded (rank 0: the front door only picks registered encoders)."""
+    free_blocks: int = 0
+    used_blocks: int = 0
+    waiters: int = 0
+    live_transfers: int = 0
+    """Transfers live on the encoder at the last poll (every language instance's)."""
+    inflight: int = 0
+    """This instance's requests on the encoder right now (updated at once, not polled)."""
+    inflight_at_poll: int = 0
+    """`inflight` when `live_transfers` was polled: the part of it that was ours."""
+    last_error: str = ""
+    picked: int = 0
+    """Requests sent to it (inspection, demo summary)."""
+
+    @property
+    def load(self) -> int:
+        """Transfers in flight on the encoder: the polled count, corrected by what we started or
+        ended since the poll (never below what we ourselves have in flight)."""
+        return max(self.inflight, self.live_transfers + self.inflight - self.inflight_at_poll)
+
+    @property
+    def free_share(self) -> float:
+        total = self.free_blocks + self.used_blocks
+        return self.free_blocks / total if total else 0.0
+
+    @property
+    def selectable(self) -> bool:
+        return self.available and self.registered
+
+
+class EncoderSelector:
+    """Picks an encoder for each request; see the module docstring."""
+
+    def __init__(self, policy: str = "least-loaded"):
+        if policy not in POLICIES:
+            raise ValueError(f"encoder_policy={policy!r}: must be one of {POLICIES}")
+        self.policy = policy
+        self._next = 0  # round-robin cursor (also the tie-break of least-loaded)
+
+    def pick(self, views: Sequence[EncoderView], exclude: Iterable[int] = ()) -> EncoderView | None:
+        """The encoder for the next request, or None when none is available."""
+        excluded = set(exclude)
+        n = len(views)
+        if n == 0:
+            return None
+        # Candidates in round-robin order starting at the cursor.
+        order = [views[(self._next + k) % n] for k in range(n)]
+        candidates = [v for v in order if v.selectable and v.index not in excluded]
+        if not candidates:
+            return None
+        if self.policy == "round-robin":
+            chosen = candidates[0]
+        else:
+            # min() keeps the first of equals: the round-robin order breaks ties.
+            chosen = min(candidates, key=lambda v: (v.load, v.waiters, -v.free_share))
+        self._next = (views.index(chosen) + 1) % n
+        return chosen

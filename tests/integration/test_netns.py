@@ -1,0 +1,151 @@
+"""Encoder and language on two "hosts": network namespaces joined by a veth link, made by this
+test (`ip netns`, iproute2; addresses from the benchmarking range 198.18.0.0/15). The services
+talk gRPC and Mooncake TCP over 198.18.0.1 <-> 198.18.0.2 only, never loopback. The test process
+reaches each namespace through a management veth of its own (so it can still inspect both pools
+after the services' link is cut). Then the link is cut (`ip link set down`) between two rounds of
+a transfer: the request fails cleanly on both sides (language: the encoder's calls break on
+gRPC keepalive, peer_lost; encoder: no Resume within resume_timeout_s) and every pool is free.
+The namespaces are removed even when the test fails."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import grpc
+import pytest
+
+from common.pb.epd.v1 import common_pb2, language_pb2
+from services import demo
+from services.reference_payload import expected_digest
+from tests.conftest import assert_all_free, encoder_stub, language_stub
+
+ENC_IP, LANG_IP = "198.18.0.1", "198.18.0.2"          # the services' link
+ROOT_ENC, NS_ENC = "198.18.1.1", "198.18.1.2"          # management: test process <-> encoder ns
+ROOT_LANG, NS_LANG = "198.18.2.1", "198.18.2.2"        # management: test process <-> language ns
+
+
+def ip(*args: str, ns: str | None = None) -> None:
+    argv = ["ip", *(("netns", "exec", ns, "ip") if ns else ()), *args]
+    subprocess.run(argv, check=True, capture_output=True, timeout=10)
+
+
+def _usable() -> str:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return "needs root and iproute2"
+    return ""
+
+
+@pytest.fixture
+def namespaces():
+    # Not a skip: `make` installs iproute2 and the suite runs as root (as CI does); say so if not.
+    assert not _usable(), f"the cross-host test {_usable()} (make installs iproute2; run as root)"
+    tag = uuid.uuid4().hex[:6]
+    enc_ns, lang_ns = f"epd-enc-{tag}", f"epd-lang-{tag}"
+    v = {k: f"{k}{tag}" for k in ("ve", "vl", "me", "mr", "ml", "mq")}  # interface names <= 15 chars
+    try:
+        for ns in (enc_ns, lang_ns):
+            ip("netns", "add", ns)
+            ip("link", "set", "lo", "up", ns=ns)
+        # the services' link
+        ip("link", "add", v["ve"], "type", "veth", "peer", "name", v["vl"])
+        ip("link", "set", v["ve"], "netns", enc_ns)
+        ip("link", "set", v["vl"], "netns", lang_ns)
+        ip("addr", "add", f"{ENC_IP}/30", "dev", v["ve"], ns=enc_ns)
+        ip("addr", "add", f"{LANG_IP}/30", "dev", v["vl"], ns=lang_ns)
+        # management links from this (root) namespace
+        for root_if, ns_if, ns, root_ip, ns_ip, service_ip in ((v["mr"], v["me"], enc_ns, ROOT_ENC, NS_ENC, ENC_IP),
+                                                               (v["mq"], v["ml"], lang_ns, ROOT_LANG, NS_LANG, LANG_IP)):
+            ip("link", "add", root_if, "type", "veth", "peer", "name", ns_if)
+            ip("link", "set", ns_if, "netns", ns)
+            ip("addr", "add", f"{root_ip}/30", "dev", root_if)
+            ip("addr", "add", f"{ns_ip}/30", "dev", ns_if, ns=ns)
+            ip("link", "set", root_if, "up")
+            ip("link", "set", ns_if, "up", ns=ns)
+            ip("route", "add", f"{service_ip}/32", "via", ns_ip)  # the service's address, via its ns
+        ip("link", "set", v["ve"], "up", ns=enc_ns)
+        ip("link", "set", v["vl"], "up", ns=lang_ns)
+        yield enc_ns, lang_ns, v
+    finally:
+        for name in (v["mr"], v["mq"]):
+            subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=10)
+        for ns in (enc_ns, lang_ns):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+def start_in(ns: str, role: str, *args: str) -> demo.ServiceProcess:
+    argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "services.cli", role, "--port", "0", *args]
+    svc = demo.ServiceProcess(role, argv, env={**os.environ, "MC_FORCE_TCP": "1", "PYTHONUNBUFFERED": "1"})
+    svc.start()
+    try:
+        svc.wait_ready(60)
+    except demo.ServiceStartError:
+        svc.stop()
+        raise
+    return svc
+
+
+async def test_cross_namespace_transfer_then_link_cut_mid_transfer(namespaces):
+    enc_ns, lang_ns, v = namespaces
+    common = ("--hidden", "256", "--block-size", "128")
+    services = []
+    try:
+        enc = start_in(enc_ns, "encoder", "--host", ENC_IP, *common, "--pool-blocks", "256",
+                       "--resume-timeout-s", "8")
+        services.append(enc)
+        enc_addr = f"{ENC_IP}:{enc.port}"
+        lang = start_in(lang_ns, "language", "--host", LANG_IP, *common, "--pool-blocks", "8",
+                        "--initial-tokens", "1024", "--encoder", enc_addr, "--fault", "status_lag_s=1.0")
+        services.append(lang)
+        lang_addr = f"{LANG_IP}:{lang.port}"
+        assert lang.info["session"].startswith(LANG_IP), lang.info
+        stub = language_stub(lang_addr)
+
+        # Across the link: a request of 3 rounds arrives intact.
+        reply = await stub.Generate(language_pb2.GenerateRequest(synthetic_tokens=2500, synthetic_seed=2,
+                                                                 want_digest=True), timeout=60)
+        assert reply.payload_sha256 == expected_digest(2500, 2, 256) and reply.rounds == 3
+
+        # Mid-transfer: round 1 delivered (the language reads each status 1 s late), cut the link.
+        rid = f"cut-{uuid.uuid4().hex[:8]}"
+        call = asyncio.ensure_future(stub.Generate(language_pb2.GenerateRequest(
+            request_id=rid, synthetic_tokens=5000, synthetic_seed=3), timeout=60))
+        es = encoder_stub(enc_addr)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                info = await es.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
+                if info.rounds >= 1:
+                    break
+            except grpc.aio.AioRpcError as e:
+                assert e.code() == grpc.StatusCode.NOT_FOUND
+            assert time.monotonic() < deadline, "round 1 never happened"
+            await asyncio.sleep(0.02)
+        ip("link", "set", v["ve"], "down", ns=enc_ns)
+        cut_at = time.monotonic()
+
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await call
+        assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), e.value
+        assert time.monotonic() - cut_at < 30
+        linfo = await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
+        assert linfo.state == common_pb2.TRANSFER_STATE_FAILED and linfo.sent_tokens >= 1024, linfo
+
+        # The encoder gives up on its own (no Resume within resume_timeout_s).
+        while (await es.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))).state != \
+                common_pb2.TRANSFER_STATE_FAILED:
+            assert time.monotonic() - cut_at < 30, "the encoder never failed the cut transfer"
+            await asyncio.sleep(0.1)
+        await assert_all_free((enc_addr, "encoder"), (lang_addr, "language"))
+    except BaseException:
+        for svc in services:
+            print(f"--- {svc.role} stderr\n{svc.stderr_tail(60)}")
+        raise
+    finally:
+        for svc in reversed(services):
+            svc.stop()

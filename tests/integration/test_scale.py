@@ -1,0 +1,158 @@
+"""Several encoders per language instance, several language instances per encoder (issue 8):
+real processes, real Mooncake TCP on loopback. Failures are injected with the encoder's
+test-only `--transport-fault` (named in the tests) or by killing a real process."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from common.pb.epd.v1 import common_pb2, language_pb2
+from services.language.ranks import free_port
+from services.reference_payload import expected_digest
+from tests.conftest import ServiceProcess, assert_all_free, encoder_stub, language_stub
+
+HIDDEN = 256
+COMMON = ("--hidden", str(HIDDEN), "--block-size", "128")
+
+
+def encoder(*args: str) -> ServiceProcess:
+    return ServiceProcess("encoder", *COMMON, "--pool-blocks", "512", *args)
+
+
+def language(*encoders: ServiceProcess | str, args=()) -> ServiceProcess:
+    flags = [x for e in encoders for x in ("--encoder", e if isinstance(e, str) else e.address)]
+    return ServiceProcess("language", *COMMON, "--pool-blocks", "32", "--initial-tokens", "1024", *flags, *args)
+
+
+async def generate(stub, tokens: int, seed: int, request_id: str = "") -> language_pb2.GenerateReply:
+    reply = await stub.Generate(language_pb2.GenerateRequest(request_id=request_id, synthetic_tokens=tokens,
+                                                             synthetic_seed=seed, want_digest=True))
+    assert reply.payload_sha256 == expected_digest(tokens, seed, HIDDEN)
+    return reply
+
+
+async def free(*services: tuple[ServiceProcess, str]) -> None:
+    await assert_all_free(*((s.address, kind) for s, kind in services))
+
+
+@pytest.mark.parametrize("policy", ["least-loaded", "round-robin"])
+async def test_requests_spread_over_two_encoders(policy):
+    a, b = encoder(), encoder()
+    lang = language(a, b, args=("--encoder-policy", policy))
+    try:
+        stub = language_stub(lang.address)
+        replies = await asyncio.gather(*(generate(stub, 2000 + 300 * i, i) for i in range(12)))
+        used = {r.encoder for r in replies}
+        assert len(used) == 2, [r.encoder for r in replies]
+        assert all(r.attempts == 1 and not r.failed_over_from for r in replies)
+        if policy == "round-robin":  # sequential requests alternate
+            seq = [(await generate(stub, 500, 100 + i)).encoder for i in range(4)]
+            assert seq[0] != seq[1] and seq[0] == seq[2] and seq[1] == seq[3], seq
+        await free((a, "encoder"), (b, "encoder"), (lang, "language"))
+    finally:
+        lang.stop(); a.stop(); b.stop()
+
+
+async def test_failover_on_injected_round1_write_failure_uses_fresh_transfer_id():
+    """Injected fault (fail_nth=1 on encoder A): round 1's write fails before any byte counts, so
+    the request runs again on B as ID#2 and succeeds with the right bytes; A's attempt is FAILED."""
+    a = encoder("--transport-fault", "fail_nth=1")
+    b = encoder()
+    lang = language(a, b, args=("--encoder-policy", "round-robin"))
+    try:
+        stub = language_stub(lang.address)
+        reply = await generate(stub, 5000, 7, "fo-1")  # round-robin: A first
+        assert reply.attempts == 2 and reply.failed_over_from and reply.failed_over_from != reply.encoder
+        assert reply.transfer_id.endswith("/fo-1#2"), reply.transfer_id
+        first = await encoder_stub(a.address).GetTransfer(common_pb2.GetTransferRequest(request_id="fo-1"))
+        assert first.state == common_pb2.TRANSFER_STATE_FAILED
+        assert first.error.reason == common_pb2.FAILURE_REASON_TRANSPORT
+        second = await encoder_stub(b.address).GetTransfer(common_pb2.GetTransferRequest(request_id="fo-1"))
+        assert second.state == common_pb2.TRANSFER_STATE_SUCCESS and second.request_id == "fo-1#2"
+        await free((a, "encoder"), (b, "encoder"), (lang, "language"))
+    finally:
+        lang.stop(); a.stop(); b.stop()
+
+
+async def test_no_failover_after_bytes_were_delivered_injected_fault():
+    """Injected fault (fail_nth=2 on encoder A): round 2 fails after round 1 was delivered: the
+    failure (transport) is reported to the client and never retried on B."""
+    a = encoder("--transport-fault", "fail_nth=2")
+    b = encoder()
+    lang = language(a, b, args=("--encoder-policy", "round-robin"))
+    try:
+        stub = language_stub(lang.address)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await generate(stub, 20000, 3, "late-1")  # 32 blocks x 128 = 4096 tokens per round
+        assert "round 2" in e.value.details(), e.value.details()
+        info = await stub.GetTransfer(common_pb2.GetTransferRequest(request_id="late-1"))
+        assert info.error.reason == common_pb2.FAILURE_REASON_TRANSPORT
+        assert not (await encoder_stub(b.address).ListTransfers(common_pb2.ListTransfersRequest())).transfers
+        await free((a, "encoder"), (b, "encoder"), (lang, "language"))
+    finally:
+        lang.stop(); a.stop(); b.stop()
+
+
+async def test_killed_encoder_leaves_the_rotation_and_a_restarted_one_rejoins():
+    port = free_port("127.0.0.1")
+    a = encoder("--port", str(port))
+    b = encoder()
+    lang = language(a, b)
+    try:
+        stub = language_stub(lang.address)
+        a.kill()
+        replies = [await generate(stub, 1500, i) for i in range(6)]  # none fails: B serves them all
+        assert {r.encoder for r in replies} == {replies[-1].encoder} and replies[-1].encoder.endswith(b.address.split(":")[1])
+        a = encoder("--port", str(port))  # back on the same address: rejoins
+        for _ in range(100):
+            got = await asyncio.gather(*(generate(stub, 3000, 50 + i) for i in range(4)))
+            if len({r.encoder for r in got}) == 2:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the restarted encoder never served a request")
+        await free((a, "encoder"), (b, "encoder"), (lang, "language"))
+    finally:
+        lang.stop(); a.stop(); b.stop()
+
+
+async def test_encoder_down_at_startup_does_not_block_start():
+    port = free_port("127.0.0.1")
+    b = encoder()
+    lang = language(f"127.0.0.1:{port}", b)
+    a = None
+    try:
+        stub = language_stub(lang.address)
+        assert (await generate(stub, 800, 1)).encoder.endswith(b.address.split(":")[1])
+        a = encoder("--port", str(port))
+        for _ in range(100):
+            got = await asyncio.gather(*(generate(stub, 3000, 60 + i) for i in range(4)))
+            if len({r.encoder for r in got}) == 2:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the late encoder never joined")
+        await free((a, "encoder"), (b, "encoder"), (lang, "language"))
+    finally:
+        lang.stop(); b.stop()
+        if a is not None:
+            a.stop()
+
+
+async def test_two_language_instances_share_an_encoder_with_the_same_request_ids():
+    enc = encoder()
+    l1, l2 = language(enc), language(enc)
+    try:
+        s1, s2 = language_stub(l1.address), language_stub(l2.address)
+        replies = await asyncio.gather(*(generate(s, 6000, seed, f"same-{i}")
+                                         for i in range(3) for s, seed in ((s1, i), (s2, 10 + i))))
+        assert len({r.transfer_id for r in replies}) == 6
+        assert {r.request_id for r in replies} == {"same-0", "same-1", "same-2"}
+        info = await encoder_stub(enc.address).GetTransfer(common_pb2.GetTransferRequest(request_id="same-1"))
+        assert info.request_id == "same-1" and info.state == common_pb2.TRANSFER_STATE_SUCCESS
+        await free((enc, "encoder"), (l1, "language"), (l2, "language"))
+    finally:
+        l1.stop(); l2.stop(); enc.stop()
