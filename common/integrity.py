@@ -155,21 +155,27 @@ class PayloadSums:
         """From the payload's records as consecutive runs, each starting at a multiple of `chunk`
         tokens (block runs of a pool whose block size is `chunk`). Blocking: a worker thread."""
         total = sum(r.shape[0] for r in runs)
-        rows: dict[str, torch.Tensor] = {}
-        cols: dict[str, torch.Tensor] = {}
-        for f in record.fields:
-            row_parts, col_parts = [], []
-            for run in runs:
-                words = _words(run, f)
-                k = words.shape[0]
-                row_parts.append(words.sum(dim=1, dtype=torch.int32).to(torch.int64))
-                full = k // chunk * chunk
-                if full:
-                    col_parts.append(words[:full].reshape(full // chunk, chunk, -1).sum(dim=1, dtype=torch.int32))
-                if k > full:
-                    col_parts.append(words[full:].sum(dim=0, dtype=torch.int32).unsqueeze(0))
-            rows[f.name] = torch.cat(row_parts).cpu()
-            cols[f.name] = torch.cat(col_parts).to(torch.int64).cpu()
+
+        def sums_of(part: list[torch.Tensor], _first: int) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+            out = {}
+            for f in record.fields:
+                row_parts, col_parts = [], []
+                for run in part:
+                    words = _words(run, f)
+                    k = words.shape[0]
+                    row_parts.append(words.sum(dim=1, dtype=torch.int32).to(torch.int64))
+                    full = k // chunk * chunk
+                    if full:
+                        col_parts.append(words[:full].reshape(full // chunk, chunk, -1).sum(dim=1, dtype=torch.int32))
+                    if k > full:
+                        col_parts.append(words[full:].sum(dim=0, dtype=torch.int32).unsqueeze(0))
+                out[f.name] = (row_parts, col_parts)
+            return out
+
+        # Parts start at chunk boundaries, so each part's chunks are whole chunks of the payload.
+        parts = run_split(sums_of, list(runs), 0, align=chunk)
+        rows = {f.name: torch.cat([t for p in parts for t in p[f.name][0]]).cpu() for f in record.fields}
+        cols = {f.name: torch.cat([t for p in parts for t in p[f.name][1]]).to(torch.int64).cpu() for f in record.fields}
         return cls(record, chunk, total, rows, cols)
 
     def checksums(self, start: int, n: int, records: Callable[[int, int], list[torch.Tensor]]) -> dict[str, int]:

@@ -26,11 +26,14 @@ T = TypeVar("T")
 _pool = concurrent.futures.ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="epd-split")
 
 
-def split_tokens(segments: list[torch.Tensor], first_token: int, parts: int) -> list[tuple[list[torch.Tensor], int]]:
-    """Cut consecutive token segments into at most `parts` groups of about equal token counts:
-    [(segments, first token of the group)] (views, no copies)."""
+def split_tokens(segments: list[torch.Tensor], first_token: int, parts: int,
+                 align: int = 1) -> list[tuple[list[torch.Tensor], int]]:
+    """Cut consecutive token segments into at most `parts` groups of about equal token counts,
+    each (but the last) a multiple of `align` tokens: [(segments, first token of the group)]
+    (views, no copies)."""
     total = sum(s.shape[0] for s in segments)
     per = max(1, -(-total // max(1, parts)))
+    per = -(-per // align) * align
     groups: list[tuple[list[torch.Tensor], int]] = []
     current: list[torch.Tensor] = []
     room, start, pos = per, first_token, first_token
@@ -51,12 +54,12 @@ def split_tokens(segments: list[torch.Tensor], first_token: int, parts: int) -> 
 
 
 def run_split(work: Callable[[list[torch.Tensor], int], T], segments: list[torch.Tensor], first_token: int,
-              parts: int = PARALLEL) -> list[T]:
+              parts: int = PARALLEL, align: int = 1) -> list[T]:
     """`work(group, first_token_of_group)` for each part, in parallel; results in token order.
     Blocking: call it from a worker thread, never from the event loop."""
     if sum(s.numel() * s.element_size() for s in segments) < SPLIT_MIN_BYTES:
         parts = 1
-    groups = split_tokens(segments, first_token, parts)
+    groups = split_tokens(segments, first_token, parts, align)
     if len(groups) <= 1:
         return [work(segs, first) for segs, first in groups]
     futures = [_pool.submit(work, segs, first) for segs, first in groups]

@@ -107,3 +107,20 @@ def test_payload_sums_give_the_checksums_of_any_range(hidden, dtype, block, bloc
     n = data.draw(st.integers(1, total - start))
     got = sums.checksums(start, n, lambda lo, hi: pool.runs(blocks, lo, hi - lo))
     assert got == checksums(pool.runs(blocks, start, n), record, start)
+
+
+def test_payload_sums_of_a_payload_big_enough_to_be_built_in_parallel_parts():
+    from common.integrity import PayloadSums
+    from common.parallel import SPLIT_MIN_BYTES
+    from common.pool import BlockPool
+
+    record = RecordLayout.pack(default_fields(512, "bfloat16"))
+    pool = BlockPool(record, 16, 400)
+    pool.slab.random_(0, 255, generator=torch.Generator().manual_seed(5))
+    blocks = [7, 8, 9, 30, 2, 3, 4, 5, *range(100, 380)]
+    total = len(blocks) * 16 - 5
+    assert total * record.record_bytes > 2 * SPLIT_MIN_BYTES  # really split
+    sums = PayloadSums.build(pool.runs(blocks, 0, total), record, 16)
+    for start, n in ((0, total), (5, 1000), (16, 32), (1000, total - 1000), (3, 7)):
+        got = sums.checksums(start, n, lambda lo, hi: pool.runs(blocks, lo, hi - lo))
+        assert got == checksums(pool.runs(blocks, start, n), record, start), (start, n)
