@@ -118,6 +118,10 @@ class EncoderDirectory:
             self._tasks.append(asyncio.get_running_loop().create_task(self._resolve_loop(), name="encoder-dns"))
         try:
             await asyncio.wait_for(self._registered.wait(), timeout)
+            if not any(v.registered for v in self.views):  # every encoder refused our layout
+                problems = "; ".join(f"{v.address}: {v.last_error}" for v in self.views)
+                await self.close()
+                raise errors.FailedPrecondition(f"every encoder refused this instance's registration ({problems})")
         except asyncio.TimeoutError:
             problems = "; ".join(f"{v.address}: {v.last_error or 'no answer'}" for v in self.views)
             await self.close()
@@ -144,7 +148,10 @@ class EncoderDirectory:
                 return
             except errors.FailedPrecondition as e:  # a layout mismatch: retrying will not help
                 view.last_error = e.message
+                view.refused = True
                 log.error("encoder %s refused our registration: %s", view.address, e.message)
+                if all(v.refused for v in self.views):
+                    self._registered.set()  # nothing left to wait for: start() reports the refusals
                 return
             except errors.EpdError as e:
                 view.last_error = e.message

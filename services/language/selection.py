@@ -31,6 +31,8 @@ class EncoderView:
     """SERVING and reachable at the last look."""
     registered: bool = False
     """This rank's Register succeeded (rank 0: the front door only picks registered encoders)."""
+    refused: bool = False
+    """The encoder refused our Register (a layout mismatch): it is never used."""
     free_blocks: int = 0
     used_blocks: int = 0
     waiters: int = 0
