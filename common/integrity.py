@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from common.layout import FieldLayout, RecordLayout
-from common.parallel import PARALLEL, run_split  # noqa: F401 (PARALLEL: for callers splitting copies)
+from common.parallel import run_split
 
 _MASK32 = (1 << 32) - 1
 
@@ -95,7 +95,7 @@ async def checksums_off_loop(segments: list[torch.Tensor], record: RecordLayout,
     worker thread (split over PARALLEL threads)."""
     if _is_small(segments):
         return fast_checksums(segments, record, first_token)
-    return await asyncio.to_thread(fast_checksums, segments, record, first_token)
+    return await asyncio.to_thread(parallel_checksums, segments, record, first_token)
 
 
 def parallel_checksums(segments: list[torch.Tensor], record: RecordLayout, first_token: int) -> dict[str, int]:

@@ -139,7 +139,7 @@ class Services:
         return (await self.stub.GetPool(common_pb2.GetPoolRequest())).used_blocks
 
 
-def record_bytes(args: argparse.Namespace) -> int:
+def payload_bytes_per_token(args: argparse.Namespace) -> int:
     return RecordLayout.pack(default_fields(args.hidden, args.dtype)).payload_bytes_per_token
 
 
@@ -189,7 +189,6 @@ async def case_multi(args: argparse.Namespace, sizes: Sequence[int], repeats: in
     takes ceil(n / 1024) rounds; compared with the exact allocation of the `single` case."""
     initial = MULTI_ROUND_TOKENS
     exact = {row["tokens"]: row["transfer_ms_p50"] for row in single}
-    rows = []
     s = Services(args, language_blocks=max(1, initial // args.block_size), encoder_blocks=max(sizes) // args.block_size + 8,
                  alloc_policy="fixed", initial_tokens=initial)
     try:
@@ -346,7 +345,7 @@ async def run_async(args: argparse.Namespace) -> dict[str, Any]:
     repeats = max(3, args.repeats // 3) if args.quick else args.repeats
     small = max(30, args.small_requests // 5) if args.quick else args.small_requests
     policy_requests = max(30, args.policy_requests // 3) if args.quick else args.policy_requests
-    bpt = record_bytes(args)
+    bpt = payload_bytes_per_token(args)
     need = max([*sizes, 1]) // args.block_size + 1
     blocks = max(need, max(levels, default=1) * math.ceil(args.concurrency_tokens / args.block_size)) + 16
     results: dict[str, Any] = {

@@ -230,15 +230,13 @@ class EncoderService:
             def fill() -> tuple[tuple[tuple[str, int], ...] | None, PayloadSums | None]:
                 model.encode_into(inputs, runs, record)
                 # Checksums while the bytes are hot, so rounds send them without a pass over the
-                # round beside their write: the whole payload's (a single round, the common case)
-                # and, for big payloads, the sums any round's checksums follow from.
+                # round beside their write: a small payload's whole checksums (one round, the
+                # common case), a big payload's sums that any round's checksums follow from.
                 if not self.integrity:
                     return None, None
                 if small:
                     return tuple(fast_checksums(runs, record, 0).items()), None
-                sums = PayloadSums.build(runs, record, self.pool.block_size)
-                whole = sums.checksums(0, total, lambda lo, hi: self.pool.runs(blocks, lo, hi - lo))
-                return tuple(whole.items()), sums
+                return None, PayloadSums.build(runs, record, self.pool.block_size)
 
             if model is self.synthetic and small:
                 payload_checksums, payload_sums = fill()  # small: cheaper than a thread hop

@@ -111,7 +111,7 @@ class EncoderTransfer:
         self.state = TransferState.BOOTSTRAPPING
         self.ranks: dict[int, RankSlot] = {}
         self.src_blocks: list[int] | None = None
-        self.payload_checksums: tuple[tuple[str, int], ...] | None = None  # of tokens [0, total), from Encode
+        self.payload_checksums: tuple[tuple[str, int], ...] | None = None  # a small payload's, from Encode
         self.payload_sums: PayloadSums | None = None  # from Encode: any round's checksums
         self.total_tokens = 0
         self.sent_tokens = 0

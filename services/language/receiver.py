@@ -19,7 +19,8 @@ from typing import AsyncIterator, Callable, Protocol, Sequence
 import torch
 
 from common import errors
-from common.integrity import INLINE_MAX_BYTES, PARALLEL, checksums_off_loop
+from common.integrity import checksums_off_loop
+from common.parallel import run_split
 from common.payload import Payload
 from common.plan import blocks_for_tokens
 from common.pool import BlockPool
@@ -197,11 +198,14 @@ class ReceiveTask:
     async def _copy_out(self, n: int) -> torch.Tensor:
         """The round's records, copied out of the pool (so its blocks can serve the next round)."""
         segment = torch.empty((n, self.pool.record.record_bytes), dtype=torch.uint8, device=self.pool.slab.device)
-        # Split over worker threads, like big checksums (torch itself runs single-threaded here).
-        parts = PARALLEL if n * self.pool.record.record_bytes > INLINE_MAX_BYTES else 1
-        step = -(-n // parts)
-        await asyncio.gather(*(asyncio.to_thread(self.pool.copy_out, self.blocks, lo, min(step, n - lo),
-                                                 segment[lo:lo + step]) for lo in range(0, n, step)))
+
+        def copy(runs: list[torch.Tensor], first: int) -> None:
+            for run in runs:
+                segment[first:first + run.shape[0]].copy_(run)
+                first += run.shape[0]
+
+        # Big rounds are split over worker threads, like big checksums (torch runs single-threaded here).
+        await asyncio.to_thread(run_split, copy, self.pool.runs(self.blocks, 0, n), 0)
         self._segments.append(segment)
         return segment
 
