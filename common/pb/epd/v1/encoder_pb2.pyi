@@ -101,9 +101,11 @@ class ResumeReply(_message.Message):
     def __init__(self, duplicate: _Optional[bool] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ("request_id", "rank")
+    __slots__ = ("request_id", "rank", "language_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     rank: int
-    def __init__(self, request_id: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
+    language_id: str
+    def __init__(self, request_id: _Optional[str] = ..., rank: _Optional[int] = ..., language_id: _Optional[str] = ...) -> None: ...
