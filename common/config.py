@@ -102,6 +102,28 @@ class ServiceConfig:
     """1 by default: on shared CPU cores, OpenMP worker threads spin-wait and stall the many small
     tensor operations of a transfer (measured: 64-token checksums 0.25 ms -> 16 ms with 2 threads
     under load). Big checksums and copies are split over worker threads instead."""
+    tls_cert: str = _setting("", "PEM certificate (chain) of this process: its gRPC server's certificate and, "
+                                 "on the language, its client certificate towards encoders (empty = plaintext)")
+    """TLS on (with `tls_key`): the server presents this certificate; the language also presents it
+    to encoders. Plaintext when empty (the default)."""
+    tls_key: str = _setting("", "PEM private key of --tls-cert")
+    """Private key of `tls_cert`."""
+    tls_ca: str = _setting("", "PEM CA bundle: peers' certificates must chain to it (mutual TLS: callers "
+                               "must present a client certificate; servers dialled are verified against it)")
+    """Mutual TLS: callers of this server must present a certificate chaining to it, and the
+    services this process dials (the language's encoders) must present a server certificate that
+    chains to it. Needs `tls_cert`."""
+    auth_token_file: str = _setting("", "file holding a shared secret; every call but health (and inspection, "
+                                        "unless --protect-inspection) must carry it as 'authorization: Bearer <token>'")
+    """Shared-secret authentication without PKI: the file's content (stripped) is checked in constant
+    time by one server interceptor and sent by this process's own clients."""
+    protect_inspection: bool = _setting(False, "inspection (GetTransfer, ListTransfers, GetPool, GetDiagnostics) "
+                                               "and reflection need the token too")
+    """Off: read-only inspection and reflection stay open to anyone who reaches the port (health
+    always does). On: they need the token like every other call. Needs `auth_token_file` or `tls_ca`."""
+    max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message sent or received", unit="bytes")
+    """Applied to the server and every channel, both directions; a larger message is refused with
+    RESOURCE_EXHAUSTED before any handler runs."""
 
     @property
     def record(self) -> RecordLayout:
@@ -136,6 +158,46 @@ class ServiceConfig:
             raise ConfigError(f"torch_threads={self.torch_threads}: must be >= 0")
         if self.shutdown_grace_s < 0:
             raise ConfigError(f"shutdown_grace_s={self.shutdown_grace_s}: must be >= 0")
+        self._validate_security()
+
+    def _validate_security(self) -> None:
+        """TLS files readable, a key that belongs to its certificate, a usable token file; no
+        grpc here: the stdlib `ssl` module checks the PEM files."""
+        import ssl
+
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError(f"tls_cert={self.tls_cert!r}, tls_key={self.tls_key!r}: give both or neither")
+        if self.tls_ca and not self.tls_cert:
+            raise ConfigError(f"tls_ca={self.tls_ca!r}: mutual TLS needs this process's own certificate too "
+                              "(tls_cert and tls_key)")
+        for name in ("tls_cert", "tls_key", "tls_ca", "auth_token_file"):
+            path = getattr(self, name)
+            if path and not os.access(path, os.R_OK):
+                raise ConfigError(f"{name}={path!r}: cannot read it")
+        if self.tls_cert:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.tls_cert, self.tls_key)
+            except (ssl.SSLError, OSError) as e:
+                raise ConfigError(f"tls_cert={self.tls_cert!r}, tls_key={self.tls_key!r}: not a PEM certificate and "
+                                  f"its private key ({e})") from None
+        if self.tls_ca:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=self.tls_ca)
+            except (ssl.SSLError, OSError) as e:
+                raise ConfigError(f"tls_ca={self.tls_ca!r}: not a PEM CA bundle ({e})") from None
+        if self.auth_token_file:
+            with open(self.auth_token_file, "rb") as f:
+                token = f.read().strip()
+            if not token:
+                raise ConfigError(f"auth_token_file={self.auth_token_file!r}: the file is empty")
+            if b"\n" in token or b"\r" in token or not token.decode("utf-8", "replace").isprintable():
+                raise ConfigError(f"auth_token_file={self.auth_token_file!r}: the token must be one line of "
+                                  "printable characters")
+        if self.protect_inspection and not (self.auth_token_file or self.tls_ca):
+            raise ConfigError("protect_inspection=True needs auth_token_file or tls_ca: without them there is "
+                              "nothing to check")
+        if not 64 * 1024 <= self.max_message_bytes <= 2 ** 31 - 1:
+            raise ConfigError(f"max_message_bytes={self.max_message_bytes}: must be in {64 * 1024}..{2 ** 31 - 1}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +281,9 @@ class LanguageConfig(ServiceConfig):
     rank_pool_blocks: str = _setting("", "per-rank pool size overrides, e.g. '1:64,2:32' (default: --pool-blocks)")
     """Ranks whose pool differs from `pool_blocks` (ranks on GPUs with less free memory)."""
     consumer_log: str = _setting("", "append each consumed request id to PATH.rankN (audit of delivery order)")
+    tls_server_name: str = _setting("", "name checked against the encoders' server certificates instead of the "
+                                        "address's host (for certificates whose SAN is a DNS name)")
+    """TLS server-name override for the channels to encoders (`grpc.ssl_target_name_override`)."""
     """Path prefix of a per-rank log of consumed request ids, in consumption order."""
     rank: int = _setting(0, "this process's TP rank (rank 0 sets it for the rank processes it starts)")
     """TP rank of this process; 0 is the front door and starts ranks 1..tp-1."""
@@ -276,6 +341,8 @@ class LanguageConfig(ServiceConfig):
         out = list(self.encoder)
         if self.encoder_file:
             try:
+        if self.tls_server_name and not self.tls_cert:
+            raise ConfigError(f"tls_server_name={self.tls_server_name!r}: only used with TLS (tls_cert, tls_key, tls_ca)")
                 with open(self.encoder_file) as f:
                     lines = f.read().splitlines()
             except OSError as e:

@@ -77,6 +77,13 @@ class Aborted(EpdError):
     reason = FailureReason.UNSPECIFIED
 
 
+class Unauthenticated(EpdError):
+    """The caller did not prove who it is (missing or wrong token, see services/security.py)."""
+
+    code = "UNAUTHENTICATED"
+    reason = FailureReason.INVALID
+
+
 class Internal(EpdError):
     code = "INTERNAL"
     reason = FailureReason.UNSPECIFIED

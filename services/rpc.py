@@ -2,6 +2,8 @@
 
 Domain code raises `common.errors.EpdError` subclasses; `grpc_errors` turns them into
 `context.abort(code, message)` here, in one place. Clients use `error_from_rpc` for the reverse.
+`GrpcServer` also applies transport security and the bearer-token check (`AuthInterceptor`;
+TLS material and the policy come from services/security.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from common import errors
 from common.layout import FieldLayout, FieldSpec, PoolGeometry, RecordLayout
 from common.pb.epd.v1 import common_pb2
 from common.states import FailureReason
+from services import security
+from services.security import ClientSecurity, ServerSecurity, peer_identity  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,7 @@ _CODE_TO_ERROR: dict[grpc.StatusCode, type[errors.EpdError]] = {
     grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
     grpc.StatusCode.ABORTED: errors.Aborted,
     grpc.StatusCode.DATA_LOSS: errors.IntegrityError,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
 }
 
 
@@ -153,8 +158,11 @@ def add_reflection(server: grpc.aio.Server, service_names: list[str]) -> None:
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    bound = server.add_insecure_port(f"{host}:{port}")
+def bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
+    if credentials is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
     if bound == 0:
         raise errors.Unavailable(f"cannot bind gRPC server to {host}:{port}")
     return bound
@@ -214,20 +222,100 @@ class ParseErrorInterceptor(MethodWrappingInterceptor):
         return handler
 
 
+class AuthInterceptor(MethodWrappingInterceptor):
+    """The one place the bearer token is checked (services/security.py says which methods need
+    it). A call without the right `authorization: Bearer <token>` metadata ends with
+    UNAUTHENTICATED before its handler runs (its request is not even parsed), so it changes
+    nothing; the message never contains the secret. A call that passes is marked for
+    `peer_identity`."""
+
+    def __init__(self, sec: ServerSecurity):
+        super().__init__()
+        self._sec = sec
+
+    def _wrap(self, handler, method: str):
+        if not self._sec.token:
+            return handler
+        needed = self._sec.needs_token(method)
+        token = self._sec.token
+        name = method.lstrip("/")
+
+        async def check(context) -> None:
+            ok, why = security.token_matches(token, context.invocation_metadata())
+            if ok:
+                security.mark_token_verified()
+                return
+            if not needed:
+                return  # open method: an absent or wrong token does not matter
+            if why == "missing":
+                text = (f"{name} needs authentication: send the shared secret of the server's --auth-token-file "
+                        f"as call metadata '{security.AUTH_METADATA_KEY}: Bearer <token>'")
+            elif why == "wrong":
+                text = f"{name}: the bearer token in '{security.AUTH_METADATA_KEY}' metadata is not the server's token"
+            else:
+                text = f"{name}: '{security.AUTH_METADATA_KEY}' metadata must be 'Bearer <token>'"
+            log.warning("refused %s from %s: %s token", name, context.peer(), why)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, text)
+
+        return _guarded(handler, check)
+
+
+def _guarded(handler, check):
+    """`handler` with `await check(context)` run first, for each of the four kinds of method."""
+    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+    def stream_of(inner):
+        async def run(request, context):
+            await check(context)
+            result = inner(request, context)
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    yield item
+            else:  # a handler that writes with context.write() and returns
+                await result
+        return run
+
+    if handler.unary_unary is not None:
+        inner = handler.unary_unary
+
+        async def unary(request, context):
+            await check(context)
+            return await inner(request, context)
+        return grpc.unary_unary_rpc_method_handler(unary, **kw)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(stream_of(handler.unary_stream), **kw)
+    if handler.stream_unary is not None:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(request_iterator, context):
+            await check(context)
+            return await inner_su(request_iterator, context)
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(stream_of(handler.stream_stream), **kw)
+    return handler
+
+
 class GrpcServer:
-    """A grpc.aio server with one epd service, health and reflection; SERVING only once started."""
+    """A grpc.aio server with one epd service, health and reflection; SERVING only once started.
+    `sec` (services/security.py) adds TLS (mutual with a CA), the token check and the message
+    size limit; the default is plaintext with no token."""
 
     def __init__(self, service_name: str, add_servicer: Callable[[grpc.aio.Server], None],
-                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()):
-        # Given interceptors run outermost (metrics see every call, undecodable ones included).
-        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[*interceptors, ParseErrorInterceptor()])
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (), sec: ServerSecurity | None = None):
+        self.security = sec or ServerSecurity()
+        # Given interceptors run outermost (metrics see every call, refused and undecodable ones
+        # included); then the token check, before any request is parsed.
+        self.server = grpc.aio.server(options=server_options(self.security.max_message_bytes),
+                                      interceptors=[*interceptors, AuthInterceptor(self.security), ParseErrorInterceptor()])
         add_servicer(self.server)
         self.health = HealthService(self.server, [service_name])
         add_reflection(self.server, [service_name])
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:
-        self.port = bind(self.server, host, port)
+        self.port = bind(self.server, host, port, self.security.credentials())
+        log.info("gRPC server on %s:%d: %s", host, self.port, self.security.describe())
         await self.server.start()
         await self.health.set(True)
         return self.port
@@ -264,6 +352,14 @@ SERVER_OPTIONS = CLIENT_OPTIONS + [
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
     ("grpc.http2.max_ping_strikes", 0),
 ]
+
+
+def server_options(max_message_bytes: int = security.DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """SERVER_OPTIONS with `--max-message-bytes` both ways: a larger request is refused by gRPC
+    with RESOURCE_EXHAUSTED ("Received message larger than max (N vs. M)") before any handler."""
+    sizes = {"grpc.max_receive_message_length", "grpc.max_send_message_length"}
+    return [(k, v) for k, v in SERVER_OPTIONS if k not in sizes] + [
+        ("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
 
 
 def pool_info(pool, session: str, rank: int = 0) -> common_pb2.PoolInfo:

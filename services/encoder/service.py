@@ -76,7 +76,7 @@ class EncoderService:
         self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
         self.server = rpc.GrpcServer(
             SERVICE_NAME, lambda server: encoder_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(self), server),
-            interceptors=[self.metrics.interceptor()])
+            interceptors=[self.metrics.interceptor()], sec=rpc.ServerSecurity.from_config(cfg))
         self.port = await self.server.start(cfg.host, cfg.port)
         self.encoder_id = cfg.encoder_id or f"{socket.gethostname()}:{self.port}"
         log.info("encoder %s serving on %s:%d, session %s, pool %d x %d tokens x %d B on %s",

@@ -21,10 +21,12 @@ from services import rpc
 
 
 class GrpcEncoderLink:
-    def __init__(self, address: str, language_id: str):
+    def __init__(self, address: str, language_id: str, sec: rpc.ClientSecurity | None = None):
         self.address = address
         self.language_id = language_id
-        self.channel = grpc.aio.insecure_channel(address, options=rpc.CLIENT_OPTIONS + RECONNECT_OPTIONS)
+        # TLS (mutual with a client certificate), the bearer token on every call and the message
+        # size limit all come with `sec` (services/security.py); plaintext when None.
+        self.channel = (sec or rpc.ClientSecurity()).aio_channel(address, options=RECONNECT_OPTIONS)
         self.stub = encoder_pb2_grpc.EncoderStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.encoder_id = ""

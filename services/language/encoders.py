@@ -73,10 +73,11 @@ class EncoderDirectory:
     """Links, registrations and (rank 0) the live view of every encoder of one rank."""
 
     def __init__(self, addresses: Sequence[str], language_id: str, *, policy: str = "least-loaded",
-                 wrap: Callable = lambda link: link, dns_names: Sequence[str] = ()):
+                 wrap: Callable = lambda link: link, dns_names: Sequence[str] = (), sec=None):
         if not addresses:
             raise errors.InvalidArgument("encoder: at least one --encoder host:port is required")
         self.language_id = language_id
+        self._sec = sec  # services.security.ClientSecurity of every link (None: plaintext)
         self._wrap = wrap
         self.links: list = []
         self.views: list[EncoderView] = []
@@ -91,7 +92,7 @@ class EncoderDirectory:
 
     def _add(self, address: str) -> int:
         index = len(self.links)
-        self.links.append(self._wrap(GrpcEncoderLink(address, self.language_id)))
+        self.links.append(self._wrap(GrpcEncoderLink(address, self.language_id, self._sec)))
         self.views.append(EncoderView(index, address))
         return index
 
@@ -146,7 +147,7 @@ class EncoderDirectory:
                 if reported:
                     log.info("encoder %s is reachable again: registered", view.address)
                 return
-            except errors.FailedPrecondition as e:  # a layout mismatch: retrying will not help
+            except (errors.FailedPrecondition, errors.Unauthenticated) as e:  # layout mismatch, wrong token: final
                 view.last_error = e.message
                 view.refused = True
                 log.error("encoder %s refused our registration: %s", view.address, e.message)

@@ -117,7 +117,7 @@ class LanguageService:
             raise
         self.server = rpc.GrpcServer(
             SERVICE_NAME, lambda server: language_pb2_grpc.add_LanguageServicer_to_server(LanguageServicer(self), server),
-            interceptors=[self.worker.metrics.interceptor()])
+            interceptors=[self.worker.metrics.interceptor()], sec=rpc.ServerSecurity.from_config(cfg))
         self.port = await self.server.start(cfg.host, cfg.port)
         log.info("language %s serving on %s:%d, %d rank(s) (data ranks %s), session %s, encoders %s (%s, %d available)",
                  self.language_id, cfg.host, self.port, cfg.tp, list(cfg.data_rank_list), self.transport.session,

@@ -25,6 +25,7 @@ from services.language.encoders import EncoderDirectory
 from services.language.faults import FaultSpec, FaultyLink
 from services.language.rank_group import Decision, LocalView, RankGroup, RequestSpec
 from services.language.receiver import ReceiveTask
+from services.rpc import ClientSecurity
 from services.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class RankWorker:
         # by index); rank 0 also watches them and picks one per request.
         self.encoders = EncoderDirectory(config.encoder, language_id, policy=config.encoder_policy,
                                          wrap=(lambda link: FaultyLink(link, self.fault)) if faulty else (lambda link: link),
-                                         dns_names=dns_names)
+                                         dns_names=dns_names, sec=ClientSecurity.from_config(config))
         self.consumer = build_consumer(config, rank)
         self.receivers: dict[str, ReceiveTask] = {}
         self._outcomes: dict[str, asyncio.Future] = {}
