@@ -77,6 +77,14 @@ class Aborted(EpdError):
     reason = FailureReason.UNSPECIFIED
 
 
+class PermissionDenied(EpdError):
+    """The caller is authenticated (or claims a language_id) but the object belongs to another
+    language instance: a request id, a registered session (issue 9 ownership)."""
+
+    code = "PERMISSION_DENIED"
+    reason = FailureReason.INVALID
+
+
 class Unauthenticated(EpdError):
     """The caller did not prove who it is (missing or wrong token, see services/security.py)."""
 

@@ -43,6 +43,7 @@ _CODE_TO_ERROR: dict[grpc.StatusCode, type[errors.EpdError]] = {
     grpc.StatusCode.ABORTED: errors.Aborted,
     grpc.StatusCode.DATA_LOSS: errors.IntegrityError,
     grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
 }
 
 
