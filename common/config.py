@@ -217,6 +217,11 @@ class EncoderConfig(ServiceConfig):
     """A request not initialised by every data rank (or never encoded) within this fails with `timeout`."""
     resume_timeout_s: float = _setting(30.0, "longest wait for Resume after a partial round", unit="s")
     """A partial round not resumed by every data rank within this fails with `timeout`."""
+    write_timeout_s: float = _setting(30.0, "longest one Mooncake write (a round to one rank) may take before it "
+                                            "fails with transport (Mooncake's MC_TRANSFER_TIMEOUT, at least 5)", unit="s")
+    """Bounds a write into a dead link: Mooncake gives up after this (+1 ns per byte) and the
+    request fails with `transport`; its TCP connection is dropped earlier, after half of it without
+    progress, so nothing of the write can still be read from our blocks once they are freed."""
     max_request_tokens: int = _setting(1_000_000, "largest payload one request may have", unit="tokens")
     """Encode above this many tokens is rejected with INVALID_ARGUMENT before any allocation."""
     encoder_id: str = _setting("", "name reported to peers (default host:port)")
@@ -234,6 +239,8 @@ class EncoderConfig(ServiceConfig):
         for name in ("bootstrap_timeout_s", "resume_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be > 0")
+        if not 5 <= self.write_timeout_s <= 3600:
+            raise ConfigError(f"write_timeout_s={self.write_timeout_s}: must be in 5..3600 (Mooncake's minimum is 5 s)")
         if self.max_request_tokens < 1:
             raise ConfigError(f"max_request_tokens={self.max_request_tokens}: must be >= 1")
         if self.model != "bytes":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 from typing import Sequence
 
@@ -21,10 +22,16 @@ log = logging.getLogger(__name__)
 class MooncakeTransport:
     """A process's Mooncake engine and the memory it registered."""
 
-    def __init__(self, host: str, protocol: str = "tcp", device: str = ""):
+    def __init__(self, host: str, protocol: str = "tcp", device: str = "", *, write_timeout_s: float | None = None):
         if protocol == "tcp":
             # Mooncake picks RDMA whenever a NIC is present unless told otherwise.
             os.environ["MC_FORCE_TCP"] = "1"
+        if write_timeout_s is not None:
+            # Read by the engine's constructor (sync write timeout, at least 5 s) and by its TCP
+            # sessions (a connection with no progress for that long is dropped). The connection
+            # must go first: a write that timed out must not still read from blocks we free.
+            os.environ["MC_TRANSFER_TIMEOUT"] = str(max(5, math.ceil(write_timeout_s)))
+            os.environ["MC_TCP_PROGRESS_TIMEOUT_SEC"] = str(max(1, math.floor(write_timeout_s / 2)))
         from mooncake.engine import TransferEngine  # imported late: heavy, and only at the edge
 
         self._engine = TransferEngine()

@@ -67,7 +67,8 @@ class EncoderService:
     async def start(self) -> None:
         cfg = self.config
         if self.transport is None:
-            self.transport = await asyncio.to_thread(MooncakeTransport, cfg.host, cfg.protocol, cfg.rdma_device)
+            self.transport = await asyncio.to_thread(MooncakeTransport, cfg.host, cfg.protocol, cfg.rdma_device,
+                                                     write_timeout_s=cfg.write_timeout_s)
         self.transport = transport_faults.wrap(self.transport, cfg.transport_fault)  # test-only; "" = unchanged
         # Registered once, before any peer can open our segment (peers cache descriptors).
         self.transport.register(self.pool.base_address, self.pool.nbytes, memory_location(cfg.device))

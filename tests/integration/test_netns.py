@@ -149,3 +149,101 @@ async def test_cross_namespace_transfer_then_link_cut_mid_transfer(namespaces):
     finally:
         for svc in reversed(services):
             svc.stop()
+
+
+
+def _tx_bytes(ns: str, dev: str) -> int:
+    """Bytes sent so far by interface `dev` of namespace `ns` (the kernel's counter)."""
+    out = subprocess.run(["ip", "netns", "exec", ns, "cat", f"/sys/class/net/{dev}/statistics/tx_bytes"],
+                         check=True, capture_output=True, text=True, timeout=10).stdout
+    return int(out)
+
+
+def _tc(ns: str, *args: str) -> None:
+    subprocess.run(["ip", "netns", "exec", ns, "tc", *args], check=True, capture_output=True, timeout=10)
+
+
+async def test_link_cut_during_a_mooncake_write_fails_both_sides_then_recovers(namespaces):
+    """The link is cut while round 1's Mooncake write is on the wire (the encoder's side of the
+    link is shaped to 8 Mbit/s with tc, so the 4.2 MB write takes ~4 s; the cut comes once 1 MB of
+    it went out and the encoder still shows 0 tokens sent). Mooncake does not hang: the write
+    fails after --write-timeout-s (5 s here, 30 by default), so the encoder fails the request
+    with `transport` and frees its source blocks; the language has already failed it with
+    `peer_lost` (gRPC keepalive) and freed its pool. With the link back, requests work again."""
+    enc_ns, lang_ns, v = namespaces
+    common = ("--hidden", "256", "--block-size", "128")
+    services = []
+    try:
+        enc = start_in(enc_ns, "encoder", "--host", ENC_IP, *common, "--pool-blocks", "256",
+                       "--resume-timeout-s", "8", "--write-timeout-s", "5")
+        services.append(enc)
+        enc_addr = f"{ENC_IP}:{enc.port}"
+        lang = start_in(lang_ns, "language", "--host", LANG_IP, *common, "--pool-blocks", "64",
+                        "--initial-tokens", "8192", "--encoder", enc_addr)
+        services.append(lang)
+        lang_addr = f"{LANG_IP}:{lang.port}"
+        stub, es = language_stub(lang_addr), encoder_stub(enc_addr)
+        reply = await stub.Generate(language_pb2.GenerateRequest(synthetic_tokens=300, synthetic_seed=2,
+                                                                 want_digest=True), timeout=60)
+        assert reply.payload_sha256 == expected_digest(300, 2, 256)  # sessions and connections are up
+
+        _tc(enc_ns, "qdisc", "add", "dev", v["ve"], "root", "tbf", "rate", "8mbit", "burst", "32kb", "latency", "2s")
+        round_bytes = 8000 * 528  # one round: 8000 tokens of 528-byte records
+        base = _tx_bytes(enc_ns, v["ve"])
+        rid = f"cutw-{uuid.uuid4().hex[:8]}"
+        call = asyncio.ensure_future(stub.Generate(language_pb2.GenerateRequest(
+            request_id=rid, synthetic_tokens=8000, synthetic_seed=3), timeout=120))
+        deadline = time.monotonic() + 30
+        while _tx_bytes(enc_ns, v["ve"]) - base < 1_000_000:
+            assert time.monotonic() < deadline and not call.done(), "the round's write never started"
+            await asyncio.sleep(0.02)
+        before = await es.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
+        ip("link", "set", v["ve"], "down", ns=enc_ns)
+        cut_at = time.monotonic()
+        on_wire = _tx_bytes(enc_ns, v["ve"]) - base
+        # Inside the write: part of it is out, none of it is counted as sent.
+        assert before.sent_tokens == 0 and before.rounds == 0, before
+        assert before.state not in (common_pb2.TRANSFER_STATE_SUCCESS, common_pb2.TRANSFER_STATE_FAILED), before
+        assert on_wire < round_bytes, f"the write had finished ({on_wire} of {round_bytes} bytes out)"
+
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await call
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
+        language_failed_s = time.monotonic() - cut_at
+        assert language_failed_s < 20
+        linfo = await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
+        assert linfo.state == common_pb2.TRANSFER_STATE_FAILED and linfo.sent_tokens == 0, linfo
+        assert linfo.error.reason == common_pb2.FAILURE_REASON_PEER_LOST, linfo.error
+        await assert_all_free((lang_addr, "language"))
+
+        # The encoder's write returns (fails) within write_timeout_s (+1 ns per byte): transport.
+        while (einfo := await es.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))).state != \
+                common_pb2.TRANSFER_STATE_FAILED:
+            assert time.monotonic() - cut_at < 20, f"the encoder's write into the dead link never returned: {einfo}"
+            await asyncio.sleep(0.1)
+        print(f"cut after {on_wire} of {round_bytes} bytes; language failed after {language_failed_s:.1f} s, "
+              f"encoder after {time.monotonic() - cut_at:.1f} s")
+        assert einfo.error.reason == common_pb2.FAILURE_REASON_TRANSPORT, einfo.error
+        assert "round 1 write failed" in einfo.error.message, einfo.error.message
+        await assert_all_free((enc_addr, "encoder"), (lang_addr, "language"))
+
+        # Link back (unshaped): Mooncake connects again and the next request arrives intact.
+        _tc(enc_ns, "qdisc", "del", "dev", v["ve"], "root")
+        ip("link", "set", v["ve"], "up", ns=enc_ns)
+        for attempt in range(20):
+            try:
+                reply = await stub.Generate(language_pb2.GenerateRequest(
+                    synthetic_tokens=9000, synthetic_seed=4, want_digest=True), timeout=60)
+                break
+            except grpc.aio.AioRpcError as err:  # the encoder rejoins the rotation within a poll or two
+                assert err.code() == grpc.StatusCode.UNAVAILABLE and attempt < 19, err
+                await asyncio.sleep(0.5)
+        assert reply.payload_sha256 == expected_digest(9000, 4, 256) and reply.rounds == 2
+        await assert_all_free((enc_addr, "encoder"), (lang_addr, "language"))
+    except BaseException:
+        for svc in services:
+            print(f"--- {svc.role} stderr\n{svc.stderr_tail(60)}")
+        raise
+    finally:
+        for svc in reversed(services):
+            svc.stop()
