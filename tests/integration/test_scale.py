@@ -166,3 +166,93 @@ async def test_two_language_instances_share_an_encoder_with_the_same_request_ids
         await free((enc, "encoder"), (l1, "language"), (l2, "language"))
     finally:
         l1.stop(); l2.stop(); enc.stop()
+
+
+# ------------------------------------------------------------------------------------ TP > 1
+
+def _port(svc: ServiceProcess) -> str:
+    return svc.address.rsplit(":", 1)[1]
+
+
+def _check_ranks(reply: language_pb2.GenerateReply, tokens: int, seed: int) -> None:
+    """Both ranks of a `--tp 2` instance received the whole payload, byte for byte."""
+    assert [r.rank for r in reply.ranks] == [0, 1], reply.ranks
+    for r in reply.ranks:
+        assert r.data_rank and r.received_tokens == tokens, r
+        assert r.payload_sha256 == expected_digest(tokens, seed, HIDDEN), f"rank {r.rank}: wrong bytes"
+
+
+@pytest.mark.parametrize("how", ["refuses-encode", "round1-write-fault"])
+async def test_tp2_failover_before_any_byte_succeeds_on_both_ranks(how):
+    """A language with two ranks and two encoders; when the first encoder chosen fails before any
+    byte was delivered to any rank, the request runs again on the other encoder as ID#2 and both
+    ranks get the right bytes. `refuses-encode`: encoder A's source pool (8 blocks) can never hold
+    the payload, so its Encode is refused (RESOURCE_EXHAUSTED) at once. `round1-write-fault`:
+    injected fault (fail_nth=1 on A): round 1's write to one rank fails while the write to the
+    other rank lands — the round is never delivered, and nothing of it may reach the second
+    attempt, whose blocks are allocated only after A's attempt ended."""
+    a = encoder("--pool-blocks", "8") if how == "refuses-encode" else encoder("--transport-fault", "fail_nth=1")
+    b = encoder()
+    lang = language(a, b, args=("--tp", "2", "--encoder-policy", "round-robin"))
+    try:
+        stub = language_stub(lang.address)
+        # Round-robin: which encoder comes first depends on which one the live view saw first;
+        # requests that start on B simply succeed there.
+        for i in range(4):
+            rid, seed = f"tpfo-{i}", 40 + i
+            reply = await generate(stub, 5000, seed, rid)
+            _check_ranks(reply, 5000, seed)
+            if reply.attempts == 2:
+                break
+            assert reply.encoder.endswith(_port(b)) and not reply.failed_over_from, reply
+        else:
+            pytest.fail("no request went to encoder A first")
+        assert reply.failed_over_from.endswith(_port(a)) and reply.encoder.endswith(_port(b)), reply
+        assert reply.transfer_id.endswith(f"/{rid}#2"), reply.transfer_id
+        second = await encoder_stub(b.address).GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
+        assert second.state == common_pb2.TRANSFER_STATE_SUCCESS and second.request_id == f"{rid}#2"
+        assert len(second.ranks) == 2, second.ranks
+        if how == "round1-write-fault":
+            first = await encoder_stub(a.address).GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
+            assert first.state == common_pb2.TRANSFER_STATE_FAILED and first.sent_tokens == 0, first
+            assert first.error.reason == common_pb2.FAILURE_REASON_TRANSPORT, first.error
+        info = await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
+        assert info.state == common_pb2.TRANSFER_STATE_SUCCESS, info
+        # The instance goes on serving on both encoders' ranks afterwards.
+        _check_ranks(await generate(stub, 3000, 60), 3000, 60)
+        await free((a, "encoder"), (b, "encoder"), (lang, "language"))
+    finally:
+        lang.stop(); a.stop(); b.stop()
+
+
+async def test_tp2_no_failover_after_bytes_reached_the_ranks_injected_fault():
+    """Injected fault (fail_nth=3 on encoder A): round 1 reaches both ranks (writes 1 and 2), a
+    write of round 2 fails. Bytes were delivered, so the failure (transport) is the answer on every
+    rank and the request is never retried on B; every pool of both ranks is free."""
+    a = encoder("--transport-fault", "fail_nth=3")
+    b = encoder()
+    lang = language(a, b, args=("--tp", "2", "--encoder-policy", "round-robin"))
+    try:
+        stub = language_stub(lang.address)
+        failed = None
+        for i in range(4):
+            rid, seed = f"tplate-{i}", 70 + i
+            try:
+                _check_ranks(await generate(stub, 20000, seed, rid), 20000, seed)  # on B: 1024 + 4 x 4096 tokens
+            except grpc.aio.AioRpcError as e:
+                failed = (rid, e)
+                break
+        assert failed is not None, "no request went to encoder A"
+        rid, e = failed
+        assert e.code() == grpc.StatusCode.UNAVAILABLE and "round 2" in e.details(), (e.code(), e.details())
+        info = await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
+        assert info.state == common_pb2.TRANSFER_STATE_FAILED, info
+        assert info.error.reason == common_pb2.FAILURE_REASON_TRANSPORT and info.sent_tokens >= 1024, info
+        assert len(info.ranks) == 2 and all(r.state == common_pb2.TRANSFER_STATE_FAILED for r in info.ranks), info.ranks
+        on_a = await encoder_stub(a.address).GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
+        assert on_a.state == common_pb2.TRANSFER_STATE_FAILED and on_a.rounds == 1, on_a
+        on_b = (await encoder_stub(b.address).ListTransfers(common_pb2.ListTransfersRequest())).transfers
+        assert not [t for t in on_b if t.request_id.startswith(rid)], "a request that had received bytes was retried on B"
+        await free((a, "encoder"), (b, "encoder"), (lang, "language"))
+    finally:
+        lang.stop(); a.stop(); b.stop()
