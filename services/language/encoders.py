@@ -44,29 +44,37 @@ def _is_ip(host: str) -> bool:
         return False
 
 
+def lookup(address: str, getaddrinfo: Callable = socket.getaddrinfo) -> list[str]:
+    """Every IPv4 `ip:port` the host of `address` resolves to, sorted; [] when it does not
+    resolve; an IP literal is itself."""
+    host, port = split_address(address)
+    if _is_ip(host):
+        return [address]
+    try:
+        infos = getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:
+        return []
+    return [f"{ip}:{port}" for ip in sorted({info[4][0] for info in infos})]
+
+
 def resolve_addresses(addresses: Sequence[str],
                       getaddrinfo: Callable = socket.getaddrinfo) -> tuple[list[str], list[str]]:
     """Expand every `name:port` whose name resolves to several IPv4 addresses (e.g. a compose
     service scaled with `--scale encoder=N`: one DNS name, N A records) into one `ip:port` per
     address, in sorted order; IP literals and names with one address stay as given; a name that
-    does not resolve stays too (the link keeps trying). Returns (addresses, DNS names expanded)."""
+    does not resolve stays too (the link keeps trying). Returns (addresses, DNS names): every
+    name given (expanded or not), for `EncoderDirectory` to look up again."""
     out: list[str] = []
-    expanded: list[str] = []
+    names: list[str] = []
     for address in addresses:
-        host, port = split_address(address)
-        ips: list[str] = []
-        if not _is_ip(host):
-            try:
-                infos = getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
-                ips = sorted({info[4][0] for info in infos})
-            except OSError:
-                ips = []
+        ips = lookup(address, getaddrinfo)
+        if not _is_ip(split_address(address)[0]):
+            names.append(address)
         if len(ips) > 1:
-            expanded.append(address)
-            out.extend(f"{ip}:{port}" for ip in ips if f"{ip}:{port}" not in out)
+            out.extend(ip for ip in ips if ip not in out)
         elif address not in out:
             out.append(address)
-    return out, expanded
+    return out, names
 
 
 class EncoderDirectory:
@@ -164,7 +172,7 @@ class EncoderDirectory:
 
     async def _poll_loop(self, index: int) -> None:
         view, link = self.views[index], self.links[index]
-        while True:
+        while not view.retired:
             inflight_before = view.inflight
             try:
                 serving, free, used, waiters, live = await link.load(POLL_TIMEOUT_S)
@@ -189,19 +197,33 @@ class EncoderDirectory:
     async def _resolve_loop(self) -> None:
         """Rank 0 of a one-rank instance: DNS names are looked up again every RESOLVE_S; new
         addresses join (registered and watched like the others), vanished ones simply stop
-        answering and leave the rotation. (With several ranks the list is fixed at start-up: the
-        other ranks know encoders by index.)"""
+        answering and leave the rotation. A name kept as such at start-up (one address then) that
+        now has several is retired in favour of one entry per address — its link still finishes
+        the requests it has, but takes no new ones, so no encoder is counted twice. (With several
+        ranks the list is fixed at start-up: the other ranks know encoders by index.)"""
         while True:
             await asyncio.sleep(RESOLVE_S)
-            try:
-                found, _ = await asyncio.to_thread(resolve_addresses, self.dns_names)
-            except Exception as e:  # noqa: BLE001 - a resolver hiccup must not end the loop
-                log.info("re-resolving %s: %s", self.dns_names, e)
-                continue
-            for address in found:
-                if address not in (v.address for v in self.views):
-                    log.info("encoder %s found by DNS (%s)", address, ", ".join(self.dns_names))
-                    self._spawn(self._add(address))
+            for name in self.dns_names:
+                try:
+                    found = await asyncio.to_thread(lookup, name)
+                except Exception as e:  # noqa: BLE001 - a resolver hiccup must not end the loop
+                    log.info("re-resolving %s: %s", name, e)
+                    continue
+                self._resolved(name, found)
+
+    def _resolved(self, name: str, found: Sequence[str]) -> None:
+        """Apply one look-up of `name` (see `_resolve_loop`)."""
+        by_name = next((v for v in self.views if v.address == name and not v.retired), None)
+        if by_name is not None:
+            if len(found) <= 1:
+                return  # the name's own link reaches its one address
+            by_name.retired = True
+            by_name.available = False
+            log.info("encoder name %s now has %d addresses: one encoder per address from now on", name, len(found))
+        for address in found:
+            if address not in (v.address for v in self.views):
+                log.info("encoder %s found by DNS (%s)", address, name)
+                self._spawn(self._add(address))
 
     async def close(self) -> None:
         for t in self._tasks:

@@ -42,6 +42,8 @@ class EncoderView:
     """This instance's requests on the encoder right now (updated at once, not polled)."""
     inflight_at_poll: int = 0
     """`inflight` when `live_transfers` was polled: the part of it that was ours."""
+    retired: bool = False
+    """A DNS name that turned into several addresses, each now an encoder of its own: never picked again."""
     last_error: str = ""
     picked: int = 0
     """Requests sent to it (inspection, demo summary)."""
@@ -59,7 +61,7 @@ class EncoderView:
 
     @property
     def selectable(self) -> bool:
-        return self.available and self.registered
+        return self.available and self.registered and not self.retired
 
 
 class EncoderSelector:

@@ -89,7 +89,32 @@ def test_dns_names_with_several_addresses_expand_to_each():
     lookup = fake_getaddrinfo({"encoder": ["10.0.0.3", "10.0.0.2", "10.0.0.3"], "single": ["10.0.0.9"]})
     got, expanded = resolve_addresses(["encoder:50051", "single:1", "10.1.1.1:2", "nowhere:3"], lookup)
     assert got == ["10.0.0.2:50051", "10.0.0.3:50051", "single:1", "10.1.1.1:2", "nowhere:3"]
-    assert expanded == ["encoder:50051"]
+    assert expanded == ["encoder:50051", "single:1", "nowhere:3"]  # every name is looked up again later
+
+
+def test_a_name_that_grows_to_several_addresses_is_retired_for_one_entry_each():
+    """`--scale encoder=1` at start, scaled up later: the name's entry stops taking requests and
+    each address becomes an encoder of its own (no encoder counted twice); later look-ups that
+    find the same addresses change nothing, new ones join."""
+    from services.language.encoders import EncoderDirectory
+
+    d = EncoderDirectory(["encoder:50051", "10.9.9.9:1"], "lang-t", dns_names=["encoder:50051"])
+    spawned = []
+    d._spawn = spawned.append
+    for v in d.views:
+        v.available = v.registered = True
+    d._resolved("encoder:50051", ["10.0.0.2:50051"])  # still one address: the name's link reaches it
+    assert [v.address for v in d.views] == ["encoder:50051", "10.9.9.9:1"] and not spawned
+    d._resolved("encoder:50051", ["10.0.0.2:50051", "10.0.0.3:50051"])
+    assert [v.address for v in d.views] == ["encoder:50051", "10.9.9.9:1", "10.0.0.2:50051", "10.0.0.3:50051"]
+    assert spawned == [2, 3] and d.views[0].retired and not d.views[0].selectable
+    d._resolved("encoder:50051", ["10.0.0.2:50051", "10.0.0.3:50051", "10.0.0.4:50051"])
+    assert spawned == [2, 3, 4] and len(d.views) == 5
+    for v in d.views[2:]:
+        v.available = v.registered = True
+    picks = {d.pick().address for _ in range(8)}
+    assert picks == {"10.9.9.9:1", "10.0.0.2:50051", "10.0.0.3:50051", "10.0.0.4:50051"}
+    assert d.available == 4
 
 
 def test_encoder_file_adds_addresses_and_names_a_bad_line(tmp_path):
