@@ -13,8 +13,9 @@ request id, unreachable address, deadline passed, NOT_SERVING), 2 bad command-li
 
 Entry points used by `services/cli.py`: `add_status_arguments`, `run_status`,
 `add_health_arguments`, `run_health`. Only grpc and the generated stubs are imported here (no
-torch), so a health check starts fast. Every channel is made by `open_channel`, the one place
-that will learn TLS and auth metadata.
+torch), so a health check starts fast. Every channel is made by `open_channel` with the
+`--tls-*` / `--auth-token-file` flags (services/security.py): TLS, a client certificate and the
+bearer token work as for the services' own clients.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Callable, Sequence
 import grpc
 
 from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2_grpc
+from services import security
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -119,6 +121,7 @@ def add_status_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=_limit, default=0, help="list at most this many transfers (default 0: all)")
     parser.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT_S,
                         help=f"seconds to wait for each answer (default {DEFAULT_TIMEOUT_S:g})")
+    security.add_client_arguments(parser)
 
 
 def add_health_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,15 +132,25 @@ def add_health_arguments(parser: argparse.ArgumentParser) -> None:
                         help="service name to ask about, e.g. epd.v1.Encoder (default '': the whole server)")
     parser.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT_S,
                         help=f"seconds to wait for the answer (default {DEFAULT_TIMEOUT_S:g})")
+    security.add_client_arguments(parser)
 
 
 # --------------------------------------------------------------------------------------------
 # gRPC
 # --------------------------------------------------------------------------------------------
 
-def open_channel(address: str) -> grpc.Channel:
-    """The channel every command uses (plaintext today; TLS and auth metadata go here)."""
-    return grpc.insecure_channel(address)
+def open_channel(address: str, sec: security.ClientSecurity | None = None) -> grpc.Channel:
+    """The channel every command uses: plaintext, or TLS / a bearer token as `sec` says."""
+    return (sec or security.ClientSecurity()).sync_channel(address)
+
+
+def _client_security(command: str, args: argparse.Namespace) -> security.ClientSecurity | None:
+    """The flags' ClientSecurity, or None after printing why the files cannot be used."""
+    try:
+        return security.client_from_args(args)
+    except ValueError as e:
+        _note(command, str(e))
+        return None
 
 
 def _details(e: grpc.RpcError) -> str:
@@ -348,8 +361,11 @@ def run_status(args: argparse.Namespace) -> int:
         if args.states or args.limit:
             _note("status", "--state and --limit filter the list; they do not apply to one REQUEST_ID")
             return EXIT_USAGE
+    sec = _client_security("status", args)
+    if sec is None:
+        return EXIT_USAGE
     try:
-        with open_channel(args.address) as channel:
+        with open_channel(args.address, sec) as channel:
             text = _status_one(channel, args) if args.request_id is not None else _status_list(channel, args)
     except InspectError as e:
         _note("status", str(e))
@@ -362,8 +378,11 @@ def run_health(args: argparse.Namespace) -> int:
     """`epd health ADDR`: print the serving status; 0 only when SERVING."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    sec = _client_security("health", args)
+    if sec is None:
+        return EXIT_USAGE
     try:
-        with open_channel(args.address) as channel:
+        with open_channel(args.address, sec) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
     except grpc.RpcError as e:

@@ -191,9 +191,10 @@ def _with_token(metadata, token: str) -> list[tuple[str, str]]:
     return out
 
 
-class _AioTokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                           grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
-    """Adds `authorization: Bearer <token>` to every call of an aio channel."""
+class _AioTokenBase:
+    """Adds `authorization: Bearer <token>` to every call of an aio channel. grpc.aio files an
+    interceptor under the first of the four kinds it is an instance of, so each kind gets its own
+    class (`_aio_token_interceptors`)."""
 
     def __init__(self, token: str):
         self._token = token
@@ -202,17 +203,29 @@ class _AioTokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryS
         return grpc.aio.ClientCallDetails(d.method, d.timeout, grpc.aio.Metadata(*_with_token(d.metadata, self._token)),
                                           d.credentials, d.wait_for_ready)
 
+
+class _AioTokenUU(_AioTokenBase, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
 
+
+class _AioTokenUS(_AioTokenBase, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
 
+
+class _AioTokenSU(_AioTokenBase, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
         return await continuation(self._details(client_call_details), request_iterator)
 
+
+class _AioTokenSS(_AioTokenBase, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
         return await continuation(self._details(client_call_details), request_iterator)
+
+
+def _aio_token_interceptors(token: str) -> list:
+    return [cls(token) for cls in (_AioTokenUU, _AioTokenUS, _AioTokenSU, _AioTokenSS)]
 
 
 class _SyncTokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
@@ -287,7 +300,7 @@ class ClientSecurity:
                                             certificate_chain=self.cert or None)
 
     def aio_channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
-        interceptors = [_AioTokenInterceptor(self.token)] if self.token else None
+        interceptors = _aio_token_interceptors(self.token) if self.token else None
         creds = self.credentials()
         if creds is None:
             return grpc.aio.insecure_channel(address, options=self.options(options), interceptors=interceptors)
@@ -302,3 +315,48 @@ class ClientSecurity:
         if self.token:
             return grpc.intercept_channel(channel, _SyncTokenInterceptor(self.token))
         return channel
+
+
+# ------------------------------------------------------------------------------------ client flags
+
+CLIENT_FLAGS = (
+    ("tls_ca", "PEM CA bundle the service's certificate must chain to (turns TLS on)"),
+    ("tls_cert", "PEM client certificate to present (mutual TLS; with --tls-key)"),
+    ("tls_key", "PEM private key of --tls-cert"),
+    ("tls_server_name", "name to check the server certificate against instead of ADDR's host"),
+    ("auth_token_file", "file holding the services' shared secret, sent as 'authorization: Bearer <token>'"),
+)
+
+
+def add_client_arguments(parser, *, env_prefix: str = "EPD_") -> None:
+    """The flags of a command that dials the services (`epd status`, `epd health`, `epd demo`,
+    `epd bench`): each defaults to the same `EPD_*` variable as the services' setting."""
+    import os
+
+    group = parser.add_argument_group("transport security (default: plaintext, no token)")
+    for name, help_text in CLIENT_FLAGS:
+        env = env_prefix + name.upper()
+        group.add_argument("--" + name.replace("_", "-"), dest=name, metavar="PATH" if name != "tls_server_name" else "NAME",
+                           default=os.environ.get(env, ""), help=f"{help_text} (env {env})")
+    env = env_prefix + "MAX_MESSAGE_BYTES"
+    group.add_argument("--max-message-bytes", dest="max_message_bytes", type=int,
+                       default=int(os.environ.get(env, DEFAULT_MAX_MESSAGE_BYTES)),
+                       help=f"largest gRPC message sent or received (env {env}; default {DEFAULT_MAX_MESSAGE_BYTES})")
+
+
+def client_from_args(args) -> ClientSecurity:
+    """ClientSecurity from `add_client_arguments` flags; ValueError naming the flag when a file
+    cannot be read."""
+    return ClientSecurity.load(**{name: getattr(args, name, "") or "" for name, _ in CLIENT_FLAGS},
+                               max_message_bytes=getattr(args, "max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES))
+
+
+def service_argv(args) -> list[str]:
+    """The same settings as flags of `epd encoder` / `epd language` (the demo and bench pass them
+    to the services they start; tls_server_name only to the language)."""
+    out: list[str] = []
+    for name, _ in CLIENT_FLAGS:
+        value = getattr(args, name, "")
+        if value and name != "tls_server_name":
+            out += ["--" + name.replace("_", "-"), value]
+    return out
