@@ -224,6 +224,14 @@ class EncoderConfig(ServiceConfig):
     progress, so nothing of the write can still be read from our blocks once they are freed."""
     max_request_tokens: int = _setting(1_000_000, "largest payload one request may have", unit="tokens")
     """Encode above this many tokens is rejected with INVALID_ARGUMENT before any allocation."""
+    max_images: int = _setting(64, "most images one request may carry", unit="images")
+    """Encode with more images is rejected with INVALID_ARGUMENT before any decoding or allocation."""
+    max_image_bytes: int = _setting(32 * 1024 * 1024, "largest encoded image (PNG/JPEG bytes) of a request", unit="bytes")
+    """An image above this many bytes is rejected with INVALID_ARGUMENT naming `images[i]`."""
+    max_transfers_per_peer: int = _setting(256, "most transfers one language instance (identity) may have live on "
+                                                "this encoder", unit="transfers")
+    """A new transfer beyond this many live ones of the same language identity (its `language_id`,
+    bound to its certificate under mutual TLS) gets RESOURCE_EXHAUSTED naming the peer; nothing is allocated."""
     encoder_id: str = _setting("", "name reported to peers (default host:port)")
     """Identity reported in RegisterReply and GenerateReply.encoder."""
     transport_fault: str = _setting(
@@ -243,6 +251,9 @@ class EncoderConfig(ServiceConfig):
             raise ConfigError(f"write_timeout_s={self.write_timeout_s}: must be in 5..3600 (Mooncake's minimum is 5 s)")
         if self.max_request_tokens < 1:
             raise ConfigError(f"max_request_tokens={self.max_request_tokens}: must be >= 1")
+        for name in ("max_images", "max_image_bytes", "max_transfers_per_peer"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.model != "bytes":
             validate_model("model", self.model, self.hidden)
 

@@ -18,7 +18,11 @@ Spec: comma-separated `key=value`, keys may be combined:
                       cancelled still runs to completion, as a real in-flight write would;
 - `corrupt_nth=K`     the K-th write really happens, then some bytes of what it wrote are
                       flipped at the destination (see below): the language's checksum
-                      verification must catch it.
+                      verification must catch it;
+- `misplan_nth=K`     the K-th planned write (one per data rank per round, counted like
+                      writes) has its first piece moved past its own end at the destination, as a
+                      planning bug would: the encoder's address check (common/bounds.py) must
+                      refuse it before anything is written (the request fails with `invalid`).
 
 "Write" means one non-empty `write`/`write_sync` call, i.e. one `batch_transfer_sync_write`
 (the encoder issues one per data rank per round). Writes are counted across the process, in
@@ -65,6 +69,7 @@ class TransportFaultSpec:
     seed: int = 0
     delay_s: float = 0.0
     corrupt_nth: int = 0
+    misplan_nth: int = 0
 
     @classmethod
     def parse(cls, text: str) -> "TransportFaultSpec":
@@ -85,8 +90,8 @@ class TransportFaultSpec:
             except ValueError:
                 raise ConfigError(f"{what}: bad value for {key!r}: {raw!r}") from None
         spec = cls(**values)
-        if spec.fail_nth < 0 or spec.corrupt_nth < 0:
-            raise ConfigError(f"{what}: fail_nth and corrupt_nth count writes from 1 (0 = off)")
+        if spec.fail_nth < 0 or spec.corrupt_nth < 0 or spec.misplan_nth < 0:
+            raise ConfigError(f"{what}: fail_nth, corrupt_nth and misplan_nth count writes from 1 (0 = off)")
         if not 0.0 <= spec.fail_fraction <= 1.0:
             raise ConfigError(f"{what}: fail_fraction must be in 0..1")
         if not 0.0 <= spec.delay_s <= 3600.0:
@@ -95,7 +100,7 @@ class TransportFaultSpec:
 
     @property
     def active(self) -> bool:
-        return bool(self.fail_nth or self.fail_fraction or self.delay_s or self.corrupt_nth)
+        return bool(self.fail_nth or self.fail_fraction or self.delay_s or self.corrupt_nth or self.misplan_nth)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +126,8 @@ class FaultyTransport:
         """Non-empty writes issued so far (each one numbered 1, 2, ...)."""
         self.failed: list[int] = []
         self.corrupted: list[int] = []
+        self.plans = 0
+        """Planned writes seen by `plan_fault` so far."""
         self._scratch = None
         self._scratch_address = 0
         if self.spec.corrupt_nth:
@@ -159,6 +166,22 @@ class FaultyTransport:
         self._inner.close()  # unregisters the scratch buffer too; it stays alive with self
 
     # ------------------------------------------------------------------ faults
+
+    @property
+    def plan_fault(self):
+        """The encoder's hook for `misplan_nth` (None when it is off: plans stay untouched)."""
+        return self._misplan if self.spec.misplan_nth else None
+
+    def _misplan(self, triples: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        with self._lock:
+            self.plans += 1
+            n = self.plans
+        if n != self.spec.misplan_nth or not triples:
+            return triples
+        src, dst, length = triples[0]
+        log.warning("injected fault: planned write #%d: first piece moved from 0x%x to 0x%x (misplan_nth=%d)",
+                    n, dst, dst + length, n)
+        return [(src, dst + length, length), *triples[1:]]
 
     def _decide(self) -> _Fate:
         spec = self.spec

@@ -20,6 +20,7 @@ from common.config import EncoderConfig
 from common.integrity import INLINE_MAX_BYTES, PayloadSums, checksums_off_loop, fast_checksums
 from common.layout import PoolGeometry
 from common.pb.epd.v1 import bench_pb2, common_pb2, encoder_pb2, encoder_pb2_grpc
+from common.bounds import OutOfBounds, Slab, check_plan
 from common.plan import blocks_for_tokens, plan_round
 from common.pool import BlockPool
 from common.states import FailureReason, StatusUpdate, TransferState
@@ -55,6 +56,7 @@ class EncoderService:
         self.synthetic = SyntheticModel()
         self.model = load_model(config.model, config.hidden, config.dtype, config.device)
         self.sessions: dict[tuple[str, int], PeerSession] = {}
+        self.plan_fault = None  # TransferEnv: test-only plan corruption (see start)
         self.transfers: TransferTable[EncoderTransfer] = TransferTable(config.history_size)
         self.server: rpc.GrpcServer | None = None
         self.port = 0
@@ -70,6 +72,7 @@ class EncoderService:
             self.transport = await asyncio.to_thread(MooncakeTransport, cfg.host, cfg.protocol, cfg.rdma_device,
                                                      write_timeout_s=cfg.write_timeout_s)
         self.transport = transport_faults.wrap(self.transport, cfg.transport_fault)  # test-only; "" = unchanged
+        self.plan_fault = getattr(self.transport, "plan_fault", None)  # test-only: None unless misplan_nth is set
         # Registered once, before any peer can open our segment (peers cache descriptors).
         self.transport.register(self.pool.base_address, self.pool.nbytes, memory_location(cfg.device))
         self.metrics.watch_pool(self.pool.allocator)
@@ -127,10 +130,11 @@ class EncoderService:
         if self.draining:
             raise errors.Unavailable(f"{what}: encoder {self.encoder_id} is shutting down")
 
-    def register(self, language_id: str, rank: int, session: str, geometry: PoolGeometry) -> None:
+    def register(self, language_id: str, rank: int, session: str, geometry: PoolGeometry, principal: str = "") -> None:
         self._refuse_when_draining("Register")
         if not language_id:
             raise errors.InvalidArgument("language_id is empty")
+        what = f"Register of language_id {errors.shown(language_id)} rank {rank}"
         host, _, port = session.rpartition(":")
         if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535 or any(c.isspace() for c in session):
             raise errors.InvalidArgument(f"session={errors.shown(session)}: must be the Mooncake session 'host:port' (port 1..65535)")
@@ -140,10 +144,27 @@ class EncoderService:
                 "layout does not match the encoder's: " + "; ".join(diffs) + f" (language {errors.shown(language_id)} rank {rank})")
         key = (language_id, rank)
         old = self.sessions.get(key)
+        # A session belongs to the identity that registered it: only the same instance may
+        # replace it (a restart keeps its language_id and certificate). And no instance may
+        # describe memory another instance registered — else a peer could point the encoder's
+        # writes at someone else's pool: on a Mooncake session already registered by another
+        # instance, a different authenticated identity is refused outright, and any instance
+        # is refused a pool overlapping the other's (one engine may hold several instances'
+        # disjoint pools, as the tests' in-process ranks do).
+        if old is not None and old.principal != principal:
+            raise errors.PermissionDenied(f"{what}: this session is registered by another identity; only the "
+                                          f"language instance that registered it may replace it")
+        claimed, span = _session_key(session), _span(geometry)
+        for other in self.sessions.values():
+            if _session_key(other.session) != claimed or (other.language_id, other.principal) == (language_id, principal):
+                continue
+            if other.principal != principal or _overlap(span, _span(other.geometry)):
+                raise errors.PermissionDenied(f"{what}: Mooncake session {errors.shown(session)} holds a pool "
+                                              f"registered by another language instance")
         if old is not None and old.session == session and old.geometry == geometry:
             return  # idempotent
         generation = old.generation + 1 if old else 0
-        self.sessions[key] = PeerSession(language_id, rank, session, geometry, generation)
+        self.sessions[key] = PeerSession(language_id, rank, session, geometry, generation, principal)
         if old is not None:
             log.info("language %s rank %d re-registered: session %s -> %s", language_id, rank, old.session, session)
             # Transfers bound to the old session must not write into memory that is no longer
@@ -163,21 +184,31 @@ class EncoderService:
         return t
 
     def init(self, request_id: str, language_id: str, rank: int, rank_count: int,
-             blocks: list[int], allocated_tokens: int) -> EncoderTransfer:
+             blocks: list[int], allocated_tokens: int, principal: str = "") -> EncoderTransfer:
         what = f"Init of request {errors.shown(request_id)} rank {rank}"
         self._refuse_when_draining(what)
         if not request_id:
             raise errors.InvalidArgument("request_id is empty")
+        if not language_id:
+            raise errors.InvalidArgument(f"{what}: language_id is empty")
         if rank_count < 1:
             raise errors.InvalidArgument(f"{what}: rank_count={rank_count} must be >= 1")
         peer = self.sessions.get((language_id, rank))
         if peer is None:
             raise errors.FailedPrecondition(
                 f"{what}: language_id {errors.shown(language_id)} rank {rank} has not called Register")
+        if peer.principal != principal:
+            raise errors.PermissionDenied(f"{what}: language_id {errors.shown(language_id)} rank {rank} was registered "
+                                          f"by another identity")
         validate_allocation(peer, blocks, allocated_tokens, what)
         existing = self.transfers.live_get(request_id)
-        if existing is None:
+        if existing is not None:
+            existing.check_owner(language_id, principal, what)
+        else:
             ended = self.transfers.get(request_id)
+            if ended is not None:
+                ended.check_owner(language_id, principal, what)  # an id stays its owner's while it is known
+            self._check_peer_limit(language_id, principal, what)
             if ended is not None and ended.language_id == language_id and rank in ended.ranks:
                 raise errors.AlreadyExists(f"{what}: request already ran ({ended.state.name}); use a new request_id")
             if ended is not None and ended.language_id == language_id and ended.total_tokens:
@@ -185,18 +216,29 @@ class EncoderService:
                 # must fail at once, not open a fresh transfer that waits for an Encode.
                 raise errors.FailedPrecondition(
                     f"{what}: the request already ended ({ended.state.name}: {ended.message or 'done'})")
-        t = existing or EncoderTransfer(request_id, self, language_id=language_id, rank_count=rank_count)
+        t = existing or EncoderTransfer(request_id, self, language_id=language_id, rank_count=rank_count,
+                                        principal=principal)
         t.add_rank(rank, rank_count, peer, blocks, allocated_tokens)  # raises before anything is stored
         if existing is None:
             self.transfers.add(request_id, t)
             t.start()
         return t
 
-    async def encode(self, request_id: str, inputs: EncodeInputs, rank_count: int, language_id: str) -> tuple[int, float]:
+    async def encode(self, request_id: str, inputs: EncodeInputs, rank_count: int, language_id: str,
+                     principal: str = "") -> tuple[int, float]:
         started = time.monotonic()
-        self._refuse_when_draining(f"Encode of request {errors.shown(request_id)}")
+        what = f"Encode of request {errors.shown(request_id)}"
+        self._refuse_when_draining(what)
         if not request_id:
             raise errors.InvalidArgument("request_id is empty")
+        self._check_image_limits(what, inputs)
+        # Ownership and the per-peer limit before the (possibly slow) validation: a foreign or
+        # excess request costs no decoding.
+        known = self.transfers.get(request_id)
+        if known is not None:
+            known.check_owner(language_id, principal, what)
+        if self.transfers.live_get(request_id) is None:
+            self._check_peer_limit(language_id, principal, what)
         # Bad input changes nothing, not even a transfer an Init already opened: the language
         # gets this error from Encode and cancels the transfer itself.
         if inputs.synthetic_tokens > 0:
@@ -205,14 +247,17 @@ class EncoderService:
             model, total = await asyncio.to_thread(self._validate_inputs, request_id, inputs)
         existing = self.transfers.live_get(request_id)
         if existing is not None:
-            existing.begin_encode(rank_count, language_id)
+            existing.begin_encode(rank_count, language_id, principal)
             t = existing
         else:
             ended = self.transfers.get(request_id)
+            if ended is not None:
+                ended.check_owner(language_id, principal, what)
             if ended is not None and (ended.src_blocks is not None or ended.total_tokens or ended.encoding):
                 raise errors.AlreadyExists(f"request_id {errors.shown(request_id)} was already encoded ({ended.state.name})")
-            t = EncoderTransfer(request_id, self, language_id=language_id, rank_count=rank_count)
-            t.begin_encode(rank_count, language_id)
+            self._check_peer_limit(language_id, principal, what)  # again: the validation above awaited
+            t = EncoderTransfer(request_id, self, language_id=language_id, rank_count=rank_count, principal=principal)
+            t.begin_encode(rank_count, language_id, principal)
             self.transfers.add(request_id, t)
             t.start()
         blocks: list[int] | None = None
@@ -284,7 +329,7 @@ class EncoderService:
         return model, total
 
     async def raw_write(self, language_id: str, rank: int, dst_blocks: list[int], tokens: int, repeats: int,
-                        concurrency: int) -> tuple[list[float], int, int]:
+                        concurrency: int, principal: str = "") -> tuple[list[float], int, int]:
         """epd bench's baseline: `repeats` timed rounds of `concurrency` plain Mooncake writes of
         `tokens` records each, from our pool into blocks the language allocated for it, planned
         like a transfer round but with no protocol around them. Returns (seconds per repeat,
@@ -301,6 +346,9 @@ class EncoderService:
         peer = self.sessions.get((language_id, rank))
         if peer is None:
             raise errors.FailedPrecondition(f"{what}: language_id {errors.shown(language_id)} rank {rank} has not called Register")
+        if peer.principal != principal:
+            raise errors.PermissionDenied(f"{what}: language_id {errors.shown(language_id)} rank {rank} was registered "
+                                          f"by another identity")
         per_write = blocks_for_tokens(tokens, peer.geometry.block_size)
         if len(dst_blocks) != concurrency * per_write:
             raise errors.InvalidArgument(f"{what}: {len(dst_blocks)} dst_blocks, expected concurrency * "
@@ -316,6 +364,15 @@ class EncoderService:
                                 dst_blocks=dst_blocks[i * per_write:(i + 1) * per_write], dst_block_size=geo.block_size,
                                 dst_start=0, n_tokens=tokens, record_bytes=src_geo.record.record_bytes)
                      for i in range(concurrency)]
+            src_slab = Slab(src_geo.base_address, src_geo.num_blocks, src_geo.block_size * src_geo.record.record_bytes,
+                            "source pool")
+            try:
+                for i, plan in enumerate(plans):
+                    check_plan(plan, src=src_slab, src_blocks=src[i * src_per_write:(i + 1) * src_per_write],
+                               dst=peer.slab(), dst_blocks=dst_blocks[i * per_write:(i + 1) * per_write],
+                               expected_bytes=tokens * src_geo.record.record_bytes)
+            except OutOfBounds as e:
+                raise errors.InvalidArgument(f"{what}: refused before any write: {e}") from None
             seconds = []
             for _ in range(repeats):
                 started = time.perf_counter()
@@ -327,9 +384,60 @@ class EncoderService:
         return seconds, nbytes, len(plans[0])
 
     def resume(self, request_id: str, language_id: str, rank: int, sent_tokens: int,
-               blocks: list[int], allocated_tokens: int) -> bool:
-        t = self._require(request_id, language_id)
+               blocks: list[int], allocated_tokens: int, principal: str = "") -> bool:
+        what = f"Resume of request {errors.shown(request_id)} rank {rank}"
+        if not request_id:
+            raise errors.InvalidArgument("request_id is empty")
+        if not language_id:
+            raise errors.InvalidArgument(f"{what}: language_id is empty")
+        t = self.owned(request_id, language_id, principal, what)
         return t.resume(rank, sent_tokens, blocks, allocated_tokens)
+
+    def owned(self, request_id: str, language_id: str, principal: str, what: str) -> EncoderTransfer:
+        """The transfer, when the caller owns it: NotFound for an unknown id, PermissionDenied for
+        another instance's (a caller without a language_id owns only transfers nobody claimed)."""
+        if not request_id:
+            raise errors.InvalidArgument("request_id is empty")
+        t = self.transfers.require(request_id)
+        t.check_owner(language_id, principal, what)
+        return t
+
+    def find_owned(self, request_id: str, language_id: str, principal: str, what: str) -> EncoderTransfer:
+        """Cancel's lookup: like `find` (the transfer id, else the client's request id), but among
+        the caller's own transfers first, so two instances' equal request ids never mix."""
+        if not request_id:
+            raise errors.InvalidArgument("request_id is empty")
+        if language_id and self.transfers.get(request_id) is None:
+            mine = self.transfers.get(f"{language_id}/{request_id}")
+            if mine is None:
+                mine = self._find_client_id(request_id, lambda t: t.owned_by(language_id, principal) and t.language_id)
+            if mine is not None:
+                return self.owned(mine.request_id, language_id, principal, what)
+        t = self.find(request_id)
+        t.check_owner(language_id, principal, what)
+        return t
+
+    def _check_peer_limit(self, language_id: str, principal: str, what: str) -> None:
+        """RESOURCE_EXHAUSTED before anything is allocated when this language identity already
+        has max_transfers_per_peer live transfers here."""
+        limit = self.config.max_transfers_per_peer
+        live = sum(1 for t in self.transfers.live if t.language_id == language_id and t.principal == principal)
+        if live >= limit:
+            peer = f"language_id {errors.shown(language_id)}" if language_id else "callers without a language_id"
+            if principal.startswith("cert:"):
+                peer += f" ({principal})"
+            raise errors.ResourceExhausted(f"{what}: {peer} already has {live} live transfers on this encoder "
+                                           f"(max_transfers_per_peer={limit})")
+
+    def _check_image_limits(self, what: str, inputs: EncodeInputs) -> None:
+        """INVALID_ARGUMENT naming the first image over a limit; before any decoding or allocation."""
+        limit = self.config.max_images
+        if len(inputs.images) > limit:
+            raise errors.InvalidArgument(f"{what}: {len(inputs.images)} images, above max_images={limit}")
+        for i, (data, _mime) in enumerate(inputs.images):
+            if len(data) > self.config.max_image_bytes:
+                raise errors.InvalidArgument(f"{what}: images[{i}] has {len(data)} bytes, above "
+                                             f"max_image_bytes={self.config.max_image_bytes}")
 
     def find(self, request_id: str) -> EncoderTransfer:
         """A transfer by its id or, failing that, by a language's client request id: a language
@@ -341,27 +449,23 @@ class EncoderService:
         exact = self.transfers.get(request_id)
         if exact is not None:
             return exact
+        found = self._find_client_id(request_id)
+        if found is not None:
+            return found
+        return self.transfers.require(request_id)  # NotFound naming the id
 
+    def _find_client_id(self, request_id: str, keep=lambda t: True) -> EncoderTransfer | None:
         def matches(t: EncoderTransfer) -> bool:
             if t.client_request_id == t.request_id:
                 return False
             rest = t.client_request_id
-            return rest == request_id or rest.startswith(request_id + "#")
+            return (rest == request_id or rest.startswith(request_id + "#")) and bool(keep(t))
 
         for group in (self.transfers.live, self.transfers.history[::-1]):
             found = sorted((t for t in group if matches(t)), key=lambda t: t.created, reverse=True)
             if found:
                 return found[0]
-        return self.transfers.require(request_id)  # NotFound naming the id
-
-    def _require(self, request_id: str, language_id: str = "") -> EncoderTransfer:
-        if not request_id:
-            raise errors.InvalidArgument("request_id is empty")
-        t = self.transfers.require(request_id)
-        if language_id and t.language_id and t.language_id != language_id:
-            raise errors.FailedPrecondition(
-                f"request {errors.shown(request_id)} belongs to language_id {errors.shown(t.language_id)}, not {errors.shown(language_id)}")
-        return t
+        return None
 
 
 class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
@@ -375,7 +479,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     async def Encode(self, request, context):
         inputs = EncodeInputs(tuple((im.data, im.mime_type) for im in request.images), request.text,
                               request.synthetic_tokens, request.synthetic_seed)
-        total, seconds = await self.s.encode(request.request_id, inputs, request.rank_count, request.language_id)
+        total, seconds = await self.s.encode(request.request_id, inputs, request.rank_count, request.language_id,
+                                             rpc.peer_identity(context))
         if context.cancelled():
             # The caller gave up while we encoded (a small payload is encoded without a pause in
             # which the cancellation could land): it will never Init, and its Cancel may have
@@ -389,24 +494,26 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     async def Register(self, request, context):
         if not request.HasField("layout"):
             raise errors.InvalidArgument("layout is missing")
-        self.s.register(request.language_id, request.rank, request.session, rpc.geometry_from_pb(request.layout))
+        self.s.register(request.language_id, request.rank, request.session, rpc.geometry_from_pb(request.layout),
+                        rpc.peer_identity(context))
         return encoder_pb2.RegisterReply(encoder_id=self.s.encoder_id, layout=rpc.geometry_to_pb(self.s.pool.geometry))
 
     @rpc.grpc_errors
     async def Init(self, request, context):
         t = self.s.init(request.request_id, request.language_id, request.rank, request.rank_count,
-                        list(request.dst_blocks), request.allocated_tokens)
+                        list(request.dst_blocks), request.allocated_tokens, rpc.peer_identity(context))
         return encoder_pb2.InitReply(state=int(t.state))
 
     @rpc.grpc_errors
     async def Resume(self, request, context):
         dup = self.s.resume(request.request_id, request.language_id, request.rank, request.sent_tokens,
-                            list(request.dst_blocks), request.allocated_tokens)
+                            list(request.dst_blocks), request.allocated_tokens, rpc.peer_identity(context))
         return encoder_pb2.ResumeReply(duplicate=dup)
 
     @rpc.grpc_errors
     async def Status(self, request, context):
-        t = self.s._require(request.request_id)
+        t = self.s.owned(request.request_id, request.language_id, rpc.peer_identity(context),
+                         f"Status of request {errors.shown(request.request_id)} rank {request.rank}")
         terminal_seen = False
         self.status_streams += 1
         try:
@@ -433,7 +540,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
 
     @rpc.grpc_errors
     async def Cancel(self, request, context):
-        t = self.s.find(request.request_id)
+        t = self.s.find_owned(request.request_id, request.language_id, rpc.peer_identity(context),
+                              f"Cancel of request {errors.shown(request.request_id)}")
         cancelled = await t.cancel(f"cancelled by peer: {request.reason or 'no reason given'}",
                                    cancel_reason(request.reason))
         return common_pb2.CancelReply(cancelled=cancelled, state=int(t.state))
@@ -450,8 +558,22 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     async def RawWrite(self, request, context):
         seconds, nbytes, descriptors = await self.s.raw_write(
             request.language_id, request.rank, list(request.dst_blocks), request.tokens, request.repeats,
-            request.concurrency)
+            request.concurrency, rpc.peer_identity(context))
         return bench_pb2.RawWriteReply(seconds=seconds, bytes=nbytes, descriptors=descriptors)
+
+
+def _session_key(session: str) -> str:
+    """A Mooncake session as compared between registrations (host names are case-insensitive)."""
+    return session.strip().lower()
+
+
+def _span(geo: PoolGeometry) -> tuple[int, int]:
+    """The bytes [lo, hi) a registered pool covers in its process."""
+    return geo.base_address, geo.base_address + geo.num_blocks * geo.block_size * geo.record.record_bytes
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
 
 
 def cancel_reason(text: str) -> FailureReason:

@@ -16,10 +16,11 @@ import logging
 import time
 from typing import AsyncIterator, Callable, Protocol, Sequence
 
-from common.errors import AlreadyExists, EpdError, FailedPrecondition, InvalidArgument, shown
+from common.bounds import OutOfBounds, Slab, check_plan
+from common.errors import AlreadyExists, EpdError, FailedPrecondition, InvalidArgument, PermissionDenied, shown
 from common.integrity import PayloadSums
 from common.layout import PoolGeometry
-from common.plan import plan_round
+from common.plan import Triple, blocks_for_tokens, plan_round
 from common.pool import BlockPool
 from common.states import FailureReason, StatusUpdate, TransferState
 from common.telemetry import Telemetry
@@ -39,6 +40,15 @@ class PeerSession:
     """The rank's pool: block size, block count, base address, record layout."""
     generation: int = 0
     """Bumped on every re-registration, so a transfer can tell a stale session."""
+    principal: str = ""
+    """Who registered it, as the transport authenticated the call (`services.security.peer_identity`:
+    `cert:<CN>` under mutual TLS, else `token` or `anonymous`): only the same may replace it."""
+
+    def slab(self) -> Slab:
+        """The registered pool as addresses, for the last check before a write (common/bounds.py)."""
+        geo = self.geometry
+        return Slab(geo.base_address, geo.num_blocks, geo.block_size * geo.record.record_bytes,
+                    f"destination pool of language {self.language_id} rank {self.rank}")
 
 
 class TransferEnv(Protocol):
@@ -49,6 +59,9 @@ class TransferEnv(Protocol):
     resume_timeout_s: float
     integrity: bool
     telemetry: Telemetry
+
+    plan_fault: Callable[[list[Triple]], list[Triple]] | None
+    """Test-only: corrupts planned rounds (`--transport-fault misplan_nth=K`); None in production."""
 
     async def write(self, session: str, triples: Sequence[tuple[int, int, int]]) -> None: ...
 
@@ -100,10 +113,14 @@ def validate_allocation(peer: PeerSession, blocks: Sequence[int], allocated_toke
 class EncoderTransfer:
     """State of one request on the encoder, plus the task that moves it along."""
 
-    def __init__(self, request_id: str, env: TransferEnv, *, language_id: str = "", rank_count: int = 0):
+    def __init__(self, request_id: str, env: TransferEnv, *, language_id: str = "", rank_count: int = 0,
+                 principal: str = ""):
         self.request_id = request_id
         self.env = env
         self.language_id = language_id
+        """The owner: the language instance that first used the request id ("" until one does)."""
+        self.principal = principal
+        """The owner's authenticated identity (see PeerSession.principal)."""
         self.rank_count = rank_count
         self.created = time.monotonic()
         self.finished_at: float | None = None
@@ -130,6 +147,19 @@ class EncoderTransfer:
 
     # ----------------------------------------------------------------- facts from RPCs
 
+    def owned_by(self, language_id: str, principal: str) -> bool:
+        """Whether a caller is the owner. A transfer opened by an Encode without a language_id
+        has no owner yet: the first caller with one claims it."""
+        if not self.language_id:
+            return True
+        return language_id == self.language_id and principal == self.principal
+
+    def check_owner(self, language_id: str, principal: str, what: str) -> None:
+        """PermissionDenied naming the request (never the owner's id or identity)."""
+        if not self.owned_by(language_id, principal):
+            raise PermissionDenied(f"{what}: request {shown(self.request_id)} belongs to another language instance "
+                                   f"(caller language_id {shown(language_id)})")
+
     def add_rank(self, rank: int, rank_count: int, peer: PeerSession, blocks: list[int], allocated_tokens: int) -> None:
         """Record an Init (already validated against the peer's pool)."""
         what = f"Init of request {shown(self.request_id)} rank {rank}"
@@ -139,29 +169,28 @@ class EncoderTransfer:
             raise AlreadyExists(f"{what}: rank {rank} has already sent Init for this request")
         if self.rank_count and rank_count != self.rank_count:
             raise InvalidArgument(f"{what}: rank_count={rank_count} differs from the request's rank_count={self.rank_count}")
-        if self.language_id and peer.language_id != self.language_id:
-            raise FailedPrecondition(
-                f"{what}: request belongs to language_id {shown(self.language_id)}, not {shown(peer.language_id)}")
+        self.check_owner(peer.language_id, peer.principal, what)
         self.rank_count = rank_count
         self.language_id = peer.language_id
+        self.principal = peer.principal
         self.ranks[rank] = RankSlot(peer, list(blocks), allocated_tokens, for_sent=0)
         self.init_at = self.init_at or time.monotonic()
         if len(self.ranks) == self.rank_count:
             self._set_state(TransferState.WAITING_FOR_INPUT)
         self._wake()
 
-    def begin_encode(self, rank_count: int, language_id: str) -> None:
+    def begin_encode(self, rank_count: int, language_id: str, principal: str = "") -> None:
         what = f"Encode of request {shown(self.request_id)}"
+        self.check_owner(language_id, principal, what)
         if self.state.terminal:
             raise FailedPrecondition(f"{what}: the request already ended ({self.state.name})")
         if self.encoding or self.src_blocks is not None:
             raise AlreadyExists(f"{what}: request_id {shown(self.request_id)} was already encoded")
         if rank_count and self.rank_count and rank_count != self.rank_count:
             raise InvalidArgument(f"{what}: rank_count={rank_count} differs from the request's rank_count={self.rank_count}")
-        if language_id and self.language_id and language_id != self.language_id:
-            raise FailedPrecondition(f"{what}: request belongs to language_id {shown(self.language_id)}, not {shown(language_id)}")
         self.rank_count = self.rank_count or rank_count
-        self.language_id = self.language_id or language_id
+        if not self.language_id and language_id:
+            self.language_id, self.principal = language_id, principal
         self.encoding = True
         self.encode_finished.clear()
 
@@ -269,14 +298,32 @@ class EncoderTransfer:
     async def _send_round(self, n: int) -> tuple[tuple[str, int], ...]:
         pool = self.env.pool
         src_geo = pool.geometry
-        writes = []
+        record_bytes = src_geo.record.record_bytes
+        src_slab = Slab(src_geo.base_address, src_geo.num_blocks, src_geo.block_size * record_bytes, "source pool")
+        # The blocks holding this round's tokens on each side: writes may touch nothing else.
+        src_round = self.src_blocks[self.sent_tokens // src_geo.block_size:
+                                    blocks_for_tokens(self.sent_tokens + n, src_geo.block_size)]
+        plans = []
         for slot in self.ranks.values():
             geo = slot.peer.geometry
             triples = plan_round(
                 src_base=src_geo.base_address, src_blocks=self.src_blocks, src_block_size=src_geo.block_size,
                 src_start=self.sent_tokens, dst_base=geo.base_address, dst_blocks=slot.blocks,
-                dst_block_size=geo.block_size, dst_start=0, n_tokens=n, record_bytes=src_geo.record.record_bytes)
-            writes.append(self.env.write(slot.peer.session, triples))
+                dst_block_size=geo.block_size, dst_start=0, n_tokens=n, record_bytes=record_bytes)
+            plan_fault = getattr(self.env, "plan_fault", None)
+            if plan_fault is not None:
+                triples = plan_fault(triples)
+            try:
+                # Every rank's plan is checked before any write is submitted: a planning bug
+                # fails the request, it never writes outside the blocks the peer gave us.
+                check_plan(triples, src=src_slab, src_blocks=src_round, dst=slot.peer.slab(),
+                           dst_blocks=slot.blocks[:blocks_for_tokens(n, geo.block_size)], expected_bytes=n * record_bytes)
+            except OutOfBounds as e:
+                log.error("request %s: round %d refused before writing: %s", self.request_id, self.rounds + 1, e)
+                raise _Failure(FailureReason.INVALID, f"round {self.rounds + 1} to rank {slot.peer.rank} refused before "
+                                                      f"any write: {e}") from None
+            plans.append((slot.peer.session, triples))
+        writes = [self.env.write(session, triples) for session, triples in plans]
         # Checksums come from what Encode computed (no pass over the round beside its write);
         # computed here only when Encode did not (a small payload sent in several rounds).
         precomputed = None

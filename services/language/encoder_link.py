@@ -93,12 +93,13 @@ class GrpcEncoderLink:
         return reply.duplicate
 
     def status(self, request_id: str, rank: int) -> "StatusStream":
-        return StatusStream(self.stub.Status(encoder_pb2.StatusRequest(request_id=request_id, rank=rank)),
+        return StatusStream(self.stub.Status(encoder_pb2.StatusRequest(request_id=request_id, rank=rank,
+                                                                       language_id=self.language_id)),
                             f"Status of request {request_id} on encoder {self.address}")
 
     async def cancel(self, request_id: str, reason: str) -> None:
-        await self._call("Cancel", self.stub.Cancel(common_pb2.CancelRequest(request_id=request_id, reason=reason),
-                                                    timeout=10))
+        await self._call("Cancel", self.stub.Cancel(common_pb2.CancelRequest(
+            request_id=request_id, reason=reason, language_id=self.language_id), timeout=10))
 
     async def raw_write(self, rank: int, blocks: Sequence[int], tokens: int, repeats: int,
                         concurrency: int) -> bench_pb2.RawWriteReply:

@@ -114,8 +114,15 @@ class TestRank:
             request_id=request_id, language_id=self.language_id if language_id is None else language_id,
             rank=self.rank, sent_tokens=sent_tokens, dst_blocks=list(blocks), allocated_tokens=allocated_tokens)
 
-    def status_request(self, request_id: str) -> encoder_pb2.StatusRequest:
-        return encoder_pb2.StatusRequest(request_id=request_id, rank=self.rank)
+    def status_request(self, request_id: str, *, language_id: str | None = None) -> encoder_pb2.StatusRequest:
+        return encoder_pb2.StatusRequest(request_id=request_id, rank=self.rank,
+                                         language_id=self.language_id if language_id is None else language_id)
+
+    def cancel_request(self, request_id: str, reason: str = "test done", *,
+                       language_id: str | None = None) -> common_pb2.CancelRequest:
+        """Cancel on the encoder as this rank's language instance (the owner of its transfers)."""
+        return common_pb2.CancelRequest(request_id=request_id, reason=reason,
+                                        language_id=self.language_id if language_id is None else language_id)
 
     def encode_request(self, request_id: str, synthetic_tokens: int, seed: int = 0, *,
                        rank_count: int = 1) -> encoder_pb2.EncodeRequest:
@@ -185,3 +192,10 @@ class TestRank:
         if address in self.transport._registered:
             engine.unregister_memory(address)
             del self.transport._registered[address]
+        # The slab stays allocated: a later rank's pool must never reuse its addresses while an
+        # encoder still holds this rank's registration (it refuses a pool overlapping another
+        # language instance's on the same Mooncake session).
+        _retired_pools.append(self.pool)
+
+
+_retired_pools: list[BlockPool] = []

@@ -135,6 +135,7 @@ class StatusWatcher:
     """Reads one rank's Status stream in the background; statuses are taken in order."""
 
     def __init__(self, stub, rank: TestRank, request_id: str):
+        self.rank = rank
         self.call = stub.Status(rank.status_request(request_id))
         self.queue: asyncio.Queue = asyncio.Queue()
         self.seen: list = []
@@ -189,7 +190,7 @@ async def hold_at_round_1(enc, rank: TestRank, request_id: str, n: int = 100, se
 
 
 async def cancel_held(enc, w: StatusWatcher, request_id: str) -> None:
-    reply = await enc.Cancel(common_pb2.CancelRequest(request_id=request_id, reason="test done"))
+    reply = await enc.Cancel(w.rank.cancel_request(request_id))  # as the owner (issue 9)
     assert reply.cancelled and reply.state == FAILED
     st = await w.until(lambda s: s.state in TERMINAL)
     assert st.state == FAILED
@@ -498,7 +499,7 @@ async def test_resume_ahead_of_the_encoder_is_failed_precondition(encoder, enc, 
     await expect_error(enc.Resume(other), grpc.StatusCode.FAILED_PRECONDITION, "rank 3")
     # Another language may not resume it.
     await expect_error(enc.Resume(reg.resume_request(request_id, 16, nxt, language_id="intruder")),
-                       grpc.StatusCode.FAILED_PRECONDITION, "intruder")
+                       grpc.StatusCode.PERMISSION_DENIED, request_id)
     # A right sent_tokens with a malformed allocation.
     for bad_blocks, allocated, needle in [(nxt, 20, "allocated_tokens=20"), ([999], BLOCK, "999"),
                                           ([nxt[0], nxt[0]], 2 * BLOCK, str(nxt[0])), ([], 0, "dst_blocks")]:
@@ -684,7 +685,7 @@ async def test_duplicate_encode_is_already_exists(encoder, enc, reg):
     await expect_error(enc.Encode(reg.encode_request(second, 30, 1)), grpc.StatusCode.ALREADY_EXISTS, second)
     assert await snapshot(enc, second) == waiting
     assert await pool_state(enc) == pool_waiting
-    await enc.Cancel(common_pb2.CancelRequest(request_id=second, reason="test done"))
+    await enc.Cancel(reg.cancel_request(second))
     # Two Encodes of one new id at once: exactly one is taken.
     third = rid()
     results = await asyncio.gather(*(enc.Encode(reg.encode_request(third, MAX_TOKENS, 1)) for _ in range(2)),
@@ -694,7 +695,7 @@ async def test_duplicate_encode_is_already_exists(encoder, enc, reg):
     assert errors[0].code() == grpc.StatusCode.ALREADY_EXISTS and third in errors[0].details()
     assert (await pool_state(enc))[0] == pool_waiting[0] - 2 + math.ceil(MAX_TOKENS / BLOCK), \
         "the refused Encode allocated source blocks"
-    await enc.Cancel(common_pb2.CancelRequest(request_id=third, reason="test done"))
+    await enc.Cancel(reg.cancel_request(third))
     await all_free(encoder, reg)
 
 

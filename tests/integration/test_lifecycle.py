@@ -115,7 +115,7 @@ async def test_encoder_source_pool_full_is_resource_exhausted(unique_id):
                 await stub.Encode(rank.encode_request(second, 100 * 16))
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "timed out" in e.value.details()
             assert (await stub.GetPool(common_pb2.GetPoolRequest())).used_blocks == used
-            await stub.Cancel(common_pb2.CancelRequest(request_id=first, reason="test over"))
+            await stub.Cancel(rank.cancel_request(first, "test over"))
         await assert_all_free((enc.address, "encoder"))
     finally:
         rank.close()
