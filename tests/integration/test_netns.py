@@ -5,6 +5,8 @@ reaches each namespace through a management veth of its own (so it can still ins
 after the services' link is cut). Then the link is cut (`ip link set down`) between two rounds of
 a transfer: the request fails cleanly on both sides (language: the encoder's calls break on
 gRPC keepalive, peer_lost; encoder: no Resume within resume_timeout_s) and every pool is free.
+The second test cuts the link in the middle of a round's Mooncake write (the link shaped with tc
+so the write takes seconds): the encoder's write fails within --write-timeout-s (transport).
 The namespaces are removed even when the test fails."""
 
 from __future__ import annotations

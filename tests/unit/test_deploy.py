@@ -7,6 +7,11 @@ compose-style `${VAR:-default}` / `${VAR:?msg}` interpolation with sample values
 valid configs; metrics ports match the scrape targets; every PromQL expression of the dashboard
 uses only metric and label names that services/metrics.py exports, and is valid PromQL (promtool);
 the scrape config passes `promtool check config`.
+
+The scale variant (docker-compose.scale.yml, a bridge network with a scaled encoder service) is
+checked the same way, and its containers' shell parts run for real with /bin/sh and python3 (only
+`epd` itself is replaced by a recorder): the entrypoint must give each container its own address
+as EPD_HOST and hand the command to `epd` unchanged, and the health checks must ask that address.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ import pathlib
 import re
 import shlex
 import shutil
+import os
+import socket
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -24,12 +32,15 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from common.config import EncoderConfig, LanguageConfig
 from services import cli, metrics
+from services.language.encoders import resolve_addresses
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_TCP = DEPLOY / "docker-compose.tcp.yml"
+COMPOSE_SCALE = DEPLOY / "docker-compose.scale.yml"
 PROMETHEUS = DEPLOY / "prometheus.yml"
+PROMETHEUS_SCALE = DEPLOY / "prometheus.scale.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "epd.json"
 DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = DEPLOY / "grafana" / "provisioning" / "dashboards" / "epd.yml"
@@ -285,6 +296,181 @@ def test_bind_mounts_exist(compose):
             src = vol.split(":")[0]
             if src.startswith((".", "/")):
                 assert (DEPLOY / src).exists(), f"{name}: {src} does not exist"
+
+
+# ------------------------------------------------------------------------------------ scaled encoders
+
+SCALE_ENV = {"GRAFANA_ADMIN_PASSWORD": "sample-password"}  # no EPD_HOST: each container finds its own
+FAKE_EPD = """#!{python}
+import json, os, sys
+print(json.dumps({{"env": {{k: v for k, v in os.environ.items() if k.startswith("EPD_")}}, "argv": sys.argv[1:]}}))
+"""
+
+
+@pytest.fixture(scope="module")
+def scale() -> dict:
+    return load_compose(COMPOSE_SCALE, env=SCALE_ENV)
+
+
+@pytest.fixture(scope="module")
+def container_bin(tmp_path_factory) -> pathlib.Path:
+    """A PATH for running a container's shell commands here: the real python3 (the image's is
+    the venv's) and an `epd` that only records the environment and arguments it was given."""
+    d = tmp_path_factory.mktemp("container-bin")
+    (d / "python3").symlink_to(sys.executable)
+    (d / "epd").write_text(FAKE_EPD.format(python=sys.executable))
+    (d / "epd").chmod(0o755)
+    return d
+
+
+def _own_address() -> str:
+    """What the compose file's snippet computes in a container: its address on the network."""
+    return socket.gethostbyname(socket.gethostname())
+
+
+def run_like_docker(argv: list[str], env: dict[str, str], container_bin: pathlib.Path) -> tuple[dict, list[str]]:
+    """Run argv (entrypoint + command, or a healthcheck) with the real /bin/sh and python3, as the
+    container would; returns the EPD_* environment and the arguments `epd` was started with."""
+    run = subprocess.run(argv, env={**env, "PATH": f"{container_bin}:/usr/bin:/bin"}, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    return out["env"], out["argv"]
+
+
+def scaled_config(service: dict, container_bin: pathlib.Path):
+    """The config `epd` builds in a container of the scale file: the entrypoint runs for real."""
+    argv = [*service["entrypoint"], *map(str, service["command"])]
+    env, args = run_like_docker(argv, service_env(service), container_bin)
+    assert args == list(map(str, service["command"])), "the entrypoint must pass the command on unchanged"
+    parsed = cli.make_parser().parse_args(args)
+    assert parsed.command in ROLES, args
+    return cli.build_config(ROLES[parsed.command], parsed, environ=env)
+
+
+@pytest.fixture(scope="module")
+def scale_configs(scale, container_bin) -> dict:
+    return {role: scaled_config(scale["services"][role], container_bin) for role in ROLES}
+
+
+def test_scale_file_needs_only_the_grafana_password():
+    with pytest.raises(MissingVariable, match="GRAFANA_ADMIN_PASSWORD"):
+        load_compose(COMPOSE_SCALE, env={})
+    assert {"encoder", "language", "prometheus", "grafana"} <= set(load_compose(COMPOSE_SCALE)["services"])
+
+
+def test_scaled_encoder_has_nothing_fixed_per_container(scale):
+    """`--scale encoder=N` starts N identical containers: no name, hostname or host port of its own."""
+    svc = scale["services"]["encoder"]
+    for key in ("container_name", "hostname", "ports", "network_mode", "mac_address"):
+        assert key not in svc, f"encoder: {key} cannot be shared by several replicas"
+    for role in ROLES:
+        nets = scale["services"][role]["networks"]
+        assert nets and set(nets) <= set(scale["networks"]), f"{role}: on the compose bridge network"
+        assert "network_mode" not in scale["services"][role], f"{role}: no host network (no service DNS there)"
+    assert "network_mode" not in scale["services"]["prometheus"]
+
+
+def test_scaled_services_advertise_their_own_container_address(scale_configs):
+    """EPD_HOST is each container's own address, set by the entrypoint: gRPC, /metrics and the
+    Mooncake session the peers write to are bound to it; Mooncake over TCP across the bridge."""
+    own = _own_address()
+    enc, lang = scale_configs["encoder"], scale_configs["language"]
+    for cfg in (enc, lang):
+        assert cfg.host == own and cfg.protocol == "tcp" and cfg.device == "cuda:0"
+    assert (enc.port, enc.metrics_port) == (50051, 9101)
+    assert (lang.port, lang.metrics_port, lang.tp) == (50052, 9102, 1)
+
+
+def test_language_finds_every_encoder_replica_by_the_service_name(scale, scale_configs):
+    lang, enc = scale_configs["language"], scale_configs["encoder"]
+    (address,) = lang.encoder_addresses()
+    host, port = address.rsplit(":", 1)
+    assert host in scale["services"] and host == "encoder" and int(port) == enc.port
+    # Docker's DNS answers the name with one A record per replica: the language uses each.
+    replicas = ["172.20.0.4", "172.20.0.2", "172.20.0.3"]
+    lookup = lambda h, p, *_: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, p)) for ip in replicas]  # noqa: E731
+    found, names = resolve_addresses(lang.encoder_addresses(), lookup)
+    assert found == [f"{ip}:{enc.port}" for ip in sorted(replicas)]
+    assert names == [address] and lang.tp == 1, "one rank: the name is looked up again as replicas come and go"
+
+
+def test_language_publishes_one_host_port_per_replica(scale, scale_configs):
+    (mapping,) = scale["services"]["language"]["ports"]
+    published, target = mapping.rsplit(":", 1)
+    assert int(target) == scale_configs["language"].port
+    lo, _, hi = published.partition("-")
+    assert hi and int(hi) - int(lo) >= 1, "a range, so several language replicas can each publish one"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_scaled_healthcheck_asks_the_containers_own_address(scale, scale_configs, container_bin, role):
+    svc = scale["services"][role]
+    check = svc["healthcheck"]
+    kind, script = check["test"]
+    assert kind == "CMD-SHELL"
+    _, argv = run_like_docker(["/bin/sh", "-c", script], service_env(svc), container_bin)
+    args = cli.make_parser().parse_args(argv)  # the real `epd health` parser
+    cfg = scale_configs[role]
+    assert args.command == "health" and args.address == f"{cfg.host}:{cfg.port}"
+    assert _seconds(check["timeout"]) > args.timeout and _seconds(check["start_period"]) >= 60
+
+
+def test_scaled_services_reserve_a_gpu_and_stop_gracefully(scale, scale_configs):
+    for role in ROLES:
+        svc = scale["services"][role]
+        (d,) = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert d["driver"] == "nvidia" and "gpu" in d["capabilities"]
+        assert all(re.fullmatch(r"[0-9]+|GPU-[0-9a-fA-F-]+", str(x)) for x in d["device_ids"]), d
+        assert "devices" not in svc, "no /dev/infiniband: TCP only"
+        assert _seconds(svc["stop_grace_period"]) > scale_configs[role].shutdown_grace_s
+        assert (DEPLOY / svc["build"]["context"] / svc["build"]["dockerfile"]).resolve() == DOCKERFILE
+    assert scale["services"]["language"]["depends_on"]["encoder"]["condition"] == "service_healthy"
+
+
+def test_scale_prometheus_discovers_every_replica_by_dns(scale, scale_configs):
+    run = subprocess.run([_promtool(), "check", "config", str(PROMETHEUS_SCALE)], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    prom = yaml.safe_load(PROMETHEUS_SCALE.read_text())
+    jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
+    enc, lang = scale_configs["encoder"], scale_configs["language"]
+    for job, service, ports in (("epd-encoder", "encoder", {enc.metrics_port}),
+                                ("epd-language", "language", {lang.metrics_port + r for r in range(lang.tp)})):
+        sds = jobs[job]["dns_sd_configs"]
+        assert all(sd["type"] == "A" and sd["names"] == [service] for sd in sds), sds
+        assert {sd["port"] for sd in sds} == ports, (job, sds)
+        assert service in scale["services"]
+    svc = scale["services"]["prometheus"]
+    assert "9090:9090" in svc["ports"] and svc["networks"] == scale["services"]["encoder"]["networks"]
+    flags = dict(f.lstrip("-").split("=", 1) for f in svc["command"])
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
+    assert (DEPLOY / mounts[flags["config.file"]]).resolve() == PROMETHEUS_SCALE
+    commented = [int(p) for p in re.findall(r"#\s*port:\s*([0-9]+)", PROMETHEUS_SCALE.read_text())]
+    assert commented == list(range(lang.metrics_port + 1, lang.metrics_port + 1 + len(commented)))
+
+
+def test_scale_grafana_reaches_prometheus_through_its_network(scale):
+    """Grafana shares Prometheus's network namespace, so the provisioned data source
+    (localhost:9090, the same files as docker-compose.yml) is Prometheus; 3000 is published there."""
+    graf, prom = scale["services"]["grafana"], scale["services"]["prometheus"]
+    assert graf["network_mode"] == "service:prometheus" and "ports" not in graf
+    assert "3000:3000" in prom["ports"] and graf["environment"]["GF_SERVER_HTTP_PORT"] == "3000"
+    ds = next(d for d in yaml.safe_load(DATASOURCES.read_text())["datasources"] if d["type"] == "prometheus")
+    assert re.fullmatch(r"http://(localhost|127\.0\.0\.1):9090/?", ds["url"]), ds["url"]
+    base = load_compose(COMPOSE)["services"]["grafana"]
+    assert graf["volumes"] == base["volumes"] and graf["image"] == base["image"]
+    for name, svc in scale["services"].items():
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.startswith((".", "/")):
+                assert (DEPLOY / src).exists(), f"{name}: {src} does not exist"
+
+
+def test_readme_documents_scaling_encoders():
+    section = _readme_operating()
+    assert "docker compose -f deploy/docker-compose.scale.yml up -d --build --scale encoder=" in section
+    assert "dns_sd_configs" in section and "prometheus.scale.yml" in section
 
 
 # ------------------------------------------------------------------------------------ Prometheus
