@@ -41,6 +41,7 @@ import grpc
 from common.layout import RecordLayout, default_fields
 from common.pb.epd.v1 import bench_pb2, common_pb2, language_pb2, language_pb2_grpc
 from services import demo
+from services import security
 from services.rpc import CLIENT_OPTIONS
 
 CASES = ("single", "multi", "control", "concurrency", "policies", "loops")
@@ -62,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     p.add_argument("--hidden", type=int, default=3584, help="embedding width (default 3584)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    security.add_client_arguments(p)  # the bench's client and the services it starts (issue 9)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--sizes", default="256,1024,4096,8192", help="token counts of the single/multi cases")
     p.add_argument("--repeats", type=int, default=12, help="timed requests per size (after warm-up)")
@@ -96,17 +98,19 @@ class Services:
         common = ["--host", "127.0.0.1", "--port", "0", "--hidden", str(args.hidden), "--dtype", args.dtype,
                   "--block-size", str(args.block_size), "--event-loop", event_loop, "--log-level", "WARNING",
                   "--integrity" if args.integrity else "--no-integrity"]
+        enc_sec, lang_sec = security.service_argv(args), security.service_argv(args, language=True)
         env = demo.child_env()
         py = [sys.executable, "-m", "services.cli"]
         logs = args.keep_logs or None
-        self.encoder = demo.ServiceProcess("encoder", [*py, "encoder", *common, "--pool-blocks", str(encoder_blocks)],
+        self.encoder = demo.ServiceProcess("encoder", [*py, "encoder", *common, *enc_sec,
+                                                       "--pool-blocks", str(encoder_blocks)],
                                            env=env, log_dir=logs)
         self.language: demo.ServiceProcess | None = None
         self.encoder.start()
         try:
             self.encoder.wait_ready(120)
             self.language = demo.ServiceProcess(
-                "language", [*py, "language", *common, "--pool-blocks", str(language_blocks),
+                "language", [*py, "language", *common, *lang_sec, "--pool-blocks", str(language_blocks),
                              "--encoder", f"127.0.0.1:{self.encoder.port}", "--alloc-policy", alloc_policy,
                              "--initial-tokens", str(initial_tokens)], env=env, log_dir=logs)
             self.language.start()
@@ -115,7 +119,8 @@ class Services:
             self.stop()
             raise
         self.event_loop = self.encoder.info.get("event_loop", "?")
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.language.port}", options=CLIENT_OPTIONS)
+        self.channel = security.client_from_args(args).aio_channel(f"127.0.0.1:{self.language.port}",
+                                                                   options=CLIENT_OPTIONS)
         self.stub = language_pb2_grpc.LanguageStub(self.channel)
 
     async def close(self) -> None:

@@ -160,6 +160,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--language-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for the language process (repeatable), "
                              "e.g. --language-arg=--alloc-policy=fixed")
+    from services import security  # noqa: PLC0415 (grpc only)
+
+    security.add_client_arguments(parser)  # used by the demo's client and passed to both services
 
 
 # --------------------------------------------------------------------------------------------
@@ -918,6 +921,7 @@ def encoder_argv(args: argparse.Namespace) -> list[str]:
             "--block-size", str(args.block_size), "--pool-blocks", str(args.encoder_pool_blocks),
             "--hidden", str(args.hidden), "--dtype", _dtype(args),
             *(["--model", args.model] if _uses_model(args) else []),
+            *_security_argv(args),
             *getattr(args, "encoder_arg", [])]
 
 
@@ -931,7 +935,15 @@ def language_argv(args: argparse.Namespace, encoder_port: int | Sequence[int]) -
             "--initial-tokens", str(args.initial_tokens),
             *(["--tp", str(args.tp)] if getattr(args, "tp", 1) > 1 else []),
             *(["--consumer", "qwen2-vl-prefill", "--model", args.model] if _uses_model(args) else []),
+            *_security_argv(args, language=True),
             *getattr(args, "language_arg", [])]
+
+
+def _security_argv(args: argparse.Namespace, *, language: bool = False) -> list[str]:
+    """The demo's --tls-* / --auth-token-file flags, for the services it starts (issue 9)."""
+    from services import security  # noqa: PLC0415
+
+    return security.service_argv(args, language=language)
 
 
 def _uses_model(args: argparse.Namespace) -> bool:
@@ -980,6 +992,7 @@ async def run_workload(address: str, plan: Sequence[PlannedRequest], *, concurre
                        progress: Progress | None = None,
                        connect_timeout: float = 30.0,
                        images: dict[str, list[tuple[bytes, str]]] | None = None,
+                       sec=None,
                        ) -> tuple[list[RequestResult], float]:
     """Send every planned request to the language service at `address` with up to
     `concurrency` in flight. Returns the results (in plan order) and the wall time in seconds
@@ -991,7 +1004,10 @@ async def run_workload(address: str, plan: Sequence[PlannedRequest], *, concurre
     sem = asyncio.Semaphore(max(1, concurrency))
     budget = _BlockBudget(encoder_pool_blocks)
     options = [("grpc.max_receive_message_length", 64 << 20)]
-    async with grpc.aio.insecure_channel(address, options=options) as channel:
+    from services.security import ClientSecurity  # noqa: PLC0415
+
+    # `sec`: TLS / the token of the demo's --tls-* / --auth-token-file flags (plaintext when None).
+    async with (sec or ClientSecurity()).aio_channel(address, options=options) as channel:
         await asyncio.wait_for(channel.channel_ready(), timeout=connect_timeout)
         stub = language_pb2_grpc.LanguageStub(channel)
 
@@ -1139,6 +1155,13 @@ def _run(args: argparse.Namespace, *,
     if error:
         _note(error)
         return 2
+    from services import security  # noqa: PLC0415
+
+    try:
+        sec = security.client_from_args(args) if hasattr(args, "tls_ca") else None
+    except ValueError as e:
+        _note(str(e))
+        return 2
     dtype = reference_payload.canonical_dtype(args.dtype)
     pool_tokens = args.language_pool_blocks * args.block_size
     initial = initial_allocation_tokens(args.initial_tokens, args.block_size,
@@ -1222,7 +1245,7 @@ def _run(args: argparse.Namespace, *,
                 f"127.0.0.1:{language.port}", plan, concurrency=args.concurrency,
                 request_timeout=args.request_timeout, block_size=args.block_size,
                 encoder_pool_blocks=args.encoder_pool_blocks, progress=progress,
-                connect_timeout=args.startup_timeout, images=images))
+                connect_timeout=args.startup_timeout, images=images, sec=sec))
         progress.finish()
         if killer is not None:
             killer.cancel()

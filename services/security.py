@@ -351,12 +351,15 @@ def client_from_args(args) -> ClientSecurity:
                                max_message_bytes=getattr(args, "max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES))
 
 
-def service_argv(args) -> list[str]:
+def service_argv(args, *, language: bool = False) -> list[str]:
     """The same settings as flags of `epd encoder` / `epd language` (the demo and bench pass them
     to the services they start; tls_server_name only to the language)."""
     out: list[str] = []
     for name, _ in CLIENT_FLAGS:
         value = getattr(args, name, "")
-        if value and name != "tls_server_name":
+        if value and (name != "tls_server_name" or language):
             out += ["--" + name.replace("_", "-"), value]
+    size = getattr(args, "max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
+    if size != DEFAULT_MAX_MESSAGE_BYTES:
+        out += ["--max-message-bytes", str(size)]
     return out

@@ -454,3 +454,15 @@ async def _list(client: ClientSecurity, address: str, kind: str):
     async with client.aio_channel(address) as ch:
         stub = (language_pb2_grpc.LanguageStub if kind == "language" else encoder_pb2_grpc.EncoderStub)(ch)
         return await stub.ListTransfers(common_pb2.ListTransfersRequest(), timeout=5)
+
+
+def test_demo_with_mutual_tls_and_token(certs, tmp_path):
+    """`epd demo` passes its --tls-* / --auth-token-file flags to both services it starts and
+    uses them for its own client; every reply verified against the reference."""
+    out = epd("demo", "--model", "none", "--requests", "4", "--json", "--log-dir", str(tmp_path),
+              *certs.cli_args("encoder"), timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    assert summary["succeeded"] == 4 and summary["failed"] == 0 and summary["mismatches"] == 0, summary
+    for role in ("encoder", "language"):
+        assert "mutual TLS, bearer token" in (tmp_path / f"{role}.log").read_text()
