@@ -285,6 +285,10 @@ class LanguageConfig(ServiceConfig):
     """Smallest initial allocation `adaptive` may choose."""
     adaptive_max_tokens: int = _setting(65536, "upper bound of the adaptive policy", unit="tokens")
     """Largest initial allocation `adaptive` may choose."""
+    early_init: bool = _setting(True, "send the Init alongside the Encode when the pool has room to spare")
+    """Single-rank instances reserve the initial allocation and send the Init while the Encode runs,
+    when the pool can take it at once and keeps room for the largest initial allocation of a request
+    admitted after its Encode (so the two pools cannot deadlock); otherwise after the Encode."""
     consumer: str = _setting("null", "what receives the payload ('null': releases it; 'qwen2-vl-prefill': "
                                      "runs the model's language part and returns the first token)", choices=CONSUMERS)
     """Consumer the received payload is handed to (services/language/consumers.py)."""

@@ -1,19 +1,27 @@
 """The deterministic synthetic payload of DESIGN §14 (the load generator for tests and benches).
 
 `fill_synthetic` writes tokens [start, start+n) of request (n_total, seed) straight into token
-records, chunk by chunk, so a 100k-token payload never needs a second full-size buffer.
+records, chunk by chunk, so a 100k-token payload never needs a second full-size buffer. Small
+runs in host memory take a numpy route with the same values (tested): below about 1 MiB, torch's
+per-operation overhead costs more than the copying.
 """
 
 from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
 from common.layout import RecordLayout
 
 _CHUNK_TOKENS = 4096
 _MOD = 2003
+SMALL_FILL_BYTES = 1 << 20
+"""Host-memory runs of at most this many bytes are filled with numpy (`_fill_small`)."""
+# numpy twins of the field dtypes (bfloat16 has none: its rows are copied as 16-bit words).
+_NP_WORDS = {"bfloat16": np.int16, "float16": np.int16, "float32": np.int32, "int32": np.int32,
+             "int64": np.int64, "int16": np.int16, "uint8": np.uint8, "int8": np.int8}
 
 
 @functools.lru_cache(maxsize=8)
@@ -46,6 +54,9 @@ def fill_synthetic(records: torch.Tensor, record: RecordLayout, seed: int, start
     hidden = emb_field.spec.per_token_shape[0]
     dtype = getattr(torch, emb_field.spec.dtype)
     n = records.shape[0]
+    if records.device.type == "cpu" and records.numel() <= SMALL_FILL_BYTES:
+        _fill_small(records.numpy(), record, seed, start, hidden, dtype)
+        return
     for lo in range(0, n, _CHUNK_TOKENS):
         hi = min(n, lo + _CHUNK_TOKENS)
         values = synthetic_fields(seed, start + lo, hi - lo, hidden, dtype)
@@ -55,3 +66,29 @@ def fill_synthetic(records: torch.Tensor, record: RecordLayout, seed: int, start
                 view.copy_(values[f.name].to(view.device))
             else:
                 view.zero_()  # extra configured fields: zeros in synthetic payloads
+
+
+def _words(records: np.ndarray, field) -> np.ndarray:
+    """The field's bytes in records [n, record_bytes] as a numpy view of same-size words [n, *shape]."""
+    raw = records[:, field.offset: field.offset + field.bytes_per_token]
+    return raw.view(_NP_WORDS[field.spec.dtype]).reshape(records.shape[0], *field.spec.per_token_shape)
+
+
+def _fill_small(records: np.ndarray, record: RecordLayout, seed: int, start: int, hidden: int,
+                dtype: torch.dtype) -> None:
+    """`fill_synthetic` of a small host-memory run with numpy: the same §14 values, reduced
+    modulo first (in Python integers), so they agree with the torch route for every seed."""
+    n = records.shape[0]
+    i = np.arange(start, start + n, dtype=np.int64)
+    for f in record.fields:
+        out = _words(records, f)
+        if f.name == "embeddings":
+            table = _row_table(hidden, dtype)
+            words = table.view({2: torch.int16, 4: torch.int32}[table.element_size()]).numpy()
+            out[...] = words[((seed * 7919) % _MOD + i * 131) % _MOD]
+        elif f.name == "token_ids":
+            out[...] = (((seed % 65536) + i) % 65536).astype(np.int32)
+        elif f.name == "mrope_positions":
+            out[...] = np.stack((i, 2 * i, 3 * i), axis=1).astype(np.int32)
+        else:
+            out[...] = 0

@@ -79,6 +79,8 @@ class Metrics:
                                         SECONDS_BUCKETS)
         self.failovers = counter("epd_failovers", "Requests retried on another encoder after their first encoder "
                                  "failed before any byte arrived (language rank 0)")
+        self.early_inits = counter("epd_early_inits", "Requests whose Init went out alongside their Encode "
+                                   "(early_init; language rank 0)")
         self.encoders_available = gauge("epd_encoders_available", "Encoders in this language instance's rotation "
                                         "(SERVING, reachable, registered)")
         self.rpc_seconds = Histogram("epd_rpc_seconds", "gRPC server handling time by method and status code",
@@ -114,6 +116,9 @@ class Metrics:
 
     def failed_over(self) -> None:
         self.failovers.labels(**self._labels).inc()
+
+    def early_init(self) -> None:
+        self.early_inits.labels(**self._labels).inc()
 
     # ------------------------------------------------------------------ Telemetry
 
@@ -175,7 +180,7 @@ def exported_names(role: str, rank: int | None = None) -> set[str]:
     m = Metrics(role, rank)
     m.rpc_seconds.labels(service="s", method="m", code="OK")  # a labelled histogram exports no samples until used
     for metric in (m.transfer_bytes, m.transfer_seconds, m.rounds, m.resumes, m.alloc_wait, m.integrity,
-                   m.encode_seconds, m.inflight, m.pool_waiters, m.failovers, m.encoders_available):
+                   m.encode_seconds, m.inflight, m.pool_waiters, m.failovers, m.early_inits, m.encoders_available):
         metric.labels(**m._labels)
     for state in ("used", "free"):
         m.pool_blocks.labels(**m._labels, state=state)

@@ -36,6 +36,13 @@ class AllocationPolicy:
             want = max(self.min_tokens, min(self.max_tokens, q))
         return max(1, min(want, self.pool_tokens))
 
+    def max_initial_tokens(self) -> int:
+        """The largest answer `initial_tokens` can give (the bound of early reservations)."""
+        if self.kind == "hint":
+            return self.pool_tokens
+        want = max(self.initial, self.max_tokens) if self.kind == "adaptive" else self.initial
+        return max(1, min(want, self.pool_tokens))
+
     def observe(self, total_tokens: int) -> None:
         """Feed the size of a finished request (used by `adaptive`)."""
         self._recent.append(total_tokens)

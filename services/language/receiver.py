@@ -57,6 +57,7 @@ class ReceiveTask:
 
     def __init__(self, request_id: str, rank: int, rank_count: int, pool: BlockPool, link: EncoderLink, *,
                  initial_tokens: int, transfer_id: str = "", alloc_timeout_s: float, integrity: bool = True,
+                 reserved_blocks: list[int] | None = None,
                  on_progress: Callable[["ReceiveTask"], None] | None = None, telemetry: Telemetry = NULL_TELEMETRY):
         self.request_id = request_id
         self.transfer_id = transfer_id or request_id  # the encoder's name for it
@@ -65,6 +66,10 @@ class ReceiveTask:
         self.pool = pool
         self.link = link
         self.initial_tokens = initial_tokens
+        # Blocks reserved before the Encode returned (RankWorker.reserve_early): the Init then
+        # goes out alongside the Encode, and this task owns the blocks from the start.
+        self.blocks: list[int] | None = reserved_blocks
+        self.early = reserved_blocks is not None
         self.alloc_timeout_s = alloc_timeout_s
         self.integrity = integrity
         self.on_progress = on_progress
@@ -95,13 +100,20 @@ class ReceiveTask:
     async def start(self) -> None:
         """Reserve the initial allocation and Init the transfer on the encoder."""
         bs = self.pool.block_size
-        self.blocks = await self._alloc(blocks_for_tokens(self.initial_tokens, bs),
-                                        label=f"initial allocation of request {self.request_id} rank {self.rank}")
+        if self.blocks is None:
+            self.blocks = await self._alloc(blocks_for_tokens(self.initial_tokens, bs),
+                                            label=f"initial allocation of request {self.request_id} rank {self.rank}")
         self.allocated_tokens = self.initial_allocated_tokens = len(self.blocks) * bs
         self.state = TransferState.BOOTSTRAPPING
         self._progress()
         self.init_at = time.monotonic()
         self._initialised = True  # from here on the encoder may hold state: close() cancels it
+        if self.early:
+            # The Encode may not have reached the encoder yet: this Init opens the transfer
+            # there, and the Status stream follows it (the write waits for the Encode anyway).
+            await self.link.init(self.transfer_id, self.rank, self.rank_count, self.blocks, self.allocated_tokens)
+            self._stream = self.link.status(self.transfer_id, self.rank)
+            return
         # The Encode opened the transfer on the encoder, so its Status stream can be opened now,
         # alongside the Init: the first round's status then never waits for a stream set-up.
         self._stream = self.link.status(self.transfer_id, self.rank)

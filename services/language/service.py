@@ -42,6 +42,8 @@ class GenerateRecord:
         self.encoder_address = ""
         self.key = request_id          # the current attempt's admission key (ID, or ID#2 after a failover)
         self.attempts = 0
+        self.encoded_at = 0.0           # when the current attempt's Encode returned
+        self.early_init = False         # the current attempt's Init went out alongside its Encode
         self.failed_over_from = ""
         self.created = time.monotonic()
         self.finished_at: float | None = None
@@ -84,6 +86,8 @@ class LanguageService:
         self.policy = AllocationPolicy(config.alloc_policy, config.initial_tokens,
                                        min(config.pool_blocks_of(r) for r in config.data_rank_list) * config.block_size,
                                        min_tokens=config.adaptive_min_tokens, max_tokens=config.adaptive_max_tokens)
+        # Early Inits need the Encode's return and the rank's reservation in one process (see _attempt).
+        self.early_init = config.early_init and config.tp == 1
         self.requests: TransferTable[GenerateRecord] = TransferTable(config.history_size)
         self.server: rpc.GrpcServer | None = None
         self.children: list = []
@@ -262,26 +266,41 @@ class LanguageService:
 
     async def _attempt(self, request_id: str, request, record: GenerateRecord, view, started: float, *,
                        may_retry: bool) -> language_pb2.GenerateReply:
-        """Encode first, then admit the request to every rank. The ranks reserve destination
-        blocks (still blind to the size: the allocation policy decides) only for payloads that
-        exist: a pool full of reservations waiting for encoder blocks held by transfers waiting
-        for those reservations would be a deadlock that only timeouts could break."""
+        """Encode, and admit the request to every rank, which reserve destination blocks (blind
+        to the size: the allocation policy decides) and Init. A single-rank instance admits it
+        alongside the Encode when its pool has room to spare (`early_init`, RankWorker.reserve_early),
+        so the Init's round trip overlaps the encoding; otherwise after the Encode returned, so
+        that reservations are only made for payloads that exist: a pool full of reservations
+        waiting for encoder blocks held by transfers waiting for those reservations would be a
+        deadlock that only timeouts could break."""
         key = record.key
         link = self.worker.encoders.links[view.index]
         transfer_id = self.worker.transfer_id(key)
         outcome_fut: asyncio.Future | None = None
+        if key in self.group.views:  # a client id equal to another request's failover key
+            raise errors.AlreadyExists(f"request_id {errors.shown(request_id)} is already in use (by a failover)")
+        initial = self.policy.initial_tokens(request.expected_tokens)
+        early = self.early_init and self.worker.reserve_early(key, initial, self.policy.max_initial_tokens())
         try:
+            record.early_init = early
+            if early:  # the Init goes out alongside the Encode (see RankWorker.reserve_early)
+                self.worker.telemetry.early_init()
+                spec = self.group.admit(key, initial, request.want_digest, encoder=view.index)
+                outcome_fut = self.worker.outcome(key)
             try:
                 total = await self._encode(link, view, transfer_id, request)
             except errors.EpdError as e:
                 if may_retry and _encoder_unusable(e):
                     raise _RetryElsewhere(e) from None
                 raise
-            if key in self.group.views:  # a client id equal to another request's failover key
-                raise errors.AlreadyExists(f"request_id {errors.shown(request_id)} is already in use (by a failover)")
-            spec = self.group.admit(key, self.policy.initial_tokens(request.expected_tokens), request.want_digest,
-                                    encoder=view.index)
-            outcome_fut = self.worker.outcome(key)
+            finally:
+                self.worker.encode_returned(key)
+            record.encoded_at = time.monotonic()
+            if not early:
+                if key in self.group.views:
+                    raise errors.AlreadyExists(f"request_id {errors.shown(request_id)} is already in use (by a failover)")
+                spec = self.group.admit(key, initial, request.want_digest, encoder=view.index)
+                outcome_fut = self.worker.outcome(key)
             # Shielded: a cancelled Generate must not cancel the rank's outcome, which records
             # what every rank did (inspection) once fail_local below has ended it.
             outcome: RankOutcome = await asyncio.shield(outcome_fut)
@@ -356,8 +375,10 @@ class LanguageService:
         rows = outcome.decision.rows
         receiver = outcome.receiver
         rounds = receiver.rounds if receiver else max((r.rounds for r in rows), default=0)
-        transfer_s = (receiver.finished_at - receiver.init_at) if receiver and receiver.init_at and receiver.finished_at \
-            else time.monotonic() - started
+        # From the Init, or from the Encode's return when the Init went out alongside it (the
+        # transfer cannot start before both).
+        transfer_s = (receiver.finished_at - max(receiver.init_at, record.encoded_at)) \
+            if receiver and receiver.init_at and receiver.finished_at else time.monotonic() - started
         reports = [language_pb2.RankReport(rank=r, data_rank=r in self.config.data_rank_list,
                                            payload_sha256=row.digest.hex(), received_tokens=row.sent, rounds=row.rounds)
                    for r, row in enumerate(rows)]
@@ -367,7 +388,7 @@ class LanguageService:
             total_seconds=time.monotonic() - started,
             integrity_verified=receiver.integrity_verified if receiver else self.config.integrity,
             encoder=record.encoder, attempts=record.attempts, failed_over_from=record.failed_over_from,
-            transfer_id=self.worker.transfer_id(record.key),
+            transfer_id=self.worker.transfer_id(record.key), early_init=record.early_init,
             payload_sha256=outcome.digest or next((r.digest.hex() for r in rows if r.digest), ""),
             first_token_id=outcome.consumer.first_token_id if outcome.consumer else -1,
             initial_allocated_tokens=receiver.initial_allocated_tokens if receiver else initial_tokens,

@@ -17,6 +17,7 @@ import time
 from common import errors
 from common.config import LanguageConfig
 from common.payload import Payload
+from common.plan import blocks_for_tokens
 from common.pool import BlockPool
 from common.states import FailureReason, TransferState
 from common.transport import MooncakeTransport, memory_location
@@ -24,8 +25,8 @@ from services.language.consumers import ConsumerResult, NullConsumer, build_cons
 from services.language.encoders import EncoderDirectory
 from services.language.faults import FaultSpec, FaultyLink
 from services.language.rank_group import Decision, LocalView, RankGroup, RequestSpec
-from services.language.receiver import ReceiveTask
 from services.rpc import ClientSecurity
+from services.language.receiver import ReceiveTask
 from services.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,10 @@ class RankWorker:
         self._outcomes: dict[str, asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
         self._held: list[int] = []
+        # Early reservations (`reserve_early`): blocks by admission key until the request's receive
+        # task takes them, and the blocks of those whose Encode has not returned yet.
+        self._early: dict[str, list[int]] = {}
+        self._early_pending: dict[str, int] = {}
         self._consumer_log = open(f"{config.consumer_log}.rank{rank}", "a") if config.consumer_log else None
 
     async def start(self) -> None:
@@ -125,10 +130,44 @@ class RankWorker:
             fut = self._outcomes[request_id] = asyncio.get_running_loop().create_future()
         return fut
 
+    def reserve_early(self, key: str, tokens: int, bound_tokens: int) -> bool:
+        """Reserve the initial allocation of a request whose Encode has not returned yet, so that
+        its Init goes out alongside the Encode (DESIGN §4) instead of after it. Only without
+        waiting, and only while the blocks so reserved stay within `pool - bound_tokens`, where
+        `bound_tokens` is the largest initial allocation a request admitted after its Encode may
+        wait for: such a request then always gets its blocks once the transfers under way end,
+        so reservations waiting for encoder source blocks can never hold the destination blocks
+        that the holders of those source blocks wait for (no deadlock between the two pools).
+        The receive task of `key` takes the blocks (`_receiver`); True when reserved."""
+        bs = self.pool.block_size
+        n = blocks_for_tokens(min(tokens, self.pool.num_blocks * bs), bs)
+        limit = self.pool.num_blocks - blocks_for_tokens(min(bound_tokens, self.pool.num_blocks * bs), bs)
+        if key in self._early or sum(self._early_pending.values()) + n > limit:
+            return False
+        blocks = self.pool.allocator.try_alloc(n)
+        if blocks is None:
+            return False
+        self._early[key] = blocks
+        self._early_pending[key] = n
+        return True
+
+    def encode_returned(self, key: str) -> None:
+        """The Encode of an early-reserved request returned (either way): its blocks no longer
+        count against the early budget (it holds encoder source blocks or nothing)."""
+        self._early_pending.pop(key, None)
+
     def on_admit(self, spec: RequestSpec) -> None:
         task = asyncio.get_running_loop().create_task(self._handle(spec), name=f"rank{self.rank}-{spec.request_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _t, key=spec.request_id: self._release_early(key))
+
+    def _release_early(self, key: str) -> None:
+        """Free an early reservation no receive task took (its task was cancelled before it ran)."""
+        blocks = self._early.pop(key, None)
+        self._early_pending.pop(key, None)
+        if blocks is not None:
+            self.pool.allocator.free(blocks)
 
     async def _handle(self, spec: RequestSpec) -> None:
         view = self.group.view(spec.request_id)
@@ -190,7 +229,7 @@ class RankWorker:
 
         receiver = ReceiveTask(
             spec.request_id, self.rank, self.rank_count, self.pool, self.encoders.links[spec.encoder],
-            transfer_id=self.transfer_id(spec.request_id),
+            transfer_id=self.transfer_id(spec.request_id), reserved_blocks=self._early.pop(spec.request_id, None),
             initial_tokens=min(spec.initial_tokens, self.pool.num_blocks * self.pool.block_size),
             alloc_timeout_s=self.config.alloc_timeout_s, integrity=self.config.integrity, on_progress=progress,
             telemetry=self.telemetry)
