@@ -45,10 +45,22 @@ class GrpcEncoderLink:
         # Remembered before the call: an Init to an encoder this rank could not reach at start-up
         # registers then (NOT_REGISTERED below).
         self._registration = (rank, session, geometry)
-        reply = await self._call("Register", self.stub.Register(encoder_pb2.RegisterRequest(
-            language_id=self.language_id, rank=rank, session=session, layout=rpc.geometry_to_pb(geometry)),
-            timeout=timeout, wait_for_ready=True))
+        try:
+            reply = await self._call("Register", self.stub.Register(encoder_pb2.RegisterRequest(
+                language_id=self.language_id, rank=rank, session=session, layout=rpc.geometry_to_pb(geometry)),
+                timeout=timeout, wait_for_ready=True))
+        except errors.DeadlineExceeded as e:  # say why it could not connect (e.g. a TLS handshake refused)
+            raise errors.DeadlineExceeded(e.message + await self._connect_problem()) from None
         self.encoder_id = reply.encoder_id
+
+    async def _connect_problem(self) -> str:
+        """Why the channel cannot connect, as ' (cannot connect: ...)', or '' when it can. A call
+        without wait_for_ready fails at once with the reason (a wait_for_ready call only times out)."""
+        try:
+            await self.health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            return ""
+        except grpc.aio.AioRpcError as e:
+            return f" (cannot connect: {e.details()})" if e.code() == grpc.StatusCode.UNAVAILABLE else ""
 
     async def load(self, timeout: float = 1.0) -> tuple[bool, int, int, int, int]:
         """(serving, free source blocks, used, waiters, live transfers): the live view's poll.
