@@ -256,3 +256,43 @@ async def test_tp2_no_failover_after_bytes_reached_the_ranks_injected_fault():
         await free((a, "encoder"), (b, "encoder"), (lang, "language"))
     finally:
         lang.stop(); a.stop(); b.stop()
+
+
+async def test_tp2_failover_from_a_frozen_encoder_then_it_recovers():
+    """Encoder A is frozen (SIGSTOP: its sockets stay open, nothing answers — a hung host) right
+    before two requests are sent; round-robin gives one of them to A. Its Encode is abandoned once
+    A leaves the rotation (health polls time out), the Cancel on A times out, and the request
+    runs again on B as ID#2 with the right bytes on both ranks. After SIGCONT, A drops what it
+    had of the abandoned attempt (bootstrap timeout) and every pool is free."""
+    import os
+    import signal
+    import time
+
+    a = encoder("--bootstrap-timeout-s", "5")
+    b = encoder()
+    lang = language(a, b, args=("--tp", "2", "--encoder-policy", "round-robin"))
+    stopped = False
+    try:
+        stub = language_stub(lang.address)
+        _check_ranks(await generate(stub, 2000, 80), 2000, 80)  # both ranks registered and serving
+        os.kill(a.proc.pid, signal.SIGSTOP)
+        stopped = True
+        replies = await asyncio.wait_for(asyncio.gather(
+            generate(stub, 5000, 81, "frozen-0"), generate(stub, 5000, 82, "frozen-1")), 60)
+        for seed, reply in zip((81, 82), replies):
+            _check_ranks(reply, 5000, seed)
+            assert reply.encoder.endswith(_port(b)), reply
+        moved = [r for r in replies if r.attempts == 2]
+        assert len(moved) == 1, [(r.attempts, r.encoder, r.failed_over_from) for r in replies]
+        assert moved[0].failed_over_from.endswith(_port(a)) and moved[0].transfer_id.endswith("#2"), moved[0]
+        os.kill(a.proc.pid, signal.SIGCONT)
+        stopped = False
+        deadline = time.monotonic() + 30
+        while (pool := await encoder_stub(a.address).GetPool(common_pb2.GetPoolRequest())).used_blocks:
+            assert time.monotonic() < deadline, f"encoder A kept {pool.used_blocks} blocks of the abandoned attempt"
+            await asyncio.sleep(0.2)
+        await free((a, "encoder"), (b, "encoder"), (lang, "language"))
+    finally:
+        if stopped:
+            os.kill(a.proc.pid, signal.SIGCONT)
+        lang.stop(); a.stop(); b.stop()
