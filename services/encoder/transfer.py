@@ -88,6 +88,8 @@ class RankSlot:
     for_sent: int
     """The sent_tokens the current allocation was given for (0 at Init)."""
     sent_tokens: int = 0
+    progress_tokens: int = 0
+    """The rank asked for a progress status every this many tokens of a round (0 = none)."""
 
 
 def validate_allocation(peer: PeerSession, blocks: Sequence[int], allocated_tokens: int, what: str) -> None:
@@ -157,10 +159,12 @@ class EncoderTransfer:
     def check_owner(self, language_id: str, principal: str, what: str) -> None:
         """PermissionDenied naming the request (never the owner's id or identity)."""
         if not self.owned_by(language_id, principal):
-            raise PermissionDenied(f"{what}: request {shown(self.request_id)} belongs to another language instance "
+            # The client's request id: the transfer id would carry the owner's language_id.
+            raise PermissionDenied(f"{what}: request {shown(self.client_request_id)} belongs to another language instance "
                                    f"(caller language_id {shown(language_id)})")
 
-    def add_rank(self, rank: int, rank_count: int, peer: PeerSession, blocks: list[int], allocated_tokens: int) -> None:
+    def add_rank(self, rank: int, rank_count: int, peer: PeerSession, blocks: list[int], allocated_tokens: int, *,
+                 progress_tokens: int = 0) -> None:
         """Record an Init (already validated against the peer's pool)."""
         what = f"Init of request {shown(self.request_id)} rank {rank}"
         if self.state.terminal:
@@ -173,7 +177,7 @@ class EncoderTransfer:
         self.rank_count = rank_count
         self.language_id = peer.language_id
         self.principal = peer.principal
-        self.ranks[rank] = RankSlot(peer, list(blocks), allocated_tokens, for_sent=0)
+        self.ranks[rank] = RankSlot(peer, list(blocks), allocated_tokens, for_sent=0, progress_tokens=progress_tokens)
         self.init_at = self.init_at or time.monotonic()
         if len(self.ranks) == self.rank_count:
             self._set_state(TransferState.WAITING_FOR_INPUT)
@@ -296,28 +300,63 @@ class EncoderTransfer:
             self._release()
 
     async def _send_round(self, n: int) -> tuple[tuple[str, int], ...]:
+        """Write the round's n tokens to every rank; returns its checksums (empty without integrity).
+
+        A rank that asked for progress (InitRequest.progress_tokens) gets the round in parts: after
+        each part but the last has landed on every rank, a status with landed_tokens and the
+        checksums of what landed (from the payload's sums, no pass over the bytes) lets the ranks
+        verify it while the rest is written."""
+        part = self._part_tokens(n)
+        checksums: tuple[tuple[str, int], ...] = ()
+        for lo in range(0, n, part):
+            hi = min(n, lo + part)
+            checksums = await self._write_part(lo, hi, n)
+            if self._failure is not None:  # cancelled meanwhile: write no further part
+                raise self._failure
+            if hi < n:
+                self._publish(landed_tokens=hi, landed_checksums=self._sums_checksums(self.sent_tokens, hi))
+        return checksums
+
+    def _part_tokens(self, n: int) -> int:
+        """Tokens per write of a round: the smallest progress step the ranks asked for, rounded up
+        to whole blocks on both sides (descriptors stay coalesced); n when none asked, or when the
+        checksums of a part would need a pass over its bytes (no payload sums)."""
+        steps = [s.progress_tokens for s in self.ranks.values() if s.progress_tokens]
+        if not steps or not self.env.integrity or self.payload_sums is None:
+            return n
+        block = max(self.env.pool.block_size, *(s.peer.geometry.block_size for s in self.ranks.values()))
+        return min(n, -(-min(steps) // block) * block)
+
+    def _sums_checksums(self, start: int, count: int) -> tuple[tuple[str, int], ...]:
+        pool, src = self.env.pool, self.src_blocks
+        return tuple(self.payload_sums.checksums(start, count, lambda lo, hi: pool.runs(src, lo, hi - lo)).items())
+
+    async def _write_part(self, lo: int, hi: int, n: int) -> tuple[tuple[str, int], ...]:
+        """Write tokens [lo, hi) of the round (of n tokens) to every rank; the round's checksums
+        once the last part is written, else ()."""
         pool = self.env.pool
         src_geo = pool.geometry
         record_bytes = src_geo.record.record_bytes
         src_slab = Slab(src_geo.base_address, src_geo.num_blocks, src_geo.block_size * record_bytes, "source pool")
-        # The blocks holding this round's tokens on each side: writes may touch nothing else.
-        src_round = self.src_blocks[self.sent_tokens // src_geo.block_size:
-                                    blocks_for_tokens(self.sent_tokens + n, src_geo.block_size)]
+        first, count = self.sent_tokens + lo, hi - lo
+        # The blocks holding these tokens on each side: writes may touch nothing else.
+        src_part = self.src_blocks[first // src_geo.block_size: blocks_for_tokens(first + count, src_geo.block_size)]
         plans = []
         for slot in self.ranks.values():
             geo = slot.peer.geometry
             triples = plan_round(
                 src_base=src_geo.base_address, src_blocks=self.src_blocks, src_block_size=src_geo.block_size,
-                src_start=self.sent_tokens, dst_base=geo.base_address, dst_blocks=slot.blocks,
-                dst_block_size=geo.block_size, dst_start=0, n_tokens=n, record_bytes=record_bytes)
+                src_start=first, dst_base=geo.base_address, dst_blocks=slot.blocks,
+                dst_block_size=geo.block_size, dst_start=lo, n_tokens=count, record_bytes=record_bytes)
             plan_fault = getattr(self.env, "plan_fault", None)
             if plan_fault is not None:
                 triples = plan_fault(triples)
             try:
                 # Every rank's plan is checked before any write is submitted: a planning bug
                 # fails the request, it never writes outside the blocks the peer gave us.
-                check_plan(triples, src=src_slab, src_blocks=src_round, dst=slot.peer.slab(),
-                           dst_blocks=slot.blocks[:blocks_for_tokens(n, geo.block_size)], expected_bytes=n * record_bytes)
+                check_plan(triples, src=src_slab, src_blocks=src_part, dst=slot.peer.slab(),
+                           dst_blocks=slot.blocks[lo // geo.block_size: blocks_for_tokens(hi, geo.block_size)],
+                           expected_bytes=count * record_bytes)
             except OutOfBounds as e:
                 log.error("request %s: round %d refused before writing: %s", self.request_id, self.rounds + 1, e)
                 raise _Failure(FailureReason.INVALID, f"round {self.rounds + 1} to rank {slot.peer.rank} refused before "
@@ -327,13 +366,12 @@ class EncoderTransfer:
         # Checksums come from what Encode computed (no pass over the round beside its write);
         # computed here only when Encode did not (a small payload sent in several rounds).
         precomputed = None
-        if self.env.integrity:
+        last = hi == n
+        if self.env.integrity and last:
             if self.sent_tokens == 0 and n == self.total_tokens and self.payload_checksums is not None:
                 precomputed = self.payload_checksums
             elif self.payload_sums is not None:
-                pool, src = self.env.pool, self.src_blocks
-                precomputed = tuple(self.payload_sums.checksums(
-                    self.sent_tokens, n, lambda lo, hi: pool.runs(src, lo, hi - lo)).items())
+                precomputed = self._sums_checksums(self.sent_tokens, n)
             else:
                 writes.append(self.env.round_checksums(self.src_blocks, self.sent_tokens, n))
         # Every write runs to completion even when one fails: nothing may still be landing in a
@@ -347,7 +385,7 @@ class EncoderTransfer:
             reason = err.reason if isinstance(err, EpdError) and err.reason != FailureReason.UNSPECIFIED \
                 else FailureReason.TRANSPORT
             raise _Failure(reason, f"round {self.rounds + 1} write failed: {err}")
-        if not self.env.integrity:
+        if not (self.env.integrity and last):
             return ()
         return precomputed if precomputed is not None else tuple(results[-1].items())
 
