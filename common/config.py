@@ -296,6 +296,9 @@ class LanguageConfig(ServiceConfig):
                                   "Qwen2-VL checkpoint (ignored by the null consumer)")
     """The Qwen2-VL weights `qwen2-vl-prefill` runs: `tiny` (seeded, hidden size `hidden`) or the same
     checkpoint directory as the encoder's `--model`."""
+    tls_server_name: str = _setting("", "name checked against the encoders' server certificates instead of the "
+                                        "address's host (for certificates whose SAN is a DNS name)")
+    """TLS server-name override for the channels to encoders (`grpc.ssl_target_name_override`)."""
     language_id: str = _setting("", "identity of this language instance (default: a UUID)")
     """Identity sent with Register/Init/Resume; unique per instance."""
     generate_timeout_s: float = _setting(600.0, "upper bound of one Generate when the client sets no deadline", unit="s")
@@ -303,9 +306,6 @@ class LanguageConfig(ServiceConfig):
     rank_pool_blocks: str = _setting("", "per-rank pool size overrides, e.g. '1:64,2:32' (default: --pool-blocks)")
     """Ranks whose pool differs from `pool_blocks` (ranks on GPUs with less free memory)."""
     consumer_log: str = _setting("", "append each consumed request id to PATH.rankN (audit of delivery order)")
-    tls_server_name: str = _setting("", "name checked against the encoders' server certificates instead of the "
-                                        "address's host (for certificates whose SAN is a DNS name)")
-    """TLS server-name override for the channels to encoders (`grpc.ssl_target_name_override`)."""
     """Path prefix of a per-rank log of consumed request ids, in consumption order."""
     rank: int = _setting(0, "this process's TP rank (rank 0 sets it for the rank processes it starts)")
     """TP rank of this process; 0 is the front door and starts ranks 1..tp-1."""
@@ -356,6 +356,8 @@ class LanguageConfig(ServiceConfig):
                                   f"(data_ranks={self.data_ranks!r})")
         if self.generate_timeout_s <= 0:
             raise ConfigError(f"generate_timeout_s={self.generate_timeout_s}: must be > 0")
+        if self.tls_server_name and not self.tls_cert:
+            raise ConfigError(f"tls_server_name={self.tls_server_name!r}: only used with TLS (tls_cert, tls_key, tls_ca)")
 
     def encoder_addresses(self) -> tuple[str, ...]:
         """`encoder` followed by the lines of `encoder_file` (blank lines and '#' comments skipped),
@@ -363,8 +365,6 @@ class LanguageConfig(ServiceConfig):
         out = list(self.encoder)
         if self.encoder_file:
             try:
-        if self.tls_server_name and not self.tls_cert:
-            raise ConfigError(f"tls_server_name={self.tls_server_name!r}: only used with TLS (tls_cert, tls_key, tls_ca)")
                 with open(self.encoder_file) as f:
                     lines = f.read().splitlines()
             except OSError as e:
