@@ -215,6 +215,10 @@ class ParseErrorInterceptor(MethodWrappingInterceptor):
             return grpc.unary_unary_rpc_method_handler(unary, response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
+            if not inspect.isasyncgenfunction(inner_stream):  # writes with context.write() (health's Watch)
+                async def write(raw, context):
+                    return await inner_stream(await parsed(raw, context), context)
+                return grpc.unary_stream_rpc_method_handler(write, response_serializer=handler.response_serializer)
 
             async def stream(raw, context):
                 async for item in inner_stream(await parsed(raw, context), context):
@@ -266,14 +270,16 @@ def _guarded(handler, check):
     kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
     def stream_of(inner):
+        if not inspect.isasyncgenfunction(inner):  # writes with context.write() (health's Watch)
+            async def write(request, context):
+                await check(context)
+                return await inner(request, context)
+            return write
+
         async def run(request, context):
             await check(context)
-            result = inner(request, context)
-            if inspect.isasyncgen(result):
-                async for item in result:
-                    yield item
-            else:  # a handler that writes with context.write() and returns
-                await result
+            async for item in inner(request, context):
+                yield item
         return run
 
     if handler.unary_unary is not None:

@@ -339,9 +339,22 @@ def add_client_arguments(parser, *, env_prefix: str = "EPD_") -> None:
         group.add_argument("--" + name.replace("_", "-"), dest=name, metavar="PATH" if name != "tls_server_name" else "NAME",
                            default=os.environ.get(env, ""), help=f"{help_text} (env {env})")
     env = env_prefix + "MAX_MESSAGE_BYTES"
-    group.add_argument("--max-message-bytes", dest="max_message_bytes", type=int,
-                       default=int(os.environ.get(env, DEFAULT_MAX_MESSAGE_BYTES)),
+    # A string default goes through `type`, so a bad EPD_MAX_MESSAGE_BYTES is a usage error naming it.
+    group.add_argument("--max-message-bytes", dest="max_message_bytes", type=_message_bytes,
+                       default=os.environ.get(env, str(DEFAULT_MAX_MESSAGE_BYTES)),
                        help=f"largest gRPC message sent or received (env {env}; default {DEFAULT_MAX_MESSAGE_BYTES})")
+
+
+def _message_bytes(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of bytes, got {text!r}") from None
+    if not 64 * 1024 <= value <= 2 ** 31 - 1:
+        raise argparse.ArgumentTypeError(f"must be in {64 * 1024}..{2 ** 31 - 1}, got {value}")
+    return value
 
 
 def client_from_args(args) -> ClientSecurity:

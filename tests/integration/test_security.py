@@ -468,3 +468,27 @@ def test_demo_with_mutual_tls_and_token(certs, tmp_path):
     assert summary["succeeded"] == 4 and summary["failed"] == 0 and summary["mismatches"] == 0, summary
     for role in ("encoder", "language"):
         assert "mutual TLS, bearer token" in (tmp_path / f"{role}.log").read_text()
+
+
+def test_method_classes():
+    from services.security import method_class
+
+    assert method_class("/grpc.health.v1.Health/Check") == method_class("/grpc.health.v1.Health/Watch") == "open"
+    for m in ("/epd.v1.Encoder/GetTransfer", "/epd.v1.Language/ListTransfers", "/epd.v1.Encoder/GetPool",
+              "/epd.v1.Language/GetDiagnostics", "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"):
+        assert method_class(m) == "inspection", m
+    for m in ("/epd.v1.Encoder/Cancel", "/epd.v1.Language/Cancel", "/epd.v1.Encoder/Register", "/epd.v1.Encoder/Init",
+              "/epd.v1.Encoder/Status", "/epd.v1.Language/Generate", "/epd.v1.Encoder/RawWrite", "/x.Y/GetPool"):
+        assert method_class(m) == "protected", m
+
+
+@pytest.mark.parametrize("token", [True, False], ids=["token", "no-token"])
+async def test_health_watch_stream_works_and_is_open(certs, token):
+    """Health's Watch writes with context.write(): the token and parse wrappers must keep that
+    working (the parse wrapper used to answer UNKNOWN)."""
+    async with EchoServer(server_security(certs, mutual=False, protect=True, token=token)) as srv:
+        async with certs.client(None, token=None).aio_channel(srv.address) as ch:
+            call = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=5)
+            first = await call.read()
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            call.cancel()
