@@ -271,10 +271,12 @@ async def test_message_size_limit_both_ways(certs):
 
 # ------------------------------------------------------------------------------------ real processes
 
-async def pools_free(client: ClientSecurity, encoder: str, language: str) -> None:
+async def pools_free(client: ClientSecurity, encoder: str, language: str, *,
+                     encoder_client: ClientSecurity | None = None) -> None:
     """Both pools fully free and no transfer live, asked over the secured channels."""
-    for address, stub_cls in ((encoder, encoder_pb2_grpc.EncoderStub), (language, language_pb2_grpc.LanguageStub)):
-        async with client.aio_channel(address) as ch:
+    for address, stub_cls, sec in ((encoder, encoder_pb2_grpc.EncoderStub, encoder_client or client),
+                                   (language, language_pb2_grpc.LanguageStub, client)):
+        async with sec.aio_channel(address) as ch:
             stub = stub_cls(ch)
             for _ in range(100):
                 pool = await stub.GetPool(common_pb2.GetPoolRequest(), timeout=5)
@@ -342,9 +344,11 @@ async def test_wrong_or_missing_token_changes_nothing(certs, mtls_pair):
     # Still a client certificate but no token: health and inspection open (flag off).
     open_client = certs.client(token=None)
     assert await health(open_client, enc) == health_pb2.HealthCheckResponse.SERVING
-    async with open_client.aio_channel(enc) as ch:
-        transfers = (await encoder_pb2_grpc.EncoderStub(ch).ListTransfers(common_pb2.ListTransfersRequest())).transfers
-        assert not [t for t in transfers if t.request_id.startswith("intruder")]
+    async with open_client.aio_channel(enc) as ech, open_client.aio_channel(lang) as lch:
+        for stub in (encoder_pb2_grpc.EncoderStub(ech), language_pb2_grpc.LanguageStub(lch)):
+            transfers = (await stub.ListTransfers(common_pb2.ListTransfersRequest())).transfers
+            assert not [t for t in transfers if "intruder" in t.request_id]
+            assert all(t.state == common_pb2.TRANSFER_STATE_SUCCESS for t in transfers if t.request_id.startswith("tls-1"))
     await pools_free(certs.client(), enc, lang)
 
 
@@ -492,3 +496,25 @@ async def test_health_watch_stream_works_and_is_open(certs, token):
             first = await call.read()
             assert first.status == health_pb2.HealthCheckResponse.SERVING
             call.cancel()
+
+
+def test_language_dials_an_encoder_certificate_by_its_dns_name(certs):
+    """An encoder whose certificate names only `encoder.epd.test` (no IP SAN), dialled by IP:
+    the language checks the name given by --tls-server-name."""
+    pair = Pair(hidden=HIDDEN, language_blocks=16, initial_tokens=1024, encoder_blocks=64,
+                encoder_args=certs.service_args("dns-only", token=None),
+                language_args=[*certs.service_args("language-a", token=None), "--tls-server-name", "encoder.epd.test"])
+    try:
+        async def run():
+            client = certs.client(token=None)
+            async with client.aio_channel(pair.language.address) as ch:
+                reply = await language_pb2_grpc.LanguageStub(ch).Generate(language_pb2.GenerateRequest(
+                    synthetic_tokens=1500, synthetic_seed=3, want_digest=True), timeout=60)
+            assert reply.payload_sha256 == expected_digest(1500, 3, HIDDEN) and reply.rounds == 2
+            # The encoder's certificate does not name 127.0.0.1: clients dialling it need the name too.
+            await expect_code(grpc.StatusCode.UNAVAILABLE, health(client, pair.encoder.address))
+            await pools_free(client, pair.encoder.address, pair.language.address,
+                             encoder_client=certs.client(token=None, server_name="encoder.epd.test"))
+        asyncio.run(run())
+    finally:
+        pair.stop()
