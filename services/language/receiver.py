@@ -159,9 +159,17 @@ class ReceiveTask:
                 self.telemetry.resumed()
                 handled = st.sent_tokens
             elif st.state in (TransferState.BOOTSTRAPPING, TransferState.WAITING_FOR_INPUT):
+                if self.rounds:  # states only move forward: a peer that says otherwise is lying
+                    self._reject(f"request {self.request_id} rank {self.rank}: state {st.state.name} after round "
+                                 f"{self.rounds} was received")
                 self.state = st.state
                 self._progress()
-            # else: a repeat of a round already handled (sent_tokens <= handled): ignore.
+            elif not (st.state == TransferState.TRANSFERRING and st.sent_tokens == handled > 0 and st.round == self.rounds):
+                # Only an exact repeat of the round just handled is ignored; a status going back
+                # (fewer tokens, an earlier round) or a SUCCESS without a new round is refused.
+                self._reject(f"request {self.request_id} rank {self.rank}: {st.state.name} status with sent_tokens="
+                             f"{st.sent_tokens} round {st.round} after {handled} tokens in {self.rounds} round(s) "
+                             f"were received")
         raise errors.Unavailable(f"request {self.request_id}: the encoder's Status stream ended before the transfer did",
                                  reason=FailureReason.PEER_LOST)
 
@@ -184,15 +192,31 @@ class ReceiveTask:
                        f"previously received {handled}, allocated_tokens={self.allocated_tokens})")
         elif st.state == TransferState.SUCCESS and st.sent_tokens != st.total_tokens:
             problem = f"SUCCESS with sent_tokens={st.sent_tokens} < total_tokens={st.total_tokens}"
+        elif st.state == TransferState.TRANSFERRING and st.sent_tokens >= st.total_tokens:
+            problem = f"TRANSFERRING with sent_tokens={st.sent_tokens} >= total_tokens={st.total_tokens}"
+        elif st.round != self.rounds + 1:
+            problem = f"round number {st.round} after round {self.rounds}"
+        elif not n <= st.allocated_tokens <= self.allocated_tokens:
+            # The encoder reports the allocation it wrote the round into: at least the round,
+            # at most what this rank gave it.
+            problem = (f"allocated_tokens={st.allocated_tokens} does not match this rank's allocation of "
+                       f"{self.allocated_tokens} tokens for a round of {n}")
+        elif st.checksums and sorted(name for name, _ in st.checksums) != sorted(f.name for f in self.pool.record.fields):
+            problem = (f"checksums for fields {[name for name, _ in st.checksums]}, the pool has fields "
+                       f"{[f.name for f in self.pool.record.fields]}")
         if problem:
-            self.telemetry.integrity_failed()
-            raise errors.IntegrityError(f"{what}: {problem}")
+            self._reject(f"{what}: {problem}")
         self.total_tokens = st.total_tokens
         self.sent_tokens = st.sent_tokens
         self._round_tokens = n
         self.rounds = st.round
         self.state = st.state
         self.telemetry.bytes_moved(n * self.pool.record.payload_bytes_per_token)
+
+    def _reject(self, message: str) -> None:
+        """A status that does not match what this rank allocated: the request fails (integrity)."""
+        self.telemetry.integrity_failed()
+        raise errors.IntegrityError(message)
 
     async def _verify(self, runs: list[torch.Tensor], st: StatusUpdate, handled: int) -> None:
         """Compare the round's checksums with what we hold; IntegrityError naming the field."""
