@@ -189,10 +189,10 @@ class EncoderService:
         self._refuse_when_draining(what)
         if not request_id:
             raise errors.InvalidArgument("request_id is empty")
-        if not language_id:
-            raise errors.InvalidArgument(f"{what}: language_id is empty")
         if rank_count < 1:
             raise errors.InvalidArgument(f"{what}: rank_count={rank_count} must be >= 1")
+        if not language_id:
+            raise errors.InvalidArgument(f"{what}: language_id is empty")
         peer = self.sessions.get((language_id, rank))
         if peer is None:
             raise errors.FailedPrecondition(
@@ -388,6 +388,7 @@ class EncoderService:
         what = f"Resume of request {errors.shown(request_id)} rank {rank}"
         if not request_id:
             raise errors.InvalidArgument("request_id is empty")
+        self.transfers.require(request_id)  # NotFound first, as for every call naming a request
         if not language_id:
             raise errors.InvalidArgument(f"{what}: language_id is empty")
         t = self.owned(request_id, language_id, principal, what)

@@ -63,6 +63,7 @@ TERMINAL = (SUCCESS, FAILED)
 OK = None  # "the call succeeds", in expectations
 C = grpc.StatusCode
 IA, NF, AE, FP, CANCELLED = C.INVALID_ARGUMENT, C.NOT_FOUND, C.ALREADY_EXISTS, C.FAILED_PRECONDITION, C.CANCELLED
+PD = C.PERMISSION_DENIED
 NEVER = {C.UNKNOWN, C.INTERNAL, C.UNAVAILABLE, C.DEADLINE_EXCEEDED, C.UNIMPLEMENTED, C.DATA_LOSS}
 
 MAGIC = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}  # what the encoder accepts (§4)
@@ -77,6 +78,10 @@ def fuzz(n: int):
 
 
 # ---------------------------------------------------------------------------- live processes
+
+LANGUAGE_ID = f"fuzz-language-{uuid.uuid4().hex[:8]}"
+"""The language process's id: its transfers on the encoder are its own (issue 9 ownership)."""
+
 
 class Live:
     """The module's pair, its test rank, and one event loop with long-lived channels."""
@@ -114,7 +119,8 @@ class Live:
 @pytest.fixture(scope="module")
 def pair():
     p = Pair(hidden=HIDDEN, block_size=BLOCK, encoder_blocks=ENCODER_BLOCKS, language_blocks=LANGUAGE_BLOCKS,
-             initial_tokens=INITIAL_TOKENS, encoder_args=("--max-request-tokens", str(MAX_TOKENS)))
+             initial_tokens=INITIAL_TOKENS, encoder_args=("--max-request-tokens", str(MAX_TOKENS)),
+             language_args=("--language-id", LANGUAGE_ID))
     yield p
     p.stop()
 
@@ -217,9 +223,11 @@ async def absent(stub, request_id: str) -> None:
     check_error(e, NF, (), f"GetTransfer of {request_id[:60]!r} (must not exist)")
 
 
-async def cancel_and_check(stub, request_id: str, what: str) -> None:
-    """Cancel a transfer a valid request opened (it may have ended already): it must be terminal after."""
-    reply, e = await outcome(stub.Cancel(common_pb2.CancelRequest(request_id=request_id, reason="fuzz clean-up")))
+async def cancel_and_check(stub, request_id: str, what: str, language_id: str) -> None:
+    """Cancel a transfer a valid request opened (it may have ended already), as its owner
+    `language_id`: it must be terminal after."""
+    reply, e = await outcome(stub.Cancel(common_pb2.CancelRequest(request_id=request_id, reason="fuzz clean-up",
+                                                                  language_id=language_id)))
     assert e is None, f"{what}: Cancel failed: {show(e)}"
     info = await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=request_id))
     assert info.state in TERMINAL, f"{what}: state {info.state} after Cancel"
@@ -359,7 +367,7 @@ def test_fuzz_encode(live, id_kind, prefix, synthetic_tokens, seed, text, imgs, 
             assert reply.total_tokens == total and reply.request_id == request_id
             info = await live.enc.GetTransfer(common_pb2.GetTransferRequest(request_id=request_id))
             assert info.total_tokens == total and info.state in (BOOTSTRAPPING, WAITING), info
-            await cancel_and_check(live.enc, request_id, "Encode")
+            await cancel_and_check(live.enc, request_id, "Encode", req.language_id)
         await invariants(live)
     live.run(case())
 
@@ -388,6 +396,8 @@ sessions = st.one_of(
     st.builds(lambda h, port: f"{h}:{port}", st.text(utf8, min_size=1, max_size=12), st.integers(-5, 70000)),
 )
 
+_REGISTERED: dict[str, str] = {}  # session -> the fuzzed language_id that registered the test rank's pool on it
+
 REGISTER_MUTATIONS = [
     # one mutation of an otherwise valid RegisterRequest per example; the expectation is set in the test
     "none", "language_id_empty", "session", "no_layout", "block_size", "num_blocks", "base_address", "no_fields",
@@ -405,7 +415,9 @@ REGISTER_MUTATIONS = [
 def test_fuzz_register(live, mutation, lang, session, value32, value64, shape, dtype, field_index, rank):
     async def case():
         language_id = "fzreg-" + lang  # never the test rank's id: a taken Register must not disturb it
-        req = encoder_pb2.RegisterRequest(language_id=language_id, rank=rank, session="127.0.0.1:9",
+        # A session of its own: the encoder refuses a pool overlapping another instance's on one
+        # Mooncake session (issue 9), and every example describes the test rank's pool.
+        req = encoder_pb2.RegisterRequest(language_id=language_id, rank=rank, session=f"fzreg-{uuid.uuid4().hex}:9",
                                           layout=_good_layout(live))
         lay = req.layout
         f = lay.fields[field_index]
@@ -488,9 +500,14 @@ def test_fuzz_register(live, mutation, lang, session, value32, value64, shape, d
             any_of = ("fields", "record_bytes", extra.name)
         elif mutation == "rank":
             req.rank = rank
+        if mutation == "session" and _REGISTERED.get(req.session.strip().lower(), language_id) != language_id:
+            # A session an earlier example's instance registered the same pool on: not this one's to take.
+            expect = (PD, "Mooncake session")
         reply, e = await outcome(live.enc.Register(req))
         note(f"Register[{mutation}] -> {show(e)}")
         code, *needles = expect
+        if e is None:
+            _REGISTERED.setdefault(req.session.strip().lower(), language_id)
         if code is OK:
             assert e is None, f"valid Register ({mutation}) failed: {show(e)}"
             assert reply.encoder_id
@@ -599,6 +616,8 @@ def test_fuzz_init(live, id_kind, prefix, lang_kind, other, rank, rank_count, bl
             expect = (IA, "request_id")
         elif rank_count < 1:
             expect = (IA, "rank_count=0")
+        elif lang_kind == "empty":
+            expect = (IA, "language_id is empty")
         elif lang_kind != "real" or rank != 0:
             expect = (FP, f"rank {rank}", "Register")
         else:
@@ -613,7 +632,7 @@ def test_fuzz_init(live, id_kind, prefix, lang_kind, other, rank, rank_count, bl
             assert reply.state == (WAITING if rank_count == 1 else BOOTSTRAPPING), reply
             info = await live.enc.GetTransfer(common_pb2.GetTransferRequest(request_id=request_id))
             assert [r.rank for r in info.ranks] == [0] and info.allocated_tokens == allocated
-            await cancel_and_check(live.enc, request_id, "Init")
+            await cancel_and_check(live.enc, request_id, "Init", live.language_id)
         elif request_id:
             await absent(live.enc, request_id)
         await invariants(live)
@@ -714,8 +733,10 @@ def test_fuzz_resume(live, id_kind, prefix, lang_kind, other, rank, sent, blocks
             expect = (IA, "request_id")
         elif id_kind == "unknown":
             expect = (NF, "request_id")
+        elif lang_kind == "empty":
+            expect = (IA, "language_id is empty")
         elif lang_kind == "other":
-            expect = (FP, "language_id")
+            expect = (PD, target)  # another instance's request (issue 9)
         elif rank != 0:
             expect = (FP, f"rank {rank}")
         elif sent > BLOCK:
@@ -738,7 +759,7 @@ def test_fuzz_resume(live, id_kind, prefix, lang_kind, other, rank, sent, blocks
                 assert await snapshot(live.enc, request_id) == before
                 assert await pool_state(live.enc) == pool_before
         finally:
-            await cancel_and_check(live.enc, request_id, "Resume")
+            await cancel_and_check(live.enc, request_id, "Resume", live.language_id)
             _, err = await drain_status(call)
             assert err is None, f"Status of the held transfer ended with {show(err)}"
             live.rank.free(held)
@@ -856,9 +877,10 @@ def test_fuzz_out_of_order(live, ops):
                     else:
                         rank.free(blocks)
                 elif op == "cancel":
-                    _, e = await outcome(live.enc.Cancel(common_pb2.CancelRequest(request_id=request_id, reason=a)))
+                    _, e = await outcome(live.enc.Cancel(rank.cancel_request(request_id, a)))
                 elif op == "status":
-                    _, e = await first_status(live.enc.Status(encoder_pb2.StatusRequest(request_id=request_id, rank=a)))
+                    _, e = await first_status(live.enc.Status(encoder_pb2.StatusRequest(
+                        request_id=request_id, rank=a, language_id=rank.language_id)))
                 elif op == "get":
                     _, e = await outcome(live.enc.GetTransfer(common_pb2.GetTransferRequest(request_id=request_id)))
                 elif op == "list":
@@ -869,10 +891,10 @@ def test_fuzz_out_of_order(live, ops):
                 if e is not None:
                     check_error(e, SEQ_CODES[op], (), f"{op} in {ops}")
         finally:
-            _, e = await outcome(live.enc.Cancel(common_pb2.CancelRequest(request_id=request_id, reason="done")))
+            _, e = await outcome(live.enc.Cancel(rank.cancel_request(request_id, "done")))
             if e is None:
-                seen, err = await drain_status(live.enc.Status(encoder_pb2.StatusRequest(request_id=request_id,
-                                                                                         rank=99)))
+                seen, err = await drain_status(live.enc.Status(encoder_pb2.StatusRequest(
+                    request_id=request_id, rank=99, language_id=rank.language_id)))
                 assert err is None and seen and seen[-1].state in TERMINAL, \
                     f"Status after Cancel: {[s.state for s in seen]} {show(err)}"
             else:
@@ -989,8 +1011,9 @@ def test_fuzz_generate(live, id_kind, prefix, content, synthetic_tokens, seed, t
         elif mode == "enc_cancel" and request_id and expect[0] is OK:
             await until_known(live.enc, request_id, gen)
             await asyncio.sleep(delay / 5)
-            _, cancel_e = await outcome(live.enc.Cancel(common_pb2.CancelRequest(request_id=request_id,
-                                                                                  reason=stranger_reason)))
+            # As the language instance itself (only the owner may Cancel on the encoder, issue 9).
+            _, cancel_e = await outcome(live.enc.Cancel(common_pb2.CancelRequest(
+                request_id=request_id, reason=stranger_reason, language_id=LANGUAGE_ID)))
             reply, e = await gen
             note(f"Generate -> {show(e)}; encoder Cancel({stranger_reason[:40]!r}) -> {show(cancel_e)}")
             if cancel_e is not None:
