@@ -289,6 +289,10 @@ class LanguageConfig(ServiceConfig):
     """Single-rank instances reserve the initial allocation and send the Init while the Encode runs,
     when the pool can take it at once and keeps room for the largest initial allocation of a request
     admitted after its Encode (so the two pools cannot deadlock); otherwise after the Encode."""
+    progress_tokens: int = _setting(2048, "ask the encoder for a progress status every N tokens of a round, so what "
+                                          "landed is verified while the rest is written (0 = whole rounds)", unit="tokens")
+    """InitRequest.progress_tokens: a round of more than this many tokens is written in parts, each
+    part's checksums reported as it lands, so verification overlaps the write (integrity only)."""
     consumer: str = _setting("null", "what receives the payload ('null': releases it; 'qwen2-vl-prefill': "
                                      "runs the model's language part and returns the first token)", choices=CONSUMERS)
     """Consumer the received payload is handed to (services/language/consumers.py)."""
@@ -354,6 +358,8 @@ class LanguageConfig(ServiceConfig):
             if 0 not in self.data_rank_list:
                 raise ConfigError(f"consumer={self.consumer!r} runs the model on rank 0, so rank 0 must be a data rank "
                                   f"(data_ranks={self.data_ranks!r})")
+        if self.progress_tokens < 0:
+            raise ConfigError(f"progress_tokens={self.progress_tokens}: must be >= 0 (0 = whole rounds)")
         if self.generate_timeout_s <= 0:
             raise ConfigError(f"generate_timeout_s={self.generate_timeout_s}: must be > 0")
         if self.tls_server_name and not self.tls_cert:

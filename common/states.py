@@ -52,3 +52,7 @@ class StatusUpdate:
     checksums: tuple[tuple[str, int], ...] = ()
     reason: FailureReason = FailureReason.UNSPECIFIED
     message: str = ""
+    landed_tokens: int = 0
+    """Progress inside the round being written: its first landed_tokens tokens have landed."""
+    landed_checksums: tuple[tuple[str, int], ...] = ()
+    """Checksums over exactly those landed tokens."""

@@ -184,7 +184,8 @@ class EncoderService:
         return t
 
     def init(self, request_id: str, language_id: str, rank: int, rank_count: int,
-             blocks: list[int], allocated_tokens: int, principal: str = "") -> EncoderTransfer:
+             blocks: list[int], allocated_tokens: int, principal: str = "", *,
+             progress_tokens: int = 0) -> EncoderTransfer:
         what = f"Init of request {errors.shown(request_id)} rank {rank}"
         self._refuse_when_draining(what)
         if not request_id:
@@ -218,7 +219,8 @@ class EncoderService:
                     f"{what}: the request already ended ({ended.state.name}: {ended.message or 'done'})")
         t = existing or EncoderTransfer(request_id, self, language_id=language_id, rank_count=rank_count,
                                         principal=principal)
-        t.add_rank(rank, rank_count, peer, blocks, allocated_tokens)  # raises before anything is stored
+        t.add_rank(rank, rank_count, peer, blocks, allocated_tokens,  # raises before anything is stored
+                   progress_tokens=progress_tokens)
         if existing is None:
             self.transfers.add(request_id, t)
             t.start()
@@ -502,7 +504,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     @rpc.grpc_errors
     async def Init(self, request, context):
         t = self.s.init(request.request_id, request.language_id, request.rank, request.rank_count,
-                        list(request.dst_blocks), request.allocated_tokens, rpc.peer_identity(context))
+                        list(request.dst_blocks), request.allocated_tokens, rpc.peer_identity(context),
+                        progress_tokens=request.progress_tokens)
         return encoder_pb2.InitReply(state=int(t.state))
 
     @rpc.grpc_errors
@@ -598,7 +601,8 @@ def status_to_pb(st: StatusUpdate) -> common_pb2.TransferStatus:
         request_id=st.request_id, state=int(st.state), sent_tokens=st.sent_tokens, total_tokens=st.total_tokens,
         round=st.round, round_tokens=st.round_tokens, allocated_tokens=st.allocated_tokens,
         checksums=[common_pb2.Checksum(field=name, value=value) for name, value in st.checksums],
-        error=rpc.error_to_pb(st.reason, st.message))
+        error=rpc.error_to_pb(st.reason, st.message), landed_tokens=st.landed_tokens,
+        landed_checksums=[common_pb2.Checksum(field=name, value=value) for name, value in st.landed_checksums])
 
 
 def transfer_info(t: EncoderTransfer) -> common_pb2.TransferInfo:

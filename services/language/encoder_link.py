@@ -82,9 +82,11 @@ class GrpcEncoderLink:
             language_id=self.language_id), wait_for_ready=True))  # bounded by the Generate and by Init
         return reply.total_tokens
 
-    async def init(self, request_id: str, rank: int, rank_count: int, blocks: Sequence[int], allocated_tokens: int) -> None:
+    async def init(self, request_id: str, rank: int, rank_count: int, blocks: Sequence[int], allocated_tokens: int,
+                   progress_tokens: int = 0) -> None:
         request = encoder_pb2.InitRequest(request_id=request_id, language_id=self.language_id, rank=rank,
-                                          rank_count=rank_count, dst_blocks=list(blocks), allocated_tokens=allocated_tokens)
+                                          rank_count=rank_count, dst_blocks=list(blocks), allocated_tokens=allocated_tokens,
+                                          progress_tokens=progress_tokens)
         try:
             # The first call of a request waits (boundedly) for a reconnecting channel, e.g. to
             # an encoder that was just restarted; the calls after it find the channel ready.
@@ -186,4 +188,5 @@ def status_from_pb(pb: common_pb2.TransferStatus) -> StatusUpdate:
     return StatusUpdate(
         pb.request_id, state, sent_tokens=pb.sent_tokens, total_tokens=pb.total_tokens, round=pb.round,
         round_tokens=pb.round_tokens, allocated_tokens=pb.allocated_tokens,
-        checksums=tuple((c.field, c.value) for c in pb.checksums), reason=reason, message=pb.error.message)
+        checksums=tuple((c.field, c.value) for c in pb.checksums), reason=reason, message=pb.error.message,
+        landed_tokens=pb.landed_tokens, landed_checksums=tuple((c.field, c.value) for c in pb.landed_checksums))

@@ -19,7 +19,7 @@ from typing import AsyncIterator, Callable, Protocol, Sequence
 import torch
 
 from common import errors
-from common.integrity import checksums_off_loop
+from common.integrity import checksums_off_loop, combine
 from common.parallel import run_split
 from common.payload import Payload
 from common.plan import blocks_for_tokens
@@ -43,7 +43,8 @@ class EncoderLink(Protocol):
 
     address: str
 
-    async def init(self, request_id: str, rank: int, rank_count: int, blocks: Sequence[int], allocated_tokens: int) -> None: ...
+    async def init(self, request_id: str, rank: int, rank_count: int, blocks: Sequence[int], allocated_tokens: int,
+                   progress_tokens: int = 0) -> None: ...
 
     async def resume(self, request_id: str, rank: int, sent_tokens: int, blocks: Sequence[int], allocated_tokens: int) -> bool: ...
 
@@ -57,7 +58,7 @@ class ReceiveTask:
 
     def __init__(self, request_id: str, rank: int, rank_count: int, pool: BlockPool, link: EncoderLink, *,
                  initial_tokens: int, transfer_id: str = "", alloc_timeout_s: float, integrity: bool = True,
-                 reserved_blocks: list[int] | None = None,
+                 reserved_blocks: list[int] | None = None, progress_tokens: int = 0,
                  on_progress: Callable[["ReceiveTask"], None] | None = None, telemetry: Telemetry = NULL_TELEMETRY):
         self.request_id = request_id
         self.transfer_id = transfer_id or request_id  # the encoder's name for it
@@ -72,11 +73,16 @@ class ReceiveTask:
         self.early = reserved_blocks is not None
         self.alloc_timeout_s = alloc_timeout_s
         self.integrity = integrity
+        # Progress inside a round (InitRequest.progress_tokens): what landed is verified while the
+        # rest is written. `_landed`: tokens of the current round whose check is under way;
+        # `_landed_check`: that check (our checksums of them, once it passed).
+        self.progress_tokens = progress_tokens if integrity else 0
+        self._landed = 0
+        self._landed_check: asyncio.Future | None = None
         self.on_progress = on_progress
         self.telemetry = telemetry
         self.abort_with: BaseException | None = None  # set before cancelling: the reason to report
         self.state = TransferState.UNSPECIFIED
-        self.blocks: list[int] | None = None
         self.allocated_tokens = 0
         self.initial_allocated_tokens = 0
         self.sent_tokens = 0
@@ -111,13 +117,15 @@ class ReceiveTask:
         if self.early:
             # The Encode may not have reached the encoder yet: this Init opens the transfer
             # there, and the Status stream follows it (the write waits for the Encode anyway).
-            await self.link.init(self.transfer_id, self.rank, self.rank_count, self.blocks, self.allocated_tokens)
+            await self.link.init(self.transfer_id, self.rank, self.rank_count, self.blocks, self.allocated_tokens,
+                                 progress_tokens=self.progress_tokens)
             self._stream = self.link.status(self.transfer_id, self.rank)
             return
         # The Encode opened the transfer on the encoder, so its Status stream can be opened now,
         # alongside the Init: the first round's status then never waits for a stream set-up.
         self._stream = self.link.status(self.transfer_id, self.rank)
-        await self.link.init(self.transfer_id, self.rank, self.rank_count, self.blocks, self.allocated_tokens)
+        await self.link.init(self.transfer_id, self.rank, self.rank_count, self.blocks, self.allocated_tokens,
+                                 progress_tokens=self.progress_tokens)
 
     async def receive(self) -> Payload:
         """Follow the Status stream to the end; return the payload or raise the mapped error."""
@@ -130,19 +138,21 @@ class ReceiveTask:
                 self.state = TransferState.FAILED
                 self.reason, self.message = st.reason, st.message
                 raise errors.error_for_reason(st.reason, f"request {self.request_id}: {st.message}")
+            if st.landed_tokens and st.sent_tokens == handled and not st.state.terminal:
+                self._on_landed(st, handled)
+                continue
             if st.state in (TransferState.TRANSFERRING, TransferState.SUCCESS) and st.sent_tokens > handled:
                 self._accept_round(st, handled)
                 n = st.sent_tokens - handled
                 if st.state == TransferState.SUCCESS:
                     self._terminal_seen = True
                     # The last round is verified in place and handed over as a view of the pool.
-                    await self._verify(self.pool.runs(self.blocks, 0, n), st, handled)
+                    await self._verify(st, handled, n)
                     return await self._finish()
                 # Copy the round out and verify it side by side (both only read the blocks), then
                 # give the blocks back and ask for the next round. Verifying before the Resume
                 # means a corrupt round fails the transfer on the encoder too.
-                runs = self.pool.runs(self.blocks, 0, n)
-                copied, verified = await asyncio.gather(self._copy_out(n), self._verify(runs, st, handled),
+                copied, verified = await asyncio.gather(self._copy_out(n), self._verify(st, handled, n),
                                                         return_exceptions=True)
                 for outcome in (verified, copied):
                     if isinstance(outcome, BaseException):
@@ -218,18 +228,55 @@ class ReceiveTask:
         self.telemetry.integrity_failed()
         raise errors.IntegrityError(message)
 
-    async def _verify(self, runs: list[torch.Tensor], st: StatusUpdate, handled: int) -> None:
-        """Compare the round's checksums with what we hold; IntegrityError naming the field."""
+    def _on_landed(self, st: StatusUpdate, handled: int) -> None:
+        """A progress status: the round's first st.landed_tokens tokens are in our blocks. Check
+        them (beside the rest of the write) against st.landed_checksums; the round's own status
+        then leaves only the part after them to check."""
+        landed = st.landed_tokens
+        if landed == self._landed:
+            return  # a repeat
+        if landed < self._landed or landed > self.allocated_tokens or \
+                (st.total_tokens and handled + landed >= st.total_tokens):
+            self._reject(f"request {self.request_id} rank {self.rank}: progress status with landed_tokens={landed} "
+                         f"(before: {self._landed}; allocated_tokens={self.allocated_tokens}, {handled} of "
+                         f"{st.total_tokens} tokens received)")
+        if not (self.integrity and self.progress_tokens and st.landed_checksums):
+            return
+        self._landed_check = asyncio.ensure_future(self._check_landed(
+            self._landed_check, self._landed, landed, handled, st.round + 1, dict(st.landed_checksums)))
+        self._landed = landed
+
+    async def _check_landed(self, before: asyncio.Future | None, lo: int, hi: int, handled: int, round_no: int,
+                            expected: dict[str, int]) -> dict[str, int]:
+        """Our checksums of the round's tokens [0, hi), given the check of [0, lo) (`before`),
+        compared with the encoder's; IntegrityError naming the field."""
+        have = await before if before is not None else {}
+        got = await checksums_off_loop(self.pool.runs(self.blocks, lo, hi - lo), self.pool.record, handled + lo)
+        have = {name: combine(have.get(name, 0), value) for name, value in got.items()}
+        self._compare(have, expected, round_no, handled, handled + hi)
+        return have
+
+    async def _verify(self, st: StatusUpdate, handled: int, n: int) -> None:
+        """Compare the round's checksums with what we hold; IntegrityError naming the field. What
+        progress statuses reported landed was checked already (`_check_landed`): only the rest is
+        read here."""
+        check, lo = self._landed_check, self._landed
+        self._landed_check, self._landed = None, 0
         if not (self.integrity and st.checksums):
             return
-        got = await checksums_off_loop(runs, self.pool.record, handled)
-        for name, value in st.checksums:
+        have = await check if check is not None else {}
+        got = await checksums_off_loop(self.pool.runs(self.blocks, lo, n - lo), self.pool.record, handled + lo)
+        have = {name: combine(have.get(name, 0), value) for name, value in got.items()}
+        self._compare(have, dict(st.checksums), st.round, handled, st.sent_tokens)
+        self.verified_rounds += 1
+
+    def _compare(self, got: dict[str, int], expected: dict[str, int], round_no: int, lo: int, hi: int) -> None:
+        for name, value in expected.items():
             if got.get(name) != value:
                 self.telemetry.integrity_failed()
                 raise errors.IntegrityError(
-                    f"request {self.request_id} rank {self.rank} round {st.round}: checksum of field {name!r} over "
-                    f"tokens [{handled}, {st.sent_tokens}) is {got.get(name)}, the encoder sent {value}")
-        self.verified_rounds += 1
+                    f"request {self.request_id} rank {self.rank} round {round_no}: checksum of field {name!r} over "
+                    f"tokens [{lo}, {hi}) is {got.get(name)}, the encoder sent {value}")
 
     async def _copy_out(self, n: int) -> torch.Tensor:
         """The round's records, copied out of the pool (so its blocks can serve the next round)."""
@@ -288,6 +335,10 @@ class ReceiveTask:
                 log.info("request %s rank %d: Cancel on encoder %s: %s", self.request_id, self.rank, self.link.address, e)
         if self._stream is not None:
             self._stream.close()  # after Cancel, so the encoder records why the request ended
+        if self._landed_check is not None:  # a check of a part that landed, its outcome moot now
+            self._landed_check.cancel()
+            await asyncio.gather(self._landed_check, return_exceptions=True)
+            self._landed_check = None
         if self.blocks is not None:
             self.pool.allocator.free(self.blocks)
             self.blocks, self.allocated_tokens = None, 0

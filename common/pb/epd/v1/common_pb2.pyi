@@ -94,7 +94,7 @@ class Checksum(_message.Message):
     def __init__(self, field: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
 
 class TransferStatus(_message.Message):
-    __slots__ = ("request_id", "state", "sent_tokens", "total_tokens", "round", "round_tokens", "allocated_tokens", "checksums", "error")
+    __slots__ = ("request_id", "state", "sent_tokens", "total_tokens", "round", "round_tokens", "allocated_tokens", "checksums", "error", "landed_tokens", "landed_checksums")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,8 @@ class TransferStatus(_message.Message):
     ALLOCATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    LANDED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LANDED_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     state: TransferState
     sent_tokens: int
@@ -113,7 +115,9 @@ class TransferStatus(_message.Message):
     allocated_tokens: int
     checksums: _containers.RepeatedCompositeFieldContainer[Checksum]
     error: TransferError
-    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[_Union[TransferState, str]] = ..., sent_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., round: _Optional[int] = ..., round_tokens: _Optional[int] = ..., allocated_tokens: _Optional[int] = ..., checksums: _Optional[_Iterable[_Union[Checksum, _Mapping]]] = ..., error: _Optional[_Union[TransferError, _Mapping]] = ...) -> None: ...
+    landed_tokens: int
+    landed_checksums: _containers.RepeatedCompositeFieldContainer[Checksum]
+    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[_Union[TransferState, str]] = ..., sent_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., round: _Optional[int] = ..., round_tokens: _Optional[int] = ..., allocated_tokens: _Optional[int] = ..., checksums: _Optional[_Iterable[_Union[Checksum, _Mapping]]] = ..., error: _Optional[_Union[TransferError, _Mapping]] = ..., landed_tokens: _Optional[int] = ..., landed_checksums: _Optional[_Iterable[_Union[Checksum, _Mapping]]] = ...) -> None: ...
 
 class RankView(_message.Message):
     __slots__ = ("rank", "state", "sent_tokens", "allocated_tokens", "session")

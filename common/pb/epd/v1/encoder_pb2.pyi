@@ -57,20 +57,22 @@ class RegisterReply(_message.Message):
     def __init__(self, encoder_id: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.PoolLayout, _Mapping]] = ...) -> None: ...
 
 class InitRequest(_message.Message):
-    __slots__ = ("request_id", "language_id", "rank", "rank_count", "dst_blocks", "allocated_tokens")
+    __slots__ = ("request_id", "language_id", "rank", "rank_count", "dst_blocks", "allocated_tokens", "progress_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     RANK_COUNT_FIELD_NUMBER: _ClassVar[int]
     DST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     language_id: str
     rank: int
     rank_count: int
     dst_blocks: _containers.RepeatedScalarFieldContainer[int]
     allocated_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., language_id: _Optional[str] = ..., rank: _Optional[int] = ..., rank_count: _Optional[int] = ..., dst_blocks: _Optional[_Iterable[int]] = ..., allocated_tokens: _Optional[int] = ...) -> None: ...
+    progress_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., language_id: _Optional[str] = ..., rank: _Optional[int] = ..., rank_count: _Optional[int] = ..., dst_blocks: _Optional[_Iterable[int]] = ..., allocated_tokens: _Optional[int] = ..., progress_tokens: _Optional[int] = ...) -> None: ...
 
 class InitReply(_message.Message):
     __slots__ = ("state",)
