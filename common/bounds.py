@@ -76,20 +76,16 @@ def check_plan(triples: Sequence[Triple], *, src: Slab, src_blocks: Sequence[int
     src_ranges, dst_ranges = block_ranges(src, src_blocks), block_ranges(dst, dst_blocks)
     src_starts, dst_starts = [r[0] for r in src_ranges], [r[0] for r in dst_ranges]
     total = 0
+    # The common case costs a few comparisons per triple (it runs before every round's write);
+    # the message is built only for a triple that fails.
     for i, triple in enumerate(triples):
-        if len(triple) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in triple):
-            raise OutOfBounds(f"write {i}: {triple!r} is not an integer (src, dst, nbytes) triple")
-        s, d, n = triple
-        what = f"write {i} of {len(triples)} ({n} bytes from 0x{s:x} to 0x{d:x})"
-        if n <= 0:
-            raise OutOfBounds(f"{what}: its length must be > 0")
-        for (lo, hi, slab, ranges, starts, side) in ((s, s + n, src, src_ranges, src_starts, "reads"),
-                                                     (d, d + n, dst, dst_ranges, dst_starts, "writes")):
-            if lo < slab.base or hi > slab.end:
-                raise OutOfBounds(f"{what} {side} [0x{lo:x}, 0x{hi:x}) outside the {slab.describe()}")
-            if not _inside(ranges, starts, lo, hi):
-                raise OutOfBounds(f"{what} {side} [0x{lo:x}, 0x{hi:x}) outside the round's blocks of the "
-                                  f"{slab.describe()}")
+        try:
+            s, d, n = triple
+        except (TypeError, ValueError):
+            _explain(i, triples, src, src_ranges, src_starts, dst, dst_ranges, dst_starts)
+        if not (type(s) is int and type(d) is int and type(n) is int and n > 0
+                and _inside(src_ranges, src_starts, s, s + n) and _inside(dst_ranges, dst_starts, d, d + n)):
+            _explain(i, triples, src, src_ranges, src_starts, dst, dst_ranges, dst_starts)
         total += n
     if total != expected_bytes:
         raise OutOfBounds(f"the {len(triples)} writes move {total} bytes, the round has {expected_bytes}")
@@ -97,3 +93,24 @@ def check_plan(triples: Sequence[Triple], *, src: Slab, src_blocks: Sequence[int
     for (lo1, hi1), (lo2, _hi2) in zip(spans, spans[1:]):
         if lo2 < hi1:
             raise OutOfBounds(f"two writes overlap in the {dst.describe()} at 0x{lo2:x}")
+
+
+def _explain(i: int, triples: Sequence[Triple], src: Slab, src_ranges, src_starts, dst: Slab, dst_ranges,
+             dst_starts) -> None:
+    """Raise the OutOfBounds that says why triple i failed."""
+    triple = triples[i]
+    if not isinstance(triple, tuple) or len(triple) != 3 or \
+            not all(isinstance(v, int) and not isinstance(v, bool) for v in triple):
+        raise OutOfBounds(f"write {i}: {triple!r} is not an integer (src, dst, nbytes) triple")
+    s, d, n = triple
+    what = f"write {i} of {len(triples)} ({n} bytes from 0x{s:x} to 0x{d:x})"
+    if n <= 0:
+        raise OutOfBounds(f"{what}: its length must be > 0")
+    for (lo, hi, slab, ranges, starts, side) in ((s, s + n, src, src_ranges, src_starts, "reads"),
+                                                 (d, d + n, dst, dst_ranges, dst_starts, "writes")):
+        if lo < slab.base or hi > slab.end:
+            raise OutOfBounds(f"{what} {side} [0x{lo:x}, 0x{hi:x}) outside the {slab.describe()}")
+        if not _inside(ranges, starts, lo, hi):
+            raise OutOfBounds(f"{what} {side} [0x{lo:x}, 0x{hi:x}) outside the round's blocks of the "
+                              f"{slab.describe()}")
+    raise OutOfBounds(f"{what}: refused")  # not reached: the fast check and this one agree
