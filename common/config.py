@@ -217,7 +217,7 @@ class EncoderConfig(ServiceConfig):
     """A request not initialised by every data rank (or never encoded) within this fails with `timeout`."""
     resume_timeout_s: float = _setting(30.0, "longest wait for Resume after a partial round", unit="s")
     """A partial round not resumed by every data rank within this fails with `timeout`."""
-    write_timeout_s: float = _setting(30.0, "longest one Mooncake write (a round to one rank) may take before it "
+    write_timeout_s: float = _setting(30.0, "longest one Mooncake write (a round or part of one, to one rank) may take before it "
                                             "fails with transport (Mooncake's MC_TRANSFER_TIMEOUT, at least 5)", unit="s")
     """Bounds a write into a dead link: Mooncake gives up after this (+1 ns per byte) and the
     request fails with `transport`; its TCP connection is dropped earlier, after half of it without

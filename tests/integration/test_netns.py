@@ -214,7 +214,8 @@ async def test_link_cut_during_a_mooncake_write_fails_both_sides_then_recovers(n
         language_failed_s = time.monotonic() - cut_at
         assert language_failed_s < 20
         linfo = await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
-        assert linfo.state == common_pb2.TRANSFER_STATE_FAILED and linfo.sent_tokens == 0, linfo
+        # (parts of round 1 may have landed and been verified: the round was never complete)
+        assert linfo.state == common_pb2.TRANSFER_STATE_FAILED and linfo.sent_tokens < 8000, linfo
         assert linfo.error.reason == common_pb2.FAILURE_REASON_PEER_LOST, linfo.error
         await assert_all_free((lang_addr, "language"))
 
