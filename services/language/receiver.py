@@ -79,6 +79,11 @@ class ReceiveTask:
         self.progress_tokens = progress_tokens if integrity else 0
         self._landed = 0
         self._landed_check: asyncio.Future | None = None
+        # A round that is not the last is copied out as its parts land, too: `_early_copy` is the
+        # round's segment, tokens [0, `_copied`) of it copied (or being copied) by `_copying`.
+        self._early_copy: torch.Tensor | None = None
+        self._copied = 0
+        self._copying: asyncio.Future | None = None
         self.on_progress = on_progress
         self.telemetry = telemetry
         self.abort_with: BaseException | None = None  # set before cancelling: the reason to report
@@ -245,6 +250,15 @@ class ReceiveTask:
         self._landed_check = asyncio.ensure_future(self._check_landed(
             self._landed_check, self._landed, landed, handled, st.round + 1, dict(st.landed_checksums)))
         self._landed = landed
+        # Not the last round (even if every rank's allocation were as big as ours): its records
+        # must leave the pool before the next round, so start copying what landed.
+        round_at_most = min(st.total_tokens - handled, self.allocated_tokens)
+        if handled + round_at_most < st.total_tokens:
+            if self._early_copy is None:
+                self._early_copy = torch.empty((round_at_most, self.pool.record.record_bytes), dtype=torch.uint8,
+                                               device=self.pool.slab.device)
+            self._copying = asyncio.ensure_future(self._copy_part(self._copying, self._early_copy, self._copied, landed))
+            self._copied = landed
 
     async def _check_landed(self, before: asyncio.Future | None, lo: int, hi: int, handled: int, round_no: int,
                             expected: dict[str, int]) -> dict[str, int]:
@@ -279,8 +293,29 @@ class ReceiveTask:
                     f"tokens [{lo}, {hi}) is {got.get(name)}, the encoder sent {value}")
 
     async def _copy_out(self, n: int) -> torch.Tensor:
-        """The round's records, copied out of the pool (so its blocks can serve the next round)."""
-        segment = torch.empty((n, self.pool.record.record_bytes), dtype=torch.uint8, device=self.pool.slab.device)
+        """The round's records, copied out of the pool (so its blocks can serve the next round);
+        the parts that progress statuses reported were copied as they landed (`_copy_part`)."""
+        segment, lo, before = self._early_copy, self._copied, self._copying
+        self._early_copy, self._copied, self._copying = None, 0, None
+        if segment is None:
+            segment, lo = torch.empty((n, self.pool.record.record_bytes), dtype=torch.uint8,
+                                      device=self.pool.slab.device), 0
+        segment = segment[:n]  # another rank's smaller allocation may have made the round shorter
+        if before is not None:
+            await before
+        await self._copy_range(segment, lo, n)
+        self._segments.append(segment)
+        return segment
+
+    async def _copy_part(self, before: asyncio.Future | None, segment: torch.Tensor, lo: int, hi: int) -> None:
+        if before is not None:
+            await before
+        await self._copy_range(segment, lo, hi)
+
+    async def _copy_range(self, segment: torch.Tensor, lo: int, hi: int) -> None:
+        """Copy the round's tokens [lo, hi) from the pool into segment[lo:hi]."""
+        if hi <= lo:
+            return
 
         def copy(runs: list[torch.Tensor], first: int) -> None:
             for run in runs:
@@ -288,9 +323,7 @@ class ReceiveTask:
                 first += run.shape[0]
 
         # Big rounds are split over worker threads, like big checksums (torch runs single-threaded here).
-        await asyncio.to_thread(run_split, copy, self.pool.runs(self.blocks, 0, n), 0)
-        self._segments.append(segment)
-        return segment
+        await asyncio.to_thread(run_split, copy, self.pool.runs(self.blocks, lo, hi - lo), lo)
 
     async def _finish(self) -> Payload:
         blocks, self.blocks = self.blocks, None
@@ -335,10 +368,11 @@ class ReceiveTask:
                 log.info("request %s rank %d: Cancel on encoder %s: %s", self.request_id, self.rank, self.link.address, e)
         if self._stream is not None:
             self._stream.close()  # after Cancel, so the encoder records why the request ended
-        if self._landed_check is not None:  # a check of a part that landed, its outcome moot now
-            self._landed_check.cancel()
-            await asyncio.gather(self._landed_check, return_exceptions=True)
-            self._landed_check = None
+        for part in (self._landed_check, self._copying):  # work on parts that landed, moot now
+            if part is not None:
+                part.cancel()
+                await asyncio.gather(part, return_exceptions=True)
+        self._landed_check = self._copying = self._early_copy = None
         if self.blocks is not None:
             self.pool.allocator.free(self.blocks)
             self.blocks, self.allocated_tokens = None, 0

@@ -51,3 +51,19 @@ async def test_a_part_corrupted_in_flight_fails_its_own_check():
         assert reply.payload_sha256 == expected_digest(5000, 4, HIDDEN)
     finally:
         p.stop()
+
+
+async def test_parts_of_a_round_that_is_not_the_last_are_copied_out_as_they_land():
+    """A 2048-token pool: 2048-token rounds in 512-token parts, each round but the last copied
+    out of the pool part by part; the payload is right for every round boundary."""
+    p = Pair(hidden=HIDDEN, encoder_blocks=128, language_blocks=16, initial_tokens=2048,
+             language_args=("--progress-tokens", "512"))
+    try:
+        stub = language_stub(p.language.address)
+        for n in (2048, 2049, 5000, 6144):
+            reply = await _generate(stub, n, n)
+            assert reply.payload_sha256 == expected_digest(n, n, HIDDEN), n
+            assert reply.rounds == -(-n // 2048)
+        await assert_all_free((p.encoder.address, "encoder"), (p.language.address, "language"))
+    finally:
+        p.stop()
