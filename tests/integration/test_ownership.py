@@ -299,8 +299,9 @@ PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
 
 
 async def test_image_limits_are_invalid_argument_before_anything_is_allocated(encoder, enc, ranks):
-    victim, _ = ranks
+    victim, attacker = ranks
     before = await pool_used(enc)
+    memories = memory(victim), memory(attacker)
     too_many = encoder_pb2.EncodeRequest(request_id=rid(), language_id=victim.language_id, rank_count=1, text="hi",
                                          images=[common_pb2.Image(data=PNG, mime_type="image/png")] * (MAX_IMAGES + 1))
     await expect(enc.Encode(too_many), IA, f"{MAX_IMAGES + 1} images", f"max_images={MAX_IMAGES}")
@@ -313,6 +314,7 @@ async def test_image_limits_are_invalid_argument_before_anything_is_allocated(en
         await expect(enc.GetTransfer(common_pb2.GetTransferRequest(request_id=req.request_id)),
                      grpc.StatusCode.NOT_FOUND)
     assert await pool_used(enc) == before
+    assert torch.equal(memory(victim), memories[0]) and torch.equal(memory(attacker), memories[1])
     await assert_all_free((encoder.address, "encoder"))
 
 
@@ -325,13 +327,17 @@ async def test_too_many_transfers_of_one_peer_is_resource_exhausted(encoder, enc
     for request_id in ids:
         await enc.Encode(attacker.encode_request(request_id, 20, 1))
     before = await pool_used(enc)
+    fill(attacker, 0x5A)
+    fill(victim, 0xA5)
+    memories = memory(victim), memory(attacker)
     extra = rid("lim")
     await expect(enc.Encode(attacker.encode_request(extra, 20, 1)), RE, attacker.language_id,
                  f"max_transfers_per_peer={MAX_PER_PEER}", f"{MAX_PER_PEER} live transfers")
-    mine = attacker.alloc(1)
+    mine = attacker.alloc(1, clear=False)
     await expect(enc.Init(attacker.init_request(extra, mine)), RE, attacker.language_id,
                  f"max_transfers_per_peer={MAX_PER_PEER}")
     assert await pool_used(enc) == before
+    assert torch.equal(memory(victim), memories[0]) and torch.equal(memory(attacker), memories[1])
     await expect(enc.GetTransfer(common_pb2.GetTransferRequest(request_id=extra)), grpc.StatusCode.NOT_FOUND)
     # Another language instance still gets its transfers.
     other = rid("lim")
