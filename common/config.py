@@ -124,6 +124,11 @@ class ServiceConfig:
     max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message sent or received", unit="bytes")
     """Applied to the server and every channel, both directions; a larger message is refused with
     RESOURCE_EXHAUSTED before any handler runs."""
+    max_images: int = _setting(64, "most images one request may carry", unit="images")
+    """More images → INVALID_ARGUMENT before anything is allocated: at the language's Generate
+    (before any block is reserved) and at the encoder's Encode (before any decoding)."""
+    max_image_bytes: int = _setting(32 * 1024 * 1024, "largest encoded image (PNG/JPEG bytes) of a request", unit="bytes")
+    """An image above this many bytes → INVALID_ARGUMENT naming `images[i]`, checked where `max_images` is."""
 
     @property
     def record(self) -> RecordLayout:
@@ -198,6 +203,9 @@ class ServiceConfig:
                               "nothing to check")
         if not 64 * 1024 <= self.max_message_bytes <= 2 ** 31 - 1:
             raise ConfigError(f"max_message_bytes={self.max_message_bytes}: must be in {64 * 1024}..{2 ** 31 - 1}")
+        for name in ("max_images", "max_image_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,10 +232,6 @@ class EncoderConfig(ServiceConfig):
     progress, so nothing of the write can still be read from our blocks once they are freed."""
     max_request_tokens: int = _setting(1_000_000, "largest payload one request may have", unit="tokens")
     """Encode above this many tokens is rejected with INVALID_ARGUMENT before any allocation."""
-    max_images: int = _setting(64, "most images one request may carry", unit="images")
-    """Encode with more images is rejected with INVALID_ARGUMENT before any decoding or allocation."""
-    max_image_bytes: int = _setting(32 * 1024 * 1024, "largest encoded image (PNG/JPEG bytes) of a request", unit="bytes")
-    """An image above this many bytes is rejected with INVALID_ARGUMENT naming `images[i]`."""
     max_transfers_per_peer: int = _setting(256, "most transfers one language instance (identity) may have live on "
                                                 "this encoder", unit="transfers")
     """A new transfer beyond this many live ones of the same language identity (its `language_id`,
@@ -251,9 +255,8 @@ class EncoderConfig(ServiceConfig):
             raise ConfigError(f"write_timeout_s={self.write_timeout_s}: must be in 5..3600 (Mooncake's minimum is 5 s)")
         if self.max_request_tokens < 1:
             raise ConfigError(f"max_request_tokens={self.max_request_tokens}: must be >= 1")
-        for name in ("max_images", "max_image_bytes", "max_transfers_per_peer"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.max_transfers_per_peer < 1:
+            raise ConfigError(f"max_transfers_per_peer={self.max_transfers_per_peer}: must be >= 1")
         if self.model != "bytes":
             validate_model("model", self.model, self.hidden)
 

@@ -21,6 +21,7 @@ from common.integrity import INLINE_MAX_BYTES, PayloadSums, checksums_off_loop, 
 from common.layout import PoolGeometry
 from common.pb.epd.v1 import bench_pb2, common_pb2, encoder_pb2, encoder_pb2_grpc
 from common.bounds import OutOfBounds, Slab, check_plan
+from common.limits import check_images
 from common.plan import blocks_for_tokens, plan_round
 from common.pool import BlockPool
 from common.states import FailureReason, StatusUpdate, TransferState
@@ -233,7 +234,8 @@ class EncoderService:
         self._refuse_when_draining(what)
         if not request_id:
             raise errors.InvalidArgument("request_id is empty")
-        self._check_image_limits(what, inputs)
+        check_images(what, [len(data) for data, _mime in inputs.images], max_images=self.config.max_images,
+                     max_image_bytes=self.config.max_image_bytes)
         # Ownership and the per-peer limit before the (possibly slow) validation: a foreign or
         # excess request costs no decoding.
         known = self.transfers.get(request_id)
@@ -431,16 +433,6 @@ class EncoderService:
                 peer += f" ({principal})"
             raise errors.ResourceExhausted(f"{what}: {peer} already has {live} live transfers on this encoder "
                                            f"(max_transfers_per_peer={limit})")
-
-    def _check_image_limits(self, what: str, inputs: EncodeInputs) -> None:
-        """INVALID_ARGUMENT naming the first image over a limit; before any decoding or allocation."""
-        limit = self.config.max_images
-        if len(inputs.images) > limit:
-            raise errors.InvalidArgument(f"{what}: {len(inputs.images)} images, above max_images={limit}")
-        for i, (data, _mime) in enumerate(inputs.images):
-            if len(data) > self.config.max_image_bytes:
-                raise errors.InvalidArgument(f"{what}: images[{i}] has {len(data)} bytes, above "
-                                             f"max_image_bytes={self.config.max_image_bytes}")
 
     def find(self, request_id: str) -> EncoderTransfer:
         """A transfer by its id or, failing that, by a language's client request id: a language

@@ -17,6 +17,7 @@ import uuid
 
 from common import errors
 from common.config import LanguageConfig
+from common.limits import check_images
 from common.pb.epd.v1 import bench_pb2, common_pb2, language_pb2, language_pb2_grpc
 from common.plan import blocks_for_tokens
 from common.states import FailureReason, TransferState
@@ -176,6 +177,9 @@ class LanguageService:
             raise errors.InvalidArgument(f"request_id is {len(request_id.encode())} bytes, above {MAX_REQUEST_ID_BYTES}")
         if request.synthetic_tokens == 0 and not request.text and not request.images:
             raise errors.InvalidArgument(f"request {errors.shown(request_id)}: no images, no text and synthetic_tokens=0")
+        # Before any block is reserved (the encoder checks the same limits again at Encode).
+        check_images(f"request {errors.shown(request_id)}", [len(im.data) for im in request.images],
+                     max_images=self.config.max_images, max_image_bytes=self.config.max_image_bytes)
         self._refuse_when_unhealthy(f"Generate of request {errors.shown(request_id)}")
         record = GenerateRecord(request_id, "")
         record.worker = self.worker

@@ -445,20 +445,29 @@ async def test_two_language_processes_cannot_touch_each_others_requests(encoder)
         second.stop()
 
 
-async def test_limits_through_a_real_language(encoder):
+@pytest.mark.parametrize("language_limits", [False, True], ids=["encoder-refuses", "language-refuses"])
+async def test_limits_through_a_real_language(encoder, language_limits):
     """A Generate with too many images, or an oversized image, through a real language process:
-    the encoder's INVALID_ARGUMENT reaches the client naming the limit; both pools stay free."""
+    INVALID_ARGUMENT naming the limit — from the encoder (the language's defaults are larger), or
+    from the language's own front door before it reserves anything or calls the encoder (its
+    limits are smaller); both pools stay free and the encoder never saw the request."""
+    limits = ("--max-images", "1", "--max-image-bytes", "100") if language_limits else ()
     lang = ServiceProcess("language", "--hidden", str(HIDDEN), "--block-size", str(BLOCK), "--pool-blocks", "64",
-                          "--initial-tokens", "64", "--encoder", encoder.address)
+                          "--initial-tokens", "64", "--encoder", encoder.address, *limits)
+    max_images, max_bytes = (1, 100) if language_limits else (MAX_IMAGES, MAX_IMAGE_BYTES)
     try:
-        async with grpc.aio.insecure_channel(lang.address) as ch:
-            stub = language_pb2_grpc.LanguageStub(ch)
+        async with grpc.aio.insecure_channel(lang.address) as ch, grpc.aio.insecure_channel(encoder.address) as ce:
+            stub, enc = language_pb2_grpc.LanguageStub(ch), encoder_pb2_grpc.EncoderStub(ce)
+            seen = len((await enc.ListTransfers(common_pb2.ListTransfersRequest())).transfers)
             png = common_pb2.Image(data=PNG, mime_type="image/png")
-            await expect(stub.Generate(language_pb2.GenerateRequest(text="x", images=[png] * (MAX_IMAGES + 1))), IA,
-                         f"max_images={MAX_IMAGES}")
-            huge = common_pb2.Image(data=PNG + b"\0" * MAX_IMAGE_BYTES, mime_type="image/png")
-            await expect(stub.Generate(language_pb2.GenerateRequest(text="x", images=[huge])), IA, "images[0]",
-                         f"max_image_bytes={MAX_IMAGE_BYTES}")
+            await expect(stub.Generate(language_pb2.GenerateRequest(request_id=rid("many"), text="x",
+                                                                    images=[png] * (max_images + 1))),
+                         IA, f"{max_images + 1} images", f"max_images={max_images}")
+            huge = common_pb2.Image(data=PNG + b"\0" * max_bytes, mime_type="image/png")
+            await expect(stub.Generate(language_pb2.GenerateRequest(request_id=rid("huge"), text="x", images=[huge])),
+                         IA, "images[0]", f"{len(PNG) + max_bytes} bytes", f"max_image_bytes={max_bytes}")
+            if language_limits:  # refused at the front door: the encoder never heard of them
+                assert len((await enc.ListTransfers(common_pb2.ListTransfersRequest())).transfers) == seen
         await assert_all_free((encoder.address, "encoder"), (lang.address, "language"))
     finally:
         lang.stop()
