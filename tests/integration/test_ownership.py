@@ -396,6 +396,44 @@ async def test_misplanned_write_fails_the_request_with_no_byte_written_fault_inj
         enc_proc.stop()
 
 
+async def test_one_misplanned_rank_means_no_rank_gets_a_byte_fault_injected(ranks, unique_id):
+    """Two data ranks; `misplan_nth=2` corrupts only the second rank's plan of round 1. Every
+    rank's plan is checked before any write is submitted, so the first rank (whose plan was
+    fine) receives nothing either: the request fails with `invalid` on both, both pools unchanged."""
+    victim, _ = ranks
+    second = TestRank(hidden=HIDDEN, block_size=BLOCK, num_blocks=RANK_BLOCKS, language_id=victim.language_id, rank=1)
+    enc_proc = ServiceProcess("encoder", "--hidden", str(HIDDEN), "--block-size", str(BLOCK), "--pool-blocks", "64",
+                              "--transport-fault", "misplan_nth=2")
+    try:
+        async with grpc.aio.insecure_channel(enc_proc.address) as ch:
+            stub = encoder_pb2_grpc.EncoderStub(ch)
+            both = (victim, second)
+            for r in both:
+                await r.register(stub)
+                fill(r, 0xA5)
+            before = [memory(r) for r in both]
+            request_id = unique_id("misplan2")
+            held = [r.alloc(2, clear=False) for r in both]
+            statuses = []
+            for r, blocks in zip(both, held):
+                await stub.Init(r.init_request(request_id, blocks, rank_count=2))
+                statuses.append(Statuses(stub, r, request_id))
+            await stub.Encode(victim.encode_request(request_id, 2 * BLOCK, 3, rank_count=2))
+            for s in statuses:
+                st = await s.until(SUCCESS)
+                assert st.state == FAILED and st.error.reason == common_pb2.FAILURE_REASON_INVALID, st
+                assert "rank 1 refused before any write" in st.error.message, st.error.message
+                await s.close()
+            for r, mem, blocks in zip(both, before, held):
+                assert torch.equal(memory(r), mem), f"rank {r.rank} received bytes of a refused round"
+                r.free(blocks)
+            await assert_all_free((enc_proc.address, "encoder"))
+    finally:
+        enc_proc.stop()
+        second.release_all()
+        second.close()
+
+
 # ---------------------------------------------------------------------------- real language processes
 
 async def test_two_language_processes_cannot_touch_each_others_requests(encoder):
