@@ -70,6 +70,12 @@ class TransferEnv(Protocol):
     def on_finished(self, transfer: "EncoderTransfer") -> None: ...
 
 
+def _individual(principal: str) -> bool:
+    """Whether an authenticated identity names one peer: a client certificate (`cert:<name>`,
+    services.security.peer_identity). `token` and `anonymous` are shared by every caller."""
+    return principal.startswith("cert:")
+
+
 class _Failure(Exception):
     def __init__(self, reason: FailureReason, message: str):
         super().__init__(message)
@@ -151,9 +157,11 @@ class EncoderTransfer:
 
     def owned_by(self, language_id: str, principal: str) -> bool:
         """Whether a caller is the owner. A transfer opened by an Encode without a language_id
-        has no owner yet: the first caller with one claims it."""
+        has no owner yet: the first caller with one claims it — unless that Encode came with a
+        client certificate, which then binds the transfer (only callers presenting it may claim
+        it, so no other certificate holder can pre-seed a payload under someone's transfer id)."""
         if not self.language_id:
-            return True
+            return not _individual(self.principal) or principal == self.principal
         return language_id == self.language_id and principal == self.principal
 
     def check_owner(self, language_id: str, principal: str, what: str) -> None:

@@ -67,6 +67,17 @@ async def test_another_certificate_cannot_use_the_owners_language_id(encoder, ce
             await expect(evil.Encode(intruder.encode_request(request_id, 500, 1)), PD, request_id)
             await unchanged("Init/Resume/Status/Cancel/Encode by another certificate")
             intruder.free(mine)
+            # An Encode without a language_id binds the certificate it came with: another
+            # certificate cannot claim it by Init (no pre-seeded payload under someone's id).
+            seeded = rid("seeded")
+            anonymous = intruder.encode_request(seeded, 40, 9)
+            anonymous.language_id = ""
+            await evil.Encode(anonymous)
+            theirs = owner.alloc(1, clear=False)
+            await expect(enc.Init(owner.init_request(seeded, theirs)), PD, seeded)
+            assert torch.equal(memory(owner), before[2]), "a pre-seeded payload reached the owner's pool"
+            owner.free(theirs)
+            await evil.Cancel(intruder.cancel_request(seeded, language_id=""))  # its own certificate may
             # The owner's certificate may re-register (idempotent) and finishes its transfer.
             await owner.register(enc)
             await finish_victim(enc, owner, request_id, blocks, statuses)
