@@ -9,6 +9,8 @@ unregister memory.
 from __future__ import annotations
 
 import asyncio
+import functools
+import ipaddress
 import logging
 import socket
 import time
@@ -558,9 +560,25 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         return bench_pb2.RawWriteReply(seconds=seconds, bytes=nbytes, descriptors=descriptors)
 
 
+@functools.lru_cache(maxsize=4096)
 def _session_key(session: str) -> str:
-    """A Mooncake session as compared between registrations (host names are case-insensitive)."""
-    return session.strip().lower()
+    """A Mooncake session as compared between registrations: numeric hosts in any spelling that
+    resolves to one address (`127.1`, `0x7f.0.0.1`, `::ffff:127.0.0.1`) and `localhost` become the
+    address, the port its number, names lower case. No DNS lookup (Register runs on the event
+    loop): a DNS name of a registered host is not recognised as the same session."""
+    host, _, port = session.strip().rpartition(":")
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+        address = ipaddress.ip_address(infos[0][4][0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        host = str(address)
+    except (OSError, ValueError, UnicodeError, IndexError):
+        pass  # a name: compared as written
+    return f"{host}:{int(port) if port.isascii() and port.isdigit() else port}"
 
 
 def _span(geo: PoolGeometry) -> tuple[int, int]:

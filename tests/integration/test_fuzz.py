@@ -42,6 +42,7 @@ from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
 
 from common.pb.epd.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc, language_pb2, language_pb2_grpc
+from services.encoder.service import _session_key  # how the encoder compares sessions
 from services.reference_payload import expected_digest
 from tests.conftest import Pair, assert_all_free
 from tests.integration.rank_harness import TestRank
@@ -500,14 +501,14 @@ def test_fuzz_register(live, mutation, lang, session, value32, value64, shape, d
             any_of = ("fields", "record_bytes", extra.name)
         elif mutation == "rank":
             req.rank = rank
-        if mutation == "session" and _REGISTERED.get(req.session.strip().lower(), language_id) != language_id:
+        if mutation == "session" and _REGISTERED.get(_session_key(req.session), language_id) != language_id:
             # A session an earlier example's instance registered the same pool on: not this one's to take.
             expect = (PD, "Mooncake session")
         reply, e = await outcome(live.enc.Register(req))
         note(f"Register[{mutation}] -> {show(e)}")
         code, *needles = expect
         if e is None:
-            _REGISTERED.setdefault(req.session.strip().lower(), language_id)
+            _REGISTERED.setdefault(_session_key(req.session), language_id)
         if code is OK:
             assert e is None, f"valid Register ({mutation}) failed: {show(e)}"
             assert reply.encoder_id

@@ -250,6 +250,12 @@ async def test_register_cannot_claim_another_instances_pool(encoder, enc, ranks)
     # 1. The victim's own layout (same base address) under the attacker's language_id.
     await expect(enc.Register(attacker.register_request(layout=victim.layout())), PD, "Mooncake session",
                  absent=(victim.language_id,))
+    # ... also when the session is spelled another way (same address and port).
+    host, port = victim.session.rsplit(":", 1)
+    assert host == "127.0.0.1"
+    for alias in (f"localhost:{port}", f"127.1:{port}", f"[::ffff:127.0.0.1]:0{port}"):
+        await expect(enc.Register(attacker.register_request(session=alias, layout=victim.layout())), PD,
+                     "Mooncake session")
     # 2. The attacker's pool, but with num_blocks stretched so its blocks reach the victim's pool.
     stretched = attacker.layout()
     lo, hi = sorted((attacker.pool.base_address, victim.pool.base_address))
