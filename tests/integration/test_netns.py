@@ -161,6 +161,14 @@ def _tx_bytes(ns: str, dev: str) -> int:
     return int(out)
 
 
+def _unsent(ns: str, peer_ip: str) -> int:
+    """Bytes that TCP sockets of namespace `ns` (closed ones too) still hold for `peer_ip`: sent
+    but not acknowledged, or not sent yet (the Send-Q column of `ss`)."""
+    out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-tanH", "dst", peer_ip], check=True,
+                         capture_output=True, text=True, timeout=10).stdout
+    return sum(int(line.split()[2]) for line in out.splitlines() if line.strip())
+
+
 def _tc(ns: str, *args: str) -> None:
     subprocess.run(["ip", "netns", "exec", ns, "tc", *args], check=True, capture_output=True, timeout=10)
 
@@ -171,7 +179,9 @@ async def test_link_cut_during_a_mooncake_write_fails_both_sides_then_recovers(n
     it went out and the encoder still shows 0 tokens sent). Mooncake does not hang: the write
     fails after --write-timeout-s (5 s here, 30 by default), so the encoder fails the request
     with `transport` and frees its source blocks; the language has already failed it with
-    `peer_lost` (gRPC keepalive) and freed its pool. With the link back, requests work again."""
+    `peer_lost` (gRPC keepalive) and freed its pool. With the link back (once what the encoder's
+    kernel still held of the failed write has drained into the language's free blocks), requests
+    work again."""
     enc_ns, lang_ns, v = namespaces
     common = ("--hidden", "256", "--block-size", "128")
     services = []
@@ -231,8 +241,20 @@ async def test_link_cut_during_a_mooncake_write_fails_both_sides_then_recovers(n
         await assert_all_free((enc_addr, "encoder"), (lang_addr, "language"))
 
         # Link back (unshaped): Mooncake connects again and the next request arrives intact.
+        # What the kernel still buffers of the failed write (Mooncake dropped the connection, but
+        # a closed socket still delivers what it holds) lands in the language's pool once the
+        # link is back: harmless while those blocks are free, but it would overwrite blocks a
+        # new request got in the meantime (README, Several encoders: the caveat). So the next
+        # request goes once it has drained.
+        stale = _unsent(enc_ns, LANG_IP)
         _tc(enc_ns, "qdisc", "del", "dev", v["ve"], "root")
         ip("link", "set", v["ve"], "up", ns=enc_ns)
+        drain_deadline = time.monotonic() + 120
+        while (left := _unsent(enc_ns, LANG_IP)) > 0:
+            assert time.monotonic() < drain_deadline, f"{left} bytes of the cut write never drained"
+            await asyncio.sleep(0.1)
+        print(f"{stale} bytes of the failed write were still buffered at the encoder; drained "
+              f"{time.monotonic() - drain_deadline + 120:.1f} s after the link came back")
         for attempt in range(20):
             try:
                 reply = await stub.Generate(language_pb2.GenerateRequest(
