@@ -367,8 +367,9 @@ class EncoderTransfer:
                            expected_bytes=count * record_bytes)
             except OutOfBounds as e:
                 log.error("request %s: round %d refused before writing: %s", self.request_id, self.rounds + 1, e)
+                where = "any write" if lo == 0 else f"writing tokens [{lo}, {hi}) of it (earlier parts were written)"
                 raise _Failure(FailureReason.INVALID, f"round {self.rounds + 1} to rank {slot.peer.rank} refused before "
-                                                      f"any write: {e}") from None
+                                                      f"{where}: {e}") from None
             plans.append((slot.peer.session, triples))
         writes = [self.env.write(session, triples) for session, triples in plans]
         # Checksums come from what Encode computed (no pass over the round beside its write);

@@ -402,6 +402,42 @@ async def test_misplanned_write_fails_the_request_with_no_byte_written_fault_inj
         enc_proc.stop()
 
 
+async def test_misplanned_later_part_of_a_round_writes_nothing_outside_fault_injected(ranks, unique_id):
+    """A round written in parts (the rank asked for progress every block): `misplan_nth=2`
+    corrupts the plan of the round's second part. The first part landed in the first block (as it
+    should); the second part is refused before it is written: the request fails with `invalid`,
+    the second block and every block outside the allocation are untouched."""
+    victim, _ = ranks
+    enc_proc = ServiceProcess("encoder", "--hidden", str(HIDDEN), "--block-size", str(BLOCK), "--pool-blocks", "256",
+                              "--transport-fault", "misplan_nth=2")
+    try:
+        async with grpc.aio.insecure_channel(enc_proc.address) as ch:
+            stub = encoder_pb2_grpc.EncoderStub(ch)
+            await victim.register(stub)
+            fill(victim, 0xA5)
+            before = memory(victim)
+            request_id = unique_id("misplan-part")
+            # Parts need the payload's sums, which Encode builds for payloads above 1 MiB.
+            blocks = victim.alloc(2, clear=False)
+            init = victim.init_request(request_id, blocks)
+            init.progress_tokens = BLOCK
+            await stub.Init(init)
+            statuses = Statuses(stub, victim, request_id)
+            await stub.Encode(victim.encode_request(request_id, 3000, 3))
+            st = await statuses.until(SUCCESS)
+            assert st.state == FAILED and st.error.reason == common_pb2.FAILURE_REASON_INVALID, st
+            assert f"refused before writing tokens [{BLOCK}, {2 * BLOCK})" in st.error.message, st.error.message
+            await statuses.close()
+            after = memory(victim)
+            assert victim.mismatches(victim.read(blocks[:1], BLOCK), 3, 0) == [], "the first part did not land"
+            untouched = [b for b in range(RANK_BLOCKS) if b != blocks[0]]
+            assert torch.equal(after[untouched], before[untouched]), "a refused part wrote into the pool"
+            victim.free(blocks)
+            await assert_all_free((enc_proc.address, "encoder"))
+    finally:
+        enc_proc.stop()
+
+
 async def test_one_misplanned_rank_means_no_rank_gets_a_byte_fault_injected(ranks, unique_id):
     """Two data ranks; `misplan_nth=2` corrupts only the second rank's plan of round 1. Every
     rank's plan is checked before any write is submitted, so the first rank (whose plan was
