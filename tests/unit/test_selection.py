@@ -92,13 +92,23 @@ def test_dns_names_with_several_addresses_expand_to_each():
     assert expanded == ["encoder:50051", "single:1", "nowhere:3"]  # every name is looked up again later
 
 
-def test_a_name_that_grows_to_several_addresses_is_retired_for_one_entry_each():
+async def test_a_name_that_grows_to_several_addresses_is_retired_for_one_entry_each():
     """`--scale encoder=1` at start, scaled up later: the name's entry stops taking requests and
     each address becomes an encoder of its own (no encoder counted twice); later look-ups that
-    find the same addresses change nothing, new ones join."""
+    find the same addresses change nothing, new ones join. Async: the directory's links are
+    grpc.aio channels, which must be made on a running event loop (made outside one, they ask
+    asyncio.get_event_loop(), which raises once an earlier test's asyncio.run has cleared the
+    main thread's loop)."""
     from services.language.encoders import EncoderDirectory
 
     d = EncoderDirectory(["encoder:50051", "10.9.9.9:1"], "lang-t", dns_names=["encoder:50051"])
+    try:
+        _check_growing_name(d)
+    finally:
+        await d.close()
+
+
+def _check_growing_name(d) -> None:
     spawned = []
     d._spawn = spawned.append
     for v in d.views:
