@@ -4,6 +4,10 @@
 requests, timeouts and cancellation that never leak blocks, and a preference for contiguous runs
 of free blocks so that rounds coalesce into few (src, dst, bytes) triples.
 
+Blocks a peer may still write into (a transfer whose end could not be confirmed with the
+encoder) can be put in quarantine: neither free nor handed out, counted apart, until the caller
+releases them into the pool (services/language/receiver.py decides when).
+
 `BlockPool` owns the slab, shaped [num_blocks, block_size, record_bytes] uint8, allocated once
 (it is registered with the transfer engine before serving), and offers typed per-field views and
 run-wise copies in and out of an allocation.
@@ -25,7 +29,8 @@ from common.plan import token_runs
 log = logging.getLogger(__name__)
 
 OnChange = Callable[[int, int], None]
-"""Called as on_change(used, free) after every allocation or free."""
+"""Called as on_change(used, free) after every allocation, free or quarantine change (quarantined
+blocks count as neither)."""
 
 
 class _Waiter:
@@ -58,6 +63,7 @@ class BlockAllocator:
         self._on_change = on_change
         self._is_free = bytearray(b"\x01") * num_blocks  # per-block flag, for validating frees
         self._free_count = num_blocks
+        self._quarantined: set[int] = set()  # taken out of the pool: a late write may still land there
         self._run_end: dict[int, int] = {0: num_blocks}  # start -> end (exclusive)
         self._run_start: dict[int, int] = {num_blocks: 0}  # end -> start
         self._waiters: collections.deque[_Waiter] = collections.deque()
@@ -74,7 +80,12 @@ class BlockAllocator:
 
     @property
     def used_count(self) -> int:
-        return self._num_blocks - self._free_count
+        """Blocks handed out (quarantined blocks are not counted: see `quarantined_count`)."""
+        return self._num_blocks - self._free_count - len(self._quarantined)
+
+    @property
+    def quarantined_count(self) -> int:
+        return len(self._quarantined)
 
     @property
     def waiters(self) -> int:
@@ -150,7 +161,8 @@ class BlockAllocator:
         waiter.future.set_exception(
             ResourceExhausted(
                 f"{label or 'alloc'}: timed out after {timeout}s waiting for {waiter.n} blocks "
-                f"({self._free_count} free of {self._num_blocks}, {self.waiters} other waiters)"
+                f"({self._free_count} free of {self._num_blocks}, {self.waiters} other waiters"
+                f"{f', {len(self._quarantined)} quarantined' if self._quarantined else ''})"
             )
         )
         self._leave(waiter)
@@ -188,9 +200,50 @@ class BlockAllocator:
                 raise ValueError(f"block id {b} is outside the pool (0..{self._num_blocks - 1})")
             if self._is_free[b] or b in seen:
                 raise ValueError(f"block {b} is already free (double free)")
+            if b in self._quarantined:
+                raise ValueError(f"block {b} is quarantined (release_quarantine returns it)")
             seen.add(b)
         if not blocks:
             return
+        self._release(blocks)
+
+    def _validate_held(self, blocks: list[int], what: str) -> None:
+        """Every id a block handed out (not free, not quarantined), no repeats; else ValueError."""
+        seen: set[int] = set()
+        for b in blocks:
+            if not isinstance(b, int) or isinstance(b, bool):
+                raise ValueError(f"{what}: block id {b!r} is not an int")
+            if not 0 <= b < self._num_blocks:
+                raise ValueError(f"{what}: block id {b} is outside the pool (0..{self._num_blocks - 1})")
+            if self._is_free[b] or b in seen:
+                raise ValueError(f"{what}: block {b} is free")
+            if b in self._quarantined:
+                raise ValueError(f"{what}: block {b} is already quarantined")
+            seen.add(b)
+
+    # -- quarantine ----------------------------------------------------------------------------
+
+    def quarantine(self, blocks: Iterable[int]) -> None:
+        """Take allocated blocks out of circulation instead of freeing them: a peer may still
+        write into them, so they must not be handed to anyone else. They stay neither free nor
+        used until `release_quarantine`. All ids are validated first (a bad call changes nothing)."""
+        blocks = list(blocks)
+        self._validate_held(blocks, "quarantine")
+        self._quarantined.update(blocks)
+        if blocks:
+            self._notify()
+
+    def release_quarantine(self, blocks: Iterable[int]) -> None:
+        """Return quarantined blocks to the pool (waiters are served). Validated first."""
+        blocks = list(blocks)
+        if len(set(blocks)) != len(blocks):
+            raise ValueError(f"release_quarantine: repeated block ids in {sorted(blocks)}")
+        for b in blocks:
+            if b not in self._quarantined:
+                raise ValueError(f"release_quarantine: block {b!r} is not quarantined")
+        if not blocks:
+            return
+        self._quarantined.difference_update(blocks)
         self._release(blocks)
 
     def _release(self, blocks: list[int]) -> None:

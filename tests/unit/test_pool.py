@@ -593,3 +593,76 @@ async def test_priority_waiters_go_ahead_of_a_big_head_waiter():
     assert first.done()
     a.free(first.result())
     assert a.free_count == 8
+
+
+# -- quarantine (blocks a late write may still land in) ---------------------------------------
+
+
+def test_quarantine_blocks_are_neither_free_nor_used_nor_allocatable():
+    changes = []
+    a = BlockAllocator(8, on_change=lambda used, free: changes.append((used, free)))
+    blocks = a.try_alloc(5)
+    a.quarantine(blocks[:3])
+    assert (a.used_count, a.free_count, a.quarantined_count) == (2, 3, 3)
+    assert changes[-1] == (2, 3)
+    assert a.try_alloc(4) is None  # the quarantined blocks are not handed out
+    got = a.try_alloc(3)
+    assert not set(got) & set(blocks)
+    a.free(got)
+    a.free(blocks[3:])
+    assert (a.used_count, a.free_count, a.quarantined_count) == (0, 5, 3)
+    a.release_quarantine(blocks[:3])
+    assert (a.used_count, a.free_count, a.quarantined_count) == (0, 8, 0)
+    assert a.free_runs() == [(0, 8)]  # merged back with their neighbours
+
+
+@pytest.mark.parametrize("bad", [[99], [-1], ["x"], [True]])
+def test_bad_quarantine_raises_and_changes_nothing(bad):
+    a = BlockAllocator(4)
+    blocks = a.try_alloc(2)
+    with pytest.raises(ValueError):
+        a.quarantine([blocks[0], *bad])
+    assert (a.used_count, a.free_count, a.quarantined_count) == (2, 2, 0)
+
+
+def test_quarantine_refuses_free_repeated_or_already_quarantined_blocks():
+    a = BlockAllocator(4)
+    blocks = a.try_alloc(2)
+    with pytest.raises(ValueError, match="block 3 is free"):
+        a.quarantine([3])
+    with pytest.raises(ValueError, match="is free"):
+        a.quarantine([blocks[0], blocks[0]])
+    a.quarantine(blocks[:1])
+    with pytest.raises(ValueError, match="already quarantined"):
+        a.quarantine(blocks[:1])
+    # A quarantined block is not freed by free(): only release_quarantine returns it.
+    with pytest.raises(ValueError, match="quarantined"):
+        a.free([blocks[1], blocks[0]])
+    assert (a.used_count, a.free_count, a.quarantined_count) == (1, 2, 1)
+    with pytest.raises(ValueError, match="not quarantined"):
+        a.release_quarantine([blocks[1]])
+    with pytest.raises(ValueError, match="repeated"):
+        a.release_quarantine([blocks[0], blocks[0]])
+    assert (a.used_count, a.free_count, a.quarantined_count) == (1, 2, 1)
+    a.quarantine([])
+    a.release_quarantine([])
+    assert (a.used_count, a.free_count, a.quarantined_count) == (1, 2, 1)
+
+
+async def test_release_quarantine_serves_waiters():
+    a = BlockAllocator(4)
+    blocks = a.try_alloc(4)
+    a.quarantine(blocks)
+    waiter = asyncio.ensure_future(a.alloc(3, timeout=5))
+    await settle()
+    assert not waiter.done()
+    a.release_quarantine(blocks)
+    got = await waiter
+    assert len(got) == 3 and (a.used_count, a.free_count, a.quarantined_count) == (3, 1, 0)
+
+
+async def test_alloc_timeout_message_counts_quarantined_blocks():
+    a = BlockAllocator(4)
+    a.quarantine(a.try_alloc(3))
+    with pytest.raises(ResourceExhausted, match=r"1 free of 4, \d+ other waiters, 3 quarantined"):
+        await a.alloc(2, timeout=0.01)
