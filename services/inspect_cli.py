@@ -272,13 +272,15 @@ def transfers_text(service: str, address: str, transfers: Sequence[common_pb2.Tr
 def pool_text(pool: common_pb2.PoolInfo) -> str:
     layout = pool.layout
     total = layout.num_blocks or pool.used_blocks + pool.free_blocks
-    lines = [f"pool: {pool.used_blocks}/{total} blocks used, {pool.free_blocks} free, {pool.waiters} waiting "
+    quarantined = f", {pool.quarantined_blocks} quarantined" if pool.quarantined_blocks else ""
+    lines = [f"pool: {pool.used_blocks}/{total} blocks used, {pool.free_blocks} free{quarantined}, {pool.waiters} waiting "
              f"(block_size {layout.block_size}, record {layout.record_bytes} B, device {pool.device or '?'}, "
              f"session {pool.session or '-'})"]
     if pool.rank_pools:
-        rows = [[str(rp.rank), str(rp.used_blocks), str(rp.free_blocks), str(rp.waiters), str(rp.fault_held_blocks)]
-                for rp in pool.rank_pools]
-        table = format_table(("RANK", "USED", "FREE", "WAITERS", "FAULT_HELD"), rows, right=frozenset(range(5)))
+        rows = [[str(rp.rank), str(rp.used_blocks), str(rp.free_blocks), str(rp.quarantined_blocks), str(rp.waiters),
+                 str(rp.fault_held_blocks)] for rp in pool.rank_pools]
+        table = format_table(("RANK", "USED", "FREE", "QUARANTINED", "WAITERS", "FAULT_HELD"), rows,
+                             right=frozenset(range(6)))
         lines += ["", table]
     return "\n".join(lines)
 

@@ -68,7 +68,7 @@ class Metrics:
                                           SECONDS_BUCKETS)
         self.rounds = histogram("epd_rounds_per_request", "Rounds of successful transfers", ROUNDS_BUCKETS)
         self.resumes = counter("epd_resumes", "Resume rounds begun (accepted by the encoder / sent by a rank)")
-        self.pool_blocks = gauge("epd_pool_blocks", "Blocks of this process's pool, by state (used|free)", ["state"])
+        self.pool_blocks = gauge("epd_pool_blocks", "Blocks of this process's pool, by state (used|free|quarantined)", ["state"])
         self.pool_waiters = gauge("epd_pool_waiters", "Allocations waiting for free blocks")
         self.alloc_wait = histogram("epd_alloc_wait_seconds", "How long allocations waited for pool blocks",
                                     ALLOC_WAIT_BUCKETS)
@@ -106,6 +106,8 @@ class Metrics:
         """Pool gauges read from a BlockAllocator when scraped."""
         self.pool_blocks.labels(**self._labels, state="used").set_function(lambda: allocator.used_count)
         self.pool_blocks.labels(**self._labels, state="free").set_function(lambda: allocator.free_count)
+        # Held back after a transfer the encoder could not confirm ended (services/language/receiver.py).
+        self.pool_blocks.labels(**self._labels, state="quarantined").set_function(lambda: allocator.quarantined_count)
         self.pool_waiters.labels(**self._labels).set_function(lambda: allocator.waiters)
 
     def watch_inflight(self, count: Callable[[], int]) -> None:
@@ -182,7 +184,7 @@ def exported_names(role: str, rank: int | None = None) -> set[str]:
     for metric in (m.transfer_bytes, m.transfer_seconds, m.rounds, m.resumes, m.alloc_wait, m.integrity,
                    m.encode_seconds, m.inflight, m.pool_waiters, m.failovers, m.early_inits, m.encoders_available):
         metric.labels(**m._labels)
-    for state in ("used", "free"):
+    for state in ("used", "free", "quarantined"):
         m.pool_blocks.labels(**m._labels, state=state)
     return {s.name for family in m.registry.collect() for s in family.samples}
 

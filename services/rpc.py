@@ -373,7 +373,8 @@ def pool_info(pool, session: str, rank: int = 0) -> common_pb2.PoolInfo:
     """Inspection view of a BlockPool (GetPool on both services)."""
     a = pool.allocator
     return common_pb2.PoolInfo(layout=geometry_to_pb(pool.geometry), used_blocks=a.used_count, free_blocks=a.free_count,
-                               waiters=a.waiters, device=str(pool.device), session=session, rank=rank)
+                               waiters=a.waiters, device=str(pool.device), session=session, rank=rank,
+                               quarantined_blocks=a.quarantined_count)
 
 
 def diagnostics(table, status_streams: int = 0) -> common_pb2.Diagnostics:

@@ -94,15 +94,18 @@ async def assert_all_free(*addresses_and_kinds: tuple[str, str], settle_s: float
             deadline = asyncio.get_running_loop().time() + settle_s
             while True:
                 pool = await stub.GetPool(common_pb2.GetPoolRequest())
-                busy = [rp for rp in pool.rank_pools[1:] if rp.used_blocks != rp.fault_held_blocks or rp.waiters]
+                busy = [rp for rp in pool.rank_pools[1:]
+                        if rp.used_blocks != rp.fault_held_blocks or rp.waiters or rp.quarantined_blocks]
                 if not busy or asyncio.get_running_loop().time() > deadline:
                     break
                 await asyncio.sleep(0.05)
             assert pool.used_blocks == 0, f"{kind} {address}: {pool.used_blocks} blocks still used"
+            assert pool.quarantined_blocks == 0, f"{kind} {address}: {pool.quarantined_blocks} blocks quarantined"
             assert pool.free_blocks == pool.layout.num_blocks
             assert pool.waiters == 0
             for rp in pool.rank_pools:  # language: every TP rank's pool
                 assert rp.used_blocks == rp.fault_held_blocks, f"{kind} rank {rp.rank}: {rp.used_blocks} blocks used"
+                assert rp.quarantined_blocks == 0, f"{kind} rank {rp.rank}: {rp.quarantined_blocks} blocks quarantined"
                 assert rp.waiters == 0
             live = await stub.ListTransfers(common_pb2.ListTransfersRequest(states=LIVE_STATES))
             assert not live.transfers, f"{kind} {address}: live transfers left: {live.transfers}"

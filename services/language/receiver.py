@@ -7,6 +7,13 @@
 The encoder is reached through an `EncoderLink` (services/language/encoder_link.py adapts gRPC),
 so this module imports neither grpc nor mooncake. `close()` always runs: it frees every block
 this task holds and, when the transfer may still be live on the encoder, cancels it there.
+
+When that Cancel gets no answer (the encoder or the link is down), the encoder may still write
+into the current round's blocks: its write may finish late, and even a failed write leaves bytes in
+its kernel that arrive once the link is back — Mooncake's receiving side accepts them whenever
+they come. Those blocks are quarantined (`BlockAllocator.quarantine`), not freed, and
+`release_when_safe` returns them once the encoder answered a Cancel of the transfer (it then has no
+write in flight) and a grace period has passed since.
 """
 
 from __future__ import annotations
@@ -28,6 +35,13 @@ from common.states import FailureReason, StatusUpdate, TransferState
 from common.telemetry import NULL_TELEMETRY, Telemetry
 
 log = logging.getLogger(__name__)
+
+CANCEL_TIMEOUT_S = 10.0  # close(): how long the Cancel on the encoder may take
+PROBE_S = 1.0            # release_when_safe(): how often a quarantined transfer's encoder is asked again
+PROBE_TIMEOUT_S = 2.0
+MAX_OUTAGE_EXTRA_S = 120.0  # Linux's TCP_RTO_MAX: no retransmission waits longer than this
+# Failures of a Cancel that mean "no answer from the encoder": it may still be writing.
+UNREACHABLE = (errors.Unavailable, errors.DeadlineExceeded, asyncio.TimeoutError)
 
 
 class StatusSource(Protocol):
@@ -59,7 +73,8 @@ class ReceiveTask:
     def __init__(self, request_id: str, rank: int, rank_count: int, pool: BlockPool, link: EncoderLink, *,
                  initial_tokens: int, transfer_id: str = "", alloc_timeout_s: float, integrity: bool = True,
                  reserved_blocks: list[int] | None = None, progress_tokens: int = 0,
-                 on_progress: Callable[["ReceiveTask"], None] | None = None, telemetry: Telemetry = NULL_TELEMETRY):
+                 on_progress: Callable[["ReceiveTask"], None] | None = None, telemetry: Telemetry = NULL_TELEMETRY,
+                 on_quarantine: Callable[["ReceiveTask"], None] | None = None):
         self.request_id = request_id
         self.transfer_id = transfer_id or request_id  # the encoder's name for it
         self.rank = rank
@@ -85,6 +100,9 @@ class ReceiveTask:
         self._copied = 0
         self._copying: asyncio.Future | None = None
         self.on_progress = on_progress
+        self.on_quarantine = on_quarantine  # close() quarantined blocks: the owner arranges their release
+        self.quarantined_blocks: list[int] = []
+        self.quarantined_at: float | None = None
         self.telemetry = telemetry
         self.abort_with: BaseException | None = None  # set before cancelling: the reason to report
         self.state = TransferState.UNSPECIFIED
@@ -348,7 +366,9 @@ class ReceiveTask:
 
     async def close(self, failure: BaseException | None = None) -> None:
         """Free every block held; if the encoder may still be working on the request, cancel it
-        there first and wait for its answer, so no write can land in blocks we hand out again."""
+        there first and wait for its answer, so no write can land in blocks we hand out again.
+        Without an answer the blocks the encoder may still write are quarantined instead
+        (`on_quarantine` is told; see `release_when_safe`)."""
         if self._closed:
             return
         self._closed = True
@@ -360,12 +380,9 @@ class ReceiveTask:
                 self.reason, self.message = FailureReason.CANCELLED, "cancelled"
             else:
                 self.reason, self.message = FailureReason.UNSPECIFIED, repr(failure)
+        confirmed = True
         if self._initialised and not self._terminal_seen:
-            try:
-                await asyncio.wait_for(
-                    self.link.cancel(self.transfer_id, f"{self.reason.label}: {self.message}"), timeout=10)
-            except (errors.EpdError, asyncio.TimeoutError) as e:
-                log.info("request %s rank %d: Cancel on encoder %s: %s", self.request_id, self.rank, self.link.address, e)
+            confirmed = await self._cancel_on_encoder()
         if self._stream is not None:
             self._stream.close()  # after Cancel, so the encoder records why the request ended
         for part in (self._landed_check, self._copying):  # work on parts that landed, moot now
@@ -374,7 +391,72 @@ class ReceiveTask:
                 await asyncio.gather(part, return_exceptions=True)
         self._landed_check = self._copying = self._early_copy = None
         if self.blocks is not None:
-            self.pool.allocator.free(self.blocks)
+            if confirmed:
+                self.pool.allocator.free(self.blocks)
+            else:
+                self.pool.allocator.quarantine(self.blocks)
+                self.quarantined_blocks, self.quarantined_at = self.blocks, time.monotonic()
+                log.warning("request %s rank %d: encoder %s did not confirm the end of transfer %s: %d block(s) "
+                            "quarantined (a late write may still land in them) until it answers", self.request_id,
+                            self.rank, self.link.address, self.transfer_id, len(self.blocks))
             self.blocks, self.allocated_tokens = None, 0
+            if self.quarantined_blocks and self.on_quarantine is not None:
+                self.on_quarantine(self)
         self._segments = []
         self.finished_at = self.finished_at or time.monotonic()
+
+    async def _cancel_on_encoder(self) -> bool:
+        """Cancel the transfer on the encoder and wait for its answer (the encoder answers once no
+        write of it is in flight). False when no answer came: the encoder may still write."""
+        try:
+            await asyncio.wait_for(self.link.cancel(self.transfer_id, f"{self.reason.label}: {self.message}"),
+                                   timeout=CANCEL_TIMEOUT_S)
+        except errors.NotFound:
+            pass  # the encoder does not know the transfer (any more): nothing of it is in flight
+        except UNREACHABLE as e:
+            log.info("request %s rank %d: Cancel on encoder %s got no answer: %s", self.request_id, self.rank,
+                     self.link.address, e)
+            return False
+        except errors.EpdError as e:  # answered, with an error: it is reachable and not writing for us
+            log.info("request %s rank %d: Cancel on encoder %s: %s", self.request_id, self.rank, self.link.address, e)
+        return True
+
+
+async def release_when_safe(task: ReceiveTask, grace_s: float, *, probe_s: float = PROBE_S) -> None:
+    """Return a closed task's quarantined blocks to the pool once a late write can no longer land
+    in them: the encoder answered a Cancel of the transfer (any answer: it has no write of it in
+    flight, or does not know it), and then stayed reachable for `grace_s` plus as long as it had
+    been unreachable (capped at MAX_OUTAGE_EXTRA_S) — TCP retransmissions back off, so bytes left
+    in the encoder's kernel by a failed write come later after a longer outage (measured: ~4.5 s
+    after the link came back from a 3.3 s cut). Every probe that gets no answer starts the wait
+    again. Cancelled at shutdown: the blocks then go with the pool."""
+    blocks, since = task.quarantined_blocks, task.quarantined_at or time.monotonic()
+    answered_at: float | None = None
+    hold = grace_s
+    while True:
+        try:
+            await asyncio.wait_for(task.link.cancel(task.transfer_id, f"quarantine check of request {task.request_id}"),
+                                   timeout=PROBE_TIMEOUT_S)
+            reachable = True
+        except UNREACHABLE:
+            reachable = False
+        except errors.EpdError:  # NOT_FOUND or another answer: reachable, nothing of ours in flight
+            reachable = True
+        now = time.monotonic()
+        if not reachable:
+            if answered_at is not None:
+                log.info("request %s rank %d: encoder %s stopped answering again; quarantine of %d block(s) goes on",
+                         task.request_id, task.rank, task.link.address, len(blocks))
+            answered_at = None
+        elif answered_at is None:
+            answered_at = now
+            hold = grace_s + min(now - since, MAX_OUTAGE_EXTRA_S)
+            log.info("request %s rank %d: encoder %s answered for transfer %s; its %d quarantined block(s) return "
+                     "in %.1f s", task.request_id, task.rank, task.link.address, task.transfer_id, len(blocks), hold)
+        if answered_at is not None and now - answered_at >= hold:
+            break
+        await asyncio.sleep(probe_s if answered_at is None else min(probe_s, max(0.0, hold - (now - answered_at))))
+    task.pool.allocator.release_quarantine(blocks)
+    task.quarantined_blocks = []
+    log.warning("request %s rank %d: %d quarantined block(s) back in the pool (%.1f s after the transfer ended "
+                "unconfirmed)", task.request_id, task.rank, len(blocks), time.monotonic() - since)

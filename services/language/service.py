@@ -508,9 +508,9 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
         info = rpc.pool_info(self.s.pool, self.s.transport.session, 0)
         if not self.s.group.broken:
             await self.s.group.refresh()
-        for rank, (used, free, waiters, held) in enumerate(self.s.group.rank_pools):
+        for rank, (used, free, waiters, held, quarantined) in enumerate(self.s.group.rank_pools):
             info.rank_pools.append(common_pb2.RankPool(rank=rank, used_blocks=used, free_blocks=free, waiters=waiters,
-                                                       fault_held_blocks=held))
+                                                       fault_held_blocks=held, quarantined_blocks=quarantined))
         return info
 
     @rpc.grpc_errors

@@ -26,7 +26,7 @@ from services.language.encoders import EncoderDirectory
 from services.language.faults import FaultSpec, FaultyLink
 from services.language.rank_group import Decision, LocalView, RankGroup, RequestSpec
 from services.rpc import ClientSecurity
-from services.language.receiver import ReceiveTask
+from services.language.receiver import ReceiveTask, release_when_safe
 from services.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,10 @@ class RankWorker:
         self.receivers: dict[str, ReceiveTask] = {}
         self._outcomes: dict[str, asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
+        # Blocks of transfers whose end the encoder could not confirm, until release_when_safe
+        # returns them (receiver.py); cancelled at close, the blocks then go with the pool.
+        self._quarantines: set[asyncio.Task] = set()
+        self._closing = False
         self._held: list[int] = []
         # Early reservations (`reserve_early`): blocks by admission key until the request's receive
         # task takes them, and the blocks of those whose Encode has not returned yet.
@@ -102,15 +106,20 @@ class RankWorker:
         construction, so two instances can use the same request_id on one encoder."""
         return f"{self.language_id}/{key}"
 
-    def pool_stats(self) -> tuple[int, int, int, int]:
+    def pool_stats(self) -> tuple[int, int, int, int, int]:
         a = self.pool.allocator
-        return (a.used_count, a.free_count, a.waiters, len(self._held))
+        return (a.used_count, a.free_count, a.waiters, len(self._held), a.quarantined_count)
 
     async def close(self) -> None:
+        self._closing = True
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task in list(self._quarantines):
+            task.cancel()
+        if self._quarantines:
+            await asyncio.gather(*self._quarantines, return_exceptions=True)
         if self._held:
             self.pool.allocator.free(self._held)
             self._held = []
@@ -233,9 +242,18 @@ class RankWorker:
             progress_tokens=self.config.progress_tokens,
             initial_tokens=min(spec.initial_tokens, self.pool.num_blocks * self.pool.block_size),
             alloc_timeout_s=self.config.alloc_timeout_s, integrity=self.config.integrity, on_progress=progress,
-            telemetry=self.telemetry)
+            telemetry=self.telemetry, on_quarantine=self._quarantined)
         self.receivers[spec.request_id] = receiver
         return receiver
+
+    def _quarantined(self, receiver: ReceiveTask) -> None:
+        """A closed receive left blocks in quarantine: watch its encoder until they are safe to reuse."""
+        if self._closing:
+            return  # shutting down: the blocks go with the pool
+        task = asyncio.get_running_loop().create_task(
+            release_when_safe(receiver, self.config.quarantine_grace_s), name=f"quarantine-{receiver.request_id}")
+        self._quarantines.add(task)
+        task.add_done_callback(self._quarantines.discard)
 
     async def _receive(self, spec: RequestSpec, receiver: ReceiveTask, view: LocalView) -> tuple[Payload, str]:
         """Receive, then report ready; on failure close at once (free, Cancel on the encoder) and

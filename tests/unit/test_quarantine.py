@@ -1,0 +1,131 @@
+"""A language rank quarantines the blocks of a transfer whose end the encoder could not confirm
+(its Cancel got no answer), and returns them once the encoder answered and a grace period passed.
+
+The encoder is a fake link (fault injection: its Cancel fails as an unreachable encoder's does,
+until the test "restores the link"); the pool and the receive task are real. The cross-host test
+with a real cut link is tests/integration/test_netns.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from common import errors
+from common.layout import RecordLayout, default_fields
+from common.pool import BlockPool
+from common.states import FailureReason
+from services.language import receiver as receiver_mod
+from services.language.receiver import ReceiveTask, release_when_safe
+
+BLOCK = 16
+POOL_BLOCKS = 8
+
+
+class _SilentStream:
+    """A Status stream that never says anything (the link is cut)."""
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        await asyncio.sleep(3600)
+
+    def close(self) -> None:
+        pass
+
+
+class CutLink:
+    """A fake encoder link: Cancel raises `failure` while the link is "down" (fault injection)."""
+
+    address = "fake-encoder"
+
+    def __init__(self, failure: BaseException | None):
+        self.failure = failure
+        self.cancels = 0
+
+    async def init(self, *a, **kw):
+        pass
+
+    def status(self, request_id, rank):
+        return _SilentStream()
+
+    async def cancel(self, request_id, reason):
+        self.cancels += 1
+        if self.failure is not None:
+            raise self.failure
+
+
+def make(failure):
+    pool = BlockPool(RecordLayout.pack(default_fields(16, "bfloat16")), BLOCK, POOL_BLOCKS)
+    link = CutLink(failure)
+    seen = []
+    task = ReceiveTask("r", 0, 1, pool, link, initial_tokens=3 * BLOCK, alloc_timeout_s=1.0, on_quarantine=seen.append)
+    return pool, link, task, seen
+
+
+async def started_then_failed(task):
+    await task.start()
+    receive = asyncio.ensure_future(task.receive())
+    await asyncio.sleep(0.01)
+    receive.cancel()
+    await asyncio.gather(receive, return_exceptions=True)
+    await task.close(errors.Unavailable("the link is gone", reason=FailureReason.PEER_LOST))
+
+
+async def test_unanswered_cancel_quarantines_then_an_answer_and_the_grace_release_fault_injected(monkeypatch):
+    monkeypatch.setattr(receiver_mod, "PROBE_TIMEOUT_S", 0.2)
+    pool, link, task, seen = make(errors.Unavailable("Cancel on encoder fake-encoder: connection refused"))
+    await started_then_failed(task)
+    a = pool.allocator
+    assert seen == [task] and len(task.quarantined_blocks) == 3
+    assert (a.used_count, a.free_count, a.quarantined_count) == (0, POOL_BLOCKS - 3, 3)
+    assert a.try_alloc(POOL_BLOCKS - 2) is None  # not allocatable
+
+    grace = 0.3
+    release = asyncio.ensure_future(release_when_safe(task, grace, probe_s=0.05))
+    await asyncio.sleep(0.3)
+    assert not release.done() and a.quarantined_count == 3  # still unreachable: held
+    probes_down = link.cancels
+    link.failure = None  # the link is back: Cancel answers
+    back = time.monotonic()
+    await asyncio.wait_for(release, 5)
+    held = time.monotonic() - back
+    # The grace, plus as long as the encoder had been unreachable since the quarantine (>= 0.3 s).
+    assert held >= grace + 0.3 - 0.05, held
+    assert link.cancels > probes_down
+    assert (a.used_count, a.free_count, a.quarantined_count) == (0, POOL_BLOCKS, 0)
+    assert task.quarantined_blocks == []
+
+
+async def test_unreachable_again_during_the_grace_restarts_the_wait_fault_injected(monkeypatch):
+    monkeypatch.setattr(receiver_mod, "PROBE_TIMEOUT_S", 0.2)
+    pool, link, task, _ = make(asyncio.TimeoutError())
+    await started_then_failed(task)
+    link.failure = None
+    release = asyncio.ensure_future(release_when_safe(task, 0.5, probe_s=0.05))
+    await asyncio.sleep(0.2)
+    link.failure = errors.DeadlineExceeded("Cancel on encoder fake-encoder: deadline exceeded")
+    await asyncio.sleep(0.6)
+    assert not release.done() and pool.allocator.quarantined_count == 3
+    link.failure = errors.NotFound("no such transfer")  # an answer: the encoder does not know it
+    await asyncio.wait_for(release, 5)
+    assert pool.allocator.free_count == POOL_BLOCKS
+
+
+async def test_answered_cancel_frees_at_once_fault_injected():
+    for answer in (None, errors.NotFound("no such transfer"), errors.PermissionDenied("not yours")):
+        pool, link, task, seen = make(answer)
+        await started_then_failed(task)
+        assert seen == [] and task.quarantined_blocks == []
+        assert pool.allocator.free_count == POOL_BLOCKS and link.cancels == 1
+
+
+async def test_shutdown_drops_a_quarantine_fault_injected():
+    pool, link, task, _ = make(errors.Unavailable("down"))
+    await started_then_failed(task)
+    release = asyncio.ensure_future(release_when_safe(task, 0.1, probe_s=0.05))
+    await asyncio.sleep(0.1)
+    release.cancel()
+    await asyncio.gather(release, return_exceptions=True)
+    assert pool.allocator.quarantined_count == 3  # goes with the pool
