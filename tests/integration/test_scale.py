@@ -5,6 +5,10 @@ test-only `--transport-fault` (named in the tests) or by killing a real process.
 from __future__ import annotations
 
 import asyncio
+import re
+import socket
+import time
+import urllib.request
 
 import grpc
 import pytest
@@ -22,9 +26,44 @@ def encoder(*args: str) -> ServiceProcess:
     return ServiceProcess("encoder", *COMMON, "--pool-blocks", "512", *args)
 
 
-def language(*encoders: ServiceProcess | str, args=()) -> ServiceProcess:
+def language(*encoders: ServiceProcess | str, args=(), watch: bool = False) -> ServiceProcess:
+    """`watch`: serve /metrics too, so that `in_rotation` can wait for the encoders to join."""
     flags = [x for e in encoders for x in ("--encoder", e if isinstance(e, str) else e.address)]
+    if watch:
+        tp = int(args[list(args).index("--tp") + 1]) if "--tp" in args else 1
+        flags += ["--metrics-port", str(_free_ports(tp))]  # rank R serves on metrics_port + R
     return ServiceProcess("language", *COMMON, "--pool-blocks", "32", "--initial-tokens", "1024", *flags, *args)
+
+
+def _free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports on 127.0.0.1."""
+    for _ in range(100):
+        first = free_port("127.0.0.1")
+        try:
+            for k in range(1, count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", first + k))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+async def in_rotation(lang: ServiceProcess, count: int, timeout: float = 30.0) -> None:
+    """Wait until `count` encoders are in the language instance's rotation (its
+    `epd_encoders_available` gauge). A language is ready once ONE encoder registered; the others
+    register in the background, so a request sent at once may find only that one."""
+    url = f"http://127.0.0.1:{lang.info['metrics_port']}/metrics"
+
+    def available() -> float:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            found = re.search(r"^epd_encoders_available\{[^}]*\} (\S+)$", r.read().decode(), re.M)
+        return float(found.group(1)) if found else -1.0
+
+    deadline = time.monotonic() + timeout
+    while (got := await asyncio.to_thread(available)) != count:
+        assert time.monotonic() < deadline, f"{got:.0f} encoder(s) in rotation after {timeout:.0f} s, expected {count}"
+        await asyncio.sleep(0.05)
 
 
 async def generate(stub, tokens: int, seed: int, request_id: str = "") -> language_pb2.GenerateReply:
@@ -41,9 +80,10 @@ async def free(*services: tuple[ServiceProcess, str]) -> None:
 @pytest.mark.parametrize("policy", ["least-loaded", "round-robin"])
 async def test_requests_spread_over_two_encoders(policy):
     a, b = encoder(), encoder()
-    lang = language(a, b, args=("--encoder-policy", policy))
+    lang = language(a, b, args=("--encoder-policy", policy), watch=True)
     try:
         stub = language_stub(lang.address)
+        await in_rotation(lang, 2)  # else a burst sent at once may all go to the first one registered
         replies = await asyncio.gather(*(generate(stub, 2000 + 300 * i, i) for i in range(12)))
         used = {r.encoder for r in replies}
         assert len(used) == 2, [r.encoder for r in replies]
@@ -61,17 +101,28 @@ async def test_failover_on_injected_round1_write_failure_uses_fresh_transfer_id(
     the request runs again on B as ID#2 and succeeds with the right bytes; A's attempt is FAILED."""
     a = encoder("--transport-fault", "fail_nth=1")
     b = encoder()
-    lang = language(a, b, args=("--encoder-policy", "round-robin"))
+    lang = language(a, b, args=("--encoder-policy", "round-robin"), watch=True)
     try:
         stub = language_stub(lang.address)
-        reply = await generate(stub, 5000, 7, "fo-1")  # round-robin: A first
-        assert reply.attempts == 2 and reply.failed_over_from and reply.failed_over_from != reply.encoder
-        assert reply.transfer_id.endswith("/fo-1#2"), reply.transfer_id
-        first = await encoder_stub(a.address).GetTransfer(common_pb2.GetTransferRequest(request_id="fo-1"))
+        # Round-robin alternates between the encoders in rotation; which one a request gets first
+        # is not promised (an encoder can leave the rotation for a poll), so requests that start
+        # on B simply succeed there and the first one that starts on A must fail over.
+        await in_rotation(lang, 2)
+        for i in range(4):
+            rid = f"fo-{i}"
+            reply = await generate(stub, 5000, 7 + i, rid)
+            if reply.attempts == 2:
+                break
+            assert reply.encoder.endswith(_port(b)) and not reply.failed_over_from, reply
+        else:
+            pytest.fail("no request went to encoder A first")
+        assert reply.failed_over_from.endswith(_port(a)) and reply.encoder.endswith(_port(b)), reply
+        assert reply.transfer_id.endswith(f"/{rid}#2"), reply.transfer_id
+        first = await encoder_stub(a.address).GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
         assert first.state == common_pb2.TRANSFER_STATE_FAILED
         assert first.error.reason == common_pb2.FAILURE_REASON_TRANSPORT
-        second = await encoder_stub(b.address).GetTransfer(common_pb2.GetTransferRequest(request_id="fo-1"))
-        assert second.state == common_pb2.TRANSFER_STATE_SUCCESS and second.request_id == "fo-1#2"
+        second = await encoder_stub(b.address).GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
+        assert second.state == common_pb2.TRANSFER_STATE_SUCCESS and second.request_id == f"{rid}#2"
         await free((a, "encoder"), (b, "encoder"), (lang, "language"))
     finally:
         lang.stop(); a.stop(); b.stop()
@@ -82,9 +133,10 @@ async def test_no_failover_after_bytes_were_delivered_injected_fault():
     failure (transport) is reported to the client and never retried on B."""
     a = encoder("--transport-fault", "fail_nth=2")
     b = encoder()
-    lang = language(a, b, args=("--encoder-policy", "round-robin"))
+    lang = language(a, b, args=("--encoder-policy", "round-robin"), watch=True)
     try:
         stub = language_stub(lang.address)
+        await in_rotation(lang, 2)
         # Round-robin alternates, but which encoder comes first depends on which one the live
         # view saw first: requests that land on B succeed; the first one on A must fail.
         failed = None
@@ -193,9 +245,10 @@ async def test_tp2_failover_before_any_byte_succeeds_on_both_ranks(how):
     attempt, whose blocks are allocated only after A's attempt ended."""
     a = encoder("--pool-blocks", "8") if how == "refuses-encode" else encoder("--transport-fault", "fail_nth=1")
     b = encoder()
-    lang = language(a, b, args=("--tp", "2", "--encoder-policy", "round-robin"))
+    lang = language(a, b, args=("--tp", "2", "--encoder-policy", "round-robin"), watch=True)
     try:
         stub = language_stub(lang.address)
+        await in_rotation(lang, 2)
         # Round-robin: which encoder comes first depends on which one the live view saw first;
         # requests that start on B simply succeed there.
         for i in range(4):
@@ -231,9 +284,10 @@ async def test_tp2_no_failover_after_bytes_reached_the_ranks_injected_fault():
     rank and the request is never retried on B; every pool of both ranks is free."""
     a = encoder("--transport-fault", "fail_nth=3")
     b = encoder()
-    lang = language(a, b, args=("--tp", "2", "--encoder-policy", "round-robin"))
+    lang = language(a, b, args=("--tp", "2", "--encoder-policy", "round-robin"), watch=True)
     try:
         stub = language_stub(lang.address)
+        await in_rotation(lang, 2)
         failed = None
         for i in range(4):
             rid, seed = f"tplate-{i}", 70 + i
@@ -270,11 +324,12 @@ async def test_tp2_failover_from_a_frozen_encoder_then_it_recovers():
 
     a = encoder("--bootstrap-timeout-s", "5")
     b = encoder()
-    lang = language(a, b, args=("--tp", "2", "--encoder-policy", "round-robin"))
+    lang = language(a, b, args=("--tp", "2", "--encoder-policy", "round-robin"), watch=True)
     stopped = False
     try:
         stub = language_stub(lang.address)
         _check_ranks(await generate(stub, 2000, 80), 2000, 80)  # both ranks registered and serving
+        await in_rotation(lang, 2)  # else both requests below may go to B, the first one registered
         os.kill(a.proc.pid, signal.SIGSTOP)
         stopped = True
         replies = await asyncio.wait_for(asyncio.gather(
