@@ -7,7 +7,10 @@ a transfer: the request fails cleanly on both sides (language: the encoder's cal
 gRPC keepalive, peer_lost; encoder: no Resume within resume_timeout_s) and every pool is free.
 The second test cuts the link in the middle of a round's Mooncake write (the link shaped with tc
 so the write takes seconds): the encoder's write fails within --write-timeout-s (transport).
-The namespaces are removed even when the test fails."""
+In both, the language's Cancel of the cut request gets no answer, so the blocks the encoder may
+still write into are quarantined (not free) until the link is back, the encoder answered and
+--quarantine-grace-s passed; then every pool is free. The namespaces are removed even when the
+test fails."""
 
 from __future__ import annotations
 
@@ -102,7 +105,8 @@ async def test_cross_namespace_transfer_then_link_cut_mid_transfer(namespaces):
         services.append(enc)
         enc_addr = f"{ENC_IP}:{enc.port}"
         lang = start_in(lang_ns, "language", "--host", LANG_IP, *common, "--pool-blocks", "8",
-                        "--initial-tokens", "1024", "--encoder", enc_addr, "--fault", "status_lag_s=1.0")
+                        "--initial-tokens", "1024", "--encoder", enc_addr, "--fault", "status_lag_s=1.0",
+                        "--quarantine-grace-s", "2")
         services.append(lang)
         lang_addr = f"{LANG_IP}:{lang.port}"
         assert lang.info["session"].startswith(LANG_IP), lang.info
@@ -137,12 +141,28 @@ async def test_cross_namespace_transfer_then_link_cut_mid_transfer(namespaces):
         assert time.monotonic() - cut_at < 30
         linfo = await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
         assert linfo.state == common_pb2.TRANSFER_STATE_FAILED and linfo.sent_tokens >= 1024, linfo
+        # The Cancel could not reach the encoder: the round's blocks are quarantined, not free.
+        pool = await stub.GetPool(common_pb2.GetPoolRequest())
+        assert pool.quarantined_blocks > 0 and pool.used_blocks == 0, pool
+        assert pool.free_blocks + pool.quarantined_blocks == 8 and pool.rank_pools[0].quarantined_blocks == \
+            pool.quarantined_blocks, pool
 
         # The encoder gives up on its own (no Resume within resume_timeout_s).
         while (await es.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))).state != \
                 common_pb2.TRANSFER_STATE_FAILED:
             assert time.monotonic() - cut_at < 30, "the encoder never failed the cut transfer"
             await asyncio.sleep(0.1)
+        await assert_all_free((enc_addr, "encoder"))
+        assert (await stub.GetPool(common_pb2.GetPoolRequest())).quarantined_blocks == pool.quarantined_blocks
+
+        # Link back: the language's next probe gets an answer, and 2 s (plus the outage) later
+        # the blocks return.
+        ip("link", "set", v["ve"], "up", ns=enc_ns)
+        back_at = time.monotonic()
+        released_s = await _wait_unquarantined(stub, 60)
+        print(f"{pool.quarantined_blocks} blocks quarantined; back in the pool {released_s:.1f} s after the link "
+              f"came back ({time.monotonic() - cut_at:.1f} s after the cut)")
+        assert released_s >= 2.0
         await assert_all_free((enc_addr, "encoder"), (lang_addr, "language"))
     except BaseException:
         for svc in services:
@@ -152,6 +172,15 @@ async def test_cross_namespace_transfer_then_link_cut_mid_transfer(namespaces):
         for svc in reversed(services):
             svc.stop()
 
+
+
+async def _wait_unquarantined(stub, timeout: float) -> float:
+    """Seconds until the language's pool has no quarantined block (AssertionError after `timeout`)."""
+    started = time.monotonic()
+    while (pool := await stub.GetPool(common_pb2.GetPoolRequest())).quarantined_blocks:
+        assert time.monotonic() - started < timeout, f"blocks still quarantined after {timeout} s: {pool}"
+        await asyncio.sleep(0.1)
+    return time.monotonic() - started
 
 
 def _tx_bytes(ns: str, dev: str) -> int:
@@ -179,9 +208,10 @@ async def test_link_cut_during_a_mooncake_write_fails_both_sides_then_recovers(n
     it went out and the encoder still shows 0 tokens sent). Mooncake does not hang: the write
     fails after --write-timeout-s (5 s here, 30 by default), so the encoder fails the request
     with `transport` and frees its source blocks; the language has already failed it with
-    `peer_lost` (gRPC keepalive) and freed its pool. With the link back (once what the encoder's
-    kernel still held of the failed write has drained into the language's free blocks), requests
-    work again."""
+    `peer_lost` (gRPC keepalive) and, its Cancel unanswered, quarantined the round's blocks. With
+    the link back, what the encoder's kernel still held of the failed write drains into those
+    quarantined blocks while requests sent at once get the other half of the pool and arrive
+    intact; after --quarantine-grace-s (the default, 15 s) every pool is free."""
     enc_ns, lang_ns, v = namespaces
     common = ("--hidden", "256", "--block-size", "128")
     services = []
@@ -190,7 +220,8 @@ async def test_link_cut_during_a_mooncake_write_fails_both_sides_then_recovers(n
                        "--resume-timeout-s", "8", "--write-timeout-s", "5")
         services.append(enc)
         enc_addr = f"{ENC_IP}:{enc.port}"
-        lang = start_in(lang_ns, "language", "--host", LANG_IP, *common, "--pool-blocks", "64",
+        # 128 blocks: the cut request's 64 stay quarantined while the next requests use the others.
+        lang = start_in(lang_ns, "language", "--host", LANG_IP, *common, "--pool-blocks", "128",
                         "--initial-tokens", "8192", "--encoder", enc_addr)
         services.append(lang)
         lang_addr = f"{LANG_IP}:{lang.port}"
@@ -227,7 +258,9 @@ async def test_link_cut_during_a_mooncake_write_fails_both_sides_then_recovers(n
         # (parts of round 1 may have landed and been verified: the round was never complete)
         assert linfo.state == common_pb2.TRANSFER_STATE_FAILED and linfo.sent_tokens < 8000, linfo
         assert linfo.error.reason == common_pb2.FAILURE_REASON_PEER_LOST, linfo.error
-        await assert_all_free((lang_addr, "language"))
+        # Its Cancel got no answer: the round's 64 blocks are quarantined, neither used nor free.
+        pool = await stub.GetPool(common_pb2.GetPoolRequest())
+        assert (pool.quarantined_blocks, pool.used_blocks, pool.free_blocks) == (64, 0, 64), pool
 
         # The encoder's write returns (fails) within write_timeout_s (+1 ns per byte): transport.
         while (einfo := await es.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))).state != \
@@ -238,32 +271,46 @@ async def test_link_cut_during_a_mooncake_write_fails_both_sides_then_recovers(n
               f"encoder after {time.monotonic() - cut_at:.1f} s")
         assert einfo.error.reason == common_pb2.FAILURE_REASON_TRANSPORT, einfo.error
         assert "round 1 write failed" in einfo.error.message, einfo.error.message
-        await assert_all_free((enc_addr, "encoder"), (lang_addr, "language"))
+        await assert_all_free((enc_addr, "encoder"))
+        assert (await stub.GetPool(common_pb2.GetPoolRequest())).quarantined_blocks == 64
 
-        # Link back (unshaped): Mooncake connects again and the next request arrives intact.
-        # What the kernel still buffers of the failed write (Mooncake dropped the connection, but
-        # a closed socket still delivers what it holds) lands in the language's pool once the
-        # link is back: harmless while those blocks are free, but it would overwrite blocks a
-        # new request got in the meantime (README, Several encoders: the caveat). So the next
-        # request goes once it has drained.
+        # Link back (unshaped): Mooncake connects again. What the encoder's kernel still buffers
+        # of the failed write (Mooncake dropped the connection, but a closed socket still delivers
+        # what it holds) arrives some seconds later, into the quarantined blocks; requests sent at
+        # once get the free half of the pool and arrive intact. (Before the quarantine, a request
+        # that got those blocks could be overwritten after its checks: README, Several encoders.)
         stale = _unsent(enc_ns, LANG_IP)
         _tc(enc_ns, "qdisc", "del", "dev", v["ve"], "root")
         ip("link", "set", v["ve"], "up", ns=enc_ns)
-        drain_deadline = time.monotonic() + 120
-        while (left := _unsent(enc_ns, LANG_IP)) > 0:
-            assert time.monotonic() < drain_deadline, f"{left} bytes of the cut write never drained"
-            await asyncio.sleep(0.1)
-        print(f"{stale} bytes of the failed write were still buffered at the encoder; drained "
-              f"{time.monotonic() - drain_deadline + 120:.1f} s after the link came back")
-        for attempt in range(20):
-            try:
-                reply = await stub.Generate(language_pb2.GenerateRequest(
-                    synthetic_tokens=9000, synthetic_seed=4, want_digest=True), timeout=60)
-                break
-            except grpc.aio.AioRpcError as err:  # the encoder rejoins the rotation within a poll or two
-                assert err.code() == grpc.StatusCode.UNAVAILABLE and attempt < 19, err
-                await asyncio.sleep(0.5)
-        assert reply.payload_sha256 == expected_digest(9000, 4, 256) and reply.rounds == 2
+        back_at = time.monotonic()
+        drained: list[tuple[float, int]] = []  # (seconds after the link came back, quarantined then)
+
+        async def watch_drain() -> None:
+            while _unsent(enc_ns, LANG_IP) > 0:
+                await asyncio.sleep(0.05)
+            quarantined = (await stub.GetPool(common_pb2.GetPoolRequest())).quarantined_blocks
+            drained.append((time.monotonic() - back_at, quarantined))
+
+        watcher = asyncio.ensure_future(watch_drain())
+        for n in range(3):
+            for attempt in range(20):
+                try:
+                    reply = await stub.Generate(language_pb2.GenerateRequest(
+                        synthetic_tokens=9000, synthetic_seed=4 + n, want_digest=True), timeout=60)
+                    break
+                except grpc.aio.AioRpcError as err:  # the encoder rejoins the rotation within a poll or two
+                    assert err.code() == grpc.StatusCode.UNAVAILABLE and attempt < 19, err
+                    await asyncio.sleep(0.2)
+            assert reply.payload_sha256 == expected_digest(9000, 4 + n, 256) and reply.rounds == 2, reply
+        sent_s = time.monotonic() - back_at
+        assert (await stub.GetPool(common_pb2.GetPoolRequest())).quarantined_blocks == 64  # still held back
+        await asyncio.wait_for(watcher, 60)
+        released_s = time.monotonic() - back_at + await _wait_unquarantined(stub, 90)
+        print(f"{stale} bytes of the failed write were still buffered at the encoder; drained {drained[0][0]:.1f} s "
+              f"after the link came back, with {drained[0][1]} blocks still quarantined; 3 requests done "
+              f"{sent_s:.1f} s after it; the quarantine ended {released_s:.1f} s after it")
+        assert drained[0][1] == 64, "the buffered bytes drained after the quarantine had ended"
+        assert released_s >= 15.0
         await assert_all_free((enc_addr, "encoder"), (lang_addr, "language"))
     except BaseException:
         for svc in services:
