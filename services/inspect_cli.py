@@ -271,7 +271,7 @@ def transfers_text(service: str, address: str, transfers: Sequence[common_pb2.Tr
 
 def pool_text(pool: common_pb2.PoolInfo) -> str:
     layout = pool.layout
-    total = layout.num_blocks or pool.used_blocks + pool.free_blocks
+    total = layout.num_blocks or pool.used_blocks + pool.free_blocks + pool.quarantined_blocks
     quarantined = f", {pool.quarantined_blocks} quarantined" if pool.quarantined_blocks else ""
     lines = [f"pool: {pool.used_blocks}/{total} blocks used, {pool.free_blocks} free{quarantined}, {pool.waiters} waiting "
              f"(block_size {layout.block_size}, record {layout.record_bytes} B, device {pool.device or '?'}, "

@@ -129,3 +129,17 @@ async def test_shutdown_drops_a_quarantine_fault_injected():
     release.cancel()
     await asyncio.gather(release, return_exceptions=True)
     assert pool.allocator.quarantined_count == 3  # goes with the pool
+
+
+def test_epd_status_shows_quarantined_blocks():
+    from common.pb.epd.v1 import common_pb2
+    from services.inspect_cli import pool_text
+
+    pool = common_pb2.PoolInfo(used_blocks=2, free_blocks=3, quarantined_blocks=3, rank_pools=[
+        common_pb2.RankPool(rank=0, used_blocks=2, free_blocks=3, quarantined_blocks=3)])
+    text = pool_text(pool)
+    assert "pool: 2/8 blocks used, 3 free, 3 quarantined, 0 waiting" in text, text
+    header, row = text.splitlines()[-2:]
+    assert header.split() == ["RANK", "USED", "FREE", "QUARANTINED", "WAITERS", "FAULT_HELD"]
+    assert row.split() == ["0", "2", "3", "3", "0", "0"]
+    assert "quarantined" not in pool_text(common_pb2.PoolInfo(used_blocks=1, free_blocks=7)).splitlines()[0]
