@@ -9,6 +9,8 @@ import re
 import socket
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import grpc
 import pytest
@@ -26,13 +28,46 @@ def encoder(*args: str) -> ServiceProcess:
     return ServiceProcess("encoder", *COMMON, "--pool-blocks", "512", *args)
 
 
+def encoders(*arg_lists: tuple[str, ...]) -> list[ServiceProcess]:
+    """One encoder per argument list, started at the same time (`together`)."""
+    return together(*(lambda args=args: encoder(*args) for args in arg_lists))
+
+
+def together(*makers: Callable[[], ServiceProcess]) -> list[ServiceProcess]:
+    """Start service processes at the same time (a start is ~2 s, most of it imports); if one
+    cannot start, the others are stopped."""
+    with ThreadPoolExecutor(len(makers)) as pool:
+        futures = [pool.submit(make) for make in makers]
+    started = [f.result() for f in futures if f.exception() is None]
+    failed = [f.exception() for f in futures if f.exception() is not None]
+    if failed:
+        stop(*started)
+        raise failed[0]
+    return started
+
+
+def stop(*services: ServiceProcess | None) -> None:
+    """Stop the language instances first (they still talk to their encoders), then the rest,
+    each group at the same time (a graceful stop takes ~1.5 s)."""
+    present = [s for s in services if s is not None]
+    for group in ([s for s in present if s.role == "language"], [s for s in present if s.role != "language"]):
+        if group:
+            with ThreadPoolExecutor(len(group)) as pool:
+                list(pool.map(lambda s: s.stop(), group))
+
+
 def language(*encoders: ServiceProcess | str, args=(), watch: bool = False) -> ServiceProcess:
-    """`watch`: serve /metrics too, so that `in_rotation` can wait for the encoders to join."""
+    """`watch`: serve /metrics too, so that `in_rotation` can wait for the encoders to join.
+    If it cannot start, the encoder processes given are stopped (the test's `finally` is not reached)."""
     flags = [x for e in encoders for x in ("--encoder", e if isinstance(e, str) else e.address)]
     if watch:
         tp = int(args[list(args).index("--tp") + 1]) if "--tp" in args else 1
         flags += ["--metrics-port", str(_free_ports(tp))]  # rank R serves on metrics_port + R
-    return ServiceProcess("language", *COMMON, "--pool-blocks", "32", "--initial-tokens", "1024", *flags, *args)
+    try:
+        return ServiceProcess("language", *COMMON, "--pool-blocks", "32", "--initial-tokens", "1024", *flags, *args)
+    except BaseException:
+        stop(*(e for e in encoders if isinstance(e, ServiceProcess)))
+        raise
 
 
 def _free_ports(count: int) -> int:
@@ -79,7 +114,7 @@ async def free(*services: tuple[ServiceProcess, str]) -> None:
 
 @pytest.mark.parametrize("policy", ["least-loaded", "round-robin"])
 async def test_requests_spread_over_two_encoders(policy):
-    a, b = encoder(), encoder()
+    a, b = encoders((), ())
     lang = language(a, b, args=("--encoder-policy", policy), watch=True)
     try:
         stub = language_stub(lang.address)
@@ -93,14 +128,13 @@ async def test_requests_spread_over_two_encoders(policy):
             assert seq[0] != seq[1] and seq[0] == seq[2] and seq[1] == seq[3], seq
         await free((a, "encoder"), (b, "encoder"), (lang, "language"))
     finally:
-        lang.stop(); a.stop(); b.stop()
+        stop(lang, a, b)
 
 
 async def test_failover_on_injected_round1_write_failure_uses_fresh_transfer_id():
     """Injected fault (fail_nth=1 on encoder A): round 1's write fails before any byte counts, so
     the request runs again on B as ID#2 and succeeds with the right bytes; A's attempt is FAILED."""
-    a = encoder("--transport-fault", "fail_nth=1")
-    b = encoder()
+    a, b = encoders(("--transport-fault", "fail_nth=1"), ())
     lang = language(a, b, args=("--encoder-policy", "round-robin"), watch=True)
     try:
         stub = language_stub(lang.address)
@@ -125,14 +159,13 @@ async def test_failover_on_injected_round1_write_failure_uses_fresh_transfer_id(
         assert second.state == common_pb2.TRANSFER_STATE_SUCCESS and second.request_id == f"{rid}#2"
         await free((a, "encoder"), (b, "encoder"), (lang, "language"))
     finally:
-        lang.stop(); a.stop(); b.stop()
+        stop(lang, a, b)
 
 
 async def test_no_failover_after_bytes_were_delivered_injected_fault():
     """Injected fault (fail_nth=2 on encoder A): round 2 fails after round 1 was delivered: the
     failure (transport) is reported to the client and never retried on B."""
-    a = encoder("--transport-fault", "fail_nth=2")
-    b = encoder()
+    a, b = encoders(("--transport-fault", "fail_nth=2"), ())
     lang = language(a, b, args=("--encoder-policy", "round-robin"), watch=True)
     try:
         stub = language_stub(lang.address)
@@ -155,13 +188,12 @@ async def test_no_failover_after_bytes_were_delivered_injected_fault():
         assert rid not in [t.request_id for t in on_b], "a request that had received bytes was retried on B"
         await free((a, "encoder"), (b, "encoder"), (lang, "language"))
     finally:
-        lang.stop(); a.stop(); b.stop()
+        stop(lang, a, b)
 
 
 async def test_killed_encoder_leaves_the_rotation_and_a_restarted_one_rejoins():
     port = free_port("127.0.0.1")
-    a = encoder("--port", str(port))
-    b = encoder()
+    a, b = encoders(("--port", str(port)), ())
     lang = language(a, b)
     try:
         stub = language_stub(lang.address)
@@ -178,7 +210,7 @@ async def test_killed_encoder_leaves_the_rotation_and_a_restarted_one_rejoins():
             pytest.fail("the restarted encoder never served a request")
         await free((a, "encoder"), (b, "encoder"), (lang, "language"))
     finally:
-        lang.stop(); a.stop(); b.stop()
+        stop(lang, a, b)
 
 
 async def test_encoder_down_at_startup_does_not_block_start():
@@ -199,14 +231,16 @@ async def test_encoder_down_at_startup_does_not_block_start():
             pytest.fail("the late encoder never joined")
         await free((a, "encoder"), (b, "encoder"), (lang, "language"))
     finally:
-        lang.stop(); b.stop()
-        if a is not None:
-            a.stop()
+        stop(lang, b, a)
 
 
 async def test_two_language_instances_share_an_encoder_with_the_same_request_ids():
     enc = encoder()
-    l1, l2 = language(enc), language(enc)
+    try:
+        l1, l2 = together(lambda: language(enc), lambda: language(enc))
+    except BaseException:
+        stop(enc)
+        raise
     try:
         s1, s2 = language_stub(l1.address), language_stub(l2.address)
         replies = await asyncio.gather(*(generate(s, 6000, seed, f"same-{i}")
@@ -217,7 +251,7 @@ async def test_two_language_instances_share_an_encoder_with_the_same_request_ids
         assert info.request_id == "same-1" and info.state == common_pb2.TRANSFER_STATE_SUCCESS
         await free((enc, "encoder"), (l1, "language"), (l2, "language"))
     finally:
-        l1.stop(); l2.stop(); enc.stop()
+        stop(l1, l2, enc)
 
 
 # ------------------------------------------------------------------------------------ TP > 1
@@ -243,8 +277,7 @@ async def test_tp2_failover_before_any_byte_succeeds_on_both_ranks(how):
     injected fault (fail_nth=1 on A): round 1's write to one rank fails while the write to the
     other rank lands — the round is never delivered, and nothing of it may reach the second
     attempt, whose blocks are allocated only after A's attempt ended."""
-    a = encoder("--pool-blocks", "8") if how == "refuses-encode" else encoder("--transport-fault", "fail_nth=1")
-    b = encoder()
+    a, b = encoders(("--pool-blocks", "8") if how == "refuses-encode" else ("--transport-fault", "fail_nth=1"), ())
     lang = language(a, b, args=("--tp", "2", "--encoder-policy", "round-robin"), watch=True)
     try:
         stub = language_stub(lang.address)
@@ -275,15 +308,14 @@ async def test_tp2_failover_before_any_byte_succeeds_on_both_ranks(how):
         _check_ranks(await generate(stub, 3000, 60), 3000, 60)
         await free((a, "encoder"), (b, "encoder"), (lang, "language"))
     finally:
-        lang.stop(); a.stop(); b.stop()
+        stop(lang, a, b)
 
 
 async def test_tp2_no_failover_after_bytes_reached_the_ranks_injected_fault():
     """Injected fault (fail_nth=3 on encoder A): round 1 reaches both ranks (writes 1 and 2), a
     write of round 2 fails. Bytes were delivered, so the failure (transport) is the answer on every
     rank and the request is never retried on B; every pool of both ranks is free."""
-    a = encoder("--transport-fault", "fail_nth=3")
-    b = encoder()
+    a, b = encoders(("--transport-fault", "fail_nth=3"), ())
     lang = language(a, b, args=("--tp", "2", "--encoder-policy", "round-robin"), watch=True)
     try:
         stub = language_stub(lang.address)
@@ -309,7 +341,7 @@ async def test_tp2_no_failover_after_bytes_reached_the_ranks_injected_fault():
         assert not [t for t in on_b if t.request_id.startswith(rid)], "a request that had received bytes was retried on B"
         await free((a, "encoder"), (b, "encoder"), (lang, "language"))
     finally:
-        lang.stop(); a.stop(); b.stop()
+        stop(lang, a, b)
 
 
 async def test_tp2_failover_from_a_frozen_encoder_then_it_recovers():
@@ -322,8 +354,7 @@ async def test_tp2_failover_from_a_frozen_encoder_then_it_recovers():
     import signal
     import time
 
-    a = encoder("--bootstrap-timeout-s", "5")
-    b = encoder()
+    a, b = encoders(("--bootstrap-timeout-s", "5"), ())
     lang = language(a, b, args=("--tp", "2", "--encoder-policy", "round-robin"), watch=True)
     stopped = False
     try:
@@ -350,4 +381,4 @@ async def test_tp2_failover_from_a_frozen_encoder_then_it_recovers():
     finally:
         if stopped:
             os.kill(a.proc.pid, signal.SIGCONT)
-        lang.stop(); a.stop(); b.stop()
+        stop(lang, a, b)
