@@ -316,6 +316,10 @@ class LanguageConfig(ServiceConfig):
     handed out until the encoder answered a Cancel of that transfer and then stayed reachable this
     long, plus as long as it had been unreachable: what a failed write left in the encoder's kernel
     arrives after the link is back (measured ~4.5 s after a 3.3 s cut)."""
+    quarantine_max_s: float = _setting(600.0, "quarantined blocks of an encoder that never answers again return "
+                                              "after this long", unit="s")
+    """By then the encoder's write timeout and TCP's retransmission limits ended anything of the
+    write: an encoder gone for good must not keep blocks out of the pool forever."""
     rank_pool_blocks: str = _setting("", "per-rank pool size overrides, e.g. '1:64,2:32' (default: --pool-blocks)")
     """Ranks whose pool differs from `pool_blocks` (ranks on GPUs with less free memory)."""
     consumer_log: str = _setting("", "append each consumed request id to PATH.rankN (audit of delivery order)")
@@ -338,6 +342,9 @@ class LanguageConfig(ServiceConfig):
             raise ConfigError(f"encoder_policy={self.encoder_policy!r}: must be one of {ENCODER_POLICIES}")
         if not 0 <= self.quarantine_grace_s <= 3600:
             raise ConfigError(f"quarantine_grace_s={self.quarantine_grace_s}: must be in 0..3600")
+        if not self.quarantine_grace_s <= self.quarantine_max_s <= 86400:
+            raise ConfigError(f"quarantine_max_s={self.quarantine_max_s}: must be in quarantine_grace_s "
+                              f"({self.quarantine_grace_s})..86400")
         if not 1 <= self.tp <= 64:
             raise ConfigError(f"tp={self.tp}: must be in 1..64")
         if not 0 <= self.rank < self.tp:

@@ -422,14 +422,25 @@ class ReceiveTask:
         return True
 
 
-async def release_when_safe(task: ReceiveTask, grace_s: float, *, probe_s: float = PROBE_S) -> None:
+def _refused(e: BaseException) -> bool:
+    """The encoder's host answered that nothing listens there (the encoder process is gone, so
+    it starts no write; what its kernel still held goes out over a path that works)."""
+    return isinstance(e, errors.Unavailable) and "connection refused" in e.message.lower()
+
+
+async def release_when_safe(task: ReceiveTask, grace_s: float, *, max_s: float = 600.0,
+                            probe_s: float = PROBE_S) -> None:
     """Return a closed task's quarantined blocks to the pool once a late write can no longer land
     in them: the encoder answered a Cancel of the transfer (any answer: it has no write of it in
     flight, or does not know it), and then stayed reachable for `grace_s` plus as long as it had
     been unreachable (capped at MAX_OUTAGE_EXTRA_S) — TCP retransmissions back off, so bytes left
     in the encoder's kernel by a failed write come later after a longer outage (measured: ~4.5 s
     after the link came back from a 3.3 s cut). Every probe that gets no answer starts the wait
-    again. Cancelled at shutdown: the blocks then go with the pool."""
+    again. A refused connection counts as an answer (see `_refused`). After `max_s` without
+    one, the blocks return anyway (WARNING): by then the encoder's own write timeout failed any
+    write and TCP gave up retransmitting what a dropped connection held, so nothing of it can
+    arrive; an encoder that vanished for good must not cost the pool its blocks forever.
+    Cancelled at shutdown: the blocks then go with the pool."""
     blocks, since = task.quarantined_blocks, task.quarantined_at or time.monotonic()
     answered_at: float | None = None
     hold = grace_s
@@ -438,8 +449,8 @@ async def release_when_safe(task: ReceiveTask, grace_s: float, *, probe_s: float
             await asyncio.wait_for(task.link.cancel(task.transfer_id, f"quarantine check of request {task.request_id}"),
                                    timeout=PROBE_TIMEOUT_S)
             reachable = True
-        except UNREACHABLE:
-            reachable = False
+        except UNREACHABLE as e:
+            reachable = _refused(e)
         except errors.EpdError:  # NOT_FOUND or another answer: reachable, nothing of ours in flight
             reachable = True
         now = time.monotonic()
@@ -454,6 +465,11 @@ async def release_when_safe(task: ReceiveTask, grace_s: float, *, probe_s: float
             log.info("request %s rank %d: encoder %s answered for transfer %s; its %d quarantined block(s) return "
                      "in %.1f s", task.request_id, task.rank, task.link.address, task.transfer_id, len(blocks), hold)
         if answered_at is not None and now - answered_at >= hold:
+            break
+        if answered_at is None and now - since >= max_s:
+            log.warning("request %s rank %d: encoder %s has not answered for %.0f s; its %d quarantined block(s) "
+                        "return to the pool (no write of it can still arrive)", task.request_id, task.rank,
+                        task.link.address, now - since, len(blocks))
             break
         await asyncio.sleep(probe_s if answered_at is None else min(probe_s, max(0.0, hold - (now - answered_at))))
     task.pool.allocator.release_quarantine(blocks)

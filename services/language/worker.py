@@ -251,7 +251,8 @@ class RankWorker:
         if self._closing:
             return  # shutting down: the blocks go with the pool
         task = asyncio.get_running_loop().create_task(
-            release_when_safe(receiver, self.config.quarantine_grace_s), name=f"quarantine-{receiver.request_id}")
+            release_when_safe(receiver, self.config.quarantine_grace_s, max_s=self.config.quarantine_max_s),
+            name=f"quarantine-{receiver.request_id}")
         self._quarantines.add(task)
         task.add_done_callback(self._quarantines.discard)
 

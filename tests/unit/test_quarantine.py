@@ -75,7 +75,7 @@ async def started_then_failed(task):
 
 async def test_unanswered_cancel_quarantines_then_an_answer_and_the_grace_release_fault_injected(monkeypatch):
     monkeypatch.setattr(receiver_mod, "PROBE_TIMEOUT_S", 0.2)
-    pool, link, task, seen = make(errors.Unavailable("Cancel on encoder fake-encoder: connection refused"))
+    pool, link, task, seen = make(errors.Unavailable("Cancel on encoder fake-encoder: No route to host"))
     await started_then_failed(task)
     a = pool.allocator
     assert seen == [task] and len(task.quarantined_blocks) == 3
@@ -143,3 +143,20 @@ def test_epd_status_shows_quarantined_blocks():
     assert header.split() == ["RANK", "USED", "FREE", "QUARANTINED", "WAITERS", "FAULT_HELD"]
     assert row.split() == ["0", "2", "3", "3", "0", "0"]
     assert "quarantined" not in pool_text(common_pb2.PoolInfo(used_blocks=1, free_blocks=7)).splitlines()[0]
+
+
+async def test_refused_connection_counts_as_an_answer_and_max_s_bounds_a_silent_encoder_fault_injected(monkeypatch):
+    monkeypatch.setattr(receiver_mod, "PROBE_TIMEOUT_S", 0.2)
+    refused = errors.Unavailable("Cancel on encoder x: failed to connect to all addresses; last error: UNKNOWN: "
+                                 "ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused")
+    pool, link, task, _ = make(refused)
+    await started_then_failed(task)
+    assert pool.allocator.quarantined_count == 3  # quarantined at close: the kernel may still deliver
+    await asyncio.wait_for(release_when_safe(task, 0.2, probe_s=0.05), 5)  # refused: the grace runs
+    assert pool.allocator.free_count == POOL_BLOCKS
+
+    pool, link, task, _ = make(errors.DeadlineExceeded("Cancel on encoder x: deadline exceeded"))
+    await started_then_failed(task)
+    started = time.monotonic()
+    await asyncio.wait_for(release_when_safe(task, 0.1, max_s=0.5, probe_s=0.05), 5)
+    assert time.monotonic() - started >= 0.4 and pool.allocator.free_count == POOL_BLOCKS
