@@ -151,14 +151,15 @@ async def test_reregistered_rank_fails_transfers_to_its_old_session(encoder, uni
 
 async def test_encoder_killed_mid_transfer_then_restarted(unique_id):
     """SIGKILL the encoder mid-transfer: the language fails the request with peer_lost (UNAVAILABLE),
-    frees its blocks, and serves the next request from the restarted encoder (same address)."""
+    quarantines the round's blocks (its Cancel was refused) until the grace has passed, and serves
+    the next request from the restarted encoder (same address)."""
     from services.language.ranks import free_port
 
     port = free_port("127.0.0.1")
     args = ("--hidden", "256", "--pool-blocks", "2048", "--port", str(port))
     enc = ServiceProcess("encoder", *args)
     lang = ServiceProcess("language", "--hidden", "256", "--pool-blocks", "16", "--encoder", enc.address,
-                          "--initial-tokens", "512", "--fault", "status_lag_s=0.05")
+                          "--initial-tokens", "512", "--fault", "status_lag_s=0.05", "--quarantine-grace-s", "3")
     try:
         stub = language_stub(lang.address)
         rid = unique_id()
@@ -171,11 +172,16 @@ async def test_encoder_killed_mid_transfer_then_restarted(unique_id):
         info = await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
         assert info.state == FAILED and info.error.reason == common_pb2.FAILURE_REASON_PEER_LOST
         pool = await stub.GetPool(common_pb2.GetPoolRequest())
-        assert pool.used_blocks == 0
+        assert pool.used_blocks == 0 and pool.free_blocks + pool.quarantined_blocks == 16, pool
+        print(f"{pool.quarantined_blocks} blocks quarantined after the kill")
         enc = ServiceProcess("encoder", *args)  # restarted on the same address
         reply = await stub.Generate(language_pb2.GenerateRequest(synthetic_tokens=3000, synthetic_seed=9,
                                                                  want_digest=True))
         assert reply.payload_sha256 == expected_digest(3000, 9, 256)
+        deadline = time.monotonic() + 30  # the refused Cancel counts as an answer: the 3 s grace ends it
+        while (pool := await stub.GetPool(common_pb2.GetPoolRequest())).quarantined_blocks:
+            assert time.monotonic() < deadline, f"still quarantined: {pool}"
+            await asyncio.sleep(0.1)
         await assert_all_free((enc.address, "encoder"), (lang.address, "language"))
     finally:
         lang.stop()
