@@ -453,6 +453,10 @@ async def release_when_safe(task: ReceiveTask, grace_s: float, *, max_s: float =
             reachable = _refused(e)
         except errors.EpdError:  # NOT_FOUND or another answer: reachable, nothing of ours in flight
             reachable = True
+        except Exception as e:  # noqa: BLE001 - the loop must go on (max_s bounds it)
+            log.warning("request %s rank %d: quarantine check on encoder %s: %r", task.request_id, task.rank,
+                        task.link.address, e)
+            reachable = False
         now = time.monotonic()
         if not reachable:
             if answered_at is not None:

@@ -158,7 +158,6 @@ async def test_cross_namespace_transfer_then_link_cut_mid_transfer(namespaces):
         # Link back: the language's next probe gets an answer, and 2 s (plus the outage) later
         # the blocks return.
         ip("link", "set", v["ve"], "up", ns=enc_ns)
-        back_at = time.monotonic()
         released_s = await _wait_unquarantined(stub, 60)
         print(f"{pool.quarantined_blocks} blocks quarantined; back in the pool {released_s:.1f} s after the link "
               f"came back ({time.monotonic() - cut_at:.1f} s after the cut)")
