@@ -292,10 +292,13 @@ class LanguageConfig(ServiceConfig):
     """Single-rank instances reserve the initial allocation and send the Init while the Encode runs,
     when the pool can take it at once and keeps room for the largest initial allocation of a request
     admitted after its Encode (so the two pools cannot deadlock); otherwise after the Encode."""
-    progress_tokens: int = _setting(2048, "ask the encoder for a progress status every N tokens of a round, so what "
-                                          "landed is verified while the rest is written (0 = whole rounds)", unit="tokens")
+    progress_tokens: int = _setting(0, "ask the encoder for a progress status every N tokens of a round, so what "
+                                       "landed is verified while the rest is written (0 = whole rounds)", unit="tokens")
     """InitRequest.progress_tokens: a round of more than this many tokens is written in parts, each
-    part's checksums reported as it lands, so verification overlaps the write (integrity only)."""
+    part's checksums reported as it lands, so verification overlaps the write (integrity only). Off by
+    default: it pays where checksums are expensive and cores are spare (a CPU pool on a many-core
+    host); on 2 shared vCPUs the parts' checks take the write's CPU and big rounds got slower
+    (docs/BENCHMARKS.md)."""
     consumer: str = _setting("null", "what receives the payload ('null': releases it; 'qwen2-vl-prefill': "
                                      "runs the model's language part and returns the first token)", choices=CONSUMERS)
     """Consumer the received payload is handed to (services/language/consumers.py)."""
