@@ -192,17 +192,7 @@ class BlockAllocator:
     def free(self, blocks: Iterable[int]) -> None:
         """Return blocks; all are validated first, so a bad call changes nothing."""
         blocks = list(blocks)
-        seen: set[int] = set()
-        for b in blocks:
-            if not isinstance(b, int) or isinstance(b, bool):
-                raise ValueError(f"block id {b!r} is not an int")
-            if not 0 <= b < self._num_blocks:
-                raise ValueError(f"block id {b} is outside the pool (0..{self._num_blocks - 1})")
-            if self._is_free[b] or b in seen:
-                raise ValueError(f"block {b} is already free (double free)")
-            if b in self._quarantined:
-                raise ValueError(f"block {b} is quarantined (release_quarantine returns it)")
-            seen.add(b)
+        self._validate_held(blocks, "free")
         if not blocks:
             return
         self._release(blocks)
@@ -216,9 +206,10 @@ class BlockAllocator:
             if not 0 <= b < self._num_blocks:
                 raise ValueError(f"{what}: block id {b} is outside the pool (0..{self._num_blocks - 1})")
             if self._is_free[b] or b in seen:
-                raise ValueError(f"{what}: block {b} is free")
+                raise ValueError(f"{what}: block {b} is free" + (" (double free)" if what == "free" else ""))
             if b in self._quarantined:
-                raise ValueError(f"{what}: block {b} is already quarantined")
+                raise ValueError(f"{what}: block {b} is already quarantined" +
+                                 (" (release_quarantine returns it)" if what == "free" else ""))
             seen.add(b)
 
     # -- quarantine ----------------------------------------------------------------------------
