@@ -20,6 +20,7 @@ from tests.conftest import Pair, assert_all_free, language_stub
 
 HIDDEN = 64
 HISTORY = 64
+POOL_GROWTH = 2
 
 
 async def diagnostics(address: str, kind: str) -> common_pb2.Diagnostics:
@@ -87,7 +88,10 @@ async def test_soak_with_cancellations_and_injected_faults():
             assert end.live_transfers == 0 and end.status_streams == 0
             assert end.history_transfers <= HISTORY
             assert end.asyncio_tasks <= s.asyncio_tasks, f"{kind}: asyncio tasks left over"
-            assert end.threads <= s.threads, f"{kind}: threads left over"
+            # Worker-thread pools (asyncio's default executor, common.parallel) start threads
+            # lazily, up to a fixed maximum, when a burst needs one: a pool may still grow by a
+            # thread after the settling phase. A leak grows with the requests (300 more here).
+            assert end.threads <= s.threads + POOL_GROWTH, f"{kind}: threads left over"
             assert end.rss_bytes <= s.rss_bytes * 1.05, f"{kind}: resident memory grew more than 5 %"
         assert outcomes.get("ok", 0) > total // 2
         assert sum(outcomes.values()) == total
