@@ -137,18 +137,16 @@ class ReceiveTask:
         self._progress()
         self.init_at = time.monotonic()
         self._initialised = True  # from here on the encoder may hold state: close() cancels it
-        if self.early:
-            # The Encode may not have reached the encoder yet: this Init opens the transfer
-            # there, and the Status stream follows it (the write waits for the Encode anyway).
-            await self.link.init(self.transfer_id, self.rank, self.rank_count, self.blocks, self.allocated_tokens,
-                                 progress_tokens=self.progress_tokens)
+        if not self.early:
+            # The Encode opened the transfer on the encoder, so its Status stream can be opened
+            # alongside the Init: the first round's status then never waits for a stream set-up.
+            # An early Init may reach the encoder before the Encode and opens the transfer
+            # itself, so its stream follows it (the write waits for the Encode anyway).
             self._stream = self.link.status(self.transfer_id, self.rank)
-            return
-        # The Encode opened the transfer on the encoder, so its Status stream can be opened now,
-        # alongside the Init: the first round's status then never waits for a stream set-up.
-        self._stream = self.link.status(self.transfer_id, self.rank)
         await self.link.init(self.transfer_id, self.rank, self.rank_count, self.blocks, self.allocated_tokens,
-                                 progress_tokens=self.progress_tokens)
+                             progress_tokens=self.progress_tokens)
+        if self._stream is None:
+            self._stream = self.link.status(self.transfer_id, self.rank)
 
     async def receive(self) -> Payload:
         """Follow the Status stream to the end; return the payload or raise the mapped error."""
@@ -282,11 +280,16 @@ class ReceiveTask:
                             expected: dict[str, int]) -> dict[str, int]:
         """Our checksums of the round's tokens [0, hi), given the check of [0, lo) (`before`),
         compared with the encoder's; IntegrityError naming the field."""
-        have = await before if before is not None else {}
-        got = await checksums_off_loop(self.pool.runs(self.blocks, lo, hi - lo), self.pool.record, handled + lo)
-        have = {name: combine(have.get(name, 0), value) for name, value in got.items()}
+        have = await self._checksums_to(before, lo, hi, handled)
         self._compare(have, expected, round_no, handled, handled + hi)
         return have
+
+    async def _checksums_to(self, before: asyncio.Future | None, lo: int, hi: int, handled: int) -> dict[str, int]:
+        """Our checksums of the round's tokens [0, hi): those of [0, lo) (the result of `before`,
+        a `_check_landed`, or none when lo is 0) combined with a pass over [lo, hi)."""
+        have = await before if before is not None else {}
+        got = await checksums_off_loop(self.pool.runs(self.blocks, lo, hi - lo), self.pool.record, handled + lo)
+        return {name: combine(have.get(name, 0), value) for name, value in got.items()}
 
     async def _verify(self, st: StatusUpdate, handled: int, n: int) -> None:
         """Compare the round's checksums with what we hold; IntegrityError naming the field. What
@@ -296,19 +299,15 @@ class ReceiveTask:
         self._landed_check, self._landed = None, 0
         if not (self.integrity and st.checksums):
             return
-        have = await check if check is not None else {}
-        got = await checksums_off_loop(self.pool.runs(self.blocks, lo, n - lo), self.pool.record, handled + lo)
-        have = {name: combine(have.get(name, 0), value) for name, value in got.items()}
+        have = await self._checksums_to(check, lo, n, handled)
         self._compare(have, dict(st.checksums), st.round, handled, st.sent_tokens)
         self.verified_rounds += 1
 
     def _compare(self, got: dict[str, int], expected: dict[str, int], round_no: int, lo: int, hi: int) -> None:
         for name, value in expected.items():
             if got.get(name) != value:
-                self.telemetry.integrity_failed()
-                raise errors.IntegrityError(
-                    f"request {self.request_id} rank {self.rank} round {round_no}: checksum of field {name!r} over "
-                    f"tokens [{lo}, {hi}) is {got.get(name)}, the encoder sent {value}")
+                self._reject(f"request {self.request_id} rank {self.rank} round {round_no}: checksum of field {name!r} "
+                             f"over tokens [{lo}, {hi}) is {got.get(name)}, the encoder sent {value}")
 
     async def _copy_out(self, n: int) -> torch.Tensor:
         """The round's records, copied out of the pool (so its blocks can serve the next round);
