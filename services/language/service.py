@@ -281,16 +281,21 @@ class LanguageService:
         link = self.worker.encoders.links[view.index]
         transfer_id = self.worker.transfer_id(key)
         outcome_fut: asyncio.Future | None = None
-        if key in self.group.views:  # a client id equal to another request's failover key
-            raise errors.AlreadyExists(f"request_id {errors.shown(request_id)} is already in use (by a failover)")
         initial = self.policy.initial_tokens(request.expected_tokens)
+
+        def admit():
+            if key in self.group.views:  # a client id equal to another request's failover key
+                raise errors.AlreadyExists(f"request_id {errors.shown(request_id)} is already in use (by a failover)")
+            return self.group.admit(key, initial, request.want_digest, encoder=view.index), self.worker.outcome(key)
+
+        if key in self.group.views:
+            admit()  # refused before anything is reserved or encoded
         early = self.early_init and self.worker.reserve_early(key, initial, self.policy.max_initial_tokens())
         try:
             record.early_init = early
             if early:  # the Init goes out alongside the Encode (see RankWorker.reserve_early)
                 self.worker.telemetry.early_init()
-                spec = self.group.admit(key, initial, request.want_digest, encoder=view.index)
-                outcome_fut = self.worker.outcome(key)
+                spec, outcome_fut = admit()
             try:
                 total = await self._encode(link, view, transfer_id, request)
             except errors.EpdError as e:
@@ -301,10 +306,7 @@ class LanguageService:
                 self.worker.encode_returned(key)
             record.encoded_at = time.monotonic()
             if not early:
-                if key in self.group.views:
-                    raise errors.AlreadyExists(f"request_id {errors.shown(request_id)} is already in use (by a failover)")
-                spec = self.group.admit(key, initial, request.want_digest, encoder=view.index)
-                outcome_fut = self.worker.outcome(key)
+                spec, outcome_fut = admit()
             # Shielded: a cancelled Generate must not cancel the rank's outcome, which records
             # what every rank did (inspection) once fail_local below has ended it.
             outcome: RankOutcome = await asyncio.shield(outcome_fut)
