@@ -35,13 +35,21 @@ def _row_table(hidden: int, dtype: torch.dtype) -> torch.Tensor:
     return values.to(dtype)
 
 
+def _row_index(seed: int, i):
+    """Row of `_row_table` holding token i's embeddings (i: a torch or numpy int64 array)."""
+    return (seed * 7919 + i * 131) % _MOD
+
+
+def _token_id(seed: int, i):
+    return (seed + i) % 65536
+
+
 def synthetic_fields(seed: int, start: int, n: int, hidden: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The §14 values of tokens [start, start+n): embeddings, token_ids, mrope_positions."""
     i = torch.arange(start, start + n, dtype=torch.int64)
-    c = (seed * 7919 + i * 131) % _MOD
     return {
-        "embeddings": _row_table(hidden, dtype).index_select(0, c),
-        "token_ids": ((seed + i) % 65536).to(torch.int32),
+        "embeddings": _row_table(hidden, dtype).index_select(0, _row_index(seed, i)),
+        "token_ids": _token_id(seed, i).to(torch.int32),
         "mrope_positions": torch.stack((i, 2 * i, 3 * i), dim=1).to(torch.int32),
     }
 
@@ -76,8 +84,8 @@ def _words(records: np.ndarray, field) -> np.ndarray:
 
 def _fill_small(records: np.ndarray, record: RecordLayout, seed: int, start: int, hidden: int,
                 dtype: torch.dtype) -> None:
-    """`fill_synthetic` of a small host-memory run with numpy: the same §14 values, reduced
-    modulo first (in Python integers), so they agree with the torch route for every seed."""
+    """`fill_synthetic` of a small host-memory run with numpy: the same §14 values (the seed is
+    a uint32, so the int64 arithmetic never overflows on either route)."""
     n = records.shape[0]
     i = np.arange(start, start + n, dtype=np.int64)
     for f in record.fields:
@@ -85,9 +93,9 @@ def _fill_small(records: np.ndarray, record: RecordLayout, seed: int, start: int
         if f.name == "embeddings":
             table = _row_table(hidden, dtype)
             words = table.view({2: torch.int16, 4: torch.int32}[table.element_size()]).numpy()
-            out[...] = words[((seed * 7919) % _MOD + i * 131) % _MOD]
+            out[...] = words[_row_index(seed, i)]
         elif f.name == "token_ids":
-            out[...] = (((seed % 65536) + i) % 65536).astype(np.int32)
+            out[...] = _token_id(seed, i).astype(np.int32)
         elif f.name == "mrope_positions":
             out[...] = np.stack((i, 2 * i, 3 * i), axis=1).astype(np.int32)
         else:
