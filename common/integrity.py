@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from common.layout import FieldLayout, RecordLayout
-from common.parallel import run_split
+from common.parallel import MEMORY_BOUND_SPLIT_BYTES, run_split, run_split_async
 
 _MASK32 = (1 << 32) - 1
 
@@ -77,34 +77,51 @@ costs more than the work (about 0.1 ms for 1 MiB on one CPU core), and the loop 
 for long. Larger rounds go to a worker thread."""
 
 
+def _nbytes(segments: list[torch.Tensor]) -> int:
+    return sum(s.numel() * s.element_size() for s in segments)
+
+
 def _is_small(segments: list[torch.Tensor]) -> bool:
-    return sum(s.numel() * s.element_size() for s in segments) <= INLINE_MAX_BYTES
+    return _nbytes(segments) <= INLINE_MAX_BYTES
+
+
+def _on_host(segments: list[torch.Tensor]) -> bool:
+    return all(s.device.type == "cpu" for s in segments)
 
 
 def fast_checksums(segments: list[torch.Tensor], record: RecordLayout, first_token: int) -> dict[str, int]:
-    """`checksums` by the fastest route: numpy for small host-memory segments, torch otherwise."""
+    """`checksums` by the fastest route: numpy for host-memory segments, torch on a device
+    (blocking; big device rounds are split over threads)."""
+    if _on_host(segments):
+        return host_checksums(segments, record, first_token)
     if _is_small(segments):
-        if all(s.device.type == "cpu" for s in segments):
-            return small_checksums(segments, record, first_token)
         return checksums(segments, record, first_token)
     return parallel_checksums(segments, record, first_token)
 
 
 async def checksums_off_loop(segments: list[torch.Tensor], record: RecordLayout, first_token: int) -> dict[str, int]:
     """`fast_checksums`, on the loop when the segments are small (INLINE_MAX_BYTES), else in a
-    worker thread (split over PARALLEL threads)."""
+    worker thread, or — host rounds over MEMORY_BOUND_SPLIT_BYTES — in PARALLEL worker threads
+    reached straight from the loop (one hand-off each, not two)."""
     if _is_small(segments):
         return fast_checksums(segments, record, first_token)
-    return await asyncio.to_thread(parallel_checksums, segments, record, first_token)
+    if _on_host(segments) and _nbytes(segments) > MEMORY_BOUND_SPLIT_BYTES:
+        parts = await run_split_async(lambda segs, first: host_checksums(segs, record, first), segments, first_token,
+                                      min_split_bytes=MEMORY_BOUND_SPLIT_BYTES)
+        return _combine_parts(parts)
+    return await asyncio.to_thread(fast_checksums, segments, record, first_token)
 
 
-def parallel_checksums(segments: list[torch.Tensor], record: RecordLayout, first_token: int) -> dict[str, int]:
-    """`checksums` split by tokens over PARALLEL threads and combined (blocking)."""
-    parts = run_split(lambda segs, first: checksums(segs, record, first), segments, first_token)
+def _combine_parts(parts: list[dict[str, int]]) -> dict[str, int]:
     out = parts[0]
     for more in parts[1:]:
         out = {name: combine(out[name], more[name]) for name in out}
     return out
+
+
+def parallel_checksums(segments: list[torch.Tensor], record: RecordLayout, first_token: int) -> dict[str, int]:
+    """`checksums` split by tokens over PARALLEL threads and combined (blocking)."""
+    return _combine_parts(run_split(lambda segs, first: checksums(segs, record, first), segments, first_token))
 
 
 def small_checksums(segments: list[torch.Tensor], record: RecordLayout, first_token: int) -> dict[str, int]:
@@ -130,6 +147,65 @@ def small_checksums(segments: list[torch.Tensor], record: RecordLayout, first_to
                     b += int((col * np.arange(1, col.shape[0] + 1, dtype=np.int64)).sum())
             pos += n
         out[f.name] = ((a & _MASK32) << 32) | (b & _MASK32)
+    return out
+
+
+HOST_CHUNK_BYTES = 256 << 10
+"""host_checksums reads this many bytes of records at a time: the row sums bring a chunk into
+the L2 cache (1 MiB per core here) and the column sums then read it from there, so the two
+reductions cost about one pass over memory, not two."""
+
+
+def _word_columns(record: RecordLayout) -> list[tuple[str, int, int]] | None:
+    """Each field as int32 word columns [lo, hi) of a whole record, when every field is made of
+    whole int32 words (the checksum's words for it, see `_words`); None otherwise."""
+    if record.record_bytes % 4:
+        return None
+    cols = []
+    for f in record.fields:
+        if f.offset % 4 or f.bytes_per_token % 4:
+            return None
+        cols.append((f.name, f.offset // 4, (f.offset + f.bytes_per_token) // 4))
+    return cols
+
+
+def host_checksums(segments: list[torch.Tensor], record: RecordLayout, first_token: int, *,
+                   chunk_bytes: int = HOST_CHUNK_BYTES) -> dict[str, int]:
+    """`checksums` of host-memory segments, the same values (tested), in about one pass over
+    memory for every field together: records are read in L2-sized chunks of whole records viewed
+    as int32 words; each chunk's per-field row sums and its column sums (all fields at once) are
+    taken while it is cached. Records whose fields are not all whole int32 words take the
+    per-field numpy route (`small_checksums`). Blocking: a worker thread for big rounds."""
+    fields = _word_columns(record)
+    if fields is None:
+        return small_checksums(segments, record, first_token)
+    n_total = sum(s.shape[0] for s in segments)
+    words_per_record = record.record_bytes // 4
+    step = max(1, chunk_bytes // record.record_bytes)
+    rows = {name: np.empty(n_total, dtype=np.int32) for name, _, _ in fields}
+    cols = np.zeros(words_per_record, dtype=np.int32)
+    chunk_cols = np.empty(words_per_record, dtype=np.int32)
+    at = 0
+    with np.errstate(over="ignore"):  # int32 sums wrap modulo 2**32, as the torch ones do
+        for seg in segments:
+            words = seg.numpy().view(np.int32)
+            for lo_row in range(0, words.shape[0], step):
+                chunk = words[lo_row:lo_row + step]
+                k = chunk.shape[0]
+                for name, lo, hi in fields:
+                    if hi - lo == 1:
+                        rows[name][at:at + k] = chunk[:, lo]
+                    else:
+                        np.add.reduce(chunk[:, lo:hi], axis=1, dtype=np.int32, out=rows[name][at:at + k])
+                np.add.reduce(chunk, axis=0, dtype=np.int32, out=chunk_cols)
+                cols += chunk_cols
+                at += k
+        pos = np.arange(first_token + 1, first_token + n_total + 1, dtype=np.int64)
+        out: dict[str, int] = {}
+        for name, lo, hi in fields:
+            a = int(np.dot(rows[name].astype(np.int64), pos)) & _MASK32
+            b = int(np.dot(cols[lo:hi].astype(np.int64), np.arange(1, hi - lo + 1, dtype=np.int64))) & _MASK32
+            out[name] = (a << 32) | b
     return out
 
 

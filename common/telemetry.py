@@ -22,8 +22,9 @@ class Telemetry(Protocol):
     def bytes_moved(self, nbytes: int) -> None:
         """Payload bytes written (encoder) or received and accepted (language)."""
 
-    def resumed(self) -> None:
-        """A resume round began (a Resume accepted by the encoder / sent by a language rank)."""
+    def resumed(self, overlapped: bool = False) -> None:
+        """A resume round began (a Resume accepted by the encoder / sent by a language rank);
+        `overlapped`: sent before the round just received was copied out and verified (`overlap_rounds`)."""
 
     def alloc_waited(self, seconds: float) -> None:
         """How long one pool allocation waited for blocks (0 when they were free)."""
@@ -44,7 +45,7 @@ class NullTelemetry:
     def bytes_moved(self, nbytes) -> None:
         pass
 
-    def resumed(self) -> None:
+    def resumed(self, overlapped: bool = False) -> None:
         pass
 
     def alloc_waited(self, seconds) -> None:

@@ -79,6 +79,9 @@ class Metrics:
                                         SECONDS_BUCKETS)
         self.failovers = counter("epd_failovers", "Requests retried on another encoder after their first encoder "
                                  "failed before any byte arrived (language rank 0)")
+        self.overlapped_resumes = counter("epd_overlapped_resumes", "Resumes a language rank sent before copying "
+                                          "out and verifying the round just received (overlap_rounds: the next "
+                                          "round is written meanwhile)")
         self.early_inits = counter("epd_early_inits", "Requests whose Init went out alongside their Encode "
                                    "(early_init; language rank 0)")
         self.encoders_available = gauge("epd_encoders_available", "Encoders in this language instance's rotation "
@@ -96,6 +99,7 @@ class Metrics:
         self._seconds = self.transfer_seconds.labels(**self._labels)
         self._rounds = self.rounds.labels(**self._labels)
         self._resumes = self.resumes.labels(**self._labels)
+        self._overlapped = self.overlapped_resumes.labels(**self._labels)
         self._alloc_wait = self.alloc_wait.labels(**self._labels)
         self._integrity = self.integrity.labels(**self._labels)
         self._encode = self.encode_seconds.labels(**self._labels)
@@ -139,8 +143,10 @@ class Metrics:
     def bytes_moved(self, nbytes: int) -> None:
         self._bytes.inc(nbytes)
 
-    def resumed(self) -> None:
+    def resumed(self, overlapped: bool = False) -> None:
         self._resumes.inc()
+        if overlapped:
+            self._overlapped.inc()
 
     def alloc_waited(self, seconds: float) -> None:
         self._alloc_wait.observe(seconds)
@@ -182,7 +188,8 @@ def exported_names(role: str, rank: int | None = None) -> set[str]:
     m = Metrics(role, rank)
     m.rpc_seconds.labels(service="s", method="m", code="OK")  # a labelled histogram exports no samples until used
     for metric in (m.transfer_bytes, m.transfer_seconds, m.rounds, m.resumes, m.alloc_wait, m.integrity,
-                   m.encode_seconds, m.inflight, m.pool_waiters, m.failovers, m.early_inits, m.encoders_available):
+                   m.encode_seconds, m.inflight, m.pool_waiters, m.failovers, m.early_inits, m.overlapped_resumes,
+                   m.encoders_available):
         metric.labels(**m._labels)
     for state in ("used", "free", "quarantined"):
         m.pool_blocks.labels(**m._labels, state=state)

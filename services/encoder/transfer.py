@@ -371,18 +371,25 @@ class EncoderTransfer:
                 raise _Failure(FailureReason.INVALID, f"round {self.rounds + 1} to rank {slot.peer.rank} refused before "
                                                       f"{where}: {e}") from None
             plans.append((slot.peer.session, triples))
-        writes = [self.env.write(session, triples) for session, triples in plans]
-        # Checksums come from what Encode computed (no pass over the round beside its write);
-        # computed here only when Encode did not (a small payload sent in several rounds).
-        precomputed = None
-        last = hi == n
-        if self.env.integrity and last:
-            if self.sent_tokens == 0 and n == self.total_tokens and self.payload_checksums is not None:
-                precomputed = self.payload_checksums
-            elif self.payload_sums is not None:
-                precomputed = self._sums_checksums(self.sent_tokens, n)
-            else:
-                writes.append(self.env.round_checksums(self.src_blocks, self.sent_tokens, n))
+        # The writes start first; the round's checksums are worked out while they run.
+        loop = asyncio.get_running_loop()
+        writes = [loop.create_task(self.env.write(session, triples)) for session, triples in plans]
+        try:
+            await asyncio.sleep(0)  # let the writes reach their worker threads
+            # Checksums come from what Encode computed (no pass over the round beside its write);
+            # computed here only when Encode did not (a small payload sent in several rounds).
+            precomputed = None
+            last = hi == n
+            if self.env.integrity and last:
+                if self.sent_tokens == 0 and n == self.total_tokens and self.payload_checksums is not None:
+                    precomputed = self.payload_checksums
+                elif self.payload_sums is not None:
+                    precomputed = self._sums_checksums(self.sent_tokens, n)
+                else:
+                    writes.append(self.env.round_checksums(self.src_blocks, self.sent_tokens, n))
+        except BaseException:
+            await asyncio.gather(*writes, return_exceptions=True)  # no write may outlive this round
+            raise
         # Every write runs to completion even when one fails: nothing may still be landing in a
         # peer's blocks once we publish FAILED and the peer reuses them.
         results = await asyncio.gather(*writes, return_exceptions=True)

@@ -4,6 +4,11 @@
     side), free, alloc the rest (partial if short), Resume; SUCCESS -> verify in place, payload =
     earlier rounds' copies + a view of the last round's blocks; FAILED -> raise the mapped error.
 
+With `overlap_rounds`, a TRANSFERRING round whose successor (not the last round) fits in blocks
+that are free right now is double-buffered: those blocks are taken, the Resume goes out at once,
+and the copy-out and the check of the round run while the encoder writes the next one into the
+other blocks.
+
 The encoder is reached through an `EncoderLink` (services/language/encoder_link.py adapts gRPC),
 so this module imports neither grpc nor mooncake. `close()` always runs: it frees every block
 this task holds and, when the transfer may still be live on the encoder, cancels it there.
@@ -27,7 +32,7 @@ import torch
 
 from common import errors
 from common.integrity import checksums_off_loop, combine
-from common.parallel import run_split
+from common.parallel import MEMORY_BOUND_SPLIT_BYTES, run_split_async
 from common.payload import Payload
 from common.plan import blocks_for_tokens
 from common.pool import BlockPool
@@ -72,7 +77,7 @@ class ReceiveTask:
 
     def __init__(self, request_id: str, rank: int, rank_count: int, pool: BlockPool, link: EncoderLink, *,
                  initial_tokens: int, transfer_id: str = "", alloc_timeout_s: float, integrity: bool = True,
-                 reserved_blocks: list[int] | None = None, progress_tokens: int = 0,
+                 reserved_blocks: list[int] | None = None, progress_tokens: int = 0, overlap_rounds: bool = False,
                  on_progress: Callable[["ReceiveTask"], None] | None = None, telemetry: Telemetry = NULL_TELEMETRY,
                  on_quarantine: Callable[["ReceiveTask"], None] | None = None):
         self.request_id = request_id
@@ -99,6 +104,10 @@ class ReceiveTask:
         self._early_copy: torch.Tensor | None = None
         self._copied = 0
         self._copying: asyncio.Future | None = None
+        self.overlap_rounds = overlap_rounds
+        # The next round's blocks while the current round's are still read (double buffering).
+        self.next_blocks: list[int] | None = None
+        self.overlapped_rounds = 0
         self.on_progress = on_progress
         self.on_quarantine = on_quarantine  # close() quarantined blocks: the owner arranges their release
         self.quarantined_blocks: list[int] = []
@@ -170,24 +179,24 @@ class ReceiveTask:
                     # The last round is verified in place and handed over as a view of the pool.
                     await self._verify(st, handled, n)
                     return await self._finish()
-                # Copy the round out and verify it side by side (both only read the blocks), then
-                # give the blocks back and ask for the next round. Verifying before the Resume
-                # means a corrupt round fails the transfer on the encoder too.
-                copied, verified = await asyncio.gather(self._copy_out(n), self._verify(st, handled, n),
-                                                        return_exceptions=True)
-                for outcome in (verified, copied):
-                    if isinstance(outcome, BaseException):
-                        raise outcome
-                self.pool.allocator.free(self.blocks)
-                self.blocks, self.allocated_tokens = None, 0
                 remaining = self.total_tokens - st.sent_tokens
-                self.blocks = await self._alloc(
-                    blocks_for_tokens(remaining, self.pool.block_size), partial_ok=True, priority=True,
-                    label=f"resume of request {self.request_id} rank {self.rank}")
-                self.allocated_tokens = len(self.blocks) * self.pool.block_size
-                self._progress()
-                await self.link.resume(self.transfer_id, self.rank, st.sent_tokens, self.blocks, self.allocated_tokens)
-                self.telemetry.resumed()
+                spare = self._spare_blocks(remaining) if self.overlap_rounds else None
+                self.telemetry.resumed(overlapped=spare is not None)
+                if spare is not None:
+                    await self._overlapped_round(st, handled, n, spare)
+                else:
+                    # Copy the round out and verify it side by side (both only read the blocks),
+                    # then give the blocks back and ask for the next round.
+                    await self._read_round(st, handled, n)
+                    self.pool.allocator.free(self.blocks)
+                    self.blocks, self.allocated_tokens = None, 0
+                    self.blocks = await self._alloc(
+                        blocks_for_tokens(remaining, self.pool.block_size), partial_ok=True, priority=True,
+                        label=f"resume of request {self.request_id} rank {self.rank}")
+                    self.allocated_tokens = len(self.blocks) * self.pool.block_size
+                    self._progress()
+                    await self.link.resume(self.transfer_id, self.rank, st.sent_tokens, self.blocks,
+                                           self.allocated_tokens)
                 handled = st.sent_tokens
             elif st.state in (TransferState.BOOTSTRAPPING, TransferState.WAITING_FOR_INPUT):
                 if self.rounds:  # states only move forward: a peer that says otherwise is lying
@@ -203,6 +212,47 @@ class ReceiveTask:
                              f"were received")
         raise errors.Unavailable(f"request {self.request_id}: the encoder's Status stream ended before the transfer did",
                                  reason=FailureReason.PEER_LOST)
+
+    async def _read_round(self, st: StatusUpdate, handled: int, n: int) -> None:
+        """Copy the round (n tokens) out of self.blocks and verify it, side by side: both only read."""
+        copied, verified = await asyncio.gather(self._copy_out(n), self._verify(st, handled, n), return_exceptions=True)
+        for outcome in (verified, copied):
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    def _spare_blocks(self, remaining: int) -> list[int] | None:
+        """Blocks for the next round that are free right now, or None: at least as many as this
+        round holds, and only when no other allocation waits (try_alloc never jumps the queue).
+        Never waits, so holding this round's blocks meanwhile cannot deadlock with anyone.
+
+        None when the next round could be the last (the free blocks and ours together hold all
+        that is left): then the encoder could end the transfer as a success before our verdict on
+        this round arrives, and a round that fails its check must fail the transfer there too."""
+        need = blocks_for_tokens(remaining, self.pool.block_size)
+        free = self.pool.allocator.free_count
+        if free < len(self.blocks) or free + len(self.blocks) >= need:
+            return None
+        return self.pool.allocator.try_alloc(free)
+
+    async def _overlapped_round(self, st: StatusUpdate, handled: int, n: int, spare: list[int]) -> None:
+        """Resume into `spare` at once and read the round while the encoder writes the next one
+        (never the last: `_spare_blocks`). A round that fails its check still fails the request on
+        both sides: close() cancels it on the encoder (reason integrity), which then waits for a
+        Resume, before any of its blocks are reused."""
+        self.next_blocks = spare
+        allocated = len(spare) * self.pool.block_size
+        # The Resume goes out first: the encoder's next write then runs beside our reading.
+        resumed = asyncio.get_running_loop().create_task(
+            self.link.resume(self.transfer_id, self.rank, st.sent_tokens, spare, allocated))
+        await asyncio.sleep(0)
+        outcomes = await asyncio.gather(self._read_round(st, handled, n), resumed, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        self.pool.allocator.free(self.blocks)
+        self.blocks, self.next_blocks, self.allocated_tokens = spare, None, allocated
+        self.overlapped_rounds += 1
+        self._progress()
 
     async def _alloc(self, n_blocks: int, *, label: str, partial_ok: bool = False, priority: bool = False) -> list[int]:
         started = time.monotonic()
@@ -340,7 +390,7 @@ class ReceiveTask:
                 first += run.shape[0]
 
         # Big rounds are split over worker threads, like big checksums (torch runs single-threaded here).
-        await asyncio.to_thread(run_split, copy, self.pool.runs(self.blocks, lo, hi - lo), lo)
+        await run_split_async(copy, self.pool.runs(self.blocks, lo, hi - lo), lo, min_split_bytes=MEMORY_BOUND_SPLIT_BYTES)
 
     async def _finish(self) -> Payload:
         blocks, self.blocks = self.blocks, None
@@ -389,6 +439,9 @@ class ReceiveTask:
                 part.cancel()
                 await asyncio.gather(part, return_exceptions=True)
         self._landed_check = self._copying = self._early_copy = None
+        if self.next_blocks is not None:  # a Resume went out for them: the encoder may write there
+            self.blocks = [*(self.blocks or []), *self.next_blocks]
+            self.next_blocks = None
         if self.blocks is not None:
             if confirmed:
                 self.pool.allocator.free(self.blocks)

@@ -395,6 +395,7 @@ class LanguageService:
             integrity_verified=receiver.integrity_verified if receiver else self.config.integrity,
             encoder=record.encoder, attempts=record.attempts, failed_over_from=record.failed_over_from,
             transfer_id=self.worker.transfer_id(record.key), early_init=record.early_init,
+            overlapped_rounds=receiver.overlapped_rounds if receiver else 0,
             payload_sha256=outcome.digest or next((r.digest.hex() for r in rows if r.digest), ""),
             first_token_id=outcome.consumer.first_token_id if outcome.consumer else -1,
             initial_allocated_tokens=receiver.initial_allocated_tokens if receiver else initial_tokens,

@@ -240,6 +240,7 @@ class RankWorker:
             spec.request_id, self.rank, self.rank_count, self.pool, self.encoders.links[spec.encoder],
             transfer_id=self.transfer_id(spec.request_id), reserved_blocks=self._early.pop(spec.request_id, None),
             progress_tokens=self.config.progress_tokens,
+            overlap_rounds=self.config.overlap_rounds,
             initial_tokens=min(spec.initial_tokens, self.pool.num_blocks * self.pool.block_size),
             alloc_timeout_s=self.config.alloc_timeout_s, integrity=self.config.integrity, on_progress=progress,
             telemetry=self.telemetry, on_quarantine=self._quarantined)

@@ -8,8 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.integrity import INLINE_MAX_BYTES, checksums, checksums_off_loop, parallel_checksums, small_checksums
-from common.parallel import split_tokens
+from common.integrity import (INLINE_MAX_BYTES, checksums, checksums_off_loop, host_checksums,
+                              parallel_checksums, small_checksums)
+from common.parallel import MEMORY_BOUND_SPLIT_BYTES, split_tokens
 from common.layout import RecordLayout, default_fields
 from common.synthetic import fill_synthetic
 
@@ -57,9 +58,26 @@ def test_small_numpy_checksums_equal_the_torch_ones(hidden, dtype, n, cut, first
     assert small_checksums(segments, record, first) == checksums(segments, record, first)
 
 
+@settings(max_examples=60, deadline=None)
+@given(hidden=st.sampled_from([1, 7, 64, 255, 3584]), dtype=st.sampled_from(["bfloat16", "float16", "float32"]),
+       n=st.integers(1, 300), cuts=st.lists(st.integers(0, 300), max_size=3), first=st.integers(0, 10**9),
+       seed=st.integers(0, 2**31), chunk=st.sampled_from([1, 2, 5, 64]))
+def test_host_checksums_equal_the_torch_ones(hidden, dtype, n, cuts, first, seed, chunk):
+    """The host path (chunked numpy pass over whole records, or per field when a field is not
+    whole int32 words) is bit-for-bit the torch checksum, for any split into runs and chunks."""
+    record = RecordLayout.pack(default_fields(hidden, dtype))
+    gen = torch.Generator().manual_seed(seed)
+    records = torch.randint(0, 256, (n, record.record_bytes), dtype=torch.uint8, generator=gen)
+    edges = sorted({0, n, *(min(c, n) for c in cuts)})
+    segments = [records[a:b] for a, b in zip(edges, edges[1:])]
+    assert host_checksums(segments, record, first, chunk_bytes=chunk * record.record_bytes) == \
+        checksums([records], record, first)
+
+
 async def test_checksums_off_loop_picks_a_path_by_size_with_equal_results():
     record = RecordLayout.pack(default_fields(3584, "bfloat16"))
-    for n in (4, (INLINE_MAX_BYTES // record.record_bytes) + 10):  # inline numpy, then a worker thread
+    # inline, then one worker thread, then split over worker threads
+    for n in (4, (INLINE_MAX_BYTES // record.record_bytes) + 10, MEMORY_BOUND_SPLIT_BYTES // record.record_bytes + 10):
         records = torch.randint(0, 256, (n, record.record_bytes), dtype=torch.uint8)
         assert await checksums_off_loop([records], record, 5) == checksums([records], record, 5)
 
