@@ -299,14 +299,18 @@ class LanguageConfig(ServiceConfig):
     default: it pays where checksums are expensive and cores are spare (a CPU pool on a many-core
     host); on 2 shared vCPUs the parts' checks take the write's CPU and big rounds got slower
     (docs/BENCHMARKS.md)."""
-    overlap_rounds: bool = _setting(True, "resume into free blocks before copying out and verifying the round "
+    overlap_rounds: bool = _setting(False, "resume into free blocks before copying out and verifying the round "
                                           "just received, so those overlap the next round's write")
     """Double-buffered rounds: when a round arrives, more than one round remains, and the pool has
     blocks to spare right now (at least as many as the round used; taken only when no other
     allocation waits), the Resume goes out at once and the round is copied out and verified while
     the encoder writes the next one. The round before the last is not overlapped, so a round that
     fails its check still fails the transfer on the encoder (cancelled with reason `integrity`,
-    never ended as a success first). Otherwise: copy out and verify, free, allocate, Resume."""
+    never ended as a success first). Otherwise: copy out and verify, free, allocate, Resume.
+    Off by default: the overlapped rounds are smaller (the free blocks only, not those plus the
+    round's own), and on 2 shared vCPUs the extra rounds cost more than the overlap saved
+    (docs/BENCHMARKS.md: 8192 tokens through a two-round pool, 7 rounds in 70-74 ms with it,
+    5 rounds in 58-68 ms without)."""
     consumer: str = _setting("null", "what receives the payload ('null': releases it; 'qwen2-vl-prefill': "
                                      "runs the model's language part and returns the first token)", choices=CONSUMERS)
     """Consumer the received payload is handed to (services/language/consumers.py)."""

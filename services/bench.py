@@ -73,8 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--language-arg", action="append", default=[], metavar="ARG",
                    help="an extra command-line argument for every language process (repeatable; for A/B runs, "
                         "e.g. --language-arg=--no-overlap-rounds)")
-    p.add_argument("--multi-pool-rounds", type=int, default=2,
-                   help="the multi case's language pool, in 1024-token rounds (default 2: double-buffered)")
+    p.add_argument("--multi-pool-rounds", type=int, default=1,
+                   help="the multi case's language pool, in 1024-token rounds (default 1; 2 leaves room for "
+                        "--language-arg=--overlap-rounds)")
     p.add_argument("--concurrency", default="1,8,64", help="in-flight levels of the concurrency case")
     p.add_argument("--concurrency-tokens", type=int, default=1024, help="tokens per request of the concurrency case")
     p.add_argument("--policy-requests", type=int, default=150, help="requests per policy in the policies case")
@@ -200,9 +201,8 @@ MULTI_ROUND_TOKENS = 1024
 async def case_multi(args: argparse.Namespace, sizes: Sequence[int], repeats: int,
                      single: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The same totals with an initial allocation of 1024 tokens through a language whose pool is
-    `--multi-pool-rounds` such rounds (default 2: one round is written while the previous one is
-    copied out, `--overlap-rounds`; 1: every round waits for the previous one's copy-out), so a
-    request takes ceil(n / 1024) rounds; compared with the one-round `single` case (whose clock,
+    `--multi-pool-rounds` such rounds (default 1, so a request takes ceil(n / 1024) rounds; with
+    2 and `--overlap-rounds`, a round is written while the one before is copied out); compared with the one-round `single` case (whose clock,
     with its Init sent alongside the Encode, starts later: the comparison is conservative)."""
     initial = MULTI_ROUND_TOKENS
     exact = {row["tokens"]: row["transfer_ms_p50"] for row in single}
