@@ -79,7 +79,8 @@ class ReceiveTask:
                  initial_tokens: int, transfer_id: str = "", alloc_timeout_s: float, integrity: bool = True,
                  reserved_blocks: list[int] | None = None, progress_tokens: int = 0, overlap_rounds: bool = False,
                  on_progress: Callable[["ReceiveTask"], None] | None = None, telemetry: Telemetry = NULL_TELEMETRY,
-                 on_quarantine: Callable[["ReceiveTask"], None] | None = None):
+                 on_quarantine: Callable[["ReceiveTask"], None] | None = None,
+                 on_init: Callable[[], None] | None = None):
         self.request_id = request_id
         self.transfer_id = transfer_id or request_id  # the encoder's name for it
         self.rank = rank
@@ -110,6 +111,7 @@ class ReceiveTask:
         self.overlapped_rounds = 0
         self.on_progress = on_progress
         self.on_quarantine = on_quarantine  # close() quarantined blocks: the owner arranges their release
+        self.on_init = on_init  # called as the Init is issued (its call is created before our next await)
         self.quarantined_blocks: list[int] = []
         self.quarantined_at: float | None = None
         self.telemetry = telemetry
@@ -152,6 +154,8 @@ class ReceiveTask:
             # An early Init may reach the encoder before the Encode and opens the transfer
             # itself, so its stream follows it (the write waits for the Encode anyway).
             self._stream = self.link.status(self.transfer_id, self.rank)
+        if self.on_init is not None:
+            self.on_init()
         await self.link.init(self.transfer_id, self.rank, self.rank_count, self.blocks, self.allocated_tokens,
                              progress_tokens=self.progress_tokens)
         if self._stream is None:

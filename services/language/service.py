@@ -296,6 +296,7 @@ class LanguageService:
             if early:  # the Init goes out alongside the Encode (see RankWorker.reserve_early)
                 self.worker.telemetry.early_init()
                 spec, outcome_fut = admit()
+                await self.worker.init_issued(key)  # ... just ahead of it
             try:
                 total = await self._encode(link, view, transfer_id, request)
             except errors.EpdError as e:
