@@ -230,6 +230,12 @@ class EncoderConfig(ServiceConfig):
     """Bounds a write into a dead link: Mooncake gives up after this (+1 ns per byte) and the
     request fails with `transport`; its TCP connection is dropped earlier, after half of it without
     progress, so nothing of the write can still be read from our blocks once they are freed."""
+    write_wait: str = _setting("poll", "how a Mooncake write is waited for: 'poll' (submit, then check its status "
+                                       "with short sleeps) or 'spin' (batch_transfer_sync_write, which busy-polls)",
+                               choices=("poll", "spin"))
+    """`spin` keeps a core busy for the whole write; `poll` leaves it to the TCP copy, the
+    checksums and the next request's encode (common/transport.py; docs/BENCHMARKS.md). The bench's
+    raw baseline is always `batch_transfer_sync_write`."""
     max_request_tokens: int = _setting(1_000_000, "largest payload one request may have", unit="tokens")
     """Encode above this many tokens is rejected with INVALID_ARGUMENT before any allocation."""
     max_transfers_per_peer: int = _setting(256, "most transfers one language instance (identity) may have live on "

@@ -150,17 +150,17 @@ class FaultyTransport:
         if location.startswith("cpu"):
             self._host_regions.append((address, length))
 
-    def write_sync(self, session: str, triples: Sequence[tuple[int, int, int]]) -> None:
+    def write_sync(self, session: str, triples: Sequence[tuple[int, int, int]], *, wait: str = "") -> None:
         if not triples:
-            return self._inner.write_sync(session, triples)
-        self._apply(self._decide(), session, triples)
+            return self._inner.write_sync(session, triples, wait=wait)
+        self._apply(self._decide(), session, triples, wait)
 
-    async def write(self, session: str, triples: Sequence[tuple[int, int, int]]) -> None:
+    async def write(self, session: str, triples: Sequence[tuple[int, int, int]], *, wait: str = "") -> None:
         """Like `MooncakeTransport.write`: the (possibly delayed) write runs in a worker thread."""
         if not triples:
-            return await self._inner.write(session, triples)
+            return await self._inner.write(session, triples, wait=wait)
         fate = self._decide()  # on the event loop: writes are numbered in call order
-        await asyncio.to_thread(self._apply, fate, session, triples)
+        await asyncio.to_thread(self._apply, fate, session, triples, wait)
 
     def close(self) -> None:
         self._inner.close()  # unregisters the scratch buffer too; it stays alive with self
@@ -196,7 +196,7 @@ class FaultyTransport:
             corrupt = not why and spec.corrupt_nth == n
         return _Fate(n, why, corrupt)
 
-    def _apply(self, fate: _Fate, session: str, triples: Sequence[tuple[int, int, int]]) -> None:
+    def _apply(self, fate: _Fate, session: str, triples: Sequence[tuple[int, int, int]], wait: str = "") -> None:
         if self.spec.delay_s:
             time.sleep(self.spec.delay_s)
         if fate.fail:
@@ -205,7 +205,7 @@ class FaultyTransport:
             log.warning("injected fault: write #%d (%d bytes to %s) fails (%s)", fate.number, nbytes, session, fate.fail)
             raise TransportError(f"Mooncake write of {nbytes} bytes in {len(triples)} pieces to {session} returned -1 "
                                  f"(injected fault: write #{fate.number}, {fate.fail})")
-        self._inner.write_sync(session, triples)
+        self._inner.write_sync(session, triples, wait=wait)
         if fate.corrupt:
             self._corrupt(fate.number, session, triples[0])
 

@@ -73,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--language-arg", action="append", default=[], metavar="ARG",
                    help="an extra command-line argument for every language process (repeatable; for A/B runs, "
                         "e.g. --language-arg=--no-overlap-rounds)")
+    p.add_argument("--encoder-arg", action="append", default=[], metavar="ARG",
+                   help="an extra command-line argument for every encoder process (repeatable; for A/B runs, "
+                        "e.g. --encoder-arg=--write-wait=spin)")
     p.add_argument("--multi-pool-rounds", type=int, default=1,
                    help="the multi case's language pool, in 1024-token rounds (default 1; 2 leaves room for "
                         "--language-arg=--overlap-rounds)")
@@ -112,7 +115,7 @@ class Services:
         py = [sys.executable, "-m", "services.cli"]
         logs = args.keep_logs or None
         self.encoder = demo.ServiceProcess("encoder", [*py, "encoder", *common, *enc_sec,
-                                                       "--pool-blocks", str(encoder_blocks)],
+                                                       "--pool-blocks", str(encoder_blocks), *args.encoder_arg],
                                            env=env, log_dir=logs)
         self.language: demo.ServiceProcess | None = None
         self.encoder.start()

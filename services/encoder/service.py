@@ -73,7 +73,7 @@ class EncoderService:
         cfg = self.config
         if self.transport is None:
             self.transport = await asyncio.to_thread(MooncakeTransport, cfg.host, cfg.protocol, cfg.rdma_device,
-                                                     write_timeout_s=cfg.write_timeout_s)
+                                                     write_timeout_s=cfg.write_timeout_s, wait=cfg.write_wait)
         self.transport = transport_faults.wrap(self.transport, cfg.transport_fault)  # test-only; "" = unchanged
         self.plan_fault = getattr(self.transport, "plan_fault", None)  # test-only: None unless misplan_nth is set
         # Registered once, before any peer can open our segment (peers cache descriptors).
@@ -382,7 +382,8 @@ class EncoderService:
             seconds = []
             for _ in range(repeats):
                 started = time.perf_counter()
-                await asyncio.gather(*(self.transport.write(peer.session, plan) for plan in plans))
+                # The baseline is Mooncake's own batch_transfer_sync_write, whatever write_wait says.
+                await asyncio.gather(*(self.transport.write(peer.session, plan, wait="spin") for plan in plans))
                 seconds.append(time.perf_counter() - started)
         finally:
             self.pool.allocator.free(src)
