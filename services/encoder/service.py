@@ -335,12 +335,15 @@ class EncoderService:
         return model, total
 
     async def raw_write(self, language_id: str, rank: int, dst_blocks: list[int], tokens: int, repeats: int,
-                        concurrency: int, principal: str = "") -> tuple[list[float], int, int]:
+                        concurrency: int, principal: str = "", write_wait: str = "") -> tuple[list[float], int, int]:
         """epd bench's baseline: `repeats` timed rounds of `concurrency` plain Mooncake writes of
         `tokens` records each, from our pool into blocks the language allocated for it, planned
         like a transfer round but with no protocol around them. Returns (seconds per repeat,
-        bytes per repeat, descriptors per write)."""
+        bytes per repeat, descriptors per write). `write_wait` "" or "spin": Mooncake's own
+        batch_transfer_sync_write, whatever this encoder's --write-wait; "poll": the polled wait."""
         what = f"RawWrite from language_id {errors.shown(language_id)} rank {rank}"
+        if write_wait not in ("", "spin", "poll"):
+            raise errors.InvalidArgument(f"{what}: write_wait={errors.shown(write_wait)} must be '', 'spin' or 'poll'")
         self._refuse_when_draining(what)
         if not 1 <= tokens <= self.config.max_request_tokens:
             raise errors.InvalidArgument(f"{what}: tokens={tokens} must be in 1..{self.config.max_request_tokens}")
@@ -382,8 +385,9 @@ class EncoderService:
             seconds = []
             for _ in range(repeats):
                 started = time.perf_counter()
-                # The baseline is Mooncake's own batch_transfer_sync_write, whatever write_wait says.
-                await asyncio.gather(*(self.transport.write(peer.session, plan, wait="spin") for plan in plans))
+                # The baseline is Mooncake's own batch_transfer_sync_write, whatever --write-wait says.
+                wait = write_wait or "spin"
+                await asyncio.gather(*(self.transport.write(peer.session, plan, wait=wait) for plan in plans))
                 seconds.append(time.perf_counter() - started)
         finally:
             self.pool.allocator.free(src)
@@ -557,7 +561,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     async def RawWrite(self, request, context):
         seconds, nbytes, descriptors = await self.s.raw_write(
             request.language_id, request.rank, list(request.dst_blocks), request.tokens, request.repeats,
-            request.concurrency, rpc.peer_identity(context))
+            request.concurrency, rpc.peer_identity(context), request.write_wait)
         return bench_pb2.RawWriteReply(seconds=seconds, bytes=nbytes, descriptors=descriptors)
 
 

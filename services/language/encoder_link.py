@@ -116,11 +116,11 @@ class GrpcEncoderLink:
             request_id=request_id, reason=reason, language_id=self.language_id), timeout=10))
 
     async def raw_write(self, rank: int, blocks: Sequence[int], tokens: int, repeats: int,
-                        concurrency: int) -> bench_pb2.RawWriteReply:
+                        concurrency: int, write_wait: str = "") -> bench_pb2.RawWriteReply:
         """epd bench: the encoder writes into `blocks` with plain Mooncake writes, timed."""
         return await self._call("RawWrite", self.stub.RawWrite(bench_pb2.RawWriteRequest(
             language_id=self.language_id, rank=rank, dst_blocks=list(blocks), tokens=tokens, repeats=repeats,
-            concurrency=concurrency), timeout=300))
+            concurrency=concurrency, write_wait=write_wait), timeout=300))
 
 
 CONNECT_TIMEOUT_S = 5.0

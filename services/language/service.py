@@ -403,11 +403,14 @@ class LanguageService:
             ranks=reports, agreement_seconds=outcome.agreement_seconds,
             logits=_logits_summary(outcome.consumer), consumer=self.worker.consumer.name)
 
-    async def measure_link(self, tokens: int, repeats: int, concurrency: int) -> bench_pb2.MeasureLinkReply:
+    async def measure_link(self, tokens: int, repeats: int, concurrency: int,
+                           write_wait: str = "") -> bench_pb2.MeasureLinkReply:
         """epd bench's baseline: the encoder writes plain Mooncake writes into blocks of rank 0's
         pool reserved for the measurement (so no transfer can be hurt), then they are freed."""
         if tokens < 1 or repeats < 1 or concurrency < 1:
             raise errors.InvalidArgument(f"tokens={tokens}, repeats={repeats}, concurrency={concurrency}: each must be >= 1")
+        if write_wait not in ("", "spin", "poll"):
+            raise errors.InvalidArgument(f"write_wait={errors.shown(write_wait)}: must be '', 'spin' or 'poll'")
         self._refuse_when_unhealthy("MeasureLink")
         n = concurrency * blocks_for_tokens(tokens, self.pool.block_size)
         if n > self.pool.num_blocks:
@@ -415,7 +418,7 @@ class LanguageService:
                 f"concurrency * tokens = {concurrency} * {tokens} needs {n} blocks, more than the pool's {self.pool.num_blocks}")
         blocks = await self.pool.allocator.alloc(n, timeout=self.config.alloc_timeout_s, label="MeasureLink")
         try:
-            reply = await self.worker.link.raw_write(0, blocks, tokens, repeats, concurrency)
+            reply = await self.worker.link.raw_write(0, blocks, tokens, repeats, concurrency, write_wait)
         finally:
             self.pool.allocator.free(blocks)
         return bench_pb2.MeasureLinkReply(seconds=reply.seconds, bytes=reply.bytes, descriptors=reply.descriptors,
@@ -523,7 +526,7 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
 
     @rpc.grpc_errors
     async def MeasureLink(self, request, context):
-        return await self.s.measure_link(request.tokens, request.repeats, request.concurrency or 1)
+        return await self.s.measure_link(request.tokens, request.repeats, request.concurrency or 1, request.write_wait)
 
 
 def record_info(service: LanguageService, r: GenerateRecord) -> common_pb2.TransferInfo:

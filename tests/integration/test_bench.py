@@ -26,9 +26,11 @@ def pair():
     p.stop()
 
 
-async def test_measure_link_moves_real_bytes_and_frees_both_pools(pair):
+@pytest.mark.parametrize("write_wait", ["", "spin", "poll"])
+async def test_measure_link_moves_real_bytes_and_frees_both_pools(pair, write_wait):
     stub = language_stub(pair.language.address)
-    reply = await stub.MeasureLink(bench_pb2.MeasureLinkRequest(tokens=1000, repeats=3, concurrency=2))
+    reply = await stub.MeasureLink(bench_pb2.MeasureLinkRequest(tokens=1000, repeats=3, concurrency=2,
+                                                                write_wait=write_wait))
     assert len(reply.seconds) == 3 and all(s > 0 for s in reply.seconds)
     record_bytes = 256 * 2 + 4 + 12  # hidden 256 bf16 + token id + 3 positions, packed (no padding here)
     assert reply.bytes == 2 * 1000 * record_bytes
@@ -41,6 +43,7 @@ async def test_measure_link_moves_real_bytes_and_frees_both_pools(pair):
     (dict(tokens=100, repeats=0), grpc.StatusCode.INVALID_ARGUMENT, "repeats=0"),
     (dict(tokens=128 * 33, repeats=1), grpc.StatusCode.INVALID_ARGUMENT, "more than the pool's 32"),
     (dict(tokens=128, repeats=1, concurrency=40), grpc.StatusCode.INVALID_ARGUMENT, "concurrency * tokens = 40 * 128"),
+    (dict(tokens=128, repeats=1, write_wait="busy"), grpc.StatusCode.INVALID_ARGUMENT, "write_wait='busy'"),
 ])
 async def test_measure_link_bad_input_is_refused_and_changes_nothing(pair, request_kw, code, named):
     stub = language_stub(pair.language.address)
@@ -66,6 +69,7 @@ async def test_raw_write_is_validated_like_init(pair):
                 (dict(dst_blocks=[1, 1], tokens=256), "appears more than once"),
                 (dict(dst_blocks=[0, 1], tokens=128), "2 dst_blocks, expected concurrency * ceil(tokens / block_size) = 1 * 1"),
                 (dict(dst_blocks=[0], tokens=128, repeats=5000), "repeats=5000"),
+                (dict(dst_blocks=[0], tokens=128, write_wait="nap"), "write_wait='nap'"),
             ]
             for kw, named in cases:
                 req = bench_pb2.RawWriteRequest(language_id=rank.language_id, rank=0, **{"repeats": 1, **kw})
@@ -92,7 +96,8 @@ def test_epd_bench_json_has_every_documented_key():
     assert {"config", "single", "multi", "control", "checks", "wall_s"} <= set(r)
     assert [x["tokens"] for x in r["single"]] == [256, 2048]
     for x in r["single"]:
-        assert {"tokens", "bytes", "transfer_ms_p50", "raw_ms_p50", "gbps", "raw_gbps", "ratio"} <= set(x)
+        assert {"tokens", "bytes", "transfer_ms_p50", "raw_ms_p50", "gbps", "raw_gbps", "ratio", "raw_poll_ms_p50",
+                "ratio_vs_raw_poll"} <= set(x)
         assert x["ratio"] > 0
     assert [x["rounds"] for x in r["multi"]] == [1, 2]  # 1024-token initial allocation
     assert {"latency_ms_p50", "latency_ms_p99", "overhead_ms_p50", "raw_ms_p50"} <= set(r["control"])

@@ -66,13 +66,13 @@ class FakeTransport:
     def register(self, address, length, location="*"):
         self.registered.append((address, length, location))
 
-    def write_sync(self, session, triples):
+    def write_sync(self, session, triples, *, wait=""):
         self.writes.append(list(triples))
         for src, dst, n in triples:
             ctypes.memmove(dst, src, n)
 
-    async def write(self, session, triples):
-        await asyncio.to_thread(self.write_sync, session, triples)
+    async def write(self, session, triples, *, wait=""):
+        await asyncio.to_thread(self.write_sync, session, triples, wait=wait)
 
     def close(self):
         self.closed = True

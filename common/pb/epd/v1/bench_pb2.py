@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x65pd/v1/bench.proto\x12\x06\x65pd.v1\"J\n\x12MeasureLinkRequest\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\x12\x0f\n\x07repeats\x18\x02 \x01(\r\x12\x13\n\x0b\x63oncurrency\x18\x03 \x01(\r\"X\n\x10MeasureLinkReply\x12\x0f\n\x07seconds\x18\x01 \x03(\x01\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x64\x65scriptors\x18\x03 \x01(\r\x12\x0f\n\x07\x65ncoder\x18\x04 \x01(\t\"~\n\x0fRawWriteRequest\x12\x13\n\x0blanguage_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x12\n\ndst_blocks\x18\x03 \x03(\r\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\x12\x0f\n\x07repeats\x18\x05 \x01(\r\x12\x13\n\x0b\x63oncurrency\x18\x06 \x01(\r\"D\n\rRawWriteReply\x12\x0f\n\x07seconds\x18\x01 \x03(\x01\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x64\x65scriptors\x18\x03 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x65pd/v1/bench.proto\x12\x06\x65pd.v1\"^\n\x12MeasureLinkRequest\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\x12\x0f\n\x07repeats\x18\x02 \x01(\r\x12\x13\n\x0b\x63oncurrency\x18\x03 \x01(\r\x12\x12\n\nwrite_wait\x18\x04 \x01(\t\"X\n\x10MeasureLinkReply\x12\x0f\n\x07seconds\x18\x01 \x03(\x01\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x64\x65scriptors\x18\x03 \x01(\r\x12\x0f\n\x07\x65ncoder\x18\x04 \x01(\t\"\x92\x01\n\x0fRawWriteRequest\x12\x13\n\x0blanguage_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x12\n\ndst_blocks\x18\x03 \x03(\r\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\x12\x0f\n\x07repeats\x18\x05 \x01(\r\x12\x13\n\x0b\x63oncurrency\x18\x06 \x01(\r\x12\x12\n\nwrite_wait\x18\x07 \x01(\t\"D\n\rRawWriteReply\x12\x0f\n\x07seconds\x18\x01 \x03(\x01\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x64\x65scriptors\x18\x03 \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,11 +32,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epd.v1.bench_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MEASURELINKREQUEST']._serialized_start=30
-  _globals['_MEASURELINKREQUEST']._serialized_end=104
-  _globals['_MEASURELINKREPLY']._serialized_start=106
-  _globals['_MEASURELINKREPLY']._serialized_end=194
-  _globals['_RAWWRITEREQUEST']._serialized_start=196
-  _globals['_RAWWRITEREQUEST']._serialized_end=322
-  _globals['_RAWWRITEREPLY']._serialized_start=324
-  _globals['_RAWWRITEREPLY']._serialized_end=392
+  _globals['_MEASURELINKREQUEST']._serialized_end=124
+  _globals['_MEASURELINKREPLY']._serialized_start=126
+  _globals['_MEASURELINKREPLY']._serialized_end=214
+  _globals['_RAWWRITEREQUEST']._serialized_start=217
+  _globals['_RAWWRITEREQUEST']._serialized_end=363
+  _globals['_RAWWRITEREPLY']._serialized_start=365
+  _globals['_RAWWRITEREPLY']._serialized_end=433
 # @@protoc_insertion_point(module_scope)

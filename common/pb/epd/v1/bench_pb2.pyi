@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class MeasureLinkRequest(_message.Message):
-    __slots__ = ("tokens", "repeats", "concurrency")
+    __slots__ = ("tokens", "repeats", "concurrency", "write_wait")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     REPEATS_FIELD_NUMBER: _ClassVar[int]
     CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    WRITE_WAIT_FIELD_NUMBER: _ClassVar[int]
     tokens: int
     repeats: int
     concurrency: int
-    def __init__(self, tokens: _Optional[int] = ..., repeats: _Optional[int] = ..., concurrency: _Optional[int] = ...) -> None: ...
+    write_wait: str
+    def __init__(self, tokens: _Optional[int] = ..., repeats: _Optional[int] = ..., concurrency: _Optional[int] = ..., write_wait: _Optional[str] = ...) -> None: ...
 
 class MeasureLinkReply(_message.Message):
     __slots__ = ("seconds", "bytes", "descriptors", "encoder")
@@ -29,20 +31,22 @@ class MeasureLinkReply(_message.Message):
     def __init__(self, seconds: _Optional[_Iterable[float]] = ..., bytes: _Optional[int] = ..., descriptors: _Optional[int] = ..., encoder: _Optional[str] = ...) -> None: ...
 
 class RawWriteRequest(_message.Message):
-    __slots__ = ("language_id", "rank", "dst_blocks", "tokens", "repeats", "concurrency")
+    __slots__ = ("language_id", "rank", "dst_blocks", "tokens", "repeats", "concurrency", "write_wait")
     LANGUAGE_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     DST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     REPEATS_FIELD_NUMBER: _ClassVar[int]
     CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    WRITE_WAIT_FIELD_NUMBER: _ClassVar[int]
     language_id: str
     rank: int
     dst_blocks: _containers.RepeatedScalarFieldContainer[int]
     tokens: int
     repeats: int
     concurrency: int
-    def __init__(self, language_id: _Optional[str] = ..., rank: _Optional[int] = ..., dst_blocks: _Optional[_Iterable[int]] = ..., tokens: _Optional[int] = ..., repeats: _Optional[int] = ..., concurrency: _Optional[int] = ...) -> None: ...
+    write_wait: str
+    def __init__(self, language_id: _Optional[str] = ..., rank: _Optional[int] = ..., dst_blocks: _Optional[_Iterable[int]] = ..., tokens: _Optional[int] = ..., repeats: _Optional[int] = ..., concurrency: _Optional[int] = ..., write_wait: _Optional[str] = ...) -> None: ...
 
 class RawWriteReply(_message.Message):
     __slots__ = ("seconds", "bytes", "descriptors")
