@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 
 ALLOC_POLICIES = ("fixed", "hint", "adaptive")
 PROTOCOLS = ("tcp", "rdma")
+WRITE_WAITS = ("poll", "spin")  # common/transport.py WAIT_MODES (config imports no mooncake code)
 EMBEDDING_DTYPES = ("bfloat16", "float16", "float32")
 CONSUMERS = ("null", "qwen2-vl-prefill")
 ENCODER_POLICIES = ("least-loaded", "round-robin")
@@ -232,7 +233,7 @@ class EncoderConfig(ServiceConfig):
     progress, so nothing of the write can still be read from our blocks once they are freed."""
     write_wait: str = _setting("poll", "how a Mooncake write is waited for: 'poll' (submit, then check its status "
                                        "with short sleeps) or 'spin' (batch_transfer_sync_write, which busy-polls)",
-                               choices=("poll", "spin"))
+                               choices=WRITE_WAITS)
     """`spin` keeps a core busy for the whole write; `poll` leaves it to the TCP copy, the
     checksums and the next request's encode (common/transport.py; docs/BENCHMARKS.md). The bench's
     raw baseline is always `batch_transfer_sync_write`."""
@@ -259,6 +260,8 @@ class EncoderConfig(ServiceConfig):
                 raise ConfigError(f"{name}={getattr(self, name)}: must be > 0")
         if not 5 <= self.write_timeout_s <= 3600:
             raise ConfigError(f"write_timeout_s={self.write_timeout_s}: must be in 5..3600 (Mooncake's minimum is 5 s)")
+        if self.write_wait not in WRITE_WAITS:
+            raise ConfigError(f"write_wait={self.write_wait!r}: must be one of {WRITE_WAITS}")
         if self.max_request_tokens < 1:
             raise ConfigError(f"max_request_tokens={self.max_request_tokens}: must be >= 1")
         if self.max_transfers_per_peer < 1:

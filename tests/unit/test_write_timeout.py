@@ -56,3 +56,9 @@ def test_transport_without_a_write_timeout_leaves_mooncakes_settings_alone(clean
     t = MooncakeTransport("127.0.0.1", "tcp")
     t.close()
     assert not any(k in os.environ for k in MOONCAKE_VARS)
+
+
+def test_an_unknown_write_wait_is_refused_by_name():
+    with pytest.raises(ConfigError, match="write_wait='busy'"):
+        EncoderConfig(write_wait="busy").validate()
+    EncoderConfig(write_wait="spin").validate()
