@@ -9,8 +9,8 @@ Two ways to wait for a write (`wait`):
   completes, so the calling thread keeps a core at 100 % for the whole write (measured: 33 ms of
   CPU for a 25 ms, 58 MB write over TCP).
 - `poll`: each triple is submitted with `transfer_submit_write` and its status checked with
-  `transfer_check_status`, sleeping in between for a twentieth of the time the write has taken so
-  far (at least POLL_STEP_S, at most POLL_MAX_S), so waking late costs a write at most ~5 % and
+  `transfer_check_status`, sleeping in between for a fortieth of the time the write has taken so
+  far (at least POLL_STEP_S, at most POLL_MAX_S), so waking late costs a write at most ~2.5 % and
   a few wake-ups. The same write cost 19 ms of CPU. On hosts
   where cores are scarce (the TCP copy, checksums and the next request's encode share them) the
   core a spinning wait burns is taken from the write itself.
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 WAIT_MODES = ("poll", "spin")
 POLL_STEP_S = 30e-6
 """`poll`: the shortest sleep between status checks (Linux rounds it up to ~60-100 us)."""
-POLL_MAX_S = 1e-3
+POLL_MAX_S = 0.5e-3
 """`poll`: the longest sleep between status checks."""
 _BAD_BATCH = (0, (1 << 64) - 1)  # transfer_submit_write's failures (0, or -1 as an unsigned id)
 
@@ -120,7 +120,7 @@ class MooncakeTransport:
                 # after MC_TCP_PROGRESS_TIMEOUT_SEC without progress, no longer reads our blocks.
                 problems.append(f"{len(pending)} piece(s) still running after {now - started:.1f} s")
                 break
-            time.sleep(min(POLL_MAX_S, max(POLL_STEP_S, (now - started) / 20)))
+            time.sleep(min(POLL_MAX_S, max(POLL_STEP_S, (now - started) / 40)))
         if problems:
             raise TransportError(f"Mooncake write of {total} bytes in {len(triples)} pieces to {session} failed: "
                                  f"{'; '.join(problems)}")
