@@ -209,14 +209,33 @@ async def case_multi(args: argparse.Namespace, sizes: Sequence[int], repeats: in
                      single: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The same totals with an initial allocation of 1024 tokens through a language whose pool is
     `--multi-pool-rounds` such rounds (default 1, so a request takes ceil(n / 1024) rounds; with
-    2 and `--overlap-rounds`, a round is written while the one before is copied out); compared with the one-round `single` case (whose clock,
-    with its Init sent alongside the Encode, starts later: the comparison is conservative)."""
+    2 and `--overlap-rounds`, a round is written while the one before is copied out); compared
+    with the one-round `single` case (whose clock, with its Init sent alongside the Encode, starts
+    later: the comparison is conservative). `raw_extra_ms_per_round`: what Mooncake alone pays per
+    extra write, from the single case's raw figures (ceil(n / 1024) raw 1024-token writes against
+    one raw n-token write), when the sizes include 1024.
+
+    The one-round pool cannot send a request's Init alongside its Encode (no room to spare, see
+    RankWorker.reserve_early), so even a one-round request costs it a round trip more than the
+    `single` case: `setup_ms` (its 1024-token request against `single`'s). The goal is checked on
+    `extra_ms_per_round_same_setup`, the extra per round with that difference taken out;
+    `extra_ms_per_round` keeps it in."""
     initial = MULTI_ROUND_TOKENS
     exact = {row["tokens"]: row["transfer_ms_p50"] for row in single}
+    raw = {row["tokens"]: row["raw_ms_p50"] for row in single}
     s = Services(args, language_blocks=max(1, initial // args.block_size) * args.multi_pool_rounds,
                  encoder_blocks=max(sizes) // args.block_size + 8, alloc_policy="fixed", initial_tokens=initial)
     try:
         rows = await _multi_rows(s, args, sizes, repeats, exact)
+        setup = next((row["transfer_ms_p50"] - exact[initial] for row in rows
+                      if row["tokens"] == initial and initial in exact), float("nan"))
+        for row in rows:
+            k = row["rounds"]
+            row["setup_ms"] = setup
+            row["extra_ms_per_round_same_setup"] = ((row["transfer_ms_p50"] - exact[row["tokens"]] - setup) / (k - 1)
+                                                    if k > 1 and row["tokens"] in exact else 0.0)
+            row["raw_extra_ms_per_round"] = ((k * raw[initial] - raw[row["tokens"]]) / (k - 1)
+                                             if k > 1 and initial in raw and row["tokens"] in raw else float("nan"))
     finally:
         await s.close()
     return rows
@@ -355,7 +374,10 @@ def evaluate(results: dict[str, Any], margin: float) -> list[dict[str, Any]]:
         add(f"single_round_ratio[{row['tokens']}]", row["ratio"], ">=", 0.9)
     for row in results.get("multi", []):
         if row["rounds"] > 1:
-            add(f"round_extra_ms[{row['tokens']}]", row["extra_ms_per_round"], "<=", row["goal_ms_per_round"])
+            extra = row.get("extra_ms_per_round_same_setup", float("nan"))
+            if extra != extra:  # NaN: no 1024-token size to tell the setup difference
+                extra = row["extra_ms_per_round"]
+            add(f"round_extra_ms[{row['tokens']}]", extra, "<=", row["goal_ms_per_round"])
     if "control" in results:
         add("control_overhead_p50_ms", results["control"]["overhead_ms_p50"], "<=", 3.0)
     for row in results.get("concurrency", []):
@@ -459,11 +481,15 @@ def format_table(r: dict[str, Any]) -> str:
         pool = r["multi"][0].get("pool_tokens", 1024) if r["multi"] else 1024
         out += ["", f"multi-round (initial allocation 1024 tokens, a {pool}-token pool) vs one round",
                 f"  {'tokens':>7} {'rounds':>6} {'overlapped':>10} {'ms p50':>8} {'exact ms':>8} {'extra ms/round':>14} "
-                f"{'goal ms/round':>13}"]
+                f"{'same setup':>10} {'goal ms/round':>13} {'raw extra ms/round':>18}"]
         for x in r["multi"]:
             out.append(f"  {x['tokens']:>7} {x['rounds']:>6} {x.get('overlapped_rounds', 0):>10} "
                        f"{x['transfer_ms_p50']:>8.2f} {x['exact_ms_p50']:>8.2f} "
-                       f"{x['extra_ms_per_round']:>14.2f} {x['goal_ms_per_round']:>13.2f}")
+                       f"{x['extra_ms_per_round']:>14.2f} {x.get('extra_ms_per_round_same_setup', float('nan')):>10.2f} "
+                       f"{x['goal_ms_per_round']:>13.2f} {x.get('raw_extra_ms_per_round', float('nan')):>18.2f}")
+        if r["multi"]:
+            out.append(f"  (same setup: less the one-round pool's {r['multi'][0].get('setup_ms', float('nan')):.2f} ms "
+                       f"more per request, its Init waiting for the Encode)")
     if "control" in r:
         x = r["control"]
         out += ["", f"control plane: {x['requests']} sequential {x['tokens']}-token requests",

@@ -100,6 +100,9 @@ def test_epd_bench_json_has_every_documented_key():
                 "ratio_vs_raw_poll"} <= set(x)
         assert x["ratio"] > 0
     assert [x["rounds"] for x in r["multi"]] == [1, 2]  # 1024-token initial allocation
+    for x in r["multi"]:
+        assert {"extra_ms_per_round", "extra_ms_per_round_same_setup", "setup_ms", "raw_extra_ms_per_round",
+                "goal_ms_per_round", "overlapped_rounds"} <= set(x)
     assert {"latency_ms_p50", "latency_ms_p99", "overhead_ms_p50", "raw_ms_p50"} <= set(r["control"])
     figures = {c["figure"] for c in r["checks"]}
     assert {"single_round_ratio[256]", "round_extra_ms[2048]", "control_overhead_p50_ms"} <= figures
