@@ -21,12 +21,17 @@ from common.parallel import MEMORY_BOUND_SPLIT_BYTES, run_split, run_split_async
 _MASK32 = (1 << 32) - 1
 
 
-def _words(records: torch.Tensor, field: FieldLayout) -> torch.Tensor:
-    """The field's bytes of every record as integer words [n, w] (a view where possible)."""
+_WORD_DTYPES = ((4, torch.int32, np.int32), (2, torch.int16, np.int16))
+
+
+def _words(records, field: FieldLayout):
+    """The field's bytes of every record (a torch tensor or a numpy array [n, record_bytes]) as
+    integer words [n, w]: int32 where the field is whole int32 words, else int16, else bytes."""
     raw = records[:, field.offset: field.offset + field.bytes_per_token]
-    for dtype, size in ((torch.int32, 4), (torch.int16, 2)):
+    numpy = isinstance(records, np.ndarray)
+    for size, torch_dtype, np_dtype in _WORD_DTYPES:
         if field.bytes_per_token % size == 0 and field.offset % size == 0:
-            return raw.view(dtype)
+            return raw.view(np_dtype if numpy else torch_dtype)
     return raw
 
 
@@ -134,12 +139,7 @@ def small_checksums(segments: list[torch.Tensor], record: RecordLayout, first_to
         for seg in segments:
             n = seg.shape[0]
             if n:
-                raw = seg.numpy()[:, f.offset: f.offset + f.bytes_per_token]
-                words = raw
-                for dtype, size in ((np.int32, 4), (np.int16, 2)):
-                    if f.bytes_per_token % size == 0 and f.offset % size == 0:
-                        words = raw.view(dtype)
-                        break
+                words = _words(seg.numpy(), f)
                 with np.errstate(over="ignore"):
                     row = words.sum(axis=1, dtype=np.int32).astype(np.int64)  # wraps modulo 2**32, as torch does
                     col = words.sum(axis=0, dtype=np.int32).astype(np.int64)
@@ -209,15 +209,6 @@ def host_checksums(segments: list[torch.Tensor], record: RecordLayout, first_tok
     return out
 
 
-def _np_words(records: np.ndarray, field: FieldLayout) -> np.ndarray:
-    """numpy twin of `_words`."""
-    raw = records[:, field.offset: field.offset + field.bytes_per_token]
-    for dtype, size in ((np.int32, 4), (np.int16, 2)):
-        if field.bytes_per_token % size == 0 and field.offset % size == 0:
-            return raw.view(dtype)
-    return raw
-
-
 def _host_sums(runs: list[torch.Tensor], record: RecordLayout,
                chunk: int) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]:
     """PayloadSums.build's per-run sums of host-memory runs, with numpy (fewer passes and no
@@ -230,7 +221,7 @@ def _host_sums(runs: list[torch.Tensor], record: RecordLayout,
             k = host.shape[0]
             full = k // chunk * chunk
             for f in record.fields:
-                words = _np_words(host, f)
+                words = _words(host, f)
                 rows, cols = out[f.name]
                 rows.append(torch.from_numpy(np.add.reduce(words, axis=1, dtype=np.int32).astype(np.int64)))
                 if full:
