@@ -11,6 +11,7 @@ import asyncio
 import os
 import pathlib
 import sys
+import time
 import uuid
 
 import grpc
@@ -127,3 +128,18 @@ async def wait_for_rounds(stub, request_id: str, rounds: int, timeout: float = 2
 @pytest.fixture
 def unique_id():
     return lambda prefix="req": f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+async def consumer_logs(prefix: pathlib.Path, tp: int, n: int, timeout: float = 10.0) -> list[list[str]]:
+    """Every rank's `--consumer-log` (PREFIX.rankR: one request id a line), once each holds n ids
+    or after `timeout`. Rank 0 replies once it consumed a request; another rank consumes it after
+    the same decision in its own process, so its line may come a moment after the reply."""
+    def read() -> list[list[str]]:
+        return [pathlib.Path(f"{prefix}.rank{r}").read_text().split() for r in range(tp)]
+
+    deadline = time.monotonic() + timeout
+    logs = read()
+    while any(len(log) < n for log in logs) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        logs = read()
+    return logs

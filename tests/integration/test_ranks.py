@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2
 from services.reference_payload import expected_digest
-from tests.conftest import Pair, assert_all_free, language_stub, wait_for_rounds
+from tests.conftest import Pair, assert_all_free, consumer_logs, language_stub, wait_for_rounds
 
 HIDDEN = 128
 INITIAL = 1024
@@ -67,7 +67,7 @@ async def test_single_multi_round_and_larger_than_pool(tmp_path, tp, data_ranks)
         # Concurrent requests: every rank consumes the same requests in the same order.
         sizes = [5, 3000, 900, 12000, 64, 7000, 1, 2500]
         replies = await asyncio.gather(*(generate(stub, n, 10 + i, data_ranks) for i, n in enumerate(sizes)))
-        logs = consumed(tmp_path, tp)
+        logs = await consumer_logs(tmp_path / "consumed", tp, 3 + len(sizes))
         assert all(log == logs[0] for log in logs), logs
         assert set(r.request_id for r in replies) <= set(logs[0]) and len(logs[0]) == 3 + len(sizes)
         await assert_all_free((pair.encoder.address, "encoder"), (pair.language.address, "language"))
@@ -117,7 +117,7 @@ async def test_lagging_and_repeating_status_on_one_rank_fault_injected(tmp_path)
         sizes = [100, 6000, 15000, 2000, 9000]
         replies = await asyncio.gather(*(generate(stub, n, 40 + i, [0, 1]) for i, n in enumerate(sizes)))
         assert max(r.rounds for r in replies) >= 4
-        logs = consumed(tmp_path, 2)
+        logs = await consumer_logs(tmp_path / "consumed", 2, len(sizes))
         assert logs[0] == logs[1] and len(logs[0]) == len(sizes)
         await assert_all_free((pair.encoder.address, "encoder"), (pair.language.address, "language"))
     finally:

@@ -20,7 +20,7 @@ from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2
 from common.transport_faults import SCRATCH_BYTES, FaultyTransport, TransportFaultSpec, wrap
 from services import cli
 from services.reference_payload import expected_digest
-from tests.conftest import Pair, assert_all_free, language_stub
+from tests.conftest import Pair, assert_all_free, consumer_logs, language_stub
 
 HIDDEN = 128
 INITIAL = 1024          # tokens of the initial allocation: larger requests take several rounds
@@ -226,7 +226,7 @@ async def test_fail_nth_mid_transfer_fails_on_every_rank(tmp_path, unique_id):
         assert kind == "ok" and reply.rounds == 2 and len(reply.ranks) == 2
         await all_free(pair)
         # No rank handed the failed request to its consumer; both consumed the good one.
-        consumed = [(tmp_path / f"consumed.rank{r}").read_text().split() for r in range(2)]
+        consumed = await consumer_logs(tmp_path / "consumed", 2, 1)
         assert consumed == [[ok_id], [ok_id]], consumed
     finally:
         pair.stop()
