@@ -185,7 +185,6 @@ class ReceiveTask:
                     return await self._finish()
                 remaining = self.total_tokens - st.sent_tokens
                 spare = self._spare_blocks(remaining) if self.overlap_rounds else None
-                self.telemetry.resumed(overlapped=spare is not None)
                 if spare is not None:
                     await self._overlapped_round(st, handled, n, spare)
                 else:
@@ -201,6 +200,7 @@ class ReceiveTask:
                     self._progress()
                     await self.link.resume(self.transfer_id, self.rank, st.sent_tokens, self.blocks,
                                            self.allocated_tokens)
+                self.telemetry.resumed(overlapped=spare is not None)
                 handled = st.sent_tokens
             elif st.state in (TransferState.BOOTSTRAPPING, TransferState.WAITING_FOR_INPUT):
                 if self.rounds:  # states only move forward: a peer that says otherwise is lying
