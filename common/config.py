@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 ALLOC_POLICIES = ("fixed", "hint", "adaptive")
 PROTOCOLS = ("tcp", "rdma")
-WRITE_WAITS = ("poll", "spin")  # common/transport.py WAIT_MODES (config imports no mooncake code)
+WRITE_WAITS = ("poll", "spin")  # how common/transport.py may wait for a write
 EMBEDDING_DTYPES = ("bfloat16", "float16", "float32")
 CONSUMERS = ("null", "qwen2-vl-prefill")
 ENCODER_POLICIES = ("least-loaded", "round-robin")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from common.layout import FieldLayout, RecordLayout
-from common.parallel import MEMORY_BOUND_SPLIT_BYTES, run_split, run_split_async
+from common.parallel import MEMORY_BOUND_SPLIT_BYTES, nbytes, run_split, run_split_async
 
 _MASK32 = (1 << 32) - 1
 
@@ -82,12 +82,8 @@ costs more than the work (about 0.1 ms for 1 MiB on one CPU core), and the loop 
 for long. Larger rounds go to a worker thread."""
 
 
-def _nbytes(segments: list[torch.Tensor]) -> int:
-    return sum(s.numel() * s.element_size() for s in segments)
-
-
 def _is_small(segments: list[torch.Tensor]) -> bool:
-    return _nbytes(segments) <= INLINE_MAX_BYTES
+    return nbytes(segments) <= INLINE_MAX_BYTES
 
 
 def _on_host(segments: list[torch.Tensor]) -> bool:
@@ -110,7 +106,7 @@ async def checksums_off_loop(segments: list[torch.Tensor], record: RecordLayout,
     reached straight from the loop (one hand-off each, not two)."""
     if _is_small(segments):
         return fast_checksums(segments, record, first_token)
-    if _on_host(segments) and _nbytes(segments) > MEMORY_BOUND_SPLIT_BYTES:
+    if _on_host(segments) and nbytes(segments) > MEMORY_BOUND_SPLIT_BYTES:
         parts = await run_split_async(lambda segs, first: host_checksums(segs, record, first), segments, first_token,
                                       min_split_bytes=MEMORY_BOUND_SPLIT_BYTES)
         return _combine_parts(parts)

@@ -33,6 +33,11 @@ T = TypeVar("T")
 _pool = concurrent.futures.ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="epd-split")
 
 
+def nbytes(segments: list[torch.Tensor]) -> int:
+    """Bytes in a list of tensors."""
+    return sum(s.numel() * s.element_size() for s in segments)
+
+
 def split_tokens(segments: list[torch.Tensor], first_token: int, parts: int,
                  align: int = 1) -> list[tuple[list[torch.Tensor], int]]:
     """Cut consecutive token segments into at most `parts` groups of about equal token counts,
@@ -64,7 +69,7 @@ def run_split(work: Callable[[list[torch.Tensor], int], T], segments: list[torch
               parts: int = PARALLEL, align: int = 1) -> list[T]:
     """`work(group, first_token_of_group)` for each part, in parallel; results in token order.
     Blocking: call it from a worker thread, never from the event loop."""
-    if sum(s.numel() * s.element_size() for s in segments) < SPLIT_MIN_BYTES:
+    if nbytes(segments) < SPLIT_MIN_BYTES:
         parts = 1
     groups = split_tokens(segments, first_token, parts, align)
     if len(groups) <= 1:
@@ -78,7 +83,7 @@ async def run_split_async(work: Callable[[list[torch.Tensor], int], T], segments
                           min_split_bytes: int = SPLIT_MIN_BYTES) -> list[T]:
     """`run_split` from the event loop: the parts go straight to the worker threads (one hand-off
     each, where `asyncio.to_thread(run_split, ...)` makes two); one part below min_split_bytes."""
-    if sum(s.numel() * s.element_size() for s in segments) <= min_split_bytes:
+    if nbytes(segments) <= min_split_bytes:
         parts = 1
     groups = split_tokens(segments, first_token, parts, align)
     loop = asyncio.get_running_loop()

@@ -25,11 +25,11 @@ import os
 import time
 from typing import Sequence
 
+from common.config import WRITE_WAITS
 from common.errors import TransportError
 
 log = logging.getLogger(__name__)
 
-WAIT_MODES = ("poll", "spin")
 POLL_STEP_S = 30e-6
 """`poll`: the shortest sleep between status checks (Linux rounds it up to ~60-100 us)."""
 POLL_MAX_S = 0.5e-3
@@ -42,8 +42,8 @@ class MooncakeTransport:
 
     def __init__(self, host: str, protocol: str = "tcp", device: str = "", *, write_timeout_s: float | None = None,
                  wait: str = "poll"):
-        if wait not in WAIT_MODES:
-            raise ValueError(f"wait={wait!r}: must be one of {WAIT_MODES}")
+        if wait not in WRITE_WAITS:
+            raise ValueError(f"wait={wait!r}: must be one of {WRITE_WAITS}")
         if protocol == "tcp":
             # Mooncake picks RDMA whenever a NIC is present unless told otherwise.
             os.environ["MC_FORCE_TCP"] = "1"

@@ -18,7 +18,7 @@ from typing import Sequence
 
 
 from common import errors
-from common.config import EncoderConfig
+from common.config import WRITE_WAITS, EncoderConfig
 from common.integrity import INLINE_MAX_BYTES, PayloadSums, checksums_off_loop, fast_checksums
 from common.layout import PoolGeometry
 from common.pb.epd.v1 import bench_pb2, common_pb2, encoder_pb2, encoder_pb2_grpc
@@ -342,7 +342,7 @@ class EncoderService:
         bytes per repeat, descriptors per write). `write_wait` "" or "spin": Mooncake's own
         batch_transfer_sync_write, whatever this encoder's --write-wait; "poll": the polled wait."""
         what = f"RawWrite from language_id {errors.shown(language_id)} rank {rank}"
-        if write_wait not in ("", "spin", "poll"):
+        if write_wait not in ("", *WRITE_WAITS):
             raise errors.InvalidArgument(f"{what}: write_wait={errors.shown(write_wait)} must be '', 'spin' or 'poll'")
         self._refuse_when_draining(what)
         if not 1 <= tokens <= self.config.max_request_tokens:

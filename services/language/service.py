@@ -16,7 +16,7 @@ import time
 import uuid
 
 from common import errors
-from common.config import LanguageConfig
+from common.config import WRITE_WAITS, LanguageConfig
 from common.limits import check_images
 from common.pb.epd.v1 import bench_pb2, common_pb2, language_pb2, language_pb2_grpc
 from common.plan import blocks_for_tokens
@@ -409,7 +409,7 @@ class LanguageService:
         pool reserved for the measurement (so no transfer can be hurt), then they are freed."""
         if tokens < 1 or repeats < 1 or concurrency < 1:
             raise errors.InvalidArgument(f"tokens={tokens}, repeats={repeats}, concurrency={concurrency}: each must be >= 1")
-        if write_wait not in ("", "spin", "poll"):
+        if write_wait not in ("", *WRITE_WAITS):
             raise errors.InvalidArgument(f"write_wait={errors.shown(write_wait)}: must be '', 'spin' or 'poll'")
         self._refuse_when_unhealthy("MeasureLink")
         n = concurrency * blocks_for_tokens(tokens, self.pool.block_size)
