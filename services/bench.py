@@ -70,12 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="256,1024,4096,8192", help="token counts of the single/multi cases")
     p.add_argument("--repeats", type=int, default=12, help="timed requests per size (after warm-up)")
     p.add_argument("--small-requests", type=int, default=300, help="64-token requests of the control case")
-    p.add_argument("--language-arg", action="append", default=[], metavar="ARG",
-                   help="an extra command-line argument for every language process (repeatable; for A/B runs, "
-                        "e.g. --language-arg=--no-overlap-rounds)")
-    p.add_argument("--encoder-arg", action="append", default=[], metavar="ARG",
-                   help="an extra command-line argument for every encoder process (repeatable; for A/B runs, "
-                        "e.g. --encoder-arg=--write-wait=spin)")
+    demo.add_process_arguments(p, encoder_example="--write-wait=spin", language_example="--no-overlap-rounds")
     p.add_argument("--multi-pool-rounds", type=int, default=1,
                    help="the multi case's language pool, in 1024-token rounds (default 1; 2 leaves room for "
                         "--language-arg=--overlap-rounds)")
@@ -105,8 +100,7 @@ class Services:
     """An encoder and a language process for one part of the run."""
 
     def __init__(self, args: argparse.Namespace, *, language_blocks: int, encoder_blocks: int,
-                 alloc_policy: str = "hint", initial_tokens: int = 8192, event_loop: str = "auto",
-                 language_args: Sequence[str] = ()):
+                 alloc_policy: str = "hint", initial_tokens: int = 8192, event_loop: str = "auto"):
         common = ["--host", "127.0.0.1", "--port", "0", "--hidden", str(args.hidden), "--dtype", args.dtype,
                   "--block-size", str(args.block_size), "--event-loop", event_loop, "--log-level", "WARNING",
                   "--integrity" if args.integrity else "--no-integrity"]
@@ -124,7 +118,7 @@ class Services:
             self.language = demo.ServiceProcess(
                 "language", [*py, "language", *common, *lang_sec, "--pool-blocks", str(language_blocks),
                              "--encoder", f"127.0.0.1:{self.encoder.port}", "--alloc-policy", alloc_policy,
-                             "--initial-tokens", str(initial_tokens), *language_args, *args.language_arg],
+                             "--initial-tokens", str(initial_tokens), *args.language_arg],
                 env=env, log_dir=logs)
             self.language.start()
             self.language.wait_ready(120)

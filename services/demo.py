@@ -154,12 +154,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "PATH: a local Qwen2-VL checkpoint (GPU hosts; --hidden must match it)")
     parser.add_argument("--image-requests", type=_non_negative_int, default=d("--image-requests", 6),
                         help="requests with generated images (default 6; none with --model none)")
-    parser.add_argument("--encoder-arg", action="append", default=[], metavar="ARG",
-                        help="extra argument for the encoder process (repeatable), "
-                             "e.g. --encoder-arg=--model=tiny")
-    parser.add_argument("--language-arg", action="append", default=[], metavar="ARG",
-                        help="extra argument for the language process (repeatable), "
-                             "e.g. --language-arg=--alloc-policy=fixed")
+    add_process_arguments(parser, encoder_example="--model=tiny", language_example="--alloc-policy=fixed")
     from services import security  # noqa: PLC0415 (grpc only)
 
     security.add_client_arguments(parser)  # used by the demo's client and passed to both services
@@ -913,6 +908,13 @@ def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
     root = str(project_root())
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
+
+
+def add_process_arguments(parser: argparse.ArgumentParser, *, encoder_example: str, language_example: str) -> None:
+    """--encoder-arg / --language-arg: extra arguments for every encoder / language process started."""
+    for role, example in (("encoder", encoder_example), ("language", language_example)):
+        parser.add_argument(f"--{role}-arg", action="append", default=[], metavar="ARG",
+                            help=f"extra argument for every {role} process (repeatable), e.g. --{role}-arg={example}")
 
 
 def encoder_argv(args: argparse.Namespace) -> list[str]:
