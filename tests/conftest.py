@@ -17,7 +17,7 @@ import uuid
 import grpc
 import pytest
 
-from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2_grpc
+from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2, language_pb2_grpc
 from services import demo
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -123,6 +123,19 @@ async def wait_for_rounds(stub, request_id: str, rounds: int, timeout: float = 2
                 assert e.code() == grpc.StatusCode.NOT_FOUND  # not admitted yet
             await asyncio.sleep(0.01)
     await asyncio.wait_for(poll(), timeout)
+
+
+async def generate_then_kill(stub, request_id: str, kill, *, tokens: int = 50000, rounds: int = 2,
+                             timeout: float = 30.0) -> grpc.aio.AioRpcError:
+    """Start a Generate of `tokens` synthetic tokens, call `kill()` once the language shows
+    `rounds` rounds of it received, and return the error the Generate then ends with."""
+    call = asyncio.ensure_future(stub.Generate(language_pb2.GenerateRequest(request_id=request_id,
+                                                                            synthetic_tokens=tokens)))
+    await wait_for_rounds(stub, request_id, rounds)
+    kill()
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await asyncio.wait_for(call, timeout)
+    return e.value
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2
 from services.reference_payload import expected_digest
-from tests.conftest import Pair, ServiceProcess, assert_all_free, language_stub, wait_for_rounds
+from tests.conftest import Pair, ServiceProcess, assert_all_free, generate_then_kill, language_stub, wait_for_rounds
 from tests.integration.rank_harness import TestRank
 
 FAILED = common_pb2.TRANSFER_STATE_FAILED
@@ -163,12 +163,8 @@ async def test_encoder_killed_mid_transfer_then_restarted(unique_id):
     try:
         stub = language_stub(lang.address)
         rid = unique_id()
-        call = asyncio.ensure_future(stub.Generate(language_pb2.GenerateRequest(request_id=rid, synthetic_tokens=50000)))
-        await wait_for_rounds(stub, rid, 2)
-        enc.kill()
-        with pytest.raises(grpc.aio.AioRpcError) as e:
-            await asyncio.wait_for(call, 30)
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+        error = await generate_then_kill(stub, rid, enc.kill)
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
         info = await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
         assert info.state == FAILED and info.error.reason == common_pb2.FAILURE_REASON_PEER_LOST
         pool = await stub.GetPool(common_pb2.GetPoolRequest())
@@ -193,11 +189,7 @@ async def test_language_killed_mid_transfer_frees_the_encoder(unique_id):
     try:
         stub = language_stub(pair.language.address)
         rid = unique_id()
-        call = asyncio.ensure_future(stub.Generate(language_pb2.GenerateRequest(request_id=rid, synthetic_tokens=50000)))
-        await wait_for_rounds(stub, rid, 2)
-        pair.language.kill()
-        with pytest.raises(grpc.aio.AioRpcError):
-            await call
+        await generate_then_kill(stub, rid, pair.language.kill)
         async with grpc.aio.insecure_channel(pair.encoder.address) as ch:
             enc = encoder_pb2_grpc.EncoderStub(ch)
             info = await enc.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))

@@ -14,12 +14,11 @@ import time
 import urllib.request
 
 import grpc
-import pytest
 
 from common.pb.epd.v1 import common_pb2, language_pb2
 from services.language.ranks import free_port
 from services.reference_payload import expected_digest
-from tests.conftest import ServiceProcess, assert_all_free, language_stub, wait_for_rounds
+from tests.conftest import ServiceProcess, assert_all_free, generate_then_kill, language_stub
 
 
 def _gauge(port: int, state: str) -> float:
@@ -40,12 +39,8 @@ async def test_tp2_encoder_killed_mid_transfer_quarantines_on_every_rank_until_i
     try:
         stub = language_stub(lang.address)
         rid = unique_id("quar")
-        call = asyncio.ensure_future(stub.Generate(language_pb2.GenerateRequest(request_id=rid, synthetic_tokens=50000)))
-        await wait_for_rounds(stub, rid, 2)
-        enc.kill()
-        with pytest.raises(grpc.aio.AioRpcError) as e:
-            await asyncio.wait_for(call, 30)
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+        error = await generate_then_kill(stub, rid, enc.kill)
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
 
         deadline = time.monotonic() + 10  # rank 1 ends its part just after rank 0 replied
         while True:
