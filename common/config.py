@@ -301,6 +301,12 @@ class LanguageConfig(ServiceConfig):
     """Single-rank instances reserve the initial allocation and send the Init while the Encode runs,
     when the pool can take it at once and keeps room for the largest initial allocation of a request
     admitted after its Encode (so the two pools cannot deadlock); otherwise after the Encode."""
+    carry_init: bool = _setting(True, "an early Init travels inside its Encode (EncodeRequest.init), one message "
+                                      "instead of two; off: its own Init RPC just ahead of the Encode")
+    """With `early_init`: the Encode carries the rank's Init and the encoder handles it first, so the
+    request's critical path has one gRPC call fewer on each side. An encoder that refuses it (e.g.
+    restarted and no longer knows our session) or does not know the field still runs the Encode;
+    the rank then sends the Init on its own."""
     progress_tokens: int = _setting(0, "ask the encoder for a progress status every N tokens of a round, so what "
                                        "landed is verified while the rest is written (0 = whole rounds)", unit="tokens")
     """InitRequest.progress_tokens: a round of more than this many tokens is written in parts, each

@@ -481,6 +481,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     async def Encode(self, request, context):
         inputs = EncodeInputs(tuple((im.data, im.mime_type) for im in request.images), request.text,
                               request.synthetic_tokens, request.synthetic_seed)
+        init_applied, init_error = self._carried_init(request, context) if request.HasField("init") else (False, "")
         total, seconds = await self.s.encode(request.request_id, inputs, request.rank_count, request.language_id,
                                              rpc.peer_identity(context))
         if context.cancelled():
@@ -490,7 +491,26 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             t = self.s.transfers.live_get(request.request_id)
             if t is not None:
                 await t.cancel("Encode was cancelled by its caller")
-        return encoder_pb2.EncodeReply(request_id=request.request_id, total_tokens=total, encode_seconds=seconds)
+        return encoder_pb2.EncodeReply(request_id=request.request_id, total_tokens=total, encode_seconds=seconds,
+                                       init_applied=init_applied, init_error=init_error)
+
+    def _carried_init(self, request, context) -> tuple[bool, str]:
+        """EncodeRequest.init, handled as its own Init RPC would be, before the Encode: (applied,
+        why not). A refusal does not fail the Encode: the rank sends the Init again on its own
+        and gets the error there, with its code (or registers again first, as after a restart)."""
+        init = request.init
+        if (init.request_id, init.language_id) != (request.request_id, request.language_id):
+            raise errors.InvalidArgument(
+                f"Encode of request {errors.shown(request.request_id)}: init is for request_id "
+                f"{errors.shown(init.request_id)} language_id {errors.shown(init.language_id)}, the Encode for "
+                f"request_id {errors.shown(request.request_id)} language_id {errors.shown(request.language_id)}")
+        try:
+            self.s.init(init.request_id, init.language_id, init.rank, init.rank_count, list(init.dst_blocks),
+                        init.allocated_tokens, rpc.peer_identity(context), progress_tokens=init.progress_tokens)
+        except errors.EpdError as e:
+            log.info("request %s: the Init carried by its Encode was refused: %s", request.request_id, e)
+            return False, f"{type(e).__name__}: {e}"
+        return True, ""
 
     @rpc.grpc_errors
     async def Register(self, request, context):

@@ -7,6 +7,7 @@ One channel and stub per encoder, reused by every request. gRPC errors become do
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Sequence
 
 import grpc
@@ -18,6 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.pb.epd.v1 import bench_pb2, common_pb2, encoder_pb2, encoder_pb2_grpc
 from common.states import FailureReason, StatusUpdate, TransferState
 from services import rpc
+from services.language.receiver import CarriedInit
+
+log = logging.getLogger(__name__)
 
 
 class GrpcEncoderLink:
@@ -75,18 +79,35 @@ class GrpcEncoderLink:
         return True, pool.free_blocks, pool.used_blocks, pool.waiters, diag.live_transfers
 
     async def encode(self, request_id: str, images: Sequence[tuple[bytes, str]], text: str,
-                     synthetic_tokens: int, synthetic_seed: int, rank_count: int) -> int:
-        reply = await self._call("Encode", self.stub.Encode(encoder_pb2.EncodeRequest(
+                     synthetic_tokens: int, synthetic_seed: int, rank_count: int,
+                     init: CarriedInit | None = None) -> int:
+        """The Encode, carrying `init` (EncodeRequest.init) when given: settled with whether the
+        encoder took it once the Encode returned (left pending when the Encode fails)."""
+        request = encoder_pb2.EncodeRequest(
             request_id=request_id, images=[common_pb2.Image(data=d, mime_type=m) for d, m in images], text=text,
             synthetic_tokens=synthetic_tokens, synthetic_seed=synthetic_seed, rank_count=rank_count,
-            language_id=self.language_id), wait_for_ready=True))  # bounded by the Generate and by Init
+            language_id=self.language_id)
+        if init is not None:
+            request.init.CopyFrom(self._init_request(init.request_id, init.rank, init.rank_count, init.blocks,
+                                                     init.allocated_tokens, init.progress_tokens))
+        # bounded by the Generate and by Init
+        reply = await self._call("Encode", self.stub.Encode(request, wait_for_ready=True))
+        if init is not None:
+            if reply.init_error:
+                log.info("request %s: encoder %s refused the Init carried by the Encode (%s); sending it on its own",
+                         request_id, self.address, reply.init_error)
+            init.settle(reply.init_applied)
         return reply.total_tokens
+
+    def _init_request(self, request_id: str, rank: int, rank_count: int, blocks: Sequence[int], allocated_tokens: int,
+                      progress_tokens: int) -> encoder_pb2.InitRequest:
+        return encoder_pb2.InitRequest(request_id=request_id, language_id=self.language_id, rank=rank,
+                                       rank_count=rank_count, dst_blocks=list(blocks), allocated_tokens=allocated_tokens,
+                                       progress_tokens=progress_tokens)
 
     async def init(self, request_id: str, rank: int, rank_count: int, blocks: Sequence[int], allocated_tokens: int,
                    progress_tokens: int = 0) -> None:
-        request = encoder_pb2.InitRequest(request_id=request_id, language_id=self.language_id, rank=rank,
-                                          rank_count=rank_count, dst_blocks=list(blocks), allocated_tokens=allocated_tokens,
-                                          progress_tokens=progress_tokens)
+        request = self._init_request(request_id, rank, rank_count, blocks, allocated_tokens, progress_tokens)
         try:
             # The first call of a request waits (boundedly) for a reconnecting channel, e.g. to
             # an encoder that was just restarted; the calls after it find the channel ready.

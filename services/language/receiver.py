@@ -72,6 +72,27 @@ class EncoderLink(Protocol):
     async def cancel(self, request_id: str, reason: str) -> None: ...
 
 
+class CarriedInit:
+    """An early Init for the Encode to carry (EncodeRequest.init: one message instead of two),
+    and what became of it: `outcome` is True once the encoder took it, False when it was refused
+    or not carried (the rank then sends its own Init). It stays pending when the Encode failed:
+    the request is then abandoned, which ends the receive."""
+
+    def __init__(self, request_id: str, rank: int, rank_count: int, blocks: Sequence[int], allocated_tokens: int,
+                 progress_tokens: int):
+        self.request_id = request_id
+        self.rank = rank
+        self.rank_count = rank_count
+        self.blocks = list(blocks)
+        self.allocated_tokens = allocated_tokens
+        self.progress_tokens = progress_tokens
+        self.outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    def settle(self, applied: bool) -> None:
+        if not self.outcome.done():
+            self.outcome.set_result(applied)
+
+
 class ReceiveTask:
     """Receives one request's payload into one rank's pool."""
 
@@ -80,7 +101,7 @@ class ReceiveTask:
                  reserved_blocks: list[int] | None = None, progress_tokens: int = 0, overlap_rounds: bool = False,
                  on_progress: Callable[["ReceiveTask"], None] | None = None, telemetry: Telemetry = NULL_TELEMETRY,
                  on_quarantine: Callable[["ReceiveTask"], None] | None = None,
-                 on_init: Callable[[], None] | None = None):
+                 on_init: Callable[[CarriedInit | None], None] | None = None, carry_init: bool = False):
         self.request_id = request_id
         self.transfer_id = transfer_id or request_id  # the encoder's name for it
         self.rank = rank
@@ -111,7 +132,10 @@ class ReceiveTask:
         self.overlapped_rounds = 0
         self.on_progress = on_progress
         self.on_quarantine = on_quarantine  # close() quarantined blocks: the owner arranges their release
-        self.on_init = on_init  # called as the Init is issued (its call is created before our next await)
+        # Called as the Init is issued (its call is created before our next await) or, with
+        # `carry_init` (early blocks only), with the Init for the Encode to carry.
+        self.on_init = on_init
+        self.carry_init = carry_init and self.early and on_init is not None
         self.quarantined_blocks: list[int] = []
         self.quarantined_at: float | None = None
         self.telemetry = telemetry
@@ -154,8 +178,15 @@ class ReceiveTask:
             # An early Init may reach the encoder before the Encode and opens the transfer
             # itself, so its stream follows it (the write waits for the Encode anyway).
             self._stream = self.link.status(self.transfer_id, self.rank)
-        if self.on_init is not None:
-            self.on_init()
+        if self.carry_init:
+            carried = CarriedInit(self.transfer_id, self.rank, self.rank_count, self.blocks, self.allocated_tokens,
+                                  self.progress_tokens)
+            self.on_init(carried)
+            if await carried.outcome:
+                self._stream = self.link.status(self.transfer_id, self.rank)
+                return
+        elif self.on_init is not None:
+            self.on_init(None)
         await self.link.init(self.transfer_id, self.rank, self.rank_count, self.blocks, self.allocated_tokens,
                              progress_tokens=self.progress_tokens)
         if self._stream is None:

@@ -27,6 +27,7 @@ from services import rpc
 from services.language import encoders, ranks
 from services.language.policy import AllocationPolicy
 from services.language.rank_group import MAX_REQUEST_ID_BYTES, DistributedGroup, LocalGroup, RankGroup, RankRow
+from services.language.receiver import CarriedInit
 from services.language.worker import RankOutcome, RankWorker, cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -291,14 +292,15 @@ class LanguageService:
         if key in self.group.views:
             admit()  # refused before anything is reserved or encoded
         early = self.early_init and self.worker.reserve_early(key, initial, self.policy.max_initial_tokens())
+        carried = None
         try:
             record.early_init = early
             if early:  # the Init goes out alongside the Encode (see RankWorker.reserve_early)
                 self.worker.telemetry.early_init()
                 spec, outcome_fut = admit()
-                await self.worker.init_issued(key)  # ... just ahead of it
+                carried = await self.worker.init_issued(key)  # ... just ahead of it, or inside it
             try:
-                total = await self._encode(link, view, transfer_id, request)
+                total = await self._encode(link, view, transfer_id, request, carried)
             except errors.EpdError as e:
                 if may_retry and _encoder_unusable(e):
                     raise _RetryElsewhere(e) from None
@@ -331,12 +333,13 @@ class LanguageService:
                                                e.error if retry else e, final=not retry))
             raise
 
-    async def _encode(self, link, view, transfer_id: str, request) -> int:
-        """Encode on `link`; given up (UNAVAILABLE) when the encoder leaves the rotation meanwhile,
-        so a call waiting for a dead encoder's channel does not wait for the whole deadline."""
+    async def _encode(self, link, view, transfer_id: str, request, carried: CarriedInit | None = None) -> int:
+        """Encode on `link` (carrying the rank's early Init, if any); given up (UNAVAILABLE) when
+        the encoder leaves the rotation meanwhile, so a call waiting for a dead encoder's channel
+        does not wait for the whole deadline."""
         call = asyncio.ensure_future(link.encode(
             transfer_id, [(im.data, im.mime_type) for im in request.images], request.text,
-            request.synthetic_tokens, request.synthetic_seed, self.worker.rank_count))
+            request.synthetic_tokens, request.synthetic_seed, self.worker.rank_count, init=carried))
         try:
             while True:
                 done, _ = await asyncio.wait({call}, timeout=encoders.POLL_S)

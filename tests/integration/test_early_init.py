@@ -1,18 +1,22 @@
 """The Init sent alongside the Encode (`--early-init`, DESIGN §4 "the language sends both at
 once"): used when the pool has room to spare, never when it has not, correct payloads either way,
 nothing left behind when the Encode is refused after the Init went out, and no deadlock when
-both pools are short of blocks."""
+both pools are short of blocks. By default the Init travels inside the Encode (`--carry-init`,
+EncodeRequest.init); an encoder that refuses it gets the rank's own Init instead."""
 
 from __future__ import annotations
 
 import asyncio
+import re
+import urllib.request
 
 import grpc
 import pytest
 
-from common.pb.epd.v1 import common_pb2, language_pb2
+from common.pb.epd.v1 import common_pb2, encoder_pb2, language_pb2
+from services.language.ranks import free_port
 from services.reference_payload import expected_digest
-from tests.conftest import Pair, assert_all_free, language_stub
+from tests.conftest import Pair, ServiceProcess, assert_all_free, encoder_stub, language_stub
 
 HIDDEN = 64
 
@@ -26,7 +30,8 @@ async def _generate(stub, n: int, seed: int, **kw) -> language_pb2.GenerateReply
 def roomy():
     # Language: 32 blocks, fixed 1024-token (8-block) initial allocations: early reservations may
     # hold up to 24 blocks.
-    p = Pair(hidden=HIDDEN, encoder_blocks=64, language_blocks=32, initial_tokens=1024)
+    p = Pair(hidden=HIDDEN, encoder_blocks=64, language_blocks=32, initial_tokens=1024,
+             encoder_args=("--metrics-port", str(free_port("127.0.0.1"))))
     yield p
     p.stop()
 
@@ -41,6 +46,85 @@ async def test_init_goes_out_alongside_the_encode_when_the_pool_has_room(roomy):
         # The transfer's clock starts once both the Init and the Encode are done.
         assert 0 < reply.transfer_seconds <= reply.total_seconds
     await assert_all_free((roomy.encoder.address, "encoder"), (roomy.language.address, "language"))
+    # Each Init travelled inside its Encode (--carry-init, the default): the encoder served none.
+    assert _rpc_count(roomy.encoder, "Init") == 0
+    assert _rpc_count(roomy.encoder, "Encode") >= 3
+
+
+def _rpc_count(process, method: str) -> float:
+    """How many `method` RPCs the process served (epd_rpc_seconds_count, every status code)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{process.info['metrics_port']}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(float(v) for v in re.findall(rf'^epd_rpc_seconds_count{{[^}}]*method="{method}"[^}}]*}} (\S+)$',
+                                             text, re.M))
+
+
+async def test_an_encode_carrying_another_requests_init_is_refused_and_changes_nothing(roomy):
+    enc = encoder_stub(roomy.encoder.address)
+    request = encoder_pb2.EncodeRequest(
+        request_id="carrier-1", language_id="lang-x", synthetic_tokens=64,
+        init=encoder_pb2.InitRequest(request_id="carrier-2", language_id="lang-x", rank=0, rank_count=1,
+                                     dst_blocks=[0], allocated_tokens=128))
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await enc.Encode(request)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'carrier-2'" in e.value.details() and "'carrier-1'" in e.value.details(), e.value.details()
+    for rid in ("carrier-1", "carrier-2"):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await enc.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    await assert_all_free((roomy.encoder.address, "encoder"))
+
+
+async def test_a_refused_carried_init_leaves_the_encode_running(roomy):
+    """An Init the encoder refuses (here: from a language that never registered) does not fail
+    the Encode that carried it; the reply says why, so the rank can send the Init itself."""
+    enc = encoder_stub(roomy.encoder.address)
+    reply = await enc.Encode(encoder_pb2.EncodeRequest(
+        request_id="carried-refused", language_id="never-registered", synthetic_tokens=64,
+        init=encoder_pb2.InitRequest(request_id="carried-refused", language_id="never-registered", rank=0,
+                                     rank_count=1, dst_blocks=[0], allocated_tokens=128)))
+    assert reply.total_tokens == 64 and not reply.init_applied
+    assert "has not called Register" in reply.init_error, reply.init_error
+    await enc.Cancel(common_pb2.CancelRequest(request_id="carried-refused", language_id="never-registered",
+                                              reason="test done"))
+    await assert_all_free((roomy.encoder.address, "encoder"))
+
+
+async def test_after_an_encoder_restart_the_refused_carried_init_is_sent_on_its_own():
+    """A restarted encoder no longer knows the language's session: it refuses the Init inside
+    the first Encode, and the rank sends it again on its own (registering first)."""
+    port = free_port("127.0.0.1")
+    enc_args = ("--hidden", str(HIDDEN), "--pool-blocks", "64", "--port", str(port))
+    enc = ServiceProcess("encoder", *enc_args)
+    lang = ServiceProcess("language", "--hidden", str(HIDDEN), "--pool-blocks", "32", "--encoder", enc.address,
+                          "--initial-tokens", "1024")
+    try:
+        stub = language_stub(lang.address)
+        assert (await _generate(stub, 300, 1)).early_init
+        enc.stop()
+        enc = ServiceProcess("encoder", *enc_args)  # same address, no sessions
+        reply = await _generate(stub, 300, 2)
+        assert reply.early_init and reply.payload_sha256 == expected_digest(300, 2, HIDDEN)
+        assert "refused the Init carried by the Encode" in lang.stderr_tail(max_lines=400)
+        await assert_all_free((enc.address, "encoder"), (lang.address, "language"))
+    finally:
+        lang.stop()
+        enc.stop()
+
+
+async def test_with_no_carry_init_the_early_init_is_its_own_rpc():
+    pair = Pair(hidden=HIDDEN, encoder_blocks=64, language_blocks=32, initial_tokens=1024,
+                encoder_args=("--metrics-port", str(free_port("127.0.0.1"))), language_args=("--no-carry-init",))
+    try:
+        stub = language_stub(pair.language.address)
+        for n, seed in ((64, 1), (3000, 3)):
+            reply = await _generate(stub, n, seed)
+            assert reply.early_init and reply.payload_sha256 == expected_digest(n, seed, HIDDEN)
+        assert _rpc_count(pair.encoder, "Init") == 2
+        await assert_all_free((pair.encoder.address, "encoder"), (pair.language.address, "language"))
+    finally:
+        pair.stop()
 
 
 async def test_refused_encode_after_an_early_init_leaves_nothing_behind(roomy):

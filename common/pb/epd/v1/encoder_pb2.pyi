@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("request_id", "images", "text", "synthetic_tokens", "synthetic_seed", "rank_count", "language_id")
+    __slots__ = ("request_id", "images", "text", "synthetic_tokens", "synthetic_seed", "rank_count", "language_id", "init")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class EncodeRequest(_message.Message):
     SYNTHETIC_SEED_FIELD_NUMBER: _ClassVar[int]
     RANK_COUNT_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
     text: str
@@ -24,17 +25,22 @@ class EncodeRequest(_message.Message):
     synthetic_seed: int
     rank_count: int
     language_id: str
-    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., text: _Optional[str] = ..., synthetic_tokens: _Optional[int] = ..., synthetic_seed: _Optional[int] = ..., rank_count: _Optional[int] = ..., language_id: _Optional[str] = ...) -> None: ...
+    init: InitRequest
+    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., text: _Optional[str] = ..., synthetic_tokens: _Optional[int] = ..., synthetic_seed: _Optional[int] = ..., rank_count: _Optional[int] = ..., language_id: _Optional[str] = ..., init: _Optional[_Union[InitRequest, _Mapping]] = ...) -> None: ...
 
 class EncodeReply(_message.Message):
-    __slots__ = ("request_id", "total_tokens", "encode_seconds")
+    __slots__ = ("request_id", "total_tokens", "encode_seconds", "init_applied", "init_error")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INIT_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    INIT_ERROR_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     total_tokens: int
     encode_seconds: float
-    def __init__(self, request_id: _Optional[str] = ..., total_tokens: _Optional[int] = ..., encode_seconds: _Optional[float] = ...) -> None: ...
+    init_applied: bool
+    init_error: str
+    def __init__(self, request_id: _Optional[str] = ..., total_tokens: _Optional[int] = ..., encode_seconds: _Optional[float] = ..., init_applied: _Optional[bool] = ..., init_error: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("language_id", "rank", "session", "layout")
