@@ -1111,7 +1111,8 @@ def verify_results(results: Sequence[RequestResult], hidden: int, dtype: str,
     return sum(1 for r in results if r.rpc_ok and r.problems)
 
 
-def _event_loop_runner() -> asyncio.Runner:
+def event_loop_runner() -> asyncio.Runner:
+    """A runner on uvloop when it is installed, else on asyncio's own loop."""
     try:
         import uvloop  # noqa: PLC0415
     except ImportError:
@@ -1242,7 +1243,7 @@ def _run(args: argparse.Namespace, *,
             killer = threading.Timer(args.kill_encoder_after, kill)
             killer.daemon = True
             killer.start()
-        with _event_loop_runner() as runner:
+        with event_loop_runner() as runner:
             results, wall = runner.run(run_workload(
                 f"127.0.0.1:{language.port}", plan, concurrency=args.concurrency,
                 request_timeout=args.request_timeout, block_size=args.block_size,

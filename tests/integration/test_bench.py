@@ -94,11 +94,12 @@ def test_epd_bench_json_has_every_documented_key():
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     r = json.loads(done.stdout)
     assert {"config", "single", "multi", "control", "checks", "wall_s"} <= set(r)
+    assert r["config"]["client_event_loop"] == "uvloop"  # like the services, when installed
     assert [x["tokens"] for x in r["single"]] == [256, 2048]
     for x in r["single"]:
         assert {"tokens", "bytes", "transfer_ms_p50", "raw_ms_p50", "gbps", "raw_gbps", "ratio", "raw_poll_ms_p50",
-                "ratio_vs_raw_poll"} <= set(x)
-        assert x["ratio"] > 0
+                "ratio_vs_raw_poll", "check_ms", "integrity_floor_ratio"} <= set(x)
+        assert x["ratio"] > 0 and x["check_ms"] > 0 and 0 < x["integrity_floor_ratio"] < 1
     assert [x["rounds"] for x in r["multi"]] == [1, 2]  # 1024-token initial allocation
     for x in r["multi"]:
         assert {"extra_ms_per_round", "extra_ms_per_round_same_setup", "setup_ms", "raw_extra_ms_per_round",
