@@ -107,3 +107,10 @@ def test_epd_bench_json_has_every_documented_key():
     assert {"latency_ms_p50", "latency_ms_p99", "overhead_ms_p50", "raw_ms_p50"} <= set(r["control"])
     figures = {c["figure"] for c in r["checks"]}
     assert {"single_round_ratio[256]", "round_extra_ms[2048]", "control_overhead_p50_ms"} <= figures
+    # DESIGN §14: {"cases": [{"name", "ratio", "goal", "ok", ...}, ...]}, one per goal checked.
+    assert [c["name"] for c in r["cases"]] == [c["figure"] for c in r["checks"]]
+    for case in r["cases"]:
+        assert {"name", "ratio", "goal", "ok"} <= set(case), case
+        assert isinstance(case["ok"], bool) and case["ratio"] > 0 and case["goal"][:2] in (">=", "<=")
+    single = {c["name"]: c for c in r["cases"]}["single_round_ratio[256]"]
+    assert single["ratio"] == single["value"] == r["single"][0]["ratio"] and single["goal"] == ">= 0.9"
