@@ -7,6 +7,7 @@ except this bounded record.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 from typing import Generic, Iterable, TypeVar
 
@@ -21,6 +22,7 @@ class TransferTable(Generic[T]):
         self._live: dict[str, T] = {}
         self._history: collections.OrderedDict[str, T] = collections.OrderedDict()
         self._history_size = history_size
+        self._awaited: dict[str, list[asyncio.Future]] = {}  # `appear` calls waiting for an id
 
     def add(self, request_id: str, entry: T) -> None:
         if request_id in self._live:
@@ -28,6 +30,26 @@ class TransferTable(Generic[T]):
         # A finished request's id may be reused; the new transfer replaces the old record.
         self._history.pop(request_id, None)
         self._live[request_id] = entry
+        for fut in self._awaited.pop(request_id, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    async def appear(self, request_id: str, timeout: float) -> None:
+        """Return once `request_id` is known (at once if it is), or after `timeout` seconds."""
+        if self.get(request_id) is not None:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        waiting = self._awaited.setdefault(request_id, [])
+        waiting.append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:  # timed out or cancelled: leave nothing behind
+            if fut in waiting:
+                waiting.remove(fut)
+                if not waiting and self._awaited.get(request_id) is waiting:
+                    del self._awaited[request_id]
 
     def live_get(self, request_id: str) -> T | None:
         return self._live.get(request_id)

@@ -535,6 +535,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
 
     @rpc.grpc_errors
     async def Status(self, request, context):
+        if request.await_transfer and request.request_id:
+            await self.s.transfers.appear(request.request_id, self.s.bootstrap_timeout_s)
         t = self.s.owned(request.request_id, request.language_id, rpc.peer_identity(context),
                          f"Status of request {errors.shown(request.request_id)} rank {request.rank}")
         terminal_seen = False

@@ -90,8 +90,10 @@ class GrpcEncoderLink:
         if init is not None:
             request.init.CopyFrom(self._init_request(init.request_id, init.rank, init.rank_count, init.blocks,
                                                      init.allocated_tokens, init.progress_tokens))
-        # bounded by the Generate and by Init
-        reply = await self._call("Encode", self.stub.Encode(request, wait_for_ready=True))
+        call = self.stub.Encode(request, wait_for_ready=True)  # bounded by the Generate and by Init
+        if init is not None:
+            init.issued()  # the rank may open its Status stream now (StatusRequest.await_transfer)
+        reply = await self._call("Encode", call)
         if init is not None:
             if reply.init_error:
                 log.info("request %s: encoder %s refused the Init carried by the Encode (%s); sending it on its own",
@@ -127,9 +129,10 @@ class GrpcEncoderLink:
             dst_blocks=list(blocks), allocated_tokens=allocated_tokens)))
         return reply.duplicate
 
-    def status(self, request_id: str, rank: int) -> "StatusStream":
+    def status(self, request_id: str, rank: int, await_transfer: bool = False) -> "StatusStream":
         return StatusStream(self.stub.Status(encoder_pb2.StatusRequest(request_id=request_id, rank=rank,
-                                                                       language_id=self.language_id)),
+                                                                       language_id=self.language_id,
+                                                                       await_transfer=await_transfer)),
                             f"Status of request {request_id} on encoder {self.address}")
 
     async def cancel(self, request_id: str, reason: str) -> None:

@@ -67,16 +67,17 @@ class EncoderLink(Protocol):
 
     async def resume(self, request_id: str, rank: int, sent_tokens: int, blocks: Sequence[int], allocated_tokens: int) -> bool: ...
 
-    def status(self, request_id: str, rank: int) -> "StatusSource": ...
+    def status(self, request_id: str, rank: int, await_transfer: bool = False) -> "StatusSource": ...
 
     async def cancel(self, request_id: str, reason: str) -> None: ...
 
 
 class CarriedInit:
     """An early Init for the Encode to carry (EncodeRequest.init: one message instead of two),
-    and what became of it: `outcome` is True once the encoder took it, False when it was refused
-    or not carried (the rank then sends its own Init). It stays pending when the Encode failed:
-    the request is then abandoned, which ends the receive."""
+    and what became of it: `sent` is done once the Encode carrying it was issued; `outcome` is
+    True once the encoder took it, False when it was refused or not carried (the rank then sends
+    its own Init). Both stay pending when the Encode failed: the request is then abandoned, which
+    ends the receive."""
 
     def __init__(self, request_id: str, rank: int, rank_count: int, blocks: Sequence[int], allocated_tokens: int,
                  progress_tokens: int):
@@ -86,9 +87,16 @@ class CarriedInit:
         self.blocks = list(blocks)
         self.allocated_tokens = allocated_tokens
         self.progress_tokens = progress_tokens
-        self.outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.sent: asyncio.Future[None] = loop.create_future()
+        self.outcome: asyncio.Future[bool] = loop.create_future()
+
+    def issued(self) -> None:
+        if not self.sent.done():
+            self.sent.set_result(None)
 
     def settle(self, applied: bool) -> None:
+        self.issued()
         if not self.outcome.done():
             self.outcome.set_result(applied)
 
@@ -182,8 +190,12 @@ class ReceiveTask:
             carried = CarriedInit(self.transfer_id, self.rank, self.rank_count, self.blocks, self.allocated_tokens,
                                   self.progress_tokens)
             self.on_init(carried)
+            # The Status stream goes out right behind the Encode, not after its reply: the
+            # encoder holds it until the carried Init opened the transfer (await_transfer), and
+            # the stream's set-up and first status then overlap the encoding, not the write.
+            await carried.sent
+            self._stream = self.link.status(self.transfer_id, self.rank, await_transfer=True)
             if await carried.outcome:
-                self._stream = self.link.status(self.transfer_id, self.rank)
                 return
         elif self.on_init is not None:
             self.on_init(None)

@@ -113,6 +113,41 @@ async def test_after_an_encoder_restart_the_refused_carried_init_is_sent_on_its_
         enc.stop()
 
 
+async def test_a_status_stream_may_wait_for_its_transfer():
+    """StatusRequest.await_transfer: the language opens the Status stream right behind the Encode
+    that carries its Init, so the encoder may see the stream first. It waits for the transfer (at
+    most --bootstrap-timeout-s, then NOT_FOUND); without the flag an unknown id is NOT_FOUND at once."""
+    import time
+
+    enc = ServiceProcess("encoder", "--hidden", str(HIDDEN), "--pool-blocks", "16", "--bootstrap-timeout-s", "1")
+    try:
+        stub = encoder_stub(enc.address)
+        stream = stub.Status(encoder_pb2.StatusRequest(request_id="later", language_id="lang-a", await_transfer=True))
+        first = asyncio.ensure_future(stream.read())
+        await asyncio.sleep(0.2)
+        assert not first.done()  # waiting, not NOT_FOUND
+        await stub.Encode(encoder_pb2.EncodeRequest(request_id="later", language_id="lang-a", synthetic_tokens=64,
+                                                    rank_count=1))
+        status = await asyncio.wait_for(first, 5)
+        assert status.request_id == "later" and status.state == common_pb2.TRANSFER_STATE_BOOTSTRAPPING
+        await stub.Cancel(common_pb2.CancelRequest(request_id="later", language_id="lang-a", reason="test done"))
+        while (status := await stream.read()) is not grpc.aio.EOF:
+            last = status
+        assert last.state == common_pb2.TRANSFER_STATE_FAILED
+
+        for await_transfer, at_least, at_most in ((True, 0.9, 5.0), (False, 0.0, 0.5)):
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                async for _ in stub.Status(encoder_pb2.StatusRequest(request_id="never", language_id="lang-a",
+                                                                     await_transfer=await_transfer)):
+                    pass
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND and "'never'" in e.value.details()
+            assert at_least <= time.monotonic() - started < at_most, await_transfer
+        await assert_all_free((enc.address, "encoder"))
+    finally:
+        enc.stop()
+
+
 async def test_with_no_carry_init_the_early_init_is_its_own_rpc():
     pair = Pair(hidden=HIDDEN, encoder_blocks=64, language_blocks=32, initial_tokens=1024,
                 encoder_args=("--metrics-port", str(free_port("127.0.0.1"))), language_args=("--no-carry-init",))

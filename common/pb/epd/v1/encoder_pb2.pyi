@@ -109,11 +109,13 @@ class ResumeReply(_message.Message):
     def __init__(self, duplicate: _Optional[bool] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ("request_id", "rank", "language_id")
+    __slots__ = ("request_id", "rank", "language_id", "await_transfer")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    AWAIT_TRANSFER_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     rank: int
     language_id: str
-    def __init__(self, request_id: _Optional[str] = ..., rank: _Optional[int] = ..., language_id: _Optional[str] = ...) -> None: ...
+    await_transfer: bool
+    def __init__(self, request_id: _Optional[str] = ..., rank: _Optional[int] = ..., language_id: _Optional[str] = ..., await_transfer: _Optional[bool] = ...) -> None: ...
