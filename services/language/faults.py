@@ -83,5 +83,6 @@ class FaultyLink:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def status(self, request_id: str, rank: int):
-        return LaggingStatus(self._inner.status(request_id, rank), self._spec.status_lag_s, self._spec.status_dup)
+    def status(self, request_id: str, rank: int, await_transfer: bool = False):
+        return LaggingStatus(self._inner.status(request_id, rank, await_transfer), self._spec.status_lag_s,
+                             self._spec.status_dup)
