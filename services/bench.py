@@ -40,8 +40,6 @@ import sys
 import time
 from typing import Any, Sequence
 
-import grpc
-
 from common.layout import RecordLayout, default_fields
 from common.pb.epd.v1 import bench_pb2, common_pb2, language_pb2, language_pb2_grpc
 from services import demo

@@ -6,7 +6,6 @@ in the inspection history; every Status stream ends."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 
