@@ -38,7 +38,7 @@ import random
 import statistics
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from common.layout import RecordLayout, default_fields
 from common.pb.epd.v1 import bench_pb2, common_pb2, language_pb2, language_pb2_grpc
@@ -153,8 +153,23 @@ class Services:
         return (await self.stub.GetPool(common_pb2.GetPoolRequest())).used_blocks
 
 
+def record_layout(args: argparse.Namespace) -> RecordLayout:
+    """The services' token record for the run's --hidden and --dtype."""
+    return RecordLayout.pack(default_fields(args.hidden, args.dtype))
+
+
 def payload_bytes_per_token(args: argparse.Namespace) -> int:
-    return RecordLayout.pack(default_fields(args.hidden, args.dtype)).payload_bytes_per_token
+    return record_layout(args).payload_bytes_per_token
+
+
+def _median_ms(work: Callable[[int], object], repeats: int) -> float:
+    """The median wall time of work(0) .. work(repeats - 1), in ms."""
+    times = []
+    for i in range(repeats):
+        t = time.perf_counter()
+        work(i)
+        times.append(time.perf_counter() - t)
+    return median(times) * 1e3
 
 
 def copy_out_ms(args: argparse.Namespace, tokens: int, repeats: int = 15) -> float:
@@ -165,35 +180,24 @@ def copy_out_ms(args: argparse.Namespace, tokens: int, repeats: int = 15) -> flo
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rec = RecordLayout.pack(default_fields(args.hidden, args.dtype)).record_bytes
-        src = torch.randint(0, 256, (tokens, rec), dtype=torch.uint8)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            torch.empty_like(src).copy_(src)
-            times.append(time.perf_counter() - t)
+        src = torch.randint(0, 256, (tokens, record_layout(args).record_bytes), dtype=torch.uint8)
+        return _median_ms(lambda _i: torch.empty_like(src).copy_(src), repeats)
     finally:
         torch.set_num_threads(threads)
-    return median(times) * 1e3
 
 
 def check_ms(args: argparse.Namespace, tokens: int, repeats: int = 15) -> float:
     """What the language's integrity check of `tokens` records costs on this machine: its host
-    checksum pass (`host_checksums`, one thread) over records it did not just write (a network
-    write leaves them out of this core's cache), in ms."""
+    checksum pass (`host_checksums`, one thread) over records it did not just write, in ms."""
     import torch
 
     from common.integrity import host_checksums
 
-    record = RecordLayout.pack(default_fields(args.hidden, args.dtype))
-    # Two buffers used in turn, each bigger than the last: reading one evicts the other.
+    record = record_layout(args)
+    # Two buffers used in turn: for rounds bigger than the last-level cache, reading one evicts
+    # the other (as a network write leaves a round's records out of this core's cache).
     bufs = [torch.randint(0, 256, (tokens, record.record_bytes), dtype=torch.uint8) for _ in range(2)]
-    times = []
-    for i in range(repeats):
-        t = time.perf_counter()
-        host_checksums([bufs[i % 2]], record, 0)
-        times.append(time.perf_counter() - t)
-    return median(times) * 1e3
+    return _median_ms(lambda i: host_checksums([bufs[i % 2]], record, 0), repeats)
 
 
 # ---------------------------------------------------------------------------- cases
