@@ -130,6 +130,12 @@ class ServiceConfig:
     (before any block is reserved) and at the encoder's Encode (before any decoding)."""
     max_image_bytes: int = _setting(32 * 1024 * 1024, "largest encoded image (PNG/JPEG bytes) of a request", unit="bytes")
     """An image above this many bytes → INVALID_ARGUMENT naming `images[i]`, checked where `max_images` is."""
+    quarantine_max_s: float = _setting(600.0, "longest the write fence keeps blocks quarantined: language, blocks "
+                                              "an encoder never says it stopped writing into; encoder, source "
+                                              "blocks of writes Mooncake never reports final", unit="s")
+    """The write fence's bound. By then the encoder's write timeout and TCP's retransmission limits
+    ended anything of a write: an encoder gone for good, or a piece the engine never reports on,
+    must not keep blocks out of the pool forever. Released with a WARNING."""
 
     @property
     def record(self) -> RecordLayout:
@@ -164,6 +170,8 @@ class ServiceConfig:
             raise ConfigError(f"torch_threads={self.torch_threads}: must be >= 0")
         if self.shutdown_grace_s < 0:
             raise ConfigError(f"shutdown_grace_s={self.shutdown_grace_s}: must be >= 0")
+        if not 0 < self.quarantine_max_s <= 86400:
+            raise ConfigError(f"quarantine_max_s={self.quarantine_max_s}: must be > 0 and at most 86400")
         self._validate_security()
 
     def _validate_security(self) -> None:
@@ -346,10 +354,6 @@ class LanguageConfig(ServiceConfig):
     handed out until the encoder answered a Cancel of that transfer and then stayed reachable this
     long, plus as long as it had been unreachable: what a failed write left in the encoder's kernel
     arrives after the link is back (measured ~4.5 s after a 3.3 s cut)."""
-    quarantine_max_s: float = _setting(600.0, "quarantined blocks of an encoder that never answers again return "
-                                              "after this long", unit="s")
-    """By then the encoder's write timeout and TCP's retransmission limits ended anything of the
-    write: an encoder gone for good must not keep blocks out of the pool forever."""
     rank_pool_blocks: str = _setting("", "per-rank pool size overrides, e.g. '1:64,2:32' (default: --pool-blocks)")
     """Ranks whose pool differs from `pool_blocks` (ranks on GPUs with less free memory)."""
     consumer_log: str = _setting("", "append each consumed request id to PATH.rankN (audit of delivery order)")

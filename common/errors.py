@@ -98,10 +98,16 @@ class Internal(EpdError):
 
 
 class TransportError(EpdError):
-    """A Mooncake write returned non-zero or raised."""
+    """A Mooncake write returned non-zero or raised. `in_flight` (a `common.fence.LateWrites`)
+    holds the pieces of it that were not final when the writer stopped waiting: they may still
+    land, and the blocks they touch stay fenced until it settles (None: nothing is in flight)."""
 
     code = "UNAVAILABLE"
     reason = FailureReason.TRANSPORT
+
+    def __init__(self, message: str, *, reason: FailureReason | None = None, in_flight=None):
+        super().__init__(message, reason=reason)
+        self.in_flight = in_flight
 
 
 class IntegrityError(EpdError):

@@ -56,3 +56,6 @@ class StatusUpdate:
     """Progress inside the round being written: its first landed_tokens tokens have landed."""
     landed_checksums: tuple[tuple[str, int], ...] = ()
     """Checksums over exactly those landed tokens."""
+    writes_may_land: bool = False
+    """FAILED only: a write of the transfer that the encoder gave up on may still land in the
+    destination blocks (the write fence): keep them quarantined until a FAILED status without it."""

@@ -35,6 +35,13 @@ class Telemetry(Protocol):
     def encoded(self, seconds: float) -> None:
         """The encoder model produced one request's payload in this many seconds."""
 
+    def write_fenced(self) -> None:
+        """A transfer ended while a write of it could still land: its blocks here are quarantined
+        (encoder: source blocks; language rank: destination blocks) until the writes stop."""
+
+    def fence_released(self, seconds: float) -> None:
+        """Blocks a `write_fenced` quarantined went back to the pool after this many seconds."""
+
 
 class NullTelemetry:
     """Reports nothing."""
@@ -55,6 +62,12 @@ class NullTelemetry:
         pass
 
     def encoded(self, seconds) -> None:
+        pass
+
+    def write_fenced(self) -> None:
+        pass
+
+    def fence_released(self, seconds) -> None:
         pass
 
 

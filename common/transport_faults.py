@@ -19,6 +19,10 @@ Spec: comma-separated `key=value`, keys may be combined:
 - `corrupt_nth=K`     the K-th write really happens, then some bytes of what it wrote are
                       flipped at the destination (see below): the language's checksum
                       verification must catch it;
+- `late_nth=K`        the K-th write is reported failed at once (`TransportError` whose
+                      `in_flight` is still running), but its bytes really land `late_s` seconds
+                      later: a write the encoder gave up on that goes on landing (see below);
+- `late_s=S`          how long after the report the late bytes land (default 2; with late_nth);
 - `misplan_nth=K`     the K-th planned write (one per data rank per round, counted like
                       writes) has its first piece moved past its own end at the destination, as a
                       planning bug would: the encoder's address check (common/bounds.py) must
@@ -28,6 +32,14 @@ Spec: comma-separated `key=value`, keys may be combined:
 (the encoder issues one per data rank per round). Writes are counted across the process, in
 the order the calls are made on the event loop (the fate of a write is decided before it is
 handed to a worker thread, so concurrent writes are numbered deterministically by call order).
+
+How a late write works: when the K-th write is handed to its worker thread, the wrapper copies
+the source bytes of every piece into a buffer of its own, registers that buffer with the
+transport, and reports the write failed at once with `in_flight` = a `LateWrites` handle. A timer
+thread then waits `late_s` seconds, writes the copy to the original destinations with the inner
+transport (a real Mooncake write, so the bytes really land), unregisters the buffer and settles
+the handle. The copy makes the late bytes those of the failed request even if its source blocks
+were reused meanwhile (as they were before the write fence). Source pools in host memory only.
 
 How corruption works: the destination is another process's memory, reachable only through
 Mooncake, so the wrapper issues a second, small Mooncake write to the first triple's
@@ -42,7 +54,6 @@ path would be slow and would race with writes in flight.
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import dataclasses
 import logging
@@ -53,6 +64,7 @@ from typing import Sequence
 
 from common.config import ConfigError
 from common.errors import TransportError
+from common.fence import LateWrites, WriteFence, run_tracked
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +82,8 @@ class TransportFaultSpec:
     delay_s: float = 0.0
     corrupt_nth: int = 0
     misplan_nth: int = 0
+    late_nth: int = 0
+    late_s: float = 2.0
 
     @classmethod
     def parse(cls, text: str) -> "TransportFaultSpec":
@@ -86,12 +100,16 @@ class TransportFaultSpec:
             if key in values:
                 raise ConfigError(f"{what}: {key!r} is given twice")
             try:
-                values[key] = float(raw) if key in ("fail_fraction", "delay_s") else int(raw)
+                values[key] = float(raw) if key in ("fail_fraction", "delay_s", "late_s") else int(raw)
             except ValueError:
                 raise ConfigError(f"{what}: bad value for {key!r}: {raw!r}") from None
         spec = cls(**values)
-        if spec.fail_nth < 0 or spec.corrupt_nth < 0 or spec.misplan_nth < 0:
-            raise ConfigError(f"{what}: fail_nth, corrupt_nth and misplan_nth count writes from 1 (0 = off)")
+        if min(spec.fail_nth, spec.corrupt_nth, spec.misplan_nth, spec.late_nth) < 0:
+            raise ConfigError(f"{what}: fail_nth, corrupt_nth, misplan_nth and late_nth count writes from 1 (0 = off)")
+        if not 0.0 <= spec.late_s <= 3600.0:
+            raise ConfigError(f"{what}: late_s must be in 0..3600")
+        if "late_s" in values and not spec.late_nth:
+            raise ConfigError(f"{what}: late_s needs late_nth (which write lands late)")
         if not 0.0 <= spec.fail_fraction <= 1.0:
             raise ConfigError(f"{what}: fail_fraction must be in 0..1")
         if not 0.0 <= spec.delay_s <= 3600.0:
@@ -100,7 +118,8 @@ class TransportFaultSpec:
 
     @property
     def active(self) -> bool:
-        return bool(self.fail_nth or self.fail_fraction or self.delay_s or self.corrupt_nth or self.misplan_nth)
+        return bool(self.fail_nth or self.fail_fraction or self.delay_s or self.corrupt_nth or self.misplan_nth
+                    or self.late_nth)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +129,7 @@ class _Fate:
     number: int
     fail: str = ""  # why it fails ("" = it does not)
     corrupt: bool = False
+    late: bool = False  # reported failed at once, lands late_s later
 
 
 class FaultyTransport:
@@ -126,6 +146,8 @@ class FaultyTransport:
         """Non-empty writes issued so far (each one numbered 1, 2, ...)."""
         self.failed: list[int] = []
         self.corrupted: list[int] = []
+        self.late: list[int] = []
+        """Writes reported failed whose bytes land later (late_nth)."""
         self.plans = 0
         """Planned writes seen by `plan_fault` so far."""
         self._scratch = None
@@ -155,15 +177,21 @@ class FaultyTransport:
             return self._inner.write_sync(session, triples, wait=wait)
         self._apply(self._decide(), session, triples, wait)
 
-    async def write(self, session: str, triples: Sequence[tuple[int, int, int]], *, wait: str = "") -> None:
-        """Like `MooncakeTransport.write`: the (possibly delayed) write runs in a worker thread."""
+    async def write(self, session: str, triples: Sequence[tuple[int, int, int]], *, wait: str = "",
+                    fence: WriteFence | None = None) -> None:
+        """Like `MooncakeTransport.write`: the (possibly delayed) write runs in a worker thread,
+        tracked by `fence` (a late write until its bytes landed)."""
         if not triples:
-            return await self._inner.write(session, triples, wait=wait)
+            return await self._inner.write(session, triples, wait=wait, fence=fence)
         fate = self._decide()  # on the event loop: writes are numbered in call order
-        await asyncio.to_thread(self._apply, fate, session, triples, wait)
+        await run_tracked(lambda: self._apply(fate, session, triples, wait), fence)
 
-    def close(self) -> None:
-        self._inner.close()  # unregisters the scratch buffer too; it stays alive with self
+    @property
+    def late_pieces(self) -> int:
+        return self._inner.late_pieces
+
+    def close(self, late_timeout_s: float = 5.0) -> None:
+        self._inner.close(late_timeout_s)  # unregisters the scratch buffer too; it stays alive with self
 
     # ------------------------------------------------------------------ faults
 
@@ -194,7 +222,8 @@ class FaultyTransport:
             if spec.fail_fraction and self._rng.random() < spec.fail_fraction:
                 why = why or f"fail_fraction={spec.fail_fraction}, seed={spec.seed}"
             corrupt = not why and spec.corrupt_nth == n
-        return _Fate(n, why, corrupt)
+            late = not why and spec.late_nth == n
+        return _Fate(n, why, corrupt, late)
 
     def _apply(self, fate: _Fate, session: str, triples: Sequence[tuple[int, int, int]], wait: str = "") -> None:
         if self.spec.delay_s:
@@ -205,9 +234,53 @@ class FaultyTransport:
             log.warning("injected fault: write #%d (%d bytes to %s) fails (%s)", fate.number, nbytes, session, fate.fail)
             raise TransportError(f"Mooncake write of {nbytes} bytes in {len(triples)} pieces to {session} returned -1 "
                                  f"(injected fault: write #{fate.number}, {fate.fail})")
+        if fate.late:
+            raise self._land_late(fate.number, session, triples)
         self._inner.write_sync(session, triples, wait=wait)
         if fate.corrupt:
             self._corrupt(fate.number, session, triples[0])
+
+    def _land_late(self, number: int, session: str, triples: Sequence[tuple[int, int, int]]) -> TransportError:
+        """Copy the write's source now, land the copy late_s seconds later; the error reporting
+        the write failed, with the late landing as its `in_flight`."""
+        nbytes = sum(t[2] for t in triples)
+        if not all(self._is_host(src, length) for src, _dst, length in triples):
+            raise TransportError(f"late_nth={self.spec.late_nth}: write #{number} does not read host memory "
+                                 f"(the late-write fault copies host pools only)")
+        copy = ctypes.create_string_buffer(nbytes)
+        base = ctypes.addressof(copy)
+        pieces, offset = [], 0
+        for src, dst, length in triples:
+            ctypes.memmove(base + offset, src, length)
+            pieces.append((base + offset, dst, length))
+            offset += length
+        self._inner.register(base, nbytes, "cpu:0")
+        late = LateWrites(1, nbytes, session)
+        self.late.append(number)
+
+        def land() -> None:
+            ok = False
+            try:
+                self._inner.write_sync(session, pieces)
+                ok = True
+                log.warning("injected fault: write #%d (%d bytes to %s) landed %.1f s after it was reported failed "
+                            "(late_nth=%d)", number, nbytes, session, self.spec.late_s, number)
+            except Exception as e:  # noqa: BLE001 - the handle must settle whatever happens
+                log.warning("injected fault: the late landing of write #%d failed: %s", number, e)
+            finally:
+                self._inner.unregister(base)
+                late.piece_final(ok)
+                del copy_alive[:]  # the buffer may go now
+
+        copy_alive = [copy]  # kept alive until the landing is done
+        timer = threading.Timer(self.spec.late_s, land)
+        timer.daemon = True
+        timer.start()
+        log.warning("injected fault: write #%d (%d bytes in %d pieces to %s) reported failed; its bytes land in "
+                    "%.1f s (late_nth=%d)", number, nbytes, len(triples), session, self.spec.late_s, number)
+        return TransportError(f"Mooncake write of {nbytes} bytes in {len(triples)} pieces to {session} returned -1 "
+                              f"(injected fault: write #{number}, late_nth={number}: its bytes land "
+                              f"{self.spec.late_s} s later)", in_flight=late)
 
     def _corrupt(self, number: int, session: str, triple: tuple[int, int, int]) -> None:
         src, dst, length = triple

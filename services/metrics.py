@@ -75,6 +75,10 @@ class Metrics:
         self.failures = counter("epd_failures", "Failed requests by reason (lower-case FailureReason)", ["reason"])
         self.inflight = gauge("epd_inflight_transfers", "Transfers in progress")
         self.integrity = counter("epd_integrity_failures", "Rounds whose checksums or sizes did not match")
+        self.fenced = counter("epd_fenced_transfers", "Transfers that ended while a write of theirs could still land: "
+                              "their blocks here were quarantined until the writes stopped (the write fence)")
+        self.fence_seconds = histogram("epd_fence_seconds", "How long blocks stayed quarantined by the write fence",
+                                       SECONDS_BUCKETS)
         self.encode_seconds = histogram("epd_encode_seconds", "Encoder model time per request (encoder only)",
                                         SECONDS_BUCKETS)
         self.failovers = counter("epd_failovers", "Requests retried on another encoder after their first encoder "
@@ -103,6 +107,7 @@ class Metrics:
         self._alloc_wait = self.alloc_wait.labels(**self._labels)
         self._integrity = self.integrity.labels(**self._labels)
         self._encode = self.encode_seconds.labels(**self._labels)
+        self.fenced.labels(**self._labels)
 
     # ------------------------------------------------------------------ gauges read at scrape time
 
@@ -157,6 +162,12 @@ class Metrics:
     def encoded(self, seconds: float) -> None:
         self._encode.observe(seconds)
 
+    def write_fenced(self) -> None:
+        self.fenced.labels(**self._labels).inc()
+
+    def fence_released(self, seconds: float) -> None:
+        self.fence_seconds.labels(**self._labels).observe(seconds)
+
     # ------------------------------------------------------------------ endpoint
 
     def serve(self, host: str, port: int) -> int:
@@ -189,7 +200,7 @@ def exported_names(role: str, rank: int | None = None) -> set[str]:
     m.rpc_seconds.labels(service="s", method="m", code="OK")  # a labelled histogram exports no samples until used
     for metric in (m.transfer_bytes, m.transfer_seconds, m.rounds, m.resumes, m.alloc_wait, m.integrity,
                    m.encode_seconds, m.inflight, m.pool_waiters, m.failovers, m.early_inits, m.overlapped_resumes,
-                   m.encoders_available):
+                   m.encoders_available, m.fenced, m.fence_seconds):
         metric.labels(**m._labels)
     for state in ("used", "free", "quarantined"):
         m.pool_blocks.labels(**m._labels, state=state)

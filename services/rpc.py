@@ -133,10 +133,10 @@ def geometry_from_pb(pb: common_pb2.PoolLayout) -> PoolGeometry:
     return PoolGeometry(RecordLayout(tuple(fields), int(pb.record_bytes)), pb.block_size, pb.num_blocks, pb.base_address)
 
 
-def error_to_pb(reason: FailureReason, message: str) -> common_pb2.TransferError | None:
-    if reason == FailureReason.UNSPECIFIED and not message:
+def error_to_pb(reason: FailureReason, message: str, writes_may_land: bool = False) -> common_pb2.TransferError | None:
+    if reason == FailureReason.UNSPECIFIED and not message and not writes_may_land:
         return None
-    return common_pb2.TransferError(reason=int(reason), message=message)
+    return common_pb2.TransferError(reason=int(reason), message=message, writes_may_land=writes_may_land)
 
 
 # ---------------------------------------------------------------------------- servers

@@ -19,6 +19,7 @@ from typing import Sequence
 
 from common import errors
 from common.config import WRITE_WAITS, EncoderConfig
+from common.fence import WriteFence, quarantine_until_landed
 from common.integrity import INLINE_MAX_BYTES, PayloadSums, checksums_off_loop, fast_checksums
 from common.layout import PoolGeometry
 from common.pb.epd.v1 import bench_pb2, common_pb2, encoder_pb2, encoder_pb2_grpc
@@ -50,6 +51,7 @@ class EncoderService:
         self.config = config
         self.bootstrap_timeout_s = config.bootstrap_timeout_s
         self.resume_timeout_s = config.resume_timeout_s
+        self.quarantine_max_s = config.quarantine_max_s
         self.integrity = config.integrity
         self.pool = BlockPool(config.record, config.block_size, config.pool_blocks, config.device)
         self.metrics = Metrics("encoder")
@@ -66,6 +68,7 @@ class EncoderService:
         self.encoder_id = config.encoder_id
         self.draining = False
         self._shutdown_done = False
+        self._raw_fences: set[asyncio.Task] = set()  # RawWrite source blocks held by the fence
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -109,16 +112,35 @@ class EncoderService:
         tasks = [t.task for t in self.transfers.live if t.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=5)
+        await self._wait_for_fences(grace)
         if self.server is not None:
             await self.server.stop(1.0)
         if self.transport is not None:
             self.transport.close()
         self.metrics.close()
 
+    async def _wait_for_fences(self, timeout: float) -> None:
+        """Shutdown: writes that may still land keep reading the source pool, which must stay
+        registered until they are final: wait for them (at most `timeout`), then say what is left.
+        (The language ranks quarantine their side on their own.)"""
+        fences = [t.fence_task for t in self.transfers.live if t.fence_task is not None and not t.fence_task.done()]
+        fences += [task for task in self._raw_fences if not task.done()]
+        if not fences:
+            return
+        log.warning("encoder shutting down: waiting up to %.1f s for %d transfer(s) with writes still running",
+                    timeout, len(fences))
+        _done, pending = await asyncio.wait(fences, timeout=timeout)
+        if pending:
+            log.warning("encoder shutting down with %d transfer(s) whose writes are still running (%d quarantined "
+                        "source block(s)); the language ranks keep their blocks quarantined", len(pending),
+                        self.pool.allocator.quarantined_count)
+        else:
+            log.info("encoder shutting down: every write ended")
+
     # ------------------------------------------------------------------ TransferEnv
 
-    async def write(self, session: str, triples: Sequence[tuple[int, int, int]]) -> None:
-        await self.transport.write(session, triples)
+    async def write(self, session: str, triples: Sequence[tuple[int, int, int]], fence: WriteFence) -> None:
+        await self.transport.write(session, triples, fence=fence)
 
     async def round_checksums(self, blocks: Sequence[int], start: int, n_tokens: int) -> dict[str, int]:
         runs = self.pool.runs(blocks, start, n_tokens)
@@ -366,6 +388,7 @@ class EncoderService:
         src_per_write = blocks_for_tokens(tokens, self.pool.block_size)
         src = await self.pool.allocator.alloc(concurrency * src_per_write, timeout=self.config.alloc_timeout_s,
                                               label=what)
+        fence = WriteFence()
         try:
             geo, src_geo = peer.geometry, self.pool.geometry
             plans = [plan_round(src_base=src_geo.base_address, src_blocks=src[i * src_per_write:(i + 1) * src_per_write],
@@ -383,14 +406,28 @@ class EncoderService:
             except OutOfBounds as e:
                 raise errors.InvalidArgument(f"{what}: refused before any write: {e}") from None
             seconds = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                # The baseline is Mooncake's own batch_transfer_sync_write, whatever --write-wait says.
-                wait = write_wait or "spin"
-                await asyncio.gather(*(self.transport.write(peer.session, plan, wait=wait) for plan in plans))
-                seconds.append(time.perf_counter() - started)
+            try:
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    # The baseline is Mooncake's own batch_transfer_sync_write, whatever --write-wait says.
+                    wait = write_wait or "spin"
+                    await asyncio.gather(*(self.transport.write(peer.session, plan, wait=wait, fence=fence)
+                                           for plan in plans))
+                    seconds.append(time.perf_counter() - started)
+            except errors.TransportError as e:
+                # ABORTED, not the transport's UNAVAILABLE: this answer comes once no write of the
+                # measurement can land (below), which an unreachable encoder could not say.
+                raise errors.Aborted(f"{what}: {e.message}") from None
         finally:
-            self.pool.allocator.free(src)
+            if not fence.may_land:
+                self.pool.allocator.free(src)
+            else:
+                # A write still runs: the source blocks stay quarantined until it is final, and the
+                # caller is answered only then, so an answer means no write of it can land.
+                held = quarantine_until_landed(self.pool.allocator, src, fence, self.quarantine_max_s, what)
+                self._raw_fences.add(held)
+                held.add_done_callback(self._raw_fences.discard)
+                await asyncio.shield(held)
         nbytes = sum(length for plan in plans for _, _, length in plan)
         return seconds, nbytes, len(plans[0])
 
@@ -569,7 +606,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
                               f"Cancel of request {errors.shown(request.request_id)}")
         cancelled = await t.cancel(f"cancelled by peer: {request.reason or 'no reason given'}",
                                    cancel_reason(request.reason))
-        return common_pb2.CancelReply(cancelled=cancelled, state=int(t.state))
+        # Answered once the transfer ended; whether its writes did is the fence's to say.
+        return common_pb2.CancelReply(cancelled=cancelled, state=int(t.state), writes_ended=not t.writes_may_land)
 
     @rpc.grpc_errors
     async def GetPool(self, request, context):
@@ -638,7 +676,7 @@ def status_to_pb(st: StatusUpdate) -> common_pb2.TransferStatus:
         request_id=st.request_id, state=int(st.state), sent_tokens=st.sent_tokens, total_tokens=st.total_tokens,
         round=st.round, round_tokens=st.round_tokens, allocated_tokens=st.allocated_tokens,
         checksums=[common_pb2.Checksum(field=name, value=value) for name, value in st.checksums],
-        error=rpc.error_to_pb(st.reason, st.message), landed_tokens=st.landed_tokens,
+        error=rpc.error_to_pb(st.reason, st.message, st.writes_may_land), landed_tokens=st.landed_tokens,
         landed_checksums=[common_pb2.Checksum(field=name, value=value) for name, value in st.landed_checksums])
 
 
@@ -648,7 +686,8 @@ def transfer_info(t: EncoderTransfer) -> common_pb2.TransferInfo:
         request_id=t.client_request_id, state=int(t.state), sent_tokens=t.sent_tokens, total_tokens=t.total_tokens,
         rounds=t.rounds, age_seconds=t.age_seconds, peer=t.language_id, transfer_seconds=t.transfer_seconds,
         bootstrap_seconds=t.init_at - t.created if t.init_at is not None else 0.0,
-        bytes=t.sent_tokens * record_bytes, error=rpc.error_to_pb(t.reason, t.message),
+        bytes=t.sent_tokens * record_bytes,
+        error=rpc.error_to_pb(t.reason, t.message, t.state.terminal and t.writes_may_land),
         allocated_tokens=sum(s.allocated_tokens for s in t.ranks.values() if s.blocks is not None),
         ranks=[common_pb2.RankView(rank=r, state=int(t.state), sent_tokens=s.sent_tokens,
                                    allocated_tokens=s.allocated_tokens if s.blocks is not None else 0,

@@ -5,6 +5,12 @@ Resume only record facts and wake the task; the task decides when a round starts
 writes it to every data rank and publishes the new status — after the writes returned, never
 before. Status subscribers read a single feed, so every rank sees identical statuses.
 
+The write fence (common/fence.py): every write is tracked by the transfer's `WriteFence` until
+the engine reports each of its pieces final. A transfer that ends while one may still land
+publishes FAILED with `writes_may_land`, keeps its source blocks quarantined, and publishes a
+second FAILED status without it once the writes stopped (or after `quarantine_max_s`); only then
+does it leave the live table.
+
 Domain code: no grpc, no mooncake. What it needs from the service comes in a `TransferEnv`.
 """
 
@@ -18,6 +24,7 @@ from typing import AsyncIterator, Callable, Protocol, Sequence
 
 from common.bounds import OutOfBounds, Slab, check_plan
 from common.errors import AlreadyExists, EpdError, FailedPrecondition, InvalidArgument, PermissionDenied, shown
+from common.fence import WriteFence, quarantine_until_landed
 from common.integrity import PayloadSums
 from common.layout import PoolGeometry
 from common.plan import Triple, blocks_for_tokens, plan_round
@@ -59,11 +66,14 @@ class TransferEnv(Protocol):
     resume_timeout_s: float
     integrity: bool
     telemetry: Telemetry
+    quarantine_max_s: float
+    """How long source blocks stay quarantined, at most, for writes that never report final."""
 
     plan_fault: Callable[[list[Triple]], list[Triple]] | None
     """Test-only: corrupts planned rounds (`--transport-fault misplan_nth=K`); None in production."""
 
-    async def write(self, session: str, triples: Sequence[tuple[int, int, int]]) -> None: ...
+    async def write(self, session: str, triples: Sequence[tuple[int, int, int]], fence: WriteFence) -> None:
+        """One Mooncake write, tracked by `fence` until every piece is final."""
 
     async def round_checksums(self, blocks: Sequence[int], start: int, n_tokens: int) -> dict[str, int]: ...
 
@@ -152,6 +162,13 @@ class EncoderTransfer:
         self.encode_finished = asyncio.Event()  # no Encode is filling source blocks
         self.encode_finished.set()
         self.task: asyncio.Task | None = None
+        self.fence = WriteFence()
+        """Every write of this transfer until the engine reported it final (common/fence.py)."""
+        self.quarantined_blocks: list[int] = []
+        """Source blocks held back after the end: a write that reads them may still run."""
+        self.fence_task: asyncio.Task | None = None
+        """Gives the quarantined source blocks back once the writes stopped."""
+        self._fence_over = False
 
     # ----------------------------------------------------------------- facts from RPCs
 
@@ -373,7 +390,7 @@ class EncoderTransfer:
             plans.append((slot.peer.session, triples))
         # The writes start first; the round's checksums are worked out while they run.
         loop = asyncio.get_running_loop()
-        writes = [loop.create_task(self.env.write(session, triples)) for session, triples in plans]
+        writes = [loop.create_task(self.env.write(session, triples, self.fence)) for session, triples in plans]
         try:
             await asyncio.sleep(0)  # let the writes reach their worker threads
             # Checksums come from what Encode computed (no pass over the round beside its write);
@@ -388,10 +405,14 @@ class EncoderTransfer:
                 else:
                     writes.append(self.env.round_checksums(self.src_blocks, self.sent_tokens, n))
         except BaseException:
-            await asyncio.gather(*writes, return_exceptions=True)  # no write may outlive this round
+            # Cancelled while the writes started: they run on in their threads, tracked by the
+            # fence, which keeps their blocks out of use on both sides until they are final.
+            for w in writes:
+                w.cancel()
             raise
-        # Every write runs to completion even when one fails: nothing may still be landing in a
-        # peer's blocks once we publish FAILED and the peer reuses them.
+        # Every write is waited for, even when one fails, except one that gave up at its
+        # deadline: its pieces still running are held by the fence (the request fails at once,
+        # its blocks stay quarantined until they are final).
         results = await asyncio.gather(*writes, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
@@ -445,13 +466,32 @@ class EncoderTransfer:
         self.state = TransferState.FAILED
         self.reason = reason
         self.message = message
-        log.info("request %s: FAILED (%s): %s", self.request_id, reason.label, message)
-        self._publish(reason=reason, message=message)
+        may_land = self.fence.may_land
+        log.info("request %s: FAILED (%s)%s: %s", self.request_id, reason.label,
+                 ", writes may still land" if may_land else "", message)
+        self._publish(reason=reason, message=message, writes_may_land=may_land)
+
+    @property
+    def writes_may_land(self) -> bool:
+        """Whether a write of this transfer may still land (its fence is not clear)."""
+        return self.fence.may_land
 
     def _release(self) -> None:
+        fenced = self.state == TransferState.FAILED and self.fence.may_land
         if self.src_blocks is not None:
-            self.env.pool.allocator.free(self.src_blocks)
+            if fenced:
+                # A write still running reads these blocks: nobody else may fill them before it ends.
+                self.quarantined_blocks = self.src_blocks
+                self.fence_task = quarantine_until_landed(
+                    self.env.pool.allocator, self.src_blocks, self.fence, self.env.quarantine_max_s,
+                    f"request {self.request_id}", self._fence_cleared)
+                self.env.telemetry.write_fenced()
+            else:
+                self.env.pool.allocator.free(self.src_blocks)
             self.src_blocks = None
+        elif fenced:  # nothing of ours to hold (e.g. encoding failed); the ranks still wait for the word
+            self.fence_task = asyncio.get_running_loop().create_task(self._await_fence(), name=f"fence-{self.request_id}")
+            self.env.telemetry.write_fenced()
         for slot in self.ranks.values():
             slot.blocks = None
         self.finished_at = time.monotonic()
@@ -462,6 +502,23 @@ class EncoderTransfer:
                 self.env.telemetry.integrity_failed()  # a language rank found the mismatch and cancelled
             self.env.telemetry.transfer_ended(TransferState.FAILED, self.reason, seconds=None, rounds=self.rounds)
         self.done.set()
+        if self.fence_task is None:
+            self.env.on_finished(self)
+
+    async def _await_fence(self) -> None:
+        started = time.monotonic()
+        ended = await self.fence.wait(self.env.quarantine_max_s)
+        self._fence_cleared(ended, time.monotonic() - started)
+
+    def _fence_cleared(self, writes_ended: bool, seconds: float) -> None:
+        """The fence's writes stopped (or its bound passed): tell every rank, leave the live table."""
+        self.quarantined_blocks = []
+        self._fence_over = True
+        self.env.telemetry.fence_released(seconds)
+        # The ranks' Status streams are still open (statuses() goes on while writes may land): a
+        # FAILED status without writes_may_land lets them release their blocks. Past the bound
+        # the writes did not end: the streams end still saying so (each rank has its own bound).
+        self._publish(reason=self.reason, message=self.message, writes_may_land=not writes_ended)
         self.env.on_finished(self)
 
     # ----------------------------------------------------------------- status feed
@@ -486,14 +543,15 @@ class EncoderTransfer:
         return self._status
 
     async def statuses(self) -> AsyncIterator[StatusUpdate]:
-        """The current status first, then every change, until a terminal state."""
+        """The current status first, then every change, until a terminal state that says no write
+        may still land (a FAILED with writes_may_land is followed by one without, once they stop)."""
         seen: StatusUpdate | None = None
         while True:
             event, status = self._published, self._status
             if status is not seen:
                 seen = status
                 yield status
-                if status.state.terminal:
+                if status.state.terminal and (not status.writes_may_land or self._fence_over):
                     return
             else:
                 await event.wait()

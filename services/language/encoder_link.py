@@ -135,9 +135,11 @@ class GrpcEncoderLink:
                                                                        await_transfer=await_transfer)),
                             f"Status of request {request_id} on encoder {self.address}")
 
-    async def cancel(self, request_id: str, reason: str) -> None:
-        await self._call("Cancel", self.stub.Cancel(common_pb2.CancelRequest(
+    async def cancel(self, request_id: str, reason: str) -> bool:
+        """Cancel the transfer on the encoder; its answer's `writes_ended` (the write fence)."""
+        reply = await self._call("Cancel", self.stub.Cancel(common_pb2.CancelRequest(
             request_id=request_id, reason=reason, language_id=self.language_id), timeout=10))
+        return reply.writes_ended
 
     async def raw_write(self, rank: int, blocks: Sequence[int], tokens: int, repeats: int,
                         concurrency: int, write_wait: str = "") -> bench_pb2.RawWriteReply:
@@ -213,4 +215,5 @@ def status_from_pb(pb: common_pb2.TransferStatus) -> StatusUpdate:
         pb.request_id, state, sent_tokens=pb.sent_tokens, total_tokens=pb.total_tokens, round=pb.round,
         round_tokens=pb.round_tokens, allocated_tokens=pb.allocated_tokens,
         checksums=tuple((c.field, c.value) for c in pb.checksums), reason=reason, message=pb.error.message,
-        landed_tokens=pb.landed_tokens, landed_checksums=tuple((c.field, c.value) for c in pb.landed_checksums))
+        landed_tokens=pb.landed_tokens, landed_checksums=tuple((c.field, c.value) for c in pb.landed_checksums),
+        writes_may_land=pb.error.writes_may_land)

@@ -13,17 +13,25 @@ The encoder is reached through an `EncoderLink` (services/language/encoder_link.
 so this module imports neither grpc nor mooncake. `close()` always runs: it frees every block
 this task holds and, when the transfer may still be live on the encoder, cancels it there.
 
-When that Cancel gets no answer (the encoder or the link is down), the encoder may still write
-into the current round's blocks: its write may finish late, and even a failed write leaves bytes in
-its kernel that arrive once the link is back — Mooncake's receiving side accepts them whenever
-they come. Those blocks are quarantined (`BlockAllocator.quarantine`), not freed, and
-`release_when_safe` returns them once the encoder answered a Cancel of the transfer (it then has no
-write in flight) and a grace period has passed since.
+The write fence (docs/DESIGN.md): the blocks this task gave the encoder go back to the pool only
+once the encoder positively said no write of the transfer can still land — a terminal status
+without `writes_may_land`, or a Cancel answered `writes_ended` (or NOT_FOUND: it holds nothing of
+it). Otherwise they are quarantined (`BlockAllocator.quarantine`), neither free nor handed out:
+- a FAILED status says `writes_may_land` (the encoder gave up on a write still running);
+- the Cancel is answered without `writes_ended`, or with any error but NOT_FOUND (CANCELLED,
+  UNKNOWN, INTERNAL ... prove nothing about the encoder's writes);
+- the Cancel gets no answer (the encoder or the link is down): its write may finish late, and
+  even a failed write leaves bytes in its kernel that arrive once the link is back — Mooncake's
+  receiving side accepts them whenever they come.
+`release_when_safe` returns them once the encoder says its writes ended (on the Status stream,
+which it keeps open for that, or in a Cancel's answer), plus a grace period when it had been
+unreachable; `quarantine_max_s` bounds the wait.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from typing import AsyncIterator, Callable, Protocol, Sequence
@@ -57,6 +65,17 @@ class StatusSource(Protocol):
     def close(self) -> None: ...
 
 
+class Fence(enum.Enum):
+    """What a rank knows of the encoder's writes into its blocks when a receive closes."""
+
+    ENDED = "ended"
+    """The encoder said no write of the transfer can land: the blocks may be freed."""
+    MAY_LAND = "may_land"
+    """The encoder answered, but a write of the transfer may still land."""
+    UNANSWERED = "unanswered"
+    """No answer from the encoder: it may still be writing, and its kernel may hold bytes."""
+
+
 class EncoderLink(Protocol):
     """The encoder as one language rank sees it."""
 
@@ -69,7 +88,8 @@ class EncoderLink(Protocol):
 
     def status(self, request_id: str, rank: int, await_transfer: bool = False) -> "StatusSource": ...
 
-    async def cancel(self, request_id: str, reason: str) -> None: ...
+    async def cancel(self, request_id: str, reason: str) -> bool:
+        """Cancel the transfer; returns CancelReply.writes_ended (True: no write of it can land)."""
 
 
 class CarriedInit:
@@ -146,6 +166,8 @@ class ReceiveTask:
         self.carry_init = carry_init and self.early and on_init is not None
         self.quarantined_blocks: list[int] = []
         self.quarantined_at: float | None = None
+        self.fence = Fence.ENDED
+        """Set by close(): what the encoder said of its writes into our blocks."""
         self.telemetry = telemetry
         self.abort_with: BaseException | None = None  # set before cancelling: the reason to report
         self.state = TransferState.UNSPECIFIED
@@ -212,6 +234,8 @@ class ReceiveTask:
         async for st in self._stream:
             if st.state == TransferState.FAILED:
                 self._terminal_seen = True
+                if st.writes_may_land:
+                    self.fence = Fence.MAY_LAND  # close() quarantines; the stream will say when they stop
                 self.state = TransferState.FAILED
                 self.reason, self.message = st.reason, st.message
                 raise errors.error_for_reason(st.reason, f"request {self.request_id}: {st.message}")
@@ -476,11 +500,12 @@ class ReceiveTask:
                 self.reason, self.message = FailureReason.CANCELLED, "cancelled"
             else:
                 self.reason, self.message = FailureReason.UNSPECIFIED, repr(failure)
-        confirmed = True
         if self._initialised and not self._terminal_seen:
-            confirmed = await self._cancel_on_encoder()
-        if self._stream is not None:
-            self._stream.close()  # after Cancel, so the encoder records why the request ended
+            self.fence = await self._cancel_on_encoder()
+        if self._stream is not None and self.fence is not Fence.MAY_LAND:
+            # Closed after Cancel, so the encoder records why the request ended. While writes may
+            # land the stream stays open: the encoder's next status says when they stopped.
+            self._stream.close()
         for part in (self._landed_check, self._copying):  # work on parts that landed, moot now
             if part is not None:
                 part.cancel()
@@ -490,35 +515,59 @@ class ReceiveTask:
             self.blocks = [*(self.blocks or []), *self.next_blocks]
             self.next_blocks = None
         if self.blocks is not None:
-            if confirmed:
+            if self.fence is Fence.ENDED:
                 self.pool.allocator.free(self.blocks)
             else:
                 self.pool.allocator.quarantine(self.blocks)
                 self.quarantined_blocks, self.quarantined_at = self.blocks, time.monotonic()
-                log.warning("request %s rank %d: encoder %s did not confirm the end of transfer %s: %d block(s) "
-                            "quarantined (a late write may still land in them) until it answers", self.request_id,
-                            self.rank, self.link.address, self.transfer_id, len(self.blocks))
+                self.telemetry.write_fenced()
+                why = ("says a write of it may still land" if self.fence is Fence.MAY_LAND
+                       else "did not confirm the end of")
+                log.warning("request %s rank %d: encoder %s %s transfer %s: %d block(s) quarantined until it says "
+                            "its writes ended", self.request_id, self.rank, self.link.address, why, self.transfer_id,
+                            len(self.blocks))
             self.blocks, self.allocated_tokens = None, 0
             if self.quarantined_blocks and self.on_quarantine is not None:
                 self.on_quarantine(self)
+        if self._stream is not None and not self.quarantined_blocks:
+            self._stream.close()
         self._segments = []
         self.finished_at = self.finished_at or time.monotonic()
 
-    async def _cancel_on_encoder(self) -> bool:
-        """Cancel the transfer on the encoder and wait for its answer (the encoder answers once no
-        write of it is in flight). False when no answer came: the encoder may still write."""
+    async def _cancel_on_encoder(self) -> Fence:
+        """Cancel the transfer on the encoder and wait for its answer (it answers once the
+        transfer ended): ENDED only when it says no write of it can land (or does not know it)."""
         try:
-            await asyncio.wait_for(self.link.cancel(self.transfer_id, f"{self.reason.label}: {self.message}"),
-                                   timeout=CANCEL_TIMEOUT_S)
+            ended = await asyncio.wait_for(self.link.cancel(self.transfer_id, f"{self.reason.label}: {self.message}"),
+                                           timeout=CANCEL_TIMEOUT_S)
         except errors.NotFound:
-            pass  # the encoder does not know the transfer (any more): nothing of it is in flight
+            return Fence.ENDED  # the encoder does not know the transfer (any more): nothing of it is in flight
         except UNREACHABLE as e:
             log.info("request %s rank %d: Cancel on encoder %s got no answer: %s", self.request_id, self.rank,
                      self.link.address, e)
-            return False
-        except errors.EpdError as e:  # answered, with an error: it is reachable and not writing for us
+            return Fence.UNANSWERED
+        except errors.EpdError as e:  # an answer that says nothing about its writes
             log.info("request %s rank %d: Cancel on encoder %s: %s", self.request_id, self.rank, self.link.address, e)
-        return True
+            return Fence.MAY_LAND
+        return Fence.ENDED if ended else Fence.MAY_LAND
+
+    async def fence_news(self) -> None:
+        """Return once the Status stream kept open by close() says the writes ended (a FAILED
+        status without writes_may_land); never, when it ends or breaks without saying so."""
+        stream = self._stream
+        if stream is None:
+            await asyncio.Event().wait()
+        try:
+            async for st in stream:
+                if st.state.terminal and not st.writes_may_land:
+                    return
+        except errors.EpdError:
+            pass
+        await asyncio.Event().wait()
+
+    def close_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
 
 
 def _refused(e: BaseException) -> bool:
@@ -529,53 +578,85 @@ def _refused(e: BaseException) -> bool:
 
 async def release_when_safe(task: ReceiveTask, grace_s: float, *, max_s: float = 600.0,
                             probe_s: float = PROBE_S) -> None:
-    """Return a closed task's quarantined blocks to the pool once a late write can no longer land
-    in them: the encoder answered a Cancel of the transfer (any answer: it has no write of it in
-    flight, or does not know it), and then stayed reachable for `grace_s` plus as long as it had
-    been unreachable (capped at MAX_OUTAGE_EXTRA_S) — TCP retransmissions back off, so bytes left
-    in the encoder's kernel by a failed write come later after a longer outage (measured: ~4.5 s
-    after the link came back from a 3.3 s cut). Every probe that gets no answer starts the wait
-    again. A refused connection counts as an answer (see `_refused`). After `max_s` without
-    one, the blocks return anyway (WARNING): by then the encoder's own write timeout failed any
-    write and TCP gave up retransmitting what a dropped connection held, so nothing of it can
-    arrive; an encoder that vanished for good must not cost the pool its blocks forever.
-    Cancelled at shutdown: the blocks then go with the pool."""
+    """Return a closed task's quarantined blocks to the pool once no write of its transfer can
+    land in them: the encoder said its writes ended — a FAILED status without writes_may_land on
+    the Status stream close() kept open, or a Cancel answered writes_ended (or NOT_FOUND, or a
+    refused connection: the encoder process is gone, see `_refused`), asked every `probe_s`.
+
+    When the encoder had been unreachable at some point (the Cancel got no answer, or a probe
+    did not), the blocks stay out `grace_s` longer, plus as long as it had been unreachable
+    (capped at MAX_OUTAGE_EXTRA_S), with the encoder answering all along: TCP retransmissions
+    back off, so bytes a failed write left in the encoder's kernel come later after a longer
+    outage (measured: ~4.5 s after the link came back from a 3.3 s cut). A probe without an
+    answer starts that wait again. Without a word that the writes ended, the blocks return after
+    `max_s` anyway (WARNING): by then the encoder's write timeout and TCP's retransmission
+    limits ended anything of the write. Cancelled at shutdown: the blocks then go with the pool."""
     blocks, since = task.quarantined_blocks, task.quarantined_at or time.monotonic()
-    answered_at: float | None = None
-    hold = grace_s
-    while True:
-        try:
-            await asyncio.wait_for(task.link.cancel(task.transfer_id, f"quarantine check of request {task.request_id}"),
-                                   timeout=PROBE_TIMEOUT_S)
-            reachable = True
-        except UNREACHABLE as e:
-            reachable = _refused(e)
-        except errors.EpdError:  # NOT_FOUND or another answer: reachable, nothing of ours in flight
-            reachable = True
-        except Exception as e:  # noqa: BLE001 - the loop must go on (max_s bounds it)
-            log.warning("request %s rank %d: quarantine check on encoder %s: %r", task.request_id, task.rank,
-                        task.link.address, e)
-            reachable = False
-        now = time.monotonic()
-        if not reachable:
-            if answered_at is not None:
-                log.info("request %s rank %d: encoder %s stopped answering again; quarantine of %d block(s) goes on",
-                         task.request_id, task.rank, task.link.address, len(blocks))
-            answered_at = None
-        elif answered_at is None:
-            answered_at = now
-            hold = grace_s + min(now - since, MAX_OUTAGE_EXTRA_S)
-            log.info("request %s rank %d: encoder %s answered for transfer %s; its %d quarantined block(s) return "
-                     "in %.1f s", task.request_id, task.rank, task.link.address, task.transfer_id, len(blocks), hold)
-        if answered_at is not None and now - answered_at >= hold:
-            break
-        if answered_at is None and now - since >= max_s:
-            log.warning("request %s rank %d: encoder %s has not answered for %.0f s; its %d quarantined block(s) "
-                        "return to the pool (no write of it can still arrive)", task.request_id, task.rank,
-                        task.link.address, now - since, len(blocks))
-            break
-        await asyncio.sleep(probe_s if answered_at is None else min(probe_s, max(0.0, hold - (now - answered_at))))
+    unreachable_since = since if task.fence is Fence.UNANSWERED else None
+    was_unreachable = unreachable_since is not None
+    ended_at: float | None = None
+    hold = 0.0
+    news = asyncio.ensure_future(task.fence_news())
+    try:
+        while True:
+            now = time.monotonic()
+            if news.done():
+                reachable, ended = True, True
+            else:
+                reachable, ended = await _probe(task)
+            now = time.monotonic()
+            if not reachable:
+                if unreachable_since is None:
+                    unreachable_since = now
+                was_unreachable = True
+                if ended_at is not None:
+                    log.info("request %s rank %d: encoder %s stopped answering again; quarantine of %d block(s) goes "
+                             "on", task.request_id, task.rank, task.link.address, len(blocks))
+                ended_at = None
+            elif ended and ended_at is None:
+                ended_at = now
+                outage = (now - unreachable_since) if unreachable_since is not None else 0.0
+                hold = grace_s + min(outage, MAX_OUTAGE_EXTRA_S) if was_unreachable else 0.0
+                unreachable_since = None
+                log.info("request %s rank %d: encoder %s says the writes of transfer %s ended; its %d quarantined "
+                         "block(s) return in %.1f s", task.request_id, task.rank, task.link.address, task.transfer_id,
+                         len(blocks), hold)
+            elif reachable:
+                unreachable_since = None
+            if ended_at is not None and now - ended_at >= hold:
+                break
+            if ended_at is None and now - since >= max_s:
+                log.warning("request %s rank %d: encoder %s has not said the writes of transfer %s ended within "
+                            "quarantine_max_s=%.0f s; its %d quarantined block(s) return to the pool", task.request_id,
+                            task.rank, task.link.address, task.transfer_id, max_s, len(blocks))
+                break
+            wait = probe_s if ended_at is None else min(probe_s, max(0.0, hold - (now - ended_at)))
+            await asyncio.wait([news], timeout=wait)
+    finally:
+        news.cancel()
+        task.close_stream()
     task.pool.allocator.release_quarantine(blocks)
     task.quarantined_blocks = []
-    log.warning("request %s rank %d: %d quarantined block(s) back in the pool (%.1f s after the transfer ended "
-                "unconfirmed)", task.request_id, task.rank, len(blocks), time.monotonic() - since)
+    held = time.monotonic() - since
+    task.telemetry.fence_released(held)
+    log.warning("request %s rank %d: %d quarantined block(s) back in the pool (%.1f s after the transfer ended)",
+                task.request_id, task.rank, len(blocks), held)
+
+
+async def _probe(task: ReceiveTask) -> tuple[bool, bool]:
+    """Ask the encoder again (a Cancel of the transfer): (it answered, its writes ended)."""
+    try:
+        ended = await asyncio.wait_for(task.link.cancel(task.transfer_id, f"quarantine check of request {task.request_id}"),
+                                       timeout=PROBE_TIMEOUT_S)
+        return True, bool(ended)
+    except errors.NotFound:
+        return True, True  # it holds nothing of the transfer
+    except UNREACHABLE as e:
+        refused = _refused(e)
+        return refused, refused
+    except errors.EpdError:  # an answer that says nothing of its writes
+        return True, False
+    except Exception as e:  # noqa: BLE001 - the loop must go on (max_s bounds it)
+        log.warning("request %s rank %d: quarantine check on encoder %s: %r", task.request_id, task.rank,
+                    task.link.address, e)
+        return False, False

@@ -420,10 +420,21 @@ class LanguageService:
             raise errors.InvalidArgument(
                 f"concurrency * tokens = {concurrency} * {tokens} needs {n} blocks, more than the pool's {self.pool.num_blocks}")
         blocks = await self.pool.allocator.alloc(n, timeout=self.config.alloc_timeout_s, label="MeasureLink")
+        answered = False
         try:
             reply = await self.worker.link.raw_write(0, blocks, tokens, repeats, concurrency, write_wait)
+            answered = True
+        except errors.EpdError as e:
+            # The encoder answers RawWrite (reply or error) only once no write of it can land;
+            # an unreachable or interrupted call proves nothing of the sort.
+            answered = not isinstance(e, (errors.Unavailable, errors.DeadlineExceeded, errors.Cancelled,
+                                          errors.Internal))
+            raise
         finally:
-            self.pool.allocator.free(blocks)
+            if answered:
+                self.pool.allocator.free(blocks)
+            else:
+                self.worker.hold_unconfirmed(blocks, "MeasureLink")
         return bench_pb2.MeasureLinkReply(seconds=reply.seconds, bytes=reply.bytes, descriptors=reply.descriptors,
                                           encoder=self.worker.link.encoder_id or self.worker.link.address)
 

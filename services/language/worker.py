@@ -74,7 +74,6 @@ class RankWorker:
         # Blocks of transfers whose end the encoder could not confirm, until release_when_safe
         # returns them (receiver.py); cancelled at close, the blocks then go with the pool.
         self._quarantines: set[asyncio.Task] = set()
-        self._closing = False
         self._held: list[int] = []
         # Early reservations (`reserve_early`): blocks by admission key until the request's receive
         # task takes them, and the blocks of those whose Encode has not returned yet.
@@ -113,11 +112,22 @@ class RankWorker:
         return (a.used_count, a.free_count, a.waiters, len(self._held), a.quarantined_count)
 
     async def close(self) -> None:
-        self._closing = True
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._quarantines:
+            # Blocks a write may still land in: the pool stays registered (and alive) until the
+            # encoder says its writes ended, for at most the shutdown grace.
+            grace = self.config.shutdown_grace_s
+            log.warning("rank %d shutting down: waiting up to %.1f s for %d quarantined block(s) of %d transfer(s)",
+                        self.rank, grace, self.pool.allocator.quarantined_count, len(self._quarantines))
+            _done, pending = await asyncio.wait(list(self._quarantines), timeout=grace)
+            if pending:
+                log.warning("rank %d shutting down with %d block(s) still quarantined: a late write may land in "
+                            "them until the process exits", self.rank, self.pool.allocator.quarantined_count)
+            else:
+                log.info("rank %d shutting down: every quarantined block is back in the pool", self.rank)
         for task in list(self._quarantines):
             task.cancel()
         if self._quarantines:
@@ -273,12 +283,26 @@ class RankWorker:
         return receiver
 
     def _quarantined(self, receiver: ReceiveTask) -> None:
-        """A closed receive left blocks in quarantine: watch its encoder until they are safe to reuse."""
-        if self._closing:
-            return  # shutting down: the blocks go with the pool
-        task = asyncio.get_running_loop().create_task(
-            release_when_safe(receiver, self.config.quarantine_grace_s, max_s=self.config.quarantine_max_s),
-            name=f"quarantine-{receiver.request_id}")
+        """A closed receive left blocks in quarantine: watch its encoder until they are safe to
+        reuse (also while shutting down: close() waits for them, within the shutdown grace)."""
+        self._watch(release_when_safe(receiver, self.config.quarantine_grace_s, max_s=self.config.quarantine_max_s),
+                    f"quarantine-{receiver.request_id}")
+
+    def hold_unconfirmed(self, blocks: list[int], what: str) -> None:
+        """Quarantine blocks an encoder may still write into with no way to ask it when it stops
+        (a RawWrite that got no answer); they return after quarantine_max_s."""
+        self.pool.allocator.quarantine(blocks)
+        log.warning("rank %d: %s got no answer from the encoder: %d block(s) quarantined for quarantine_max_s=%.0f s",
+                    self.rank, what, len(blocks), self.config.quarantine_max_s)
+
+        async def release() -> None:
+            await asyncio.sleep(self.config.quarantine_max_s)
+            self.pool.allocator.release_quarantine(blocks)
+
+        self._watch(release(), f"quarantine-{what}")
+
+    def _watch(self, coro, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
         self._quarantines.add(task)
         task.add_done_callback(self._quarantines.discard)
 

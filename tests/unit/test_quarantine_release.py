@@ -1,9 +1,14 @@
-"""A language rank quarantines the blocks of a transfer whose end the encoder could not confirm
-(its Cancel got no answer), and returns them once the encoder answered and a grace period passed.
+"""The write fence on a language rank: the blocks of a transfer go back to the pool only when
+the encoder positively said no write of it can land — a Cancel answered `writes_ended`, NOT_FOUND,
+or a FAILED status without `writes_may_land`. Any other outcome quarantines them: a Cancel
+without an answer (then a grace period follows the answer), a Cancel answered without
+`writes_ended` or with an error that proves nothing (CANCELLED, UNKNOWN, PERMISSION_DENIED ...),
+a FAILED status that says writes may still land.
 
 The encoder is a fake link (fault injection: its Cancel fails as an unreachable encoder's does,
-until the test "restores the link"); the pool and the receive task are real. The cross-host test
-with a real cut link is tests/integration/test_netns.py.
+or answers as the test says; its Status stream says what the test puts in it); the pool and the
+receive task are real. The cross-host test with a real cut link is tests/integration/test_netns.py;
+real processes with a real late write: tests/integration/test_write_fence.py.
 """
 
 from __future__ import annotations
@@ -11,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from common import errors
 from common.layout import RecordLayout, default_fields
 from common.pool import BlockPool
-from common.states import FailureReason
+from common.states import FailureReason, StatusUpdate, TransferState
 from services.language import receiver as receiver_mod
 from services.language.receiver import ReceiveTask, release_when_safe
 
@@ -35,30 +42,51 @@ class _SilentStream:
         pass
 
 
+class _ScriptedStream:
+    """A Status stream that delivers what the test puts in `queue`."""
+
+    def __init__(self):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.closed = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self.queue.get()
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class CutLink:
-    """A fake encoder link: Cancel raises `failure` while the link is "down" (fault injection)."""
+    """A fake encoder link (fault injection): Cancel raises `failure` while the link is "down",
+    else answers `writes_ended`; its Status stream says nothing, or what the test scripts."""
 
     address = "fake-encoder"
 
-    def __init__(self, failure: BaseException | None):
+    def __init__(self, failure: BaseException | None, writes_ended: bool = True, scripted: bool = False):
         self.failure = failure
+        self.writes_ended = writes_ended
         self.cancels = 0
+        self.stream = _ScriptedStream() if scripted else _SilentStream()
 
     async def init(self, *a, **kw):
         pass
 
-    def status(self, request_id, rank):
-        return _SilentStream()
+    def status(self, request_id, rank, await_transfer=False):
+        return self.stream
 
     async def cancel(self, request_id, reason):
         self.cancels += 1
         if self.failure is not None:
             raise self.failure
+        return self.writes_ended
 
 
-def make(failure):
+def make(failure, writes_ended: bool = True, scripted: bool = False):
     pool = BlockPool(RecordLayout.pack(default_fields(16, "bfloat16")), BLOCK, POOL_BLOCKS)
-    link = CutLink(failure)
+    link = CutLink(failure, writes_ended, scripted)
     seen = []
     task = ReceiveTask("r", 0, 1, pool, link, initial_tokens=3 * BLOCK, alloc_timeout_s=1.0, on_quarantine=seen.append)
     return pool, link, task, seen
@@ -113,12 +141,59 @@ async def test_unreachable_again_during_the_grace_restarts_the_wait_fault_inject
     assert pool.allocator.free_count == POOL_BLOCKS
 
 
-async def test_answered_cancel_frees_at_once_fault_injected():
-    for answer in (None, errors.NotFound("no such transfer"), errors.PermissionDenied("not yours")):
-        pool, link, task, seen = make(answer)
-        await started_then_failed(task)
-        assert seen == [] and task.quarantined_blocks == []
-        assert pool.allocator.free_count == POOL_BLOCKS and link.cancels == 1
+@pytest.mark.parametrize("failure, writes_ended, freed", [
+    (None, True, True),                                           # the encoder says its writes ended
+    (errors.NotFound("no such transfer"), True, True),            # it holds nothing of the transfer
+    (None, False, False),                                         # answered: a write may still land
+    (errors.Cancelled("Cancel on encoder: cancelled"), True, False),   # prove nothing about its writes
+    (errors.Internal("Cancel on encoder: unknown"), True, False),
+    (errors.PermissionDenied("not yours"), True, False),
+], ids=["writes ended", "not found", "writes may land", "cancelled", "unknown", "permission denied"])
+async def test_only_a_positive_answer_frees_at_once_fault_injected(failure, writes_ended, freed):
+    pool, link, task, seen = make(failure, writes_ended)
+    await started_then_failed(task)
+    assert link.cancels == 1
+    if freed:
+        assert seen == [] and task.quarantined_blocks == [] and pool.allocator.free_count == POOL_BLOCKS
+    else:
+        assert seen == [task] and pool.allocator.quarantined_count == 3 and pool.allocator.used_count == 0
+
+
+async def test_writes_may_land_then_ended_releases_without_a_grace_fault_injected():
+    """The encoder was reachable all along: once it says the writes ended, the blocks return at
+    once (no grace: its writes are final, acknowledged by the receiving side)."""
+    pool, link, task, _ = make(None, writes_ended=False)
+    await started_then_failed(task)
+    assert pool.allocator.quarantined_count == 3
+    release = asyncio.ensure_future(release_when_safe(task, 30.0, probe_s=0.05))
+    await asyncio.sleep(0.3)
+    assert not release.done() and pool.allocator.quarantined_count == 3
+    link.writes_ended = True
+    await asyncio.wait_for(release, 2)  # well under the 30 s grace
+    assert pool.allocator.free_count == POOL_BLOCKS
+
+
+async def test_failed_status_saying_writes_may_land_quarantines_until_the_stream_says_they_ended_fault_injected():
+    """A FAILED status with writes_may_land: no Cancel is needed (the transfer ended), the blocks
+    are quarantined, and the encoder's next status on the same stream (FAILED, writes ended)
+    returns them, although every Cancel probe still says the writes may land."""
+    pool, link, task, seen = make(None, writes_ended=False, scripted=True)
+    await task.start()
+    receive = asyncio.ensure_future(task.receive())
+    link.stream.queue.put_nowait(StatusUpdate("r", TransferState.FAILED, reason=FailureReason.TRANSPORT,
+                                              message="write failed", writes_may_land=True))
+    with pytest.raises(errors.TransportError):
+        await receive
+    await task.close(None)
+    assert link.cancels == 0 and seen == [task] and pool.allocator.quarantined_count == 3
+    assert not link.stream.closed  # kept open: the encoder says on it when the writes stopped
+    release = asyncio.ensure_future(release_when_safe(task, 30.0, probe_s=0.05))
+    await asyncio.sleep(0.3)
+    assert not release.done() and pool.allocator.quarantined_count == 3 and link.cancels >= 1
+    link.stream.queue.put_nowait(StatusUpdate("r", TransferState.FAILED, reason=FailureReason.TRANSPORT,
+                                              message="write failed"))
+    await asyncio.wait_for(release, 2)
+    assert pool.allocator.free_count == POOL_BLOCKS and link.stream.closed
 
 
 async def test_shutdown_drops_a_quarantine_fault_injected():

@@ -65,6 +65,7 @@ class ForgingLink:
 
     async def cancel(self, request_id, reason):
         self.cancels.append(reason)
+        return True  # the encoder says no write of the transfer can land
 
 
 def st(state, sent, total, rnd, round_tokens=None, allocated=None, checksums=()):

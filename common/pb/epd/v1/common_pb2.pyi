@@ -78,12 +78,14 @@ class PoolLayout(_message.Message):
     def __init__(self, block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., fields: _Optional[_Iterable[_Union[FieldLayout, _Mapping]]] = ..., record_bytes: _Optional[int] = ..., base_address: _Optional[int] = ...) -> None: ...
 
 class TransferError(_message.Message):
-    __slots__ = ("reason", "message")
+    __slots__ = ("reason", "message", "writes_may_land")
     REASON_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    WRITES_MAY_LAND_FIELD_NUMBER: _ClassVar[int]
     reason: FailureReason
     message: str
-    def __init__(self, reason: _Optional[_Union[FailureReason, str]] = ..., message: _Optional[str] = ...) -> None: ...
+    writes_may_land: bool
+    def __init__(self, reason: _Optional[_Union[FailureReason, str]] = ..., message: _Optional[str] = ..., writes_may_land: _Optional[bool] = ...) -> None: ...
 
 class Checksum(_message.Message):
     __slots__ = ("field", "value")
@@ -194,12 +196,14 @@ class CancelRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ..., language_id: _Optional[str] = ...) -> None: ...
 
 class CancelReply(_message.Message):
-    __slots__ = ("cancelled", "state")
+    __slots__ = ("cancelled", "state", "writes_ended")
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    WRITES_ENDED_FIELD_NUMBER: _ClassVar[int]
     cancelled: bool
     state: TransferState
-    def __init__(self, cancelled: _Optional[bool] = ..., state: _Optional[_Union[TransferState, str]] = ...) -> None: ...
+    writes_ended: bool
+    def __init__(self, cancelled: _Optional[bool] = ..., state: _Optional[_Union[TransferState, str]] = ..., writes_ended: _Optional[bool] = ...) -> None: ...
 
 class GetPoolRequest(_message.Message):
     __slots__ = ()
