@@ -4,7 +4,10 @@ arranged from outside: a lagging or repeating Status stream, a nearly full pool.
 Spec: comma-separated `key=value`; `rank=N` limits it to one rank (default: every rank).
 - `status_lag_s=0.05`  deliver every status this much later (a rank whose view lags);
 - `status_dup=1`       deliver every status twice (repeats must be no-ops);
-- `hold_blocks=90`     take this many pool blocks at start-up and never give them back.
+- `hold_blocks=90`     take this many pool blocks at start-up and never give them back;
+- `hold_payload_s=3`   the consumer holds each delivered payload this long (a view of the pool,
+                       as a prefill would), then hashes it again: a payload that changed meanwhile
+                       (a late write landed in its blocks) fails the request with DATA_LOSS.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ class FaultSpec:
     status_lag_s: float = 0.0
     status_dup: bool = False
     hold_blocks: int = 0
+    hold_payload_s: float = 0.0
 
     @classmethod
     def parse(cls, text: str) -> "FaultSpec":
@@ -36,6 +40,8 @@ class FaultSpec:
                     values["status_dup"] = raw not in ("0", "false", "")
                 elif key == "hold_blocks":
                     values["hold_blocks"] = int(raw)
+                elif key == "hold_payload_s":
+                    values["hold_payload_s"] = float(raw)
                 else:
                     raise ConfigError(f"fault={text!r}: unknown key {key!r}")
             except ValueError:

@@ -236,6 +236,8 @@ class RankWorker:
                                       agreement_seconds=max(0.0, decision.decided_at - ready_at))
                 try:
                     self._log_consumed(spec.request_id)
+                    if self.fault.hold_payload_s and payload is not None:
+                        await self._hold_and_recheck(spec.request_id, payload)
                     outcome.consumer = await self.consumer.consume(payload)
                 finally:
                     if payload is not None:
@@ -341,6 +343,18 @@ class RankWorker:
         reason = receiver.reason if receiver.reason != FailureReason.UNSPECIFIED else \
             outcome.decision.reason if outcome is not None else FailureReason.CANCELLED
         self.telemetry.transfer_ended(TransferState.FAILED, reason, seconds=None, rounds=receiver.rounds)
+
+    async def _hold_and_recheck(self, request_id: str, payload: Payload) -> None:
+        """Test-only (`--fault hold_payload_s=S`): hold the payload S seconds, as a long prefill
+        would, and fail the request if its bytes changed meanwhile."""
+        before = await asyncio.to_thread(payload.sha256)
+        await asyncio.sleep(self.fault.hold_payload_s)
+        after = await asyncio.to_thread(payload.sha256)
+        if after != before:
+            self.telemetry.integrity_failed()
+            raise errors.IntegrityError(f"request {request_id} rank {self.rank}: the payload changed while the consumer "
+                                        f"held it for {self.fault.hold_payload_s} s (sha256 {before[:16]}... -> "
+                                        f"{after[:16]}...)")
 
     def _log_consumed(self, request_id: str) -> None:
         if self._consumer_log is not None:

@@ -16,6 +16,7 @@ import pytest
 
 from common.config import ConfigError, EncoderConfig
 from common.errors import TransportError
+from common.fence import WriteFence, run_tracked
 from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2
 from common.transport_faults import SCRATCH_BYTES, FaultyTransport, TransportFaultSpec, wrap
 from services import cli
@@ -40,8 +41,10 @@ def test_spec_parses_combinations_and_config_rejects_bad_specs(monkeypatch):
     assert not TransportFaultSpec.parse("seed=3").active
     EncoderConfig(transport_fault="fail_fraction=0.3,seed=7").validate()
     EncoderConfig().validate()  # off by default
+    assert TransportFaultSpec.parse("late_nth=1,late_s=6") == TransportFaultSpec(late_nth=1, late_s=6.0)
+    assert TransportFaultSpec.parse("late_nth=3").active
     for bad in ("fail_nth", "fail_nth=x", "nope=1", "fail_fraction=1.5", "fail_nth=-1", "delay_s=-1",
-                "fail_nth=1,fail_nth=2"):
+                "fail_nth=1,fail_nth=2", "late_nth=-1", "late_s=3", "late_nth=1,late_s=-1"):
         with pytest.raises(ConfigError, match="transport_fault="):
             EncoderConfig(transport_fault=bad).validate()
     # The flag and the environment variable exist (generated from the config field).
@@ -71,10 +74,13 @@ class FakeTransport:
         for src, dst, n in triples:
             ctypes.memmove(dst, src, n)
 
-    async def write(self, session, triples, *, wait=""):
-        await asyncio.to_thread(self.write_sync, session, triples, wait=wait)
+    async def write(self, session, triples, *, wait="", fence=None):
+        await run_tracked(lambda: self.write_sync(session, triples, wait=wait), fence)
 
-    def close(self):
+    def unregister(self, address):
+        self.registered = [r for r in self.registered if r[0] != address]
+
+    def close(self, late_timeout_s=5.0):
         self.closed = True
 
 
@@ -82,6 +88,32 @@ def _buffers(n=256):
     src = ctypes.create_string_buffer(bytes(range(256)) * (n // 256), n)
     dst = ctypes.create_string_buffer(n)
     return src, dst, [(ctypes.addressof(src), ctypes.addressof(dst), n)]
+
+
+async def test_late_write_is_reported_failed_at_once_and_lands_the_submitted_bytes_later():
+    """late_nth: the write raises TransportError at once, carrying what is still in flight; the
+    bytes of the source as it was at submission land late_s later (through a registered copy,
+    written by the inner transport), and only then does the fence clear."""
+    inner = FakeTransport()
+    t = FaultyTransport(inner, "late_nth=2,late_s=0.5")
+    src, dst, triples = _buffers()
+    t.register(ctypes.addressof(src), 256, "cpu:0")
+    submitted = src.raw
+    fence = WriteFence()
+    await t.write(t.session, triples, fence=fence)
+    assert dst.raw == submitted and not fence.may_land
+    ctypes.memset(dst, 0, 256)
+    started = time.monotonic()
+    with pytest.raises(TransportError, match="late_nth=2") as e:
+        await t.write(t.session, triples, fence=fence)
+    assert time.monotonic() - started < 0.3 and e.value.in_flight is not None
+    assert fence.may_land and t.late == [2] and dst.raw == bytes(256)
+    ctypes.memset(src, 0x5A, 256)  # the source blocks are reused meanwhile
+    assert await fence.wait(5)
+    assert time.monotonic() - started >= 0.5
+    assert dst.raw == submitted  # the old request's bytes landed, late
+    assert fence.late_writes == 1 and fence.failed_pieces == 0
+    assert [r[0] for r in inner.registered] == [ctypes.addressof(src)]  # the copy was unregistered again
 
 
 async def test_wrapper_fails_delays_and_corrupts_as_specified():
