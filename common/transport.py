@@ -61,7 +61,9 @@ class MooncakeTransport:
     """A process's Mooncake engine and the memory it registered."""
 
     def __init__(self, host: str, protocol: str = "tcp", device: str = "", *, write_timeout_s: float | None = None,
-                 wait: str = "poll"):
+                 wait: str = "poll", engine=None):
+        """`engine`: an object with Mooncake's `TransferEngine` Python API, already initialised;
+        None (production) builds and initialises Mooncake's own. Tests inject faults with one."""
         if wait not in WRITE_WAITS:
             raise ValueError(f"wait={wait!r}: must be one of {WRITE_WAITS}")
         if protocol == "tcp":
@@ -73,20 +75,22 @@ class MooncakeTransport:
             # must go first: a write that timed out must not still read from blocks we free.
             os.environ["MC_TRANSFER_TIMEOUT"] = str(max(5, math.ceil(write_timeout_s)))
             os.environ["MC_TCP_PROGRESS_TIMEOUT_SEC"] = str(max(1, math.floor(write_timeout_s / 2)))
-        from mooncake.engine import TransferEngine  # imported late: heavy, and only at the edge
+        if engine is None:
+            from mooncake.engine import TransferEngine  # imported late: heavy, and only at the edge
 
-        self._engine = TransferEngine()
-        rc = self._engine.initialize(host, "P2PHANDSHAKE", protocol, device)
-        if rc != 0:
-            raise TransportError(f"Mooncake initialize({host!r}, P2PHANDSHAKE, {protocol!r}) returned {rc}")
+            engine = TransferEngine()
+            rc = engine.initialize(host, "P2PHANDSHAKE", protocol, device)
+            if rc != 0:
+                raise TransportError(f"Mooncake initialize({host!r}, P2PHANDSHAKE, {protocol!r}) returned {rc}")
+        self._engine = engine
         self.host = host
         self.protocol = protocol
         self.session = f"{host}:{self._engine.get_rpc_port()}"
         self.wait = wait
-        # `poll` gives up on a write after this (Mooncake's own sync-write bound: the transfer
-        # timeout plus one second per GiB); the TCP connection drops first (see above).
-        self._timeout_s = float(max(5, math.ceil(write_timeout_s)) if write_timeout_s is not None
-                                else os.environ.get("MC_TRANSFER_TIMEOUT", 30))
+        self.timeout_s = float(max(5, math.ceil(write_timeout_s)) if write_timeout_s is not None
+                               else os.environ.get("MC_TRANSFER_TIMEOUT", 30))
+        """`poll` stops waiting for a write after this plus one second per GiB (Mooncake's own
+        sync-write bound); its pieces still running stay tracked (`late_pieces`)."""
         self._registered: dict[int, int] = {}
         self._closed = False
         self._late = _LateWatch(self._engine)
@@ -117,7 +121,7 @@ class MooncakeTransport:
     def _write_polled(self, session: str, triples: Sequence[tuple[int, int, int]]) -> None:
         total = sum(t[2] for t in triples)
         started = time.monotonic()
-        deadline = started + self._timeout_s + total / (1 << 30)
+        deadline = started + self.timeout_s + total / (1 << 30)
         pending: list[tuple[int, int]] = []  # (batch id, bytes) of pieces not final yet
         problems: list[str] = []
         for src, dst, length in triples:

@@ -16,13 +16,14 @@ every payload is the one the formula says (digests recomputed independently, num
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import urllib.request
 
 import grpc
 import pytest
 
-from common.pb.epd.v1 import common_pb2, language_pb2
+from common.pb.epd.v1 import bench_pb2, common_pb2, language_pb2
 from services.language.ranks import free_port
 from services.reference_payload import expected_digest
 from tests.conftest import Pair, assert_all_free, encoder_stub, language_stub
@@ -110,5 +111,52 @@ async def test_a_late_write_never_reaches_another_requests_payload_fault_injecte
         assert _metric(enc_metrics, "epd_fenced_transfers_total") == 1
         assert _metric(lang_metrics, "epd_fenced_transfers_total") == 1  # rank 0's endpoint
         await assert_all_free((pair.encoder.address, "encoder"), (pair.language.address, "language"))
+    finally:
+        pair.stop()
+
+
+async def test_raw_write_is_answered_only_once_its_late_write_landed_fault_injected():
+    """The bench path (MeasureLink -> RawWrite): the encoder answers only once no write of the
+    measurement can land (ABORTED, not the transport's UNAVAILABLE, which an unreachable encoder
+    would also give), holding its source blocks until then; the language then frees its blocks."""
+    pair = Pair(hidden=HIDDEN, block_size=BLOCK, encoder_blocks=64, language_blocks=ROUND_BLOCKS,
+                initial_tokens=TOKENS, encoder_args=("--transport-fault", "late_nth=1,late_s=2"))
+    try:
+        stub = language_stub(pair.language.address)
+        started = time.monotonic()
+        call = asyncio.ensure_future(stub.MeasureLink(bench_pb2.MeasureLinkRequest(tokens=TOKENS, repeats=1),
+                                                      timeout=30))
+        await asyncio.sleep(0.5)
+        enc_pool, lang_pool = await _pools(pair)
+        assert not call.done() and enc_pool.quarantined_blocks == ROUND_BLOCKS, enc_pool
+        assert lang_pool.used_blocks == ROUND_BLOCKS, lang_pool  # still the measurement's
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await call
+        assert e.value.code() == grpc.StatusCode.ABORTED and "late_nth=1" in e.value.details(), e.value.details()
+        assert time.monotonic() - started >= 2.0
+        await assert_all_free((pair.encoder.address, "encoder"), (pair.language.address, "language"))
+    finally:
+        pair.stop()
+
+
+async def test_shutdown_waits_for_writes_still_landing_fault_injected():
+    """SIGTERM to both services while a write the encoder gave up on is still landing: the
+    encoder keeps its source pool registered and the language its destination pool until the
+    write ended (each within --shutdown-grace-s), then both exit cleanly."""
+    pair = Pair(hidden=HIDDEN, block_size=BLOCK, encoder_blocks=64, language_blocks=ROUND_BLOCKS,
+                initial_tokens=TOKENS, encoder_args=("--transport-fault", "late_nth=1,late_s=3"))
+    try:
+        stub = language_stub(pair.language.address)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Generate(language_pb2.GenerateRequest(request_id="fenced-1", synthetic_tokens=TOKENS), timeout=30)
+        failed_at = time.monotonic()
+        for service in (pair.encoder, pair.language):
+            service.proc.send_signal(signal.SIGTERM)
+        codes = await asyncio.gather(*(asyncio.to_thread(s.proc.wait, 30) for s in (pair.encoder, pair.language)))
+        assert codes == [0, 0]
+        assert time.monotonic() - failed_at >= 3.0 - 0.5  # they waited for the landing
+        encoder_log, language_log = pair.encoder.stderr_tail(400), pair.language.stderr_tail(400)
+        assert "waiting up to" in encoder_log and "every write ended" in encoder_log, encoder_log
+        assert "every quarantined block is back in the pool" in language_log, language_log
     finally:
         pair.stop()
