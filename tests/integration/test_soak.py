@@ -1,7 +1,9 @@
-"""Soak (DESIGN §8, §13): many mixed requests with random cancellations, client deadlines and
-injected Mooncake write failures. Afterwards pools are fully free, inspection holds only the
-bounded history, no asyncio task, thread or Status stream is left over, and resident memory
-stayed within 5 % of where it settled.
+"""Soak (DESIGN §8, §13): many mixed requests with random cancellations, client deadlines,
+injected Mooncake write failures and a write that lands after it was reported failed (the write
+fence). Every fault kind must have fired (the services' own metrics say so), every successful
+request's digest matches the formula, and afterwards pools are fully free, inspection holds only
+the bounded history, no asyncio task, thread or Status stream is left over, and resident memory
+stayed within 5 % of where it was after the first requests.
 
 `make soak` runs 5,000 requests (SOAK_REQUESTS); `make test` runs a short version."""
 
@@ -10,17 +12,26 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import urllib.request
 
 import grpc
 import pytest
 
 from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2
+from services.language.ranks import free_port
 from services.reference_payload import expected_digest
 from tests.conftest import Pair, assert_all_free, language_stub
 
 HIDDEN = 64
 HISTORY = 64
 POOL_GROWTH = 2
+
+
+def metric(port: int, name: str, **labels: str) -> float:
+    """Sum of a metric's samples with these labels, scraped from a service's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:  # 127.0.0.1 only
+        return sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
+                   if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
 
 
 async def diagnostics(address: str, kind: str) -> common_pb2.Diagnostics:
@@ -34,9 +45,11 @@ async def diagnostics(address: str, kind: str) -> common_pb2.Diagnostics:
 @pytest.mark.soak
 async def test_soak_with_cancellations_and_injected_faults():
     total = int(os.environ.get("SOAK_REQUESTS", "500"))
+    enc_metrics, lang_metrics = free_port("127.0.0.1"), free_port("127.0.0.1")
     pair = Pair(hidden=HIDDEN, encoder_blocks=1024, language_blocks=32, initial_tokens=512,
-                encoder_args=("--transport-fault", "fail_fraction=0.01,seed=3", "--history-size", str(HISTORY)),
-                language_args=("--history-size", str(HISTORY)))
+                encoder_args=("--transport-fault", "fail_fraction=0.01,seed=3,late_nth=40,late_s=1",
+                              "--history-size", str(HISTORY), "--metrics-port", str(enc_metrics)),
+                language_args=("--history-size", str(HISTORY), "--metrics-port", str(lang_metrics)))
     rng = random.Random(11)
     outcomes: dict[str, int] = {}
     stub = language_stub(pair.language.address)
@@ -48,10 +61,10 @@ async def test_soak_with_cancellations_and_injected_faults():
         rid = f"soak-{i}"
         async with sem:
             request = language_pb2.GenerateRequest(request_id=rid, synthetic_tokens=n, synthetic_seed=i,
-                                                   want_digest=i % 10 == 0)
+                                                   want_digest=True)
             try:
                 if kind < 0.05:      # a client whose deadline passes mid-transfer
-                    await stub.Generate(request, timeout=rng.uniform(0.005, 0.1))
+                    reply = await stub.Generate(request, timeout=rng.uniform(0.005, 0.1))
                 elif kind < 0.10:    # a client that cancels through the Cancel RPC
                     call = asyncio.ensure_future(stub.Generate(request))
                     await asyncio.sleep(rng.uniform(0, 0.05))
@@ -59,11 +72,11 @@ async def test_soak_with_cancellations_and_injected_faults():
                         await stub.Cancel(common_pb2.CancelRequest(request_id=rid, reason="soak"))
                     except grpc.aio.AioRpcError as e:
                         assert e.code() == grpc.StatusCode.NOT_FOUND  # not admitted yet, or done
-                    await call
+                    reply = await call
                 else:
                     reply = await stub.Generate(request)
-                    if request.want_digest:
-                        assert reply.payload_sha256 == expected_digest(n, i, HIDDEN)
+                # Every payload that arrives is the formula's, whatever happened around it.
+                assert reply.payload_sha256 == expected_digest(n, i, HIDDEN), rid
                 outcomes["ok"] = outcomes.get("ok", 0) + 1
             except grpc.aio.AioRpcError as e:
                 assert e.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -71,13 +84,21 @@ async def test_soak_with_cancellations_and_injected_faults():
                 outcomes[e.code().name] = outcomes.get(e.code().name, 0) + 1
 
     try:
-        settle_at = max(200, total // 4)  # history full, allocator arenas warm
+        settle_at = min(100, total // 5)  # the baseline: the first requests (history full by then)
         await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(settle_at))), 600)
         settled = {k: await diagnostics(a, k) for a, k in ((pair.encoder.address, "encoder"),
                                                            (pair.language.address, "language"))}
         await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(settle_at, total))), 3600)
         await assert_all_free((pair.encoder.address, "encoder"), (pair.language.address, "language"))
-        print(f"\nsoak: {total} requests: {dict(sorted(outcomes.items()))}")
+        fired = {
+            "transport failure (fail_fraction)": metric(enc_metrics, "epd_failures_total", reason="transport"),
+            "late write (late_nth)": metric(enc_metrics, "epd_fenced_transfers_total"),
+            "quarantine on the language": metric(lang_metrics, "epd_fenced_transfers_total"),
+            "cancelled mid-transfer (Cancel, deadline)": metric(lang_metrics, "epd_failures_total", reason="cancelled"),
+        }
+        print(f"\nsoak: {total} requests: {dict(sorted(outcomes.items()))}; faults fired: {fired}")
+        assert all(fired.values()), f"a fault kind never fired: {fired}"
+        assert outcomes.get("DEADLINE_EXCEEDED", 0) and outcomes.get("CANCELLED", 0), outcomes
         for address, kind in ((pair.encoder.address, "encoder"), (pair.language.address, "language")):
             end = await diagnostics(address, kind)
             s = settled[kind]
