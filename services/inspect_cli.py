@@ -209,11 +209,15 @@ def short_reason(value: int) -> str:
 
 
 def error_text(info: common_pb2.TransferInfo, width: int | None = None) -> str:
-    """`reason: message`, or "-" when the transfer has no error; cut to `width` characters."""
+    """`reason: message`, or "-" when the transfer has no error; cut to `width` characters. A
+    transfer that ended while a write of it may still land (the write fence) starts with
+    `[writes may land]`, ahead of what may be cut."""
     if not info.HasField("error") or (not info.error.reason and not info.error.message):
         return "-"
     text = f"{short_reason(info.error.reason)}: {info.error.message}" if info.error.message \
         else short_reason(info.error.reason)
+    if info.error.writes_may_land:
+        text = f"[writes may land] {text}"
     text = " ".join(text.split())  # one line
     if width is not None and len(text) > width:
         text = text[:width - 3] + "..."

@@ -169,6 +169,7 @@ class EncoderTransfer:
         self.fence_task: asyncio.Task | None = None
         """Gives the quarantined source blocks back once the writes stopped."""
         self._fence_over = False
+        self._ended_fenced = False  # FAILED while a write may still land (set by _finish_failed)
 
     # ----------------------------------------------------------------- facts from RPCs
 
@@ -466,10 +467,12 @@ class EncoderTransfer:
         self.state = TransferState.FAILED
         self.reason = reason
         self.message = message
-        may_land = self.fence.may_land
+        # Writes only ever read the source blocks: with none held, nothing of ours is in flight.
+        # Decided once: the status and the quarantine (_release) must agree.
+        self._ended_fenced = self.src_blocks is not None and self.fence.may_land
         log.info("request %s: FAILED (%s)%s: %s", self.request_id, reason.label,
-                 ", writes may still land" if may_land else "", message)
-        self._publish(reason=reason, message=message, writes_may_land=may_land)
+                 ", writes may still land" if self._ended_fenced else "", message)
+        self._publish(reason=reason, message=message, writes_may_land=self._ended_fenced)
 
     @property
     def writes_may_land(self) -> bool:
@@ -477,9 +480,8 @@ class EncoderTransfer:
         return self.fence.may_land
 
     def _release(self) -> None:
-        fenced = self.state == TransferState.FAILED and self.fence.may_land
         if self.src_blocks is not None:
-            if fenced:
+            if self._ended_fenced:
                 # A write still running reads these blocks: nobody else may fill them before it ends.
                 self.quarantined_blocks = self.src_blocks
                 self.fence_task = quarantine_until_landed(
@@ -489,9 +491,6 @@ class EncoderTransfer:
             else:
                 self.env.pool.allocator.free(self.src_blocks)
             self.src_blocks = None
-        elif fenced:  # nothing of ours to hold (e.g. encoding failed); the ranks still wait for the word
-            self.fence_task = asyncio.get_running_loop().create_task(self._await_fence(), name=f"fence-{self.request_id}")
-            self.env.telemetry.write_fenced()
         for slot in self.ranks.values():
             slot.blocks = None
         self.finished_at = time.monotonic()
@@ -504,11 +503,6 @@ class EncoderTransfer:
         self.done.set()
         if self.fence_task is None:
             self.env.on_finished(self)
-
-    async def _await_fence(self) -> None:
-        started = time.monotonic()
-        ended = await self.fence.wait(self.env.quarantine_max_s)
-        self._fence_cleared(ended, time.monotonic() - started)
 
     def _fence_cleared(self, writes_ended: bool, seconds: float) -> None:
         """The fence's writes stopped (or its bound passed): tell every rank, leave the live table."""

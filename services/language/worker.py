@@ -26,7 +26,7 @@ from services.language.encoders import EncoderDirectory
 from services.language.faults import FaultSpec, FaultyLink
 from services.language.rank_group import Decision, LocalView, RankGroup, RequestSpec
 from services.rpc import ClientSecurity
-from services.language.receiver import CarriedInit, ReceiveTask, release_when_safe
+from services.language.receiver import CarriedInit, Fence, ReceiveTask, release_when_safe
 from services.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class RankWorker:
         self._tasks: set[asyncio.Task] = set()
         # Blocks of transfers whose end the encoder could not confirm, until release_when_safe
         # returns them (receiver.py); cancelled at close, the blocks then go with the pool.
-        self._quarantines: set[asyncio.Task] = set()
+        self._quarantines: dict[asyncio.Task, ReceiveTask | None] = {}
         self._held: list[int] = []
         # Early reservations (`reserve_early`): blocks by admission key until the request's receive
         # task takes them, and the blocks of those whose Encode has not returned yet.
@@ -116,18 +116,24 @@ class RankWorker:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._quarantines:
-            # Blocks a write may still land in: the pool stays registered (and alive) until the
-            # encoder says its writes ended, for at most the shutdown grace.
+        # Live writes: blocks the encoder said a write of it may still land in. The pool stays
+        # registered (and alive) until it says they ended, for at most the shutdown grace. Blocks
+        # of an encoder that does not answer are not waited for: no word is coming before exit.
+        live = [task for task, receiver in self._quarantines.items()
+                if receiver is not None and receiver.fence is Fence.MAY_LAND]
+        if live:
             grace = self.config.shutdown_grace_s
-            log.warning("rank %d shutting down: waiting up to %.1f s for %d quarantined block(s) of %d transfer(s)",
-                        self.rank, grace, self.pool.allocator.quarantined_count, len(self._quarantines))
-            _done, pending = await asyncio.wait(list(self._quarantines), timeout=grace)
+            log.warning("rank %d shutting down: waiting up to %.1f s for the writes still landing in the quarantined "
+                        "blocks of %d transfer(s)", self.rank, grace, len(live))
+            _done, pending = await asyncio.wait(live, timeout=grace)
             if pending:
-                log.warning("rank %d shutting down with %d block(s) still quarantined: a late write may land in "
-                            "them until the process exits", self.rank, self.pool.allocator.quarantined_count)
+                log.warning("rank %d shutting down with writes still landing in %d transfer(s)' quarantined blocks",
+                            self.rank, len(pending))
             else:
-                log.info("rank %d shutting down: every quarantined block is back in the pool", self.rank)
+                log.info("rank %d shutting down: every write into its quarantined blocks ended", self.rank)
+        if self.pool.allocator.quarantined_count:
+            log.warning("rank %d shutting down with %d block(s) quarantined (their encoder did not say its writes "
+                        "ended); they go with the pool", self.rank, self.pool.allocator.quarantined_count)
         for task in list(self._quarantines):
             task.cancel()
         if self._quarantines:
@@ -288,7 +294,7 @@ class RankWorker:
         """A closed receive left blocks in quarantine: watch its encoder until they are safe to
         reuse (also while shutting down: close() waits for them, within the shutdown grace)."""
         self._watch(release_when_safe(receiver, self.config.quarantine_grace_s, max_s=self.config.quarantine_max_s),
-                    f"quarantine-{receiver.request_id}")
+                    f"quarantine-{receiver.request_id}", receiver)
 
     def hold_unconfirmed(self, blocks: list[int], what: str) -> None:
         """Quarantine blocks an encoder may still write into with no way to ask it when it stops
@@ -303,10 +309,10 @@ class RankWorker:
 
         self._watch(release(), f"quarantine-{what}")
 
-    def _watch(self, coro, name: str) -> None:
+    def _watch(self, coro, name: str, receiver: ReceiveTask | None = None) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._quarantines.add(task)
-        task.add_done_callback(self._quarantines.discard)
+        self._quarantines[task] = receiver
+        task.add_done_callback(lambda t: self._quarantines.pop(t, None))
 
     async def _receive(self, spec: RequestSpec, receiver: ReceiveTask, view: LocalView) -> tuple[Payload, str]:
         """Receive, then report ready; on failure close at once (free, Cancel on the encoder) and
