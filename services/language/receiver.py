@@ -599,7 +599,6 @@ async def release_when_safe(task: ReceiveTask, grace_s: float, *, max_s: float =
     news = asyncio.ensure_future(task.fence_news())
     try:
         while True:
-            now = time.monotonic()
             if news.done():
                 reachable, ended = True, True
             else:
