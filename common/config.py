@@ -115,13 +115,31 @@ class ServiceConfig:
     services this process dials (the language's encoders) must present a server certificate that
     chains to it. Needs `tls_cert`."""
     auth_token_file: str = _setting("", "file holding a shared secret; every call but health (and inspection, "
-                                        "unless --protect-inspection) must carry it as 'authorization: Bearer <token>'")
+                                        "with --open-inspection) must carry it as 'authorization: Bearer <token>'")
     """Shared-secret authentication without PKI: the file's content (stripped) is checked in constant
     time by one server interceptor and sent by this process's own clients."""
     protect_inspection: bool = _setting(False, "inspection (GetTransfer, ListTransfers, GetPool, GetDiagnostics) "
-                                               "and reflection need the token too")
-    """Off: read-only inspection and reflection stay open to anyone who reaches the port (health
-    always does). On: they need the token like every other call. Needs `auth_token_file` or `tls_ca`."""
+                                               "and reflection need authentication (the default whenever a token "
+                                               "or CA is set; kept for old command lines)")
+    """Kept accepted: inspection and reflection already need authentication whenever
+    `auth_token_file` or `tls_ca` is set, unless `open_inspection`. Needs `auth_token_file` or `tls_ca`."""
+    open_inspection: bool = _setting(False, "let anyone who reaches the port call inspection (GetTransfer, "
+                                            "ListTransfers, GetPool, GetDiagnostics) and reflection, even with a "
+                                            "token or CA set")
+    """Opt out of protected inspection. Even then a caller never sees another instance's Mooncake
+    session or pool address (they are blanked), nor another identity's transfers' details when
+    identities are told apart (mutual TLS). Health is always open."""
+    admin_identity: tuple[str, ...] = _setting((), "identity allowed to inspect and cancel every transfer, as "
+                                                   "reported in logs: 'cert:<CN>', 'token' or 'anonymous' (repeatable)", repeat=True)
+    """Operators: these identities see every transfer (with sessions and addresses) and may cancel
+    any. Everyone else sees and touches only what its own identity made."""
+    max_concurrent_rpcs: int = _setting(1024, "most RPCs the gRPC server runs at once (more get RESOURCE_EXHAUSTED "
+                                              "before their message is read)", unit="calls")
+    """gRPC's `maximum_concurrent_rpcs`: bounds the request bodies held in memory at once. Every
+    open Status stream and Generate counts."""
+    enable_bench: bool = _setting(False, "serve the epd.v1.Bench service (raw Mooncake measurements for epd bench)")
+    """Off in production: `RawWrite` and `MeasureLink` answer UNIMPLEMENTED. `epd bench` turns it on
+    for the processes it starts."""
     max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message sent or received", unit="bytes")
     """Applied to the server and every channel, both directions; a larger message is refused with
     RESOURCE_EXHAUSTED before any handler runs."""
@@ -210,6 +228,13 @@ class ServiceConfig:
         if self.protect_inspection and not (self.auth_token_file or self.tls_ca):
             raise ConfigError("protect_inspection=True needs auth_token_file or tls_ca: without them there is "
                               "nothing to check")
+        if self.protect_inspection and self.open_inspection:
+            raise ConfigError("protect_inspection=True and open_inspection=True contradict each other: give one")
+        for identity in self.admin_identity:
+            if not (identity in ("token", "anonymous") or (identity.startswith("cert:") and len(identity) > 5)):
+                raise ConfigError(f"admin_identity={identity!r}: must be 'cert:<common name>', 'token' or 'anonymous'")
+        if not 1 <= self.max_concurrent_rpcs <= 1_000_000:
+            raise ConfigError(f"max_concurrent_rpcs={self.max_concurrent_rpcs}: must be in 1..1000000")
         if not 64 * 1024 <= self.max_message_bytes <= 2 ** 31 - 1:
             raise ConfigError(f"max_message_bytes={self.max_message_bytes}: must be in {64 * 1024}..{2 ** 31 - 1}")
         for name in ("max_images", "max_image_bytes"):
@@ -251,6 +276,24 @@ class EncoderConfig(ServiceConfig):
                                                 "this encoder", unit="transfers")
     """A new transfer beyond this many live ones of the same language identity (its `language_id`,
     bound to its certificate under mutual TLS) gets RESOURCE_EXHAUSTED naming the peer; nothing is allocated."""
+    max_transfers_per_identity: int = _setting(512, "most transfers one authenticated identity may have live on "
+                                                    "this encoder, over all its language_ids", unit="transfers")
+    """The caller picks its `language_id`; this bound does not depend on it. Under a shared token
+    every holder is one identity."""
+    max_live_transfers: int = _setting(2048, "most transfers live on this encoder in all", unit="transfers")
+    """A new transfer beyond this gets RESOURCE_EXHAUSTED; nothing is allocated."""
+    max_sessions_per_identity: int = _setting(64, "most (language_id, rank) registrations one identity may hold",
+                                              unit="sessions")
+    """Registrations (and pending Register challenges) per authenticated identity."""
+    max_sessions: int = _setting(1024, "most (language_id, rank) registrations this encoder holds in all",
+                                 unit="sessions")
+    """A Register beyond this gets RESOURCE_EXHAUSTED; re-registering an existing one always works."""
+    max_status_streams_per_identity: int = _setting(512, "most Status streams one identity may keep open",
+                                                    unit="streams")
+    """Each data rank of each live transfer keeps one Status stream open."""
+    max_status_streams: int = _setting(768, "most Status streams open in all (below max_concurrent_rpcs)",
+                                       unit="streams")
+    """Kept below `max_concurrent_rpcs`, so waiting streams cannot take every call slot."""
     encoder_id: str = _setting("", "name reported to peers (default host:port)")
     """Identity reported in RegisterReply and GenerateReply.encoder."""
     transport_fault: str = _setting(
@@ -272,8 +315,11 @@ class EncoderConfig(ServiceConfig):
             raise ConfigError(f"write_wait={self.write_wait!r}: must be one of {WRITE_WAITS}")
         if self.max_request_tokens < 1:
             raise ConfigError(f"max_request_tokens={self.max_request_tokens}: must be >= 1")
-        if self.max_transfers_per_peer < 1:
-            raise ConfigError(f"max_transfers_per_peer={self.max_transfers_per_peer}: must be >= 1")
+        for name in ("max_transfers_per_peer", "max_transfers_per_identity", "max_live_transfers",
+                     "max_sessions_per_identity", "max_sessions", "max_status_streams_per_identity",
+                     "max_status_streams"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.model != "bytes":
             validate_model("model", self.model, self.hidden)
 

@@ -227,42 +227,56 @@ class ParseErrorInterceptor(MethodWrappingInterceptor):
         return handler
 
 
-class AuthInterceptor(MethodWrappingInterceptor):
+class AuthInterceptor(grpc.aio.ServerInterceptor):
     """The one place the bearer token is checked (services/security.py says which methods need
-    it). A call without the right `authorization: Bearer <token>` metadata ends with
-    UNAUTHENTICATED before its handler runs (its request is not even parsed), so it changes
-    nothing; the message never contains the secret. A call that passes is marked for
-    `peer_identity`."""
+    it), from the call's metadata alone, before its request message is read: a refused call is
+    answered UNAUTHENTICATED by a handler that never reads the body, so an unauthenticated caller
+    cannot make the server buffer large messages, and it changes nothing. The message never
+    contains the secret. A call that passes is marked for `peer_identity`."""
 
     def __init__(self, sec: ServerSecurity):
-        super().__init__()
         self._sec = sec
+        self._marked: dict[str, tuple] = {}  # method -> (inner handler, handler marking the token verified)
+        self._refusals: dict[tuple[str, str], grpc.RpcMethodHandler] = {}
 
-    def _wrap(self, handler, method: str):
+    async def intercept_service(self, continuation, details):
         if not self._sec.token:
-            return handler
-        needed = self._sec.needs_token(method)
-        token = self._sec.token
-        name = method.lstrip("/")
-
-        async def check(context) -> None:
-            ok, why = security.token_matches(token, context.invocation_metadata())
-            if ok:
+            return await continuation(details)
+        ok, why = security.token_matches(self._sec.token, details.invocation_metadata)
+        if not ok and self._sec.needs_token(details.method):
+            key = (details.method, why)
+            if key not in self._refusals:
+                self._refusals[key] = _refusal(details.method, why)
+            return self._refusals[key]
+        handler = await continuation(details)
+        if handler is None or not ok:
+            return handler  # open method: an absent or wrong token does not matter
+        cached = self._marked.get(details.method)
+        if cached is None or cached[0] is not handler:
+            async def mark(context) -> None:
                 security.mark_token_verified()
-                return
-            if not needed:
-                return  # open method: an absent or wrong token does not matter
-            if why == "missing":
-                text = (f"{name} needs authentication: send the shared secret of the server's --auth-token-file "
-                        f"as call metadata '{security.AUTH_METADATA_KEY}: Bearer <token>'")
-            elif why == "wrong":
-                text = f"{name}: the bearer token in '{security.AUTH_METADATA_KEY}' metadata is not the server's token"
-            else:
-                text = f"{name}: '{security.AUTH_METADATA_KEY}' metadata must be 'Bearer <token>'"
-            log.warning("refused %s from %s: %s token", name, context.peer(), why)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, text)
+            cached = (handler, _guarded(handler, mark))
+            self._marked[details.method] = cached
+        return cached[1]
 
-        return _guarded(handler, check)
+
+def _refusal(method: str, why: str):
+    """A handler answering UNAUTHENTICATED without reading the request: a stream-request handler
+    (gRPC reads a unary request in full before its handler runs, a stream only when iterated)."""
+    name = method.lstrip("/")
+    if why == "missing":
+        text = (f"{name} needs authentication: send the shared secret of the server's --auth-token-file "
+                f"as call metadata '{security.AUTH_METADATA_KEY}: Bearer <token>'")
+    elif why == "wrong":
+        text = f"{name}: the bearer token in '{security.AUTH_METADATA_KEY}' metadata is not the server's token"
+    else:
+        text = f"{name}: '{security.AUTH_METADATA_KEY}' metadata must be 'Bearer <token>'"
+
+    async def refuse(request_iterator, context):
+        log.warning("refused %s from %s: %s token", name, context.peer(), why)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, text)
+
+    return grpc.stream_unary_rpc_method_handler(refuse)
 
 
 def _guarded(handler, check):
@@ -314,7 +328,8 @@ class GrpcServer:
         # Given interceptors run outermost (metrics see every call, refused and undecodable ones
         # included); then the token check, before any request is parsed.
         self.server = grpc.aio.server(options=server_options(self.security.max_message_bytes),
-                                      interceptors=[*interceptors, AuthInterceptor(self.security), ParseErrorInterceptor()])
+                                      interceptors=[*interceptors, AuthInterceptor(self.security), ParseErrorInterceptor()],
+                                      maximum_concurrent_rpcs=self.security.max_concurrent_rpcs)
         add_servicer(self.server)
         self.health = HealthService(self.server, [service_name])
         add_reflection(self.server, [service_name])

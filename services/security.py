@@ -30,7 +30,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Methods anyone who reaches the port may call: probes must work without a secret.
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
                           "/grpc.health.v1.Health/List"})
-# Read-only views: open unless `protect_inspection`. Cancel is not here: it ends a transfer.
+# Read-only views: protected whenever a token or CA is set, unless `open_inspection`. Cancel is
+# not here: it ends a transfer.
 INSPECTION_NAMES = frozenset({"GetTransfer", "ListTransfers", "GetPool", "GetDiagnostics"})
 REFLECTION_SERVICES = frozenset({"grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"})
 EPD_SERVICES = frozenset({"epd.v1.Encoder", "epd.v1.Language"})
@@ -46,7 +47,7 @@ _token_verified: contextvars.ContextVar[bool] = contextvars.ContextVar("epd_toke
 
 def method_class(method: str) -> str:
     """'open' (health), 'inspection' (read-only views, reflection) or 'protected' (the rest:
-    Register, Encode, Init, Resume, Status, Cancel, RawWrite, Generate, MeasureLink, ...)."""
+    Register, Challenge, Encode, Init, Resume, Status, Cancel, Generate, the Bench service, ...)."""
     if method in OPEN_METHODS:
         return "open"
     service, _, name = method.lstrip("/").partition("/")
@@ -134,20 +135,25 @@ class ServerSecurity:
     key: bytes = b""
     ca: bytes = b""
     token: str = ""
-    protect_inspection: bool = False
+    open_inspection: bool = False
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    admin_identities: frozenset[str] = frozenset()
+    max_concurrent_rpcs: int | None = None
 
     @classmethod
     def from_config(cls, config) -> "ServerSecurity":
-        """From a ServiceConfig (fields tls_cert, tls_key, tls_ca, auth_token_file,
-        protect_inspection, max_message_bytes); missing fields mean 'off'."""
+        """From a ServiceConfig (fields tls_cert, tls_key, tls_ca, auth_token_file, open_inspection,
+        max_message_bytes, admin_identity, max_concurrent_rpcs); missing fields mean 'off'.
+        (`protect_inspection` is the default now and needs no field here.)"""
         g = lambda name, default="": getattr(config, name, default)  # noqa: E731
         return cls(cert=_read_bytes("tls_cert", g("tls_cert")) if g("tls_cert") else b"",
                    key=_read_bytes("tls_key", g("tls_key")) if g("tls_key") else b"",
                    ca=_read_bytes("tls_ca", g("tls_ca")) if g("tls_ca") else b"",
                    token=read_token(g("auth_token_file")) if g("auth_token_file") else "",
-                   protect_inspection=bool(g("protect_inspection", False)),
-                   max_message_bytes=int(g("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)))
+                   open_inspection=bool(g("open_inspection", False)),
+                   max_message_bytes=int(g("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)),
+                   admin_identities=frozenset(g("admin_identity", ()) or ()),
+                   max_concurrent_rpcs=g("max_concurrent_rpcs", None) or None)
 
     @property
     def tls(self) -> bool:
@@ -168,12 +174,28 @@ class ServerSecurity:
         if not self.token:
             return False
         kind = method_class(method)
-        return kind == "protected" or (kind == "inspection" and self.protect_inspection)
+        return kind == "protected" or (kind == "inspection" and not self.open_inspection)
+
+    @property
+    def own_identity(self) -> str | None:
+        """The identity this server's own pool and session belong to, as `peer_identity` names
+        callers: every token holder is "token", and without any authentication everyone is
+        "anonymous". Under mutual TLS no caller shares the server's certificate as far as we
+        check: only admins see them."""
+        if self.mutual:
+            return None
+        return TOKEN if self.token else ANONYMOUS
+
+    def may_see(self, caller: str, owner: str | None) -> bool:
+        """Whether `caller` may see (and act on) what `owner` made: the same identity, or an admin."""
+        return caller in self.admin_identities or (owner is not None and caller == owner)
 
     def describe(self) -> str:
         parts = ["mutual TLS" if self.mutual else "TLS" if self.tls else "plaintext"]
         if self.token:
-            parts.append("bearer token" + (" (inspection too)" if self.protect_inspection else ""))
+            parts.append("bearer token" + (" (inspection open)" if self.open_inspection else " (inspection too)"))
+        if self.admin_identities:
+            parts.append("admins " + ", ".join(sorted(self.admin_identities)))
         return ", ".join(parts)
 
 

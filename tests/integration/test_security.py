@@ -183,7 +183,7 @@ def server_security(certs: Certs, *, leaf="encoder", mutual=True, token=True, pr
                     max_message_bytes=64 << 20) -> ServerSecurity:
     return ServerSecurity(cert=(certs.root / f"{leaf}.pem").read_bytes(), key=(certs.root / f"{leaf}.key").read_bytes(),
                           ca=(certs.root / "ca.pem").read_bytes() if mutual else b"", token=TOKEN if token else "",
-                          protect_inspection=protect, max_message_bytes=max_message_bytes)
+                          open_inspection=not protect, max_message_bytes=max_message_bytes)
 
 
 async def expect_code(code: grpc.StatusCode, coro) -> str:
@@ -341,10 +341,13 @@ async def test_wrong_or_missing_token_changes_nothing(certs, mtls_pair):
                 async for _ in estub.Status(encoder_pb2.StatusRequest(request_id="tls-1"), timeout=10):
                     raise AssertionError("Status streamed without a token")
             await expect_code(grpc.StatusCode.UNAUTHENTICATED, status_stream())
-    # Still a client certificate but no token: health and inspection open (flag off).
+    # Still a client certificate but no token: health open, inspection not (protected by default).
     open_client = certs.client(token=None)
     assert await health(open_client, enc) == health_pb2.HealthCheckResponse.SERVING
-    async with open_client.aio_channel(enc) as ech, open_client.aio_channel(lang) as lch:
+    async with open_client.aio_channel(enc) as ech:
+        await expect_code(grpc.StatusCode.UNAUTHENTICATED,
+                          encoder_pb2_grpc.EncoderStub(ech).ListTransfers(common_pb2.ListTransfersRequest()))
+    async with certs.client().aio_channel(enc) as ech, certs.client().aio_channel(lang) as lch:
         for stub in (encoder_pb2_grpc.EncoderStub(ech), language_pb2_grpc.LanguageStub(lch)):
             transfers = (await stub.ListTransfers(common_pb2.ListTransfersRequest())).transfers
             assert not [t for t in transfers if "intruder" in t.request_id]
@@ -369,6 +372,9 @@ def test_epd_status_health_and_grpcurl_with_tls(certs, mtls_pair):
     # The real grpcurl with -cacert/-cert/-key (+ the token header for a protected method).
     tls = [GRPCURL, "-cacert", certs.path("ca.pem"), "-cert", certs.path("client.pem"), "-key", certs.path("client.key")]
     out = subprocess.run([*tls, lang, "list"], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "Unauthenticated" in out.stderr, out  # reflection is protected by default
+    out = subprocess.run([*tls, "-H", f"authorization: Bearer {TOKEN}", lang, "list"], capture_output=True, text=True,
+                         timeout=30)
     assert out.returncode == 0 and "epd.v1.Language" in out.stdout, out
     out = subprocess.run([*tls, "-H", f"authorization: Bearer {TOKEN}", "-d", '{"synthetic_tokens": 300}', lang,
                           "epd.v1.Language/Generate"], capture_output=True, text=True, timeout=60)
