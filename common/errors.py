@@ -24,12 +24,24 @@ class EpdError(Exception):
     """Name of the matching `grpc.StatusCode` member."""
     reason: FailureReason = FailureReason.UNSPECIFIED
     """The transfer failure reason this error maps to when it ends a transfer."""
+    error_reason: str = ""
+    """A machine-readable cause (one of the ERROR_REASONS below, like google.rpc.ErrorInfo's
+    reason), sent beside the status as trailing metadata `epd-error-reason`, so the other service
+    acts on it without reading the message."""
 
-    def __init__(self, message: str, *, reason: FailureReason | None = None):
+    def __init__(self, message: str, *, reason: FailureReason | None = None, error_reason: str = ""):
         super().__init__(message)
         self.message = message
         if reason is not None:
             self.reason = reason
+        if error_reason:
+            self.error_reason = error_reason
+
+
+# Machine-readable error causes (EpdError.error_reason).
+NOT_REGISTERED = "NOT_REGISTERED"
+"""The encoder does not know this language rank (it restarted): Register again, then retry."""
+ERROR_REASONS = frozenset({NOT_REGISTERED})
 
 
 class InvalidArgument(EpdError):

@@ -153,6 +153,20 @@ class PoolGeometry:
     def slab_bytes(self) -> int:
         return self.num_blocks * self.block_bytes
 
+    @property
+    def proof_address(self) -> int:
+        """Where the pool's proof area starts: right after its last block, inside the memory
+        registered with the transfer engine (`PROOF_AREA_BYTES`). Register's proof of possession
+        reads the encoder's nonce back from here."""
+        return self.base_address + self.slab_bytes
+
+
+# The proof area after every pool's blocks: PROOF_LANES lanes of PROOF_LANE_BYTES. A language rank
+# puts a Register nonce into lane 0; an encoder reads proofs into its own lanes, one per read.
+PROOF_LANE_BYTES = 64
+PROOF_LANES = 16
+PROOF_AREA_BYTES = PROOF_LANE_BYTES * PROOF_LANES
+
 
 def _round_up(value: int, align: int) -> int:
     return (value + align - 1) // align * align

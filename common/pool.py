@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 import torch
 
 from common.errors import ResourceExhausted
-from common.layout import FieldLayout, PoolGeometry, RecordLayout
+from common.layout import PROOF_AREA_BYTES, PROOF_LANE_BYTES, PROOF_LANES, FieldLayout, PoolGeometry, RecordLayout
 from common.plan import token_runs
 
 log = logging.getLogger(__name__)
@@ -335,8 +336,13 @@ class BlockPool:
         self._record = record
         self._block_size = block_size
         self._num_blocks = num_blocks
-        # Allocated once: the transfer engine registers this exact memory before serving.
-        self.slab = torch.zeros((num_blocks, block_size, record.record_bytes), dtype=torch.uint8, device=device)
+        # Allocated once: the transfer engine registers this exact memory before serving. The
+        # proof area follows the blocks (Register's proof of possession, common/layout.py).
+        slab_bytes = num_blocks * block_size * record.record_bytes
+        self._memory = torch.zeros(slab_bytes + PROOF_AREA_BYTES, dtype=torch.uint8, device=device)
+        self.slab = self._memory[:slab_bytes].view(num_blocks, block_size, record.record_bytes)
+        self._proof = self._memory[slab_bytes:].view(PROOF_LANES, PROOF_LANE_BYTES)
+        self._proof_lock: asyncio.Lock | None = None  # made on first use, in the running loop
         self._flat = self.slab.view(num_blocks * block_size, record.record_bytes)
         self.allocator = BlockAllocator(num_blocks, on_change=on_change)
 
@@ -367,8 +373,46 @@ class BlockPool:
         return self.slab.numel()
 
     @property
+    def registered_bytes(self) -> int:
+        """What the transfer engine registers: the blocks and the proof area after them."""
+        return self._memory.numel()
+
+    @property
     def geometry(self) -> PoolGeometry:
         return PoolGeometry(self._record, self._block_size, self._num_blocks, base_address=self.base_address)
+
+    # -- proof area ----------------------------------------------------------------------------
+
+    def proof_lane_address(self, lane: int) -> int:
+        return self.geometry.proof_address + lane * PROOF_LANE_BYTES
+
+    def write_proof(self, lane: int, data: bytes) -> None:
+        """Put `data` (at most PROOF_LANE_BYTES) at the start of a proof lane, zero the rest."""
+        if len(data) > PROOF_LANE_BYTES:
+            raise ValueError(f"proof data of {len(data)} bytes exceeds a lane's {PROOF_LANE_BYTES}")
+        row = torch.zeros(PROOF_LANE_BYTES, dtype=torch.uint8)
+        row[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else row[:0]
+        self._proof[lane].copy_(row)
+        if self._proof.is_cuda:
+            torch.cuda.synchronize(self._proof.device)  # visible to the engine's reads before we answer
+
+    @contextlib.asynccontextmanager
+    async def proving(self, nonce: bytes) -> AsyncIterator[None]:
+        """Register's proof of possession on the language side: the nonce sits in lane 0 of the
+        proof area while the encoder reads it back, one registration at a time (a rank registers
+        with every encoder at once)."""
+        if self._proof_lock is None:
+            self._proof_lock = asyncio.Lock()
+        async with self._proof_lock:
+            self.write_proof(0, nonce)
+            try:
+                yield
+            finally:
+                self.write_proof(0, b"")
+
+    def read_proof(self, lane: int, length: int) -> bytes:
+        """The first `length` bytes of a proof lane (copied to the host)."""
+        return bytes(self._proof[lane, :length].cpu().numpy().tobytes())
 
     # -- views ---------------------------------------------------------------------------------
 

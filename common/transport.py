@@ -162,6 +162,15 @@ class MooncakeTransport:
         final, even when this call is cancelled or gives up first."""
         await run_tracked(lambda: self.write_sync(session, triples, wait=wait), fence)
 
+    def read_sync(self, session: str, local_address: int, remote_address: int, length: int) -> None:
+        """Read `length` bytes at `remote_address` of `session`'s registered memory into our
+        registered `local_address` (Register's proof of possession). TransportError when the peer
+        cannot be reached or refuses: its engine answers a read outside its registered memory with
+        an error, so nothing is read that the peer did not register."""
+        rc = self._engine.transfer_sync_read(session, local_address, remote_address, length)
+        if rc != 0:
+            raise TransportError(f"Mooncake read of {length} bytes at 0x{remote_address:x} from {session} returned {rc}")
+
     def unregister(self, address: int) -> None:
         """Unregister one slab registered with `register` (e.g. a test fault's copy buffer)."""
         if self._registered.pop(address, None) is None:

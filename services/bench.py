@@ -41,7 +41,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from common.layout import RecordLayout, default_fields
-from common.pb.epd.v1 import bench_pb2, common_pb2, language_pb2, language_pb2_grpc
+from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, common_pb2, language_pb2, language_pb2_grpc
 from services import demo
 from services import security
 from services.rpc import CLIENT_OPTIONS
@@ -103,7 +103,8 @@ class Services:
                  alloc_policy: str = "hint", initial_tokens: int = 8192, event_loop: str = "auto"):
         common = ["--host", "127.0.0.1", "--port", "0", "--hidden", str(args.hidden), "--dtype", args.dtype,
                   "--block-size", str(args.block_size), "--event-loop", event_loop, "--log-level", "WARNING",
-                  "--integrity" if args.integrity else "--no-integrity"]
+                  "--integrity" if args.integrity else "--no-integrity",
+                  "--enable-bench"]  # the raw baseline's epd.v1.Bench service, off in production
         enc_sec, lang_sec = security.service_argv(args), security.service_argv(args, language=True)
         env = demo.child_env()
         py = [sys.executable, "-m", "services.cli"]
@@ -129,6 +130,7 @@ class Services:
         self.channel = security.client_from_args(args).aio_channel(f"127.0.0.1:{self.language.port}",
                                                                    options=CLIENT_OPTIONS)
         self.stub = language_pb2_grpc.LanguageStub(self.channel)
+        self.bench = bench_pb2_grpc.BenchStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -146,7 +148,7 @@ class Services:
     async def raw(self, tokens: int, repeats: int, concurrency: int = 1, write_wait: str = "") -> bench_pb2.MeasureLinkReply:
         """Raw writes: Mooncake's batch_transfer_sync_write (the baseline), or with write_wait
         "poll" the services' polled wait (for reference)."""
-        return await self.stub.MeasureLink(bench_pb2.MeasureLinkRequest(
+        return await self.bench.MeasureLink(bench_pb2.MeasureLinkRequest(
             tokens=tokens, repeats=repeats, concurrency=concurrency, write_wait=write_wait), timeout=600)
 
     async def used_blocks(self) -> int:

@@ -57,6 +57,13 @@ def error_from_rpc(e: grpc.RpcError, what: str = "") -> errors.EpdError:
     details = e.details() if hasattr(e, "details") else str(e)
     cls = _CODE_TO_ERROR.get(code, errors.Internal)
     err = cls(f"{what}: {details}" if what else str(details))
+    try:
+        trailing = e.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - a call that never got trailers has none
+        trailing = ()
+    for key, value in trailing:
+        if key == ERROR_REASON_KEY and value in errors.ERROR_REASONS:
+            err.error_reason = value
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
         err.reason = FailureReason.PEER_LOST
     return err
@@ -74,6 +81,15 @@ def abort_message(err: errors.EpdError) -> str:
     return m[:MAX_MESSAGE_CHARS] + f"... ({len(m)} characters in all)"
 
 
+ERROR_REASON_KEY = "epd-error-reason"  # trailing metadata carrying EpdError.error_reason
+
+
+async def abort(context, e: errors.EpdError) -> None:
+    """End the call with the error's status code, message and machine-readable reason."""
+    trailing = ((ERROR_REASON_KEY, e.error_reason),) if e.error_reason else ()
+    await context.abort(status_code(e), abort_message(e), trailing_metadata=trailing)
+
+
 def grpc_errors(method: Callable) -> Callable:
     """Servicer decorator: EpdError -> context.abort(code, message); works for streams too."""
     if inspect.isasyncgenfunction(method):
@@ -83,7 +99,7 @@ def grpc_errors(method: Callable) -> Callable:
                 async for item in method(self, request, context):
                     yield item
             except errors.EpdError as e:
-                await context.abort(status_code(e), abort_message(e))
+                await abort(context, e)
         return stream
 
     @functools.wraps(method)
@@ -91,7 +107,7 @@ def grpc_errors(method: Callable) -> Callable:
         try:
             return await method(self, request, context)
         except errors.EpdError as e:
-            await context.abort(status_code(e), abort_message(e))
+            await abort(context, e)
     return unary
 
 
@@ -191,6 +207,9 @@ class MethodWrappingInterceptor(grpc.aio.ServerInterceptor):
         raise NotImplementedError
 
 
+PARSE_OFF_LOOP_BYTES = 1 << 20
+
+
 class ParseErrorInterceptor(MethodWrappingInterceptor):
     """Undecodable request bytes are bad input: INVALID_ARGUMENT naming the method, not the
     UNKNOWN that gRPC answers when its own deserializer raises. The handler gets raw bytes and
@@ -203,7 +222,8 @@ class ParseErrorInterceptor(MethodWrappingInterceptor):
 
         async def parsed(raw: bytes, context):
             try:
-                return parse(raw)
+                # A big message (an Init with millions of block ids) is parsed off the event loop.
+                return parse(raw) if len(raw) < PARSE_OFF_LOOP_BYTES else await asyncio.to_thread(parse, raw)
             except Exception as e:  # protobuf DecodeError and friends
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: request is not a valid message: {e}")
 
@@ -323,7 +343,8 @@ class GrpcServer:
     size limit; the default is plaintext with no token."""
 
     def __init__(self, service_name: str, add_servicer: Callable[[grpc.aio.Server], None],
-                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (), sec: ServerSecurity | None = None):
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (), sec: ServerSecurity | None = None,
+                 extra_services: Sequence[str] = ()):
         self.security = sec or ServerSecurity()
         # Given interceptors run outermost (metrics see every call, refused and undecodable ones
         # included); then the token check, before any request is parsed.
@@ -331,8 +352,8 @@ class GrpcServer:
                                       interceptors=[*interceptors, AuthInterceptor(self.security), ParseErrorInterceptor()],
                                       maximum_concurrent_rpcs=self.security.max_concurrent_rpcs)
         add_servicer(self.server)
-        self.health = HealthService(self.server, [service_name])
-        add_reflection(self.server, [service_name])
+        self.health = HealthService(self.server, [service_name, *extra_services])
+        add_reflection(self.server, [service_name, *extra_services])
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:
@@ -384,10 +405,16 @@ def server_options(max_message_bytes: int = security.DEFAULT_MAX_MESSAGE_BYTES) 
         ("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
 
 
-def pool_info(pool, session: str, rank: int = 0) -> common_pb2.PoolInfo:
-    """Inspection view of a BlockPool (GetPool on both services)."""
+def pool_info(pool, session: str, rank: int = 0, *, addresses: bool = True) -> common_pb2.PoolInfo:
+    """Inspection view of a BlockPool (GetPool on both services). `addresses=False` blanks the
+    Mooncake session and the pool's base address: for a caller who is not this instance (nor an
+    admin), they are the way to the unauthenticated data plane (docs/SECURITY.md)."""
     a = pool.allocator
-    return common_pb2.PoolInfo(layout=geometry_to_pb(pool.geometry), used_blocks=a.used_count, free_blocks=a.free_count,
+    layout = geometry_to_pb(pool.geometry)
+    if not addresses:
+        layout.base_address = 0
+        session = ""
+    return common_pb2.PoolInfo(layout=layout, used_blocks=a.used_count, free_blocks=a.free_count,
                                waiters=a.waiters, device=str(pool.device), session=session, rank=rank,
                                quarantined_blocks=a.quarantined_count)
 

@@ -9,8 +9,7 @@ unregister memory.
 from __future__ import annotations
 
 import asyncio
-import functools
-import ipaddress
+import collections
 import logging
 import socket
 import time
@@ -22,7 +21,7 @@ from common.config import WRITE_WAITS, EncoderConfig
 from common.fence import WriteFence, quarantine_until_landed
 from common.integrity import INLINE_MAX_BYTES, PayloadSums, checksums_off_loop, fast_checksums
 from common.layout import PoolGeometry
-from common.pb.epd.v1 import bench_pb2, common_pb2, encoder_pb2, encoder_pb2_grpc
+from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, common_pb2, encoder_pb2, encoder_pb2_grpc
 from common.bounds import OutOfBounds, Slab, check_plan
 from common.limits import check_images
 from common.plan import blocks_for_tokens, plan_round
@@ -34,13 +33,16 @@ from common import transport_faults
 from services import rpc
 from services.metrics import Metrics
 from services.encoder.models import EncodeInputs, SyntheticModel, load_model, validate_images
+from services.encoder.possession import CHALLENGE_TTL_S, Challenges, ProofReader
 from services.encoder.transfer import EncoderTransfer, PeerSession, validate_allocation
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "epd.v1.Encoder"
+BENCH_SERVICE_NAME = "epd.v1.Bench"
 MAX_RAW_REPEATS = 1000
 MAX_RAW_CONCURRENCY = 256
+BENCH_FILL_BYTE = 0xA5  # what a RawWrite sends: a pattern the bench wrote, never leftover payloads
 
 
 class EncoderService:
@@ -69,6 +71,8 @@ class EncoderService:
         self.draining = False
         self._shutdown_done = False
         self._raw_fences: set[asyncio.Task] = set()  # RawWrite source blocks held by the fence
+        self.challenges = Challenges(config.max_sessions_per_identity)
+        self.proofs: ProofReader | None = None  # made by start(), with the transport
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -80,13 +84,20 @@ class EncoderService:
         self.transport = transport_faults.wrap(self.transport, cfg.transport_fault)  # test-only; "" = unchanged
         self.plan_fault = getattr(self.transport, "plan_fault", None)  # test-only: None unless misplan_nth is set
         # Registered once, before any peer can open our segment (peers cache descriptors).
-        self.transport.register(self.pool.base_address, self.pool.nbytes, memory_location(cfg.device))
+        self.transport.register(self.pool.base_address, self.pool.registered_bytes, memory_location(cfg.device))
         self.metrics.watch_pool(self.pool.allocator)
         self.metrics.watch_inflight(lambda: len(self.transfers.live))
+        self.proofs = ProofReader(self.pool, self.transport.read_sync)
         self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
-        self.server = rpc.GrpcServer(
-            SERVICE_NAME, lambda server: encoder_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(self), server),
-            interceptors=[self.metrics.interceptor()], sec=rpc.ServerSecurity.from_config(cfg))
+        sec = rpc.ServerSecurity.from_config(cfg)
+
+        def add_servicers(server) -> None:
+            encoder_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(self, sec), server)
+            if cfg.enable_bench:  # off in production: the Bench calls answer UNIMPLEMENTED
+                bench_pb2_grpc.add_BenchServicer_to_server(EncoderBenchServicer(self), server)
+
+        self.server = rpc.GrpcServer(SERVICE_NAME, add_servicers, interceptors=[self.metrics.interceptor()], sec=sec,
+                                     extra_services=[BENCH_SERVICE_NAME] if cfg.enable_bench else [])
         self.port = await self.server.start(cfg.host, cfg.port)
         self.encoder_id = cfg.encoder_id or f"{socket.gethostname()}:{self.port}"
         log.info("encoder %s serving on %s:%d, session %s, pool %d x %d tokens x %d B on %s",
@@ -155,7 +166,17 @@ class EncoderService:
         if self.draining:
             raise errors.Unavailable(f"{what}: encoder {self.encoder_id} is shutting down")
 
-    def register(self, language_id: str, rank: int, session: str, geometry: PoolGeometry, principal: str = "") -> None:
+    def challenge(self, language_id: str, rank: int, principal: str = "") -> bytes:
+        """A one-time nonce for Register's proof of possession (services/encoder/possession.py)."""
+        self._refuse_when_draining("Challenge")
+        if not language_id:
+            raise errors.InvalidArgument("language_id is empty")
+        what = f"Challenge for language_id {errors.shown(language_id)} rank {rank}"
+        self._check_session_room(language_id, rank, principal, what)
+        return self.challenges.issue(principal, language_id, rank)
+
+    async def register(self, language_id: str, rank: int, session: str, geometry: PoolGeometry, principal: str = "",
+                       proof_nonce: bytes = b"") -> None:
         self._refuse_when_draining("Register")
         if not language_id:
             raise errors.InvalidArgument("language_id is empty")
@@ -168,24 +189,17 @@ class EncoderService:
             raise errors.FailedPrecondition(
                 "layout does not match the encoder's: " + "; ".join(diffs) + f" (language {errors.shown(language_id)} rank {rank})")
         key = (language_id, rank)
+        # A registration belongs to the identity that made it: only the same instance may replace
+        # it (a restart keeps its language_id and certificate).
+        self._check_replaceable(key, principal, what)
+        self._check_session_room(language_id, rank, principal, what)
+        # The pool itself: only its owner can have put our nonce at its end (possession.py). This
+        # holds whatever the session is called (aliases, LAN addresses, DNS names).
+        self.challenges.take(principal, language_id, rank, proof_nonce, what)
+        await self.proofs.verify(session, geometry, proof_nonce, what)
+        self._refuse_when_draining("Register")
+        self._check_replaceable(key, principal, what)  # again: the read awaited
         old = self.sessions.get(key)
-        # A session belongs to the identity that registered it: only the same instance may
-        # replace it (a restart keeps its language_id and certificate). And no instance may
-        # describe memory another instance registered — else a peer could point the encoder's
-        # writes at someone else's pool: on a Mooncake session already registered by another
-        # instance, a different authenticated identity is refused outright, and any instance
-        # is refused a pool overlapping the other's (one engine may hold several instances'
-        # disjoint pools, as the tests' in-process ranks do).
-        if old is not None and old.principal != principal:
-            raise errors.PermissionDenied(f"{what}: this session is registered by another identity; only the "
-                                          f"language instance that registered it may replace it")
-        claimed, span = _session_key(session), _span(geometry)
-        for other in self.sessions.values():
-            if _session_key(other.session) != claimed or (other.language_id, other.principal) == (language_id, principal):
-                continue
-            if other.principal != principal or _overlap(span, _span(other.geometry)):
-                raise errors.PermissionDenied(f"{what}: Mooncake session {errors.shown(session)} holds a pool "
-                                              f"registered by another language instance")
         if old is not None and old.session == session and old.geometry == geometry:
             return  # idempotent
         generation = old.generation + 1 if old else 0
@@ -199,6 +213,42 @@ class EncoderService:
                 if slot is not None and slot.peer is old:
                     t.fail(FailureReason.PEER_LOST,
                            f"language {errors.shown(language_id)} rank {rank} re-registered (session {old.session} -> {session})")
+
+    def _check_replaceable(self, key: tuple[str, int], principal: str, what: str) -> None:
+        old = self.sessions.get(key)
+        if old is not None and old.principal != principal:
+            raise errors.PermissionDenied(f"{what}: this session is registered by another identity; only the "
+                                          f"language instance that registered it may replace it")
+
+    def _check_session_room(self, language_id: str, rank: int, principal: str, what: str) -> None:
+        """RESOURCE_EXHAUSTED for a new (language_id, rank) beyond the per-identity or total bound;
+        re-registering an existing one always has room."""
+        if (language_id, rank) in self.sessions:
+            return
+        cfg = self.config
+        mine = sum(1 for p in self.sessions.values() if p.principal == principal)
+        if mine >= cfg.max_sessions_per_identity:
+            raise errors.ResourceExhausted(f"{what}: this identity already holds {mine} registrations "
+                                           f"(max_sessions_per_identity={cfg.max_sessions_per_identity})")
+        if len(self.sessions) >= cfg.max_sessions:
+            raise errors.ResourceExhausted(f"{what}: this encoder holds {len(self.sessions)} registrations "
+                                           f"(max_sessions={cfg.max_sessions})")
+
+    def registered_by(self, language_id: str, principal: str) -> bool:
+        """Whether `principal` registered some rank of `language_id` here."""
+        return any(p.language_id == language_id and p.principal == principal for p in self.sessions.values())
+
+    def _check_transfer_id(self, request_id: str, language_id: str, principal: str, what: str) -> None:
+        """A new transfer's id and owner: the caller's own registered language. An id shaped like
+        `LANGUAGE_ID/...` (how language instances name transfers) must carry such a language, so
+        no one can pre-create a transfer id under another instance's prefix."""
+        if language_id and not self.registered_by(language_id, principal):
+            raise errors.FailedPrecondition(f"{what}: language_id {errors.shown(language_id)} has not called Register "
+                                            f"with this identity", error_reason=errors.NOT_REGISTERED)
+        prefix, slash, _ = request_id.partition("/")
+        if slash and not self.registered_by(prefix, principal):
+            raise errors.PermissionDenied(f"{what}: the transfer id's prefix {errors.shown(prefix)} is not a language "
+                                          f"registered by the caller")
 
     def _transfer_for(self, request_id: str, *, language_id: str, rank_count: int) -> EncoderTransfer:
         t = self.transfers.live_get(request_id)
@@ -222,11 +272,13 @@ class EncoderService:
         peer = self.sessions.get((language_id, rank))
         if peer is None:
             raise errors.FailedPrecondition(
-                f"{what}: language_id {errors.shown(language_id)} rank {rank} has not called Register")
+                f"{what}: language_id {errors.shown(language_id)} rank {rank} has not called Register",
+                error_reason=errors.NOT_REGISTERED)
         if peer.principal != principal:
             raise errors.PermissionDenied(f"{what}: language_id {errors.shown(language_id)} rank {rank} was registered "
                                           f"by another identity")
-        validate_allocation(peer, blocks, allocated_tokens, what)
+        validate_allocation(peer, blocks, allocated_tokens, what)  # the length first: bounded by the pool
+        blocks = list(blocks)
         existing = self.transfers.live_get(request_id)
         if existing is not None:
             existing.check_owner(language_id, principal, what)
@@ -234,6 +286,7 @@ class EncoderService:
             ended = self.transfers.get(request_id)
             if ended is not None:
                 ended.check_owner(language_id, principal, what)  # an id stays its owner's while it is known
+            self._check_transfer_id(request_id, language_id, principal, what)
             self._check_peer_limit(language_id, principal, what)
             if ended is not None and ended.language_id == language_id and rank in ended.ranks:
                 raise errors.AlreadyExists(f"{what}: request already ran ({ended.state.name}); use a new request_id")
@@ -266,6 +319,7 @@ class EncoderService:
         if known is not None:
             known.check_owner(language_id, principal, what)
         if self.transfers.live_get(request_id) is None:
+            self._check_transfer_id(request_id, language_id, principal, what)
             self._check_peer_limit(language_id, principal, what)
         # Bad input changes nothing, not even a transfer an Init already opened: the language
         # gets this error from Encode and cancels the transfer itself.
@@ -385,11 +439,21 @@ class EncoderService:
             raise errors.InvalidArgument(f"{what}: {len(dst_blocks)} dst_blocks, expected concurrency * "
                                          f"ceil(tokens / block_size) = {concurrency} * {per_write}")
         validate_allocation(peer, dst_blocks, len(dst_blocks) * peer.geometry.block_size, what)
+        dst_blocks = list(dst_blocks)
         src_per_write = blocks_for_tokens(tokens, self.pool.block_size)
         src = await self.pool.allocator.alloc(concurrency * src_per_write, timeout=self.config.alloc_timeout_s,
                                               label=what)
         fence = WriteFence()
         try:
+            # Only bytes the bench wrote itself leave this process: freed blocks still hold what
+            # earlier requests (of any instance) left there.
+            filling = asyncio.ensure_future(asyncio.to_thread(self._fill_bench_pattern, src, tokens, src_per_write,
+                                                              concurrency))
+            try:
+                await asyncio.shield(filling)
+            except asyncio.CancelledError:
+                await asyncio.gather(filling, return_exceptions=True)  # it writes into src until it returns
+                raise
             geo, src_geo = peer.geometry, self.pool.geometry
             plans = [plan_round(src_base=src_geo.base_address, src_blocks=src[i * src_per_write:(i + 1) * src_per_write],
                                 src_block_size=src_geo.block_size, src_start=0, dst_base=geo.base_address,
@@ -431,6 +495,11 @@ class EncoderService:
         nbytes = sum(length for plan in plans for _, _, length in plan)
         return seconds, nbytes, len(plans[0])
 
+    def _fill_bench_pattern(self, src: list[int], tokens: int, per_write: int, concurrency: int) -> None:
+        for i in range(concurrency):
+            for run in self.pool.runs(src[i * per_write:(i + 1) * per_write], 0, tokens):
+                run.fill_(BENCH_FILL_BYTE)
+
     def resume(self, request_id: str, language_id: str, rank: int, sent_tokens: int,
                blocks: list[int], allocated_tokens: int, principal: str = "") -> bool:
         what = f"Resume of request {errors.shown(request_id)} rank {rank}"
@@ -467,16 +536,25 @@ class EncoderService:
         return t
 
     def _check_peer_limit(self, language_id: str, principal: str, what: str) -> None:
-        """RESOURCE_EXHAUSTED before anything is allocated when this language identity already
-        has max_transfers_per_peer live transfers here."""
-        limit = self.config.max_transfers_per_peer
-        live = sum(1 for t in self.transfers.live if t.language_id == language_id and t.principal == principal)
-        if live >= limit:
+        """RESOURCE_EXHAUSTED before anything is allocated when this language instance already has
+        max_transfers_per_peer live transfers here, its identity max_transfers_per_identity (over
+        every language_id it uses), or the encoder max_live_transfers."""
+        cfg = self.config
+        live = self.transfers.live
+        mine = sum(1 for t in live if t.language_id == language_id and t.principal == principal)
+        if mine >= cfg.max_transfers_per_peer:
             peer = f"language_id {errors.shown(language_id)}" if language_id else "callers without a language_id"
             if principal.startswith("cert:"):
                 peer += f" ({principal})"
-            raise errors.ResourceExhausted(f"{what}: {peer} already has {live} live transfers on this encoder "
-                                           f"(max_transfers_per_peer={limit})")
+            raise errors.ResourceExhausted(f"{what}: {peer} already has {mine} live transfers on this encoder "
+                                           f"(max_transfers_per_peer={cfg.max_transfers_per_peer})")
+        identity = sum(1 for t in live if t.principal == principal)
+        if identity >= cfg.max_transfers_per_identity:
+            raise errors.ResourceExhausted(f"{what}: this identity already has {identity} live transfers on this "
+                                           f"encoder (max_transfers_per_identity={cfg.max_transfers_per_identity})")
+        if len(live) >= cfg.max_live_transfers:
+            raise errors.ResourceExhausted(f"{what}: this encoder has {len(live)} live transfers "
+                                           f"(max_live_transfers={cfg.max_live_transfers})")
 
     def find(self, request_id: str) -> EncoderTransfer:
         """A transfer by its id or, failing that, by a language's client request id: a language
@@ -508,11 +586,15 @@ class EncoderService:
 
 
 class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
-    """Thin gRPC adapter over EncoderService."""
+    """Thin gRPC adapter over EncoderService. Inspection shows a caller only what its own identity
+    made (admins everything): other identities' transfers are left out, and Mooncake sessions and
+    pool addresses are blanked where they are not the caller's."""
 
-    def __init__(self, service: EncoderService):
+    def __init__(self, service: EncoderService, sec: rpc.ServerSecurity | None = None):
         self.s = service
+        self.sec = sec or rpc.ServerSecurity()
         self.status_streams = 0
+        self._streams_by: collections.Counter[str] = collections.Counter()
 
     @rpc.grpc_errors
     async def Encode(self, request, context):
@@ -550,34 +632,62 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         return True, ""
 
     @rpc.grpc_errors
+    async def Challenge(self, request, context):
+        nonce = self.s.challenge(request.language_id, request.rank, rpc.peer_identity(context))
+        return encoder_pb2.ChallengeReply(nonce=nonce, expires_in_s=CHALLENGE_TTL_S)
+
+    @rpc.grpc_errors
     async def Register(self, request, context):
         if not request.HasField("layout"):
             raise errors.InvalidArgument("layout is missing")
-        self.s.register(request.language_id, request.rank, request.session, rpc.geometry_from_pb(request.layout),
-                        rpc.peer_identity(context))
+        await self.s.register(request.language_id, request.rank, request.session, rpc.geometry_from_pb(request.layout),
+                              rpc.peer_identity(context), request.proof_nonce)
         return encoder_pb2.RegisterReply(encoder_id=self.s.encoder_id, layout=rpc.geometry_to_pb(self.s.pool.geometry))
 
     @rpc.grpc_errors
     async def Init(self, request, context):
+        # The block ids stay a protobuf sequence until their count was checked against the pool.
         t = self.s.init(request.request_id, request.language_id, request.rank, request.rank_count,
-                        list(request.dst_blocks), request.allocated_tokens, rpc.peer_identity(context),
+                        request.dst_blocks, request.allocated_tokens, rpc.peer_identity(context),
                         progress_tokens=request.progress_tokens)
         return encoder_pb2.InitReply(state=int(t.state))
 
     @rpc.grpc_errors
     async def Resume(self, request, context):
         dup = self.s.resume(request.request_id, request.language_id, request.rank, request.sent_tokens,
-                            list(request.dst_blocks), request.allocated_tokens, rpc.peer_identity(context))
+                            request.dst_blocks, request.allocated_tokens, rpc.peer_identity(context))
         return encoder_pb2.ResumeReply(duplicate=dup)
+
+    def _check_stream_room(self, principal: str, what: str) -> None:
+        cfg = self.s.config
+        if self._streams_by[principal] >= cfg.max_status_streams_per_identity:
+            raise errors.ResourceExhausted(f"{what}: this identity has {self._streams_by[principal]} Status streams "
+                                           f"open (max_status_streams_per_identity={cfg.max_status_streams_per_identity})")
+        if self.status_streams >= cfg.max_status_streams:
+            raise errors.ResourceExhausted(f"{what}: {self.status_streams} Status streams are open "
+                                           f"(max_status_streams={cfg.max_status_streams})")
 
     @rpc.grpc_errors
     async def Status(self, request, context):
+        principal = rpc.peer_identity(context)
+        what = f"Status of request {errors.shown(request.request_id)} rank {request.rank}"
+        self._check_stream_room(principal, what)  # a waiting stream counts as soon as it waits
+        self.status_streams += 1
+        self._streams_by[principal] += 1
+        try:
+            async for st in self._status(request, principal, what):
+                yield st
+        finally:
+            self.status_streams -= 1
+            self._streams_by[principal] -= 1
+            if not self._streams_by[principal]:
+                del self._streams_by[principal]
+
+    async def _status(self, request, principal: str, what: str):
         if request.await_transfer and request.request_id:
             await self.s.transfers.appear(request.request_id, self.s.bootstrap_timeout_s)
-        t = self.s.owned(request.request_id, request.language_id, rpc.peer_identity(context),
-                         f"Status of request {errors.shown(request.request_id)} rank {request.rank}")
+        t = self.s.owned(request.request_id, request.language_id, principal, what)
         terminal_seen = False
-        self.status_streams += 1
         try:
             async for st in t.statuses():
                 terminal_seen = st.state.terminal
@@ -587,23 +697,36 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             if not terminal_seen and request.rank in t.ranks:
                 t.fail(FailureReason.PEER_LOST, f"Status stream of rank {request.rank} closed before the transfer ended")
             raise
-        finally:
-            self.status_streams -= 1
+
+    def _visible(self, t: EncoderTransfer, caller: str) -> bool:
+        return self.sec.may_see(caller, t.principal)
 
     @rpc.grpc_errors
     async def GetTransfer(self, request, context):
-        return transfer_info(self.s.find(request.request_id))
+        caller = rpc.peer_identity(context)
+        t = self.s.find(request.request_id)
+        if not self._visible(t, caller):
+            # As if it did not exist: another identity's transfer ids are not confirmed either.
+            raise errors.NotFound(f"request {errors.shown(request.request_id)} is not known")
+        return transfer_info(t)
 
     @rpc.grpc_errors
     async def ListTransfers(self, request, context):
+        caller = rpc.peer_identity(context)
         states = [_state_arg(s) for s in request.states]
-        return common_pb2.ListTransfersReply(
-            transfers=[transfer_info(t) for t in self.s.transfers.select(states, request.limit)])
+        mine = [t for t in self.s.transfers.select(states, 0) if self._visible(t, caller)]
+        if request.limit:
+            mine = mine[:request.limit]
+        return common_pb2.ListTransfersReply(transfers=[transfer_info(t) for t in mine])
 
     @rpc.grpc_errors
     async def Cancel(self, request, context):
-        t = self.s.find_owned(request.request_id, request.language_id, rpc.peer_identity(context),
-                              f"Cancel of request {errors.shown(request.request_id)}")
+        caller = rpc.peer_identity(context)
+        what = f"Cancel of request {errors.shown(request.request_id)}"
+        if caller in self.sec.admin_identities:
+            t = self.s.find(request.request_id)  # an operator may end any transfer
+        else:
+            t = self.s.find_owned(request.request_id, request.language_id, caller, what)
         cancelled = await t.cancel(f"cancelled by peer: {request.reason or 'no reason given'}",
                                    cancel_reason(request.reason))
         # Answered once the transfer ended; whether its writes did is the fence's to say.
@@ -611,48 +734,27 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
 
     @rpc.grpc_errors
     async def GetPool(self, request, context):
-        return rpc.pool_info(self.s.pool, self.s.transport.session)
+        # Our session and address only to whom they belong (see ServerSecurity.own_identity).
+        shown_to = self.sec.may_see(rpc.peer_identity(context), self.sec.own_identity)
+        return rpc.pool_info(self.s.pool, self.s.transport.session, addresses=shown_to)
 
     @rpc.grpc_errors
     async def GetDiagnostics(self, request, context):
         return rpc.diagnostics(self.s.transfers, self.status_streams)
 
+
+class EncoderBenchServicer(bench_pb2_grpc.BenchServicer):
+    """epd.v1.Bench on the encoder (RawWrite), served only with --enable-bench."""
+
+    def __init__(self, service: EncoderService):
+        self.s = service
+
     @rpc.grpc_errors
     async def RawWrite(self, request, context):
         seconds, nbytes, descriptors = await self.s.raw_write(
-            request.language_id, request.rank, list(request.dst_blocks), request.tokens, request.repeats,
+            request.language_id, request.rank, request.dst_blocks, request.tokens, request.repeats,
             request.concurrency, rpc.peer_identity(context), request.write_wait)
         return bench_pb2.RawWriteReply(seconds=seconds, bytes=nbytes, descriptors=descriptors)
-
-
-@functools.lru_cache(maxsize=4096)
-def _session_key(session: str) -> str:
-    """A Mooncake session as compared between registrations: numeric hosts in any spelling that
-    resolves to one address (`127.1`, `0x7f.0.0.1`, `::ffff:127.0.0.1`) and `localhost` become the
-    address, the port its number, names lower case. No DNS lookup (Register runs on the event
-    loop): a DNS name of a registered host is not recognised as the same session."""
-    host, _, port = session.strip().rpartition(":")
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        host = "127.0.0.1"
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
-        address = ipaddress.ip_address(infos[0][4][0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        host = str(address)
-    except (OSError, ValueError, UnicodeError, IndexError):
-        pass  # a name: compared as written
-    return f"{host}:{int(port) if port.isascii() and port.isdigit() else port}"
-
-
-def _span(geo: PoolGeometry) -> tuple[int, int]:
-    """The bytes [lo, hi) a registered pool covers in its process."""
-    return geo.base_address, geo.base_address + geo.num_blocks * geo.block_size * geo.record.record_bytes
-
-
-def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
-    return a[0] < b[1] and b[0] < a[1]
 
 
 def cancel_reason(text: str) -> FailureReason:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Sequence
+from typing import AsyncContextManager, Callable, Sequence
 
 import grpc
 
@@ -16,7 +16,7 @@ from common import errors
 from common.layout import PoolGeometry
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.pb.epd.v1 import bench_pb2, common_pb2, encoder_pb2, encoder_pb2_grpc
+from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, common_pb2, encoder_pb2, encoder_pb2_grpc
 from common.states import FailureReason, StatusUpdate, TransferState
 from services import rpc
 from services.language.receiver import CarriedInit
@@ -32,9 +32,10 @@ class GrpcEncoderLink:
         # size limit all come with `sec` (services/security.py); plaintext when None.
         self.channel = (sec or rpc.ClientSecurity()).aio_channel(address, options=RECONNECT_OPTIONS)
         self.stub = encoder_pb2_grpc.EncoderStub(self.channel)
+        self.bench = bench_pb2_grpc.BenchStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.encoder_id = ""
-        self._registration: tuple[int, str, PoolGeometry] | None = None
+        self._registration: tuple[int, str, PoolGeometry, Prove] | None = None
 
     async def close(self) -> None:
         await self.channel.close()
@@ -45,14 +46,21 @@ class GrpcEncoderLink:
         except grpc.aio.AioRpcError as e:
             raise rpc.error_from_rpc(e, f"{what} on encoder {self.address}") from None
 
-    async def register(self, rank: int, session: str, geometry: PoolGeometry, timeout: float = 10.0) -> None:
+    async def register(self, rank: int, session: str, geometry: PoolGeometry, prove: "Prove",
+                       timeout: float = 10.0) -> None:
+        """Challenge, put the nonce into the pool's proof area (`prove`), Register with it: the
+        encoder reads it back through Mooncake before it accepts the pool
+        (services/encoder/possession.py)."""
         # Remembered before the call: an Init to an encoder this rank could not reach at start-up
         # registers then (NOT_REGISTERED below).
-        self._registration = (rank, session, geometry)
+        self._registration = (rank, session, geometry, prove)
         try:
-            reply = await self._call("Register", self.stub.Register(encoder_pb2.RegisterRequest(
-                language_id=self.language_id, rank=rank, session=session, layout=rpc.geometry_to_pb(geometry)),
-                timeout=timeout, wait_for_ready=True))
+            challenge = await self._call("Challenge", self.stub.Challenge(encoder_pb2.ChallengeRequest(
+                language_id=self.language_id, rank=rank), timeout=timeout, wait_for_ready=True))
+            async with prove(challenge.nonce):
+                reply = await self._call("Register", self.stub.Register(encoder_pb2.RegisterRequest(
+                    language_id=self.language_id, rank=rank, session=session, layout=rpc.geometry_to_pb(geometry),
+                    proof_nonce=challenge.nonce), timeout=timeout, wait_for_ready=True))
         except errors.DeadlineExceeded as e:  # say why it could not connect (e.g. a TLS handshake refused)
             raise errors.DeadlineExceeded(e.message + await self._connect_problem()) from None
         self.encoder_id = reply.encoder_id
@@ -93,7 +101,14 @@ class GrpcEncoderLink:
         call = self.stub.Encode(request, wait_for_ready=True)  # bounded by the Generate and by Init
         if init is not None:
             init.issued()  # the rank may open its Status stream now (StatusRequest.await_transfer)
-        reply = await self._call("Encode", call)
+        try:
+            reply = await self._call("Encode", call)
+        except errors.FailedPrecondition as e:
+            # A restarted encoder has forgotten this instance: register again and retry once.
+            if e.error_reason != errors.NOT_REGISTERED or self._registration is None:
+                raise
+            await self.register(*self._registration)
+            reply = await self._call("Encode", self.stub.Encode(request))
         if init is not None:
             if reply.init_error:
                 log.info("request %s: encoder %s refused the Init carried by the Encode (%s); sending it on its own",
@@ -118,7 +133,7 @@ class GrpcEncoderLink:
             raise errors.Unavailable(e.message, reason=FailureReason.PEER_LOST) from None
         except errors.FailedPrecondition as e:
             # A restarted encoder has forgotten our session: register again and retry once.
-            if NOT_REGISTERED not in e.message or self._registration is None:
+            if e.error_reason != errors.NOT_REGISTERED or self._registration is None:
                 raise
             await self.register(*self._registration)
             await self._call("Init", self.stub.Init(request))
@@ -144,7 +159,7 @@ class GrpcEncoderLink:
     async def raw_write(self, rank: int, blocks: Sequence[int], tokens: int, repeats: int,
                         concurrency: int, write_wait: str = "") -> bench_pb2.RawWriteReply:
         """epd bench: the encoder writes into `blocks` with plain Mooncake writes, timed."""
-        return await self._call("RawWrite", self.stub.RawWrite(bench_pb2.RawWriteRequest(
+        return await self._call("RawWrite", self.bench.RawWrite(bench_pb2.RawWriteRequest(
             language_id=self.language_id, rank=rank, dst_blocks=list(blocks), tokens=tokens, repeats=repeats,
             concurrency=concurrency, write_wait=write_wait), timeout=300))
 
@@ -158,7 +173,9 @@ RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reco
                      # The encoder's server allows these pings (services/rpc.py SERVER_OPTIONS).
                      ("grpc.keepalive_time_ms", 2000), ("grpc.keepalive_timeout_ms", 3000)]
 _END = object()
-NOT_REGISTERED = "has not called Register"  # the encoder's FAILED_PRECONDITION text for an unknown session
+# Register's proof: given the Challenge nonce, an async context inside which the nonce sits in
+# the pool's proof area (common/pool.py BlockPool.proving).
+Prove = Callable[[bytes], AsyncContextManager[None]]
 
 
 class StatusStream:

@@ -92,7 +92,7 @@ class EncoderDirectory:
         self.selector = EncoderSelector(policy)
         self.dns_names = list(dns_names)
         self._tasks: list[asyncio.Task] = []
-        self._registration: tuple[int, str, PoolGeometry] | None = None
+        self._registration: tuple | None = None  # (rank, session, geometry, prove): GrpcEncoderLink.register
         self._registered: asyncio.Event | None = None  # made by start() (needs the running loop)
         self._watch = False
         for address in addresses:
@@ -114,11 +114,11 @@ class EncoderDirectory:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self, rank: int, session: str, geometry: PoolGeometry, *, watch: bool,
+    async def start(self, rank: int, session: str, geometry: PoolGeometry, prove, *, watch: bool,
                     timeout: float = 60.0) -> None:
         """Register with every encoder (in the background); return once one registration
         succeeded (Unavailable naming every address after `timeout`). `watch`: poll the live view."""
-        self._registration = (rank, session, geometry)
+        self._registration = (rank, session, geometry, prove)
         self._registered = asyncio.Event()
         self._watch = watch
         for index in range(len(self.links)):
@@ -155,7 +155,8 @@ class EncoderDirectory:
                 if reported:
                     log.info("encoder %s is reachable again: registered", view.address)
                 return
-            except (errors.FailedPrecondition, errors.Unauthenticated) as e:  # layout mismatch, wrong token: final
+            except (errors.FailedPrecondition, errors.Unauthenticated, errors.PermissionDenied) as e:
+                # layout mismatch, wrong token, a pool the encoder cannot read our proof from: final
                 view.last_error = e.message
                 view.refused = True
                 log.error("encoder %s refused our registration: %s", view.address, e.message)

@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from common.errors import Unavailable, shown
 from common.states import FailureReason
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,14 @@ class RankGroup:
     def admit(self, request_id: str, initial_tokens: int, want_digest: bool, encoder: int = 0) -> RequestSpec:
         """Rank 0: add a request; every rank's on_admit runs for it (rank 0's before this returns
         for LocalGroup, at the next step for DistributedGroup). `request_id` is the admission's
-        key (a failed-over attempt is admitted again as `ID#2`); `encoder` the encoder's index."""
+        key (a failed-over attempt is admitted again as `ID#2`); `encoder` the encoder's index.
+        A broken group admits nothing: Unavailable at once (no decision would ever come)."""
         raise NotImplementedError
+
+    def _check_admissible(self, request_id: str) -> None:
+        if self.broken:
+            raise Unavailable(f"request {shown(request_id)}: the language instance's rank group is broken "
+                              f"({self.broken}); it admits no request", reason=FailureReason.PEER_LOST)
 
     def view(self, request_id: str) -> LocalView:
         return self.views[request_id]
@@ -200,6 +207,7 @@ class LocalGroup(RankGroup):
         super().__init__(0, 1)
 
     def admit(self, request_id: str, initial_tokens: int, want_digest: bool, encoder: int = 0) -> RequestSpec:
+        self._check_admissible(request_id)
         self._seq += 1
         spec = RequestSpec(self._seq, request_id, initial_tokens, want_digest, encoder)
         self._admitted(spec)
@@ -279,6 +287,7 @@ class DistributedGroup(RankGroup):
 
     def admit(self, request_id: str, initial_tokens: int, want_digest: bool, encoder: int = 0) -> RequestSpec:
         assert self.rank == 0, "only rank 0 admits requests"
+        self._check_admissible(request_id)
         self._seq += 1
         spec = RequestSpec(self._seq, request_id, initial_tokens, want_digest, encoder)
         # The view and decision exist at once on rank 0, so Generate can wait on them.

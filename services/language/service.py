@@ -18,7 +18,7 @@ import uuid
 from common import errors
 from common.config import WRITE_WAITS, LanguageConfig
 from common.limits import check_images
-from common.pb.epd.v1 import bench_pb2, common_pb2, language_pb2, language_pb2_grpc
+from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, common_pb2, language_pb2, language_pb2_grpc
 from common.plan import blocks_for_tokens
 from common.states import FailureReason, TransferState
 from common.table import TransferTable
@@ -33,14 +33,16 @@ from services.language.worker import RankOutcome, RankWorker, cancel_and_wait
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "epd.v1.Language"
+BENCH_SERVICE_NAME = "epd.v1.Bench"
 
 
 class GenerateRecord:
     """One Generate on this instance, as inspection shows it."""
 
-    def __init__(self, request_id: str, encoder: str):
+    def __init__(self, request_id: str, encoder: str, principal: str = ""):
         self.request_id = request_id
         self.encoder = encoder
+        self.principal = principal      # who called Generate: only it (or an admin) may inspect or cancel it
         self.encoder_address = ""
         self.key = request_id          # the current attempt's admission key (ID, or ID#2 after a failover)
         self.attempts = 0
@@ -121,9 +123,15 @@ class LanguageService:
         except BaseException:
             ranks.stop(self.children)
             raise
-        self.server = rpc.GrpcServer(
-            SERVICE_NAME, lambda server: language_pb2_grpc.add_LanguageServicer_to_server(LanguageServicer(self), server),
-            interceptors=[self.worker.metrics.interceptor()], sec=rpc.ServerSecurity.from_config(cfg))
+        sec = rpc.ServerSecurity.from_config(cfg)
+
+        def add_servicers(server) -> None:
+            language_pb2_grpc.add_LanguageServicer_to_server(LanguageServicer(self, sec), server)
+            if cfg.enable_bench:  # off in production: the Bench calls answer UNIMPLEMENTED
+                bench_pb2_grpc.add_BenchServicer_to_server(LanguageBenchServicer(self), server)
+
+        self.server = rpc.GrpcServer(SERVICE_NAME, add_servicers, interceptors=[self.worker.metrics.interceptor()],
+                                     sec=sec, extra_services=[BENCH_SERVICE_NAME] if cfg.enable_bench else [])
         self.port = await self.server.start(cfg.host, cfg.port)
         log.info("language %s serving on %s:%d, %d rank(s) (data ranks %s), session %s, encoders %s (%s, %d available)",
                  self.language_id, cfg.host, self.port, cfg.tp, list(cfg.data_rank_list), self.transport.session,
@@ -172,7 +180,8 @@ class LanguageService:
 
     # ------------------------------------------------------------------ Generate
 
-    async def generate(self, request: language_pb2.GenerateRequest, deadline_s: float | None) -> language_pb2.GenerateReply:
+    async def generate(self, request: language_pb2.GenerateRequest, deadline_s: float | None,
+                       principal: str = "") -> language_pb2.GenerateReply:
         request_id = request.request_id or str(uuid.uuid4())
         if len(request_id.encode("utf-8")) > MAX_REQUEST_ID_BYTES:
             raise errors.InvalidArgument(f"request_id is {len(request_id.encode())} bytes, above {MAX_REQUEST_ID_BYTES}")
@@ -182,7 +191,7 @@ class LanguageService:
         check_images(f"request {errors.shown(request_id)}", [len(im.data) for im in request.images],
                      max_images=self.config.max_images, max_image_bytes=self.config.max_image_bytes)
         self._refuse_when_unhealthy(f"Generate of request {errors.shown(request_id)}")
-        record = GenerateRecord(request_id, "")
+        record = GenerateRecord(request_id, "", principal)
         record.worker = self.worker
         self.requests.add(request_id, record)  # ALREADY_EXISTS for an id in use
         timeout = min(deadline_s, self.config.generate_timeout_s) if deadline_s else self.config.generate_timeout_s
@@ -363,7 +372,11 @@ class LanguageService:
         else:
             if not outcome_fut.done():
                 self.worker.fail_local(record.key, reason)
-                await asyncio.gather(outcome_fut, return_exceptions=True)
+                # Bounded: a rank group that broke meanwhile may never report this request.
+                done, _ = await asyncio.wait({outcome_fut}, timeout=ABANDON_WAIT_S)
+                if not done:
+                    log.warning("request %s: no rank outcome within %.0f s of abandoning it (%s)", record.request_id,
+                                ABANDON_WAIT_S, self.group.broken or "rank group still running")
             if record.outcome is None and outcome_fut.done() and not outcome_fut.cancelled() \
                     and outcome_fut.exception() is None:
                 record.outcome = outcome_fut.result()  # inspection shows every rank's part
@@ -438,8 +451,9 @@ class LanguageService:
         return bench_pb2.MeasureLinkReply(seconds=reply.seconds, bytes=reply.bytes, descriptors=reply.descriptors,
                                           encoder=self.worker.link.encoder_id or self.worker.link.address)
 
-    async def cancel(self, request_id: str, reason: str) -> tuple[bool, TransferState]:
-        record = self.requests.require(request_id)
+    async def cancel(self, request_id: str, reason: str, principal: str = "",
+                     sec: rpc.ServerSecurity | None = None) -> tuple[bool, TransferState]:
+        record = self.owned(request_id, principal, sec)
         if self.requests.live_get(request_id) is None or record.task is None or record.task.done():
             return False, record.state
         record.cancel_reason = reason
@@ -447,7 +461,17 @@ class LanguageService:
         return True, record.state
 
 
+    def owned(self, request_id: str, principal: str, sec: rpc.ServerSecurity | None) -> GenerateRecord:
+        """The Generate, when `principal` made it or is an admin; another identity's is NOT_FOUND,
+        like an unknown id (its existence is not confirmed either)."""
+        record = self.requests.require(request_id)
+        if sec is not None and not sec.may_see(principal, record.principal):
+            raise errors.NotFound(f"request {errors.shown(request_id)} is not known")
+        return record
+
+
 MAX_ATTEMPTS = 2         # the first encoder, then one other
+ABANDON_WAIT_S = 15.0    # longest an abandoned attempt waits for its ranks' outcome
 CONNECT_WAIT_S = 10.0    # how long a Generate waits for some encoder to be available
 # Decided failures that may mean "the encoder, not the request": retried elsewhere when no rank
 # received a byte.
@@ -493,18 +517,23 @@ def _failure_message(request_id: str, outcome: RankOutcome) -> str:
 
 
 class LanguageServicer(language_pb2_grpc.LanguageServicer):
-    def __init__(self, service: LanguageService):
+    """The Language service. A caller sees and cancels only the Generates its own identity made
+    (admins: all), and sees this instance's Mooncake session and pool address only when it is
+    this instance's identity (or an admin)."""
+
+    def __init__(self, service: LanguageService, sec: rpc.ServerSecurity | None = None):
         self.s = service
+        self.sec = sec or rpc.ServerSecurity()
 
     @rpc.grpc_errors
     async def Generate(self, request, context):
-        return await self.s.generate(request, context.time_remaining())
+        return await self.s.generate(request, context.time_remaining(), rpc.peer_identity(context))
 
     @rpc.grpc_errors
     async def GetTransfer(self, request, context):
         if not request.request_id:
             raise errors.InvalidArgument("request_id is empty")
-        return record_info(self.s, self.s.requests.require(request.request_id))
+        return record_info(self.s, self.s.owned(request.request_id, rpc.peer_identity(context), self.sec))
 
     @rpc.grpc_errors
     async def ListTransfers(self, request, context):
@@ -514,19 +543,24 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
                 states.append(TransferState(v))
             except ValueError:
                 raise errors.InvalidArgument(f"states: unknown TransferState value {v}") from None
-        return common_pb2.ListTransfersReply(
-            transfers=[record_info(self.s, r) for r in self.s.requests.select(states, request.limit)])
+        caller = rpc.peer_identity(context)
+        mine = [r for r in self.s.requests.select(states, 0) if self.sec.may_see(caller, r.principal)]
+        if request.limit:
+            mine = mine[:request.limit]
+        return common_pb2.ListTransfersReply(transfers=[record_info(self.s, r) for r in mine])
 
     @rpc.grpc_errors
     async def Cancel(self, request, context):
         if not request.request_id:
             raise errors.InvalidArgument("request_id is empty")
-        cancelled, state = await self.s.cancel(request.request_id, request.reason or "no reason given")
+        cancelled, state = await self.s.cancel(request.request_id, request.reason or "no reason given",
+                                               rpc.peer_identity(context), self.sec)
         return common_pb2.CancelReply(cancelled=cancelled, state=int(state))
 
     @rpc.grpc_errors
     async def GetPool(self, request, context):
-        info = rpc.pool_info(self.s.pool, self.s.transport.session, 0)
+        shown_to = self.sec.may_see(rpc.peer_identity(context), self.sec.own_identity)
+        info = rpc.pool_info(self.s.pool, self.s.transport.session, 0, addresses=shown_to)
         if not self.s.group.broken:
             await self.s.group.refresh()
         for rank, (used, free, waiters, held, quarantined) in enumerate(self.s.group.rank_pools):
@@ -537,6 +571,14 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
     @rpc.grpc_errors
     async def GetDiagnostics(self, request, context):
         return rpc.diagnostics(self.s.requests)
+
+
+
+class LanguageBenchServicer(bench_pb2_grpc.BenchServicer):
+    """epd.v1.Bench on the language (MeasureLink), served only with --enable-bench."""
+
+    def __init__(self, service: LanguageService):
+        self.s = service
 
     @rpc.grpc_errors
     async def MeasureLink(self, request, context):

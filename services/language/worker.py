@@ -88,12 +88,13 @@ class RankWorker:
         cfg = self.config
         if self.transport is None:
             self.transport = await asyncio.to_thread(MooncakeTransport, cfg.host, cfg.protocol, cfg.rdma_device)
-        self.transport.register(self.pool.base_address, self.pool.nbytes, memory_location(cfg.device))
+        self.transport.register(self.pool.base_address, self.pool.registered_bytes, memory_location(cfg.device))
         self.metrics.watch_pool(self.pool.allocator)
         self.metrics.watch_inflight(lambda: len(self._tasks))
         self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)  # rank R's config has metrics_port + R
         self.metrics.watch_encoders(lambda: self.encoders.available)
-        await self.encoders.start(self.rank, self.transport.session, self.pool.geometry, watch=self.rank == 0)
+        await self.encoders.start(self.rank, self.transport.session, self.pool.geometry, self.pool.proving,
+                                  watch=self.rank == 0)
         if self.fault.hold_blocks:
             self._held = self.pool.allocator.try_alloc(self.fault.hold_blocks) or []
 

@@ -52,7 +52,7 @@ class TestRank:
         self.record = RecordLayout.pack(default_fields(hidden, dtype))
         self.pool = BlockPool(self.record, block_size, num_blocks)
         self.transport = transport or shared_transport()
-        self.transport.register(self.pool.base_address, self.pool.nbytes)
+        self.transport.register(self.pool.base_address, self.pool.registered_bytes)
         self._held: set[int] = set()
         self._closed = False
 
@@ -91,10 +91,17 @@ class TestRank:
             layout=self.layout() if layout is None else layout)
 
     async def register(self, stub, language_id: str | None = None, **kw) -> encoder_pb2.RegisterReply:
-        """Register this rank with the encoder behind `stub` (optionally under another language_id)."""
+        """Register this rank with the encoder behind `stub` (optionally under another language_id),
+        with the proof of possession a real rank gives: Challenge, the nonce into the pool's proof
+        area, Register carrying it."""
         if language_id is not None:
             self.language_id = language_id
-        return await stub.Register(self.register_request(**kw))
+        request = self.register_request(**kw)
+        challenge = await stub.Challenge(encoder_pb2.ChallengeRequest(language_id=request.language_id,
+                                                                      rank=request.rank))
+        request.proof_nonce = challenge.nonce
+        async with self.pool.proving(challenge.nonce):
+            return await stub.Register(request)
 
     def init_request(self, request_id: str, blocks: Sequence[int], allocated_tokens: int | None = None, *,
                      rank_count: int = 1, language_id: str | None = None) -> encoder_pb2.InitRequest:

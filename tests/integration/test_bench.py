@@ -14,21 +14,26 @@ import sys
 import grpc
 import pytest
 
-from common.pb.epd.v1 import bench_pb2, encoder_pb2_grpc
-from tests.conftest import ROOT, Pair, assert_all_free, language_stub
+from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, encoder_pb2_grpc
+from tests.conftest import ROOT, Pair, assert_all_free
 from tests.integration.rank_harness import TestRank
+
+
+def bench_stub(address: str):
+    return bench_pb2_grpc.BenchStub(grpc.aio.insecure_channel(address))
 
 
 @pytest.fixture(scope="module")
 def pair():
-    p = Pair(hidden=256, language_blocks=32, encoder_blocks=256)
+    p = Pair(hidden=256, language_blocks=32, encoder_blocks=256, encoder_args=("--enable-bench",),
+             language_args=("--enable-bench",))
     yield p
     p.stop()
 
 
 @pytest.mark.parametrize("write_wait", ["", "spin", "poll"])
 async def test_measure_link_moves_real_bytes_and_frees_both_pools(pair, write_wait):
-    stub = language_stub(pair.language.address)
+    stub = bench_stub(pair.language.address)
     reply = await stub.MeasureLink(bench_pb2.MeasureLinkRequest(tokens=1000, repeats=3, concurrency=2,
                                                                 write_wait=write_wait))
     assert len(reply.seconds) == 3 and all(s > 0 for s in reply.seconds)
@@ -46,7 +51,7 @@ async def test_measure_link_moves_real_bytes_and_frees_both_pools(pair, write_wa
     (dict(tokens=128, repeats=1, write_wait="busy"), grpc.StatusCode.INVALID_ARGUMENT, "write_wait='busy'"),
 ])
 async def test_measure_link_bad_input_is_refused_and_changes_nothing(pair, request_kw, code, named):
-    stub = language_stub(pair.language.address)
+    stub = bench_stub(pair.language.address)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await stub.MeasureLink(bench_pb2.MeasureLinkRequest(**request_kw))
     assert e.value.code() == code and named in e.value.details(), e.value.details()
@@ -58,10 +63,10 @@ async def test_raw_write_is_validated_like_init(pair):
     rank = TestRank(hidden=256, block_size=128, num_blocks=8)
     try:
         async with grpc.aio.insecure_channel(pair.encoder.address) as ch:
-            enc = encoder_pb2_grpc.EncoderStub(ch)
+            enc, bench = encoder_pb2_grpc.EncoderStub(ch), bench_pb2_grpc.BenchStub(ch)
             unregistered = bench_pb2.RawWriteRequest(language_id="nobody", rank=0, dst_blocks=[0], tokens=128, repeats=1)
             with pytest.raises(grpc.aio.AioRpcError) as e:
-                await enc.RawWrite(unregistered)
+                await bench.RawWrite(unregistered)
             assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "has not called Register" in e.value.details()
             await rank.register(enc)
             cases = [
@@ -74,10 +79,10 @@ async def test_raw_write_is_validated_like_init(pair):
             for kw, named in cases:
                 req = bench_pb2.RawWriteRequest(language_id=rank.language_id, rank=0, **{"repeats": 1, **kw})
                 with pytest.raises(grpc.aio.AioRpcError) as e:
-                    await enc.RawWrite(req)
+                    await bench.RawWrite(req)
                 assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and named in e.value.details(), e.value.details()
             blocks = rank.alloc(2)
-            ok = await enc.RawWrite(bench_pb2.RawWriteRequest(language_id=rank.language_id, rank=0, dst_blocks=blocks,
+            ok = await bench.RawWrite(bench_pb2.RawWriteRequest(language_id=rank.language_id, rank=0, dst_blocks=blocks,
                                                               tokens=200, repeats=2))
             assert len(ok.seconds) == 2 and ok.bytes == 200 * rank.record.record_bytes
             rank.free(blocks)

@@ -23,7 +23,7 @@ import urllib.request
 import grpc
 import pytest
 
-from common.pb.epd.v1 import bench_pb2, common_pb2, language_pb2
+from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, common_pb2, language_pb2
 from services import inspect_cli
 from services.language.ranks import free_port
 from services.reference_payload import expected_digest
@@ -122,9 +122,10 @@ async def test_raw_write_is_answered_only_once_its_late_write_landed_fault_injec
     measurement can land (ABORTED, not the transport's UNAVAILABLE, which an unreachable encoder
     would also give), holding its source blocks until then; the language then frees its blocks."""
     pair = Pair(hidden=HIDDEN, block_size=BLOCK, encoder_blocks=64, language_blocks=ROUND_BLOCKS,
-                initial_tokens=TOKENS, encoder_args=("--transport-fault", "late_nth=1,late_s=2"))
+                initial_tokens=TOKENS, encoder_args=("--transport-fault", "late_nth=1,late_s=2", "--enable-bench"),
+                language_args=("--enable-bench",))
     try:
-        stub = language_stub(pair.language.address)
+        stub = bench_pb2_grpc.BenchStub(grpc.aio.insecure_channel(pair.language.address))
         started = time.monotonic()
         call = asyncio.ensure_future(stub.MeasureLink(bench_pb2.MeasureLinkRequest(tokens=TOKENS, repeats=1),
                                                       timeout=30))

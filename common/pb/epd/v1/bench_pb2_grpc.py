@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from common.pb.epd.v1 import bench_pb2 as epd_dot_v1_dot_bench__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -22,3 +23,120 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
+
+
+class BenchStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.MeasureLink = channel.unary_unary(
+                '/epd.v1.Bench/MeasureLink',
+                request_serializer=epd_dot_v1_dot_bench__pb2.MeasureLinkRequest.SerializeToString,
+                response_deserializer=epd_dot_v1_dot_bench__pb2.MeasureLinkReply.FromString,
+                _registered_method=True)
+        self.RawWrite = channel.unary_unary(
+                '/epd.v1.Bench/RawWrite',
+                request_serializer=epd_dot_v1_dot_bench__pb2.RawWriteRequest.SerializeToString,
+                response_deserializer=epd_dot_v1_dot_bench__pb2.RawWriteReply.FromString,
+                _registered_method=True)
+
+
+class BenchServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def MeasureLink(self, request, context):
+        """client -> language rank 0
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RawWrite(self, request, context):
+        """language rank -> encoder
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_BenchServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'MeasureLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.MeasureLink,
+                    request_deserializer=epd_dot_v1_dot_bench__pb2.MeasureLinkRequest.FromString,
+                    response_serializer=epd_dot_v1_dot_bench__pb2.MeasureLinkReply.SerializeToString,
+            ),
+            'RawWrite': grpc.unary_unary_rpc_method_handler(
+                    servicer.RawWrite,
+                    request_deserializer=epd_dot_v1_dot_bench__pb2.RawWriteRequest.FromString,
+                    response_serializer=epd_dot_v1_dot_bench__pb2.RawWriteReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'epd.v1.Bench', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('epd.v1.Bench', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Bench:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def MeasureLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epd.v1.Bench/MeasureLink',
+            epd_dot_v1_dot_bench__pb2.MeasureLinkRequest.SerializeToString,
+            epd_dot_v1_dot_bench__pb2.MeasureLinkReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RawWrite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epd.v1.Bench/RawWrite',
+            epd_dot_v1_dot_bench__pb2.RawWriteRequest.SerializeToString,
+            epd_dot_v1_dot_bench__pb2.RawWriteReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

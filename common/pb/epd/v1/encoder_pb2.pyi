@@ -1,4 +1,3 @@
-from common.pb.epd.v1 import bench_pb2 as _bench_pb2
 from common.pb.epd.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -43,16 +42,34 @@ class EncodeReply(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., total_tokens: _Optional[int] = ..., encode_seconds: _Optional[float] = ..., init_applied: _Optional[bool] = ..., init_error: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("language_id", "rank", "session", "layout")
+    __slots__ = ("language_id", "rank", "session", "layout", "proof_nonce")
     LANGUAGE_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    PROOF_NONCE_FIELD_NUMBER: _ClassVar[int]
     language_id: str
     rank: int
     session: str
     layout: _common_pb2.PoolLayout
-    def __init__(self, language_id: _Optional[str] = ..., rank: _Optional[int] = ..., session: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.PoolLayout, _Mapping]] = ...) -> None: ...
+    proof_nonce: bytes
+    def __init__(self, language_id: _Optional[str] = ..., rank: _Optional[int] = ..., session: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.PoolLayout, _Mapping]] = ..., proof_nonce: _Optional[bytes] = ...) -> None: ...
+
+class ChallengeRequest(_message.Message):
+    __slots__ = ("language_id", "rank")
+    LANGUAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    language_id: str
+    rank: int
+    def __init__(self, language_id: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class ChallengeReply(_message.Message):
+    __slots__ = ("nonce", "expires_in_s")
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    expires_in_s: float
+    def __init__(self, nonce: _Optional[bytes] = ..., expires_in_s: _Optional[float] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("encoder_id", "layout")

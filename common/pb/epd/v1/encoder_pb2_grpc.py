@@ -3,7 +3,6 @@
 import grpc
 import warnings
 
-from common.pb.epd.v1 import bench_pb2 as epd_dot_v1_dot_bench__pb2
 from common.pb.epd.v1 import common_pb2 as epd_dot_v1_dot_common__pb2
 from common.pb.epd.v1 import encoder_pb2 as epd_dot_v1_dot_encoder__pb2
 
@@ -40,6 +39,11 @@ class EncoderStub:
                 '/epd.v1.Encoder/Encode',
                 request_serializer=epd_dot_v1_dot_encoder__pb2.EncodeRequest.SerializeToString,
                 response_deserializer=epd_dot_v1_dot_encoder__pb2.EncodeReply.FromString,
+                _registered_method=True)
+        self.Challenge = channel.unary_unary(
+                '/epd.v1.Encoder/Challenge',
+                request_serializer=epd_dot_v1_dot_encoder__pb2.ChallengeRequest.SerializeToString,
+                response_deserializer=epd_dot_v1_dot_encoder__pb2.ChallengeReply.FromString,
                 _registered_method=True)
         self.Register = channel.unary_unary(
                 '/epd.v1.Encoder/Register',
@@ -86,11 +90,6 @@ class EncoderStub:
                 request_serializer=epd_dot_v1_dot_common__pb2.GetDiagnosticsRequest.SerializeToString,
                 response_deserializer=epd_dot_v1_dot_common__pb2.Diagnostics.FromString,
                 _registered_method=True)
-        self.RawWrite = channel.unary_unary(
-                '/epd.v1.Encoder/RawWrite',
-                request_serializer=epd_dot_v1_dot_bench__pb2.RawWriteRequest.SerializeToString,
-                response_deserializer=epd_dot_v1_dot_bench__pb2.RawWriteReply.FromString,
-                _registered_method=True)
 
 
 class EncoderServicer:
@@ -98,6 +97,13 @@ class EncoderServicer:
 
     def Encode(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Challenge(self, request, context):
+        """Register's proof of possession
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -156,13 +162,6 @@ class EncoderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def RawWrite(self, request, context):
-        """epd bench: the raw Mooncake baseline
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_EncoderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +169,11 @@ def add_EncoderServicer_to_server(servicer, server):
                     servicer.Encode,
                     request_deserializer=epd_dot_v1_dot_encoder__pb2.EncodeRequest.FromString,
                     response_serializer=epd_dot_v1_dot_encoder__pb2.EncodeReply.SerializeToString,
+            ),
+            'Challenge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Challenge,
+                    request_deserializer=epd_dot_v1_dot_encoder__pb2.ChallengeRequest.FromString,
+                    response_serializer=epd_dot_v1_dot_encoder__pb2.ChallengeReply.SerializeToString,
             ),
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
@@ -216,11 +220,6 @@ def add_EncoderServicer_to_server(servicer, server):
                     request_deserializer=epd_dot_v1_dot_common__pb2.GetDiagnosticsRequest.FromString,
                     response_serializer=epd_dot_v1_dot_common__pb2.Diagnostics.SerializeToString,
             ),
-            'RawWrite': grpc.unary_unary_rpc_method_handler(
-                    servicer.RawWrite,
-                    request_deserializer=epd_dot_v1_dot_bench__pb2.RawWriteRequest.FromString,
-                    response_serializer=epd_dot_v1_dot_bench__pb2.RawWriteReply.SerializeToString,
-            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'epd.v1.Encoder', rpc_method_handlers)
@@ -249,6 +248,33 @@ class Encoder:
             '/epd.v1.Encoder/Encode',
             epd_dot_v1_dot_encoder__pb2.EncodeRequest.SerializeToString,
             epd_dot_v1_dot_encoder__pb2.EncodeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Challenge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epd.v1.Encoder/Challenge',
+            epd_dot_v1_dot_encoder__pb2.ChallengeRequest.SerializeToString,
+            epd_dot_v1_dot_encoder__pb2.ChallengeReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -492,33 +518,6 @@ class Encoder:
             '/epd.v1.Encoder/GetDiagnostics',
             epd_dot_v1_dot_common__pb2.GetDiagnosticsRequest.SerializeToString,
             epd_dot_v1_dot_common__pb2.Diagnostics.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def RawWrite(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/epd.v1.Encoder/RawWrite',
-            epd_dot_v1_dot_bench__pb2.RawWriteRequest.SerializeToString,
-            epd_dot_v1_dot_bench__pb2.RawWriteReply.FromString,
             options,
             channel_credentials,
             insecure,

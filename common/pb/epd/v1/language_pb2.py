@@ -22,25 +22,24 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from common.pb.epd.v1 import bench_pb2 as epd_dot_v1_dot_bench__pb2
 from common.pb.epd.v1 import common_pb2 as epd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x65pd/v1/language.proto\x12\x06\x65pd.v1\x1a\x12\x65pd/v1/bench.proto\x1a\x13\x65pd/v1/common.proto\"\xb2\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1d\n\x06images\x18\x02 \x03(\x0b\x32\r.epd.v1.Image\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x18\n\x10synthetic_tokens\x18\x04 \x01(\r\x12\x16\n\x0esynthetic_seed\x18\x05 \x01(\r\x12\x17\n\x0f\x65xpected_tokens\x18\x06 \x01(\x04\x12\x13\n\x0bwant_digest\x18\x07 \x01(\x08\"\xef\x03\n\rGenerateReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\x04\x12\x0e\n\x06rounds\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x05 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x06 \x01(\x01\x12\x1a\n\x12integrity_verified\x18\x07 \x01(\x08\x12\x0f\n\x07\x65ncoder\x18\x08 \x01(\t\x12\x16\n\x0epayload_sha256\x18\t \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\n \x01(\x03\x12 \n\x18initial_allocated_tokens\x18\x0b \x01(\x04\x12!\n\x05ranks\x18\x0c \x03(\x0b\x32\x12.epd.v1.RankReport\x12\x19\n\x11\x61greement_seconds\x18\r \x01(\x01\x12%\n\x06logits\x18\x0e \x01(\x0b\x32\x15.epd.v1.LogitsSummary\x12\x10\n\x08\x63onsumer\x18\x0f \x01(\t\x12\x10\n\x08\x61ttempts\x18\x10 \x01(\r\x12\x18\n\x10\x66\x61iled_over_from\x18\x11 \x01(\t\x12\x13\n\x0btransfer_id\x18\x12 \x01(\t\x12\x12\n\nearly_init\x18\x13 \x01(\x08\x12\x19\n\x11overlapped_rounds\x18\x14 \x01(\r\"\xc9\x01\n\rLogitsSummary\x12\x15\n\rtop_token_ids\x18\x01 \x03(\x03\x12\x12\n\ntop_logits\x18\x02 \x03(\x02\x12\x0c\n\x04norm\x18\x03 \x01(\x01\x12\x0b\n\x03sum\x18\x04 \x01(\x01\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x1c\n\x14mrope_position_delta\x18\x06 \x01(\x03\x12\x16\n\x0eprefill_tokens\x18\x07 \x01(\x04\x12\x17\n\x0fprefill_seconds\x18\x08 \x01(\x01\x12\x0f\n\x07skipped\x18\t \x01(\t\"n\n\nRankReport\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x11\n\tdata_rank\x18\x02 \x01(\x08\x12\x16\n\x0epayload_sha256\x18\x03 \x01(\t\x12\x17\n\x0freceived_tokens\x18\x04 \x01(\x04\x12\x0e\n\x06rounds\x18\x05 \x01(\r2\xc8\x03\n\x08Language\x12:\n\x08Generate\x12\x17.epd.v1.GenerateRequest\x1a\x15.epd.v1.GenerateReply\x12?\n\x0bGetTransfer\x12\x1a.epd.v1.GetTransferRequest\x1a\x14.epd.v1.TransferInfo\x12I\n\rListTransfers\x12\x1c.epd.v1.ListTransfersRequest\x1a\x1a.epd.v1.ListTransfersReply\x12\x34\n\x06\x43\x61ncel\x12\x15.epd.v1.CancelRequest\x1a\x13.epd.v1.CancelReply\x12\x33\n\x07GetPool\x12\x16.epd.v1.GetPoolRequest\x1a\x10.epd.v1.PoolInfo\x12\x44\n\x0eGetDiagnostics\x12\x1d.epd.v1.GetDiagnosticsRequest\x1a\x13.epd.v1.Diagnostics\x12\x43\n\x0bMeasureLink\x12\x1a.epd.v1.MeasureLinkRequest\x1a\x18.epd.v1.MeasureLinkReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x65pd/v1/language.proto\x12\x06\x65pd.v1\x1a\x13\x65pd/v1/common.proto\"\xb2\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1d\n\x06images\x18\x02 \x03(\x0b\x32\r.epd.v1.Image\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x18\n\x10synthetic_tokens\x18\x04 \x01(\r\x12\x16\n\x0esynthetic_seed\x18\x05 \x01(\r\x12\x17\n\x0f\x65xpected_tokens\x18\x06 \x01(\x04\x12\x13\n\x0bwant_digest\x18\x07 \x01(\x08\"\xef\x03\n\rGenerateReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\x04\x12\x0e\n\x06rounds\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x05 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x06 \x01(\x01\x12\x1a\n\x12integrity_verified\x18\x07 \x01(\x08\x12\x0f\n\x07\x65ncoder\x18\x08 \x01(\t\x12\x16\n\x0epayload_sha256\x18\t \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\n \x01(\x03\x12 \n\x18initial_allocated_tokens\x18\x0b \x01(\x04\x12!\n\x05ranks\x18\x0c \x03(\x0b\x32\x12.epd.v1.RankReport\x12\x19\n\x11\x61greement_seconds\x18\r \x01(\x01\x12%\n\x06logits\x18\x0e \x01(\x0b\x32\x15.epd.v1.LogitsSummary\x12\x10\n\x08\x63onsumer\x18\x0f \x01(\t\x12\x10\n\x08\x61ttempts\x18\x10 \x01(\r\x12\x18\n\x10\x66\x61iled_over_from\x18\x11 \x01(\t\x12\x13\n\x0btransfer_id\x18\x12 \x01(\t\x12\x12\n\nearly_init\x18\x13 \x01(\x08\x12\x19\n\x11overlapped_rounds\x18\x14 \x01(\r\"\xc9\x01\n\rLogitsSummary\x12\x15\n\rtop_token_ids\x18\x01 \x03(\x03\x12\x12\n\ntop_logits\x18\x02 \x03(\x02\x12\x0c\n\x04norm\x18\x03 \x01(\x01\x12\x0b\n\x03sum\x18\x04 \x01(\x01\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x1c\n\x14mrope_position_delta\x18\x06 \x01(\x03\x12\x16\n\x0eprefill_tokens\x18\x07 \x01(\x04\x12\x17\n\x0fprefill_seconds\x18\x08 \x01(\x01\x12\x0f\n\x07skipped\x18\t \x01(\t\"n\n\nRankReport\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x11\n\tdata_rank\x18\x02 \x01(\x08\x12\x16\n\x0epayload_sha256\x18\x03 \x01(\t\x12\x17\n\x0freceived_tokens\x18\x04 \x01(\x04\x12\x0e\n\x06rounds\x18\x05 \x01(\r2\x83\x03\n\x08Language\x12:\n\x08Generate\x12\x17.epd.v1.GenerateRequest\x1a\x15.epd.v1.GenerateReply\x12?\n\x0bGetTransfer\x12\x1a.epd.v1.GetTransferRequest\x1a\x14.epd.v1.TransferInfo\x12I\n\rListTransfers\x12\x1c.epd.v1.ListTransfersRequest\x1a\x1a.epd.v1.ListTransfersReply\x12\x34\n\x06\x43\x61ncel\x12\x15.epd.v1.CancelRequest\x1a\x13.epd.v1.CancelReply\x12\x33\n\x07GetPool\x12\x16.epd.v1.GetPoolRequest\x1a\x10.epd.v1.PoolInfo\x12\x44\n\x0eGetDiagnostics\x12\x1d.epd.v1.GetDiagnosticsRequest\x1a\x13.epd.v1.Diagnosticsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epd.v1.language_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=75
-  _globals['_GENERATEREQUEST']._serialized_end=253
-  _globals['_GENERATEREPLY']._serialized_start=256
-  _globals['_GENERATEREPLY']._serialized_end=751
-  _globals['_LOGITSSUMMARY']._serialized_start=754
-  _globals['_LOGITSSUMMARY']._serialized_end=955
-  _globals['_RANKREPORT']._serialized_start=957
-  _globals['_RANKREPORT']._serialized_end=1067
-  _globals['_LANGUAGE']._serialized_start=1070
-  _globals['_LANGUAGE']._serialized_end=1526
+  _globals['_GENERATEREQUEST']._serialized_start=55
+  _globals['_GENERATEREQUEST']._serialized_end=233
+  _globals['_GENERATEREPLY']._serialized_start=236
+  _globals['_GENERATEREPLY']._serialized_end=731
+  _globals['_LOGITSSUMMARY']._serialized_start=734
+  _globals['_LOGITSSUMMARY']._serialized_end=935
+  _globals['_RANKREPORT']._serialized_start=937
+  _globals['_RANKREPORT']._serialized_end=1047
+  _globals['_LANGUAGE']._serialized_start=1050
+  _globals['_LANGUAGE']._serialized_end=1437
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,3 @@
-from common.pb.epd.v1 import bench_pb2 as _bench_pb2
 from common.pb.epd.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor

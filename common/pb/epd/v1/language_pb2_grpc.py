@@ -3,7 +3,6 @@
 import grpc
 import warnings
 
-from common.pb.epd.v1 import bench_pb2 as epd_dot_v1_dot_bench__pb2
 from common.pb.epd.v1 import common_pb2 as epd_dot_v1_dot_common__pb2
 from common.pb.epd.v1 import language_pb2 as epd_dot_v1_dot_language__pb2
 
@@ -66,11 +65,6 @@ class LanguageStub:
                 request_serializer=epd_dot_v1_dot_common__pb2.GetDiagnosticsRequest.SerializeToString,
                 response_deserializer=epd_dot_v1_dot_common__pb2.Diagnostics.FromString,
                 _registered_method=True)
-        self.MeasureLink = channel.unary_unary(
-                '/epd.v1.Language/MeasureLink',
-                request_serializer=epd_dot_v1_dot_bench__pb2.MeasureLinkRequest.SerializeToString,
-                response_deserializer=epd_dot_v1_dot_bench__pb2.MeasureLinkReply.FromString,
-                _registered_method=True)
 
 
 class LanguageServicer:
@@ -112,13 +106,6 @@ class LanguageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def MeasureLink(self, request, context):
-        """epd bench: raw Mooncake to this instance
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_LanguageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -151,11 +138,6 @@ def add_LanguageServicer_to_server(servicer, server):
                     servicer.GetDiagnostics,
                     request_deserializer=epd_dot_v1_dot_common__pb2.GetDiagnosticsRequest.FromString,
                     response_serializer=epd_dot_v1_dot_common__pb2.Diagnostics.SerializeToString,
-            ),
-            'MeasureLink': grpc.unary_unary_rpc_method_handler(
-                    servicer.MeasureLink,
-                    request_deserializer=epd_dot_v1_dot_bench__pb2.MeasureLinkRequest.FromString,
-                    response_serializer=epd_dot_v1_dot_bench__pb2.MeasureLinkReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -320,33 +302,6 @@ class Language:
             '/epd.v1.Language/GetDiagnostics',
             epd_dot_v1_dot_common__pb2.GetDiagnosticsRequest.SerializeToString,
             epd_dot_v1_dot_common__pb2.Diagnostics.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def MeasureLink(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/epd.v1.Language/MeasureLink',
-            epd_dot_v1_dot_bench__pb2.MeasureLinkRequest.SerializeToString,
-            epd_dot_v1_dot_bench__pb2.MeasureLinkReply.FromString,
             options,
             channel_credentials,
             insecure,

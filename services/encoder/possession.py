@@ -1,0 +1,126 @@
+"""Register's proof of possession: a language rank proves, through the transfer engine itself,
+that it controls the memory it asks the encoder to write into.
+
+Without it a caller could describe any pool it read about (another instance's session and base
+address from inspection, spelt as an alias of the same listener) and have the encoder write into
+it. Comparing session spellings cannot close that; reading memory back can:
+
+1. `Challenge` hands the caller a one-time random nonce for (identity, language_id, rank),
+   valid for CHALLENGE_TTL_S (`Challenges`).
+2. The rank puts the nonce into lane 0 of its pool's proof area, right after its last block,
+   inside the memory it registered with the engine (common/layout.py `proof_address`), and
+   calls Register with it.
+3. The encoder reads those bytes back with a transfer-engine read from the claimed session at
+   the claimed pool's proof address (`ProofReader`) and accepts the pool only when they match.
+   A read never changes the claimed memory; a mismatch is PERMISSION_DENIED.
+
+Only someone who can put bytes at that address in that process passes: the process itself, or
+whoever can already write there through the unauthenticated data plane (docs/SECURITY.md).
+
+Domain code: no grpc, no mooncake; the transport's `read_sync` is handed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import time
+from typing import Callable
+
+from common.errors import FailedPrecondition, PermissionDenied, ResourceExhausted, TransportError, Unavailable, shown
+from common.layout import PROOF_LANES, PoolGeometry
+from common.pool import BlockPool
+
+log = logging.getLogger(__name__)
+
+NONCE_BYTES = 32
+CHALLENGE_TTL_S = 30.0
+PROOF_READ_TIMEOUT_S = 10.0
+"""A read whose peer accepts the connection but never answers blocks the engine's thread for
+about a minute (its handshake timeout); Register gives up on it sooner, and the lane stays taken
+until the thread returns."""
+
+
+class Challenges:
+    """Nonces handed out and not yet used, at most `per_identity` per identity (old ones expire)."""
+
+    def __init__(self, per_identity: int, ttl_s: float = CHALLENGE_TTL_S, clock: Callable[[], float] = time.monotonic):
+        self._per_identity = per_identity
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._pending: dict[tuple[str, str, int], tuple[bytes, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for key in [k for k, (_, until) in self._pending.items() if until <= now]:
+            del self._pending[key]
+
+    def issue(self, principal: str, language_id: str, rank: int) -> bytes:
+        """A fresh nonce for (principal, language_id, rank), replacing an unused older one."""
+        self._expire()
+        key = (principal, language_id, rank)
+        if key not in self._pending and sum(1 for p, _, _ in self._pending if p == principal) >= self._per_identity:
+            raise ResourceExhausted(f"Challenge for language_id {shown(language_id)} rank {rank}: this identity has "
+                                    f"{self._per_identity} challenges outstanding (max_sessions_per_identity)")
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        self._pending[key] = (nonce, self._clock() + self._ttl_s)
+        return nonce
+
+    def take(self, principal: str, language_id: str, rank: int, nonce: bytes, what: str) -> None:
+        """Use up the nonce for (principal, language_id, rank): FailedPrecondition when none is
+        outstanding or it expired, PermissionDenied when `nonce` is not it. Used once either way."""
+        self._expire()
+        entry = self._pending.pop((principal, language_id, rank), None)
+        if not nonce:
+            raise FailedPrecondition(f"{what}: proof_nonce is empty: call Challenge first, put its nonce into the "
+                                     f"pool's proof area and send it with Register")
+        if entry is None:
+            raise FailedPrecondition(f"{what}: no Challenge outstanding for this identity, language_id and rank "
+                                     f"(none was asked for, it was used, or it expired after {self._ttl_s:.0f} s)")
+        if not hmac.compare_digest(entry[0], nonce):
+            raise PermissionDenied(f"{what}: proof_nonce is not the nonce this encoder handed out")
+
+
+class ProofReader:
+    """Reads a claimed pool's proof lane back into one of our own proof lanes and compares."""
+
+    def __init__(self, pool: BlockPool, read_sync: Callable[[str, int, int, int], None],
+                 timeout_s: float = PROOF_READ_TIMEOUT_S):
+        self._pool = pool
+        self._read_sync = read_sync
+        self._timeout_s = timeout_s
+        self._free_lanes = list(range(PROOF_LANES))
+
+    async def verify(self, session: str, geometry: PoolGeometry, nonce: bytes, what: str) -> None:
+        """Returns when the nonce is at `geometry.proof_address` in `session`'s memory;
+        PermissionDenied when something else is there, Unavailable when it cannot be read."""
+        if not self._free_lanes:
+            raise Unavailable(f"{what}: {PROOF_LANES} proofs are being read already; try again")
+        lane = self._free_lanes.pop()
+        self._pool.write_proof(lane, b"")
+        local = self._pool.proof_lane_address(lane)
+        reading = asyncio.ensure_future(asyncio.to_thread(self._read_sync, session, local, geometry.proof_address,
+                                                          len(nonce)))
+        # The lane is ours until the engine's thread returns, even when we stop waiting for it.
+        reading.add_done_callback(lambda _f: self._free_lanes.append(lane))
+        try:
+            await asyncio.wait_for(asyncio.shield(reading), self._timeout_s)
+        except asyncio.TimeoutError:
+            raise Unavailable(f"{what}: reading the proof from Mooncake session {shown(session)} took longer than "
+                              f"{self._timeout_s:.0f} s") from None
+        except TransportError as e:
+            # The engine says the same (-1) for an unreachable session and for an address outside
+            # the peer's registered memory: either way the pool cannot be confirmed.
+            raise PermissionDenied(f"{what}: cannot read the proof back from Mooncake session {shown(session)} at "
+                                   f"0x{geometry.proof_address:x} (the pool's end): {e.message}") from None
+        found = self._pool.read_proof(lane, len(nonce))
+        if not hmac.compare_digest(found, nonce):
+            log.warning("%s: the proof at 0x%x of session %s does not match", what, geometry.proof_address, session)
+            raise PermissionDenied(f"{what}: the memory at Mooncake session {shown(session)}, address "
+                                   f"0x{geometry.proof_address:x} (the claimed pool's end) does not hold this "
+                                   f"registration's nonce: the caller does not control that pool")
