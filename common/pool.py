@@ -383,18 +383,20 @@ class BlockPool:
 
     # -- proof area ----------------------------------------------------------------------------
 
-    def proof_lane_address(self, lane: int) -> int:
-        return self.geometry.proof_address + lane * PROOF_LANE_BYTES
-
     def write_proof(self, lane: int, data: bytes) -> None:
         """Put `data` (at most PROOF_LANE_BYTES) at the start of a proof lane, zero the rest."""
         if len(data) > PROOF_LANE_BYTES:
             raise ValueError(f"proof data of {len(data)} bytes exceeds a lane's {PROOF_LANE_BYTES}")
         row = torch.zeros(PROOF_LANE_BYTES, dtype=torch.uint8)
-        row[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else row[:0]
+        if data:
+            row[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         self._proof[lane].copy_(row)
         if self._proof.is_cuda:
             torch.cuda.synchronize(self._proof.device)  # visible to the engine's reads before we answer
+
+    def read_proof(self, lane: int, length: int) -> bytes:
+        """The first `length` bytes of a proof lane (copied to the host)."""
+        return bytes(self._proof[lane, :length].cpu().numpy().tobytes())
 
     @contextlib.asynccontextmanager
     async def proving(self, nonce: bytes) -> AsyncIterator[None]:
@@ -409,10 +411,6 @@ class BlockPool:
                 yield
             finally:
                 self.write_proof(0, b"")
-
-    def read_proof(self, lane: int, length: int) -> bytes:
-        """The first `length` bytes of a proof lane (copied to the host)."""
-        return bytes(self._proof[lane, :length].cpu().numpy().tobytes())
 
     # -- views ---------------------------------------------------------------------------------
 

@@ -72,7 +72,8 @@ class EncoderService:
         self._shutdown_done = False
         self._raw_fences: set[asyncio.Task] = set()  # RawWrite source blocks held by the fence
         self.challenges = Challenges(config.max_sessions_per_identity)
-        self.proofs: ProofReader | None = None  # made by start(), with the transport
+        self.proofs: ProofReader | None = None  # made by start(), with its own engine
+        self.proof_transport: MooncakeTransport | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -87,7 +88,11 @@ class EncoderService:
         self.transport.register(self.pool.base_address, self.pool.registered_bytes, memory_location(cfg.device))
         self.metrics.watch_pool(self.pool.allocator)
         self.metrics.watch_inflight(lambda: len(self.transfers.live))
-        self.proofs = ProofReader(self.pool, self.transport.read_sync)
+        # Register's proofs are read by an engine of their own (services/encoder/possession.py).
+        self.proof_transport = await asyncio.to_thread(MooncakeTransport, cfg.host, cfg.protocol, cfg.rdma_device)
+        lanes = ProofReader.new_lanes()
+        self.proof_transport.register(lanes.data_ptr(), lanes.numel(), memory_location("cpu"))
+        self.proofs = ProofReader(self.proof_transport.read_sync, lanes)
         self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
         sec = rpc.ServerSecurity.from_config(cfg)
 
@@ -128,6 +133,8 @@ class EncoderService:
             await self.server.stop(1.0)
         if self.transport is not None:
             self.transport.close()
+        if self.proof_transport is not None:
+            self.proof_transport.close()
         self.metrics.close()
 
     async def _wait_for_fences(self, timeout: float) -> None:

@@ -24,7 +24,6 @@ metadata limit, and gigantic dst_blocks lists, which must be refused without sta
 
 Each hypothesis example runs on one event loop owned by the module (`Live.run`), with channels
 that live as long as the module. `database=None` keeps hypothesis from writing into the repo;
-a failure prints the example and a `@reproduce_failure` blob.
 """
 
 from __future__ import annotations
@@ -42,7 +41,6 @@ from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
 
 from common.pb.epd.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc, language_pb2, language_pb2_grpc
-from services.encoder.service import _session_key  # how the encoder compares sessions
 from services.reference_payload import expected_digest
 from tests.conftest import Pair, assert_all_free
 from tests.integration.rank_harness import TestRank
@@ -120,7 +118,10 @@ class Live:
 @pytest.fixture(scope="module")
 def pair():
     p = Pair(hidden=HIDDEN, block_size=BLOCK, encoder_blocks=ENCODER_BLOCKS, language_blocks=LANGUAGE_BLOCKS,
-             initial_tokens=INITIAL_TOKENS, encoder_args=("--max-request-tokens", str(MAX_TOKENS)),
+             initial_tokens=INITIAL_TOKENS,
+             # Every accepted fuzzed Register adds a registration: room for all of them.
+             encoder_args=("--max-request-tokens", str(MAX_TOKENS), "--max-sessions-per-identity", "100000",
+                           "--max-sessions", "100000"),
              language_args=("--language-id", LANGUAGE_ID))
     yield p
     p.stop()
@@ -343,6 +344,15 @@ def token_expectation(synthetic_tokens: int, text: str, imgs) -> tuple[tuple | N
     return None, total
 
 
+def _prefix_problem(lv: Live, request_id: str):
+    """A new transfer id shaped `LANGUAGE_ID/...` needs a prefix the caller registered: None when
+    fine, (PD, ...) when not, "unknown" for a prefix an earlier Register example may have taken."""
+    prefix, slash, _ = request_id.partition("/")
+    if not slash or prefix in (lv.language_id, LANGUAGE_ID):
+        return None
+    return "unknown" if prefix.startswith("fzreg-") else (PD, "prefix")
+
+
 # ---------------------------------------------------------------------------- Encoder.Encode
 
 @fuzz(120)
@@ -357,6 +367,12 @@ def test_fuzz_encode(live, id_kind, prefix, synthetic_tokens, seed, text, imgs, 
         bad, total = token_expectation(synthetic_tokens, text, imgs)
         if not request_id:
             bad = (IA, "request_id")
+        elif req.language_id not in ("", live.language_id):
+            bad = (FP, "has not called Register")  # an Encode names a language its caller registered
+        elif _prefix_problem(live, request_id):
+            bad = _prefix_problem(live, request_id)
+            if bad == "unknown":
+                return
         reply, e = await outcome(live.enc.Encode(req))
         note(f"Encode -> {show(e)}")
         if bad:
@@ -397,7 +413,22 @@ sessions = st.one_of(
     st.builds(lambda h, port: f"{h}:{port}", st.text(utf8, min_size=1, max_size=12), st.integers(-5, 70000)),
 )
 
-_REGISTERED: dict[str, str] = {}  # session -> the fuzzed language_id that registered the test rank's pool on it
+def _proof_address(layout: common_pb2.PoolLayout) -> int:
+    """Where a claimed pool's proof area is, by the protocol's definition (encoder.proto
+    ChallengeReply): right after its blocks."""
+    return layout.base_address + layout.num_blocks * layout.block_size * layout.record_bytes
+
+
+async def _proven_register(lv: Live, req: encoder_pb2.RegisterRequest):
+    """Register as a real rank does (Challenge, the nonce in the test rank's proof area), whatever
+    `req` claims; (reply, error) of the Register (or of the Challenge, when it is refused)."""
+    challenge, e = await outcome(lv.enc.Challenge(encoder_pb2.ChallengeRequest(language_id=req.language_id,
+                                                                               rank=req.rank)))
+    if e is not None:
+        return None, e
+    req.proof_nonce = challenge.nonce
+    async with lv.rank.pool.proving(challenge.nonce):
+        return await outcome(lv.enc.Register(req))
 
 REGISTER_MUTATIONS = [
     # one mutation of an otherwise valid RegisterRequest per example; the expectation is set in the test
@@ -416,9 +447,8 @@ REGISTER_MUTATIONS = [
 def test_fuzz_register(live, mutation, lang, session, value32, value64, shape, dtype, field_index, rank):
     async def case():
         language_id = "fzreg-" + lang  # never the test rank's id: a taken Register must not disturb it
-        # A session of its own: the encoder refuses a pool overlapping another instance's on one
-        # Mooncake session (issue 9), and every example describes the test rank's pool.
-        req = encoder_pb2.RegisterRequest(language_id=language_id, rank=rank, session=f"fzreg-{uuid.uuid4().hex}:9",
+        # Every example describes the test rank's pool, on its real session, with its proof.
+        req = encoder_pb2.RegisterRequest(language_id=language_id, rank=rank, session=live.rank.session,
                                           layout=_good_layout(live))
         lay = req.layout
         f = lay.fields[field_index]
@@ -501,14 +531,14 @@ def test_fuzz_register(live, mutation, lang, session, value32, value64, shape, d
             any_of = ("fields", "record_bytes", extra.name)
         elif mutation == "rank":
             req.rank = rank
-        if mutation == "session" and _REGISTERED.get(_session_key(req.session), language_id) != language_id:
-            # A session an earlier example's instance registered the same pool on: not this one's to take.
+        if expect[0] is OK and (req.session != live.rank.session
+                                or _proof_address(req.layout) != _proof_address(_good_layout(live))):
+            # A well-formed claim on memory where the nonce is not: another session (nothing of
+            # ours listens there), or a pool whose end is not where the test rank put the nonce.
             expect = (PD, "Mooncake session")
-        reply, e = await outcome(live.enc.Register(req))
+        reply, e = await _proven_register(live, req)
         note(f"Register[{mutation}] -> {show(e)}")
         code, *needles = expect
-        if e is None:
-            _REGISTERED.setdefault(_session_key(req.session), language_id)
         if code is OK:
             assert e is None, f"valid Register ({mutation}) failed: {show(e)}"
             assert reply.encoder_id
@@ -622,7 +652,9 @@ def test_fuzz_init(live, id_kind, prefix, lang_kind, other, rank, rank_count, bl
         elif lang_kind != "real" or rank != 0:
             expect = (FP, f"rank {rank}", "Register")
         else:
-            expect = allocation_problem(block_list, allocated) or (OK,)
+            expect = allocation_problem(block_list, allocated) or _prefix_problem(live, request_id) or (OK,)
+            if expect == "unknown":
+                return
         loop = asyncio.get_running_loop()
         started = loop.time()
         reply, e = await outcome(live.enc.Init(req))
@@ -641,12 +673,17 @@ def test_fuzz_init(live, id_kind, prefix, lang_kind, other, rank, rank_count, bl
 
 
 async def _fake_peer(lv: Live, num_blocks: int) -> str:
-    """A registered language with a huge pool (same record layout) that nothing is ever written to."""
+    """A registered language with a huge pool (same record layout) that nothing is ever written to:
+    its claimed blocks end at the test rank's proof area, so the proof of possession passes."""
     language_id = unique("fzreg-bigpool")
     lay = lv.rank.layout()
+    real_end = _proof_address(lay)
     lay.num_blocks = num_blocks
-    await lv.enc.Register(encoder_pb2.RegisterRequest(language_id=language_id, rank=0, session="127.0.0.1:9",
-                                                      layout=lay))
+    lay.base_address = real_end - num_blocks * lay.block_size * lay.record_bytes
+    assert lay.base_address > 0
+    _, e = await _proven_register(lv, encoder_pb2.RegisterRequest(language_id=language_id, rank=0,
+                                                                  session=lv.rank.session, layout=lay))
+    assert e is None, show(e)
     return language_id
 
 
