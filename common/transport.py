@@ -85,7 +85,9 @@ class MooncakeTransport:
         self._engine = engine
         self.host = host
         self.protocol = protocol
-        self.session = f"{host}:{self._engine.get_rpc_port()}"
+        self.handshake_port = self._engine.get_rpc_port()
+        """The engine's handshake (RPC) port; it listens on every interface (docs/SECURITY.md)."""
+        self.session = f"{host}:{self.handshake_port}"
         self.wait = wait
         self.timeout_s = float(max(5, math.ceil(write_timeout_s)) if write_timeout_s is not None
                                else os.environ.get("MC_TRANSFER_TIMEOUT", 30))

@@ -30,7 +30,7 @@ from common.states import FailureReason, StatusUpdate, TransferState
 from common.table import TransferTable
 from common.transport import MooncakeTransport, memory_location
 from common import transport_faults
-from services import rpc
+from services import exposure, rpc
 from services.metrics import Metrics
 from services.encoder.models import EncodeInputs, SyntheticModel, load_model, validate_images
 from services.encoder.possession import CHALLENGE_TTL_S, Challenges, ProofReader
@@ -105,6 +105,9 @@ class EncoderService:
                                      extra_services=[BENCH_SERVICE_NAME] if cfg.enable_bench else [])
         self.port = await self.server.start(cfg.host, cfg.port)
         self.encoder_id = cfg.encoder_id or f"{socket.gethostname()}:{self.port}"
+        exposure.report("encoder", cfg.host, {self.port: "gRPC", self.metrics_port: "metrics",
+                                              self.transport.handshake_port: "Mooncake handshake",
+                                              self.proof_transport.handshake_port: "Mooncake handshake (proofs)"})
         log.info("encoder %s serving on %s:%d, session %s, pool %d x %d tokens x %d B on %s",
                  self.encoder_id, cfg.host, self.port, self.transport.session, cfg.pool_blocks, cfg.block_size,
                  self.pool.record.record_bytes, cfg.device)

@@ -36,6 +36,7 @@ class GrpcEncoderLink:
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.encoder_id = ""
         self._registration: tuple[int, str, PoolGeometry, Prove] | None = None
+        self._registering: asyncio.Lock | None = None  # made on first use, in the running loop
 
     async def close(self) -> None:
         await self.channel.close()
@@ -54,13 +55,19 @@ class GrpcEncoderLink:
         # Remembered before the call: an Init to an encoder this rank could not reach at start-up
         # registers then (NOT_REGISTERED below).
         self._registration = (rank, session, geometry, prove)
+        if self._registering is None:
+            self._registering = asyncio.Lock()
         try:
-            challenge = await self._call("Challenge", self.stub.Challenge(encoder_pb2.ChallengeRequest(
-                language_id=self.language_id, rank=rank), timeout=timeout, wait_for_ready=True))
-            async with prove(challenge.nonce):
-                reply = await self._call("Register", self.stub.Register(encoder_pb2.RegisterRequest(
-                    language_id=self.language_id, rank=rank, session=session, layout=rpc.geometry_to_pb(geometry),
-                    proof_nonce=challenge.nonce), timeout=timeout, wait_for_ready=True))
+            # One at a time: a second Challenge for the same rank replaces the first's nonce (the
+            # background registration and a request's re-registration may meet here).
+            async with self._registering:
+                challenge = await self._call("Challenge", self.stub.Challenge(encoder_pb2.ChallengeRequest(
+                    language_id=self.language_id, rank=rank), timeout=timeout, wait_for_ready=True))
+                async with prove(challenge.nonce):
+                    reply = await self._call("Register", self.stub.Register(encoder_pb2.RegisterRequest(
+                        language_id=self.language_id, rank=rank, session=session,
+                        layout=rpc.geometry_to_pb(geometry), proof_nonce=challenge.nonce),
+                        timeout=timeout, wait_for_ready=True))
         except errors.DeadlineExceeded as e:  # say why it could not connect (e.g. a TLS handshake refused)
             raise errors.DeadlineExceeded(e.message + await self._connect_problem()) from None
         self.encoder_id = reply.encoder_id
@@ -107,6 +114,8 @@ class GrpcEncoderLink:
             # A restarted encoder has forgotten this instance: register again and retry once.
             if e.error_reason != errors.NOT_REGISTERED or self._registration is None:
                 raise
+            log.info("request %s: encoder %s no longer knows this instance (NOT_REGISTERED): registering again",
+                     request_id, self.address)
             await self.register(*self._registration)
             reply = await self._call("Encode", self.stub.Encode(request))
         if init is not None:
@@ -135,6 +144,8 @@ class GrpcEncoderLink:
             # A restarted encoder has forgotten our session: register again and retry once.
             if e.error_reason != errors.NOT_REGISTERED or self._registration is None:
                 raise
+            log.info("request %s: encoder %s no longer knows this instance (NOT_REGISTERED): registering again",
+                     request_id, self.address)
             await self.register(*self._registration)
             await self._call("Init", self.stub.Init(request))
 

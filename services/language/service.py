@@ -23,7 +23,7 @@ from common.plan import blocks_for_tokens
 from common.states import FailureReason, TransferState
 from common.table import TransferTable
 from common.transport import MooncakeTransport
-from services import rpc
+from services import exposure, rpc
 from services.language import encoders, ranks
 from services.language.policy import AllocationPolicy
 from services.language.rank_group import MAX_REQUEST_ID_BYTES, DistributedGroup, LocalGroup, RankGroup, RankRow
@@ -133,6 +133,8 @@ class LanguageService:
         self.server = rpc.GrpcServer(SERVICE_NAME, add_servicers, interceptors=[self.worker.metrics.interceptor()],
                                      sec=sec, extra_services=[BENCH_SERVICE_NAME] if cfg.enable_bench else [])
         self.port = await self.server.start(cfg.host, cfg.port)
+        exposure.report("language rank 0", cfg.host, {self.port: "gRPC", self.metrics_port: "metrics",
+                                                      self.transport.handshake_port: "Mooncake handshake"})
         log.info("language %s serving on %s:%d, %d rank(s) (data ranks %s), session %s, encoders %s (%s, %d available)",
                  self.language_id, cfg.host, self.port, cfg.tp, list(cfg.data_rank_list), self.transport.session,
                  [v.address for v in self.worker.encoders.views], cfg.encoder_policy, self.worker.encoders.available)

@@ -27,6 +27,7 @@ from services.language.faults import FaultSpec, FaultyLink
 from services.language.rank_group import Decision, LocalView, RankGroup, RequestSpec
 from services.rpc import ClientSecurity
 from services.language.receiver import CarriedInit, Fence, ReceiveTask, release_when_safe
+from services import exposure
 from services.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,9 @@ class RankWorker:
         self.metrics.watch_encoders(lambda: self.encoders.available)
         await self.encoders.start(self.rank, self.transport.session, self.pool.geometry, self.pool.proving,
                                   watch=self.rank == 0)
+        if self.rank:  # rank 0 reports with its gRPC port (LanguageService.start)
+            exposure.report(f"language rank {self.rank}", cfg.host, {self.metrics_port: "metrics",
+                                                                     self.transport.handshake_port: "Mooncake handshake"})
         if self.fault.hold_blocks:
             self._held = self.pool.allocator.try_alloc(self.fault.hold_blocks) or []
 

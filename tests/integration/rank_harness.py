@@ -96,6 +96,12 @@ class TestRank:
         area, Register carrying it."""
         if language_id is not None:
             self.language_id = language_id
+        return await self.register_claiming(stub, **kw)
+
+    async def register_claiming(self, stub, **kw) -> encoder_pb2.RegisterReply:
+        """Register whatever `register_request(**kw)` describes (another language_id, session or
+        layout), proving with this rank's own pool: the nonce goes into *its* proof area, so a
+        claim on memory that is not this rank's fails the proof. self.language_id is unchanged."""
         request = self.register_request(**kw)
         challenge = await stub.Challenge(encoder_pb2.ChallengeRequest(language_id=request.language_id,
                                                                       rank=request.rank))

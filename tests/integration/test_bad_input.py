@@ -353,8 +353,8 @@ async def test_reregister_with_a_new_session_replaces_it(encoder, enc):
     old = TestRank(hidden=HIDDEN, block_size=BLOCK, num_blocks=8, language_id=language_id)
     new = TestRank(hidden=HIDDEN, block_size=BLOCK, num_blocks=8, language_id=language_id)
     try:
-        # The stale registration: a session nothing listens on, and the old pool.
-        await old.register(enc, session="127.0.0.1:9")
+        # The stale registration: the old pool (a restarted rank registers its new one, with proof).
+        await old.register(enc)
         await new.register(enc)
         old_blocks = old.alloc(8)
         old.clear(old_blocks)

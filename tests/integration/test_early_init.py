@@ -17,6 +17,7 @@ from common.pb.epd.v1 import common_pb2, encoder_pb2, language_pb2
 from services.language.ranks import free_port
 from services.reference_payload import expected_digest
 from tests.conftest import Pair, ServiceProcess, assert_all_free, encoder_stub, language_stub
+from tests.integration.rank_harness import TestRank
 
 HIDDEN = 64
 
@@ -77,23 +78,28 @@ async def test_an_encode_carrying_another_requests_init_is_refused_and_changes_n
 
 
 async def test_a_refused_carried_init_leaves_the_encode_running(roomy):
-    """An Init the encoder refuses (here: from a language that never registered) does not fail
-    the Encode that carried it; the reply says why, so the rank can send the Init itself."""
+    """An Init the encoder refuses (here: from a rank of the language that never registered) does
+    not fail the Encode that carried it; the reply says why, so the rank can send the Init itself."""
     enc = encoder_stub(roomy.encoder.address)
-    reply = await enc.Encode(encoder_pb2.EncodeRequest(
-        request_id="carried-refused", language_id="never-registered", synthetic_tokens=64,
-        init=encoder_pb2.InitRequest(request_id="carried-refused", language_id="never-registered", rank=0,
-                                     rank_count=1, dst_blocks=[0], allocated_tokens=128)))
-    assert reply.total_tokens == 64 and not reply.init_applied
-    assert "has not called Register" in reply.init_error, reply.init_error
-    await enc.Cancel(common_pb2.CancelRequest(request_id="carried-refused", language_id="never-registered",
-                                              reason="test done"))
-    await assert_all_free((roomy.encoder.address, "encoder"))
+    rank = TestRank(hidden=HIDDEN, language_id="carrier-lang")
+    try:
+        await rank.register(enc)  # rank 0 only
+        reply = await enc.Encode(encoder_pb2.EncodeRequest(
+            request_id="carried-refused", language_id="carrier-lang", synthetic_tokens=64, rank_count=2,
+            init=encoder_pb2.InitRequest(request_id="carried-refused", language_id="carrier-lang", rank=1,
+                                         rank_count=2, dst_blocks=[0], allocated_tokens=128)))
+        assert reply.total_tokens == 64 and not reply.init_applied
+        assert "rank 1 has not called Register" in reply.init_error, reply.init_error
+        await enc.Cancel(rank.cancel_request("carried-refused"))
+        await assert_all_free((roomy.encoder.address, "encoder"))
+    finally:
+        rank.close()
 
 
-async def test_after_an_encoder_restart_the_refused_carried_init_is_sent_on_its_own():
-    """A restarted encoder no longer knows the language's session: it refuses the Init inside
-    the first Encode, and the rank sends it again on its own (registering first)."""
+async def test_after_an_encoder_restart_the_language_registers_again():
+    """A restarted encoder no longer knows the language: it refuses the first Encode (and the Init
+    inside it) with FAILED_PRECONDITION and the machine-readable reason NOT_REGISTERED; the rank
+    registers again (with a fresh proof of possession) and sends the Encode once more."""
     port = free_port("127.0.0.1")
     enc_args = ("--hidden", str(HIDDEN), "--pool-blocks", "64", "--port", str(port))
     enc = ServiceProcess("encoder", *enc_args)
@@ -106,7 +112,7 @@ async def test_after_an_encoder_restart_the_refused_carried_init_is_sent_on_its_
         enc = ServiceProcess("encoder", *enc_args)  # same address, no sessions
         reply = await _generate(stub, 300, 2)
         assert reply.early_init and reply.payload_sha256 == expected_digest(300, 2, HIDDEN)
-        assert "refused the Init carried by the Encode" in lang.stderr_tail(max_lines=400)
+        assert "no longer knows this instance (NOT_REGISTERED): registering again" in lang.stderr_tail(max_lines=400)
         await assert_all_free((enc.address, "encoder"), (lang.address, "language"))
     finally:
         lang.stop()
@@ -120,8 +126,10 @@ async def test_a_status_stream_may_wait_for_its_transfer():
     import time
 
     enc = ServiceProcess("encoder", "--hidden", str(HIDDEN), "--pool-blocks", "16", "--bootstrap-timeout-s", "1")
+    rank = TestRank(hidden=HIDDEN, language_id="lang-a")
     try:
         stub = encoder_stub(enc.address)
+        await rank.register(stub)
         stream = stub.Status(encoder_pb2.StatusRequest(request_id="later", language_id="lang-a", await_transfer=True))
         first = asyncio.ensure_future(stream.read())
         await asyncio.sleep(0.2)
@@ -146,6 +154,7 @@ async def test_a_status_stream_may_wait_for_its_transfer():
         await assert_all_free((enc.address, "encoder"))
     finally:
         enc.stop()
+        rank.close()
 
 
 async def test_with_no_carry_init_the_early_init_is_its_own_rpc():

@@ -44,6 +44,7 @@ async def test_bootstrap_timeout_without_init(encoder, unique_id):
     rank = TestRank()
     async with grpc.aio.insecure_channel(encoder.address) as ch:
         stub = encoder_pb2_grpc.EncoderStub(ch)
+        await rank.register(stub)  # an Encode names a language its caller registered
         rid = unique_id()
         await stub.Encode(rank.encode_request(rid, 500))
         assert (await stub.GetPool(common_pb2.GetPoolRequest())).used_blocks > 0
@@ -106,6 +107,7 @@ async def test_encoder_source_pool_full_is_resource_exhausted(unique_id):
     try:
         async with grpc.aio.insecure_channel(enc.address) as ch:
             stub = encoder_pb2_grpc.EncoderStub(ch)
+            await rank.register(stub)
             # 256 blocks of 16 tokens: the first Encode holds 250 blocks until its bootstrap timeout.
             first, second = unique_id(), unique_id()
             await stub.Encode(rank.encode_request(first, 250 * 16))

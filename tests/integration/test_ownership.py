@@ -239,29 +239,30 @@ async def test_the_owner_cancels_by_transfer_id_or_client_request_id(encoder, en
 
 
 async def test_register_cannot_claim_another_instances_pool(encoder, enc, ranks):
-    """A Register describing memory another instance registered on the same Mooncake session (its
-    pool, or a layout stretched over it) is PERMISSION_DENIED; the victim's registration stays and
-    its transfers go on writing where they should."""
+    """A Register describing memory that is not the caller's (another instance's pool, under any
+    spelling of its session, or the caller's own pool stretched over it) fails the proof of
+    possession: PERMISSION_DENIED; the victim's registration stays and its transfers go on writing
+    where they should. (Both ranks live in this process, so they share one Mooncake session: the
+    proof, not the session, tells the pools apart.)"""
     victim, attacker = ranks
     request_id = rid()
     fill(attacker, 0x5A)
     blocks, statuses = await hold_victim(enc, victim, request_id)
     before = (await state_of(enc, request_id), memory(victim), memory(attacker))
     # 1. The victim's own layout (same base address) under the attacker's language_id.
-    await expect(enc.Register(attacker.register_request(layout=victim.layout())), PD, "Mooncake session",
+    await expect(attacker.register_claiming(enc, layout=victim.layout()), PD, "does not hold this registration's nonce",
                  absent=(victim.language_id,))
-    # ... also when the session is spelled another way (same address and port).
+    # ... also when the session is spelled another way (same listener).
     host, port = victim.session.rsplit(":", 1)
     assert host == "127.0.0.1"
-    for alias in (f"localhost:{port}", f"127.1:{port}", f"[::ffff:127.0.0.1]:0{port}"):
-        await expect(enc.Register(attacker.register_request(session=alias, layout=victim.layout())), PD,
-                     "Mooncake session")
+    for alias in (f"localhost:{port}", f"127.0.0.2:{port}", f"127.1:{port}"):
+        await expect(attacker.register_claiming(enc, session=alias, layout=victim.layout()), PD, "Mooncake session")
     # 2. The attacker's pool, but with num_blocks stretched so its blocks reach the victim's pool.
     stretched = attacker.layout()
     lo, hi = sorted((attacker.pool.base_address, victim.pool.base_address))
     stretched.base_address = lo
     stretched.num_blocks = (hi - lo) // (BLOCK * stretched.record_bytes) + RANK_BLOCKS
-    await expect(enc.Register(attacker.register_request(layout=stretched)), PD, "another language instance")
+    await expect(attacker.register_claiming(enc, layout=stretched), PD, "Mooncake session")
     # 3. The attacker registering its own pool again is fine (idempotent), and writes only there.
     await attacker.register(enc)
     assert (await state_of(enc, request_id)) == before[0]

@@ -55,8 +55,11 @@ async def test_another_certificate_cannot_use_the_owners_language_id(encoder, ce
                 assert torch.equal(memory(intruder), before[3]), f"{what} changed bytes of the intruder's pool"
 
             # Register over the owner's session key, and any registration on its Mooncake session.
-            await expect(evil.Register(intruder.register_request()), PD, "registered by another identity")
-            await expect(evil.Register(intruder.register_request(language_id=rid("other"))), PD, "Mooncake session")
+            await expect(intruder.register_claiming(evil), PD, "registered by another identity")
+            # The owner's pool under a language_id of its own: the proof fails (the nonce is in
+            # the intruder's pool, not the owner's).
+            await expect(intruder.register_claiming(evil, language_id=rid("other"), layout=owner.layout()), PD,
+                         "does not hold this registration's nonce")
             await unchanged("Register by another certificate")
             mine = intruder.alloc(2, clear=False)
             await expect(evil.Init(intruder.init_request(rid(), mine)), PD, "registered by another identity")

@@ -1,0 +1,95 @@
+"""What this process listens on, read from the kernel, for the start-up log and the warning that
+the Mooncake ports are wider than `--host`.
+
+Mooncake's handshake and data listeners bind every interface (0.0.0.0 / [::]) whatever address
+the engine is given, and version 0.3.13 has no setting to change that (docs/SECURITY.md). So the
+process reports what it really listens on instead of what it was asked to bind.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+
+log = logging.getLogger(__name__)
+
+_LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
+
+
+def _socket_inodes() -> set[str]:
+    inodes = set()
+    try:
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        pass
+    return inodes
+
+
+def _address(hex_addr: str, v6: bool) -> str:
+    raw = bytes.fromhex(hex_addr)
+    if not v6:
+        return socket.inet_ntop(socket.AF_INET, raw[::-1])
+    # Four 32-bit words, each in host (little-endian) order.
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+    return socket.inet_ntop(socket.AF_INET6, words)
+
+
+def listening_sockets() -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket this process listens on; [] where /proc is missing."""
+    inodes = _socket_inodes()
+    found = set()
+    for name, v6 in (("tcp", False), ("tcp6", True)):
+        try:
+            with open(f"/proc/self/net/{name}") as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) < 10 or parts[3] != _LISTEN or parts[9] not in inodes:
+                continue
+            host_hex, port_hex = parts[1].split(":")
+            found.add((_address(host_hex, v6), int(port_hex, 16)))
+    return sorted(found, key=lambda hp: (hp[1], hp[0]))
+
+
+def is_wildcard(address: str) -> bool:
+    return address in ("0.0.0.0", "::")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def describe(sockets: list[tuple[str, int]]) -> str:
+    return ", ".join(f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a, p in sockets)
+
+
+def report(role: str, host: str, known: dict[int, str]) -> None:
+    """Log what `role` listens on (`known` names ports: gRPC, metrics, Mooncake handshake); WARNING
+    when `host` is a loopback address but something listens on every interface."""
+    sockets = listening_sockets()
+    if not sockets:
+        return
+    named = ", ".join(f"{known.get(p, 'Mooncake data' if is_wildcard(a) else 'other')} "
+                      f"{describe([(a, p)])}" for a, p in sockets)
+    log.info("%s listens on: %s", role, named)
+    wide = [(a, p) for a, p in sockets if is_wildcard(a)]
+    if wide and is_loopback(host):
+        log.warning("%s: --host is %s but %s listen(s) on every interface (the Mooncake transfer engine binds "
+                    "all interfaces and has no setting for it); nothing authenticates them: keep these ports "
+                    "reachable only by EPD processes (firewall, network namespace, NetworkPolicy; docs/SECURITY.md)",
+                    role, host, describe(wide))
