@@ -39,7 +39,8 @@ def _address(hex_addr: str, v6: bool) -> str:
         return socket.inet_ntop(socket.AF_INET, raw[::-1])
     # Four 32-bit words, each in host (little-endian) order.
     words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-    return socket.inet_ntop(socket.AF_INET6, words)
+    address = ipaddress.IPv6Address(words)
+    return str(address.ipv4_mapped) if address.ipv4_mapped is not None else str(address)
 
 
 def listening_sockets() -> list[tuple[str, int]]:

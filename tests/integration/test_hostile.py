@@ -28,6 +28,7 @@ from tests.integration.rank_harness import TestRank
 from tests.integration.test_security import TOKEN, Certs
 
 HIDDEN = 64
+VICTIM = f"victim-lang-{uuid.uuid4().hex[:8]}"  # the mutual-TLS pair's language_id
 BLOCK = 16
 PD, IA, FP, RE = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT,
                   grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -156,29 +157,6 @@ async def test_a_bench_write_sends_only_bytes_the_bench_wrote():
         encoder.stop()
 
 
-# ------------------------------------------------------------------------------------ 3. transfer ids
-
-async def test_a_transfer_id_under_another_instances_prefix_is_refused(pair, attacker_rank):
-    """The language names its transfers LANGUAGE_ID/REQUEST_ID. An attacker with its own proven
-    registration must not pre-create ids under the victim's prefix (the victim's Generate of that
-    id would then find it taken)."""
-    enc = encoder_pb2_grpc.EncoderStub(grpc.aio.insecure_channel(pair.encoder.address))
-    lang = language_pb2_grpc.LanguageStub(grpc.aio.insecure_channel(pair.language.address))
-    await attacker_rank.register(enc)
-    # The victim's language_id: what its transfers are prefixed with (inspection shows it as `peer`).
-    await generate_ok(lang)
-    peers = {t.peer for t in (await enc.ListTransfers(common_pb2.ListTransfersRequest())).transfers}
-    victim_language = next(p for p in peers if p and p != attacker_rank.language_id)
-    taken = f"{victim_language}/next-request"
-    await expect(enc.Encode(encoder_pb2.EncodeRequest(request_id=taken, synthetic_tokens=100, rank_count=1,
-                                                      language_id=attacker_rank.language_id)), PD, "prefix")
-    blocks = attacker_rank.alloc(8)
-    await expect(enc.Init(attacker_rank.init_request(taken, blocks)), PD, "prefix")
-    attacker_rank.free(blocks)
-    await expect(enc.GetTransfer(common_pb2.GetTransferRequest(request_id=taken)), NF)
-    await assert_all_free((pair.encoder.address, "encoder"), (pair.language.address, "language"))
-
-
 # ------------------------------------------------------------------------------------ 5. limits
 
 async def test_the_per_peer_limit_cannot_be_bypassed_with_more_language_ids(pair, attacker_rank):
@@ -192,9 +170,12 @@ async def test_the_per_peer_limit_cannot_be_bypassed_with_more_language_ids(pair
                                                           language_id=rid("made-up"))), FP, "has not called Register")
     second = TestRank(hidden=HIDDEN, block_size=BLOCK, num_blocks=8, language_id=rid("attacker-2"),
                       transport=attacker_rank.transport)
+    ids: list = []
     try:
         await attacker_rank.register(enc)
         await second.register(enc)
+        live = await enc.ListTransfers(common_pb2.ListTransfersRequest(states=[1, 2, 3]))
+        room = 6 - len(live.transfers)  # plaintext: the victim language is this same identity
         ids, refused = [], []
         for i in range(8):
             rank = attacker_rank if i % 2 else second
@@ -205,11 +186,11 @@ async def test_the_per_peer_limit_cannot_be_bypassed_with_more_language_ids(pair
             except grpc.aio.AioRpcError as e:
                 assert e.code() == RE, e.details()
                 refused.append(e.details())
-        assert len(ids) == 6 and len(refused) == 2, (len(ids), refused)
+        assert len(ids) == room and len(refused) == 8 - room, (room, len(ids), refused)
         assert all("max_transfers_per_identity=6" in d for d in refused), refused
+    finally:
         for rank, request_id in ids:
             await enc.Cancel(rank.cancel_request(request_id))
-    finally:
         second.close()
     await assert_all_free((pair.encoder.address, "encoder"))
 
@@ -323,8 +304,8 @@ async def test_open_inspection_hides_sessions_and_addresses(certs):
 @pytest.fixture(scope="module")
 def mtls_pair(certs):
     enc = certs.service_args("encoder", token=None)
-    lang = certs.service_args("language-a", token=None) + ["--admin-identity", "cert:ops"]
-    p = Pair(hidden=HIDDEN, block_size=BLOCK, encoder_blocks=128, language_blocks=64, encoder_args=enc,
+    lang = certs.service_args("language-a", token=None) + ["--admin-identity", "cert:ops", "--language-id", VICTIM]
+    p = Pair(hidden=HIDDEN, block_size=BLOCK, encoder_blocks=512, language_blocks=64, encoder_args=enc,
              language_args=lang)
     yield p
     p.stop()
@@ -386,9 +367,36 @@ async def test_only_the_caller_who_made_a_generate_can_see_or_cancel_it(certs, m
             assert pool.used_blocks == 0 and pool.quarantined_blocks == 0 and pool.free_blocks == pool.layout.num_blocks
 
 
+async def test_a_transfer_id_under_another_instances_prefix_is_refused(certs, mtls_pair):
+    """The language names its transfers LANGUAGE_ID/REQUEST_ID. Another identity, with a proven
+    registration of its own, must not pre-create ids under the victim's prefix (the victim's
+    Generate of that id would find it taken), by Encode or by Init."""
+    attacker = TestRank(hidden=HIDDEN, block_size=BLOCK, num_blocks=16, language_id=rid("tenant-b-lang"))
+    try:
+        async with certs.client("tenant-b", token=None).aio_channel(mtls_pair.encoder.address) as ch:
+            enc = encoder_pb2_grpc.EncoderStub(ch)
+            await attacker.register(enc)
+            taken = f"{VICTIM}/next-request"
+            await expect(enc.Encode(encoder_pb2.EncodeRequest(request_id=taken, synthetic_tokens=100, rank_count=1,
+                                                              language_id=attacker.language_id)), PD, "prefix")
+            blocks = attacker.alloc(8)
+            await expect(enc.Init(attacker.init_request(taken, blocks)), PD, "prefix")
+            attacker.free(blocks)
+            # ... nor act as the victim by naming its language_id.
+            await expect(enc.Encode(encoder_pb2.EncodeRequest(request_id=taken, synthetic_tokens=100, rank_count=1,
+                                                              language_id=VICTIM)), FP, "has not called Register")
+            pool = await enc.GetPool(common_pb2.GetPoolRequest())
+            assert pool.used_blocks == 0
+            assert not (await enc.ListTransfers(common_pb2.ListTransfersRequest())).transfers  # none of its own
+    finally:
+        attacker.close()
+    async with certs.client("client", token=None).aio_channel(mtls_pair.language.address) as ch:
+        await generate_ok(language_pb2_grpc.LanguageStub(ch))
+
+
 # ------------------------------------------------------------------------------------ 8. exposure
 
 def test_the_mooncake_listeners_wider_than_host_are_reported(pair):
     log = pair.encoder.stderr_tail(400)
-    assert "listens on: gRPC 127.0.0.1:" in log, log[-2000:]
+    assert "listens on:" in log and f"gRPC {pair.encoder.address}" in log, log[-2000:]
     assert "listen(s) on every interface" in log and "Mooncake" in log, log[-2000:]
