@@ -282,12 +282,14 @@ class EncoderConfig(ServiceConfig):
     every holder is one identity."""
     max_live_transfers: int = _setting(2048, "most transfers live on this encoder in all", unit="transfers")
     """A new transfer beyond this gets RESOURCE_EXHAUSTED; nothing is allocated."""
-    max_sessions_per_identity: int = _setting(64, "most (language_id, rank) registrations one identity may hold",
-                                              unit="sessions")
-    """Registrations (and pending Register challenges) per authenticated identity."""
+    max_sessions_per_identity: int = _setting(256, "most (language_id, rank) registrations one identity may hold "
+                                                   "(and Register challenges outstanding)", unit="sessions")
+    """At the bound a new registration replaces the identity's least recently used one that no live
+    transfer uses (that language registers again when it next needs to); when every one is in use
+    it gets RESOURCE_EXHAUSTED. Under a shared token all language ranks are one identity."""
     max_sessions: int = _setting(1024, "most (language_id, rank) registrations this encoder holds in all",
                                  unit="sessions")
-    """A Register beyond this gets RESOURCE_EXHAUSTED; re-registering an existing one always works."""
+    """The same over every identity; re-registering an existing one always works."""
     max_status_streams_per_identity: int = _setting(512, "most Status streams one identity may keep open",
                                                     unit="streams")
     """Each data rank of each live transfer keeps one Status stream open."""

@@ -63,6 +63,7 @@ class EncoderService:
         self.synthetic = SyntheticModel()
         self.model = load_model(config.model, config.hidden, config.dtype, config.device)
         self.sessions: dict[tuple[str, int], PeerSession] = {}
+        self._session_used: dict[tuple[str, int], float] = {}  # last Register or Init of each registration
         self.plan_fault = None  # TransferEnv: test-only plan corruption (see start)
         self.transfers: TransferTable[EncoderTransfer] = TransferTable(config.history_size)
         self.server: rpc.GrpcServer | None = None
@@ -181,9 +182,7 @@ class EncoderService:
         self._refuse_when_draining("Challenge")
         if not language_id:
             raise errors.InvalidArgument("language_id is empty")
-        what = f"Challenge for language_id {errors.shown(language_id)} rank {rank}"
-        self._check_session_room(language_id, rank, principal, what)
-        return self.challenges.issue(principal, language_id, rank)
+        return self.challenges.issue(principal, language_id, rank)  # bounded per identity itself
 
     async def register(self, language_id: str, rank: int, session: str, geometry: PoolGeometry, principal: str = "",
                        proof_nonce: bytes = b"") -> None:
@@ -202,7 +201,6 @@ class EncoderService:
         # A registration belongs to the identity that made it: only the same instance may replace
         # it (a restart keeps its language_id and certificate).
         self._check_replaceable(key, principal, what)
-        self._check_session_room(language_id, rank, principal, what)
         # The pool itself: only its owner can have put our nonce at its end (possession.py). This
         # holds whatever the session is called (aliases, LAN addresses, DNS names).
         self.challenges.take(principal, language_id, rank, proof_nonce, what)
@@ -211,9 +209,12 @@ class EncoderService:
         self._check_replaceable(key, principal, what)  # again: the read awaited
         old = self.sessions.get(key)
         if old is not None and old.session == session and old.geometry == geometry:
+            self._session_used[key] = time.monotonic()
             return  # idempotent
         generation = old.generation + 1 if old else 0
+        self._check_session_room(language_id, rank, principal, what)  # only now: a failed proof evicts nobody
         self.sessions[key] = PeerSession(language_id, rank, session, geometry, generation, principal)
+        self._session_used[key] = time.monotonic()
         if old is not None:
             log.info("language %s rank %d re-registered: session %s -> %s", language_id, rank, old.session, session)
             # Transfers bound to the old session must not write into memory that is no longer
@@ -231,18 +232,32 @@ class EncoderService:
                                           f"language instance that registered it may replace it")
 
     def _check_session_room(self, language_id: str, rank: int, principal: str, what: str) -> None:
-        """RESOURCE_EXHAUSTED for a new (language_id, rank) beyond the per-identity or total bound;
-        re-registering an existing one always has room."""
+        """Room for a new (language_id, rank) within the per-identity and the total bound: at the
+        bound, the least recently used registration that no live transfer uses is forgotten (its
+        language registers again on its next Init: NOT_REGISTERED), else RESOURCE_EXHAUSTED.
+        Re-registering an existing one always has room."""
         if (language_id, rank) in self.sessions:
             return
         cfg = self.config
-        mine = sum(1 for p in self.sessions.values() if p.principal == principal)
-        if mine >= cfg.max_sessions_per_identity:
-            raise errors.ResourceExhausted(f"{what}: this identity already holds {mine} registrations "
-                                           f"(max_sessions_per_identity={cfg.max_sessions_per_identity})")
-        if len(self.sessions) >= cfg.max_sessions:
-            raise errors.ResourceExhausted(f"{what}: this encoder holds {len(self.sessions)} registrations "
-                                           f"(max_sessions={cfg.max_sessions})")
+        mine = [k for k, p in self.sessions.items() if p.principal == principal]
+        if len(mine) >= cfg.max_sessions_per_identity and not self._forget_idle(mine):
+            raise errors.ResourceExhausted(f"{what}: this identity already holds {len(mine)} registrations, each in "
+                                           f"use (max_sessions_per_identity={cfg.max_sessions_per_identity})")
+        if len(self.sessions) >= cfg.max_sessions and not self._forget_idle(list(self.sessions)):
+            raise errors.ResourceExhausted(f"{what}: this encoder holds {len(self.sessions)} registrations, each in "
+                                           f"use (max_sessions={cfg.max_sessions})")
+
+    def _forget_idle(self, keys: list[tuple[str, int]]) -> bool:
+        """Forget the least recently used of `keys` that no live transfer writes to; False if none."""
+        busy = {id(slot.peer) for t in self.transfers.live for slot in t.ranks.values()}
+        idle = [k for k in keys if id(self.sessions[k]) not in busy]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda k: self._session_used.get(k, 0.0))
+        log.info("forgetting the registration of language %s rank %d (least recently used, at the bound)", *oldest)
+        del self.sessions[oldest]
+        self._session_used.pop(oldest, None)
+        return True
 
     def registered_by(self, language_id: str, principal: str) -> bool:
         """Whether `principal` registered some rank of `language_id` here."""
@@ -289,6 +304,7 @@ class EncoderService:
                                           f"by another identity")
         validate_allocation(peer, blocks, allocated_tokens, what)  # the length first: bounded by the pool
         blocks = list(blocks)
+        self._session_used[(language_id, rank)] = time.monotonic()
         existing = self.transfers.live_get(request_id)
         if existing is not None:
             existing.check_owner(language_id, principal, what)

@@ -111,12 +111,7 @@ class GrpcEncoderLink:
         try:
             reply = await self._call("Encode", call)
         except errors.FailedPrecondition as e:
-            # A restarted encoder has forgotten this instance: register again and retry once.
-            if e.error_reason != errors.NOT_REGISTERED or self._registration is None:
-                raise
-            log.info("request %s: encoder %s no longer knows this instance (NOT_REGISTERED): registering again",
-                     request_id, self.address)
-            await self.register(*self._registration)
+            await self._register_again(e, request_id)
             reply = await self._call("Encode", self.stub.Encode(request))
         if init is not None:
             if reply.init_error:
@@ -141,13 +136,18 @@ class GrpcEncoderLink:
         except errors.DeadlineExceeded as e:  # the encoder never became reachable: it is lost, not slow
             raise errors.Unavailable(e.message, reason=FailureReason.PEER_LOST) from None
         except errors.FailedPrecondition as e:
-            # A restarted encoder has forgotten our session: register again and retry once.
-            if e.error_reason != errors.NOT_REGISTERED or self._registration is None:
-                raise
-            log.info("request %s: encoder %s no longer knows this instance (NOT_REGISTERED): registering again",
-                     request_id, self.address)
-            await self.register(*self._registration)
+            await self._register_again(e, request_id)
             await self._call("Init", self.stub.Init(request))
+
+    async def _register_again(self, e: errors.FailedPrecondition, request_id: str) -> None:
+        """A restarted encoder has forgotten this instance (the error's machine-readable reason
+        says so, whatever its message): register again, so the caller retries once. Re-raises
+        any other refusal."""
+        if e.error_reason != errors.NOT_REGISTERED or self._registration is None:
+            raise e
+        log.info("request %s: encoder %s no longer knows this instance (NOT_REGISTERED): registering again",
+                 request_id, self.address)
+        await self.register(*self._registration)
 
     async def resume(self, request_id: str, rank: int, sent_tokens: int, blocks: Sequence[int], allocated_tokens: int) -> bool:
         reply = await self._call("Resume", self.stub.Resume(encoder_pb2.ResumeRequest(

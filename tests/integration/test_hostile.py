@@ -400,3 +400,35 @@ def test_the_mooncake_listeners_wider_than_host_are_reported(pair):
     log = pair.encoder.stderr_tail(400)
     assert "listens on:" in log and f"gRPC {pair.encoder.address}" in log, log[-2000:]
     assert "listen(s) on every interface" in log and "Mooncake" in log, log[-2000:]
+
+
+async def test_registrations_are_bounded_per_identity_and_the_idle_oldest_gives_way():
+    """--max-sessions-per-identity 2: a third registration of the same identity replaces its least
+    recently used idle one (which registers again when it needs to), while a registration in use
+    by a live transfer is never dropped: then the newcomer gets RESOURCE_EXHAUSTED."""
+    encoder = ServiceProcess("encoder", "--hidden", str(HIDDEN), "--block-size", str(BLOCK), "--pool-blocks", "32",
+                             "--max-sessions-per-identity", "2")
+    ranks = [TestRank(hidden=HIDDEN, block_size=BLOCK, num_blocks=8, language_id=rid(f"bounded-{i}")) for i in range(3)]
+    try:
+        async with grpc.aio.insecure_channel(encoder.address) as ch:
+            enc = encoder_pb2_grpc.EncoderStub(ch)
+            first, second, third = ranks
+            await first.register(enc)
+            await second.register(enc)
+            busy = rid()
+            await enc.Encode(second.encode_request(busy, 200))  # the second is in use: waiting for a Resume
+            await enc.Init(second.init_request(busy, second.alloc(4)))
+            await third.register(enc)  # replaces the first (idle, oldest)
+            await expect(enc.Init(first.init_request(rid(), first.alloc(1))), FP, "has not called Register")
+            also_busy = rid()
+            await enc.Encode(third.encode_request(also_busy, 200))
+            await enc.Init(third.init_request(also_busy, third.alloc(4)))
+            await expect(first.register(enc), RE, "max_sessions_per_identity=2")  # both others in use
+            await enc.Cancel(second.cancel_request(busy))
+            await enc.Cancel(third.cancel_request(also_busy))
+            await first.register(enc)  # idle ones give way again
+            await assert_all_free((encoder.address, "encoder"))
+    finally:
+        for rank in ranks:
+            rank.close()
+        encoder.stop()
