@@ -1,9 +1,10 @@
 """What this process listens on, read from the kernel, for the start-up log and the warning that
-the Mooncake ports are wider than `--host`.
+some listeners are wider than `--host`.
 
 Mooncake's handshake and data listeners bind every interface (0.0.0.0 / [::]) whatever address
-the engine is given, and version 0.3.13 has no setting to change that (docs/SECURITY.md). So the
-process reports what it really listens on instead of what it was asked to bind.
+the engine is given, and version 0.3.13 has no setting to change that; so does torch.distributed's
+rendezvous store of a TP group (docs/SECURITY.md). So each process reports what it really listens
+on instead of what it was asked to bind.
 """
 
 from __future__ import annotations
@@ -79,18 +80,31 @@ def describe(sockets: list[tuple[str, int]]) -> str:
     return ", ".join(f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a, p in sockets)
 
 
+def _mooncake_ports() -> range:
+    """Where Mooncake picks its ports (its defaults, or MC_MIN_RPC_PORT / MC_MAX_RPC_PORT)."""
+    try:
+        return range(int(os.environ.get("MC_MIN_RPC_PORT", 15000)), int(os.environ.get("MC_MAX_RPC_PORT", 17000)) + 1)
+    except ValueError:
+        return range(15000, 17001)
+
+
+def _guess(address: str, port: int) -> str:
+    if is_wildcard(address) and port in _mooncake_ports():
+        return "Mooncake data"
+    return "other (e.g. gloo between TP ranks)"
+
+
 def report(role: str, host: str, known: dict[int, str]) -> None:
     """Log what `role` listens on (`known` names ports: gRPC, metrics, Mooncake handshake); WARNING
     when `host` is a loopback address but something listens on every interface."""
     sockets = listening_sockets()
     if not sockets:
         return
-    named = ", ".join(f"{known.get(p, 'Mooncake data' if is_wildcard(a) else 'other')} "
-                      f"{describe([(a, p)])}" for a, p in sockets)
+    named = ", ".join(f"{known.get(p) or _guess(a, p)} {describe([(a, p)])}" for a, p in sockets)
     log.info("%s listens on: %s", role, named)
     wide = [(a, p) for a, p in sockets if is_wildcard(a)]
     if wide and is_loopback(host):
-        log.warning("%s: --host is %s but %s listen(s) on every interface (the Mooncake transfer engine binds "
-                    "all interfaces and has no setting for it); nothing authenticates them: keep these ports "
-                    "reachable only by EPD processes (firewall, network namespace, NetworkPolicy; docs/SECURITY.md)",
-                    role, host, describe(wide))
+        log.warning("%s: --host is %s but %s listen(s) on every interface (the Mooncake transfer engine, and "
+                    "torch.distributed's rendezvous with --tp > 1, bind all interfaces and have no setting for it); "
+                    "nothing authenticates them: keep these ports reachable only by EPD processes (firewall, "
+                    "network namespace, NetworkPolicy; docs/SECURITY.md)", role, host, describe(wide))

@@ -133,8 +133,10 @@ class LanguageService:
         self.server = rpc.GrpcServer(SERVICE_NAME, add_servicers, interceptors=[self.worker.metrics.interceptor()],
                                      sec=sec, extra_services=[BENCH_SERVICE_NAME] if cfg.enable_bench else [])
         self.port = await self.server.start(cfg.host, cfg.port)
-        exposure.report("language rank 0", cfg.host, {self.port: "gRPC", self.metrics_port: "metrics",
-                                                      self.transport.handshake_port: "Mooncake handshake"})
+        known = {self.port: "gRPC", self.metrics_port: "metrics", self.transport.handshake_port: "Mooncake handshake"}
+        if self.dist_init.startswith("tcp://"):
+            known[int(self.dist_init.rpartition(":")[2])] = "torch.distributed rendezvous"
+        exposure.report("language rank 0", cfg.host, known)
         log.info("language %s serving on %s:%d, %d rank(s) (data ranks %s), session %s, encoders %s (%s, %d available)",
                  self.language_id, cfg.host, self.port, cfg.tp, list(cfg.data_rank_list), self.transport.session,
                  [v.address for v in self.worker.encoders.views], cfg.encoder_policy, self.worker.encoders.available)
