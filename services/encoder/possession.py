@@ -30,6 +30,7 @@ Domain code: no grpc, no mooncake; the transport's `read_sync` is handed in.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import logging
 import secrets
@@ -50,6 +51,8 @@ PROOF_READ_TIMEOUT_S = 10.0
 about a minute (its handshake timeout); Register gives up on it sooner, and the lane stays taken
 until the thread returns."""
 PROOF_READ_ATTEMPTS = 3
+PROOF_LANES_PER_IDENTITY = 4
+"""One identity cannot take every lane (each held up to a minute by a peer that never answers)."""
 
 
 class Challenges:
@@ -107,34 +110,48 @@ class ProofReader:
         self._read_sync = read_sync
         self._timeout_s = timeout_s
         self._free_lanes = list(range(PROOF_LANES))
+        self._lanes_by: collections.Counter[str] = collections.Counter()
 
     @staticmethod
     def new_lanes() -> torch.Tensor:
         """Host memory for the lanes, to be registered with the proof engine."""
         return torch.zeros((PROOF_LANES, PROOF_LANE_BYTES), dtype=torch.uint8)
 
-    def _read(self, session: str, local: int, remote: int, length: int) -> None:
+    def _release(self, lane: int, principal: str) -> None:
+        self._free_lanes.append(lane)
+        self._lanes_by[principal] -= 1
+        if not self._lanes_by[principal]:
+            del self._lanes_by[principal]
+
+    def _read(self, session: str, lane: int, remote: int, length: int) -> bytes:
+        """In a worker thread: read into `lane`, return what landed (copied while the lane is ours)."""
+        local = self._lanes.data_ptr() + lane * PROOF_LANE_BYTES
         for attempt in range(PROOF_READ_ATTEMPTS):
             try:
-                return self._read_sync(session, local, remote, length)
+                self._read_sync(session, local, remote, length)
+                return bytes(self._lanes[lane, :length].numpy().tobytes())
             except TransportError:
                 if attempt == PROOF_READ_ATTEMPTS - 1:
                     raise
+        raise AssertionError("unreachable")
 
-    async def verify(self, session: str, geometry: PoolGeometry, nonce: bytes, what: str) -> None:
+    async def verify(self, session: str, geometry: PoolGeometry, nonce: bytes, what: str, principal: str = "") -> None:
         """Returns when the nonce is at `geometry.proof_address` in `session`'s memory;
         PermissionDenied when something else is there, Unavailable when it cannot be read."""
+        if self._lanes_by[principal] >= PROOF_LANES_PER_IDENTITY:
+            raise Unavailable(f"{what}: this identity has {PROOF_LANES_PER_IDENTITY} proofs being read already; "
+                              f"try again")
         if not self._free_lanes:
             raise Unavailable(f"{what}: {PROOF_LANES} proofs are being read already; try again")
         lane = self._free_lanes.pop()
+        self._lanes_by[principal] += 1
         self._lanes[lane].zero_()
-        local = self._lanes.data_ptr() + lane * PROOF_LANE_BYTES
-        reading = asyncio.ensure_future(asyncio.to_thread(self._read, session, local, geometry.proof_address,
+        reading = asyncio.ensure_future(asyncio.to_thread(self._read, session, lane, geometry.proof_address,
                                                           len(nonce)))
         # The lane is ours until the engine's thread returns, even when we stop waiting for it.
-        reading.add_done_callback(lambda _f: self._free_lanes.append(lane))
+        reading.add_done_callback(lambda _f: self._release(lane, principal))
         try:
-            await asyncio.wait_for(asyncio.shield(reading), self._timeout_s)
+            found = await asyncio.wait_for(asyncio.shield(reading), self._timeout_s)
         except asyncio.TimeoutError:
             raise Unavailable(f"{what}: reading the proof from Mooncake session {shown(session)} took longer than "
                               f"{self._timeout_s:.0f} s") from None
@@ -143,7 +160,6 @@ class ProofReader:
             # the peer's registered memory: either way the pool cannot be confirmed.
             raise PermissionDenied(f"{what}: cannot read the proof back from Mooncake session {shown(session)} at "
                                    f"0x{geometry.proof_address:x} (the pool's end): {e.message}") from None
-        found = bytes(self._lanes[lane, :len(nonce)].numpy().tobytes())
         if not hmac.compare_digest(found, nonce):
             log.warning("%s: the proof at 0x%x of session %s does not match", what, geometry.proof_address, session)
             raise PermissionDenied(f"{what}: the memory at Mooncake session {shown(session)}, address "

@@ -204,7 +204,7 @@ class EncoderService:
         # The pool itself: only its owner can have put our nonce at its end (possession.py). This
         # holds whatever the session is called (aliases, LAN addresses, DNS names).
         self.challenges.take(principal, language_id, rank, proof_nonce, what)
-        await self.proofs.verify(session, geometry, proof_nonce, what)
+        await self.proofs.verify(session, geometry, proof_nonce, what, principal)
         self._refuse_when_draining("Register")
         self._check_replaceable(key, principal, what)  # again: the read awaited
         old = self.sessions.get(key)
@@ -668,7 +668,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             raise errors.InvalidArgument("layout is missing")
         await self.s.register(request.language_id, request.rank, request.session, rpc.geometry_from_pb(request.layout),
                               rpc.peer_identity(context), request.proof_nonce)
-        return encoder_pb2.RegisterReply(encoder_id=self.s.encoder_id, layout=rpc.geometry_to_pb(self.s.pool.geometry))
+        layout = rpc.geometry_to_pb(self.s.pool.geometry)
+        layout.base_address = 0  # the encoder's memory is nobody else's business (the data plane is open)
+        return encoder_pb2.RegisterReply(encoder_id=self.s.encoder_id, layout=layout)
 
     @rpc.grpc_errors
     async def Init(self, request, context):

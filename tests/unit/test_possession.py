@@ -102,3 +102,31 @@ async def test_a_read_that_never_returns_is_given_up_on():
         await reader.verify("127.0.0.1:1", geometry(), b"N" * NONCE_BYTES, "Register")
     release.set()
     await asyncio.sleep(0.05)
+
+
+async def test_one_identity_cannot_take_every_proof_lane():
+    """Reads against peers that never answer hold their lanes (up to Mooncake's minute): one
+    identity holds at most PROOF_LANES_PER_IDENTITY of them, so others can still register."""
+    import threading
+
+    from services.encoder.possession import PROOF_LANES_PER_IDENTITY
+
+    release = threading.Event()
+
+    def read_sync(session, local, address, length):
+        if session == "blackhole:1":
+            release.wait(5)
+        else:
+            import ctypes
+            ctypes.memmove(local, b"N" * length, length)
+
+    reader = ProofReader(read_sync, ProofReader.new_lanes(), timeout_s=0.2)
+    for _ in range(PROOF_LANES_PER_IDENTITY):
+        with pytest.raises(errors.Unavailable, match="took longer than"):
+            await reader.verify("blackhole:1", geometry(), b"N" * NONCE_BYTES, "Register", "cert:mallory")
+    with pytest.raises(errors.Unavailable, match="this identity has"):
+        await reader.verify("127.0.0.1:1", geometry(), b"N" * NONCE_BYTES, "Register", "cert:mallory")
+    await reader.verify("127.0.0.1:1", geometry(), b"N" * NONCE_BYTES, "Register", "cert:alice")
+    release.set()
+    await asyncio.sleep(0.1)
+    await reader.verify("127.0.0.1:1", geometry(), b"N" * NONCE_BYTES, "Register", "cert:mallory")  # lanes back
