@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common import errors
-from common.layout import FieldLayout, FieldSpec, PoolGeometry, RecordLayout
+from common.layout import PROOF_AREA_BYTES, FieldLayout, FieldSpec, PoolGeometry, RecordLayout
 from common.pb.epd.v1 import common_pb2
 from common.states import FailureReason
 from services import security
@@ -146,6 +146,12 @@ def geometry_from_pb(pb: common_pb2.PoolLayout) -> PoolGeometry:
             raise errors.InvalidArgument(
                 f"layout.fields[{i}] ({f.name!r}): offset {f.offset} + {declared} bytes exceeds record_bytes={pb.record_bytes}")
         fields.append(FieldLayout(spec, int(f.offset)))
+    end = pb.base_address + pb.num_blocks * pb.block_size * pb.record_bytes + PROOF_AREA_BYTES
+    if end > 2 ** 64:
+        raise errors.InvalidArgument(
+            f"layout: base_address 0x{pb.base_address:x} + num_blocks {pb.num_blocks} x block_size {pb.block_size} x "
+            f"record_bytes {pb.record_bytes} + the {PROOF_AREA_BYTES}-byte proof area ends past the 64-bit address "
+            f"space (0x{end:x})")
     return PoolGeometry(RecordLayout(tuple(fields), int(pb.record_bytes)), pb.block_size, pb.num_blocks, pb.base_address)
 
 

@@ -133,6 +133,8 @@ class ProofReader:
             except TransportError:
                 if attempt == PROOF_READ_ATTEMPTS - 1:
                     raise
+            except (TypeError, ValueError, OverflowError) as e:  # the binding refused the arguments
+                raise TransportError(f"the engine refused the read: {type(e).__name__}") from None
         raise AssertionError("unreachable")
 
     async def verify(self, session: str, geometry: PoolGeometry, nonce: bytes, what: str, principal: str = "") -> None:

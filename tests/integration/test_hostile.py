@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import uuid
 
 import grpc
 import pytest
 import torch
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, common_pb2, encoder_pb2, encoder_pb2_grpc, language_pb2
 from common.pb.epd.v1 import language_pb2_grpc
@@ -25,7 +25,7 @@ from services.language import rank_group
 from services.reference_payload import expected_digest
 from tests.conftest import Pair, ServiceProcess, assert_all_free
 from tests.integration.rank_harness import TestRank
-from tests.integration.test_security import TOKEN, Certs
+from tests.integration.test_security import GRPCURL, TOKEN, Certs
 
 HIDDEN = 64
 VICTIM = f"victim-lang-{uuid.uuid4().hex[:8]}"  # the mutual-TLS pair's language_id
@@ -254,9 +254,10 @@ async def test_inspection_and_reflection_need_the_token(token_pair):
                          stub.GetDiagnostics(common_pb2.GetDiagnosticsRequest()),
                          stub.GetTransfer(common_pb2.GetTransferRequest(request_id="x"))):
                 await expect(call, UNAUTH)
-            reflection = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
-                iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
-            await expect(reflection.read(), UNAUTH)
+            # Reflection, as the real grpcurl asks for it.
+            listed = await asyncio.to_thread(subprocess.run, [GRPCURL, "-plaintext", address, "list"],
+                                             capture_output=True, text=True, timeout=30)
+            assert listed.returncode != 0 and "Unauthenticated" in listed.stderr, listed
             health = await ch.unary_unary("/grpc.health.v1.Health/Check")(b"")  # probes stay open
             assert health == b"\x08\x01"  # SERVING
 
@@ -432,3 +433,13 @@ async def test_registrations_are_bounded_per_identity_and_the_idle_oldest_gives_
         for rank in ranks:
             rank.close()
         encoder.stop()
+
+
+async def test_a_pool_claimed_past_the_end_of_the_address_space_is_invalid_argument(pair, attacker_rank):
+    """A base address near 2**64 used to make the proof read's address overflow inside the
+    engine's binding (UNKNOWN, a TypeError); it is bad input, named."""
+    enc = encoder_pb2_grpc.EncoderStub(grpc.aio.insecure_channel(pair.encoder.address))
+    layout = attacker_rank.layout()
+    layout.base_address = 2**64 - 4096
+    await expect(attacker_rank.register_claiming(enc, language_id=rid("overflow"), layout=layout), IA,
+                 "base_address 0xfffffffffffff000", "64-bit address space")
