@@ -245,6 +245,19 @@ class RpcMetricsInterceptor(MethodWrappingInterceptor):
                     observe(context, started, raised)
             return grpc.unary_stream_rpc_method_handler(stream, request_deserializer=handler.request_deserializer,
                                                         response_serializer=handler.response_serializer)
+        if handler.stream_unary is not None:  # e.g. the token check's refusal, which never reads the body
+            inner_su = handler.stream_unary
+
+            async def stream_unary(request_iterator, context):
+                started, raised = time.perf_counter(), True
+                try:
+                    reply = await inner_su(request_iterator, context)
+                    raised = False
+                    return reply
+                finally:
+                    observe(context, started, raised)
+            return grpc.stream_unary_rpc_method_handler(stream_unary, request_deserializer=handler.request_deserializer,
+                                                        response_serializer=handler.response_serializer)
         return handler
 
     def _observer(self, service: str, method: str):

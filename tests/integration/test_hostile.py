@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
+import urllib.request
 import uuid
 
 import grpc
@@ -22,6 +24,7 @@ import torch
 from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, common_pb2, encoder_pb2, encoder_pb2_grpc, language_pb2
 from common.pb.epd.v1 import language_pb2_grpc
 from services.language import rank_group
+from services.language.ranks import free_port
 from services.reference_payload import expected_digest
 from tests.conftest import Pair, ServiceProcess, assert_all_free
 from tests.integration.rank_harness import TestRank
@@ -238,8 +241,8 @@ def certs(tmp_path_factory) -> Certs:
 @pytest.fixture(scope="module")
 def token_pair(certs):
     token = ("--auth-token-file", certs.path("token"))
-    p = Pair(hidden=HIDDEN, block_size=BLOCK, encoder_blocks=64, language_blocks=64, encoder_args=token,
-             language_args=token)
+    p = Pair(hidden=HIDDEN, block_size=BLOCK, encoder_blocks=64, language_blocks=64,
+             encoder_args=(*token, "--metrics-port", str(free_port("127.0.0.1"))), language_args=token)
     yield p
     p.stop()
 
@@ -260,6 +263,26 @@ async def test_inspection_and_reflection_need_the_token(token_pair):
             assert listed.returncode != 0 and "Unauthenticated" in listed.stderr, listed
             health = await ch.unary_unary("/grpc.health.v1.Health/Check")(b"")  # probes stay open
             assert health == b"\x08\x01"  # SERVING
+
+
+async def test_refused_calls_are_counted_without_their_body_being_read(token_pair):
+    """The refusal happens before the request is read, and still shows on the dashboard's
+    "RPC errors by code" panel: epd_rpc_seconds_count{code="UNAUTHENTICATED"}."""
+    def refused(method: str) -> float:
+        url = f"http://127.0.0.1:{token_pair.encoder.info['metrics_port']}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+        found = re.findall(rf'^epd_rpc_seconds_count{{[^}}]*method="{method}"[^}}]*code="UNAUTHENTICATED"[^}}]*}} (\S+)$',
+                           text, re.M) + re.findall(
+            rf'^epd_rpc_seconds_count{{[^}}]*code="UNAUTHENTICATED"[^}}]*method="{method}"[^}}]*}} (\S+)$', text, re.M)
+        return sum(float(v) for v in found)
+
+    before = refused("Encode")
+    async with grpc.aio.insecure_channel(token_pair.encoder.address) as ch:
+        for _ in range(3):
+            await expect(encoder_pb2_grpc.EncoderStub(ch).Encode(encoder_pb2.EncodeRequest(
+                request_id=rid(), synthetic_tokens=100, rank_count=1)), UNAUTH)
+    assert refused("Encode") - before == 3
 
 
 def _rss(pid: int) -> int:
