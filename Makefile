@@ -30,7 +30,7 @@ demo: setup
 	MC_FORCE_TCP=1 $(BIN)/epd demo
 
 test: setup
-	MC_FORCE_TCP=1 $(BIN)/python -m pytest -q
+	MC_FORCE_TCP=1 $(BIN)/python -m pytest -q --durations=15
 
 # The DESIGN §13 yardsticks as ratios against raw Mooncake in the same run (docs/BENCHMARKS.md).
 bench: setup

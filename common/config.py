@@ -342,7 +342,7 @@ class LanguageConfig(ServiceConfig):
     encoder_policy: str = _setting("least-loaded", "how a request's encoder is picked", choices=ENCODER_POLICIES)
     """`least-loaded` (fewest transfers in flight, then most free source blocks) or `round-robin`."""
     tp: int = _setting(1, "tensor-parallel ranks of this language instance", unit="ranks")
-    """TP size (rank processes); only 1 is supported by this release."""
+    """TP size: rank 0 (this process) starts ranks 1..tp-1 as processes in one gloo group."""
     data_ranks: str = _setting("", "comma-separated ranks that receive data (default: all)")
     """Which ranks receive a copy of the payload; the others are dummy ranks."""
     initial_tokens: int = _setting(8192, "tokens reserved before the real size is known", unit="tokens")
