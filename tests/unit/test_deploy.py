@@ -708,7 +708,9 @@ def test_dockerfile_builds_a_cuda_image_with_the_gpu_extra():
     assert re.search(r'pip install "?\.\[([a-z0-9_-]+,)*gpu(,[a-z0-9_-]+)*\]"?', runs), \
         'install the project with its gpu extra: pip install ".[gpu]"'
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert re.search(r'gpu = \["mooncake-transfer-engine"', pyproject)
+    # 0.3.12.post1 and later acknowledge TCP writes only once they landed (the write fence relies on it).
+    assert re.search(r'gpu = \["mooncake-transfer-engine>=0\.3\.12\.post1"', pyproject)
+    assert re.search(r'cpu = \["mooncake-transfer-engine-non-cuda>=0\.3\.12\.post1"', pyproject)
     for pkg in ("libibverbs1", "librdmacm1", "libnuma1", "ibverbs-providers", "python3-venv"):
         assert re.search(rf"\b{re.escape(pkg)}\b", runs), pkg
     entry = [a for op, a in ins if op == "ENTRYPOINT"]
