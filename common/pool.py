@@ -394,10 +394,6 @@ class BlockPool:
         if self._proof.is_cuda:
             torch.cuda.synchronize(self._proof.device)  # visible to the engine's reads before we answer
 
-    def read_proof(self, lane: int, length: int) -> bytes:
-        """The first `length` bytes of a proof lane (copied to the host)."""
-        return bytes(self._proof[lane, :length].cpu().numpy().tobytes())
-
     @contextlib.asynccontextmanager
     async def proving(self, nonce: bytes) -> AsyncIterator[None]:
         """Register's proof of possession on the language side: the nonce sits in lane 0 of the

@@ -219,10 +219,11 @@ class RpcMetricsInterceptor(MethodWrappingInterceptor):
         service, _, method = full_method.lstrip("/").rpartition("/")
         observe = self._observer(service or "unknown", method)
 
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
+        kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
-            async def unary(request, context):
+        def timed(inner):
+            """A handler with one reply (unary or stream request), its whole time observed."""
+            async def run(request, context):
                 started, raised = time.perf_counter(), True
                 try:
                     reply = await inner(request, context)
@@ -230,8 +231,12 @@ class RpcMetricsInterceptor(MethodWrappingInterceptor):
                     return reply
                 finally:
                     observe(context, started, raised)
-            return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer,
-                                                       response_serializer=handler.response_serializer)
+            return run
+
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(timed(handler.unary_unary), **kw)
+        if handler.stream_unary is not None:  # e.g. the token check's refusal, which never reads the body
+            return grpc.stream_unary_rpc_method_handler(timed(handler.stream_unary), **kw)
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
 
@@ -243,21 +248,7 @@ class RpcMetricsInterceptor(MethodWrappingInterceptor):
                     raised = False
                 finally:
                     observe(context, started, raised)
-            return grpc.unary_stream_rpc_method_handler(stream, request_deserializer=handler.request_deserializer,
-                                                        response_serializer=handler.response_serializer)
-        if handler.stream_unary is not None:  # e.g. the token check's refusal, which never reads the body
-            inner_su = handler.stream_unary
-
-            async def stream_unary(request_iterator, context):
-                started, raised = time.perf_counter(), True
-                try:
-                    reply = await inner_su(request_iterator, context)
-                    raised = False
-                    return reply
-                finally:
-                    observe(context, started, raised)
-            return grpc.stream_unary_rpc_method_handler(stream_unary, request_deserializer=handler.request_deserializer,
-                                                        response_serializer=handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(stream, **kw)
         return handler
 
     def _observer(self, service: str, method: str):

@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from common import errors
 from common.layout import PROOF_AREA_BYTES, FieldLayout, FieldSpec, PoolGeometry, RecordLayout
-from common.pb.epd.v1 import common_pb2
+from common.pb.epd.v1 import bench_pb2_grpc, common_pb2
 from common.states import FailureReason
 from services import security
 from services.security import ClientSecurity, ServerSecurity, peer_identity  # noqa: F401 (re-exported)
@@ -81,6 +81,7 @@ def abort_message(err: errors.EpdError) -> str:
     return m[:MAX_MESSAGE_CHARS] + f"... ({len(m)} characters in all)"
 
 
+BENCH_SERVICE_NAME = "epd.v1.Bench"
 ERROR_REASON_KEY = "epd-error-reason"  # trailing metadata carrying EpdError.error_reason
 
 
@@ -146,13 +147,15 @@ def geometry_from_pb(pb: common_pb2.PoolLayout) -> PoolGeometry:
             raise errors.InvalidArgument(
                 f"layout.fields[{i}] ({f.name!r}): offset {f.offset} + {declared} bytes exceeds record_bytes={pb.record_bytes}")
         fields.append(FieldLayout(spec, int(f.offset)))
-    end = pb.base_address + pb.num_blocks * pb.block_size * pb.record_bytes + PROOF_AREA_BYTES
+    geometry = PoolGeometry(RecordLayout(tuple(fields), int(pb.record_bytes)), pb.block_size, pb.num_blocks,
+                            pb.base_address)
+    end = geometry.proof_address + PROOF_AREA_BYTES
     if end > 2 ** 64:
         raise errors.InvalidArgument(
             f"layout: base_address 0x{pb.base_address:x} + num_blocks {pb.num_blocks} x block_size {pb.block_size} x "
             f"record_bytes {pb.record_bytes} + the {PROOF_AREA_BYTES}-byte proof area ends past the 64-bit address "
             f"space (0x{end:x})")
-    return PoolGeometry(RecordLayout(tuple(fields), int(pb.record_bytes)), pb.block_size, pb.num_blocks, pb.base_address)
+    return geometry
 
 
 def error_to_pb(reason: FailureReason, message: str, writes_may_land: bool = False) -> common_pb2.TransferError | None:
@@ -346,11 +349,12 @@ def _guarded(handler, check):
 class GrpcServer:
     """A grpc.aio server with one epd service, health and reflection; SERVING only once started.
     `sec` (services/security.py) adds TLS (mutual with a CA), the token check and the message
-    size limit; the default is plaintext with no token."""
+    size limit; the default is plaintext with no token. `bench`, when given (--enable-bench),
+    serves epd.v1.Bench beside the service; without it the Bench calls answer UNIMPLEMENTED."""
 
     def __init__(self, service_name: str, add_servicer: Callable[[grpc.aio.Server], None],
                  interceptors: Sequence[grpc.aio.ServerInterceptor] = (), sec: ServerSecurity | None = None,
-                 extra_services: Sequence[str] = ()):
+                 bench: bench_pb2_grpc.BenchServicer | None = None):
         self.security = sec or ServerSecurity()
         # Given interceptors run outermost (metrics see every call, refused and undecodable ones
         # included); then the token check, before any request is parsed.
@@ -358,8 +362,12 @@ class GrpcServer:
                                       interceptors=[*interceptors, AuthInterceptor(self.security), ParseErrorInterceptor()],
                                       maximum_concurrent_rpcs=self.security.max_concurrent_rpcs)
         add_servicer(self.server)
-        self.health = HealthService(self.server, [service_name, *extra_services])
-        add_reflection(self.server, [service_name, *extra_services])
+        names = [service_name]
+        if bench is not None:
+            bench_pb2_grpc.add_BenchServicer_to_server(bench, self.server)
+            names.append(BENCH_SERVICE_NAME)
+        self.health = HealthService(self.server, names)
+        add_reflection(self.server, names)
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:

@@ -129,13 +129,13 @@ class ProofReader:
         for attempt in range(PROOF_READ_ATTEMPTS):
             try:
                 self._read_sync(session, local, remote, length)
-                return bytes(self._lanes[lane, :length].numpy().tobytes())
+                break
             except TransportError:
                 if attempt == PROOF_READ_ATTEMPTS - 1:
                     raise
             except (TypeError, ValueError, OverflowError) as e:  # the binding refused the arguments
                 raise TransportError(f"the engine refused the read: {type(e).__name__}") from None
-        raise AssertionError("unreachable")
+        return bytes(self._lanes[lane, :length].numpy().tobytes())
 
     async def verify(self, session: str, geometry: PoolGeometry, nonce: bytes, what: str, principal: str = "") -> None:
         """Returns when the nonce is at `geometry.proof_address` in `session`'s memory;

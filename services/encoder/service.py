@@ -39,7 +39,6 @@ from services.encoder.transfer import EncoderTransfer, PeerSession, validate_all
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "epd.v1.Encoder"
-BENCH_SERVICE_NAME = "epd.v1.Bench"
 MAX_RAW_REPEATS = 1000
 MAX_RAW_CONCURRENCY = 256
 BENCH_FILL_BYTE = 0xA5  # what a RawWrite sends: a pattern the bench wrote, never leftover payloads
@@ -96,14 +95,10 @@ class EncoderService:
         self.proofs = ProofReader(self.proof_transport.read_sync, lanes)
         self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
         sec = rpc.ServerSecurity.from_config(cfg)
-
-        def add_servicers(server) -> None:
-            encoder_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(self, sec), server)
-            if cfg.enable_bench:  # off in production: the Bench calls answer UNIMPLEMENTED
-                bench_pb2_grpc.add_BenchServicer_to_server(EncoderBenchServicer(self), server)
-
-        self.server = rpc.GrpcServer(SERVICE_NAME, add_servicers, interceptors=[self.metrics.interceptor()], sec=sec,
-                                     extra_services=[BENCH_SERVICE_NAME] if cfg.enable_bench else [])
+        self.server = rpc.GrpcServer(
+            SERVICE_NAME, lambda server: encoder_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(self, sec), server),
+            interceptors=[self.metrics.interceptor()], sec=sec,
+            bench=EncoderBenchServicer(self) if cfg.enable_bench else None)  # off in production
         self.port = await self.server.start(cfg.host, cfg.port)
         self.encoder_id = cfg.encoder_id or f"{socket.gethostname()}:{self.port}"
         exposure.report("encoder", cfg.host, {self.port: "gRPC", self.metrics_port: "metrics",

@@ -33,7 +33,6 @@ from services.language.worker import RankOutcome, RankWorker, cancel_and_wait
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "epd.v1.Language"
-BENCH_SERVICE_NAME = "epd.v1.Bench"
 
 
 class GenerateRecord:
@@ -124,14 +123,10 @@ class LanguageService:
             ranks.stop(self.children)
             raise
         sec = rpc.ServerSecurity.from_config(cfg)
-
-        def add_servicers(server) -> None:
-            language_pb2_grpc.add_LanguageServicer_to_server(LanguageServicer(self, sec), server)
-            if cfg.enable_bench:  # off in production: the Bench calls answer UNIMPLEMENTED
-                bench_pb2_grpc.add_BenchServicer_to_server(LanguageBenchServicer(self), server)
-
-        self.server = rpc.GrpcServer(SERVICE_NAME, add_servicers, interceptors=[self.worker.metrics.interceptor()],
-                                     sec=sec, extra_services=[BENCH_SERVICE_NAME] if cfg.enable_bench else [])
+        self.server = rpc.GrpcServer(
+            SERVICE_NAME, lambda server: language_pb2_grpc.add_LanguageServicer_to_server(LanguageServicer(self, sec), server),
+            interceptors=[self.worker.metrics.interceptor()], sec=sec,
+            bench=LanguageBenchServicer(self) if cfg.enable_bench else None)  # off in production
         self.port = await self.server.start(cfg.host, cfg.port)
         known = {self.port: "gRPC", self.metrics_port: "metrics", self.transport.handshake_port: "Mooncake handshake"}
         if self.dist_init.startswith("tcp://"):
