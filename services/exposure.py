@@ -19,12 +19,12 @@ log = logging.getLogger(__name__)
 _LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
 
 
-def _socket_inodes() -> set[str]:
+def _socket_inodes(pid: int | str) -> set[str]:
     inodes = set()
     try:
-        for fd in os.listdir("/proc/self/fd"):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
             try:
-                target = os.readlink(f"/proc/self/fd/{fd}")
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
             except OSError:
                 continue
             if target.startswith("socket:["):
@@ -44,13 +44,14 @@ def _address(hex_addr: str, v6: bool) -> str:
     return str(address.ipv4_mapped) if address.ipv4_mapped is not None else str(address)
 
 
-def listening_sockets() -> list[tuple[str, int]]:
-    """(address, port) of every TCP socket this process listens on; [] where /proc is missing."""
-    inodes = _socket_inodes()
+def listening_sockets(pid: int | str = "self") -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket process `pid` (default: this one) listens on; [] where
+    /proc is missing."""
+    inodes = _socket_inodes(pid)
     found = set()
     for name, v6 in (("tcp", False), ("tcp6", True)):
         try:
-            with open(f"/proc/self/net/{name}") as f:
+            with open(f"/proc/{pid}/net/{name}") as f:
                 lines = f.readlines()[1:]
         except OSError:
             continue

@@ -22,6 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.pb.epd.v1 import language_pb2, language_pb2_grpc
+from services.exposure import listening_sockets
 from services.reference_payload import expected_digest
 from tests.conftest import Pair, ServiceProcess, assert_all_free
 
@@ -56,25 +57,7 @@ def session_port(p: ServiceProcess) -> int:
 
 def listening_ports(pid: int) -> set[int]:
     """Every TCP port process `pid` listens on (Linux /proc); empty where /proc is missing."""
-    try:
-        inodes = set()
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if link.startswith("socket:["):
-                inodes.add(link[8:-1])
-        ports = set()
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            with open(table) as f:
-                for line in f.readlines()[1:]:
-                    cols = line.split()
-                    if cols[3] == "0A" and cols[9] in inodes:  # 0A = LISTEN
-                        ports.add(int(cols[1].rsplit(":", 1)[1], 16))
-        return ports
-    except OSError:
-        return set()
+    return {port for _address, port in listening_sockets(pid)}
 
 
 def open_fds(pid: int) -> int:
