@@ -48,9 +48,13 @@ def block_ranges(slab: Slab, blocks: Sequence[int]) -> list[tuple[int, int]]:
     ids = sorted(blocks)
     for i, b in enumerate(ids):
         if not 0 <= b < slab.num_blocks:
-            raise OutOfBounds(f"block id {b} is outside the {slab.num_blocks} blocks of the {slab.name}")
+            raise OutOfBounds(
+                f"block id {b} is outside the {slab.num_blocks} blocks of the {slab.name}"
+            )
         if i and ids[i - 1] == b:
-            raise OutOfBounds(f"block id {b} appears more than once in the {slab.name}'s allocation")
+            raise OutOfBounds(
+                f"block id {b} appears more than once in the {slab.name}'s allocation"
+            )
     ranges: list[tuple[int, int]] = []
     for b in ids:
         lo = slab.base + b * slab.block_bytes
@@ -68,8 +72,15 @@ def _inside(ranges: list[tuple[int, int]], starts: list[int], lo: int, hi: int) 
     return i >= 0 and ranges[i][0] <= lo and hi <= ranges[i][1]
 
 
-def check_plan(triples: Sequence[Triple], *, src: Slab, src_blocks: Sequence[int], dst: Slab,
-               dst_blocks: Sequence[int], expected_bytes: int) -> None:
+def check_plan(
+    triples: Sequence[Triple],
+    *,
+    src: Slab,
+    src_blocks: Sequence[int],
+    dst: Slab,
+    dst_blocks: Sequence[int],
+    expected_bytes: int,
+) -> None:
     """Raise OutOfBounds unless every triple reads inside `src_blocks` of `src` and writes inside
     `dst_blocks` of `dst`, no two triples write the same destination byte, and the triples move
     exactly `expected_bytes` bytes. The message names the triple and the range it left."""
@@ -83,34 +94,57 @@ def check_plan(triples: Sequence[Triple], *, src: Slab, src_blocks: Sequence[int
             s, d, n = triple
         except (TypeError, ValueError):
             _explain(i, triples, src, src_ranges, src_starts, dst, dst_ranges, dst_starts)
-        if not (type(s) is int and type(d) is int and type(n) is int and n > 0
-                and _inside(src_ranges, src_starts, s, s + n) and _inside(dst_ranges, dst_starts, d, d + n)):
+        if not (
+            type(s) is int
+            and type(d) is int
+            and type(n) is int
+            and n > 0
+            and _inside(src_ranges, src_starts, s, s + n)
+            and _inside(dst_ranges, dst_starts, d, d + n)
+        ):
             _explain(i, triples, src, src_ranges, src_starts, dst, dst_ranges, dst_starts)
         total += n
     if total != expected_bytes:
-        raise OutOfBounds(f"the {len(triples)} writes move {total} bytes, the round has {expected_bytes}")
+        raise OutOfBounds(
+            f"the {len(triples)} writes move {total} bytes, the round has {expected_bytes}"
+        )
     spans = sorted((d, d + n) for _, d, n in triples)
-    for (lo1, hi1), (lo2, _hi2) in zip(spans, spans[1:]):
+    for (_lo1, hi1), (lo2, _hi2) in zip(spans, spans[1:]):
         if lo2 < hi1:
             raise OutOfBounds(f"two writes overlap in the {dst.describe()} at 0x{lo2:x}")
 
 
-def _explain(i: int, triples: Sequence[Triple], src: Slab, src_ranges, src_starts, dst: Slab, dst_ranges,
-             dst_starts) -> None:
+def _explain(
+    i: int,
+    triples: Sequence[Triple],
+    src: Slab,
+    src_ranges,
+    src_starts,
+    dst: Slab,
+    dst_ranges,
+    dst_starts,
+) -> None:
     """Raise the OutOfBounds that says why triple i failed."""
     triple = triples[i]
-    if not isinstance(triple, tuple) or len(triple) != 3 or \
-            not all(isinstance(v, int) and not isinstance(v, bool) for v in triple):
+    if (
+        not isinstance(triple, tuple)
+        or len(triple) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in triple)
+    ):
         raise OutOfBounds(f"write {i}: {triple!r} is not an integer (src, dst, nbytes) triple")
     s, d, n = triple
     what = f"write {i} of {len(triples)} ({n} bytes from 0x{s:x} to 0x{d:x})"
     if n <= 0:
         raise OutOfBounds(f"{what}: its length must be > 0")
-    for (lo, hi, slab, ranges, starts, side) in ((s, s + n, src, src_ranges, src_starts, "reads"),
-                                                 (d, d + n, dst, dst_ranges, dst_starts, "writes")):
+    for lo, hi, slab, ranges, starts, side in (
+        (s, s + n, src, src_ranges, src_starts, "reads"),
+        (d, d + n, dst, dst_ranges, dst_starts, "writes"),
+    ):
         if lo < slab.base or hi > slab.end:
             raise OutOfBounds(f"{what} {side} [0x{lo:x}, 0x{hi:x}) outside the {slab.describe()}")
         if not _inside(ranges, starts, lo, hi):
-            raise OutOfBounds(f"{what} {side} [0x{lo:x}, 0x{hi:x}) outside the round's blocks of the "
-                              f"{slab.describe()}")
+            raise OutOfBounds(
+                f"{what} {side} [0x{lo:x}, 0x{hi:x}) outside the round's blocks of the "
+                f"{slab.describe()}"
+            )
     raise OutOfBounds(f"{what}: refused")  # not reached: the fast check and this one agree

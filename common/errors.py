@@ -29,7 +29,9 @@ class EpdError(Exception):
     reason), sent beside the status as trailing metadata `epd-error-reason`, so the other service
     acts on it without reading the message."""
 
-    def __init__(self, message: str, *, reason: FailureReason | None = None, error_reason: str = ""):
+    def __init__(
+        self, message: str, *, reason: FailureReason | None = None, error_reason: str = ""
+    ):
         super().__init__(message)
         self.message = message
         if reason is not None:

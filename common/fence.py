@@ -25,7 +25,8 @@ import concurrent.futures
 import logging
 import threading
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,9 @@ class WriteFence:
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._open: set[concurrent.futures.Future] = set()
-        self._late: dict[concurrent.futures.Future, LateWrites] = {}  # LateWrites.settled -> its handle
+        self._late: dict[
+            concurrent.futures.Future, LateWrites
+        ] = {}  # LateWrites.settled -> its handle
         self._changed = asyncio.Event()
         self.late_writes = 0
         """How many writes left pieces behind (for logs and tests)."""
@@ -147,8 +150,14 @@ class WriteFence:
         return True
 
 
-def quarantine_until_landed(allocator, blocks: list[int], fence: WriteFence, max_s: float, what: str,
-                            on_released: Callable[[bool, float], None] | None = None) -> asyncio.Task:
+def quarantine_until_landed(
+    allocator,
+    blocks: list[int],
+    fence: WriteFence,
+    max_s: float,
+    what: str,
+    on_released: Callable[[bool, float], None] | None = None,
+) -> asyncio.Task:
     """Quarantine `blocks` now (a `common.pool.BlockAllocator`'s blocks the fence's writes touch)
     and return the task that gives them back once no write of the fence may land. After `max_s`
     without that, they go back anyway, with a WARNING: an engine that never reports on a piece
@@ -161,11 +170,20 @@ def quarantine_until_landed(allocator, blocks: list[int], fence: WriteFence, max
         ended = await fence.wait(max_s)
         held = time.monotonic() - held_since
         if ended:
-            log.info("%s: every write ended; %d quarantined block(s) back in the pool after %.1f s", what,
-                     len(blocks), held)
+            log.info(
+                "%s: every write ended; %d quarantined block(s) back in the pool after %.1f s",
+                what,
+                len(blocks),
+                held,
+            )
         else:
-            log.warning("%s: writes still not final after quarantine_max_s=%.0f s; %d quarantined block(s) back in "
-                        "the pool anyway", what, max_s, len(blocks))
+            log.warning(
+                "%s: writes still not final after quarantine_max_s=%.0f s; %d quarantined block(s) back in "
+                "the pool anyway",
+                what,
+                max_s,
+                len(blocks),
+            )
         allocator.release_quarantine(blocks)
         if on_released is not None:
             on_released(ended, held)

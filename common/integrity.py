@@ -10,7 +10,7 @@ however each splits the round into runs.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ _WORD_DTYPES = ((4, torch.int32, np.int32), (2, torch.int16, np.int16))
 def _words(records, field: FieldLayout):
     """The field's bytes of every record (a torch tensor or a numpy array [n, record_bytes]) as
     integer words [n, w]: int32 where the field is whole int32 words, else int16, else bytes."""
-    raw = records[:, field.offset: field.offset + field.bytes_per_token]
+    raw = records[:, field.offset : field.offset + field.bytes_per_token]
     numpy = isinstance(records, np.ndarray)
     for size, torch_dtype, np_dtype in _WORD_DTYPES:
         if field.bytes_per_token % size == 0 and field.offset % size == 0:
@@ -46,10 +46,10 @@ def field_checksum(records: torch.Tensor, field: FieldLayout, first_token: int) 
     if n == 0:
         return 0
     words = _words(records, field)
-    row = words.sum(dim=1, dtype=torch.int32).to(torch.int64)      # [n], wraps modulo 2**32
+    row = words.sum(dim=1, dtype=torch.int32).to(torch.int64)  # [n], wraps modulo 2**32
     pos = torch.arange(first_token + 1, first_token + n + 1, dtype=torch.int64, device=row.device)
     a = int((row * pos).sum()) & _MASK32
-    col = words.sum(dim=0, dtype=torch.int32).to(torch.int64)      # [w]
+    col = words.sum(dim=0, dtype=torch.int32).to(torch.int64)  # [w]
     cpos = torch.arange(1, col.shape[0] + 1, dtype=torch.int64, device=col.device)
     b = int((col * cpos).sum()) & _MASK32
     return (a << 32) | b
@@ -60,7 +60,9 @@ def combine(x: int, y: int) -> int:
     return ((((x >> 32) + (y >> 32)) & _MASK32) << 32) | (((x & _MASK32) + (y & _MASK32)) & _MASK32)
 
 
-def checksums(segments: list[torch.Tensor], record: RecordLayout, first_token: int) -> dict[str, int]:
+def checksums(
+    segments: list[torch.Tensor], record: RecordLayout, first_token: int
+) -> dict[str, int]:
     """Checksums of every field over consecutive record segments (the runs of one round)."""
     out: dict[str, int] = {}
     for f in record.fields:
@@ -73,7 +75,6 @@ def checksums(segments: list[torch.Tensor], record: RecordLayout, first_token: i
             pos += seg.shape[0]
         out[f.name] = total
     return out
-
 
 
 INLINE_MAX_BYTES = 1 << 20
@@ -90,7 +91,9 @@ def _on_host(segments: list[torch.Tensor]) -> bool:
     return all(s.device.type == "cpu" for s in segments)
 
 
-def fast_checksums(segments: list[torch.Tensor], record: RecordLayout, first_token: int) -> dict[str, int]:
+def fast_checksums(
+    segments: list[torch.Tensor], record: RecordLayout, first_token: int
+) -> dict[str, int]:
     """`checksums` by the fastest route: numpy for host-memory segments, torch on a device
     (blocking; big device rounds are split over threads)."""
     if _on_host(segments):
@@ -100,15 +103,21 @@ def fast_checksums(segments: list[torch.Tensor], record: RecordLayout, first_tok
     return parallel_checksums(segments, record, first_token)
 
 
-async def checksums_off_loop(segments: list[torch.Tensor], record: RecordLayout, first_token: int) -> dict[str, int]:
+async def checksums_off_loop(
+    segments: list[torch.Tensor], record: RecordLayout, first_token: int
+) -> dict[str, int]:
     """`fast_checksums`, on the loop when the segments are small (INLINE_MAX_BYTES), else in a
     worker thread, or — host rounds over MEMORY_BOUND_SPLIT_BYTES — in PARALLEL worker threads
     reached straight from the loop (one hand-off each, not two)."""
     if _is_small(segments):
         return fast_checksums(segments, record, first_token)
     if _on_host(segments) and nbytes(segments) > MEMORY_BOUND_SPLIT_BYTES:
-        parts = await run_split_async(lambda segs, first: host_checksums(segs, record, first), segments, first_token,
-                                      min_split_bytes=MEMORY_BOUND_SPLIT_BYTES)
+        parts = await run_split_async(
+            lambda segs, first: host_checksums(segs, record, first),
+            segments,
+            first_token,
+            min_split_bytes=MEMORY_BOUND_SPLIT_BYTES,
+        )
         return _combine_parts(parts)
     return await asyncio.to_thread(fast_checksums, segments, record, first_token)
 
@@ -120,12 +129,18 @@ def _combine_parts(parts: list[dict[str, int]]) -> dict[str, int]:
     return out
 
 
-def parallel_checksums(segments: list[torch.Tensor], record: RecordLayout, first_token: int) -> dict[str, int]:
+def parallel_checksums(
+    segments: list[torch.Tensor], record: RecordLayout, first_token: int
+) -> dict[str, int]:
     """`checksums` split by tokens over PARALLEL threads and combined (blocking)."""
-    return _combine_parts(run_split(lambda segs, first: checksums(segs, record, first), segments, first_token))
+    return _combine_parts(
+        run_split(lambda segs, first: checksums(segs, record, first), segments, first_token)
+    )
 
 
-def small_checksums(segments: list[torch.Tensor], record: RecordLayout, first_token: int) -> dict[str, int]:
+def small_checksums(
+    segments: list[torch.Tensor], record: RecordLayout, first_token: int
+) -> dict[str, int]:
     """`checksums` of small host-memory segments with numpy: the same values (tested), without
     torch's per-operation overhead, which dominates below about 1 MiB."""
     out: dict[str, int] = {}
@@ -137,7 +152,9 @@ def small_checksums(segments: list[torch.Tensor], record: RecordLayout, first_to
             if n:
                 words = _words(seg.numpy(), f)
                 with np.errstate(over="ignore"):
-                    row = words.sum(axis=1, dtype=np.int32).astype(np.int64)  # wraps modulo 2**32, as torch does
+                    row = words.sum(axis=1, dtype=np.int32).astype(
+                        np.int64
+                    )  # wraps modulo 2**32, as torch does
                     col = words.sum(axis=0, dtype=np.int32).astype(np.int64)
                     a += int((row * np.arange(pos + 1, pos + n + 1, dtype=np.int64)).sum())
                     b += int((col * np.arange(1, col.shape[0] + 1, dtype=np.int64)).sum())
@@ -169,8 +186,13 @@ def _word_columns(record: RecordLayout) -> list[tuple[str, int, int]] | None:
     return cols
 
 
-def host_checksums(segments: list[torch.Tensor], record: RecordLayout, first_token: int, *,
-                   chunk_bytes: int = HOST_CHUNK_BYTES) -> dict[str, int]:
+def host_checksums(
+    segments: list[torch.Tensor],
+    record: RecordLayout,
+    first_token: int,
+    *,
+    chunk_bytes: int = HOST_CHUNK_BYTES,
+) -> dict[str, int]:
     """`checksums` of host-memory segments, the same values (tested), in about one pass over
     memory for every field together: records are read in L2-sized chunks of whole records viewed
     as int32 words; each chunk's per-field row sums and its column sums (all fields at once) are
@@ -190,13 +212,15 @@ def host_checksums(segments: list[torch.Tensor], record: RecordLayout, first_tok
         for seg in segments:
             words = seg.numpy().view(np.int32)
             for lo_row in range(0, words.shape[0], step):
-                chunk = words[lo_row:lo_row + step]
+                chunk = words[lo_row : lo_row + step]
                 k = chunk.shape[0]
                 for name, lo, hi in fields:
                     if hi - lo == 1:
-                        rows[name][at:at + k] = chunk[:, lo]
+                        rows[name][at : at + k] = chunk[:, lo]
                     else:
-                        np.add.reduce(chunk[:, lo:hi], axis=1, dtype=np.int32, out=rows[name][at:at + k])
+                        np.add.reduce(
+                            chunk[:, lo:hi], axis=1, dtype=np.int32, out=rows[name][at : at + k]
+                        )
                 np.add.reduce(chunk, axis=0, dtype=np.int32, out=chunk_cols)
                 cols += chunk_cols
                 at += k
@@ -204,17 +228,23 @@ def host_checksums(segments: list[torch.Tensor], record: RecordLayout, first_tok
         out: dict[str, int] = {}
         for name, lo, hi in fields:
             a = int(np.dot(rows[name].astype(np.int64), pos)) & _MASK32
-            b = int(np.dot(cols[lo:hi].astype(np.int64), np.arange(1, hi - lo + 1, dtype=np.int64))) & _MASK32
+            b = (
+                int(np.dot(cols[lo:hi].astype(np.int64), np.arange(1, hi - lo + 1, dtype=np.int64)))
+                & _MASK32
+            )
             out[name] = (a << 32) | b
     return out
 
 
-def _host_sums(runs: list[torch.Tensor], record: RecordLayout,
-               chunk: int) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+def _host_sums(
+    runs: list[torch.Tensor], record: RecordLayout, chunk: int
+) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]:
     """PayloadSums.build's per-run sums of host-memory runs, with numpy (fewer passes and no
     temporaries where torch makes them): per field, each token's row sum and each chunk's
     column sums, int32 wrapped, as int64 tensors."""
-    out: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {f.name: ([], []) for f in record.fields}
+    out: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {
+        f.name: ([], []) for f in record.fields
+    }
     with np.errstate(over="ignore"):
         for run in runs:
             host = run.numpy()
@@ -223,12 +253,18 @@ def _host_sums(runs: list[torch.Tensor], record: RecordLayout,
             for f in record.fields:
                 words = _words(host, f)
                 rows, cols = out[f.name]
-                rows.append(torch.from_numpy(np.add.reduce(words, axis=1, dtype=np.int32).astype(np.int64)))
+                rows.append(
+                    torch.from_numpy(np.add.reduce(words, axis=1, dtype=np.int32).astype(np.int64))
+                )
                 if full:
                     blocks = words[:full].reshape(full // chunk, chunk, words.shape[1])
                     cols.append(torch.from_numpy(np.add.reduce(blocks, axis=1, dtype=np.int32)))
                 if k > full:
-                    cols.append(torch.from_numpy(np.add.reduce(words[full:], axis=0, dtype=np.int32)[None, :]))
+                    cols.append(
+                        torch.from_numpy(
+                            np.add.reduce(words[full:], axis=0, dtype=np.int32)[None, :]
+                        )
+                    )
     return out
 
 
@@ -241,22 +277,30 @@ class PayloadSums:
     then cost microseconds instead of a pass over the round that would compete with its write
     for the CPU. Values equal `checksums(...)` of the same range exactly (tested)."""
 
-    def __init__(self, record: RecordLayout, chunk: int, total: int,
-                 rows: dict[str, torch.Tensor], cols: dict[str, torch.Tensor]):
+    def __init__(
+        self,
+        record: RecordLayout,
+        chunk: int,
+        total: int,
+        rows: dict[str, torch.Tensor],
+        cols: dict[str, torch.Tensor],
+    ):
         self.record = record
         self.chunk = chunk
         self.total = total
-        self._rows = rows   # field -> int64 [total]: each token's row sum (int32, wrapped)
-        self._cols = cols   # field -> int64 [ceil(total / chunk), w]: column sums of each chunk
+        self._rows = rows  # field -> int64 [total]: each token's row sum (int32, wrapped)
+        self._cols = cols  # field -> int64 [ceil(total / chunk), w]: column sums of each chunk
 
     @classmethod
-    def build(cls, runs: list[torch.Tensor], record: RecordLayout, chunk: int) -> "PayloadSums":
+    def build(cls, runs: list[torch.Tensor], record: RecordLayout, chunk: int) -> PayloadSums:
         """From the payload's records as consecutive runs, each starting at a multiple of `chunk`
         tokens (block runs of a pool whose block size is `chunk`). Blocking: a worker thread."""
         total = sum(r.shape[0] for r in runs)
         host = _on_host(list(runs))
 
-        def sums_of(part: list[torch.Tensor], _first: int) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        def sums_of(
+            part: list[torch.Tensor], _first: int
+        ) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]:
             if host:
                 return _host_sums(part, record, chunk)
             out = {}
@@ -268,7 +312,11 @@ class PayloadSums:
                     row_parts.append(words.sum(dim=1, dtype=torch.int32).to(torch.int64))
                     full = k // chunk * chunk
                     if full:
-                        col_parts.append(words[:full].reshape(full // chunk, chunk, -1).sum(dim=1, dtype=torch.int32))
+                        col_parts.append(
+                            words[:full]
+                            .reshape(full // chunk, chunk, -1)
+                            .sum(dim=1, dtype=torch.int32)
+                        )
                     if k > full:
                         col_parts.append(words[full:].sum(dim=0, dtype=torch.int32).unsqueeze(0))
                 out[f.name] = (row_parts, col_parts)
@@ -276,16 +324,25 @@ class PayloadSums:
 
         # Parts start at chunk boundaries, so each part's chunks are whole chunks of the payload.
         parts = run_split(sums_of, list(runs), 0, align=chunk)
-        rows = {f.name: torch.cat([t for p in parts for t in p[f.name][0]]).cpu() for f in record.fields}
-        cols = {f.name: torch.cat([t for p in parts for t in p[f.name][1]]).to(torch.int64).cpu() for f in record.fields}
+        rows = {
+            f.name: torch.cat([t for p in parts for t in p[f.name][0]]).cpu() for f in record.fields
+        }
+        cols = {
+            f.name: torch.cat([t for p in parts for t in p[f.name][1]]).to(torch.int64).cpu()
+            for f in record.fields
+        }
         return cls(record, chunk, total, rows, cols)
 
-    def checksums(self, start: int, n: int, records: Callable[[int, int], list[torch.Tensor]]) -> dict[str, int]:
+    def checksums(
+        self, start: int, n: int, records: Callable[[int, int], list[torch.Tensor]]
+    ) -> dict[str, int]:
         """Checksums of tokens [start, start+n); `records(lo, hi)` gives the records of tokens
         [lo, hi) (needed only for partial chunks at the edges)."""
         end = start + n
         if not 0 <= start <= end <= self.total:
-            raise ValueError(f"range [{start}, {end}) is outside the payload of {self.total} tokens")
+            raise ValueError(
+                f"range [{start}, {end}) is outside the payload of {self.total} tokens"
+            )
         first_full = -(-start // self.chunk)
         last_full = end // self.chunk
         edges = []
@@ -301,8 +358,11 @@ class PayloadSums:
         out: dict[str, int] = {}
         for f in self.record.fields:
             a = int((self._rows[f.name][start:end] * pos).sum()) & _MASK32
-            col = self._cols[f.name][first_full:last_full].sum(dim=0) if last_full > first_full else \
-                torch.zeros(self._cols[f.name].shape[1], dtype=torch.int64)
+            col = (
+                self._cols[f.name][first_full:last_full].sum(dim=0)
+                if last_full > first_full
+                else torch.zeros(self._cols[f.name].shape[1], dtype=torch.int64)
+            )
             for _lo, segments in edge_records:
                 for seg in segments:
                     col = col + _words(seg, f).sum(dim=0, dtype=torch.int32).to(torch.int64).cpu()

@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-FIELD_ALIGN = 4      # every field starts at a multiple of this (checksums read 32-bit words)
-RECORD_ALIGN = 16    # record size is padded to this
+FIELD_ALIGN = 4  # every field starts at a multiple of this (checksums read 32-bit words)
+RECORD_ALIGN = 16  # record size is padded to this
 
 # dtype name -> bytes per element; names are torch's (`torch.<name>`).
 DTYPE_SIZES: dict[str, int] = {
@@ -79,7 +79,7 @@ class RecordLayout:
     """Bytes per token record, padded to RECORD_ALIGN."""
 
     @classmethod
-    def pack(cls, specs: tuple[FieldSpec, ...] | list[FieldSpec]) -> "RecordLayout":
+    def pack(cls, specs: tuple[FieldSpec, ...] | list[FieldSpec]) -> RecordLayout:
         if not specs:
             raise ValueError("a record needs at least one field")
         seen: set[str] = set()
@@ -89,9 +89,13 @@ class RecordLayout:
             if spec.name in seen:
                 raise ValueError(f"duplicate field name {spec.name!r}")
             if spec.dtype not in DTYPE_SIZES:
-                raise ValueError(f"field {spec.name!r}: unsupported dtype {spec.dtype!r} (one of {sorted(DTYPE_SIZES)})")
+                raise ValueError(
+                    f"field {spec.name!r}: unsupported dtype {spec.dtype!r} (one of {sorted(DTYPE_SIZES)})"
+                )
             if any(d <= 0 for d in spec.per_token_shape):
-                raise ValueError(f"field {spec.name!r}: per-token shape {spec.per_token_shape} has a non-positive size")
+                raise ValueError(
+                    f"field {spec.name!r}: per-token shape {spec.per_token_shape} has a non-positive size"
+                )
             seen.add(spec.name)
             # Aligned to the element size too, so every field can be viewed in place as its dtype.
             offset = _round_up(offset, max(FIELD_ALIGN, DTYPE_SIZES[spec.dtype]))
@@ -114,7 +118,7 @@ class RecordLayout:
         """Bytes of real field data per token (without padding)."""
         return sum(f.bytes_per_token for f in self.fields)
 
-    def differences(self, other: "RecordLayout") -> list[str]:
+    def differences(self, other: RecordLayout) -> list[str]:
         """Human-readable differences between two record layouts (empty when compatible)."""
         diffs = []
         if self.names != other.names:

@@ -12,10 +12,14 @@ from collections.abc import Sequence
 from common.errors import InvalidArgument
 
 
-def check_images(what: str, image_sizes: Sequence[int], *, max_images: int, max_image_bytes: int) -> None:
+def check_images(
+    what: str, image_sizes: Sequence[int], *, max_images: int, max_image_bytes: int
+) -> None:
     """INVALID_ARGUMENT naming the count or the first image (`images[i]`) above a limit."""
     if len(image_sizes) > max_images:
         raise InvalidArgument(f"{what}: {len(image_sizes)} images, above max_images={max_images}")
     for i, size in enumerate(image_sizes):
         if size > max_image_bytes:
-            raise InvalidArgument(f"{what}: images[{i}] has {size} bytes, above max_image_bytes={max_image_bytes}")
+            raise InvalidArgument(
+                f"{what}: images[{i}] has {size} bytes, above max_image_bytes={max_image_bytes}"
+            )

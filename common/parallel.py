@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -38,8 +39,9 @@ def nbytes(segments: list[torch.Tensor]) -> int:
     return sum(s.numel() * s.element_size() for s in segments)
 
 
-def split_tokens(segments: list[torch.Tensor], first_token: int, parts: int,
-                 align: int = 1) -> list[tuple[list[torch.Tensor], int]]:
+def split_tokens(
+    segments: list[torch.Tensor], first_token: int, parts: int, align: int = 1
+) -> list[tuple[list[torch.Tensor], int]]:
     """Cut consecutive token segments into at most `parts` groups of about equal token counts,
     each (but the last) a multiple of `align` tokens: [(segments, first token of the group)]
     (views, no copies)."""
@@ -53,7 +55,7 @@ def split_tokens(segments: list[torch.Tensor], first_token: int, parts: int,
         offset = 0
         while offset < seg.shape[0]:
             take = min(room, seg.shape[0] - offset)
-            current.append(seg[offset:offset + take])
+            current.append(seg[offset : offset + take])
             offset += take
             pos += take
             room -= take
@@ -65,8 +67,13 @@ def split_tokens(segments: list[torch.Tensor], first_token: int, parts: int,
     return groups
 
 
-def run_split(work: Callable[[list[torch.Tensor], int], T], segments: list[torch.Tensor], first_token: int,
-              parts: int = PARALLEL, align: int = 1) -> list[T]:
+def run_split(
+    work: Callable[[list[torch.Tensor], int], T],
+    segments: list[torch.Tensor],
+    first_token: int,
+    parts: int = PARALLEL,
+    align: int = 1,
+) -> list[T]:
     """`work(group, first_token_of_group)` for each part, in parallel; results in token order.
     Blocking: call it from a worker thread, never from the event loop."""
     if nbytes(segments) < SPLIT_MIN_BYTES:
@@ -78,13 +85,22 @@ def run_split(work: Callable[[list[torch.Tensor], int], T], segments: list[torch
     return [f.result() for f in futures]
 
 
-async def run_split_async(work: Callable[[list[torch.Tensor], int], T], segments: list[torch.Tensor],
-                          first_token: int, parts: int = PARALLEL, align: int = 1,
-                          min_split_bytes: int = SPLIT_MIN_BYTES) -> list[T]:
+async def run_split_async(
+    work: Callable[[list[torch.Tensor], int], T],
+    segments: list[torch.Tensor],
+    first_token: int,
+    parts: int = PARALLEL,
+    align: int = 1,
+    min_split_bytes: int = SPLIT_MIN_BYTES,
+) -> list[T]:
     """`run_split` from the event loop: the parts go straight to the worker threads (one hand-off
     each, where `asyncio.to_thread(run_split, ...)` makes two); one part below min_split_bytes."""
     if nbytes(segments) <= min_split_bytes:
         parts = 1
     groups = split_tokens(segments, first_token, parts, align)
     loop = asyncio.get_running_loop()
-    return list(await asyncio.gather(*(loop.run_in_executor(_pool, work, segs, first) for segs, first in groups)))
+    return list(
+        await asyncio.gather(
+            *(loop.run_in_executor(_pool, work, segs, first) for segs, first in groups)
+        )
+    )

@@ -7,7 +7,7 @@ on `release()`; a multi-round request lives in a stash buffer. Consumers see the
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -17,7 +17,12 @@ from common.layout import RecordLayout
 class Payload:
     """Records [total_tokens, record_bytes] of one request, as a list of segments."""
 
-    def __init__(self, record: RecordLayout, segments: list[torch.Tensor], on_release: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        record: RecordLayout,
+        segments: list[torch.Tensor],
+        on_release: Callable[[], None] | None = None,
+    ):
         self.record = record
         self.segments = segments
         self.total_tokens = sum(s.shape[0] for s in segments)
@@ -36,7 +41,7 @@ class Payload:
         """Yield the field's bytes, C-contiguous little-endian, segment by segment."""
         f = self.record.field(name)
         for seg in self.segments:
-            raw = seg[:, f.offset: f.offset + f.bytes_per_token]
+            raw = seg[:, f.offset : f.offset + f.bytes_per_token]
             yield raw.contiguous().cpu().numpy().tobytes()
 
     def sha256(self) -> str:

@@ -29,7 +29,9 @@ def blocks_for_tokens(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
-def token_runs(blocks: Sequence[int], block_size: int, start: int, n_tokens: int, *, side: str = "") -> list[Run]:
+def token_runs(
+    blocks: Sequence[int], block_size: int, start: int, n_tokens: int, *, side: str = ""
+) -> list[Run]:
     """Maximal slab-contiguous runs of tokens [start, start+n_tokens) of an allocation.
 
     Returns (record_index, length) pairs in token order; consecutive block ids are merged, so a
@@ -96,7 +98,11 @@ def plan_round(
         nbytes = k * record_bytes
         # Each side's runs are already maximal, so this merge rarely fires; it keeps the
         # "maximal on both sides" guarantee independent of how the runs were cut.
-        if triples and triples[-1][0] + triples[-1][2] == s_addr and triples[-1][1] + triples[-1][2] == d_addr:
+        if (
+            triples
+            and triples[-1][0] + triples[-1][2] == s_addr
+            and triples[-1][1] + triples[-1][2] == d_addr
+        ):
             ps, pd, pn = triples[-1]
             triples[-1] = (ps, pd, pn + nbytes)
         else:

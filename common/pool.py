@@ -24,7 +24,14 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 import torch
 
 from common.errors import ResourceExhausted
-from common.layout import PROOF_AREA_BYTES, PROOF_LANE_BYTES, PROOF_LANES, FieldLayout, PoolGeometry, RecordLayout
+from common.layout import (
+    PROOF_AREA_BYTES,
+    PROOF_LANE_BYTES,
+    PROOF_LANES,
+    FieldLayout,
+    PoolGeometry,
+    RecordLayout,
+)
 from common.plan import token_runs
 
 log = logging.getLogger(__name__)
@@ -37,7 +44,9 @@ blocks count as neither)."""
 class _Waiter:
     __slots__ = ("n", "partial_ok", "future", "priority")
 
-    def __init__(self, n: int, partial_ok: bool, future: asyncio.Future[list[int]], priority: bool = False):
+    def __init__(
+        self, n: int, partial_ok: bool, future: asyncio.Future[list[int]], priority: bool = False
+    ):
         self.n = n
         self.partial_ok = partial_ok
         self.future = future
@@ -64,7 +73,9 @@ class BlockAllocator:
         self._on_change = on_change
         self._is_free = bytearray(b"\x01") * num_blocks  # per-block flag, for validating frees
         self._free_count = num_blocks
-        self._quarantined: set[int] = set()  # taken out of the pool: a late write may still land there
+        self._quarantined: set[int] = (
+            set()
+        )  # taken out of the pool: a late write may still land there
         self._run_end: dict[int, int] = {0: num_blocks}  # start -> end (exclusive)
         self._run_start: dict[int, int] = {num_blocks: 0}  # end -> start
         self._waiters: collections.deque[_Waiter] = collections.deque()
@@ -109,7 +120,12 @@ class BlockAllocator:
         return self._take(n)
 
     async def alloc(
-        self, n: int, *, timeout: float | None, partial_ok: bool = False, label: str = "",
+        self,
+        n: int,
+        *,
+        timeout: float | None,
+        partial_ok: bool = False,
+        label: str = "",
         priority: bool = False,
     ) -> list[int]:
         """Wait (FIFO) for n blocks; with partial_ok, for at least one, taking min(n, free).
@@ -205,12 +221,18 @@ class BlockAllocator:
             if not isinstance(b, int) or isinstance(b, bool):
                 raise ValueError(f"{what}: block id {b!r} is not an int")
             if not 0 <= b < self._num_blocks:
-                raise ValueError(f"{what}: block id {b} is outside the pool (0..{self._num_blocks - 1})")
+                raise ValueError(
+                    f"{what}: block id {b} is outside the pool (0..{self._num_blocks - 1})"
+                )
             if self._is_free[b] or b in seen:
-                raise ValueError(f"{what}: block {b} is free" + (" (double free)" if what == "free" else ""))
+                raise ValueError(
+                    f"{what}: block {b} is free" + (" (double free)" if what == "free" else "")
+                )
             if b in self._quarantined:
-                raise ValueError(f"{what}: block {b} is already quarantined" +
-                                 (" (release_quarantine returns it)" if what == "free" else ""))
+                raise ValueError(
+                    f"{what}: block {b} is already quarantined"
+                    + (" (release_quarantine returns it)" if what == "free" else "")
+                )
             seen.add(b)
 
     # -- quarantine ----------------------------------------------------------------------------
@@ -379,7 +401,9 @@ class BlockPool:
 
     @property
     def geometry(self) -> PoolGeometry:
-        return PoolGeometry(self._record, self._block_size, self._num_blocks, base_address=self.base_address)
+        return PoolGeometry(
+            self._record, self._block_size, self._num_blocks, base_address=self.base_address
+        )
 
     # -- proof area ----------------------------------------------------------------------------
 
@@ -389,10 +413,12 @@ class BlockPool:
             raise ValueError(f"proof data of {len(data)} bytes exceeds a lane's {PROOF_LANE_BYTES}")
         row = torch.zeros(PROOF_LANE_BYTES, dtype=torch.uint8)
         if data:
-            row[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            row[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         self._proof[lane].copy_(row)
         if self._proof.is_cuda:
-            torch.cuda.synchronize(self._proof.device)  # visible to the engine's reads before we answer
+            torch.cuda.synchronize(
+                self._proof.device
+            )  # visible to the engine's reads before we answer
 
     @contextlib.asynccontextmanager
     async def proving(self, nonce: bytes) -> AsyncIterator[None]:
@@ -419,7 +445,10 @@ class BlockPool:
     def runs(self, blocks: Sequence[int], start: int, n_tokens: int) -> list[torch.Tensor]:
         """uint8 [k, record_bytes] views (no copy) of tokens [start, start+n_tokens), one per slab run."""
         self._check_blocks(blocks)
-        return [self._flat[rec : rec + k] for rec, k in token_runs(blocks, self._block_size, start, n_tokens)]
+        return [
+            self._flat[rec : rec + k]
+            for rec, k in token_runs(blocks, self._block_size, start, n_tokens)
+        ]
 
     def copy_out(self, blocks: Sequence[int], start: int, n_tokens: int, out: torch.Tensor) -> None:
         """Copy tokens [start, start+n_tokens) into `out` (uint8 [n_tokens, record_bytes], any device)."""
@@ -446,16 +475,27 @@ class BlockPool:
     def _check_records(self, t: torch.Tensor, n_tokens: int, what: str) -> None:
         want = (n_tokens, self._record.record_bytes)
         if t.dtype != torch.uint8 or tuple(t.shape) != want:
-            raise ValueError(f"{what} must be a uint8 tensor of shape {list(want)}, got {t.dtype} {list(t.shape)}")
+            raise ValueError(
+                f"{what} must be a uint8 tensor of shape {list(want)}, got {t.dtype} {list(t.shape)}"
+            )
 
     # -- allocator delegation ------------------------------------------------------------------
 
     def try_alloc(self, n: int) -> list[int] | None:
         return self.allocator.try_alloc(n)
 
-    async def alloc(self, n: int, *, timeout: float | None, partial_ok: bool = False, label: str = "",
-                    priority: bool = False) -> list[int]:
-        return await self.allocator.alloc(n, timeout=timeout, partial_ok=partial_ok, label=label, priority=priority)
+    async def alloc(
+        self,
+        n: int,
+        *,
+        timeout: float | None,
+        partial_ok: bool = False,
+        label: str = "",
+        priority: bool = False,
+    ) -> list[int]:
+        return await self.allocator.alloc(
+            n, timeout=timeout, partial_ok=partial_ok, label=label, priority=priority
+        )
 
     def free(self, blocks: Iterable[int]) -> None:
         self.allocator.free(blocks)
@@ -482,4 +522,6 @@ def _typed(raw: torch.Tensor, field: FieldLayout) -> torch.Tensor:
         return raw.view(dtype)
     except RuntimeError as e:
         # E.g. an 8-byte dtype at an offset that is only 4-aligned.
-        raise ValueError(f"field {field.name!r} (offset {field.offset}, {field.spec.dtype}) cannot be viewed in place: {e}") from e
+        raise ValueError(
+            f"field {field.name!r} (offset {field.offset}, {field.spec.dtype}) cannot be viewed in place: {e}"
+        ) from e

@@ -17,11 +17,21 @@ import torch
 from common.layout import RecordLayout
 
 _CHUNK_TOKENS = 4096
-_HOST_CHUNK_TOKENS = 256  # the numpy gather's temporary stays small (1.8 MB at hidden 3584) and is reused
+_HOST_CHUNK_TOKENS = (
+    256  # the numpy gather's temporary stays small (1.8 MB at hidden 3584) and is reused
+)
 _MOD = 2003
 # numpy twins of the field dtypes (bfloat16 has none: its rows are copied as 16-bit words).
-_NP_WORDS = {"bfloat16": np.int16, "float16": np.int16, "float32": np.int32, "int32": np.int32,
-             "int64": np.int64, "int16": np.int16, "uint8": np.uint8, "int8": np.int8}
+_NP_WORDS = {
+    "bfloat16": np.int16,
+    "float16": np.int16,
+    "float32": np.int32,
+    "int32": np.int32,
+    "int64": np.int64,
+    "int16": np.int16,
+    "uint8": np.uint8,
+    "int8": np.int8,
+}
 
 
 @functools.lru_cache(maxsize=8)
@@ -31,7 +41,9 @@ def _row_table(hidden: int, dtype: torch.dtype) -> torch.Tensor:
     c = torch.arange(_MOD, dtype=torch.int64)
     j = torch.arange(hidden, dtype=torch.int64)
     m = (c[:, None] + j[None, :] * 31) % _MOD
-    values = (m.to(torch.float32) / torch.tensor(float(_MOD), dtype=torch.float32)) - torch.tensor(0.5, dtype=torch.float32)
+    values = (m.to(torch.float32) / torch.tensor(float(_MOD), dtype=torch.float32)) - torch.tensor(
+        0.5, dtype=torch.float32
+    )
     return values.to(dtype)
 
 
@@ -44,7 +56,9 @@ def _token_id(seed: int, i):
     return (seed + i) % 65536
 
 
-def synthetic_fields(seed: int, start: int, n: int, hidden: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def synthetic_fields(
+    seed: int, start: int, n: int, hidden: int, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """The §14 values of tokens [start, start+n): embeddings, token_ids, mrope_positions."""
     i = torch.arange(start, start + n, dtype=torch.int64)
     return {
@@ -63,13 +77,19 @@ def fill_synthetic(records: torch.Tensor, record: RecordLayout, seed: int, start
     if records.device.type == "cpu":
         host = records.numpy()
         for lo in range(0, n, _HOST_CHUNK_TOKENS):
-            _fill_host(host[lo:lo + _HOST_CHUNK_TOKENS], record, seed, start + lo, hidden, dtype)
+            _fill_host(host[lo : lo + _HOST_CHUNK_TOKENS], record, seed, start + lo, hidden, dtype)
     else:
         _fill_torch(records, record, seed, start, hidden, dtype)
 
 
-def _fill_torch(records: torch.Tensor, record: RecordLayout, seed: int, start: int, hidden: int,
-                dtype: torch.dtype) -> None:
+def _fill_torch(
+    records: torch.Tensor,
+    record: RecordLayout,
+    seed: int,
+    start: int,
+    hidden: int,
+    dtype: torch.dtype,
+) -> None:
     """`fill_synthetic` with torch ops (device memory), chunk by chunk."""
     from common.pool import field_of  # local: pool imports torch-heavy code only when needed
 
@@ -87,12 +107,20 @@ def _fill_torch(records: torch.Tensor, record: RecordLayout, seed: int, start: i
 
 def _words(records: np.ndarray, field) -> np.ndarray:
     """The field's bytes in records [n, record_bytes] as a numpy view of same-size words [n, *shape]."""
-    raw = records[:, field.offset: field.offset + field.bytes_per_token]
-    return raw.view(_NP_WORDS[field.spec.dtype]).reshape(records.shape[0], *field.spec.per_token_shape)
+    raw = records[:, field.offset : field.offset + field.bytes_per_token]
+    return raw.view(_NP_WORDS[field.spec.dtype]).reshape(
+        records.shape[0], *field.spec.per_token_shape
+    )
 
 
-def _fill_host(records: np.ndarray, record: RecordLayout, seed: int, start: int, hidden: int,
-               dtype: torch.dtype) -> None:
+def _fill_host(
+    records: np.ndarray,
+    record: RecordLayout,
+    seed: int,
+    start: int,
+    hidden: int,
+    dtype: torch.dtype,
+) -> None:
     """`fill_synthetic` of a host-memory run with numpy: the same §14 values (the seed is a
     uint32, so the int64 arithmetic never overflows on either route)."""
     n = records.shape[0]

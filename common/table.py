@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Generic, Iterable, TypeVar
+from collections.abc import Iterable
+from typing import Generic, TypeVar
 
 from common.errors import AlreadyExists, NotFound, shown
 from common.states import TransferState
@@ -43,7 +44,7 @@ class TransferTable(Generic[T]):
         waiting.append(fut)
         try:
             await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         finally:  # timed out or cancelled: leave nothing behind
             if fut in waiting:

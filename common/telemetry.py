@@ -15,8 +15,9 @@ from common.states import FailureReason, TransferState
 class Telemetry(Protocol):
     """Events of one process's transfers (one role; one rank on the language side)."""
 
-    def transfer_ended(self, state: TransferState, reason: FailureReason, *, seconds: float | None,
-                       rounds: int) -> None:
+    def transfer_ended(
+        self, state: TransferState, reason: FailureReason, *, seconds: float | None, rounds: int
+    ) -> None:
         """A request ended here: SUCCESS (with Init→SUCCESS seconds and its rounds) or FAILED."""
 
     def bytes_moved(self, nbytes: int) -> None:

@@ -40,7 +40,7 @@ import math
 import os
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from common.config import WRITE_WAITS
 from common.errors import TransportError
@@ -60,8 +60,16 @@ _BAD_BATCH = (0, (1 << 64) - 1)  # transfer_submit_write's failures (0, or -1 as
 class MooncakeTransport:
     """A process's Mooncake engine and the memory it registered."""
 
-    def __init__(self, host: str, protocol: str = "tcp", device: str = "", *, write_timeout_s: float | None = None,
-                 wait: str = "poll", engine=None):
+    def __init__(
+        self,
+        host: str,
+        protocol: str = "tcp",
+        device: str = "",
+        *,
+        write_timeout_s: float | None = None,
+        wait: str = "poll",
+        engine=None,
+    ):
         """`engine`: an object with Mooncake's `TransferEngine` Python API, already initialised;
         None (production) builds and initialises Mooncake's own. Tests inject faults with one."""
         if wait not in WRITE_WAITS:
@@ -81,7 +89,9 @@ class MooncakeTransport:
             engine = TransferEngine()
             rc = engine.initialize(host, "P2PHANDSHAKE", protocol, device)
             if rc != 0:
-                raise TransportError(f"Mooncake initialize({host!r}, P2PHANDSHAKE, {protocol!r}) returned {rc}")
+                raise TransportError(
+                    f"Mooncake initialize({host!r}, P2PHANDSHAKE, {protocol!r}) returned {rc}"
+                )
         self._engine = engine
         self.host = host
         self.protocol = protocol
@@ -89,8 +99,11 @@ class MooncakeTransport:
         """The engine's handshake (RPC) port; it listens on every interface (docs/SECURITY.md)."""
         self.session = f"{host}:{self.handshake_port}"
         self.wait = wait
-        self.timeout_s = float(max(5, math.ceil(write_timeout_s)) if write_timeout_s is not None
-                               else os.environ.get("MC_TRANSFER_TIMEOUT", 30))
+        self.timeout_s = float(
+            max(5, math.ceil(write_timeout_s))
+            if write_timeout_s is not None
+            else os.environ.get("MC_TRANSFER_TIMEOUT", 30)
+        )
         """`poll` stops waiting for a write after this plus one second per GiB (Mooncake's own
         sync-write bound); its pieces still running stay tracked (`late_pieces`)."""
         self._registered: dict[int, int] = {}
@@ -104,7 +117,9 @@ class MooncakeTransport:
             raise TransportError(f"Mooncake register_memory(0x{address:x}, {length}) returned {rc}")
         self._registered[address] = length
 
-    def write_sync(self, session: str, triples: Sequence[tuple[int, int, int]], *, wait: str = "") -> None:
+    def write_sync(
+        self, session: str, triples: Sequence[tuple[int, int, int]], *, wait: str = ""
+    ) -> None:
         """Write every (src, dst, bytes) triple to `session`, waiting as `wait` (default: the
         transport's) says; raise TransportError on failure, once no piece is in flight."""
         if not triples:
@@ -117,8 +132,10 @@ class MooncakeTransport:
         rc = self._engine.batch_transfer_sync_write(session, src, dst, lengths)
         if rc != 0:
             # Mooncake freed the batch, maybe with pieces still running: nothing left to follow.
-            raise TransportError(f"Mooncake write of {sum(lengths)} bytes in {len(triples)} pieces to {session} returned {rc}",
-                                 in_flight=LateWrites(0, sum(lengths), session, known=False))
+            raise TransportError(
+                f"Mooncake write of {sum(lengths)} bytes in {len(triples)} pieces to {session} returned {rc}",
+                in_flight=LateWrites(0, sum(lengths), session, known=False),
+            )
 
     def _write_polled(self, session: str, triples: Sequence[tuple[int, int, int]]) -> None:
         total = sum(t[2] for t in triples)
@@ -136,7 +153,10 @@ class MooncakeTransport:
             still = []
             for batch, length in pending:
                 status = self._engine.transfer_check_status(batch)
-                if status in (0, -2):  # running, or running past Mooncake's slice timeout: not final
+                if status in (
+                    0,
+                    -2,
+                ):  # running, or running past Mooncake's slice timeout: not final
                     still.append((batch, length))
                 elif status < 0:
                     problems.append(f"a piece of {length} bytes failed")
@@ -152,14 +172,23 @@ class MooncakeTransport:
                 raise TransportError(
                     f"Mooncake write of {total} bytes in {len(triples)} pieces to {session} failed: "
                     f"{'; '.join([*problems, f'{len(pending)} piece(s) still running after {now - started:.1f} s'])}",
-                    in_flight=late)
+                    in_flight=late,
+                )
             time.sleep(min(POLL_MAX_S, max(POLL_STEP_S, (now - started) / 40)))
         if problems:
-            raise TransportError(f"Mooncake write of {total} bytes in {len(triples)} pieces to {session} failed: "
-                                 f"{'; '.join(problems)}")
+            raise TransportError(
+                f"Mooncake write of {total} bytes in {len(triples)} pieces to {session} failed: "
+                f"{'; '.join(problems)}"
+            )
 
-    async def write(self, session: str, triples: Sequence[tuple[int, int, int]], *, wait: str = "",
-                    fence: WriteFence | None = None) -> None:
+    async def write(
+        self,
+        session: str,
+        triples: Sequence[tuple[int, int, int]],
+        *,
+        wait: str = "",
+        fence: WriteFence | None = None,
+    ) -> None:
         """`write_sync` in a worker thread, tracked by `fence` (if given) until every piece is
         final, even when this call is cancelled or gives up first."""
         await run_tracked(lambda: self.write_sync(session, triples, wait=wait), fence)
@@ -171,7 +200,9 @@ class MooncakeTransport:
         an error, so nothing is read that the peer did not register."""
         rc = self._engine.transfer_sync_read(session, local_address, remote_address, length)
         if rc != 0:
-            raise TransportError(f"Mooncake read of {length} bytes at 0x{remote_address:x} from {session} returned {rc}")
+            raise TransportError(
+                f"Mooncake read of {length} bytes at 0x{remote_address:x} from {session} returned {rc}"
+            )
 
     def unregister(self, address: int) -> None:
         """Unregister one slab registered with `register` (e.g. a test fault's copy buffer)."""
@@ -193,8 +224,11 @@ class MooncakeTransport:
             return
         self._closed = True
         if not self._late.stop(late_timeout_s):
-            log.warning("Mooncake: %d piece(s) of writes that gave up are still not final; unregistering the "
-                        "memory anyway", self._late.pieces)
+            log.warning(
+                "Mooncake: %d piece(s) of writes that gave up are still not final; unregistering the "
+                "memory anyway",
+                self._late.pieces,
+            )
         for address in list(self._registered):
             rc = self._engine.unregister_memory(address)
             if rc != 0:
@@ -231,10 +265,17 @@ class _LateWatch:
             self._pieces.extend((b, late) for b in batches)
             self._idle.clear()
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="mooncake-late-writes", daemon=True)
+                self._thread = threading.Thread(
+                    target=self._run, name="mooncake-late-writes", daemon=True
+                )
                 self._thread.start()
-        log.warning("Mooncake: %d piece(s) (%d bytes to %s) still running after the write gave up; their blocks "
-                    "stay fenced until they are final", len(batches), late.nbytes, late.session)
+        log.warning(
+            "Mooncake: %d piece(s) (%d bytes to %s) still running after the write gave up; their blocks "
+            "stay fenced until they are final",
+            len(batches),
+            late.nbytes,
+            late.session,
+        )
 
     def _run(self) -> None:
         while True:

@@ -60,7 +60,7 @@ import logging
 import random
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from common.config import ConfigError
 from common.errors import TransportError
@@ -86,7 +86,7 @@ class TransportFaultSpec:
     late_s: float = 2.0
 
     @classmethod
-    def parse(cls, text: str) -> "TransportFaultSpec":
+    def parse(cls, text: str) -> TransportFaultSpec:
         """Parse 'fail_nth=3,delay_s=0.1'; raise ConfigError naming `transport_fault`."""
         what = f"transport_fault={text!r}"
         known = [f.name for f in dataclasses.fields(cls)]
@@ -100,12 +100,16 @@ class TransportFaultSpec:
             if key in values:
                 raise ConfigError(f"{what}: {key!r} is given twice")
             try:
-                values[key] = float(raw) if key in ("fail_fraction", "delay_s", "late_s") else int(raw)
+                values[key] = (
+                    float(raw) if key in ("fail_fraction", "delay_s", "late_s") else int(raw)
+                )
             except ValueError:
                 raise ConfigError(f"{what}: bad value for {key!r}: {raw!r}") from None
         spec = cls(**values)
         if min(spec.fail_nth, spec.corrupt_nth, spec.misplan_nth, spec.late_nth) < 0:
-            raise ConfigError(f"{what}: fail_nth, corrupt_nth, misplan_nth and late_nth count writes from 1 (0 = off)")
+            raise ConfigError(
+                f"{what}: fail_nth, corrupt_nth, misplan_nth and late_nth count writes from 1 (0 = off)"
+            )
         if not 0.0 <= spec.late_s <= 3600.0:
             raise ConfigError(f"{what}: late_s must be in 0..3600")
         if "late_s" in values and not spec.late_nth:
@@ -118,8 +122,14 @@ class TransportFaultSpec:
 
     @property
     def active(self) -> bool:
-        return bool(self.fail_nth or self.fail_fraction or self.delay_s or self.corrupt_nth or self.misplan_nth
-                    or self.late_nth)
+        return bool(
+            self.fail_nth
+            or self.fail_fraction
+            or self.delay_s
+            or self.corrupt_nth
+            or self.misplan_nth
+            or self.late_nth
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +151,9 @@ class FaultyTransport:
         self._rng = random.Random(self.spec.seed)
         self._lock = threading.Lock()
         self._corrupt_lock = threading.Lock()
-        self._host_regions: list[tuple[int, int]] = []  # registered host memory: readable with ctypes
+        self._host_regions: list[
+            tuple[int, int]
+        ] = []  # registered host memory: readable with ctypes
         self.writes = 0
         """Non-empty writes issued so far (each one numbered 1, 2, ...)."""
         self.failed: list[int] = []
@@ -172,13 +184,21 @@ class FaultyTransport:
         if location.startswith("cpu"):
             self._host_regions.append((address, length))
 
-    def write_sync(self, session: str, triples: Sequence[tuple[int, int, int]], *, wait: str = "") -> None:
+    def write_sync(
+        self, session: str, triples: Sequence[tuple[int, int, int]], *, wait: str = ""
+    ) -> None:
         if not triples:
             return self._inner.write_sync(session, triples, wait=wait)
         self._apply(self._decide(), session, triples, wait)
 
-    async def write(self, session: str, triples: Sequence[tuple[int, int, int]], *, wait: str = "",
-                    fence: WriteFence | None = None) -> None:
+    async def write(
+        self,
+        session: str,
+        triples: Sequence[tuple[int, int, int]],
+        *,
+        wait: str = "",
+        fence: WriteFence | None = None,
+    ) -> None:
         """Like `MooncakeTransport.write`: the (possibly delayed) write runs in a worker thread,
         tracked by `fence` (a late write until its bytes landed)."""
         if not triples:
@@ -191,7 +211,9 @@ class FaultyTransport:
         return self._inner.late_pieces
 
     def close(self, late_timeout_s: float = 5.0) -> None:
-        self._inner.close(late_timeout_s)  # unregisters the scratch buffer too; it stays alive with self
+        self._inner.close(
+            late_timeout_s
+        )  # unregisters the scratch buffer too; it stays alive with self
 
     # ------------------------------------------------------------------ faults
 
@@ -207,8 +229,13 @@ class FaultyTransport:
         if n != self.spec.misplan_nth or not triples:
             return triples
         src, dst, length = triples[0]
-        log.warning("injected fault: planned write #%d: first piece moved from 0x%x to 0x%x (misplan_nth=%d)",
-                    n, dst, dst + length, n)
+        log.warning(
+            "injected fault: planned write #%d: first piece moved from 0x%x to 0x%x (misplan_nth=%d)",
+            n,
+            dst,
+            dst + length,
+            n,
+        )
         return [(src, dst + length, length), *triples[1:]]
 
     def _decide(self) -> _Fate:
@@ -225,28 +252,42 @@ class FaultyTransport:
             late = not why and spec.late_nth == n
         return _Fate(n, why, corrupt, late)
 
-    def _apply(self, fate: _Fate, session: str, triples: Sequence[tuple[int, int, int]], wait: str = "") -> None:
+    def _apply(
+        self, fate: _Fate, session: str, triples: Sequence[tuple[int, int, int]], wait: str = ""
+    ) -> None:
         if self.spec.delay_s:
             time.sleep(self.spec.delay_s)
         if fate.fail:
             self.failed.append(fate.number)
             nbytes = sum(t[2] for t in triples)
-            log.warning("injected fault: write #%d (%d bytes to %s) fails (%s)", fate.number, nbytes, session, fate.fail)
-            raise TransportError(f"Mooncake write of {nbytes} bytes in {len(triples)} pieces to {session} returned -1 "
-                                 f"(injected fault: write #{fate.number}, {fate.fail})")
+            log.warning(
+                "injected fault: write #%d (%d bytes to %s) fails (%s)",
+                fate.number,
+                nbytes,
+                session,
+                fate.fail,
+            )
+            raise TransportError(
+                f"Mooncake write of {nbytes} bytes in {len(triples)} pieces to {session} returned -1 "
+                f"(injected fault: write #{fate.number}, {fate.fail})"
+            )
         if fate.late:
             raise self._land_late(fate.number, session, triples)
         self._inner.write_sync(session, triples, wait=wait)
         if fate.corrupt:
             self._corrupt(fate.number, session, triples[0])
 
-    def _land_late(self, number: int, session: str, triples: Sequence[tuple[int, int, int]]) -> TransportError:
+    def _land_late(
+        self, number: int, session: str, triples: Sequence[tuple[int, int, int]]
+    ) -> TransportError:
         """Copy the write's source now, land the copy late_s seconds later; the error reporting
         the write failed, with the late landing as its `in_flight`."""
         nbytes = sum(t[2] for t in triples)
         if not all(self._is_host(src, length) for src, _dst, length in triples):
-            raise TransportError(f"late_nth={self.spec.late_nth}: write #{number} does not read host memory "
-                                 f"(the late-write fault copies host pools only)")
+            raise TransportError(
+                f"late_nth={self.spec.late_nth}: write #{number} does not read host memory "
+                f"(the late-write fault copies host pools only)"
+            )
         copy = ctypes.create_string_buffer(nbytes)
         base = ctypes.addressof(copy)
         pieces, offset = [], 0
@@ -263,8 +304,15 @@ class FaultyTransport:
             try:
                 self._inner.write_sync(session, pieces)
                 ok = True
-                log.warning("injected fault: write #%d (%d bytes to %s) landed %.1f s after it was reported failed "
-                            "(late_nth=%d)", number, nbytes, session, self.spec.late_s, number)
+                log.warning(
+                    "injected fault: write #%d (%d bytes to %s) landed %.1f s after it was reported failed "
+                    "(late_nth=%d)",
+                    number,
+                    nbytes,
+                    session,
+                    self.spec.late_s,
+                    number,
+                )
             except Exception as e:  # noqa: BLE001 - the handle must settle whatever happens
                 log.warning("injected fault: the late landing of write #%d failed: %s", number, e)
             finally:
@@ -276,11 +324,22 @@ class FaultyTransport:
         timer = threading.Timer(self.spec.late_s, land)
         timer.daemon = True
         timer.start()
-        log.warning("injected fault: write #%d (%d bytes in %d pieces to %s) reported failed; its bytes land in "
-                    "%.1f s (late_nth=%d)", number, nbytes, len(triples), session, self.spec.late_s, number)
-        return TransportError(f"Mooncake write of {nbytes} bytes in {len(triples)} pieces to {session} returned -1 "
-                              f"(injected fault: write #{number}, late_nth={number}: its bytes land "
-                              f"{self.spec.late_s} s later)", in_flight=late)
+        log.warning(
+            "injected fault: write #%d (%d bytes in %d pieces to %s) reported failed; its bytes land in "
+            "%.1f s (late_nth=%d)",
+            number,
+            nbytes,
+            len(triples),
+            session,
+            self.spec.late_s,
+            number,
+        )
+        return TransportError(
+            f"Mooncake write of {nbytes} bytes in {len(triples)} pieces to {session} returned -1 "
+            f"(injected fault: write #{number}, late_nth={number}: its bytes land "
+            f"{self.spec.late_s} s later)",
+            in_flight=late,
+        )
 
     def _corrupt(self, number: int, session: str, triple: tuple[int, int, int]) -> None:
         src, dst, length = triple
@@ -293,7 +352,13 @@ class FaultyTransport:
             ctypes.memmove(self._scratch_address, garbage, k)
             self._inner.write_sync(session, [(self._scratch_address, dst, k)])
         self.corrupted.append(number)
-        log.warning("injected fault: write #%d to %s corrupted: %d bytes flipped at 0x%x", number, session, k, dst)
+        log.warning(
+            "injected fault: write #%d to %s corrupted: %d bytes flipped at 0x%x",
+            number,
+            session,
+            k,
+            dst,
+        )
 
     def _is_host(self, address: int, length: int) -> bool:
         return any(a <= address and address + length <= a + n for a, n in self._host_regions)

@@ -22,25 +22,48 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-import grpc  # noqa: E402
+import grpc
 
-from common.pb.epd.v1 import language_pb2, language_pb2_grpc  # noqa: E402
-from services import demo  # noqa: E402
+from common.pb.epd.v1 import language_pb2, language_pb2_grpc
+from services import demo
 
 
 def start(tree: str, role: str, *args: str) -> demo.ServiceProcess:
-    argv = [sys.executable, "-m", "services.cli", role, "--host", "127.0.0.1", "--port", "0", "--log-level", "WARNING",
-            *args]
+    argv = [
+        sys.executable,
+        "-m",
+        "services.cli",
+        role,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--log-level",
+        "WARNING",
+        *args,
+    ]
     p = demo.ServiceProcess(role, argv, env={**os.environ, "MC_FORCE_TCP": "1", "PYTHONPATH": tree})
     p.start()
     p.wait_ready(120)
     return p
 
 
-async def run(tree: str, lang_blocks: int, sizes: list[int], repeats: int) -> dict[int, tuple[float, float, int]]:
+async def run(
+    tree: str, lang_blocks: int, sizes: list[int], repeats: int
+) -> dict[int, tuple[float, float, int]]:
     enc = start(tree, "encoder", "--hidden", "3584", "--pool-blocks", "200")
-    lang = start(tree, "language", "--hidden", "3584", "--pool-blocks", str(lang_blocks),
-                 "--encoder", f"127.0.0.1:{enc.port}", "--initial-tokens", str(lang_blocks * 128))
+    lang = start(
+        tree,
+        "language",
+        "--hidden",
+        "3584",
+        "--pool-blocks",
+        str(lang_blocks),
+        "--encoder",
+        f"127.0.0.1:{enc.port}",
+        "--initial-tokens",
+        str(lang_blocks * 128),
+    )
     out = {}
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{lang.port}") as ch:
@@ -54,7 +77,11 @@ async def run(tree: str, lang_blocks: int, sizes: list[int], repeats: int) -> di
                     r = await stub.Generate(language_pb2.GenerateRequest(synthetic_tokens=n))
                     total.append(time.perf_counter() - t)
                     transfer.append(r.transfer_seconds)
-                out[n] = (statistics.median(transfer) * 1e3, statistics.median(total) * 1e3, r.rounds)
+                out[n] = (
+                    statistics.median(transfer) * 1e3,
+                    statistics.median(total) * 1e3,
+                    r.rounds,
+                )
     finally:
         lang.stop()
         enc.stop()

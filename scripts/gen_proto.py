@@ -24,7 +24,9 @@ PACKAGE_PREFIX = "common.pb"
 
 def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
     """Write the stubs for every proto/epd/v1/*.proto under out_dir; return the files written."""
-    protos = sorted(str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / "epd" / "v1").glob("*.proto"))
+    protos = sorted(
+        str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / "epd" / "v1").glob("*.proto")
+    )
     with tempfile.TemporaryDirectory() as tmp:
         args = [
             "grpc_tools.protoc",
@@ -40,8 +42,12 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
         for src in sorted(pathlib.Path(tmp).rglob("*.py*")):
             rel = src.relative_to(tmp)
             text = src.read_text()
-            text = re.sub(r"^from epd\.v1 import", f"from {PACKAGE_PREFIX}.epd.v1 import", text, flags=re.M)
-            text = re.sub(r"^import epd\.v1\.", f"import {PACKAGE_PREFIX}.epd.v1.", text, flags=re.M)
+            text = re.sub(
+                r"^from epd\.v1 import", f"from {PACKAGE_PREFIX}.epd.v1 import", text, flags=re.M
+            )
+            text = re.sub(
+                r"^import epd\.v1\.", f"import {PACKAGE_PREFIX}.epd.v1.", text, flags=re.M
+            )
             dst = out_dir / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_text(text)

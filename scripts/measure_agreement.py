@@ -19,8 +19,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from common.pb.epd.v1 import language_pb2  # noqa: E402
-from tests.conftest import Pair, language_stub  # noqa: E402
+from common.pb.epd.v1 import language_pb2
+from tests.conftest import Pair, language_stub
 
 
 def pct(values: list[float], q: float) -> float:
@@ -33,7 +33,9 @@ async def measure(address: str, requests: int, tokens: int) -> tuple[list[float]
     agree, latency = [], []
     for i in range(requests + 10):
         t = time.perf_counter()
-        reply = await stub.Generate(language_pb2.GenerateRequest(synthetic_tokens=tokens, synthetic_seed=i))
+        reply = await stub.Generate(
+            language_pb2.GenerateRequest(synthetic_tokens=tokens, synthetic_seed=i)
+        )
         if i >= 10:  # warm-up
             latency.append((time.perf_counter() - t) * 1000)
             agree.append(reply.agreement_seconds * 1000)
@@ -45,16 +47,25 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
-    print(f"{'ranks':>5} {'agree p50 ms':>13} {'agree p99 ms':>13} {'latency p50 ms':>15} {'latency p99 ms':>15}")
+    print(
+        f"{'ranks':>5} {'agree p50 ms':>13} {'agree p99 ms':>13} {'latency p50 ms':>15} {'latency p99 ms':>15}"
+    )
     for tp in (1, 2, 3):
-        pair = Pair(hidden=1024, language_blocks=64, initial_tokens=1024, encoder_blocks=256,
-                    language_args=("--tp", str(tp)))
+        pair = Pair(
+            hidden=1024,
+            language_blocks=64,
+            initial_tokens=1024,
+            encoder_blocks=256,
+            language_args=("--tp", str(tp)),
+        )
         try:
             agree, latency = asyncio.run(measure(pair.language.address, args.requests, args.tokens))
         finally:
             pair.stop()
-        print(f"{tp:>5} {statistics.median(agree):>13.2f} {pct(agree, 99):>13.2f} "
-              f"{statistics.median(latency):>15.2f} {pct(latency, 99):>15.2f}")
+        print(
+            f"{tp:>5} {statistics.median(agree):>13.2f} {pct(agree, 99):>13.2f} "
+            f"{statistics.median(latency):>15.2f} {pct(latency, 99):>15.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -38,12 +38,12 @@ import random
 import statistics
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from common.layout import RecordLayout, default_fields
 from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, common_pb2, language_pb2, language_pb2_grpc
-from services import demo
-from services import security
+from services import demo, security
 from services.rpc import CLIENT_OPTIONS
 
 CASES = ("single", "multi", "control", "concurrency", "policies", "loops")
@@ -60,33 +60,73 @@ GOALS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", metavar="PATH", default="",
-                   help="also write the results as JSON to PATH ('-' = print only the JSON to stdout)")
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        default="",
+        help="also write the results as JSON to PATH ('-' = print only the JSON to stdout)",
+    )
+    p.add_argument(
+        "--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}"
+    )
     p.add_argument("--hidden", type=int, default=3584, help="embedding width (default 3584)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     security.add_client_arguments(p)  # the bench's client and the services it starts (issue 9)
     p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--sizes", default="256,1024,4096,8192", help="token counts of the single/multi cases")
-    p.add_argument("--repeats", type=int, default=12, help="timed requests per size (after warm-up)")
-    p.add_argument("--small-requests", type=int, default=300, help="64-token requests of the control case")
-    demo.add_process_arguments(p, encoder_example="--write-wait=spin", language_example="--no-overlap-rounds")
-    p.add_argument("--multi-pool-rounds", type=int, default=1,
-                   help="the multi case's language pool, in 1024-token rounds (default 1; 2 leaves room for "
-                        "--language-arg=--overlap-rounds)")
-    p.add_argument("--concurrency", default="1,8,64", help="in-flight levels of the concurrency case")
-    p.add_argument("--concurrency-tokens", type=int, default=1024, help="tokens per request of the concurrency case")
-    p.add_argument("--policy-requests", type=int, default=150, help="requests per policy in the policies case")
-    p.add_argument("--integrity", action=argparse.BooleanOptionalAction, default=True,
-                   help="per-round checksums on (the services' default) or off")
-    p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, noisier figures)")
-    p.add_argument("--check", action="store_true", help="exit 1 when a goal is missed by more than --margin")
-    p.add_argument("--margin", type=float, default=0.15,
-                   help="relative slack of --check (0.15: a >= 0.9 goal fails below 0.765)")
+    p.add_argument(
+        "--sizes", default="256,1024,4096,8192", help="token counts of the single/multi cases"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=12, help="timed requests per size (after warm-up)"
+    )
+    p.add_argument(
+        "--small-requests", type=int, default=300, help="64-token requests of the control case"
+    )
+    demo.add_process_arguments(
+        p, encoder_example="--write-wait=spin", language_example="--no-overlap-rounds"
+    )
+    p.add_argument(
+        "--multi-pool-rounds",
+        type=int,
+        default=1,
+        help="the multi case's language pool, in 1024-token rounds (default 1; 2 leaves room for "
+        "--language-arg=--overlap-rounds)",
+    )
+    p.add_argument(
+        "--concurrency", default="1,8,64", help="in-flight levels of the concurrency case"
+    )
+    p.add_argument(
+        "--concurrency-tokens",
+        type=int,
+        default=1024,
+        help="tokens per request of the concurrency case",
+    )
+    p.add_argument(
+        "--policy-requests", type=int, default=150, help="requests per policy in the policies case"
+    )
+    p.add_argument(
+        "--integrity",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="per-round checksums on (the services' default) or off",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="fewer repetitions (a smoke run, noisier figures)"
+    )
+    p.add_argument(
+        "--check", action="store_true", help="exit 1 when a goal is missed by more than --margin"
+    )
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=0.15,
+        help="relative slack of --check (0.15: a >= 0.9 goal fails below 0.765)",
+    )
     p.add_argument("--keep-logs", metavar="DIR", default="", help="keep the services' logs in DIR")
 
 
 # ---------------------------------------------------------------------------- small helpers
+
 
 def pct(values: Sequence[float], q: float) -> float:
     return demo.percentile(list(values), q) if values else float("nan")
@@ -99,36 +139,85 @@ def median(values: Sequence[float]) -> float:
 class Services:
     """An encoder and a language process for one part of the run."""
 
-    def __init__(self, args: argparse.Namespace, *, language_blocks: int, encoder_blocks: int,
-                 alloc_policy: str = "hint", initial_tokens: int = 8192, event_loop: str = "auto"):
-        common = ["--host", "127.0.0.1", "--port", "0", "--hidden", str(args.hidden), "--dtype", args.dtype,
-                  "--block-size", str(args.block_size), "--event-loop", event_loop, "--log-level", "WARNING",
-                  "--integrity" if args.integrity else "--no-integrity",
-                  "--enable-bench"]  # the raw baseline's epd.v1.Bench service, off in production
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        *,
+        language_blocks: int,
+        encoder_blocks: int,
+        alloc_policy: str = "hint",
+        initial_tokens: int = 8192,
+        event_loop: str = "auto",
+    ):
+        common = [
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--hidden",
+            str(args.hidden),
+            "--dtype",
+            args.dtype,
+            "--block-size",
+            str(args.block_size),
+            "--event-loop",
+            event_loop,
+            "--log-level",
+            "WARNING",
+            "--integrity" if args.integrity else "--no-integrity",
+            "--enable-bench",
+        ]  # the raw baseline's epd.v1.Bench service, off in production
         enc_sec, lang_sec = security.service_argv(args), security.service_argv(args, language=True)
         env = demo.child_env()
         py = [sys.executable, "-m", "services.cli"]
         logs = args.keep_logs or None
-        self.encoder = demo.ServiceProcess("encoder", [*py, "encoder", *common, *enc_sec,
-                                                       "--pool-blocks", str(encoder_blocks), *args.encoder_arg],
-                                           env=env, log_dir=logs)
+        self.encoder = demo.ServiceProcess(
+            "encoder",
+            [
+                *py,
+                "encoder",
+                *common,
+                *enc_sec,
+                "--pool-blocks",
+                str(encoder_blocks),
+                *args.encoder_arg,
+            ],
+            env=env,
+            log_dir=logs,
+        )
         self.language: demo.ServiceProcess | None = None
         self.encoder.start()
         try:
             self.encoder.wait_ready(120)
             self.language = demo.ServiceProcess(
-                "language", [*py, "language", *common, *lang_sec, "--pool-blocks", str(language_blocks),
-                             "--encoder", f"127.0.0.1:{self.encoder.port}", "--alloc-policy", alloc_policy,
-                             "--initial-tokens", str(initial_tokens), *args.language_arg],
-                env=env, log_dir=logs)
+                "language",
+                [
+                    *py,
+                    "language",
+                    *common,
+                    *lang_sec,
+                    "--pool-blocks",
+                    str(language_blocks),
+                    "--encoder",
+                    f"127.0.0.1:{self.encoder.port}",
+                    "--alloc-policy",
+                    alloc_policy,
+                    "--initial-tokens",
+                    str(initial_tokens),
+                    *args.language_arg,
+                ],
+                env=env,
+                log_dir=logs,
+            )
             self.language.start()
             self.language.wait_ready(120)
         except BaseException:
             self.stop()
             raise
         self.event_loop = self.encoder.info.get("event_loop", "?")
-        self.channel = security.client_from_args(args).aio_channel(f"127.0.0.1:{self.language.port}",
-                                                                   options=CLIENT_OPTIONS)
+        self.channel = security.client_from_args(args).aio_channel(
+            f"127.0.0.1:{self.language.port}", options=CLIENT_OPTIONS
+        )
         self.stub = language_pb2_grpc.LanguageStub(self.channel)
         self.bench = bench_pb2_grpc.BenchStub(self.channel)
 
@@ -141,15 +230,27 @@ class Services:
             if p is not None:
                 p.stop()
 
-    async def generate(self, tokens: int, expected: int = 0, seed: int = 0) -> language_pb2.GenerateReply:
-        return await self.stub.Generate(language_pb2.GenerateRequest(
-            synthetic_tokens=tokens, synthetic_seed=seed, expected_tokens=expected), timeout=600)
+    async def generate(
+        self, tokens: int, expected: int = 0, seed: int = 0
+    ) -> language_pb2.GenerateReply:
+        return await self.stub.Generate(
+            language_pb2.GenerateRequest(
+                synthetic_tokens=tokens, synthetic_seed=seed, expected_tokens=expected
+            ),
+            timeout=600,
+        )
 
-    async def raw(self, tokens: int, repeats: int, concurrency: int = 1, write_wait: str = "") -> bench_pb2.MeasureLinkReply:
+    async def raw(
+        self, tokens: int, repeats: int, concurrency: int = 1, write_wait: str = ""
+    ) -> bench_pb2.MeasureLinkReply:
         """Raw writes: Mooncake's batch_transfer_sync_write (the baseline), or with write_wait
         "poll" the services' polled wait (for reference)."""
-        return await self.bench.MeasureLink(bench_pb2.MeasureLinkRequest(
-            tokens=tokens, repeats=repeats, concurrency=concurrency, write_wait=write_wait), timeout=600)
+        return await self.bench.MeasureLink(
+            bench_pb2.MeasureLinkRequest(
+                tokens=tokens, repeats=repeats, concurrency=concurrency, write_wait=write_wait
+            ),
+            timeout=600,
+        )
 
     async def used_blocks(self) -> int:
         return (await self.stub.GetPool(common_pb2.GetPoolRequest())).used_blocks
@@ -198,14 +299,18 @@ def check_ms(args: argparse.Namespace, tokens: int, repeats: int = 15) -> float:
     record = record_layout(args)
     # Two buffers used in turn: for rounds bigger than the last-level cache, reading one evicts
     # the other (as a network write leaves a round's records out of this core's cache).
-    bufs = [torch.randint(0, 256, (tokens, record.record_bytes), dtype=torch.uint8) for _ in range(2)]
+    bufs = [
+        torch.randint(0, 256, (tokens, record.record_bytes), dtype=torch.uint8) for _ in range(2)
+    ]
     return _median_ms(lambda i: host_checksums([bufs[i % 2]], record, 0), repeats)
 
 
 # ---------------------------------------------------------------------------- cases
 
-async def case_single(s: Services, sizes: Sequence[int], repeats: int, bpt: int,
-                      args: argparse.Namespace) -> list[dict[str, Any]]:
+
+async def case_single(
+    s: Services, sizes: Sequence[int], repeats: int, bpt: int, args: argparse.Namespace
+) -> list[dict[str, Any]]:
     """Each row also says what the language's check alone costs here (`check_ms`, 0 without
     integrity) and so the best ratio any transfer that checks after its write could reach
     (`integrity_floor_ratio` = raw / (raw + check))."""
@@ -217,11 +322,22 @@ async def case_single(s: Services, sizes: Sequence[int], repeats: int, bpt: int,
         raw = await s.raw(n, repeats)
         polled = await s.raw(n, repeats, write_wait="poll")
         t, r, rp = median(times), median(raw.seconds), median(polled.seconds)
-        rows.append({"tokens": n, "bytes": n * bpt, "rounds": 1, "transfer_ms_p50": t * 1e3,
-                     "transfer_ms_p99": pct(times, 99) * 1e3, "raw_ms_p50": r * 1e3, "gbps": n * bpt / t / 1e9,
-                     "raw_gbps": raw.bytes / r / 1e9, "ratio": r / t * (n * bpt) / raw.bytes,
-                     "descriptors": raw.descriptors,
-                     "raw_poll_ms_p50": rp * 1e3, "ratio_vs_raw_poll": rp / t * (n * bpt) / polled.bytes})
+        rows.append(
+            {
+                "tokens": n,
+                "bytes": n * bpt,
+                "rounds": 1,
+                "transfer_ms_p50": t * 1e3,
+                "transfer_ms_p99": pct(times, 99) * 1e3,
+                "raw_ms_p50": r * 1e3,
+                "gbps": n * bpt / t / 1e9,
+                "raw_gbps": raw.bytes / r / 1e9,
+                "ratio": r / t * (n * bpt) / raw.bytes,
+                "descriptors": raw.descriptors,
+                "raw_poll_ms_p50": rp * 1e3,
+                "ratio_vs_raw_poll": rp / t * (n * bpt) / polled.bytes,
+            }
+        )
         check = check_ms(args, n) if args.integrity else 0.0
         rows[-1].update({"check_ms": check, "integrity_floor_ratio": r * 1e3 / (r * 1e3 + check)})
     return rows
@@ -230,8 +346,9 @@ async def case_single(s: Services, sizes: Sequence[int], repeats: int, bpt: int,
 MULTI_ROUND_TOKENS = 1024
 
 
-async def case_multi(args: argparse.Namespace, sizes: Sequence[int], repeats: int,
-                     single: list[dict[str, Any]]) -> list[dict[str, Any]]:
+async def case_multi(
+    args: argparse.Namespace, sizes: Sequence[int], repeats: int, single: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     """The same totals with an initial allocation of 1024 tokens through a language whose pool is
     `--multi-pool-rounds` such rounds (default 1, so a request takes ceil(n / 1024) rounds; with
     2 and `--overlap-rounds`, a round is written while the one before is copied out); compared
@@ -248,26 +365,48 @@ async def case_multi(args: argparse.Namespace, sizes: Sequence[int], repeats: in
     initial = MULTI_ROUND_TOKENS
     exact = {row["tokens"]: row["transfer_ms_p50"] for row in single}
     raw = {row["tokens"]: row["raw_ms_p50"] for row in single}
-    s = Services(args, language_blocks=max(1, initial // args.block_size) * args.multi_pool_rounds,
-                 encoder_blocks=max(sizes) // args.block_size + 8, alloc_policy="fixed", initial_tokens=initial)
+    s = Services(
+        args,
+        language_blocks=max(1, initial // args.block_size) * args.multi_pool_rounds,
+        encoder_blocks=max(sizes) // args.block_size + 8,
+        alloc_policy="fixed",
+        initial_tokens=initial,
+    )
     try:
         rows = await _multi_rows(s, args, sizes, repeats, exact)
-        setup = next((row["transfer_ms_p50"] - exact[initial] for row in rows
-                      if row["tokens"] == initial and initial in exact), float("nan"))
+        setup = next(
+            (
+                row["transfer_ms_p50"] - exact[initial]
+                for row in rows
+                if row["tokens"] == initial and initial in exact
+            ),
+            float("nan"),
+        )
         for row in rows:
             k = row["rounds"]
             row["setup_ms"] = setup
-            row["extra_ms_per_round_same_setup"] = ((row["transfer_ms_p50"] - exact[row["tokens"]] - setup) / (k - 1)
-                                                    if k > 1 and row["tokens"] in exact else 0.0)
-            row["raw_extra_ms_per_round"] = ((k * raw[initial] - raw[row["tokens"]]) / (k - 1)
-                                             if k > 1 and initial in raw and row["tokens"] in raw else float("nan"))
+            row["extra_ms_per_round_same_setup"] = (
+                (row["transfer_ms_p50"] - exact[row["tokens"]] - setup) / (k - 1)
+                if k > 1 and row["tokens"] in exact
+                else 0.0
+            )
+            row["raw_extra_ms_per_round"] = (
+                (k * raw[initial] - raw[row["tokens"]]) / (k - 1)
+                if k > 1 and initial in raw and row["tokens"] in raw
+                else float("nan")
+            )
     finally:
         await s.close()
     return rows
 
 
-async def _multi_rows(s: Services, args: argparse.Namespace, sizes: Sequence[int], repeats: int,
-                      exact: dict[int, float]) -> list[dict[str, Any]]:
+async def _multi_rows(
+    s: Services,
+    args: argparse.Namespace,
+    sizes: Sequence[int],
+    repeats: int,
+    exact: dict[int, float],
+) -> list[dict[str, Any]]:
     initial = MULTI_ROUND_TOKENS
     rows = []
     for n in sizes:
@@ -278,12 +417,21 @@ async def _multi_rows(s: Services, args: argparse.Namespace, sizes: Sequence[int
         t = median([r.transfer_seconds for r in replies]) * 1e3
         extra = (t - exact[n]) / (got_rounds - 1) if got_rounds > 1 and n in exact else 0.0
         copy_ms = copy_out_ms(args, min(n, initial))
-        rows.append({"tokens": n, "initial_tokens": initial, "rounds": got_rounds, "expected_rounds": rounds,
-                     "overlapped_rounds": max(r.overlapped_rounds for r in replies),
-                     "pool_tokens": initial * args.multi_pool_rounds,
-                     "transfer_ms_p50": t, "exact_ms_p50": exact.get(n, float("nan")),
-                     "extra_ms_per_round": extra, "copy_out_ms_per_round": copy_ms,
-                     "goal_ms_per_round": copy_ms + 2.0})
+        rows.append(
+            {
+                "tokens": n,
+                "initial_tokens": initial,
+                "rounds": got_rounds,
+                "expected_rounds": rounds,
+                "overlapped_rounds": max(r.overlapped_rounds for r in replies),
+                "pool_tokens": initial * args.multi_pool_rounds,
+                "transfer_ms_p50": t,
+                "exact_ms_p50": exact.get(n, float("nan")),
+                "extra_ms_per_round": extra,
+                "copy_out_ms_per_round": copy_ms,
+                "goal_ms_per_round": copy_ms + 2.0,
+            }
+        )
     return rows
 
 
@@ -298,20 +446,28 @@ async def case_control(s: Services, n_requests: int, bpt: int) -> dict[str, Any]
         latency.append(time.perf_counter() - t)
     raw = median((await s.raw(tokens, max(20, n_requests // 4))).seconds)
     overhead = [x - raw for x in latency]
-    return {"tokens": tokens, "bytes": tokens * bpt, "requests": n_requests,
-            "latency_ms_p50": pct(latency, 50) * 1e3, "latency_ms_p99": pct(latency, 99) * 1e3,
-            "raw_ms_p50": raw * 1e3, "overhead_ms_p50": pct(overhead, 50) * 1e3,
-            "overhead_ms_p99": pct(overhead, 99) * 1e3}
+    return {
+        "tokens": tokens,
+        "bytes": tokens * bpt,
+        "requests": n_requests,
+        "latency_ms_p50": pct(latency, 50) * 1e3,
+        "latency_ms_p99": pct(latency, 99) * 1e3,
+        "raw_ms_p50": raw * 1e3,
+        "overhead_ms_p50": pct(overhead, 50) * 1e3,
+        "overhead_ms_p99": pct(overhead, 99) * 1e3,
+    }
 
 
-async def case_concurrency(s: Services, levels: Sequence[int], tokens: int, bpt: int, quick: bool) -> list[dict[str, Any]]:
+async def case_concurrency(
+    s: Services, levels: Sequence[int], tokens: int, bpt: int, quick: bool
+) -> list[dict[str, Any]]:
     rows = []
     for c in levels:
         total = max(4 * c, 16 if quick else 32)
         sem = asyncio.Semaphore(c)
 
         async def one(i: int) -> None:
-            async with sem:
+            async with sem:  # noqa: B023 - awaited within the iteration
                 await s.generate(tokens, expected=tokens, seed=i)
 
         await asyncio.gather(*(one(i) for i in range(min(c, 8))))  # warm-up
@@ -323,9 +479,19 @@ async def case_concurrency(s: Services, levels: Sequence[int], tokens: int, bpt:
         gbps = total * tokens * bpt / wall / 1e9
         raw_gbps = raw.bytes / median(raw.seconds) / 1e9
         raw_poll_gbps = polled.bytes / median(polled.seconds) / 1e9
-        rows.append({"concurrency": c, "requests": total, "tokens_per_request": tokens, "wall_s": wall,
-                     "gbps": gbps, "raw_gbps": raw_gbps, "ratio": gbps / raw_gbps,
-                     "raw_poll_gbps": raw_poll_gbps, "ratio_vs_raw_poll": gbps / raw_poll_gbps})
+        rows.append(
+            {
+                "concurrency": c,
+                "requests": total,
+                "tokens_per_request": tokens,
+                "wall_s": wall,
+                "gbps": gbps,
+                "raw_gbps": raw_gbps,
+                "ratio": gbps / raw_gbps,
+                "raw_poll_gbps": raw_poll_gbps,
+                "ratio_vs_raw_poll": gbps / raw_poll_gbps,
+            }
+        )
     return rows
 
 
@@ -344,19 +510,23 @@ def mixed_sizes(n: int, seed: int = 7) -> list[int]:
     return sizes
 
 
-async def case_policies(args: argparse.Namespace, n_requests: int, bpt: int) -> list[dict[str, Any]]:
+async def case_policies(
+    args: argparse.Namespace, n_requests: int, bpt: int
+) -> list[dict[str, Any]]:
     sizes = mixed_sizes(n_requests)
     rows = []
     for policy in POLICIES:
-        s = Services(args, language_blocks=256, encoder_blocks=1024, alloc_policy=policy, initial_tokens=8192)
+        s = Services(
+            args, language_blocks=256, encoder_blocks=1024, alloc_policy=policy, initial_tokens=8192
+        )
         try:
             peak = 0
             stop = asyncio.Event()
 
             async def sample() -> None:
                 nonlocal peak
-                while not stop.is_set():
-                    peak = max(peak, await s.used_blocks())
+                while not stop.is_set():  # noqa: B023 - awaited within the iteration
+                    peak = max(peak, await s.used_blocks())  # noqa: B023 - awaited within the iteration
                     await asyncio.sleep(0.005)
 
             sampler = asyncio.ensure_future(sample())
@@ -364,26 +534,38 @@ async def case_policies(args: argparse.Namespace, n_requests: int, bpt: int) -> 
             rounds: list[int] = []
 
             async def one(i: int, n: int) -> None:
-                async with sem:
-                    reply = await s.generate(n, expected=n, seed=i)  # `hint` uses it, the others ignore it
-                    rounds.append(reply.rounds)
+                async with sem:  # noqa: B023 - awaited within the iteration
+                    reply = await s.generate(  # noqa: B023 - awaited within the iteration
+                        n, expected=n, seed=i
+                    )  # `hint` uses it, the others ignore it
+                    rounds.append(reply.rounds)  # noqa: B023 - awaited within the iteration
 
             started = time.perf_counter()
             await asyncio.gather(*(one(i, n) for i, n in enumerate(sizes)))
             wall = time.perf_counter() - started
             stop.set()
             await sampler
-            rows.append({"policy": policy, "requests": len(sizes), "rounds_mean": statistics.fmean(rounds),
-                         "rounds_p90": pct(rounds, 90), "rounds_max": max(rounds),
-                         "resumes_per_request": statistics.fmean(r - 1 for r in rounds),
-                         "peak_pool_blocks": peak, "pool_blocks": 256,
-                         "gbps": sum(sizes) * bpt / wall / 1e9, "wall_s": wall})
+            rows.append(
+                {
+                    "policy": policy,
+                    "requests": len(sizes),
+                    "rounds_mean": statistics.fmean(rounds),
+                    "rounds_p90": pct(rounds, 90),
+                    "rounds_max": max(rounds),
+                    "resumes_per_request": statistics.fmean(r - 1 for r in rounds),
+                    "peak_pool_blocks": peak,
+                    "pool_blocks": 256,
+                    "gbps": sum(sizes) * bpt / wall / 1e9,
+                    "wall_s": wall,
+                }
+            )
         finally:
             await s.close()
     return rows
 
 
 # ---------------------------------------------------------------------------- run
+
 
 def evaluate(results: dict[str, Any], margin: float) -> list[dict[str, Any]]:
     """Each goal of §13 with its measured value; `ok` within the margin."""
@@ -392,8 +574,17 @@ def evaluate(results: dict[str, Any], margin: float) -> list[dict[str, Any]]:
     def add(name: str, value: float, op: str, goal: float, ratio: float, **context: float) -> None:
         slack = goal * (1 - margin) if op == ">=" else goal * (1 + margin)
         ok = value >= slack if op == ">=" else value <= slack
-        checks.append({"figure": name, "value": value, "goal": f"{op} {goal:g}", "met": (value >= goal) if op == ">=" else (value <= goal),
-                       "ok_within_margin": ok, "ratio": ratio, **context})
+        checks.append(
+            {
+                "figure": name,
+                "value": value,
+                "goal": f"{op} {goal:g}",
+                "met": (value >= goal) if op == ">=" else (value <= goal),
+                "ok_within_margin": ok,
+                "ratio": ratio,
+                **context,
+            }
+        )
 
     raw_single = {row["tokens"]: row["raw_ms_p50"] for row in results.get("single", [])}
     for row in results.get("single", []):
@@ -408,7 +599,13 @@ def evaluate(results: dict[str, Any], margin: float) -> list[dict[str, Any]]:
             add(f"round_extra_ms[{row['tokens']}]", extra, "<=", row["goal_ms_per_round"], ratio)
     if "control" in results:
         c = results["control"]
-        add("control_overhead_p50_ms", c["overhead_ms_p50"], "<=", 3.0, c["raw_ms_p50"] / c["latency_ms_p50"])
+        add(
+            "control_overhead_p50_ms",
+            c["overhead_ms_p50"],
+            "<=",
+            3.0,
+            c["raw_ms_p50"] / c["latency_ms_p50"],
+        )
     for row in results.get("concurrency", []):
         if row["concurrency"] == 64:
             add("concurrency_64_ratio", row["ratio"], ">=", 0.8, row["ratio"])
@@ -420,8 +617,16 @@ def cases_of(checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     a ratio goal the figure itself; for the round and control-plane goals, which are in ms, the
     raw write's time over the request's), `goal` (the figure's own, e.g. "<= 3") and `ok` (met),
     then the check's other keys (`value`, `met`, `ok_within_margin`, `floor`)."""
-    return [{"name": c["figure"], "ratio": c["ratio"], "goal": c["goal"], "ok": c["met"],
-             **{k: v for k, v in c.items() if k not in ("figure", "ratio", "goal")}} for c in checks]
+    return [
+        {
+            "name": c["figure"],
+            "ratio": c["ratio"],
+            "goal": c["goal"],
+            "ok": c["met"],
+            **{k: v for k, v in c.items() if k not in ("figure", "ratio", "goal")},
+        }
+        for c in checks
+    ]
 
 
 async def run_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -436,18 +641,35 @@ async def run_async(args: argparse.Namespace) -> dict[str, Any]:
     policy_requests = max(30, args.policy_requests // 3) if args.quick else args.policy_requests
     bpt = payload_bytes_per_token(args)
     need = max([*sizes, 1]) // args.block_size + 1
-    blocks = max(need, max(levels, default=1) * math.ceil(args.concurrency_tokens / args.block_size)) + 16
+    blocks = (
+        max(need, max(levels, default=1) * math.ceil(args.concurrency_tokens / args.block_size))
+        + 16
+    )
     results: dict[str, Any] = {
-        "config": {"hidden": args.hidden, "dtype": args.dtype, "block_size": args.block_size,
-                   "bytes_per_token": bpt, "integrity": args.integrity, "repeats": repeats, "quick": args.quick,
-                   "sizes": sizes, "concurrency": levels, "pool_blocks": blocks,
-                   "client_event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0]},
+        "config": {
+            "hidden": args.hidden,
+            "dtype": args.dtype,
+            "block_size": args.block_size,
+            "bytes_per_token": bpt,
+            "integrity": args.integrity,
+            "repeats": repeats,
+            "quick": args.quick,
+            "sizes": sizes,
+            "concurrency": levels,
+            "pool_blocks": blocks,
+            "client_event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+        },
     }
     if any(c in cases for c in ("single", "multi", "control")):
         # The default allocation policy (`fixed`) with room for the largest size: every request is
         # one round, and its Init goes out alongside its Encode (`early_init`), as in production.
-        s = Services(args, language_blocks=blocks, encoder_blocks=blocks, alloc_policy="fixed",
-                     initial_tokens=max(8192, *sizes))
+        s = Services(
+            args,
+            language_blocks=blocks,
+            encoder_blocks=blocks,
+            alloc_policy="fixed",
+            initial_tokens=max(8192, *sizes),
+        )
         try:
             results["config"]["event_loop"] = s.event_loop
             _note(f"services up on {s.event_loop}")
@@ -464,7 +686,9 @@ async def run_async(args: argparse.Namespace) -> dict[str, Any]:
         s = Services(args, language_blocks=blocks, encoder_blocks=blocks)
         try:
             results["config"].setdefault("event_loop", s.event_loop)
-            results["concurrency"] = await case_concurrency(s, levels, args.concurrency_tokens, bpt, args.quick)
+            results["concurrency"] = await case_concurrency(
+                s, levels, args.concurrency_tokens, bpt, args.quick
+            )
             _note("concurrency done")
         finally:
             await s.close()
@@ -482,20 +706,35 @@ async def run_async(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-async def case_loops(args, tokens: int, repeats: int, small: int, bpt: int, results: dict[str, Any]) -> list[dict[str, Any]]:
+async def case_loops(
+    args, tokens: int, repeats: int, small: int, bpt: int, results: dict[str, Any]
+) -> list[dict[str, Any]]:
     rows = []
     blocks = tokens // args.block_size + 16
     for loop in ("uvloop", "asyncio"):
-        s = Services(args, language_blocks=blocks, encoder_blocks=blocks, event_loop=loop,
-                     alloc_policy="fixed", initial_tokens=tokens)
+        s = Services(
+            args,
+            language_blocks=blocks,
+            encoder_blocks=blocks,
+            event_loop=loop,
+            alloc_policy="fixed",
+            initial_tokens=tokens,
+        )
         try:
             single = (await case_single(s, [tokens], repeats, bpt, args))[0]
             control = await case_control(s, small, bpt)
         finally:
             await s.close()
-        rows.append({"event_loop": loop, "tokens": tokens, "single_ratio": single["ratio"],
-                     "transfer_ms_p50": single["transfer_ms_p50"], "control_latency_ms_p50": control["latency_ms_p50"],
-                     "control_overhead_ms_p50": control["overhead_ms_p50"]})
+        rows.append(
+            {
+                "event_loop": loop,
+                "tokens": tokens,
+                "single_ratio": single["ratio"],
+                "transfer_ms_p50": single["transfer_ms_p50"],
+                "control_latency_ms_p50": control["latency_ms_p50"],
+                "control_overhead_ms_p50": control["overhead_ms_p50"],
+            }
+        )
     return rows
 
 
@@ -506,55 +745,91 @@ def _note(msg: str) -> None:
 def format_table(r: dict[str, Any]) -> str:
     out = []
     c = r["config"]
-    out.append(f"epd bench: hidden {c['hidden']} {c['dtype']}, block {c['block_size']} tokens, "
-               f"{c['bytes_per_token']} B/token, integrity {'on' if c['integrity'] else 'off'}, "
-               f"loop {c.get('event_loop', '-')} (client {c.get('client_event_loop', '-')}), {c['repeats']} repeats{' (quick)' if c['quick'] else ''}")
+    out.append(
+        f"epd bench: hidden {c['hidden']} {c['dtype']}, block {c['block_size']} tokens, "
+        f"{c['bytes_per_token']} B/token, integrity {'on' if c['integrity'] else 'off'}, "
+        f"loop {c.get('event_loop', '-')} (client {c.get('client_event_loop', '-')}), {c['repeats']} repeats{' (quick)' if c['quick'] else ''}"
+    )
     if "single" in r:
-        out += ["", "single-round requests (delivered = Init or Encode's return -> payload verified on the language)",
-                f"  {'tokens':>7} {'MB':>7} {'ms p50':>8} {'raw ms':>8} {'GB/s':>6} {'raw GB/s':>8} {'ratio':>6}  "
-                f"{'polled raw ms':>13} {'ratio':>6}  {'check ms':>8} {'floor':>5}   (goal: ratio >= 0.9)"]
+        out += [
+            "",
+            "single-round requests (delivered = Init or Encode's return -> payload verified on the language)",
+            f"  {'tokens':>7} {'MB':>7} {'ms p50':>8} {'raw ms':>8} {'GB/s':>6} {'raw GB/s':>8} {'ratio':>6}  "
+            f"{'polled raw ms':>13} {'ratio':>6}  {'check ms':>8} {'floor':>5}   (goal: ratio >= 0.9)",
+        ]
         for x in r["single"]:
-            out.append(f"  {x['tokens']:>7} {x['bytes'] / 1e6:>7.2f} {x['transfer_ms_p50']:>8.2f} {x['raw_ms_p50']:>8.2f} "
-                       f"{x['gbps']:>6.2f} {x['raw_gbps']:>8.2f} {x['ratio']:>6.2f}  "
-                       f"{x.get('raw_poll_ms_p50', float('nan')):>13.2f} {x.get('ratio_vs_raw_poll', float('nan')):>6.2f}  "
-                       f"{x.get('check_ms', float('nan')):>8.2f} {x.get('integrity_floor_ratio', float('nan')):>5.2f}")
-        out.append("  (check ms: the language's checksum pass over the same bytes here; floor: raw / (raw + check),\n"
-                   "   the best ratio a transfer verified after its write can reach on this machine)")
+            out.append(
+                f"  {x['tokens']:>7} {x['bytes'] / 1e6:>7.2f} {x['transfer_ms_p50']:>8.2f} {x['raw_ms_p50']:>8.2f} "
+                f"{x['gbps']:>6.2f} {x['raw_gbps']:>8.2f} {x['ratio']:>6.2f}  "
+                f"{x.get('raw_poll_ms_p50', float('nan')):>13.2f} {x.get('ratio_vs_raw_poll', float('nan')):>6.2f}  "
+                f"{x.get('check_ms', float('nan')):>8.2f} {x.get('integrity_floor_ratio', float('nan')):>5.2f}"
+            )
+        out.append(
+            "  (check ms: the language's checksum pass over the same bytes here; floor: raw / (raw + check),\n"
+            "   the best ratio a transfer verified after its write can reach on this machine)"
+        )
     if "multi" in r:
         pool = r["multi"][0].get("pool_tokens", 1024) if r["multi"] else 1024
-        out += ["", f"multi-round (initial allocation 1024 tokens, a {pool}-token pool) vs one round",
-                f"  {'tokens':>7} {'rounds':>6} {'overlapped':>10} {'ms p50':>8} {'exact ms':>8} {'extra ms/round':>14} "
-                f"{'same setup':>10} {'goal ms/round':>13} {'raw extra ms/round':>18}"]
+        out += [
+            "",
+            f"multi-round (initial allocation 1024 tokens, a {pool}-token pool) vs one round",
+            f"  {'tokens':>7} {'rounds':>6} {'overlapped':>10} {'ms p50':>8} {'exact ms':>8} {'extra ms/round':>14} "
+            f"{'same setup':>10} {'goal ms/round':>13} {'raw extra ms/round':>18}",
+        ]
         for x in r["multi"]:
-            out.append(f"  {x['tokens']:>7} {x['rounds']:>6} {x.get('overlapped_rounds', 0):>10} "
-                       f"{x['transfer_ms_p50']:>8.2f} {x['exact_ms_p50']:>8.2f} "
-                       f"{x['extra_ms_per_round']:>14.2f} {x.get('extra_ms_per_round_same_setup', float('nan')):>10.2f} "
-                       f"{x['goal_ms_per_round']:>13.2f} {x.get('raw_extra_ms_per_round', float('nan')):>18.2f}")
+            out.append(
+                f"  {x['tokens']:>7} {x['rounds']:>6} {x.get('overlapped_rounds', 0):>10} "
+                f"{x['transfer_ms_p50']:>8.2f} {x['exact_ms_p50']:>8.2f} "
+                f"{x['extra_ms_per_round']:>14.2f} {x.get('extra_ms_per_round_same_setup', float('nan')):>10.2f} "
+                f"{x['goal_ms_per_round']:>13.2f} {x.get('raw_extra_ms_per_round', float('nan')):>18.2f}"
+            )
         if r["multi"]:
-            out.append(f"  (same setup: less the one-round pool's {r['multi'][0].get('setup_ms', float('nan')):.2f} ms "
-                       f"more per request, its Init waiting for the Encode)")
+            out.append(
+                f"  (same setup: less the one-round pool's {r['multi'][0].get('setup_ms', float('nan')):.2f} ms "
+                f"more per request, its Init waiting for the Encode)"
+            )
     if "control" in r:
         x = r["control"]
-        out += ["", f"control plane: {x['requests']} sequential {x['tokens']}-token requests",
-                f"  latency p50 {x['latency_ms_p50']:.2f} ms, p99 {x['latency_ms_p99']:.2f} ms; raw write {x['raw_ms_p50']:.3f} ms; "
-                f"overhead p50 {x['overhead_ms_p50']:.2f} ms, p99 {x['overhead_ms_p99']:.2f} ms (goal p50 <= 3)"]
+        out += [
+            "",
+            f"control plane: {x['requests']} sequential {x['tokens']}-token requests",
+            f"  latency p50 {x['latency_ms_p50']:.2f} ms, p99 {x['latency_ms_p99']:.2f} ms; raw write {x['raw_ms_p50']:.3f} ms; "
+            f"overhead p50 {x['overhead_ms_p50']:.2f} ms, p99 {x['overhead_ms_p99']:.2f} ms (goal p50 <= 3)",
+        ]
     if "concurrency" in r:
-        out += ["", "concurrent requests", f"  {'in flight':>9} {'requests':>8} {'GB/s':>6} {'raw GB/s':>8} {'ratio':>6}  "
-                                               f"{'polled raw GB/s':>15} {'ratio':>6}   (goal: ratio >= 0.8 at 64)"]
+        out += [
+            "",
+            "concurrent requests",
+            f"  {'in flight':>9} {'requests':>8} {'GB/s':>6} {'raw GB/s':>8} {'ratio':>6}  "
+            f"{'polled raw GB/s':>15} {'ratio':>6}   (goal: ratio >= 0.8 at 64)",
+        ]
         for x in r["concurrency"]:
-            out.append(f"  {x['concurrency']:>9} {x['requests']:>8} {x['gbps']:>6.2f} {x['raw_gbps']:>8.2f} {x['ratio']:>6.2f}  "
-                       f"{x.get('raw_poll_gbps', float('nan')):>15.2f} {x.get('ratio_vs_raw_poll', float('nan')):>6.2f}")
+            out.append(
+                f"  {x['concurrency']:>9} {x['requests']:>8} {x['gbps']:>6.2f} {x['raw_gbps']:>8.2f} {x['ratio']:>6.2f}  "
+                f"{x.get('raw_poll_gbps', float('nan')):>15.2f} {x.get('ratio_vs_raw_poll', float('nan')):>6.2f}"
+            )
     if "policies" in r:
-        out += ["", "initial allocation policies (mixed sizes, pool 256 blocks, 4 in flight)",
-                f"  {'policy':>8} {'rounds mean':>11} {'p90':>5} {'max':>5} {'peak blocks':>11} {'GB/s':>6}"]
+        out += [
+            "",
+            "initial allocation policies (mixed sizes, pool 256 blocks, 4 in flight)",
+            f"  {'policy':>8} {'rounds mean':>11} {'p90':>5} {'max':>5} {'peak blocks':>11} {'GB/s':>6}",
+        ]
         for x in r["policies"]:
-            out.append(f"  {x['policy']:>8} {x['rounds_mean']:>11.2f} {x['rounds_p90']:>5.0f} {x['rounds_max']:>5} "
-                       f"{x['peak_pool_blocks']:>11} {x['gbps']:>6.2f}")
+            out.append(
+                f"  {x['policy']:>8} {x['rounds_mean']:>11.2f} {x['rounds_p90']:>5.0f} {x['rounds_max']:>5} "
+                f"{x['peak_pool_blocks']:>11} {x['gbps']:>6.2f}"
+            )
     if "loops" in r:
-        out += ["", "event loop", f"  {'loop':>8} {'single ratio':>12} {'ms p50':>8} {'64-tok p50 ms':>13} {'overhead ms':>11}"]
+        out += [
+            "",
+            "event loop",
+            f"  {'loop':>8} {'single ratio':>12} {'ms p50':>8} {'64-tok p50 ms':>13} {'overhead ms':>11}",
+        ]
         for x in r["loops"]:
-            out.append(f"  {x['event_loop']:>8} {x['single_ratio']:>12.2f} {x['transfer_ms_p50']:>8.2f} "
-                       f"{x['control_latency_ms_p50']:>13.2f} {x['control_overhead_ms_p50']:>11.2f}")
+            out.append(
+                f"  {x['event_loop']:>8} {x['single_ratio']:>12.2f} {x['transfer_ms_p50']:>8.2f} "
+                f"{x['control_latency_ms_p50']:>13.2f} {x['control_overhead_ms_p50']:>11.2f}"
+            )
     if r.get("checks"):
         out += ["", "goals (DESIGN §13)"]
         for x in r["checks"]:
@@ -581,7 +856,10 @@ def run(args: argparse.Namespace) -> int:
                     f.write(text + "\n")
         if args.check and not all(c["ok_within_margin"] for c in results["checks"]):
             missed = [c["figure"] for c in results["checks"] if not c["ok_within_margin"]]
-            print(f"epd bench: goals missed beyond the {args.margin:.0%} margin: {', '.join(missed)}", file=sys.stderr)
+            print(
+                f"epd bench: goals missed beyond the {args.margin:.0%} margin: {', '.join(missed)}",
+                file=sys.stderr,
+            )
             return 1
         return 0
     return 130

@@ -40,14 +40,27 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
         kind = _field_type(cls, f)
         help_text = f"{meta.get('help', '')} (env {_env(f.name)}; default {f.default!r})"
         if kind is bool:
-            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
+            parser.add_argument(
+                _flag(f.name),
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
         elif meta.get("repeat"):
-            parser.add_argument(_flag(f.name), dest=f.name, action="append", default=None, help=help_text)
+            parser.add_argument(
+                _flag(f.name), dest=f.name, action="append", default=None, help=help_text
+            )
         else:
             conv = {int: int, float: float}.get(kind, str)
-            parser.add_argument(_flag(f.name), dest=f.name, type=conv, default=None, choices=meta.get("choices"),
-                                help=help_text)
+            parser.add_argument(
+                _flag(f.name),
+                dest=f.name,
+                type=conv,
+                default=None,
+                choices=meta.get("choices"),
+                help=help_text,
+            )
 
 
 def _parse_env_value(cls, f: dataclasses.Field, raw: str):
@@ -67,7 +80,9 @@ def _parse_env_value(cls, f: dataclasses.Field, raw: str):
             return float(raw)
         return raw
     except ValueError:
-        raise ConfigError(f"{_env(f.name)}={raw!r}: not a valid {getattr(kind, '__name__', kind)}") from None
+        raise ConfigError(
+            f"{_env(f.name)}={raw!r}: not a valid {getattr(kind, '__name__', kind)}"
+        ) from None
 
 
 def known_env_names() -> set[str]:
@@ -80,7 +95,9 @@ def build_config(cls, args: argparse.Namespace, environ: typing.Mapping[str, str
     environ = os.environ if environ is None else environ
     unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known_env_names())
     if unknown:
-        raise ConfigError(f"unknown setting {unknown[0]} in the environment (known: {sorted(known_env_names())})")
+        raise ConfigError(
+            f"unknown setting {unknown[0]} in the environment (known: {sorted(known_env_names())})"
+        )
     values = {}
     for f in dataclasses.fields(cls):
         given = getattr(args, f.name, None)
@@ -94,8 +111,11 @@ def build_config(cls, args: argparse.Namespace, environ: typing.Mapping[str, str
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 def _event_loop_policy(kind: str = "auto") -> str:
@@ -134,10 +154,18 @@ async def _serve(role: str, config) -> int:
     try:
         await service.start()
         extra = {"tp": config.tp, "rank_pids": service.rank_pids} if role == "language" else {}
-        rpc.announce_ready(role=role, port=service.port, host=config.host, session=service.transport.session,
-                           metrics_port=service.metrics_port, event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
-                           pool_blocks=config.pool_blocks, block_size=config.block_size,
-                           record_bytes=service.pool.record.record_bytes, **extra)
+        rpc.announce_ready(
+            role=role,
+            port=service.port,
+            host=config.host,
+            session=service.transport.session,
+            metrics_port=service.metrics_port,
+            event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
+            pool_blocks=config.pool_blocks,
+            block_size=config.block_size,
+            record_bytes=service.pool.record.record_bytes,
+            **extra,
+        )
         await stop.wait()
         logging.getLogger(role).info("%s: termination signal, shutting down", role)
     finally:
@@ -173,15 +201,24 @@ def make_parser() -> argparse.ArgumentParser:
     for role, cls in CONFIGS.items():
         p = sub.add_parser(role, help=f"run the {role} service", description=cls.__doc__)
         add_config_arguments(p, cls)
-    p = sub.add_parser("demo", help="start an encoder and a language service on loopback and verify a mixed workload")
+    p = sub.add_parser(
+        "demo",
+        help="start an encoder and a language service on loopback and verify a mixed workload",
+    )
     demo.add_arguments(p)
-    p = sub.add_parser("bench", help="measure the DESIGN §13 yardsticks as ratios against raw Mooncake writes")
+    p = sub.add_parser(
+        "bench", help="measure the DESIGN §13 yardsticks as ratios against raw Mooncake writes"
+    )
     from services import bench
 
     bench.add_arguments(p)
-    p = sub.add_parser("status", help="show a service's transfers and pool, or one transfer in detail")
+    p = sub.add_parser(
+        "status", help="show a service's transfers and pool, or one transfer in detail"
+    )
     inspect_cli.add_status_arguments(p)
-    p = sub.add_parser("health", help="ask a service's grpc.health.v1 status; exit 0 only when SERVING")
+    p = sub.add_parser(
+        "health", help="ask a service's grpc.health.v1 status; exit 0 only when SERVING"
+    )
     inspect_cli.add_health_arguments(p)
     return parser
 
@@ -203,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("status", "health"):
         from services import inspect_cli
 
-        return inspect_cli.run_status(args) if args.command == "status" else inspect_cli.run_health(args)
+        return (
+            inspect_cli.run_status(args)
+            if args.command == "status"
+            else inspect_cli.run_health(args)
+        )
     return 2
 
 

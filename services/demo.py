@@ -103,59 +103,129 @@ def _positive_float(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `epd demo` flags to `parser`. Every flag also reads `EPD_<FLAG>`."""
     d = _env_default
-    parser.add_argument("--requests", type=_positive_int, default=d("--requests", 24),
-                        help="number of requests to send (default 24); any value >= 4 "
-                             "covers every request kind")
-    parser.add_argument("--tp", type=_positive_int, default=d("--tp", 1),
-                        help="language tensor-parallel ranks (only 1 for now)")
-    parser.add_argument("--encoders", type=_positive_int, default=d("--encoders", 1),
-                        help="number of encoder instances (1 to 8); the language spreads requests over them")
-    parser.add_argument("--kill-encoder-after", type=float, default=d("--kill-encoder-after", 0.0), metavar="S",
-                        help="SIGKILL the last encoder S seconds into the workload (0 = never; needs --encoders >= 2): "
-                             "requests fail over to the others, the summary counts failed-over and failed requests")
-    parser.add_argument("--json", action="store_true", default=_env_flag("--json"),
-                        help="print one JSON object on stdout instead of the table")
-    parser.add_argument("--hidden", type=_positive_int, default=d("--hidden", 256),
-                        help="embedding width = the tiny model's hidden size (default 256, so the "
-                             "prefill of many-thousand-token image requests stays fast on a CPU)")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=d("--dtype", "bfloat16"),
-                        help="embeddings dtype (default bfloat16)")
-    parser.add_argument("--block-size", type=_positive_int, default=d("--block-size", 128),
-                        help="tokens per block (default 128)")
-    parser.add_argument("--initial-tokens", type=_positive_int,
-                        default=d("--initial-tokens", 8192),
-                        help="language initial allocation in tokens (default 8192)")
-    parser.add_argument("--language-pool-blocks", type=_positive_int,
-                        default=d("--language-pool-blocks", 96),
-                        help="language pool size in blocks (default 96 = 12288 tokens at "
-                             "block size 128, so the big requests exceed the whole pool)")
-    parser.add_argument("--encoder-pool-blocks", type=_positive_int,
-                        default=d("--encoder-pool-blocks", 4096),
-                        help="encoder source pool size in blocks (default 4096)")
-    parser.add_argument("--concurrency", type=_positive_int, default=d("--concurrency", 8),
-                        help="requests in flight at once (default 8)")
-    parser.add_argument("--seed", type=_non_negative_int, default=d("--seed", 1),
-                        help="seed of the workload mix and the synthetic payload seeds")
-    parser.add_argument("--startup-timeout", type=_positive_float,
-                        default=d("--startup-timeout", 60.0),
-                        help="seconds to wait for each service to report ready (default 60)")
-    parser.add_argument("--request-timeout", type=_positive_float,
-                        default=d("--request-timeout", 300.0),
-                        help="deadline of each Generate call in seconds (default 300)")
-    parser.add_argument("--no-progress", action="store_true",
-                        default=_env_flag("--no-progress"),
-                        help="no progress bar (it is only drawn when stderr is a terminal)")
-    parser.add_argument("--log-dir", default=d("--log-dir", None),
-                        help="keep the services' stderr logs in this directory "
-                             "(default: temporary files, shown on failure)")
-    parser.add_argument("--model", default=d("--model", "tiny"),
-                        help="'tiny' (default): both services run a small seeded Qwen2-VL and image "
-                             "requests are added; 'none': synthetic requests only (null consumer); "
-                             "PATH: a local Qwen2-VL checkpoint (GPU hosts; --hidden must match it)")
-    parser.add_argument("--image-requests", type=_non_negative_int, default=d("--image-requests", 6),
-                        help="requests with generated images (default 6; none with --model none)")
-    add_process_arguments(parser, encoder_example="--model=tiny", language_example="--alloc-policy=fixed")
-    from services import security  # noqa: PLC0415 (grpc only)
+    parser.add_argument(
+        "--requests",
+        type=_positive_int,
+        default=d("--requests", 24),
+        help="number of requests to send (default 24); any value >= 4 covers every request kind",
+    )
+    parser.add_argument(
+        "--tp",
+        type=_positive_int,
+        default=d("--tp", 1),
+        help="language tensor-parallel ranks (only 1 for now)",
+    )
+    parser.add_argument(
+        "--encoders",
+        type=_positive_int,
+        default=d("--encoders", 1),
+        help="number of encoder instances (1 to 8); the language spreads requests over them",
+    )
+    parser.add_argument(
+        "--kill-encoder-after",
+        type=float,
+        default=d("--kill-encoder-after", 0.0),
+        metavar="S",
+        help="SIGKILL the last encoder S seconds into the workload (0 = never; needs --encoders >= 2): "
+        "requests fail over to the others, the summary counts failed-over and failed requests",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=_env_flag("--json"),
+        help="print one JSON object on stdout instead of the table",
+    )
+    parser.add_argument(
+        "--hidden",
+        type=_positive_int,
+        default=d("--hidden", 256),
+        help="embedding width = the tiny model's hidden size (default 256, so the "
+        "prefill of many-thousand-token image requests stays fast on a CPU)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default=d("--dtype", "bfloat16"),
+        help="embeddings dtype (default bfloat16)",
+    )
+    parser.add_argument(
+        "--block-size",
+        type=_positive_int,
+        default=d("--block-size", 128),
+        help="tokens per block (default 128)",
+    )
+    parser.add_argument(
+        "--initial-tokens",
+        type=_positive_int,
+        default=d("--initial-tokens", 8192),
+        help="language initial allocation in tokens (default 8192)",
+    )
+    parser.add_argument(
+        "--language-pool-blocks",
+        type=_positive_int,
+        default=d("--language-pool-blocks", 96),
+        help="language pool size in blocks (default 96 = 12288 tokens at "
+        "block size 128, so the big requests exceed the whole pool)",
+    )
+    parser.add_argument(
+        "--encoder-pool-blocks",
+        type=_positive_int,
+        default=d("--encoder-pool-blocks", 4096),
+        help="encoder source pool size in blocks (default 4096)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=d("--concurrency", 8),
+        help="requests in flight at once (default 8)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=d("--seed", 1),
+        help="seed of the workload mix and the synthetic payload seeds",
+    )
+    parser.add_argument(
+        "--startup-timeout",
+        type=_positive_float,
+        default=d("--startup-timeout", 60.0),
+        help="seconds to wait for each service to report ready (default 60)",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=_positive_float,
+        default=d("--request-timeout", 300.0),
+        help="deadline of each Generate call in seconds (default 300)",
+    )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        default=_env_flag("--no-progress"),
+        help="no progress bar (it is only drawn when stderr is a terminal)",
+    )
+    parser.add_argument(
+        "--log-dir",
+        default=d("--log-dir", None),
+        help="keep the services' stderr logs in this directory "
+        "(default: temporary files, shown on failure)",
+    )
+    parser.add_argument(
+        "--model",
+        default=d("--model", "tiny"),
+        help="'tiny' (default): both services run a small seeded Qwen2-VL and image "
+        "requests are added; 'none': synthetic requests only (null consumer); "
+        "PATH: a local Qwen2-VL checkpoint (GPU hosts; --hidden must match it)",
+    )
+    parser.add_argument(
+        "--image-requests",
+        type=_non_negative_int,
+        default=d("--image-requests", 6),
+        help="requests with generated images (default 6; none with --model none)",
+    )
+    add_process_arguments(
+        parser, encoder_example="--model=tiny", language_example="--alloc-policy=fixed"
+    )
+    from services import security
 
     security.add_client_arguments(parser)  # used by the demo's client and passed to both services
 
@@ -163,6 +233,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------
 # Workload plan (pure)
 # --------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class PlannedRequest:
@@ -202,9 +273,15 @@ def min_rounds(tokens: int, initial_alloc: int, pool_tokens: int) -> int:
     return 1 + math.ceil((tokens - initial_alloc) / pool_tokens)
 
 
-def plan_workload(requests: int, *, seed: int = 1, block_size: int = 128,
-                  initial_tokens: int = 8192, language_pool_blocks: int = 96,
-                  encoder_pool_blocks: int | None = None) -> list[PlannedRequest]:
+def plan_workload(
+    requests: int,
+    *,
+    seed: int = 1,
+    block_size: int = 128,
+    initial_tokens: int = 8192,
+    language_pool_blocks: int = 96,
+    encoder_pool_blocks: int | None = None,
+) -> list[PlannedRequest]:
     """The deterministic (by `seed`) demo workload of `requests` requests.
 
     Request `i` is of kind ``KINDS[i % 4]``:
@@ -244,11 +321,16 @@ def plan_workload(requests: int, *, seed: int = 1, block_size: int = 128,
             tokens = rng.randint(initial + max(1, pool_tokens // 4), initial + 2 * pool_tokens)
         if cap is not None:
             tokens = min(tokens, cap)
-        plan.append(PlannedRequest(
-            index=i, kind=kind, tokens=tokens, seed=seeds[i],
-            request_id=f"demo-{seed}-{i:04d}-{kind}",
-            min_rounds=min_rounds(tokens, initial, pool_tokens),
-        ))
+        plan.append(
+            PlannedRequest(
+                index=i,
+                kind=kind,
+                tokens=tokens,
+                seed=seeds[i],
+                request_id=f"demo-{seed}-{i:04d}-{kind}",
+                min_rounds=min_rounds(tokens, initial, pool_tokens),
+            )
+        )
     return plan
 
 
@@ -259,8 +341,11 @@ def plan_workload(requests: int, *, seed: int = 1, block_size: int = 128,
 IMAGE_SET: tuple[tuple[str, tuple[tuple[int, int, str], ...], str], ...] = (
     ("thumbnail", ((224, 160, "png"),), "What is in this thumbnail?"),
     ("photo", ((1280, 720, "jpeg"),), "Describe the photo <image> in one sentence."),
-    ("three", ((640, 480, "png"), (480, 640, "jpeg"), (1024, 256, "png")),
-     "First <image>, then <image>, and a banner <image>: describe them."),
+    (
+        "three",
+        ((640, 480, "png"), (480, 640, "jpeg"), (1024, 256, "png")),
+        "First <image>, then <image>, and a banner <image>: describe them.",
+    ),
     ("panorama", ((3584, 1008, "jpeg"),), "A panorama <image> - which city is this?"),
     ("gallery", ((2240, 1260, "jpeg"),) * 3, "Compare these three pictures."),
     ("comic", ((1568, 1568, "png"),) * 4, "Tell the story of this four-panel comic."),
@@ -279,8 +364,9 @@ QWEN_MIN_PIXELS = 56 * 56
 QWEN_MAX_PIXELS = 28 * 28 * 16384
 
 
-def qwen_image_tokens(width: int, height: int, min_pixels: int = QWEN_MIN_PIXELS,
-                      max_pixels: int = QWEN_MAX_PIXELS) -> int:
+def qwen_image_tokens(
+    width: int, height: int, min_pixels: int = QWEN_MIN_PIXELS, max_pixels: int = QWEN_MAX_PIXELS
+) -> int:
     """Tokens of one image by Qwen2-VL's rule — resize to multiples of 28 within min/max pixels,
     14x14 patches merged 2x2, so (H/28)·(W/28) — recomputed here independently of the services
     (as `reference_payload` is for synthetic payloads)."""
@@ -304,9 +390,16 @@ def expected_image_request_tokens(images: Sequence[tuple[int, int, str]], text: 
     return text_tokens + sum(qwen_image_tokens(w, h) + 2 for w, h, _ in images)
 
 
-def plan_images(requests: int, *, seed: int = 1, first_index: int = 0, block_size: int = 128,
-                initial_tokens: int = 8192, language_pool_blocks: int = 96,
-                exact_tokens: bool = True) -> list[PlannedRequest]:
+def plan_images(
+    requests: int,
+    *,
+    seed: int = 1,
+    first_index: int = 0,
+    block_size: int = 128,
+    initial_tokens: int = 8192,
+    language_pool_blocks: int = 96,
+    exact_tokens: bool = True,
+) -> list[PlannedRequest]:
     """`requests` image requests, cycling through IMAGE_SET (seeded image contents)."""
     pool_tokens = language_pool_blocks * block_size
     initial = initial_allocation_tokens(initial_tokens, block_size, language_pool_blocks)
@@ -314,20 +407,29 @@ def plan_images(requests: int, *, seed: int = 1, first_index: int = 0, block_siz
     for i in range(requests):
         name, images, text = IMAGE_SET[i % len(IMAGE_SET)]
         tokens = expected_image_request_tokens(images, text)
-        plan.append(PlannedRequest(
-            index=first_index + i, kind="image", tokens=tokens, seed=(seed * 1000 + i) % 2**32,
-            request_id=f"demo-{seed}-{first_index + i:04d}-image-{name}",
-            min_rounds=min_rounds(tokens, initial, pool_tokens), images=images, text=text, name=name,
-            exact_tokens=exact_tokens))
+        plan.append(
+            PlannedRequest(
+                index=first_index + i,
+                kind="image",
+                tokens=tokens,
+                seed=(seed * 1000 + i) % 2**32,
+                request_id=f"demo-{seed}-{first_index + i:04d}-image-{name}",
+                min_rounds=min_rounds(tokens, initial, pool_tokens),
+                images=images,
+                text=text,
+                name=name,
+                exact_tokens=exact_tokens,
+            )
+        )
     return plan
 
 
 def make_image(width: int, height: int, fmt: str = "png", seed: int = 0) -> bytes:
     """A synthetic picture (smooth gradients, rings and a little noise) as PNG or JPEG bytes."""
-    import io  # noqa: PLC0415  (keep `epd demo --help` light)
+    import io  # keep `epd demo --help` light
 
-    import numpy as np  # noqa: PLC0415
-    from PIL import Image  # noqa: PLC0415
+    import numpy as np
+    from PIL import Image
 
     rng = np.random.default_rng(seed)
     # Drawn at a quarter of the size and scaled up (cheap), with a little noise on top.
@@ -338,7 +440,9 @@ def make_image(width: int, height: int, fmt: str = "png", seed: int = 0) -> byte
     rgb = np.stack([x * 255 / max(w - 1, 1), y * 255 / max(h - 1, 1), rings], axis=-1)
     rgb += rng.normal(0, 8, size=rgb.shape).astype(np.float32)
     buf = io.BytesIO()
-    image = Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).resize((width, height), Image.BILINEAR)
+    image = Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).resize(
+        (width, height), Image.BILINEAR
+    )
     if fmt.lower() in ("jpg", "jpeg"):
         image.save(buf, "JPEG", quality=88)
     else:
@@ -348,13 +452,19 @@ def make_image(width: int, height: int, fmt: str = "png", seed: int = 0) -> byte
 
 def image_payloads(request: PlannedRequest) -> list[tuple[bytes, str]]:
     """(bytes, mime type) of a planned image request's images."""
-    return [(make_image(w, h, fmt, seed=request.seed + k), "image/jpeg" if fmt == "jpeg" else "image/png")
-            for k, (w, h, fmt) in enumerate(request.images)]
+    return [
+        (
+            make_image(w, h, fmt, seed=request.seed + k),
+            "image/jpeg" if fmt == "jpeg" else "image/png",
+        )
+        for k, (w, h, fmt) in enumerate(request.images)
+    ]
 
 
 # --------------------------------------------------------------------------------------------
 # Results, verification, summary (pure)
 # --------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class RequestResult:
@@ -417,7 +527,9 @@ def check_reply(result: RequestResult, expected_sha256: str) -> list[str]:
         problems.append(f"payload_sha256 {result.payload_sha256} != reference {expected_sha256}")
     for rank, digest in result.rank_sha256:
         if digest.lower() != expected_sha256.lower():
-            problems.append(f"rank {rank} payload_sha256 {digest or '(none)'} != reference {expected_sha256}")
+            problems.append(
+                f"rank {rank} payload_sha256 {digest or '(none)'} != reference {expected_sha256}"
+            )
     result.problems = problems
     return problems
 
@@ -428,7 +540,9 @@ def check_image_reply(result: RequestResult, expect_first_token: bool = True) ->
     req = result.request
     problems = []
     if req.exact_tokens and result.total_tokens != req.tokens:
-        problems.append(f"total_tokens {result.total_tokens} != {req.tokens} predicted from the image sizes")
+        problems.append(
+            f"total_tokens {result.total_tokens} != {req.tokens} predicted from the image sizes"
+        )
     if not result.integrity_verified:
         problems.append("integrity_verified is false")
     digests = {d.lower() for _, d in result.rank_sha256}
@@ -436,10 +550,14 @@ def check_image_reply(result: RequestResult, expect_first_token: bool = True) ->
         problems.append(f"data ranks hold different payloads: {sorted(result.rank_sha256)}")
     if expect_first_token:
         if result.first_token_id < 0:
-            problems.append(f"no first token (consumer {result.consumer or '?'}"
-                            f"{': ' + result.prefill_skipped if result.prefill_skipped else ''})")
+            problems.append(
+                f"no first token (consumer {result.consumer or '?'}"
+                f"{': ' + result.prefill_skipped if result.prefill_skipped else ''})"
+            )
         elif result.top_token_ids and result.top_token_ids[0] != result.first_token_id:
-            problems.append(f"first_token_id {result.first_token_id} is not the top logit {result.top_token_ids[0]}")
+            problems.append(
+                f"first_token_id {result.first_token_id} is not the top logit {result.top_token_ids[0]}"
+            )
     result.problems = problems
     return problems
 
@@ -476,8 +594,9 @@ def _group_stats(results: Sequence[RequestResult]) -> dict[str, Any]:
     }
 
 
-def summarize(results: Sequence[RequestResult], wall_seconds: float,
-              config: dict[str, Any] | None = None) -> dict[str, Any]:
+def summarize(
+    results: Sequence[RequestResult], wall_seconds: float, config: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The demo's result object (what `--json` prints). Keys fixed by §14: requests, succeeded,
     failed, mismatches, tokens, bytes, rounds_max, rounds_total, gbps, p50_ms, p99_ms."""
     out = _group_stats(results)
@@ -506,31 +625,53 @@ def summarize(results: Sequence[RequestResult], wall_seconds: float,
     out["kinds"] = kinds
     out["errors"] = [
         {
-            "request_id": r.request.request_id, "kind": r.request.kind,
-            "tokens": r.request.tokens, "seed": r.request.seed, "status": r.status,
+            "request_id": r.request.request_id,
+            "kind": r.request.kind,
+            "tokens": r.request.tokens,
+            "seed": r.request.seed,
+            "status": r.status,
             "code": r.error_code or None,
             "message": r.error_message if r.status == "failed" else "; ".join(r.problems),
         }
-        for r in results if r.status != "ok"
+        for r in results
+        if r.status != "ok"
     ]
     out["synthetic_requests"] = sum(1 for r in results if r.request.kind != "image")
-    out["digests_matched"] = sum(1 for r in results if r.request.kind != "image" and r.status == "ok")
+    out["digests_matched"] = sum(
+        1 for r in results if r.request.kind != "image" and r.status == "ok"
+    )
     out["per_request"] = [
-        {"request_id": r.request.request_id, "kind": r.request.kind, "tokens": r.total_tokens or r.request.tokens,
-         "rounds": r.rounds, "first_token_id": r.first_token_id, "latency_ms": round(r.latency_s * 1000.0, 3),
-         "status": r.status}
+        {
+            "request_id": r.request.request_id,
+            "kind": r.request.kind,
+            "tokens": r.total_tokens or r.request.tokens,
+            "rounds": r.rounds,
+            "first_token_id": r.first_token_id,
+            "latency_ms": round(r.latency_s * 1000.0, 3),
+            "status": r.status,
+        }
         for r in results
     ]
     out["image_requests"] = [
-        {"request_id": r.request.request_id, "name": r.request.name,
-         "images": [f"{w}x{h} {fmt}" for w, h, fmt in r.request.images],
-         "expected_tokens": r.request.tokens if r.request.exact_tokens else None,
-         "tokens": r.total_tokens, "rounds": r.rounds, "first_token_id": r.first_token_id,
-         "top_token_ids": r.top_token_ids, "top_logits": [round(v, 4) for v in r.top_logits],
-         "logits_norm": round(r.logits_norm, 4), "mrope_position_delta": r.position_delta,
-         "prefill_ms": round(r.prefill_seconds * 1000.0, 3), "latency_ms": round(r.latency_s * 1000.0, 3),
-         "prefill_skipped": r.prefill_skipped, "status": r.status}
-        for r in results if r.request.kind == "image"
+        {
+            "request_id": r.request.request_id,
+            "name": r.request.name,
+            "images": [f"{w}x{h} {fmt}" for w, h, fmt in r.request.images],
+            "expected_tokens": r.request.tokens if r.request.exact_tokens else None,
+            "tokens": r.total_tokens,
+            "rounds": r.rounds,
+            "first_token_id": r.first_token_id,
+            "top_token_ids": r.top_token_ids,
+            "top_logits": [round(v, 4) for v in r.top_logits],
+            "logits_norm": round(r.logits_norm, 4),
+            "mrope_position_delta": r.position_delta,
+            "prefill_ms": round(r.prefill_seconds * 1000.0, 3),
+            "latency_ms": round(r.latency_s * 1000.0, 3),
+            "prefill_skipped": r.prefill_skipped,
+            "status": r.status,
+        }
+        for r in results
+        if r.request.kind == "image"
     ]
     per_encoder: dict[str, int] = {}
     for r in results:
@@ -540,7 +681,9 @@ def summarize(results: Sequence[RequestResult], wall_seconds: float,
     out["failed_over"] = sum(1 for r in results if r.rpc_ok and r.failed_over_from)
     out["failed_over_requests"] = [
         {"request_id": r.request.request_id, "from": r.failed_over_from, "to": r.encoder}
-        for r in results if r.rpc_ok and r.failed_over_from]
+        for r in results
+        if r.rpc_ok and r.failed_over_from
+    ]
     if config:
         out["config"] = dict(config)
     return out
@@ -562,12 +705,14 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(
             f"epd demo: {s['requests']} requests, concurrency {cfg.get('concurrency')}, "
             f"hidden {cfg.get('hidden')} {cfg.get('dtype')}, block {cfg.get('block_size')} tokens, "
-            f"{cfg.get('tp', 1)} language rank(s)")
+            f"{cfg.get('tp', 1)} language rank(s)"
+        )
         lines.append(
             f"          language pool {cfg.get('language_pool_blocks')} blocks "
             f"({cfg.get('language_pool_tokens', 0):,} tokens), initial allocation "
             f"{cfg.get('initial_allocation_tokens', 0):,} tokens, encoder pool "
-            f"{cfg.get('encoder_pool_blocks')} blocks")
+            f"{cfg.get('encoder_pool_blocks')} blocks"
+        )
         lines.append("")
     synthetic = s.get("synthetic_requests", s["requests"])
     verified = f"{s.get('digests_matched', s['succeeded'])}/{synthetic} digests match the reference"
@@ -576,7 +721,9 @@ def format_table(summary: dict[str, Any]) -> str:
     images = s.get("image_requests") or []
     if images:
         good = sum(1 for r in images if r["status"] == "ok")
-        verified += f"; {good}/{len(images)} image requests with the predicted tokens and a first token"
+        verified += (
+            f"; {good}/{len(images)} image requests with the predicted tokens and a first token"
+        )
     rows = [
         ("requests", f"{s['requests']}"),
         ("succeeded", f"{s['succeeded']}"),
@@ -595,45 +742,69 @@ def format_table(summary: dict[str, Any]) -> str:
     kinds = s.get("kinds") or {}
     if kinds:
         lines.append("")
-        header = (f"  {'kind':<9} {'n':>4} {'ok':>4} {'fail':>4} {'mism':>4} "
-                  f"{'tokens':>17} {'rounds':>8} {'p50 ms':>9} {'p99 ms':>9}  what")
+        header = (
+            f"  {'kind':<9} {'n':>4} {'ok':>4} {'fail':>4} {'mism':>4} "
+            f"{'tokens':>17} {'rounds':>8} {'p50 ms':>9} {'p99 ms':>9}  what"
+        )
         lines.append(header)
         for kind, k in kinds.items():
-            tokens = (f"{k['tokens_min']:,}" if k["tokens_min"] == k["tokens_max"]
-                      else f"{k['tokens_min']:,}..{k['tokens_max']:,}")
-            rounds = (f"{k['rounds_min']}" if k["rounds_min"] == k["rounds_max"]
-                      else f"{k['rounds_min']}..{k['rounds_max']}")
+            tokens = (
+                f"{k['tokens_min']:,}"
+                if k["tokens_min"] == k["tokens_max"]
+                else f"{k['tokens_min']:,}..{k['tokens_max']:,}"
+            )
+            rounds = (
+                f"{k['rounds_min']}"
+                if k["rounds_min"] == k["rounds_max"]
+                else f"{k['rounds_min']}..{k['rounds_max']}"
+            )
             lines.append(
                 f"  {kind:<9} {k['requests']:>4} {k['succeeded']:>4} {k['failed']:>4} "
                 f"{k['mismatches']:>4} {tokens:>17} {rounds:>8} {k['p50_ms']:>9.1f} "
-                f"{k['p99_ms']:>9.1f}  {k['description']}")
+                f"{k['p99_ms']:>9.1f}  {k['description']}"
+            )
     if images:
         lines.append("")
-        lines.append(f"  image requests (model {cfg.get('model', '?')}: vision tower on the encoder, "
-                     f"qwen2-vl-prefill on the language)")
-        lines.append(f"  {'request':<10} {'images':<28} {'tokens':>7} {'rounds':>6} {'first token':>11} "
-                     f"{'top logit':>9} {'prefill ms':>10} {'latency ms':>10}")
+        lines.append(
+            f"  image requests (model {cfg.get('model', '?')}: vision tower on the encoder, "
+            f"qwen2-vl-prefill on the language)"
+        )
+        lines.append(
+            f"  {'request':<10} {'images':<28} {'tokens':>7} {'rounds':>6} {'first token':>11} "
+            f"{'top logit':>9} {'prefill ms':>10} {'latency ms':>10}"
+        )
         for r in images:
             shapes = r["images"]
-            what = (shapes[0] if len(shapes) == 1 else f"{len(shapes)} x {shapes[0]}" if len(set(shapes)) == 1
-                    else ",".join(x.split()[0] for x in shapes))
+            what = (
+                shapes[0]
+                if len(shapes) == 1
+                else f"{len(shapes)} x {shapes[0]}"
+                if len(set(shapes)) == 1
+                else ",".join(x.split()[0] for x in shapes)
+            )
             top = f"{r['top_logits'][0]:.3f}" if r["top_logits"] else "-"
             first = str(r["first_token_id"]) if r["first_token_id"] >= 0 else "-"
-            lines.append(f"  {r['name']:<10} {what[:28]:<28} {r['tokens']:>7,} {r['rounds']:>6} {first:>11} "
-                         f"{top:>9} {r['prefill_ms']:>10.1f} {r['latency_ms']:>10.1f}"
-                         + ("" if r["status"] == "ok" else f"  {r['status'].upper()}"))
+            lines.append(
+                f"  {r['name']:<10} {what[:28]:<28} {r['tokens']:>7,} {r['rounds']:>6} {first:>11} "
+                f"{top:>9} {r['prefill_ms']:>10.1f} {r['latency_ms']:>10.1f}"
+                + ("" if r["status"] == "ok" else f"  {r['status'].upper()}")
+            )
         skipped = [r for r in s.get("per_request", []) if r["kind"] != "image"]
         if skipped:
-            lines.append(f"  (the {len(skipped)} synthetic payloads are no model input: the prefill skips "
-                         f"them, first token -1)")
+            lines.append(
+                f"  (the {len(skipped)} synthetic payloads are no model input: the prefill skips "
+                f"them, first token -1)"
+            )
     if len(s.get("per_encoder", {})) > 1 or s.get("failed_over") or cfg.get("killed_encoder"):
         lines.append("")
         spread = ", ".join(f"{name}: {n}" for name, n in s.get("per_encoder", {}).items())
         lines.append(f"  encoders: {spread or '-'} requests served")
         if cfg.get("killed_encoder"):
             lines.append(f"  killed mid-run: {cfg['killed_encoder']}")
-        lines.append(f"  failed over: {s.get('failed_over', 0)} request(s) (retried once on another encoder), "
-                     f"failed: {s.get('failed', 0)}")
+        lines.append(
+            f"  failed over: {s.get('failed_over', 0)} request(s) (retried once on another encoder), "
+            f"failed: {s.get('failed', 0)}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -643,10 +814,14 @@ def format_failures(results: Sequence[RequestResult], limit: int = 20) -> str:
     lines = []
     for r in bad[:limit]:
         q = r.request
-        what = (f"FAILED {r.error_code}: {r.error_message}" if r.status == "failed"
-                else "MISMATCH: " + "; ".join(r.problems))
-        lines.append(f"epd demo: request {q.request_id} ({q.kind}, {q.tokens} tokens, "
-                     f"seed {q.seed}): {what}")
+        what = (
+            f"FAILED {r.error_code}: {r.error_message}"
+            if r.status == "failed"
+            else "MISMATCH: " + "; ".join(r.problems)
+        )
+        lines.append(
+            f"epd demo: request {q.request_id} ({q.kind}, {q.tokens} tokens, seed {q.seed}): {what}"
+        )
     if len(bad) > limit:
         lines.append(f"epd demo: ... and {len(bad) - limit} more")
     return "\n".join(lines) + ("\n" if lines else "")
@@ -656,11 +831,19 @@ def format_failures(results: Sequence[RequestResult], limit: int = 20) -> str:
 # Progress bar (stderr)
 # --------------------------------------------------------------------------------------------
 
+
 class Progress:
     """``\\r[#####.....] 12/24 ...`` on a stream, redrawn in place; a no-op when disabled."""
 
-    def __init__(self, total: int, stream: IO[str] | None = None, enabled: bool = True,
-                 width: int = 30, label: str = "", fail_label: str = "failed") -> None:
+    def __init__(
+        self,
+        total: int,
+        stream: IO[str] | None = None,
+        enabled: bool = True,
+        width: int = 30,
+        label: str = "",
+        fail_label: str = "failed",
+    ) -> None:
         self.total = total
         self.fail_label = fail_label
         self.stream = stream if stream is not None else sys.stderr
@@ -672,8 +855,9 @@ class Progress:
         self.started = time.monotonic()
         self._drawn = False
 
-    def start(self, label: str | None = None, total: int | None = None,
-              fail_label: str | None = None) -> None:
+    def start(
+        self, label: str | None = None, total: int | None = None, fail_label: str | None = None
+    ) -> None:
         if label is not None:
             self.label = label
         if fail_label is not None:
@@ -695,8 +879,10 @@ class Progress:
         bar = "#" * filled + "." * (self.width - filled)
         extra = f"  {self.fail_label} {self.failed}" if self.failed else ""
         label = f"{self.label} " if self.label else ""
-        return (f"{label}[{bar}] {self.done}/{self.total}{extra}  "
-                f"{time.monotonic() - self.started:.1f} s")
+        return (
+            f"{label}[{bar}] {self.done}/{self.total}{extra}  "
+            f"{time.monotonic() - self.started:.1f} s"
+        )
 
     def draw(self) -> None:
         if not self.enabled:
@@ -729,7 +915,7 @@ def parse_ready_line(line: str) -> dict[str, Any] | None:
     text = line.strip()
     if not text.startswith(READY_PREFIX):
         return None
-    body = text[len(READY_PREFIX):].strip()
+    body = text[len(READY_PREFIX) :].strip()
     try:
         info = json.loads(body)
     except json.JSONDecodeError as e:
@@ -743,8 +929,13 @@ class ServiceProcess:
     """One service child process: started with stdout piped (for the ready line) and stderr in
     a file (so a chatty child never blocks on a full pipe)."""
 
-    def __init__(self, role: str, argv: Sequence[str], env: dict[str, str] | None = None,
-                 log_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        role: str,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.role = role
         self.argv = list(argv)
         self.env = env
@@ -767,19 +958,26 @@ class ServiceProcess:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self.log_path = self.log_dir / f"{self.role}.log"
-            self._log = open(self.log_path, "wb")
+            self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
         else:
-            self._log = tempfile.TemporaryFile(prefix=f"epd-demo-{self.role}-")
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=self._log, env=self.env, close_fds=True)
-        self._reader = threading.Thread(target=self._read_stdout, name=f"{self.role}-stdout",
-                                        daemon=True)
+            self._log = tempfile.TemporaryFile(prefix=f"epd-demo-{self.role}-")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=self.env,
+            close_fds=True,
+        )
+        self._reader = threading.Thread(
+            target=self._read_stdout, name=f"{self.role}-stdout", daemon=True
+        )
         self._reader.start()
 
     def _read_stdout(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         try:
-            for raw in self.proc.stdout:      # keeps draining after READY
+            for raw in self.proc.stdout:  # keeps draining after READY
                 self._lines.put(raw.decode("utf-8", errors="replace"))
         except (OSError, ValueError):
             pass
@@ -793,13 +991,14 @@ class ServiceProcess:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ServiceStartError(self._describe(
-                    f"{self.role} did not report ready within {timeout:g} s"))
+                raise ServiceStartError(
+                    self._describe(f"{self.role} did not report ready within {timeout:g} s")
+                )
             try:
                 line = self._lines.get(timeout=min(0.2, remaining))
             except queue.Empty:
                 continue
-            if line is None:   # stdout closed: the process is exiting
+            if line is None:  # stdout closed: the process is exiting
                 try:
                     rc = self.proc.wait(timeout=5)
                     msg = f"{self.role} exited with code {rc} before it was ready"
@@ -815,8 +1014,9 @@ class ServiceProcess:
                 del self._stdout_seen[:-10]
                 continue
             if info.get("role") not in (None, self.role):
-                raise ServiceStartError(self._describe(
-                    f"{self.role}: ready line reports role {info.get('role')!r}"))
+                raise ServiceStartError(
+                    self._describe(f"{self.role}: ready line reports role {info.get('role')!r}")
+                )
             self.info = info
             return info
 
@@ -827,12 +1027,12 @@ class ServiceProcess:
             fd = self._log.fileno()
             size = os.fstat(fd).st_size
             start = max(0, size - max_bytes)
-            data = os.pread(fd, size - start, start)   # pread: the child's offset is untouched
+            data = os.pread(fd, size - start, start)  # pread: the child's offset is untouched
         except OSError:
             return ""
         lines = data.decode("utf-8", errors="replace").splitlines()
         if start > 0 and lines:
-            lines = lines[1:]       # first line is probably cut
+            lines = lines[1:]  # first line is probably cut
         return "\n".join(lines[-max_lines:])
 
     def _describe(self, msg: str) -> str:
@@ -840,8 +1040,11 @@ class ServiceProcess:
         if self._stdout_seen:
             parts.append("  stdout:\n" + "\n".join("    " + s for s in self._stdout_seen))
         tail = self.stderr_tail()
-        parts.append(("  stderr (last lines):\n" + "\n".join("    " + s for s in tail.splitlines()))
-                     if tail else "  stderr: (empty)")
+        parts.append(
+            ("  stderr (last lines):\n" + "\n".join("    " + s for s in tail.splitlines()))
+            if tail
+            else "  stderr: (empty)"
+        )
         if self.log_path is not None:
             parts.append(f"  full log: {self.log_path}")
         return "\n".join(parts)
@@ -865,7 +1068,7 @@ class ServiceProcess:
             except ProcessLookupError:
                 pass
             finally:
-                if proc.poll() is None:   # interrupted while waiting: do not leave it behind
+                if proc.poll() is None:  # interrupted while waiting: do not leave it behind
                     with contextlib.suppress(OSError):
                         proc.kill()
             rc = proc.poll()
@@ -890,9 +1093,12 @@ def demo_env_names() -> set[str]:
     """The `EPD_*` variables that `epd demo`'s own flags read."""
     parser = argparse.ArgumentParser(add_help=False)
     add_arguments(parser)
-    return {"EPD_" + opt[2:].replace("-", "_").upper()
-            for action in parser._actions for opt in action.option_strings
-            if opt.startswith("--")}
+    return {
+        "EPD_" + opt[2:].replace("-", "_").upper()
+        for action in parser._actions
+        for opt in action.option_strings
+        if opt.startswith("--")
+    }
 
 
 def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
@@ -910,40 +1116,79 @@ def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def add_process_arguments(parser: argparse.ArgumentParser, *, encoder_example: str, language_example: str) -> None:
+def add_process_arguments(
+    parser: argparse.ArgumentParser, *, encoder_example: str, language_example: str
+) -> None:
     """--encoder-arg / --language-arg: extra arguments for every encoder / language process started."""
     for role, example in (("encoder", encoder_example), ("language", language_example)):
-        parser.add_argument(f"--{role}-arg", action="append", default=[], metavar="ARG",
-                            help=f"extra argument for every {role} process (repeatable), e.g. --{role}-arg={example}")
+        parser.add_argument(
+            f"--{role}-arg",
+            action="append",
+            default=[],
+            metavar="ARG",
+            help=f"extra argument for every {role} process (repeatable), e.g. --{role}-arg={example}",
+        )
 
 
 def encoder_argv(args: argparse.Namespace) -> list[str]:
-    return [sys.executable, "-m", "services.cli", "encoder",
-            "--host", "127.0.0.1", "--port", "0",
-            "--block-size", str(args.block_size), "--pool-blocks", str(args.encoder_pool_blocks),
-            "--hidden", str(args.hidden), "--dtype", _dtype(args),
-            *(["--model", args.model] if _uses_model(args) else []),
-            *_security_argv(args),
-            *getattr(args, "encoder_arg", [])]
+    return [
+        sys.executable,
+        "-m",
+        "services.cli",
+        "encoder",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--block-size",
+        str(args.block_size),
+        "--pool-blocks",
+        str(args.encoder_pool_blocks),
+        "--hidden",
+        str(args.hidden),
+        "--dtype",
+        _dtype(args),
+        *(["--model", args.model] if _uses_model(args) else []),
+        *_security_argv(args),
+        *getattr(args, "encoder_arg", []),
+    ]
 
 
 def language_argv(args: argparse.Namespace, encoder_port: int | Sequence[int]) -> list[str]:
-    return [sys.executable, "-m", "services.cli", "language",
-            "--host", "127.0.0.1", "--port", "0",
-            *(x for port in ([encoder_port] if isinstance(encoder_port, int) else encoder_port)
-              for x in ("--encoder", f"127.0.0.1:{port}")),
-            "--block-size", str(args.block_size), "--pool-blocks", str(args.language_pool_blocks),
-            "--hidden", str(args.hidden), "--dtype", _dtype(args),
-            "--initial-tokens", str(args.initial_tokens),
-            *(["--tp", str(args.tp)] if getattr(args, "tp", 1) > 1 else []),
-            *(["--consumer", "qwen2-vl-prefill", "--model", args.model] if _uses_model(args) else []),
-            *_security_argv(args, language=True),
-            *getattr(args, "language_arg", [])]
+    return [
+        sys.executable,
+        "-m",
+        "services.cli",
+        "language",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        *(
+            x
+            for port in ([encoder_port] if isinstance(encoder_port, int) else encoder_port)
+            for x in ("--encoder", f"127.0.0.1:{port}")
+        ),
+        "--block-size",
+        str(args.block_size),
+        "--pool-blocks",
+        str(args.language_pool_blocks),
+        "--hidden",
+        str(args.hidden),
+        "--dtype",
+        _dtype(args),
+        "--initial-tokens",
+        str(args.initial_tokens),
+        *(["--tp", str(args.tp)] if getattr(args, "tp", 1) > 1 else []),
+        *(["--consumer", "qwen2-vl-prefill", "--model", args.model] if _uses_model(args) else []),
+        *_security_argv(args, language=True),
+        *getattr(args, "language_arg", []),
+    ]
 
 
 def _security_argv(args: argparse.Namespace, *, language: bool = False) -> list[str]:
     """The demo's --tls-* / --auth-token-file flags, for the services it starts (issue 9)."""
-    from services import security  # noqa: PLC0415
+    from services import security
 
     return security.service_argv(args, language=language)
 
@@ -960,6 +1205,7 @@ def _dtype(args: argparse.Namespace) -> str:
 # --------------------------------------------------------------------------------------------
 # Workload (grpc.aio)
 # --------------------------------------------------------------------------------------------
+
 
 class _BlockBudget:
     """Keeps the blocks of in-flight requests within the encoder's source pool, so the demo does
@@ -988,25 +1234,31 @@ class _BlockBudget:
                 self._cond.notify_all()
 
 
-async def run_workload(address: str, plan: Sequence[PlannedRequest], *, concurrency: int = 8,
-                       request_timeout: float = 300.0, block_size: int = 128,
-                       encoder_pool_blocks: int | None = None,
-                       progress: Progress | None = None,
-                       connect_timeout: float = 30.0,
-                       images: dict[str, list[tuple[bytes, str]]] | None = None,
-                       sec=None,
-                       ) -> tuple[list[RequestResult], float]:
+async def run_workload(
+    address: str,
+    plan: Sequence[PlannedRequest],
+    *,
+    concurrency: int = 8,
+    request_timeout: float = 300.0,
+    block_size: int = 128,
+    encoder_pool_blocks: int | None = None,
+    progress: Progress | None = None,
+    connect_timeout: float = 30.0,
+    images: dict[str, list[tuple[bytes, str]]] | None = None,
+    sec=None,
+) -> tuple[list[RequestResult], float]:
     """Send every planned request to the language service at `address` with up to
     `concurrency` in flight. Returns the results (in plan order) and the wall time in seconds
     from the first send to the last reply. Does not verify digests (see `verify_results`)."""
-    import grpc  # noqa: PLC0415  (keep `epd demo --help` and the pure helpers light)
-    from common.pb.epd.v1 import language_pb2, language_pb2_grpc  # noqa: PLC0415
+    import grpc
+
+    from common.pb.epd.v1 import language_pb2, language_pb2_grpc
 
     results = [RequestResult(request=p) for p in plan]
     sem = asyncio.Semaphore(max(1, concurrency))
     budget = _BlockBudget(encoder_pool_blocks)
     options = [("grpc.max_receive_message_length", 64 << 20)]
-    from services.security import ClientSecurity  # noqa: PLC0415
+    from services.security import ClientSecurity
 
     # `sec`: TLS / the token of the demo's --tls-* / --auth-token-file flags (plaintext when None).
     async with (sec or ClientSecurity()).aio_channel(address, options=options) as channel:
@@ -1016,16 +1268,22 @@ async def run_workload(address: str, plan: Sequence[PlannedRequest], *, concurre
         async def one(result: RequestResult) -> None:
             p = result.request
             if p.kind == "image":
-                from common.pb.epd.v1 import common_pb2  # noqa: PLC0415
+                from common.pb.epd.v1 import common_pb2
 
                 data = (images or {}).get(p.request_id) or image_payloads(p)
                 request = language_pb2.GenerateRequest(
-                    request_id=p.request_id, text=p.text, want_digest=True,
-                    images=[common_pb2.Image(data=d, mime_type=m) for d, m in data])
+                    request_id=p.request_id,
+                    text=p.text,
+                    want_digest=True,
+                    images=[common_pb2.Image(data=d, mime_type=m) for d, m in data],
+                )
             else:
                 request = language_pb2.GenerateRequest(
-                    request_id=p.request_id, synthetic_tokens=p.tokens, synthetic_seed=p.seed,
-                    want_digest=True)
+                    request_id=p.request_id,
+                    synthetic_tokens=p.tokens,
+                    synthetic_seed=p.seed,
+                    want_digest=True,
+                )
             async with sem, budget.hold(math.ceil(p.tokens / block_size)):
                 t0 = time.perf_counter()
                 try:
@@ -1050,7 +1308,9 @@ async def run_workload(address: str, plan: Sequence[PlannedRequest], *, concurre
                     result.total_seconds = float(reply.total_seconds)
                     result.integrity_verified = bool(reply.integrity_verified)
                     result.payload_sha256 = reply.payload_sha256
-                    result.rank_sha256 = [(r.rank, r.payload_sha256) for r in reply.ranks if r.data_rank]
+                    result.rank_sha256 = [
+                        (r.rank, r.payload_sha256) for r in reply.ranks if r.data_rank
+                    ]
                     result.first_token_id = int(reply.first_token_id)
                     result.encoder = reply.encoder
                     result.attempts = int(reply.attempts)
@@ -1067,13 +1327,12 @@ async def run_workload(address: str, plan: Sequence[PlannedRequest], *, concurre
             if progress is not None:
                 progress.advance(failed=not result.rpc_ok)
 
-        async def tick() -> None:      # keep the elapsed time moving during long requests
+        async def tick() -> None:  # keep the elapsed time moving during long requests
             while True:
                 await asyncio.sleep(0.5)
                 progress.draw()
 
-        ticker = (asyncio.create_task(tick())
-                  if progress is not None and progress.enabled else None)
+        ticker = asyncio.create_task(tick()) if progress is not None and progress.enabled else None
         t_start = time.perf_counter()
         try:
             await asyncio.gather(*(one(r) for r in results))
@@ -1086,10 +1345,14 @@ async def run_workload(address: str, plan: Sequence[PlannedRequest], *, concurre
     return results, wall
 
 
-def verify_results(results: Sequence[RequestResult], hidden: int, dtype: str,
-                   progress: Progress | None = None,
-                   digest: Callable[[int, int, int, str], str] | None = None,
-                   workers: int | None = None) -> int:
+def verify_results(
+    results: Sequence[RequestResult],
+    hidden: int,
+    dtype: str,
+    progress: Progress | None = None,
+    digest: Callable[[int, int, int, str], str] | None = None,
+    workers: int | None = None,
+) -> int:
     """Check every answered reply against the reference digest (in a thread pool: hashlib and
     numpy release the GIL). Returns the number of mismatches."""
     digest = digest or reference_payload.expected_digest
@@ -1101,8 +1364,10 @@ def verify_results(results: Sequence[RequestResult], hidden: int, dtype: str,
     answered = [r for r in results if r.rpc_ok and r.request.kind != "image"]
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(digest, r.request.tokens, r.request.seed, hidden, dtype): r
-                   for r in answered}
+        futures = {
+            pool.submit(digest, r.request.tokens, r.request.seed, hidden, dtype): r
+            for r in answered
+        }
         for fut in concurrent.futures.as_completed(futures):
             r = futures[fut]
             check_reply(r, fut.result())
@@ -1114,7 +1379,7 @@ def verify_results(results: Sequence[RequestResult], hidden: int, dtype: str,
 def event_loop_runner() -> asyncio.Runner:
     """A runner on uvloop when it is installed, else on asyncio's own loop."""
     try:
-        import uvloop  # noqa: PLC0415
+        import uvloop
     except ImportError:
         return asyncio.Runner()
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
@@ -1123,6 +1388,7 @@ def event_loop_runner() -> asyncio.Runner:
 # --------------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------------
+
 
 def validate_args(args: argparse.Namespace) -> str | None:
     """An error message for flags the demo cannot run with, else None."""
@@ -1150,15 +1416,18 @@ def run(args: argparse.Namespace) -> int:
     return _run(args, encoder_argv=encoder_argv, language_argv=language_argv)
 
 
-def _run(args: argparse.Namespace, *,
-         encoder_argv: Callable[[argparse.Namespace], list[str]],
-         language_argv: Callable[[argparse.Namespace, int], list[str]],
-         env: dict[str, str] | None = None) -> int:
+def _run(
+    args: argparse.Namespace,
+    *,
+    encoder_argv: Callable[[argparse.Namespace], list[str]],
+    language_argv: Callable[[argparse.Namespace, int], list[str]],
+    env: dict[str, str] | None = None,
+) -> int:
     error = validate_args(args)
     if error:
         _note(error)
         return 2
-    from services import security  # noqa: PLC0415
+    from services import security
 
     try:
         sec = security.client_from_args(args) if hasattr(args, "tls_ca") else None
@@ -1167,25 +1436,44 @@ def _run(args: argparse.Namespace, *,
         return 2
     dtype = reference_payload.canonical_dtype(args.dtype)
     pool_tokens = args.language_pool_blocks * args.block_size
-    initial = initial_allocation_tokens(args.initial_tokens, args.block_size,
-                                        args.language_pool_blocks)
-    plan = plan_workload(args.requests, seed=args.seed, block_size=args.block_size,
-                         initial_tokens=args.initial_tokens,
-                         language_pool_blocks=args.language_pool_blocks,
-                         encoder_pool_blocks=args.encoder_pool_blocks)
+    initial = initial_allocation_tokens(
+        args.initial_tokens, args.block_size, args.language_pool_blocks
+    )
+    plan = plan_workload(
+        args.requests,
+        seed=args.seed,
+        block_size=args.block_size,
+        initial_tokens=args.initial_tokens,
+        language_pool_blocks=args.language_pool_blocks,
+        encoder_pool_blocks=args.encoder_pool_blocks,
+    )
     n_images = getattr(args, "image_requests", 0) if _uses_model(args) else 0
-    image_plan = plan_images(n_images, seed=args.seed, first_index=len(plan), block_size=args.block_size,
-                             initial_tokens=args.initial_tokens, language_pool_blocks=args.language_pool_blocks,
-                             exact_tokens=args.model == "tiny")
+    image_plan = plan_images(
+        n_images,
+        seed=args.seed,
+        first_index=len(plan),
+        block_size=args.block_size,
+        initial_tokens=args.initial_tokens,
+        language_pool_blocks=args.language_pool_blocks,
+        exact_tokens=args.model == "tiny",
+    )
     # The slow image requests start first, the largest first, so the wall time stays short.
     plan = sorted(image_plan, key=lambda p: -p.tokens) + plan
     config = {
-        "concurrency": args.concurrency, "hidden": args.hidden, "dtype": dtype,
-        "block_size": args.block_size, "language_pool_blocks": args.language_pool_blocks,
-        "language_pool_tokens": pool_tokens, "initial_tokens": args.initial_tokens,
-        "initial_allocation_tokens": initial, "encoder_pool_blocks": args.encoder_pool_blocks,
-        "seed": args.seed, "tp": args.tp, "encoders": args.encoders,
-        "model": getattr(args, "model", "none"), "image_requests": n_images,
+        "concurrency": args.concurrency,
+        "hidden": args.hidden,
+        "dtype": dtype,
+        "block_size": args.block_size,
+        "language_pool_blocks": args.language_pool_blocks,
+        "language_pool_tokens": pool_tokens,
+        "initial_tokens": args.initial_tokens,
+        "initial_allocation_tokens": initial,
+        "encoder_pool_blocks": args.encoder_pool_blocks,
+        "seed": args.seed,
+        "tp": args.tp,
+        "encoders": args.encoders,
+        "model": getattr(args, "model", "none"),
+        "image_requests": n_images,
     }
     show_progress = not args.no_progress and sys.stderr.isatty()
     env = child_env() if env is None else env
@@ -1193,14 +1481,16 @@ def _run(args: argparse.Namespace, *,
     services: list[ServiceProcess] = []
     old_sigterm = None
     if threading.current_thread() is threading.main_thread():
-        def _on_sigterm(signum, frame):  # noqa: ARG001 - turn SIGTERM into a clean shutdown
+
+        def _on_sigterm(signum, frame):
             raise KeyboardInterrupt
+
         old_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         # ---- services
         t0 = time.monotonic()
         encoders = []
-        for i in range(args.encoders):
+        for _i in range(args.encoders):
             encoder = ServiceProcess("encoder", encoder_argv(args), env, args.log_dir)
             services.append(encoder)
             encoders.append(encoder)
@@ -1210,8 +1500,12 @@ def _run(args: argparse.Namespace, *,
             _note(f"encoder ready on 127.0.0.1:{encoder.port} ({time.monotonic() - t0:.1f} s)")
         t0 = time.monotonic()
         ports = [e.port for e in encoders]
-        language = ServiceProcess("language", language_argv(args, ports[0] if len(ports) == 1 else ports), env,
-                                  args.log_dir)
+        language = ServiceProcess(
+            "language",
+            language_argv(args, ports[0] if len(ports) == 1 else ports),
+            env,
+            args.log_dir,
+        )
         services.append(language)
         language.start()
         language.wait_ready(args.startup_timeout)
@@ -1222,13 +1516,20 @@ def _run(args: argparse.Namespace, *,
         if image_plan:
             t0 = time.monotonic()
             images = {p.request_id: image_payloads(p) for p in image_plan}
-            _note(f"generated {sum(len(v) for v in images.values())} images for {len(image_plan)} image requests "
-                  f"({sum(len(d) for v in images.values() for d, _ in v) / 1e6:.1f} MB, "
-                  f"{time.monotonic() - t0:.1f} s)")
-        kinds = ", ".join(f"{sum(p.kind == k for p in plan)} {k}" for k in (*KINDS, "image")
-                          if any(p.kind == k for p in plan))
-        _note(f"sending {len(plan)} requests ({kinds}), {args.concurrency} in flight, "
-              f"{sum(p.tokens for p in plan):,} tokens in all")
+            _note(
+                f"generated {sum(len(v) for v in images.values())} images for {len(image_plan)} image requests "
+                f"({sum(len(d) for v in images.values() for d, _ in v) / 1e6:.1f} MB, "
+                f"{time.monotonic() - t0:.1f} s)"
+            )
+        kinds = ", ".join(
+            f"{sum(p.kind == k for p in plan)} {k}"
+            for k in (*KINDS, "image")
+            if any(p.kind == k for p in plan)
+        )
+        _note(
+            f"sending {len(plan)} requests ({kinds}), {args.concurrency} in flight, "
+            f"{sum(p.tokens for p in plan):,} tokens in all"
+        )
         progress = Progress(len(plan), enabled=show_progress, label="requests")
         progress.start()
         killer = None
@@ -1239,16 +1540,28 @@ def _run(args: argparse.Namespace, *,
                 if victim.proc is not None and victim.proc.poll() is None:
                     victim.proc.kill()
                     config["killed_encoder"] = f"127.0.0.1:{victim.port}"
-                    _note(f"killed the encoder on 127.0.0.1:{victim.port} {args.kill_encoder_after:g} s into the workload")
+                    _note(
+                        f"killed the encoder on 127.0.0.1:{victim.port} {args.kill_encoder_after:g} s into the workload"
+                    )
+
             killer = threading.Timer(args.kill_encoder_after, kill)
             killer.daemon = True
             killer.start()
         with event_loop_runner() as runner:
-            results, wall = runner.run(run_workload(
-                f"127.0.0.1:{language.port}", plan, concurrency=args.concurrency,
-                request_timeout=args.request_timeout, block_size=args.block_size,
-                encoder_pool_blocks=args.encoder_pool_blocks, progress=progress,
-                connect_timeout=args.startup_timeout, images=images, sec=sec))
+            results, wall = runner.run(
+                run_workload(
+                    f"127.0.0.1:{language.port}",
+                    plan,
+                    concurrency=args.concurrency,
+                    request_timeout=args.request_timeout,
+                    block_size=args.block_size,
+                    encoder_pool_blocks=args.encoder_pool_blocks,
+                    progress=progress,
+                    connect_timeout=args.startup_timeout,
+                    images=images,
+                    sec=sec,
+                )
+            )
         progress.finish()
         if killer is not None:
             killer.cancel()
@@ -1260,12 +1573,16 @@ def _run(args: argparse.Namespace, *,
         progress.finish()
         for r in results:
             if r.rpc_ok and r.rounds and r.rounds < r.request.min_rounds:
-                _note(f"warning: {r.request.request_id} reports {r.rounds} rounds, fewer than "
-                      f"the {r.request.min_rounds} its size needs")
+                _note(
+                    f"warning: {r.request.request_id} reports {r.rounds} rounds, fewer than "
+                    f"the {r.request.min_rounds} its size needs"
+                )
         for svc in services:
             if not svc.running():
-                _note(f"warning: {svc.role} exited during the demo "
-                      f"(code {svc.proc.returncode if svc.proc else '?'})")
+                _note(
+                    f"warning: {svc.role} exited during the demo "
+                    f"(code {svc.proc.returncode if svc.proc else '?'})"
+                )
 
         summary = summarize(results, wall, config)
         if args.json:
@@ -1282,8 +1599,11 @@ def _run(args: argparse.Namespace, *,
             for svc in services:
                 tail = svc.stderr_tail(max_lines=15)
                 if tail:
-                    sys.stderr.write(f"epd demo: {svc.role} stderr (last lines):\n"
-                                     + "\n".join("    " + s for s in tail.splitlines()) + "\n")
+                    sys.stderr.write(
+                        f"epd demo: {svc.role} stderr (last lines):\n"
+                        + "\n".join("    " + s for s in tail.splitlines())
+                        + "\n"
+                    )
             sys.stderr.flush()
         return 0 if ok else 1
     except ServiceStartError as e:
@@ -1294,11 +1614,11 @@ def _run(args: argparse.Namespace, *,
             sys.stderr.write("\n")
         _note("interrupted; stopping the services")
         return 130
-    except (asyncio.TimeoutError, TimeoutError):
+    except TimeoutError:
         _note(f"could not connect to the language service within {args.startup_timeout:g} s")
         return 1
     finally:
-        for svc in reversed(services):      # language first, then the encoder
+        for svc in reversed(services):  # language first, then the encoder
             try:
                 svc.stop()
             except BaseException:  # noqa: BLE001 - keep stopping the others

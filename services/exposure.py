@@ -39,7 +39,7 @@ def _address(hex_addr: str, v6: bool) -> str:
     if not v6:
         return socket.inet_ntop(socket.AF_INET, raw[::-1])
     # Four 32-bit words, each in host (little-endian) order.
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
     address = ipaddress.IPv6Address(words)
     return str(address.ipv4_mapped) if address.ipv4_mapped is not None else str(address)
 
@@ -84,7 +84,10 @@ def describe(sockets: list[tuple[str, int]]) -> str:
 def _mooncake_ports() -> range:
     """Where Mooncake picks its ports (its defaults, or MC_MIN_RPC_PORT / MC_MAX_RPC_PORT)."""
     try:
-        return range(int(os.environ.get("MC_MIN_RPC_PORT", 15000)), int(os.environ.get("MC_MAX_RPC_PORT", 17000)) + 1)
+        return range(
+            int(os.environ.get("MC_MIN_RPC_PORT", 15000)),
+            int(os.environ.get("MC_MAX_RPC_PORT", 17000)) + 1,
+        )
     except ValueError:
         return range(15000, 17001)
 
@@ -105,7 +108,12 @@ def report(role: str, host: str, known: dict[int, str]) -> None:
     log.info("%s listens on: %s", role, named)
     wide = [(a, p) for a, p in sockets if is_wildcard(a)]
     if wide and is_loopback(host):
-        log.warning("%s: --host is %s but %s listen(s) on every interface (the Mooncake transfer engine, and "
-                    "torch.distributed's rendezvous with --tp > 1, bind all interfaces and have no setting for it); "
-                    "nothing authenticates them: keep these ports reachable only by EPD processes (firewall, "
-                    "network namespace, NetworkPolicy; docs/SECURITY.md)", role, host, describe(wide))
+        log.warning(
+            "%s: --host is %s but %s listen(s) on every interface (the Mooncake transfer engine, and "
+            "torch.distributed's rendezvous with --tp > 1, bind all interfaces and have no setting for it); "
+            "nothing authenticates them: keep these ports reachable only by EPD processes (firewall, "
+            "network namespace, NetworkPolicy; docs/SECURITY.md)",
+            role,
+            host,
+            describe(wide),
+        )

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 
@@ -35,8 +35,8 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 DEFAULT_TIMEOUT_S = 5.0
-ERROR_WIDTH = 60          # characters of "reason: message" in the transfers table
-DETAIL_LIMIT = 2048       # max characters of a server's error details echoed on stderr
+ERROR_WIDTH = 60  # characters of "reason: message" in the transfers table
+DETAIL_LIMIT = 2048  # max characters of a server's error details echoed on stderr
 
 # Asked in this order: a language service also answers health and reflection like an encoder.
 SERVICES: tuple[tuple[str, Callable], ...] = (
@@ -46,8 +46,11 @@ SERVICES: tuple[tuple[str, Callable], ...] = (
 
 _STATE_PREFIX = "TRANSFER_STATE_"
 _REASON_PREFIX = "FAILURE_REASON_"
-_LIVE_STATES = (common_pb2.TRANSFER_STATE_BOOTSTRAPPING, common_pb2.TRANSFER_STATE_WAITING_FOR_INPUT,
-                common_pb2.TRANSFER_STATE_TRANSFERRING)
+_LIVE_STATES = (
+    common_pb2.TRANSFER_STATE_BOOTSTRAPPING,
+    common_pb2.TRANSFER_STATE_WAITING_FOR_INPUT,
+    common_pb2.TRANSFER_STATE_TRANSFERRING,
+)
 
 
 class InspectError(Exception):
@@ -58,6 +61,7 @@ class InspectError(Exception):
 # Flags
 # --------------------------------------------------------------------------------------------
 
+
 def parse_address(text: str) -> str:
     """`host:port` (IPv6 as `[addr]:port`); argparse turns the error into exit code 2."""
     host, sep, port = text.rpartition(":")
@@ -66,8 +70,14 @@ def parse_address(text: str) -> str:
     else:
         bare_host = host
         if ":" in host:
-            raise argparse.ArgumentTypeError(f"{text!r} is not host:port (write an IPv6 address as [addr]:port)")
-    if not sep or not bare_host or any(c.isspace() or c in "/[]" for c in bare_host.replace(":", "")):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not host:port (write an IPv6 address as [addr]:port)"
+            )
+    if (
+        not sep
+        or not bare_host
+        or any(c.isspace() or c in "/[]" for c in bare_host.replace(":", ""))
+    ):
         raise argparse.ArgumentTypeError(f"{text!r} is not host:port")
     if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r}: port {port!r} is not a number in 1..65535")
@@ -79,13 +89,19 @@ def parse_state(text: str) -> int:
     name = text.strip().upper()
     if not name.startswith(_STATE_PREFIX):
         name = _STATE_PREFIX + name
-    if name == _STATE_PREFIX + "UNSPECIFIED" or name not in common_pb2.TransferState.keys():
-        raise argparse.ArgumentTypeError(f"unknown state {text!r} (choose from {', '.join(state_names())})")
+    if name == _STATE_PREFIX + "UNSPECIFIED" or name not in common_pb2.TransferState:
+        raise argparse.ArgumentTypeError(
+            f"unknown state {text!r} (choose from {', '.join(state_names())})"
+        )
     return common_pb2.TransferState.Value(name)
 
 
 def state_names() -> list[str]:
-    return [short_state(v) for v in common_pb2.TransferState.values() if v != common_pb2.TRANSFER_STATE_UNSPECIFIED]
+    return [
+        short_state(v)
+        for v in common_pb2.TransferState.values()
+        if v != common_pb2.TRANSFER_STATE_UNSPECIFIED
+    ]
 
 
 def _timeout(text: str) -> float:
@@ -103,41 +119,79 @@ def _limit(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= value < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"must be in 0..{2 ** 32 - 1} (0: no limit), got {value}")
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in 0..{2**32 - 1} (0: no limit), got {value}")
     return value
 
 
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Show an encoder's or a language service's transfers (live first, then the finished "
-                          "ones it keeps, newest first) and its pool, or one transfer in detail with every rank's view.")
-    parser.epilog = "exit codes: 0 shown, 1 unknown request id / unreachable / the call failed, 2 bad arguments"
-    parser.add_argument("address", metavar="ADDR", type=parse_address, help="service address host:port")
-    parser.add_argument("request_id", metavar="REQUEST_ID", nargs="?", default=None,
-                        help="show this transfer in detail (default: list every transfer, then the pool)")
-    parser.add_argument("--json", action="store_true", help="print the raw messages as JSON (for scripts)")
-    parser.add_argument("--state", dest="states", metavar="STATE", type=parse_state, action="append", default=[],
-                        help=f"list only transfers in this state (repeatable): {', '.join(state_names())}")
-    parser.add_argument("--limit", type=_limit, default=0, help="list at most this many transfers (default 0: all)")
-    parser.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT_S,
-                        help=f"seconds to wait for each answer (default {DEFAULT_TIMEOUT_S:g})")
+    parser.description = (
+        "Show an encoder's or a language service's transfers (live first, then the finished "
+        "ones it keeps, newest first) and its pool, or one transfer in detail with every rank's view."
+    )
+    parser.epilog = (
+        "exit codes: 0 shown, 1 unknown request id / unreachable / the call failed, 2 bad arguments"
+    )
+    parser.add_argument(
+        "address", metavar="ADDR", type=parse_address, help="service address host:port"
+    )
+    parser.add_argument(
+        "request_id",
+        metavar="REQUEST_ID",
+        nargs="?",
+        default=None,
+        help="show this transfer in detail (default: list every transfer, then the pool)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the raw messages as JSON (for scripts)"
+    )
+    parser.add_argument(
+        "--state",
+        dest="states",
+        metavar="STATE",
+        type=parse_state,
+        action="append",
+        default=[],
+        help=f"list only transfers in this state (repeatable): {', '.join(state_names())}",
+    )
+    parser.add_argument(
+        "--limit", type=_limit, default=0, help="list at most this many transfers (default 0: all)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds to wait for each answer (default {DEFAULT_TIMEOUT_S:g})",
+    )
     security.add_client_arguments(parser)
 
 
 def add_health_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = "Ask grpc.health.v1.Health/Check and print the status (for container health checks)."
+    parser.description = (
+        "Ask grpc.health.v1.Health/Check and print the status (for container health checks)."
+    )
     parser.epilog = "exit codes: 0 SERVING, 1 anything else (NOT_SERVING, unknown service, unreachable, timeout), 2 bad arguments"
-    parser.add_argument("address", metavar="ADDR", type=parse_address, help="service address host:port")
-    parser.add_argument("--service", default="",
-                        help="service name to ask about, e.g. epd.v1.Encoder (default '': the whole server)")
-    parser.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT_S,
-                        help=f"seconds to wait for the answer (default {DEFAULT_TIMEOUT_S:g})")
+    parser.add_argument(
+        "address", metavar="ADDR", type=parse_address, help="service address host:port"
+    )
+    parser.add_argument(
+        "--service",
+        default="",
+        help="service name to ask about, e.g. epd.v1.Encoder (default '': the whole server)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds to wait for the answer (default {DEFAULT_TIMEOUT_S:g})",
+    )
     security.add_client_arguments(parser)
 
 
 # --------------------------------------------------------------------------------------------
 # gRPC
 # --------------------------------------------------------------------------------------------
+
 
 def open_channel(address: str, sec: security.ClientSecurity | None = None) -> grpc.Channel:
     """The channel every command uses: plaintext, or TLS / a bearer token as `sec` says."""
@@ -178,7 +232,9 @@ def call_either(channel: grpc.Channel, address: str, method: str, request, timeo
             if e.code() == grpc.StatusCode.UNIMPLEMENTED:
                 continue
             if e.code() == grpc.StatusCode.NOT_FOUND and method == "GetTransfer":
-                raise InspectError(f"no transfer {request.request_id!r} on {address} ({name}): {_details(e)}") from None
+                raise InspectError(
+                    f"no transfer {request.request_id!r} on {address} ({name}): {_details(e)}"
+                ) from None
             raise rpc_failure(e, address, f"{name}/{method}", timeout) from None
     raise InspectError(f"{address} serves neither {' nor '.join(n for n, _ in SERVICES)}")
 
@@ -193,6 +249,7 @@ def _call(stub, name: str, address: str, method: str, request, timeout: float):
 # --------------------------------------------------------------------------------------------
 # Text
 # --------------------------------------------------------------------------------------------
+
 
 def short_state(value: int) -> str:
     try:
@@ -214,13 +271,16 @@ def error_text(info: common_pb2.TransferInfo, width: int | None = None) -> str:
     `[writes may land]`, ahead of what may be cut."""
     if not info.HasField("error") or (not info.error.reason and not info.error.message):
         return "-"
-    text = f"{short_reason(info.error.reason)}: {info.error.message}" if info.error.message \
+    text = (
+        f"{short_reason(info.error.reason)}: {info.error.message}"
+        if info.error.message
         else short_reason(info.error.reason)
+    )
     if info.error.writes_may_land:
         text = f"[writes may land] {text}"
     text = " ".join(text.split())  # one line
     if width is not None and len(text) > width:
-        text = text[:width - 3] + "..."
+        text = text[: width - 3] + "..."
     return text
 
 
@@ -241,27 +301,51 @@ def is_live(info: common_pb2.TransferInfo) -> bool:
     return info.state in _LIVE_STATES
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> str:
+def format_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()
+) -> str:
     """Columns padded to their widest cell; the columns in `right` (indexes) right-aligned."""
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
 
     def line(cells):
-        padded = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        padded = [
+            str(c).rjust(w) if i in right else str(c).ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths))
+        ]
         return "  ".join(padded).rstrip()
 
     return "\n".join([line(headers), *(line(r) for r in rows)])
 
 
-TRANSFER_HEADERS = ("REQUEST", "STATE", "ROUNDS", "SENT/TOTAL", "ALLOC", "BYTES", "AGE_S", "INIT_S", "XFER_S",
-                    "PEER", "ERROR")
+TRANSFER_HEADERS = (
+    "REQUEST",
+    "STATE",
+    "ROUNDS",
+    "SENT/TOTAL",
+    "ALLOC",
+    "BYTES",
+    "AGE_S",
+    "INIT_S",
+    "XFER_S",
+    "PEER",
+    "ERROR",
+)
 
 
 def transfer_row(info: common_pb2.TransferInfo) -> list[str]:
-    return [info.request_id, short_state(info.state), str(info.rounds), f"{info.sent_tokens}/{info.total_tokens}",
-            str(info.allocated_tokens), human_bytes(info.bytes), _seconds(info.age_seconds),
-            _seconds(info.bootstrap_seconds) if info.bootstrap_seconds else "-",
-            _seconds(info.transfer_seconds) if info.transfer_seconds and not is_live(info) else "-",
-            info.peer or "-", error_text(info, ERROR_WIDTH)]
+    return [
+        info.request_id,
+        short_state(info.state),
+        str(info.rounds),
+        f"{info.sent_tokens}/{info.total_tokens}",
+        str(info.allocated_tokens),
+        human_bytes(info.bytes),
+        _seconds(info.age_seconds),
+        _seconds(info.bootstrap_seconds) if info.bootstrap_seconds else "-",
+        _seconds(info.transfer_seconds) if info.transfer_seconds and not is_live(info) else "-",
+        info.peer or "-",
+        error_text(info, ERROR_WIDTH),
+    ]
 
 
 def transfers_text(service: str, address: str, transfers: Sequence[common_pb2.TransferInfo]) -> str:
@@ -269,7 +353,9 @@ def transfers_text(service: str, address: str, transfers: Sequence[common_pb2.Tr
     head = f"{service} at {address}: {len(transfers)} transfer(s), {live} live"
     if not transfers:
         return head
-    table = format_table(TRANSFER_HEADERS, [transfer_row(t) for t in transfers], right=frozenset(range(2, 9)))
+    table = format_table(
+        TRANSFER_HEADERS, [transfer_row(t) for t in transfers], right=frozenset(range(2, 9))
+    )
     return f"{head}\n\n{table}"
 
 
@@ -277,14 +363,28 @@ def pool_text(pool: common_pb2.PoolInfo) -> str:
     layout = pool.layout
     total = layout.num_blocks or pool.used_blocks + pool.free_blocks + pool.quarantined_blocks
     quarantined = f", {pool.quarantined_blocks} quarantined" if pool.quarantined_blocks else ""
-    lines = [f"pool: {pool.used_blocks}/{total} blocks used, {pool.free_blocks} free{quarantined}, {pool.waiters} waiting "
-             f"(block_size {layout.block_size}, record {layout.record_bytes} B, device {pool.device or '?'}, "
-             f"session {pool.session or '-'})"]
+    lines = [
+        f"pool: {pool.used_blocks}/{total} blocks used, {pool.free_blocks} free{quarantined}, {pool.waiters} waiting "
+        f"(block_size {layout.block_size}, record {layout.record_bytes} B, device {pool.device or '?'}, "
+        f"session {pool.session or '-'})"
+    ]
     if pool.rank_pools:
-        rows = [[str(rp.rank), str(rp.used_blocks), str(rp.free_blocks), str(rp.quarantined_blocks), str(rp.waiters),
-                 str(rp.fault_held_blocks)] for rp in pool.rank_pools]
-        table = format_table(("RANK", "USED", "FREE", "QUARANTINED", "WAITERS", "FAULT_HELD"), rows,
-                             right=frozenset(range(6)))
+        rows = [
+            [
+                str(rp.rank),
+                str(rp.used_blocks),
+                str(rp.free_blocks),
+                str(rp.quarantined_blocks),
+                str(rp.waiters),
+                str(rp.fault_held_blocks),
+            ]
+            for rp in pool.rank_pools
+        ]
+        table = format_table(
+            ("RANK", "USED", "FREE", "QUARANTINED", "WAITERS", "FAULT_HELD"),
+            rows,
+            right=frozenset(range(6)),
+        )
         lines += ["", table]
     return "\n".join(lines)
 
@@ -297,8 +397,13 @@ def transfer_detail_text(service: str, address: str, info: common_pb2.TransferIn
         transfer = f"{_seconds(info.transfer_seconds)} s (first Init -> end)"
     else:
         transfer = "-"
-    bootstrap = f"{_seconds(info.bootstrap_seconds)} s (creation -> first Init)" if info.bootstrap_seconds \
-        else "- (no Init yet)" if is_live(info) else "-"
+    bootstrap = (
+        f"{_seconds(info.bootstrap_seconds)} s (creation -> first Init)"
+        if info.bootstrap_seconds
+        else "- (no Init yet)"
+        if is_live(info)
+        else "-"
+    )
     fields = [
         ("request", info.request_id),
         ("service", f"{service} at {address}"),
@@ -316,9 +421,19 @@ def transfer_detail_text(service: str, address: str, info: common_pb2.TransferIn
     width = max(len(k) for k, _ in fields)
     lines = [f"{k.ljust(width)}  {v}" for k, v in fields]
     if info.ranks:
-        rows = [[str(v.rank), short_state(v.state), str(v.sent_tokens), str(v.allocated_tokens), v.session or "-"]
-                for v in info.ranks]
-        table = format_table(("RANK", "STATE", "SENT", "ALLOCATED", "SESSION"), rows, right=frozenset({0, 2, 3}))
+        rows = [
+            [
+                str(v.rank),
+                short_state(v.state),
+                str(v.sent_tokens),
+                str(v.allocated_tokens),
+                v.session or "-",
+            ]
+            for v in info.ranks
+        ]
+        table = format_table(
+            ("RANK", "STATE", "SENT", "ALLOCATED", "SESSION"), rows, right=frozenset({0, 2, 3})
+        )
         lines += ["", "ranks:", *("  " + line for line in table.splitlines())]
     else:
         lines += ["", "ranks: (no rank has reported this request)"]
@@ -328,13 +443,15 @@ def transfer_detail_text(service: str, address: str, info: common_pb2.TransferIn
 def as_json(message) -> dict:
     from google.protobuf import json_format
 
-    return json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                     always_print_fields_with_no_presence=True)
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------
+
 
 def _note(command: str, message: str) -> None:
     print(f"epd {command}: {message}", file=sys.stderr)
@@ -345,8 +462,15 @@ def _status_list(channel: grpc.Channel, args: argparse.Namespace) -> str:
     name, stub, reply = call_either(channel, args.address, "ListTransfers", request, args.timeout)
     pool = _call(stub, name, args.address, "GetPool", common_pb2.GetPoolRequest(), args.timeout)
     if args.json:
-        return json.dumps({"service": name, "address": args.address,
-                           "transfers": [as_json(t) for t in reply.transfers], "pool": as_json(pool)}, indent=2)
+        return json.dumps(
+            {
+                "service": name,
+                "address": args.address,
+                "transfers": [as_json(t) for t in reply.transfers],
+                "pool": as_json(pool),
+            },
+            indent=2,
+        )
     return f"{transfers_text(name, args.address, reply.transfers)}\n\n{pool_text(pool)}"
 
 
@@ -354,7 +478,9 @@ def _status_one(channel: grpc.Channel, args: argparse.Namespace) -> str:
     request = common_pb2.GetTransferRequest(request_id=args.request_id)
     name, _, info = call_either(channel, args.address, "GetTransfer", request, args.timeout)
     if args.json:
-        return json.dumps({"service": name, "address": args.address, "transfer": as_json(info)}, indent=2)
+        return json.dumps(
+            {"service": name, "address": args.address, "transfer": as_json(info)}, indent=2
+        )
     return transfer_detail_text(name, args.address, info)
 
 
@@ -365,14 +491,20 @@ def run_status(args: argparse.Namespace) -> int:
             _note("status", "REQUEST_ID is empty")
             return EXIT_USAGE
         if args.states or args.limit:
-            _note("status", "--state and --limit filter the list; they do not apply to one REQUEST_ID")
+            _note(
+                "status", "--state and --limit filter the list; they do not apply to one REQUEST_ID"
+            )
             return EXIT_USAGE
     sec = _client_security("status", args)
     if sec is None:
         return EXIT_USAGE
     try:
         with open_channel(args.address, sec) as channel:
-            text = _status_one(channel, args) if args.request_id is not None else _status_list(channel, args)
+            text = (
+                _status_one(channel, args)
+                if args.request_id is not None
+                else _status_list(channel, args)
+            )
     except InspectError as e:
         _note("status", str(e))
         return EXIT_FAILED
@@ -390,12 +522,16 @@ def run_health(args: argparse.Namespace) -> int:
     try:
         with open_channel(args.address, sec) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
     except grpc.RpcError as e:
         if e.code() == grpc.StatusCode.NOT_FOUND:
             _note("health", f"{args.address} does not know service {args.service!r}: {_details(e)}")
         else:
-            _note("health", str(rpc_failure(e, args.address, "grpc.health.v1.Health/Check", args.timeout)))
+            _note(
+                "health",
+                str(rpc_failure(e, args.address, "grpc.health.v1.Health/Check", args.timeout)),
+            )
         return EXIT_FAILED
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(status)

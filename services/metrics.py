@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -30,8 +30,43 @@ ROLES = ("encoder", "language")
 
 # Bucket edges, in the metric's unit. Transfers on loopback take milliseconds; a large payload
 # through a small pool takes tens of seconds.
-SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-RPC_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+SECONDS_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+RPC_SECONDS_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 ALLOC_WAIT_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0)
 ROUNDS_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 1024)
 
@@ -61,37 +96,80 @@ class Metrics:
         def gauge(name, doc, extra=()):
             return Gauge(name, doc, [*names, *extra], registry=r)
 
-        self.requests = counter("epd_requests", "Requests ended here, by outcome (success|failed|cancelled)",
-                                ["outcome"])
-        self.transfer_bytes = counter("epd_transfer_bytes", "Payload bytes written (encoder) or received (language rank)")
-        self.transfer_seconds = histogram("epd_transfer_seconds", "Init to SUCCESS of successful transfers",
-                                          SECONDS_BUCKETS)
-        self.rounds = histogram("epd_rounds_per_request", "Rounds of successful transfers", ROUNDS_BUCKETS)
-        self.resumes = counter("epd_resumes", "Resume rounds begun (accepted by the encoder / sent by a rank)")
-        self.pool_blocks = gauge("epd_pool_blocks", "Blocks of this process's pool, by state (used|free|quarantined)", ["state"])
+        self.requests = counter(
+            "epd_requests",
+            "Requests ended here, by outcome (success|failed|cancelled)",
+            ["outcome"],
+        )
+        self.transfer_bytes = counter(
+            "epd_transfer_bytes", "Payload bytes written (encoder) or received (language rank)"
+        )
+        self.transfer_seconds = histogram(
+            "epd_transfer_seconds", "Init to SUCCESS of successful transfers", SECONDS_BUCKETS
+        )
+        self.rounds = histogram(
+            "epd_rounds_per_request", "Rounds of successful transfers", ROUNDS_BUCKETS
+        )
+        self.resumes = counter(
+            "epd_resumes", "Resume rounds begun (accepted by the encoder / sent by a rank)"
+        )
+        self.pool_blocks = gauge(
+            "epd_pool_blocks",
+            "Blocks of this process's pool, by state (used|free|quarantined)",
+            ["state"],
+        )
         self.pool_waiters = gauge("epd_pool_waiters", "Allocations waiting for free blocks")
-        self.alloc_wait = histogram("epd_alloc_wait_seconds", "How long allocations waited for pool blocks",
-                                    ALLOC_WAIT_BUCKETS)
-        self.failures = counter("epd_failures", "Failed requests by reason (lower-case FailureReason)", ["reason"])
+        self.alloc_wait = histogram(
+            "epd_alloc_wait_seconds",
+            "How long allocations waited for pool blocks",
+            ALLOC_WAIT_BUCKETS,
+        )
+        self.failures = counter(
+            "epd_failures", "Failed requests by reason (lower-case FailureReason)", ["reason"]
+        )
         self.inflight = gauge("epd_inflight_transfers", "Transfers in progress")
-        self.integrity = counter("epd_integrity_failures", "Rounds whose checksums or sizes did not match")
-        self.fenced = counter("epd_fenced_transfers", "Transfers that ended while a write of theirs could still land: "
-                              "their blocks here were quarantined until the writes stopped (the write fence)")
-        self.fence_seconds = histogram("epd_fence_seconds", "How long blocks stayed quarantined by the write fence",
-                                       SECONDS_BUCKETS)
-        self.encode_seconds = histogram("epd_encode_seconds", "Encoder model time per request (encoder only)",
-                                        SECONDS_BUCKETS)
-        self.failovers = counter("epd_failovers", "Requests retried on another encoder after their first encoder "
-                                 "failed before any byte arrived (language rank 0)")
-        self.overlapped_resumes = counter("epd_overlapped_resumes", "Resumes a language rank sent before copying "
-                                          "out and verifying the round just received (overlap_rounds: the next "
-                                          "round is written meanwhile)")
-        self.early_inits = counter("epd_early_inits", "Requests whose Init went out alongside their Encode "
-                                   "(early_init; language rank 0)")
-        self.encoders_available = gauge("epd_encoders_available", "Encoders in this language instance's rotation "
-                                        "(SERVING, reachable, registered)")
-        self.rpc_seconds = Histogram("epd_rpc_seconds", "gRPC server handling time by method and status code",
-                                     ["service", "method", "code"], buckets=RPC_SECONDS_BUCKETS, registry=r)
+        self.integrity = counter(
+            "epd_integrity_failures", "Rounds whose checksums or sizes did not match"
+        )
+        self.fenced = counter(
+            "epd_fenced_transfers",
+            "Transfers that ended while a write of theirs could still land: "
+            "their blocks here were quarantined until the writes stopped (the write fence)",
+        )
+        self.fence_seconds = histogram(
+            "epd_fence_seconds",
+            "How long blocks stayed quarantined by the write fence",
+            SECONDS_BUCKETS,
+        )
+        self.encode_seconds = histogram(
+            "epd_encode_seconds", "Encoder model time per request (encoder only)", SECONDS_BUCKETS
+        )
+        self.failovers = counter(
+            "epd_failovers",
+            "Requests retried on another encoder after their first encoder "
+            "failed before any byte arrived (language rank 0)",
+        )
+        self.overlapped_resumes = counter(
+            "epd_overlapped_resumes",
+            "Resumes a language rank sent before copying "
+            "out and verifying the round just received (overlap_rounds: the next "
+            "round is written meanwhile)",
+        )
+        self.early_inits = counter(
+            "epd_early_inits",
+            "Requests whose Init went out alongside their Encode (early_init; language rank 0)",
+        )
+        self.encoders_available = gauge(
+            "epd_encoders_available",
+            "Encoders in this language instance's rotation (SERVING, reachable, registered)",
+        )
+        self.rpc_seconds = Histogram(
+            "epd_rpc_seconds",
+            "gRPC server handling time by method and status code",
+            ["service", "method", "code"],
+            buckets=RPC_SECONDS_BUCKETS,
+            registry=r,
+        )
         self._labels = dict(zip(names, values))
         # Children that exist from the start, so dashboards see zeros rather than no series.
         for outcome in OUTCOMES:
@@ -113,10 +191,16 @@ class Metrics:
 
     def watch_pool(self, allocator) -> None:
         """Pool gauges read from a BlockAllocator when scraped."""
-        self.pool_blocks.labels(**self._labels, state="used").set_function(lambda: allocator.used_count)
-        self.pool_blocks.labels(**self._labels, state="free").set_function(lambda: allocator.free_count)
+        self.pool_blocks.labels(**self._labels, state="used").set_function(
+            lambda: allocator.used_count
+        )
+        self.pool_blocks.labels(**self._labels, state="free").set_function(
+            lambda: allocator.free_count
+        )
         # Held back after a transfer the encoder could not confirm ended (services/language/receiver.py).
-        self.pool_blocks.labels(**self._labels, state="quarantined").set_function(lambda: allocator.quarantined_count)
+        self.pool_blocks.labels(**self._labels, state="quarantined").set_function(
+            lambda: allocator.quarantined_count
+        )
         self.pool_waiters.labels(**self._labels).set_function(lambda: allocator.waiters)
 
     def watch_inflight(self, count: Callable[[], int]) -> None:
@@ -133,8 +217,9 @@ class Metrics:
 
     # ------------------------------------------------------------------ Telemetry
 
-    def transfer_ended(self, state: TransferState, reason: FailureReason, *, seconds: float | None,
-                       rounds: int) -> None:
+    def transfer_ended(
+        self, state: TransferState, reason: FailureReason, *, seconds: float | None, rounds: int
+    ) -> None:
         if state == TransferState.SUCCESS:
             self.requests.labels(**self._labels, outcome="success").inc()
             if seconds is not None:
@@ -177,7 +262,9 @@ class Metrics:
         try:
             server, _thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as e:
-            raise Unavailable(f"cannot serve /metrics on {host}:{port} (metrics_port): {e.strerror or e}") from None
+            raise Unavailable(
+                f"cannot serve /metrics on {host}:{port} (metrics_port): {e.strerror or e}"
+            ) from None
         self._http = server
         bound = server.server_address[1]
         log.info("%s metrics on http://%s:%d/metrics", self.role, host, bound)
@@ -190,17 +277,33 @@ class Metrics:
             self._http.server_close()
             self._http = None
 
-    def interceptor(self) -> "RpcMetricsInterceptor":
+    def interceptor(self) -> RpcMetricsInterceptor:
         return RpcMetricsInterceptor(self.rpc_seconds)
 
 
 def exported_names(role: str, rank: int | None = None) -> set[str]:
     """Every sample name a process of this role exports (dashboards and tests check against it)."""
     m = Metrics(role, rank)
-    m.rpc_seconds.labels(service="s", method="m", code="OK")  # a labelled histogram exports no samples until used
-    for metric in (m.transfer_bytes, m.transfer_seconds, m.rounds, m.resumes, m.alloc_wait, m.integrity,
-                   m.encode_seconds, m.inflight, m.pool_waiters, m.failovers, m.early_inits, m.overlapped_resumes,
-                   m.encoders_available, m.fenced, m.fence_seconds):
+    m.rpc_seconds.labels(
+        service="s", method="m", code="OK"
+    )  # a labelled histogram exports no samples until used
+    for metric in (
+        m.transfer_bytes,
+        m.transfer_seconds,
+        m.rounds,
+        m.resumes,
+        m.alloc_wait,
+        m.integrity,
+        m.encode_seconds,
+        m.inflight,
+        m.pool_waiters,
+        m.failovers,
+        m.early_inits,
+        m.overlapped_resumes,
+        m.encoders_available,
+        m.fenced,
+        m.fence_seconds,
+    ):
         metric.labels(**m._labels)
     for state in ("used", "free", "quarantined"):
         m.pool_blocks.labels(**m._labels, state=state)
@@ -219,10 +322,14 @@ class RpcMetricsInterceptor(MethodWrappingInterceptor):
         service, _, method = full_method.lstrip("/").rpartition("/")
         observe = self._observer(service or "unknown", method)
 
-        kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        kw = dict(
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
         def timed(inner):
             """A handler with one reply (unary or stream request), its whole time observed."""
+
             async def run(request, context):
                 started, raised = time.perf_counter(), True
                 try:
@@ -231,11 +338,14 @@ class RpcMetricsInterceptor(MethodWrappingInterceptor):
                     return reply
                 finally:
                     observe(context, started, raised)
+
             return run
 
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(timed(handler.unary_unary), **kw)
-        if handler.stream_unary is not None:  # e.g. the token check's refusal, which never reads the body
+        if (
+            handler.stream_unary is not None
+        ):  # e.g. the token check's refusal, which never reads the body
             return grpc.stream_unary_rpc_method_handler(timed(handler.stream_unary), **kw)
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
@@ -248,6 +358,7 @@ class RpcMetricsInterceptor(MethodWrappingInterceptor):
                     raised = False
                 finally:
                     observe(context, started, raised)
+
             return grpc.unary_stream_rpc_method_handler(stream, **kw)
         return handler
 
@@ -260,8 +371,14 @@ class RpcMetricsInterceptor(MethodWrappingInterceptor):
             if code is None:
                 # None set: the client went away (CANCELLED), the handler raised something other
                 # than an abort (gRPC answers UNKNOWN), or it returned normally (OK).
-                code = grpc.StatusCode.CANCELLED if context.cancelled() else \
-                    grpc.StatusCode.UNKNOWN if raised else grpc.StatusCode.OK
+                code = (
+                    grpc.StatusCode.CANCELLED
+                    if context.cancelled()
+                    else grpc.StatusCode.UNKNOWN
+                    if raised
+                    else grpc.StatusCode.OK
+                )
             name = code.name if isinstance(code, grpc.StatusCode) else str(code)
             histogram.labels(service=service, method=method, code=name).observe(elapsed)
+
         return observe

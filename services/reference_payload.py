@@ -44,15 +44,15 @@ _DTYPE_ALIASES = {
     "float": "float32",
 }
 
-_ROW_CHUNK = 256          # rows of the period computed at once (bounds the int64 temporaries)
-_INT_CHUNK = 1 << 16      # tokens of token_ids / mrope_positions hashed at once
+_ROW_CHUNK = 256  # rows of the period computed at once (bounds the int64 temporaries)
+_INT_CHUNK = 1 << 16  # tokens of token_ids / mrope_positions hashed at once
 
 
 def canonical_dtype(dtype: str) -> str:
     """``"bf16"``, ``"torch.bfloat16"``, ... -> ``"bfloat16"``; ``ValueError`` if unsupported."""
     name = str(dtype).strip().lower()
     if name.startswith("torch."):
-        name = name[len("torch."):]
+        name = name[len("torch.") :]
     try:
         return _DTYPE_ALIASES[name]
     except KeyError:
@@ -74,7 +74,7 @@ def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
     """
     bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
     lsb = (bits >> np.uint32(16)) & np.uint32(1)
-    rounded = bits + np.uint32(0x7FFF) + lsb          # wraps only for NaN/inf patterns
+    rounded = bits + np.uint32(0x7FFF) + lsb  # wraps only for NaN/inf patterns
     return (rounded >> np.uint32(16)).astype(np.uint16)
 
 
@@ -118,8 +118,9 @@ def _mrope_positions(start: int, count: int) -> np.ndarray:
     return (i[:, None] * np.array([1, 2, 3], dtype=np.int64)[None, :]).astype("<i4")
 
 
-def synthetic_payload(n_tokens: int, seed: int, hidden: int,
-                      dtype: str = "bfloat16") -> dict[str, np.ndarray]:
+def synthetic_payload(
+    n_tokens: int, seed: int, hidden: int, dtype: str = "bfloat16"
+) -> dict[str, np.ndarray]:
     """The whole payload as numpy arrays (for small ``n``; tests and debugging).
 
     ``embeddings`` is returned as raw little-endian element bits for bfloat16 (uint16, since

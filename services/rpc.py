@@ -16,7 +16,8 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -94,6 +95,7 @@ async def abort(context, e: errors.EpdError) -> None:
 def grpc_errors(method: Callable) -> Callable:
     """Servicer decorator: EpdError -> context.abort(code, message); works for streams too."""
     if inspect.isasyncgenfunction(method):
+
         @functools.wraps(method)
         async def stream(self, request, context):
             try:
@@ -101,6 +103,7 @@ def grpc_errors(method: Callable) -> Callable:
                     yield item
             except errors.EpdError as e:
                 await abort(context, e)
+
         return stream
 
     @functools.wraps(method)
@@ -109,28 +112,44 @@ def grpc_errors(method: Callable) -> Callable:
             return await method(self, request, context)
         except errors.EpdError as e:
             await abort(context, e)
+
     return unary
 
 
 # ---------------------------------------------------------------------------- conversions
 
+
 def geometry_to_pb(geo: PoolGeometry) -> common_pb2.PoolLayout:
     return common_pb2.PoolLayout(
-        block_size=geo.block_size, num_blocks=geo.num_blocks, record_bytes=geo.record.record_bytes,
+        block_size=geo.block_size,
+        num_blocks=geo.num_blocks,
+        record_bytes=geo.record.record_bytes,
         base_address=geo.base_address,
-        fields=[common_pb2.FieldLayout(name=f.name, dtype=f.spec.dtype, per_token_shape=list(f.spec.per_token_shape),
-                                       bytes_per_token=f.bytes_per_token, offset=f.offset)
-                for f in geo.record.fields])
+        fields=[
+            common_pb2.FieldLayout(
+                name=f.name,
+                dtype=f.spec.dtype,
+                per_token_shape=list(f.spec.per_token_shape),
+                bytes_per_token=f.bytes_per_token,
+                offset=f.offset,
+            )
+            for f in geo.record.fields
+        ],
+    )
 
 
 def geometry_from_pb(pb: common_pb2.PoolLayout) -> PoolGeometry:
     """A peer's pool layout; InvalidArgument naming the first inconsistent value."""
     if pb.block_size < 1 or pb.block_size & (pb.block_size - 1):
-        raise errors.InvalidArgument(f"layout.block_size={pb.block_size}: must be a power of two >= 1")
+        raise errors.InvalidArgument(
+            f"layout.block_size={pb.block_size}: must be a power of two >= 1"
+        )
     if pb.num_blocks < 1:
         raise errors.InvalidArgument(f"layout.num_blocks={pb.num_blocks}: must be >= 1")
     if pb.base_address == 0:
-        raise errors.InvalidArgument("layout.base_address=0: the pool's registered address is required")
+        raise errors.InvalidArgument(
+            "layout.base_address=0: the pool's registered address is required"
+        )
     if not pb.fields:
         raise errors.InvalidArgument("layout.fields is empty")
     fields = []
@@ -139,32 +158,46 @@ def geometry_from_pb(pb: common_pb2.PoolLayout) -> PoolGeometry:
             spec = FieldSpec(f.name, f.dtype, tuple(int(d) for d in f.per_token_shape))
             declared = spec.bytes_per_token
         except KeyError:
-            raise errors.InvalidArgument(f"layout.fields[{i}] ({f.name!r}): unknown dtype {f.dtype!r}") from None
+            raise errors.InvalidArgument(
+                f"layout.fields[{i}] ({f.name!r}): unknown dtype {f.dtype!r}"
+            ) from None
         if declared != f.bytes_per_token:
             raise errors.InvalidArgument(
-                f"layout.fields[{i}] ({f.name!r}): bytes_per_token={f.bytes_per_token} but dtype and shape give {declared}")
+                f"layout.fields[{i}] ({f.name!r}): bytes_per_token={f.bytes_per_token} but dtype and shape give {declared}"
+            )
         if f.offset + declared > pb.record_bytes:
             raise errors.InvalidArgument(
-                f"layout.fields[{i}] ({f.name!r}): offset {f.offset} + {declared} bytes exceeds record_bytes={pb.record_bytes}")
+                f"layout.fields[{i}] ({f.name!r}): offset {f.offset} + {declared} bytes exceeds record_bytes={pb.record_bytes}"
+            )
         fields.append(FieldLayout(spec, int(f.offset)))
-    geometry = PoolGeometry(RecordLayout(tuple(fields), int(pb.record_bytes)), pb.block_size, pb.num_blocks,
-                            pb.base_address)
+    geometry = PoolGeometry(
+        RecordLayout(tuple(fields), int(pb.record_bytes)),
+        pb.block_size,
+        pb.num_blocks,
+        pb.base_address,
+    )
     end = geometry.proof_address + PROOF_AREA_BYTES
-    if end > 2 ** 64:
+    if end > 2**64:
         raise errors.InvalidArgument(
             f"layout: base_address 0x{pb.base_address:x} + num_blocks {pb.num_blocks} x block_size {pb.block_size} x "
             f"record_bytes {pb.record_bytes} + the {PROOF_AREA_BYTES}-byte proof area ends past the 64-bit address "
-            f"space (0x{end:x})")
+            f"space (0x{end:x})"
+        )
     return geometry
 
 
-def error_to_pb(reason: FailureReason, message: str, writes_may_land: bool = False) -> common_pb2.TransferError | None:
+def error_to_pb(
+    reason: FailureReason, message: str, writes_may_land: bool = False
+) -> common_pb2.TransferError | None:
     if reason == FailureReason.UNSPECIFIED and not message and not writes_may_land:
         return None
-    return common_pb2.TransferError(reason=int(reason), message=message, writes_may_land=writes_may_land)
+    return common_pb2.TransferError(
+        reason=int(reason), message=message, writes_may_land=writes_may_land
+    )
 
 
 # ---------------------------------------------------------------------------- servers
+
 
 class HealthService:
     """grpc.health.v1 for the whole server ("") and each named service."""
@@ -175,16 +208,24 @@ class HealthService:
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
 
     async def set(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in self.names:
             await self.servicer.set(name, status)
 
 
 def add_reflection(server: grpc.aio.Server, service_names: list[str]) -> None:
-    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection(
+        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
 
 
-def bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
+def bind(
+    server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None
+) -> int:
     if credentials is None:
         bound = server.add_insecure_port(f"{host}:{port}")
     else:
@@ -232,27 +273,46 @@ class ParseErrorInterceptor(MethodWrappingInterceptor):
         async def parsed(raw: bytes, context):
             try:
                 # A big message (an Init with millions of block ids) is parsed off the event loop.
-                return parse(raw) if len(raw) < PARSE_OFF_LOOP_BYTES else await asyncio.to_thread(parse, raw)
-            except Exception as e:  # protobuf DecodeError and friends
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: request is not a valid message: {e}")
+                return (
+                    parse(raw)
+                    if len(raw) < PARSE_OFF_LOOP_BYTES
+                    else await asyncio.to_thread(parse, raw)
+                )
+            except Exception as e:  # noqa: BLE001 - protobuf DecodeError and friends
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{method}: request is not a valid message: {e}",
+                )
 
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
             async def unary(raw, context):
                 return await inner(await parsed(raw, context), context)
-            return grpc.unary_unary_rpc_method_handler(unary, response_serializer=handler.response_serializer)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, response_serializer=handler.response_serializer
+            )
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
-            if not inspect.isasyncgenfunction(inner_stream):  # writes with context.write() (health's Watch)
+            if not inspect.isasyncgenfunction(
+                inner_stream
+            ):  # writes with context.write() (health's Watch)
+
                 async def write(raw, context):
                     return await inner_stream(await parsed(raw, context), context)
-                return grpc.unary_stream_rpc_method_handler(write, response_serializer=handler.response_serializer)
+
+                return grpc.unary_stream_rpc_method_handler(
+                    write, response_serializer=handler.response_serializer
+                )
 
             async def stream(raw, context):
                 async for item in inner_stream(await parsed(raw, context), context):
                     yield item
-            return grpc.unary_stream_rpc_method_handler(stream, response_serializer=handler.response_serializer)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, response_serializer=handler.response_serializer
+            )
         return handler
 
 
@@ -265,7 +325,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, sec: ServerSecurity):
         self._sec = sec
-        self._marked: dict[str, tuple] = {}  # method -> (inner handler, handler marking the token verified)
+        self._marked: dict[
+            str, tuple
+        ] = {}  # method -> (inner handler, handler marking the token verified)
         self._refusals: dict[tuple[str, str], grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, details):
@@ -282,8 +344,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler  # open method: an absent or wrong token does not matter
         cached = self._marked.get(details.method)
         if cached is None or cached[0] is not handler:
+
             async def mark(context) -> None:
                 security.mark_token_verified()
+
             cached = (handler, _guarded(handler, mark))
             self._marked[details.method] = cached
         return cached[1]
@@ -294,8 +358,10 @@ def _refusal(method: str, why: str):
     (gRPC reads a unary request in full before its handler runs, a stream only when iterated)."""
     name = method.lstrip("/")
     if why == "missing":
-        text = (f"{name} needs authentication: send the shared secret of the server's --auth-token-file "
-                f"as call metadata '{security.AUTH_METADATA_KEY}: Bearer <token>'")
+        text = (
+            f"{name} needs authentication: send the shared secret of the server's --auth-token-file "
+            f"as call metadata '{security.AUTH_METADATA_KEY}: Bearer <token>'"
+        )
     elif why == "wrong":
         text = f"{name}: the bearer token in '{security.AUTH_METADATA_KEY}' metadata is not the server's token"
     else:
@@ -310,19 +376,25 @@ def _refusal(method: str, why: str):
 
 def _guarded(handler, check):
     """`handler` with `await check(context)` run first, for each of the four kinds of method."""
-    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    kw = dict(
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
     def stream_of(inner):
         if not inspect.isasyncgenfunction(inner):  # writes with context.write() (health's Watch)
+
             async def write(request, context):
                 await check(context)
                 return await inner(request, context)
+
             return write
 
         async def run(request, context):
             await check(context)
             async for item in inner(request, context):
                 yield item
+
         return run
 
     if handler.unary_unary is not None:
@@ -331,6 +403,7 @@ def _guarded(handler, check):
         async def unary(request, context):
             await check(context)
             return await inner(request, context)
+
         return grpc.unary_unary_rpc_method_handler(unary, **kw)
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(stream_of(handler.unary_stream), **kw)
@@ -340,6 +413,7 @@ def _guarded(handler, check):
         async def stream_unary(request_iterator, context):
             await check(context)
             return await inner_su(request_iterator, context)
+
         return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
     if handler.stream_stream is not None:
         return grpc.stream_stream_rpc_method_handler(stream_of(handler.stream_stream), **kw)
@@ -352,15 +426,22 @@ class GrpcServer:
     size limit; the default is plaintext with no token. `bench`, when given (--enable-bench),
     serves epd.v1.Bench beside the service; without it the Bench calls answer UNIMPLEMENTED."""
 
-    def __init__(self, service_name: str, add_servicer: Callable[[grpc.aio.Server], None],
-                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (), sec: ServerSecurity | None = None,
-                 bench: bench_pb2_grpc.BenchServicer | None = None):
+    def __init__(
+        self,
+        service_name: str,
+        add_servicer: Callable[[grpc.aio.Server], None],
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        sec: ServerSecurity | None = None,
+        bench: bench_pb2_grpc.BenchServicer | None = None,
+    ):
         self.security = sec or ServerSecurity()
         # Given interceptors run outermost (metrics see every call, refused and undecodable ones
         # included); then the token check, before any request is parsed.
-        self.server = grpc.aio.server(options=server_options(self.security.max_message_bytes),
-                                      interceptors=[*interceptors, AuthInterceptor(self.security), ParseErrorInterceptor()],
-                                      maximum_concurrent_rpcs=self.security.max_concurrent_rpcs)
+        self.server = grpc.aio.server(
+            options=server_options(self.security.max_message_bytes),
+            interceptors=[*interceptors, AuthInterceptor(self.security), ParseErrorInterceptor()],
+            maximum_concurrent_rpcs=self.security.max_concurrent_rpcs,
+        )
         add_servicer(self.server)
         names = [service_name]
         if bench is not None:
@@ -411,12 +492,16 @@ SERVER_OPTIONS = CLIENT_OPTIONS + [
 ]
 
 
-def server_options(max_message_bytes: int = security.DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+def server_options(
+    max_message_bytes: int = security.DEFAULT_MAX_MESSAGE_BYTES,
+) -> list[tuple[str, int]]:
     """SERVER_OPTIONS with `--max-message-bytes` both ways: a larger request is refused by gRPC
     with RESOURCE_EXHAUSTED ("Received message larger than max (N vs. M)") before any handler."""
     sizes = {"grpc.max_receive_message_length", "grpc.max_send_message_length"}
     return [(k, v) for k, v in SERVER_OPTIONS if k not in sizes] + [
-        ("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
 
 
 def pool_info(pool, session: str, rank: int = 0, *, addresses: bool = True) -> common_pb2.PoolInfo:
@@ -428,9 +513,16 @@ def pool_info(pool, session: str, rank: int = 0, *, addresses: bool = True) -> c
     if not addresses:
         layout.base_address = 0
         session = ""
-    return common_pb2.PoolInfo(layout=layout, used_blocks=a.used_count, free_blocks=a.free_count,
-                               waiters=a.waiters, device=str(pool.device), session=session, rank=rank,
-                               quarantined_blocks=a.quarantined_count)
+    return common_pb2.PoolInfo(
+        layout=layout,
+        used_blocks=a.used_count,
+        free_blocks=a.free_count,
+        waiters=a.waiters,
+        device=str(pool.device),
+        session=session,
+        rank=rank,
+        quarantined_blocks=a.quarantined_count,
+    )
 
 
 def diagnostics(table, status_streams: int = 0) -> common_pb2.Diagnostics:
@@ -439,9 +531,14 @@ def diagnostics(table, status_streams: int = 0) -> common_pb2.Diagnostics:
 
     current = asyncio.current_task()
     tasks = [t for t in asyncio.all_tasks() if t is not current]
-    return common_pb2.Diagnostics(asyncio_tasks=len(tasks), threads=threading.active_count(), rss_bytes=_rss_bytes(),
-                                  live_transfers=len(table.live), history_transfers=len(table.history),
-                                  status_streams=status_streams)
+    return common_pb2.Diagnostics(
+        asyncio_tasks=len(tasks),
+        threads=threading.active_count(),
+        rss_bytes=_rss_bytes(),
+        live_transfers=len(table.live),
+        history_transfers=len(table.history),
+        status_streams=status_streams,
+    )
 
 
 def _rss_bytes() -> int:

@@ -19,7 +19,8 @@ import collections
 import contextvars
 import dataclasses
 import hmac
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grpc
 
@@ -28,12 +29,15 @@ BEARER_PREFIX = "Bearer "
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 # Methods anyone who reaches the port may call: probes must work without a secret.
-OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
-                          "/grpc.health.v1.Health/List"})
+OPEN_METHODS = frozenset(
+    {"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch", "/grpc.health.v1.Health/List"}
+)
 # Read-only views: protected whenever a token or CA is set, unless `open_inspection`. Cancel is
 # not here: it ends a transfer.
 INSPECTION_NAMES = frozenset({"GetTransfer", "ListTransfers", "GetPool", "GetDiagnostics"})
-REFLECTION_SERVICES = frozenset({"grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"})
+REFLECTION_SERVICES = frozenset(
+    {"grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
+)
 EPD_SERVICES = frozenset({"epd.v1.Encoder", "epd.v1.Language"})
 
 ANONYMOUS = "anonymous"
@@ -42,7 +46,9 @@ CERT_PREFIX = "cert:"
 
 # Set by the server's AuthInterceptor for the call it lets through with a valid token; each RPC
 # runs in its own task, so the value never leaks from one call to another.
-_token_verified: contextvars.ContextVar[bool] = contextvars.ContextVar("epd_token_verified", default=False)
+_token_verified: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "epd_token_verified", default=False
+)
 
 
 def method_class(method: str) -> str:
@@ -63,11 +69,15 @@ def read_token(path: str) -> str:
         with open(path, encoding="utf-8") as f:
             token = f.read().strip()
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"auth_token_file={path!r}: cannot read it: {getattr(e, 'strerror', None) or e}") from None
+        raise ValueError(
+            f"auth_token_file={path!r}: cannot read it: {getattr(e, 'strerror', None) or e}"
+        ) from None
     if not token:
         raise ValueError(f"auth_token_file={path!r}: the file is empty")
     if any(c in token for c in "\r\n") or not token.isprintable():
-        raise ValueError(f"auth_token_file={path!r}: the token must be one line of printable characters")
+        raise ValueError(
+            f"auth_token_file={path!r}: the token must be one line of printable characters"
+        )
     return token
 
 
@@ -90,10 +100,13 @@ def token_matches(expected: str, metadata: Sequence[tuple[str, Any]] | None) -> 
         return False, "missing"
     if not given.startswith(BEARER_PREFIX):
         return False, "not a bearer token"
-    return hmac.compare_digest(given[len(BEARER_PREFIX):].strip().encode(), expected.encode()), "wrong"
+    return hmac.compare_digest(
+        given[len(BEARER_PREFIX) :].strip().encode(), expected.encode()
+    ), "wrong"
 
 
 # ------------------------------------------------------------------------------------ identity
+
 
 def peer_identity(context) -> str:
     """The authenticated identity of the caller of the current server method:
@@ -116,7 +129,9 @@ def peer_identity(context) -> str:
         values = auth.get(key) or []
         if values:
             value = values[0]
-            return CERT_PREFIX + (value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value))
+            return CERT_PREFIX + (
+                value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+            )
     return TOKEN if _token_verified.get() else ANONYMOUS
 
 
@@ -126,6 +141,7 @@ def mark_token_verified() -> None:
 
 
 # ------------------------------------------------------------------------------------ servers
+
 
 @dataclasses.dataclass(frozen=True)
 class ServerSecurity:
@@ -141,19 +157,21 @@ class ServerSecurity:
     max_concurrent_rpcs: int | None = None
 
     @classmethod
-    def from_config(cls, config) -> "ServerSecurity":
+    def from_config(cls, config) -> ServerSecurity:
         """From a ServiceConfig (fields tls_cert, tls_key, tls_ca, auth_token_file, open_inspection,
         max_message_bytes, admin_identity, max_concurrent_rpcs); missing fields mean 'off'.
         (`protect_inspection` is the default now and needs no field here.)"""
         g = lambda name, default="": getattr(config, name, default)  # noqa: E731
-        return cls(cert=_read_bytes("tls_cert", g("tls_cert")) if g("tls_cert") else b"",
-                   key=_read_bytes("tls_key", g("tls_key")) if g("tls_key") else b"",
-                   ca=_read_bytes("tls_ca", g("tls_ca")) if g("tls_ca") else b"",
-                   token=read_token(g("auth_token_file")) if g("auth_token_file") else "",
-                   open_inspection=bool(g("open_inspection", False)),
-                   max_message_bytes=int(g("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)),
-                   admin_identities=frozenset(g("admin_identity", ()) or ()),
-                   max_concurrent_rpcs=g("max_concurrent_rpcs", None) or None)
+        return cls(
+            cert=_read_bytes("tls_cert", g("tls_cert")) if g("tls_cert") else b"",
+            key=_read_bytes("tls_key", g("tls_key")) if g("tls_key") else b"",
+            ca=_read_bytes("tls_ca", g("tls_ca")) if g("tls_ca") else b"",
+            token=read_token(g("auth_token_file")) if g("auth_token_file") else "",
+            open_inspection=bool(g("open_inspection", False)),
+            max_message_bytes=int(g("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)),
+            admin_identities=frozenset(g("admin_identity", ()) or ()),
+            max_concurrent_rpcs=g("max_concurrent_rpcs", None) or None,
+        )
 
     @property
     def tls(self) -> bool:
@@ -167,8 +185,11 @@ class ServerSecurity:
         """None for plaintext; with a CA, clients must present a certificate chaining to it."""
         if not self.tls:
             return None
-        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca or None,
-                                           require_client_auth=bool(self.ca))
+        return grpc.ssl_server_credentials(
+            [(self.key, self.cert)],
+            root_certificates=self.ca or None,
+            require_client_auth=bool(self.ca),
+        )
 
     def needs_token(self, method: str) -> bool:
         if not self.token:
@@ -193,7 +214,10 @@ class ServerSecurity:
     def describe(self) -> str:
         parts = ["mutual TLS" if self.mutual else "TLS" if self.tls else "plaintext"]
         if self.token:
-            parts.append("bearer token" + (" (inspection open)" if self.open_inspection else " (inspection too)"))
+            parts.append(
+                "bearer token"
+                + (" (inspection open)" if self.open_inspection else " (inspection too)")
+            )
         if self.admin_identities:
             parts.append("admins " + ", ".join(sorted(self.admin_identities)))
         return ", ".join(parts)
@@ -201,9 +225,14 @@ class ServerSecurity:
 
 # ------------------------------------------------------------------------------------ clients
 
-class _SyncDetails(collections.namedtuple("_SyncDetails", ("method", "timeout", "metadata", "credentials",
-                                                           "wait_for_ready", "compression")),
-                   grpc.ClientCallDetails):
+
+class _SyncDetails(
+    collections.namedtuple(
+        "_SyncDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
     pass
 
 
@@ -222,8 +251,13 @@ class _AioTokenBase:
         self._token = token
 
     def _details(self, d: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        return grpc.aio.ClientCallDetails(d.method, d.timeout, grpc.aio.Metadata(*_with_token(d.metadata, self._token)),
-                                          d.credentials, d.wait_for_ready)
+        return grpc.aio.ClientCallDetails(
+            d.method,
+            d.timeout,
+            grpc.aio.Metadata(*_with_token(d.metadata, self._token)),
+            d.credentials,
+            d.wait_for_ready,
+        )
 
 
 class _AioTokenUU(_AioTokenBase, grpc.aio.UnaryUnaryClientInterceptor):
@@ -257,8 +291,14 @@ class _SyncTokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamCl
         self._token = token
 
     def _details(self, d) -> _SyncDetails:
-        return _SyncDetails(d.method, d.timeout, _with_token(d.metadata, self._token), d.credentials,
-                            getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
+        return _SyncDetails(
+            d.method,
+            d.timeout,
+            _with_token(d.metadata, self._token),
+            d.credentials,
+            getattr(d, "wait_for_ready", None),
+            getattr(d, "compression", None),
+        )
 
     def intercept_unary_unary(self, continuation, client_call_details, request):
         return continuation(self._details(client_call_details), request)
@@ -282,25 +322,40 @@ class ClientSecurity:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
     @classmethod
-    def load(cls, *, tls_ca: str = "", tls_cert: str = "", tls_key: str = "", tls_server_name: str = "",
-             auth_token_file: str = "", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> "ClientSecurity":
+    def load(
+        cls,
+        *,
+        tls_ca: str = "",
+        tls_cert: str = "",
+        tls_key: str = "",
+        tls_server_name: str = "",
+        auth_token_file: str = "",
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> ClientSecurity:
         """From file paths; ValueError naming the setting when a file cannot be read or the
         certificate and key are not given together."""
         if bool(tls_cert) != bool(tls_key):
             raise ValueError("tls_cert and tls_key go together: give both (mutual TLS) or neither")
-        return cls(ca=_read_bytes("tls_ca", tls_ca) if tls_ca else b"",
-                   cert=_read_bytes("tls_cert", tls_cert) if tls_cert else b"",
-                   key=_read_bytes("tls_key", tls_key) if tls_key else b"",
-                   server_name=tls_server_name,
-                   token=read_token(auth_token_file) if auth_token_file else "",
-                   max_message_bytes=max_message_bytes)
+        return cls(
+            ca=_read_bytes("tls_ca", tls_ca) if tls_ca else b"",
+            cert=_read_bytes("tls_cert", tls_cert) if tls_cert else b"",
+            key=_read_bytes("tls_key", tls_key) if tls_key else b"",
+            server_name=tls_server_name,
+            token=read_token(auth_token_file) if auth_token_file else "",
+            max_message_bytes=max_message_bytes,
+        )
 
     @classmethod
-    def from_config(cls, config) -> "ClientSecurity":
+    def from_config(cls, config) -> ClientSecurity:
         g = lambda name, default="": getattr(config, name, default)  # noqa: E731
-        return cls.load(tls_ca=g("tls_ca"), tls_cert=g("tls_cert"), tls_key=g("tls_key"),
-                        tls_server_name=g("tls_server_name"), auth_token_file=g("auth_token_file"),
-                        max_message_bytes=int(g("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)))
+        return cls.load(
+            tls_ca=g("tls_ca"),
+            tls_cert=g("tls_cert"),
+            tls_key=g("tls_key"),
+            tls_server_name=g("tls_server_name"),
+            auth_token_file=g("auth_token_file"),
+            max_message_bytes=int(g("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)),
+        )
 
     @property
     def tls(self) -> bool:
@@ -309,8 +364,14 @@ class ClientSecurity:
     def options(self, extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
         """Channel options: message size limits (both ways), the server-name override, `extra`."""
         names = {k for k, _ in extra}
-        out = [(k, v) for k, v in (("grpc.max_receive_message_length", self.max_message_bytes),
-                                   ("grpc.max_send_message_length", self.max_message_bytes)) if k not in names]
+        out = [
+            (k, v)
+            for k, v in (
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", self.max_message_bytes),
+            )
+            if k not in names
+        ]
         if self.server_name and self.tls:
             out.append(("grpc.ssl_target_name_override", self.server_name))
         return out + list(extra)
@@ -318,15 +379,24 @@ class ClientSecurity:
     def credentials(self) -> grpc.ChannelCredentials | None:
         if not self.tls:
             return None
-        return grpc.ssl_channel_credentials(root_certificates=self.ca or None, private_key=self.key or None,
-                                            certificate_chain=self.cert or None)
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca or None,
+            private_key=self.key or None,
+            certificate_chain=self.cert or None,
+        )
 
-    def aio_channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+    def aio_channel(
+        self, address: str, options: Sequence[tuple[str, Any]] = ()
+    ) -> grpc.aio.Channel:
         interceptors = _aio_token_interceptors(self.token) if self.token else None
         creds = self.credentials()
         if creds is None:
-            return grpc.aio.insecure_channel(address, options=self.options(options), interceptors=interceptors)
-        return grpc.aio.secure_channel(address, creds, options=self.options(options), interceptors=interceptors)
+            return grpc.aio.insecure_channel(
+                address, options=self.options(options), interceptors=interceptors
+            )
+        return grpc.aio.secure_channel(
+            address, creds, options=self.options(options), interceptors=interceptors
+        )
 
     def sync_channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
         creds = self.credentials()
@@ -346,7 +416,10 @@ CLIENT_FLAGS = (
     ("tls_cert", "PEM client certificate to present (mutual TLS; with --tls-key)"),
     ("tls_key", "PEM private key of --tls-cert"),
     ("tls_server_name", "name to check the server certificate against instead of ADDR's host"),
-    ("auth_token_file", "file holding the services' shared secret, sent as 'authorization: Bearer <token>'"),
+    (
+        "auth_token_file",
+        "file holding the services' shared secret, sent as 'authorization: Bearer <token>'",
+    ),
 )
 
 
@@ -358,13 +431,22 @@ def add_client_arguments(parser, *, env_prefix: str = "EPD_") -> None:
     group = parser.add_argument_group("transport security (default: plaintext, no token)")
     for name, help_text in CLIENT_FLAGS:
         env = env_prefix + name.upper()
-        group.add_argument("--" + name.replace("_", "-"), dest=name, metavar="PATH" if name != "tls_server_name" else "NAME",
-                           default=os.environ.get(env, ""), help=f"{help_text} (env {env})")
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            metavar="PATH" if name != "tls_server_name" else "NAME",
+            default=os.environ.get(env, ""),
+            help=f"{help_text} (env {env})",
+        )
     env = env_prefix + "MAX_MESSAGE_BYTES"
     # A string default goes through `type`, so a bad EPD_MAX_MESSAGE_BYTES is a usage error naming it.
-    group.add_argument("--max-message-bytes", dest="max_message_bytes", type=_message_bytes,
-                       default=os.environ.get(env, str(DEFAULT_MAX_MESSAGE_BYTES)),
-                       help=f"largest gRPC message sent or received (env {env}; default {DEFAULT_MAX_MESSAGE_BYTES})")
+    group.add_argument(
+        "--max-message-bytes",
+        dest="max_message_bytes",
+        type=_message_bytes,
+        default=os.environ.get(env, str(DEFAULT_MAX_MESSAGE_BYTES)),
+        help=f"largest gRPC message sent or received (env {env}; default {DEFAULT_MAX_MESSAGE_BYTES})",
+    )
 
 
 def _message_bytes(text: str) -> int:
@@ -373,17 +455,21 @@ def _message_bytes(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of bytes, got {text!r}") from None
-    if not 64 * 1024 <= value <= 2 ** 31 - 1:
-        raise argparse.ArgumentTypeError(f"must be in {64 * 1024}..{2 ** 31 - 1}, got {value}")
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of bytes, got {text!r}"
+        ) from None
+    if not 64 * 1024 <= value <= 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"must be in {64 * 1024}..{2**31 - 1}, got {value}")
     return value
 
 
 def client_from_args(args) -> ClientSecurity:
     """ClientSecurity from `add_client_arguments` flags; ValueError naming the flag when a file
     cannot be read."""
-    return ClientSecurity.load(**{name: getattr(args, name, "") or "" for name, _ in CLIENT_FLAGS},
-                               max_message_bytes=getattr(args, "max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES))
+    return ClientSecurity.load(
+        **{name: getattr(args, name, "") or "" for name, _ in CLIENT_FLAGS},
+        max_message_bytes=getattr(args, "max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES),
+    )
 
 
 def service_argv(args, *, language: bool = False) -> list[str]:

@@ -29,14 +29,28 @@ class ServiceProcess(demo.ServiceProcess):
     process wrapper: EPD_READY line on stdout, stderr in a file)."""
 
     def __init__(self, role: str, *args: str, ready_timeout: float = 60.0):
-        argv = [sys.executable, "-m", "services.cli", role, "--host", "127.0.0.1", "--port", "0", *args]
-        super().__init__(role, argv, env={**os.environ, "MC_FORCE_TCP": "1", "PYTHONUNBUFFERED": "1"})
+        argv = [
+            sys.executable,
+            "-m",
+            "services.cli",
+            role,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            *args,
+        ]
+        super().__init__(
+            role, argv, env={**os.environ, "MC_FORCE_TCP": "1", "PYTHONUNBUFFERED": "1"}
+        )
         self.start()
         try:
             self.wait_ready(ready_timeout)
         except demo.ServiceStartError as e:
             self.stop()
-            raise RuntimeError(f"{role} did not become ready: exit={self.proc.returncode}\n{e}") from None
+            raise RuntimeError(
+                f"{role} did not become ready: exit={self.proc.returncode}\n{e}"
+            ) from None
         self.address = f"127.0.0.1:{self.port}"
 
     def kill(self) -> None:
@@ -48,18 +62,37 @@ class ServiceProcess(demo.ServiceProcess):
 class Pair:
     """An encoder and a language process wired together."""
 
-    def __init__(self, *, hidden=256, block_size=128, encoder_blocks=2048, language_blocks=96,
-                 initial_tokens=8192, encoder_args=(), language_args=()):
+    def __init__(
+        self,
+        *,
+        hidden=256,
+        block_size=128,
+        encoder_blocks=2048,
+        language_blocks=96,
+        initial_tokens=8192,
+        encoder_args=(),
+        language_args=(),
+    ):
         self.hidden = hidden
         self.block_size = block_size
         self.language_blocks = language_blocks
         self.initial_tokens = initial_tokens
         common = ["--hidden", str(hidden), "--block-size", str(block_size)]
-        self.encoder = ServiceProcess("encoder", *common, "--pool-blocks", str(encoder_blocks), *encoder_args)
+        self.encoder = ServiceProcess(
+            "encoder", *common, "--pool-blocks", str(encoder_blocks), *encoder_args
+        )
         try:
             self.language = ServiceProcess(
-                "language", *common, "--pool-blocks", str(language_blocks), "--encoder", self.encoder.address,
-                "--initial-tokens", str(initial_tokens), *language_args)
+                "language",
+                *common,
+                "--pool-blocks",
+                str(language_blocks),
+                "--encoder",
+                self.encoder.address,
+                "--initial-tokens",
+                str(initial_tokens),
+                *language_args,
+            )
         except Exception:
             self.encoder.stop()
             raise
@@ -91,22 +124,35 @@ async def assert_all_free(*addresses_and_kinds: tuple[str, str], settle_s: float
     so their pools are given `settle_s` to get there (rank 0 and the encoder must be free at once)."""
     for address, kind in addresses_and_kinds:
         async with grpc.aio.insecure_channel(address) as ch:
-            stub = (encoder_pb2_grpc.EncoderStub if kind == "encoder" else language_pb2_grpc.LanguageStub)(ch)
+            stub = (
+                encoder_pb2_grpc.EncoderStub
+                if kind == "encoder"
+                else language_pb2_grpc.LanguageStub
+            )(ch)
             deadline = asyncio.get_running_loop().time() + settle_s
             while True:
                 pool = await stub.GetPool(common_pb2.GetPoolRequest())
-                busy = [rp for rp in pool.rank_pools[1:]
-                        if rp.used_blocks != rp.fault_held_blocks or rp.waiters or rp.quarantined_blocks]
+                busy = [
+                    rp
+                    for rp in pool.rank_pools[1:]
+                    if rp.used_blocks != rp.fault_held_blocks or rp.waiters or rp.quarantined_blocks
+                ]
                 if not busy or asyncio.get_running_loop().time() > deadline:
                     break
                 await asyncio.sleep(0.05)
             assert pool.used_blocks == 0, f"{kind} {address}: {pool.used_blocks} blocks still used"
-            assert pool.quarantined_blocks == 0, f"{kind} {address}: {pool.quarantined_blocks} blocks quarantined"
+            assert pool.quarantined_blocks == 0, (
+                f"{kind} {address}: {pool.quarantined_blocks} blocks quarantined"
+            )
             assert pool.free_blocks == pool.layout.num_blocks
             assert pool.waiters == 0
             for rp in pool.rank_pools:  # language: every TP rank's pool
-                assert rp.used_blocks == rp.fault_held_blocks, f"{kind} rank {rp.rank}: {rp.used_blocks} blocks used"
-                assert rp.quarantined_blocks == 0, f"{kind} rank {rp.rank}: {rp.quarantined_blocks} blocks quarantined"
+                assert rp.used_blocks == rp.fault_held_blocks, (
+                    f"{kind} rank {rp.rank}: {rp.used_blocks} blocks used"
+                )
+                assert rp.quarantined_blocks == 0, (
+                    f"{kind} rank {rp.rank}: {rp.quarantined_blocks} blocks quarantined"
+                )
                 assert rp.waiters == 0
             live = await stub.ListTransfers(common_pb2.ListTransfersRequest(states=LIVE_STATES))
             assert not live.transfers, f"{kind} {address}: live transfers left: {live.transfers}"
@@ -114,23 +160,29 @@ async def assert_all_free(*addresses_and_kinds: tuple[str, str], settle_s: float
 
 async def wait_for_rounds(stub, request_id: str, rounds: int, timeout: float = 20.0) -> None:
     """Until the language shows the request with at least `rounds` rounds received."""
+
     async def poll():
         while True:
             try:
-                if (await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=request_id))).rounds >= rounds:
+                if (
+                    await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=request_id))
+                ).rounds >= rounds:
                     return
             except grpc.aio.AioRpcError as e:
                 assert e.code() == grpc.StatusCode.NOT_FOUND  # not admitted yet
             await asyncio.sleep(0.01)
+
     await asyncio.wait_for(poll(), timeout)
 
 
-async def generate_then_kill(stub, request_id: str, kill, *, tokens: int = 50000, rounds: int = 2,
-                             timeout: float = 30.0) -> grpc.aio.AioRpcError:
+async def generate_then_kill(
+    stub, request_id: str, kill, *, tokens: int = 50000, rounds: int = 2, timeout: float = 30.0
+) -> grpc.aio.AioRpcError:
     """Start a Generate of `tokens` synthetic tokens, call `kill()` once the language shows
     `rounds` rounds of it received, and return the error the Generate then ends with."""
-    call = asyncio.ensure_future(stub.Generate(language_pb2.GenerateRequest(request_id=request_id,
-                                                                            synthetic_tokens=tokens)))
+    call = asyncio.ensure_future(
+        stub.Generate(language_pb2.GenerateRequest(request_id=request_id, synthetic_tokens=tokens))
+    )
     await wait_for_rounds(stub, request_id, rounds)
     kill()
     with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -143,10 +195,13 @@ def unique_id():
     return lambda prefix="req": f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-async def consumer_logs(prefix: pathlib.Path, tp: int, n: int, timeout: float = 10.0) -> list[list[str]]:
+async def consumer_logs(
+    prefix: pathlib.Path, tp: int, n: int, timeout: float = 10.0
+) -> list[list[str]]:
     """Every rank's `--consumer-log` (PREFIX.rankR: one request id a line), once each holds n ids
     or after `timeout`. Rank 0 replies once it consumed a request; another rank consumes it after
     the same decision in its own process, so its line may come a moment after the reply."""
+
     def read() -> list[list[str]]:
         return [pathlib.Path(f"{prefix}.rank{r}").read_text().split() for r in range(tp)]
 

@@ -14,14 +14,15 @@ An `EncoderModel` knows `token_count(inputs)` cheaply (before anything is alloca
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
 from common.errors import FailedPrecondition, InvalidArgument, shown
 from common.layout import RecordLayout
-from common.pool import field_of
 from common.parallel import run_split
+from common.pool import field_of
 from common.synthetic import fill_synthetic
 
 SUPPORTED_IMAGE_TYPES = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}
@@ -45,7 +46,9 @@ class EncoderModel(Protocol):
 
     def token_count(self, inputs: EncodeInputs) -> int: ...
 
-    def encode_into(self, inputs: EncodeInputs, runs: Sequence[torch.Tensor], record: RecordLayout) -> None: ...
+    def encode_into(
+        self, inputs: EncodeInputs, runs: Sequence[torch.Tensor], record: RecordLayout
+    ) -> None: ...
 
 
 def validate_images(images: Sequence[tuple[bytes, str]]) -> None:
@@ -53,9 +56,13 @@ def validate_images(images: Sequence[tuple[bytes, str]]) -> None:
     for i, (data, mime) in enumerate(images):
         if not data:
             raise InvalidArgument(f"images[{i}]: data is empty")
-        kind = next((k for k, magic in SUPPORTED_IMAGE_TYPES.items() if data.startswith(magic)), None)
+        kind = next(
+            (k for k, magic in SUPPORTED_IMAGE_TYPES.items() if data.startswith(magic)), None
+        )
         if kind is None:
-            raise InvalidArgument(f"images[{i}]: not a PNG or JPEG image (mime_type={shown(mime)}, first bytes {data[:8]!r})")
+            raise InvalidArgument(
+                f"images[{i}]: not a PNG or JPEG image (mime_type={shown(mime)}, first bytes {data[:8]!r})"
+            )
         if mime and mime != kind:
             raise InvalidArgument(f"images[{i}]: mime_type={shown(mime)} but the data is {kind}")
 
@@ -68,7 +75,9 @@ class SyntheticModel:
     def token_count(self, inputs: EncodeInputs) -> int:
         return inputs.synthetic_tokens
 
-    def encode_into(self, inputs: EncodeInputs, runs: Sequence[torch.Tensor], record: RecordLayout) -> None:
+    def encode_into(
+        self, inputs: EncodeInputs, runs: Sequence[torch.Tensor], record: RecordLayout
+    ) -> None:
         def fill(segments: list[torch.Tensor], start: int) -> None:
             for run in segments:
                 fill_synthetic(run, record, inputs.synthetic_seed, start)
@@ -91,15 +100,18 @@ class ByteTextModel:
         if inputs.images:
             raise FailedPrecondition(
                 f"images[0]: the encoder's model {self.name!r} has no vision tower; "
-                "send text only or synthetic_tokens")
+                "send text only or synthetic_tokens"
+            )
         return len(inputs.text.encode("utf-8"))
 
-    def encode_into(self, inputs: EncodeInputs, runs: Sequence[torch.Tensor], record: RecordLayout) -> None:
+    def encode_into(
+        self, inputs: EncodeInputs, runs: Sequence[torch.Tensor], record: RecordLayout
+    ) -> None:
         ids = torch.tensor(list(inputs.text.encode("utf-8")), dtype=torch.int64)
         start = 0
         for run in runs:
             k = run.shape[0]
-            chunk = ids[start:start + k]
+            chunk = ids[start : start + k]
             pos = torch.arange(start, start + k, dtype=torch.int32)
             for f in record.fields:
                 view = field_of(run, f)
@@ -122,4 +134,6 @@ def load_model(name: str, hidden: int, dtype: str, device: str = "cpu") -> Encod
 
     if name == qwen.TINY or qwen.is_checkpoint_name(name):
         return qwen.load_encoder_model(name, hidden, device)
-    raise InvalidArgument(f"model={name!r}: unknown encoder model (available: 'bytes', 'tiny' or a checkpoint directory)")
+    raise InvalidArgument(
+        f"model={name!r}: unknown encoder model (available: 'bytes', 'tiny' or a checkpoint directory)"
+    )

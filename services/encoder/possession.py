@@ -35,11 +35,18 @@ import hmac
 import logging
 import secrets
 import time
-from typing import Callable
+from collections.abc import Callable
 
-from common.errors import FailedPrecondition, PermissionDenied, ResourceExhausted, TransportError, Unavailable, shown
 import torch
 
+from common.errors import (
+    FailedPrecondition,
+    PermissionDenied,
+    ResourceExhausted,
+    TransportError,
+    Unavailable,
+    shown,
+)
 from common.layout import PROOF_LANE_BYTES, PROOF_LANES, PoolGeometry
 
 log = logging.getLogger(__name__)
@@ -58,7 +65,12 @@ PROOF_LANES_PER_IDENTITY = 4
 class Challenges:
     """Nonces handed out and not yet used, at most `per_identity` per identity (old ones expire)."""
 
-    def __init__(self, per_identity: int, ttl_s: float = CHALLENGE_TTL_S, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        per_identity: int,
+        ttl_s: float = CHALLENGE_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._per_identity = per_identity
         self._ttl_s = ttl_s
         self._clock = clock
@@ -76,9 +88,14 @@ class Challenges:
         """A fresh nonce for (principal, language_id, rank), replacing an unused older one."""
         self._expire()
         key = (principal, language_id, rank)
-        if key not in self._pending and sum(1 for p, _, _ in self._pending if p == principal) >= self._per_identity:
-            raise ResourceExhausted(f"Challenge for language_id {shown(language_id)} rank {rank}: this identity has "
-                                    f"{self._per_identity} challenges outstanding (max_sessions_per_identity)")
+        if (
+            key not in self._pending
+            and sum(1 for p, _, _ in self._pending if p == principal) >= self._per_identity
+        ):
+            raise ResourceExhausted(
+                f"Challenge for language_id {shown(language_id)} rank {rank}: this identity has "
+                f"{self._per_identity} challenges outstanding (max_sessions_per_identity)"
+            )
         nonce = secrets.token_bytes(NONCE_BYTES)
         self._pending[key] = (nonce, self._clock() + self._ttl_s)
         return nonce
@@ -89,11 +106,15 @@ class Challenges:
         self._expire()
         entry = self._pending.pop((principal, language_id, rank), None)
         if not nonce:
-            raise FailedPrecondition(f"{what}: proof_nonce is empty: call Challenge first, put its nonce into the "
-                                     f"pool's proof area and send it with Register")
+            raise FailedPrecondition(
+                f"{what}: proof_nonce is empty: call Challenge first, put its nonce into the "
+                f"pool's proof area and send it with Register"
+            )
         if entry is None:
-            raise FailedPrecondition(f"{what}: no Challenge outstanding for this identity, language_id and rank "
-                                     f"(none was asked for, it was used, or it expired after {self._ttl_s:.0f} s)")
+            raise FailedPrecondition(
+                f"{what}: no Challenge outstanding for this identity, language_id and rank "
+                f"(none was asked for, it was used, or it expired after {self._ttl_s:.0f} s)"
+            )
         if not hmac.compare_digest(entry[0], nonce):
             raise PermissionDenied(f"{what}: proof_nonce is not the nonce this encoder handed out")
 
@@ -102,8 +123,12 @@ class ProofReader:
     """Reads a claimed pool's proof lane back into one of its own lanes and compares. `lanes` is
     host memory registered with the engine behind `read_sync` (uint8 [PROOF_LANES, PROOF_LANE_BYTES])."""
 
-    def __init__(self, read_sync: Callable[[str, int, int, int], None], lanes: torch.Tensor,
-                 timeout_s: float = PROOF_READ_TIMEOUT_S):
+    def __init__(
+        self,
+        read_sync: Callable[[str, int, int, int], None],
+        lanes: torch.Tensor,
+        timeout_s: float = PROOF_READ_TIMEOUT_S,
+    ):
         if tuple(lanes.shape) != (PROOF_LANES, PROOF_LANE_BYTES) or lanes.dtype != torch.uint8:
             raise ValueError(f"proof lanes must be uint8 [{PROOF_LANES}, {PROOF_LANE_BYTES}]")
         self._lanes = lanes
@@ -137,33 +162,49 @@ class ProofReader:
                 raise TransportError(f"the engine refused the read: {type(e).__name__}") from None
         return bytes(self._lanes[lane, :length].numpy().tobytes())
 
-    async def verify(self, session: str, geometry: PoolGeometry, nonce: bytes, what: str, principal: str = "") -> None:
+    async def verify(
+        self, session: str, geometry: PoolGeometry, nonce: bytes, what: str, principal: str = ""
+    ) -> None:
         """Returns when the nonce is at `geometry.proof_address` in `session`'s memory;
         PermissionDenied when something else is there, Unavailable when it cannot be read."""
         if self._lanes_by[principal] >= PROOF_LANES_PER_IDENTITY:
-            raise Unavailable(f"{what}: this identity has {PROOF_LANES_PER_IDENTITY} proofs being read already; "
-                              f"try again")
+            raise Unavailable(
+                f"{what}: this identity has {PROOF_LANES_PER_IDENTITY} proofs being read already; "
+                f"try again"
+            )
         if not self._free_lanes:
             raise Unavailable(f"{what}: {PROOF_LANES} proofs are being read already; try again")
         lane = self._free_lanes.pop()
         self._lanes_by[principal] += 1
         self._lanes[lane].zero_()
-        reading = asyncio.ensure_future(asyncio.to_thread(self._read, session, lane, geometry.proof_address,
-                                                          len(nonce)))
+        reading = asyncio.ensure_future(
+            asyncio.to_thread(self._read, session, lane, geometry.proof_address, len(nonce))
+        )
         # The lane is ours until the engine's thread returns, even when we stop waiting for it.
         reading.add_done_callback(lambda _f: self._release(lane, principal))
         try:
             found = await asyncio.wait_for(asyncio.shield(reading), self._timeout_s)
-        except asyncio.TimeoutError:
-            raise Unavailable(f"{what}: reading the proof from Mooncake session {shown(session)} took longer than "
-                              f"{self._timeout_s:.0f} s") from None
+        except TimeoutError:
+            raise Unavailable(
+                f"{what}: reading the proof from Mooncake session {shown(session)} took longer than "
+                f"{self._timeout_s:.0f} s"
+            ) from None
         except TransportError as e:
             # The engine says the same (-1) for an unreachable session and for an address outside
             # the peer's registered memory: either way the pool cannot be confirmed.
-            raise PermissionDenied(f"{what}: cannot read the proof back from Mooncake session {shown(session)} at "
-                                   f"0x{geometry.proof_address:x} (the pool's end): {e.message}") from None
+            raise PermissionDenied(
+                f"{what}: cannot read the proof back from Mooncake session {shown(session)} at "
+                f"0x{geometry.proof_address:x} (the pool's end): {e.message}"
+            ) from None
         if not hmac.compare_digest(found, nonce):
-            log.warning("%s: the proof at 0x%x of session %s does not match", what, geometry.proof_address, session)
-            raise PermissionDenied(f"{what}: the memory at Mooncake session {shown(session)}, address "
-                                   f"0x{geometry.proof_address:x} (the claimed pool's end) does not hold this "
-                                   f"registration's nonce: the caller does not control that pool")
+            log.warning(
+                "%s: the proof at 0x%x of session %s does not match",
+                what,
+                geometry.proof_address,
+                session,
+            )
+            raise PermissionDenied(
+                f"{what}: the memory at Mooncake session {shown(session)}, address "
+                f"0x{geometry.proof_address:x} (the claimed pool's end) does not hold this "
+                f"registration's nonce: the caller does not control that pool"
+            )

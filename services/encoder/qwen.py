@@ -32,7 +32,8 @@ import os
 import re
 import threading
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -60,8 +61,14 @@ FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg"}
 
 # The tiny model's vocabulary: UTF-8 bytes 0..255, then Qwen2-VL's special tokens.
 TINY_SPECIAL_TOKENS = {
-    "<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258, "<|vision_start|>": 259,
-    "<|vision_end|>": 260, "<|vision_pad|>": 261, "<|image_pad|>": 262, "<|video_pad|>": 263,
+    "<|endoftext|>": 256,
+    "<|im_start|>": 257,
+    "<|im_end|>": 258,
+    "<|vision_start|>": 259,
+    "<|vision_end|>": 260,
+    "<|vision_pad|>": 261,
+    "<|image_pad|>": 262,
+    "<|video_pad|>": 263,
 }
 TINY_VOCAB = 320
 TINY_TEXT_LAYERS = 2
@@ -72,11 +79,15 @@ TINY_INIT_STD = 0.1
 """Wider than the library's 0.02, so the random model's logits are spread out (ties would make
 "the same first token" a coin toss rather than a check)."""
 
-IMAGE_PLACEHOLDER = re.compile(r"(?:<\|vision_start\|>)?<\|image_pad\|>(?:<\|vision_end\|>)?|<image>")
+IMAGE_PLACEHOLDER = re.compile(
+    r"(?:<\|vision_start\|>)?<\|image_pad\|>(?:<\|vision_end\|>)?|<image>"
+)
 
 
 def is_checkpoint_name(name: str) -> bool:
-    return name not in ("bytes", TINY) and (os.sep in name or name.startswith(".") or os.path.isdir(name))
+    return name not in ("bytes", TINY) and (
+        os.sep in name or name.startswith(".") or os.path.isdir(name)
+    )
 
 
 def tiny_head_dim(hidden: int) -> int:
@@ -93,28 +104,51 @@ def tiny_config(hidden: int):
 
     head_dim = tiny_head_dim(hidden)
     heads = hidden // head_dim
-    half = head_dim // 2                       # M-RoPE sections (t, h, w) split the rotary half
-    hw = 3 * half // 8                         # as Qwen2-VL's [16, 24, 24] splits 64
+    half = head_dim // 2  # M-RoPE sections (t, h, w) split the rotary half
+    hw = 3 * half // 8  # as Qwen2-VL's [16, 24, 24] splits 64
     s = TINY_SPECIAL_TOKENS
     return Qwen2VLConfig(
         text_config=dict(
-            vocab_size=TINY_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-            num_hidden_layers=TINY_TEXT_LAYERS, num_attention_heads=heads, num_key_value_heads=heads,
-            max_position_embeddings=TINY_MAX_POSITIONS, initializer_range=TINY_INIT_STD,
-            rope_parameters={"rope_type": "default", "mrope_section": [half - 2 * hw, hw, hw], "rope_theta": 1e6},
-            bos_token_id=s["<|endoftext|>"], eos_token_id=s["<|im_end|>"], pad_token_id=None),
+            vocab_size=TINY_VOCAB,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=TINY_TEXT_LAYERS,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=TINY_MAX_POSITIONS,
+            initializer_range=TINY_INIT_STD,
+            rope_parameters={
+                "rope_type": "default",
+                "mrope_section": [half - 2 * hw, hw, hw],
+                "rope_theta": 1e6,
+            },
+            bos_token_id=s["<|endoftext|>"],
+            eos_token_id=s["<|im_end|>"],
+            pad_token_id=None,
+        ),
         vision_config=dict(
-            depth=TINY_VISION_DEPTH, embed_dim=TINY_VISION_DIM, hidden_size=hidden, num_heads=2, mlp_ratio=2,
-            patch_size=PATCH_SIZE, spatial_merge_size=MERGE_SIZE, temporal_patch_size=2,
-            initializer_range=TINY_INIT_STD),
-        image_token_id=s["<|image_pad|>"], video_token_id=s["<|video_pad|>"],
-        vision_start_token_id=s["<|vision_start|>"], vision_end_token_id=s["<|vision_end|>"],
-        initializer_range=TINY_INIT_STD)
+            depth=TINY_VISION_DEPTH,
+            embed_dim=TINY_VISION_DIM,
+            hidden_size=hidden,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=PATCH_SIZE,
+            spatial_merge_size=MERGE_SIZE,
+            temporal_patch_size=2,
+            initializer_range=TINY_INIT_STD,
+        ),
+        image_token_id=s["<|image_pad|>"],
+        video_token_id=s["<|video_pad|>"],
+        vision_start_token_id=s["<|vision_start|>"],
+        vision_end_token_id=s["<|vision_end|>"],
+        initializer_range=TINY_INIT_STD,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Weights
 # --------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class QwenVL:
@@ -145,7 +179,9 @@ def _offline() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def load_qwen2vl(name: str, hidden: int, device: str = "cpu", keep: Sequence[str] = ("vision", "text")) -> QwenVL:
+def load_qwen2vl(
+    name: str, hidden: int, device: str = "cpu", keep: Sequence[str] = ("vision", "text")
+) -> QwenVL:
     """`tiny` (seeded, hidden = `hidden`) or a checkpoint directory. `keep` names the parts the
     caller runs: "vision" (vision tower + embedding table, the encoder) and/or "text" (decoder
     layers + lm_head, the prefill); the others are dropped to save memory."""
@@ -160,22 +196,34 @@ def load_qwen2vl(name: str, hidden: int, device: str = "cpu", keep: Sequence[str
             torch.manual_seed(TINY_SEED)
             model = Qwen2VLForConditionalGeneration(config)
         dtype = torch.float32
-        processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH_SIZE,
-                                             merge_size=MERGE_SIZE, temporal_patch_size=2)
+        processor = Qwen2VLImageProcessorPil(
+            min_pixels=MIN_PIXELS,
+            max_pixels=MAX_PIXELS,
+            patch_size=PATCH_SIZE,
+            merge_size=MERGE_SIZE,
+            temporal_patch_size=2,
+        )
         tokenize = ByteTokenizer(TINY_SPECIAL_TOKENS)
     else:
         if not os.path.isfile(os.path.join(name, "config.json")):
-            raise FailedPrecondition(f"model={name!r}: not 'tiny' and not a checkpoint directory with a config.json")
+            raise FailedPrecondition(
+                f"model={name!r}: not 'tiny' and not a checkpoint directory with a config.json"
+            )
         dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-        model = Qwen2VLForConditionalGeneration.from_pretrained(name, dtype=dtype, local_files_only=True)
-        processor = Qwen2VLImageProcessorPil.from_pretrained(name, local_files_only=True) \
-            if os.path.isfile(os.path.join(name, "preprocessor_config.json")) else \
-            Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+        model = Qwen2VLForConditionalGeneration.from_pretrained(
+            name, dtype=dtype, local_files_only=True
+        )
+        processor = (
+            Qwen2VLImageProcessorPil.from_pretrained(name, local_files_only=True)
+            if os.path.isfile(os.path.join(name, "preprocessor_config.json"))
+            else Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+        )
         tokenize = _checkpoint_tokenizer(name, model.config)
     if model.config.text_config.hidden_size != hidden:
         raise FailedPrecondition(
             f"model={name!r} has hidden size {model.config.text_config.hidden_size} but the pool's hidden is {hidden}; "
-            f"start with --hidden {model.config.text_config.hidden_size}")
+            f"start with --hidden {model.config.text_config.hidden_size}"
+        )
     if "text" not in keep:
         model.model.language_model.layers = torch.nn.ModuleList()
         model.lm_head = None
@@ -191,7 +239,11 @@ class ByteTokenizer:
 
     def __init__(self, specials: dict[str, int]):
         self.specials = dict(specials)
-        self._split = re.compile("(" + "|".join(re.escape(s) for s in self.specials) + ")") if specials else None
+        self._split = (
+            re.compile("(" + "|".join(re.escape(s) for s in self.specials) + ")")
+            if specials
+            else None
+        )
 
     def __call__(self, text: str) -> list[int]:
         if not text:
@@ -214,14 +266,19 @@ def _checkpoint_tokenizer(path: str, config) -> Callable[[str], list[int]]:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         return lambda text: tok(text, add_special_tokens=False)["input_ids"] if text else []
     log.warning("checkpoint %s has no tokenizer files: text is tokenized byte by byte", path)
-    return ByteTokenizer({"<|vision_start|>": config.vision_start_token_id,
-                          "<|vision_end|>": config.vision_end_token_id,
-                          "<|image_pad|>": config.image_token_id})
+    return ByteTokenizer(
+        {
+            "<|vision_start|>": config.vision_start_token_id,
+            "<|vision_end|>": config.vision_end_token_id,
+            "<|image_pad|>": config.image_token_id,
+        }
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class ImageInfo:
@@ -238,14 +295,20 @@ class ImageInfo:
         return (self.grid_h // MERGE_SIZE) * (self.grid_w // MERGE_SIZE)
 
 
-def smart_resize(height: int, width: int, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+def smart_resize(
+    height: int, width: int, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> tuple[int, int]:
     """The image processor's own resize rule (imported, not re-implemented)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as rule
 
-    return rule(height, width, factor=PATCH_SIZE * MERGE_SIZE, min_pixels=min_pixels, max_pixels=max_pixels)
+    return rule(
+        height, width, factor=PATCH_SIZE * MERGE_SIZE, min_pixels=min_pixels, max_pixels=max_pixels
+    )
 
 
-def image_tokens(width: int, height: int, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> int:
+def image_tokens(
+    width: int, height: int, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> int:
     """Tokens one image of this size becomes: (H/28)·(W/28) after the smart resize."""
     h, w = smart_resize(height, width, min_pixels, max_pixels)
     return (h // (PATCH_SIZE * MERGE_SIZE)) * (w // (PATCH_SIZE * MERGE_SIZE))
@@ -262,7 +325,9 @@ def probe_image(index: int, data: bytes, mime: str, min_pixels: int, max_pixels:
     try:
         img = Image.open(io.BytesIO(data), formats=list(FORMATS))
     except UnidentifiedImageError:
-        raise InvalidArgument(f"{what}: not a PNG or JPEG image (mime_type={shown(mime)}, first bytes {data[:8]!r})") from None
+        raise InvalidArgument(
+            f"{what}: not a PNG or JPEG image (mime_type={shown(mime)}, first bytes {data[:8]!r})"
+        ) from None
     except Exception as e:  # noqa: BLE001 - any decoder complaint is the client's bad image
         raise InvalidArgument(f"{what}: corrupt image header: {e}") from None
     kind = FORMATS.get(img.format or "")
@@ -273,12 +338,18 @@ def probe_image(index: int, data: bytes, mime: str, min_pixels: int, max_pixels:
     width, height = img.size
     side = PATCH_SIZE * MERGE_SIZE
     if width < side or height < side:
-        raise InvalidArgument(f"{what}: {width}x{height} pixels is below the minimum image size {side}x{side}")
+        raise InvalidArgument(
+            f"{what}: {width}x{height} pixels is below the minimum image size {side}x{side}"
+        )
     if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-        raise InvalidArgument(f"{what}: {width}x{height} pixels has an aspect ratio above {MAX_ASPECT_RATIO}")
+        raise InvalidArgument(
+            f"{what}: {width}x{height} pixels has an aspect ratio above {MAX_ASPECT_RATIO}"
+        )
     if width * height > MAX_DECODE_PIXELS:
-        raise InvalidArgument(f"{what}: {width}x{height} pixels is above the largest image accepted "
-                              f"({MAX_DECODE_PIXELS} pixels)")
+        raise InvalidArgument(
+            f"{what}: {width}x{height} pixels is above the largest image accepted "
+            f"({MAX_DECODE_PIXELS} pixels)"
+        )
     h, w = smart_resize(height, width, min_pixels, max_pixels)
     return img, ImageInfo(index, img.format, width, height, h // PATCH_SIZE, w // PATCH_SIZE)
 
@@ -289,12 +360,15 @@ def decode_image(img, info: ImageInfo):
         img.load()
         return img.convert("RGB")
     except Exception as e:  # noqa: BLE001
-        raise InvalidArgument(f"images[{info.index}]: corrupt {info.format} data ({info.width}x{info.height}): {e}") from None
+        raise InvalidArgument(
+            f"images[{info.index}]: corrupt {info.format} data ({info.width}x{info.height}): {e}"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
 # The encoder model
 # --------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Plan:
@@ -328,7 +402,7 @@ class QwenEncoderModel:
         size = qwen.processor.size
         self.min_pixels = int(size["shortest_edge"])
         self.max_pixels = int(size["longest_edge"])
-        self._lock = threading.Lock()   # one forward at a time: the cores are shared anyway
+        self._lock = threading.Lock()  # one forward at a time: the cores are shared anyway
         self.last_timings: dict[str, float] = {}
 
     @property
@@ -349,7 +423,9 @@ class QwenEncoderModel:
         segments = IMAGE_PLACEHOLDER.split(inputs.text)
         slots = len(segments) - 1
         if slots and slots != len(infos):
-            raise InvalidArgument(f"text has {slots} image placeholder(s) but the request has {len(infos)} image(s)")
+            raise InvalidArgument(
+                f"text has {slots} image placeholder(s) but the request has {len(infos)} image(s)"
+            )
         if not slots:
             segments = [""] * len(infos) + [inputs.text]
         ids: list[int] = []
@@ -369,7 +445,9 @@ class QwenEncoderModel:
     def describe(self, inputs) -> str:
         """Where a request's tokens come from, for error messages: ' (images[0] 2000x2000 -> 5041 tokens, ...)'."""
         plan = self.plan(inputs)
-        parts = [f"images[{i.index}] {i.width}x{i.height} -> {i.tokens} tokens" for i in plan.images]
+        parts = [
+            f"images[{i.index}] {i.width}x{i.height} -> {i.tokens} tokens" for i in plan.images
+        ]
         image_rows = sum(i.tokens + 2 for i in plan.images)
         parts.append(f"text {plan.total - image_rows} tokens")
         return " (" + ", ".join(parts) + ")"
@@ -384,9 +462,15 @@ class QwenEncoderModel:
     def positions(self, plan: Plan) -> tuple[torch.Tensor, int]:
         """M-RoPE (t, h, w) positions [T, 3] and the position delta, by the model's own rule."""
         ids = plan.token_ids[None]
-        grid = torch.tensor([[1, i.grid_h, i.grid_w] for i in plan.images], dtype=torch.int64) if plan.images else None
+        grid = (
+            torch.tensor([[1, i.grid_h, i.grid_w] for i in plan.images], dtype=torch.int64)
+            if plan.images
+            else None
+        )
         mm = (ids == self.image_token).to(torch.int32)
-        pos, delta = self.qwen.model.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid)
+        pos, delta = self.qwen.model.model.get_rope_index(
+            ids, mm_token_type_ids=mm, image_grid_thw=grid
+        )
         return pos[:, 0, :].T.contiguous(), int(delta.reshape(-1)[0])
 
     def embeddings(self, plan: Plan) -> torch.Tensor:
@@ -400,10 +484,14 @@ class QwenEncoderModel:
             batch = q.processor(images=plan.decoded, return_tensors="pt")
             grid = batch["image_grid_thw"]
             expected = [[1, i.grid_h, i.grid_w] for i in plan.images]
-            if grid.tolist() != expected:   # token_count promised a size: hold the processor to it
-                raise FailedPrecondition(f"image processor grids {grid.tolist()} != predicted {expected}")
+            if grid.tolist() != expected:  # token_count promised a size: hold the processor to it
+                raise FailedPrecondition(
+                    f"image processor grids {grid.tolist()} != predicted {expected}"
+                )
             t1 = time.perf_counter()
-            feats = q.model.model.get_image_features(batch["pixel_values"].to(q.device), grid.to(q.device)).pooler_output
+            feats = q.model.model.get_image_features(
+                batch["pixel_values"].to(q.device), grid.to(q.device)
+            ).pooler_output
             feats = torch.cat(feats, dim=0).to(embeds.dtype)
             mask = ids == self.image_token
             embeds = embeds.masked_scatter(mask[:, None], feats)
@@ -419,9 +507,14 @@ class QwenEncoderModel:
         with self._lock, torch.inference_mode():
             embeds = self.embeddings(plan)
             pos, delta = self.positions(plan)
-        log.debug("encoded %d tokens (%s) in %.3f s %s", plan.total,
-                  ", ".join(f"{i.width}x{i.height} {i.format} -> {i.tokens}" for i in plan.images) or "text only",
-                  time.perf_counter() - started, self.last_timings if plan.images else "")
+        log.debug(
+            "encoded %d tokens (%s) in %.3f s %s",
+            plan.total,
+            ", ".join(f"{i.width}x{i.height} {i.format} -> {i.tokens}" for i in plan.images)
+            or "text only",
+            time.perf_counter() - started,
+            self.last_timings if plan.images else "",
+        )
         return embeds, plan.token_ids, pos, delta
 
     def encode_into(self, inputs, runs: Sequence[torch.Tensor], record: RecordLayout) -> None:
@@ -433,11 +526,11 @@ class QwenEncoderModel:
             for f in record.fields:
                 view = field_of(run, f)
                 if f.name == "embeddings":
-                    view.copy_(embeds[start:start + k].to(device=view.device, dtype=view.dtype))
+                    view.copy_(embeds[start : start + k].to(device=view.device, dtype=view.dtype))
                 elif f.name == "token_ids":
-                    view.copy_(ids[start:start + k].to(device=view.device, dtype=view.dtype))
+                    view.copy_(ids[start : start + k].to(device=view.device, dtype=view.dtype))
                 elif f.name == "mrope_positions":
-                    view.copy_(pos[start:start + k].to(device=view.device, dtype=view.dtype))
+                    view.copy_(pos[start : start + k].to(device=view.device, dtype=view.dtype))
                 else:
                     view.zero_()
             start += k
@@ -448,6 +541,11 @@ class QwenEncoderModel:
 def load_encoder_model(name: str, hidden: int, device: str = "cpu") -> QwenEncoderModel:
     t0 = time.perf_counter()
     model = QwenEncoderModel(load_qwen2vl(name, hidden, device, keep=("vision",)))
-    log.info("encoder model %s (%s, hidden %d) loaded in %.1f s", MODEL_NAME, name, hidden, time.perf_counter() - t0)
+    log.info(
+        "encoder model %s (%s, hidden %d) loaded in %.1f s",
+        MODEL_NAME,
+        name,
+        hidden,
+        time.perf_counter() - t0,
+    )
     return model
-

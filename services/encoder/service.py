@@ -13,28 +13,26 @@ import collections
 import logging
 import socket
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
-
-from common import errors
+from common import errors, transport_faults
+from common.bounds import OutOfBounds, Slab, check_plan
 from common.config import WRITE_WAITS, EncoderConfig
 from common.fence import WriteFence, quarantine_until_landed
 from common.integrity import INLINE_MAX_BYTES, PayloadSums, checksums_off_loop, fast_checksums
 from common.layout import PoolGeometry
-from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, common_pb2, encoder_pb2, encoder_pb2_grpc
-from common.bounds import OutOfBounds, Slab, check_plan
 from common.limits import check_images
+from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, common_pb2, encoder_pb2, encoder_pb2_grpc
 from common.plan import blocks_for_tokens, plan_round
 from common.pool import BlockPool
 from common.states import FailureReason, StatusUpdate, TransferState
 from common.table import TransferTable
 from common.transport import MooncakeTransport, memory_location
-from common import transport_faults
 from services import exposure, rpc
-from services.metrics import Metrics
 from services.encoder.models import EncodeInputs, SyntheticModel, load_model, validate_images
 from services.encoder.possession import CHALLENGE_TTL_S, Challenges, ProofReader
 from services.encoder.transfer import EncoderTransfer, PeerSession, validate_allocation
+from services.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +60,9 @@ class EncoderService:
         self.synthetic = SyntheticModel()
         self.model = load_model(config.model, config.hidden, config.dtype, config.device)
         self.sessions: dict[tuple[str, int], PeerSession] = {}
-        self._session_used: dict[tuple[str, int], float] = {}  # last Register or Init of each registration
+        self._session_used: dict[
+            tuple[str, int], float
+        ] = {}  # last Register or Init of each registration
         self.plan_fault = None  # TransferEnv: test-only plan corruption (see start)
         self.transfers: TransferTable[EncoderTransfer] = TransferTable(config.history_size)
         self.server: rpc.GrpcServer | None = None
@@ -80,33 +80,67 @@ class EncoderService:
     async def start(self) -> None:
         cfg = self.config
         if self.transport is None:
-            self.transport = await asyncio.to_thread(MooncakeTransport, cfg.host, cfg.protocol, cfg.rdma_device,
-                                                     write_timeout_s=cfg.write_timeout_s, wait=cfg.write_wait)
-        self.transport = transport_faults.wrap(self.transport, cfg.transport_fault)  # test-only; "" = unchanged
-        self.plan_fault = getattr(self.transport, "plan_fault", None)  # test-only: None unless misplan_nth is set
+            self.transport = await asyncio.to_thread(
+                MooncakeTransport,
+                cfg.host,
+                cfg.protocol,
+                cfg.rdma_device,
+                write_timeout_s=cfg.write_timeout_s,
+                wait=cfg.write_wait,
+            )
+        self.transport = transport_faults.wrap(
+            self.transport, cfg.transport_fault
+        )  # test-only; "" = unchanged
+        self.plan_fault = getattr(
+            self.transport, "plan_fault", None
+        )  # test-only: None unless misplan_nth is set
         # Registered once, before any peer can open our segment (peers cache descriptors).
-        self.transport.register(self.pool.base_address, self.pool.registered_bytes, memory_location(cfg.device))
+        self.transport.register(
+            self.pool.base_address, self.pool.registered_bytes, memory_location(cfg.device)
+        )
         self.metrics.watch_pool(self.pool.allocator)
         self.metrics.watch_inflight(lambda: len(self.transfers.live))
         # Register's proofs are read by an engine of their own (services/encoder/possession.py).
-        self.proof_transport = await asyncio.to_thread(MooncakeTransport, cfg.host, cfg.protocol, cfg.rdma_device)
+        self.proof_transport = await asyncio.to_thread(
+            MooncakeTransport, cfg.host, cfg.protocol, cfg.rdma_device
+        )
         lanes = ProofReader.new_lanes()
         self.proof_transport.register(lanes.data_ptr(), lanes.numel(), memory_location("cpu"))
         self.proofs = ProofReader(self.proof_transport.read_sync, lanes)
         self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
         sec = rpc.ServerSecurity.from_config(cfg)
         self.server = rpc.GrpcServer(
-            SERVICE_NAME, lambda server: encoder_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(self, sec), server),
-            interceptors=[self.metrics.interceptor()], sec=sec,
-            bench=EncoderBenchServicer(self) if cfg.enable_bench else None)  # off in production
+            SERVICE_NAME,
+            lambda server: encoder_pb2_grpc.add_EncoderServicer_to_server(
+                EncoderServicer(self, sec), server
+            ),
+            interceptors=[self.metrics.interceptor()],
+            sec=sec,
+            bench=EncoderBenchServicer(self) if cfg.enable_bench else None,
+        )  # off in production
         self.port = await self.server.start(cfg.host, cfg.port)
         self.encoder_id = cfg.encoder_id or f"{socket.gethostname()}:{self.port}"
-        exposure.report("encoder", cfg.host, {self.port: "gRPC", self.metrics_port: "metrics",
-                                              self.transport.handshake_port: "Mooncake handshake",
-                                              self.proof_transport.handshake_port: "Mooncake handshake (proofs)"})
-        log.info("encoder %s serving on %s:%d, session %s, pool %d x %d tokens x %d B on %s",
-                 self.encoder_id, cfg.host, self.port, self.transport.session, cfg.pool_blocks, cfg.block_size,
-                 self.pool.record.record_bytes, cfg.device)
+        exposure.report(
+            "encoder",
+            cfg.host,
+            {
+                self.port: "gRPC",
+                self.metrics_port: "metrics",
+                self.transport.handshake_port: "Mooncake handshake",
+                self.proof_transport.handshake_port: "Mooncake handshake (proofs)",
+            },
+        )
+        log.info(
+            "encoder %s serving on %s:%d, session %s, pool %d x %d tokens x %d B on %s",
+            self.encoder_id,
+            cfg.host,
+            self.port,
+            self.transport.session,
+            cfg.pool_blocks,
+            cfg.block_size,
+            self.pool.record.record_bytes,
+            cfg.device,
+        )
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Graceful and idempotent: NOT_SERVING, refuse new requests (UNAVAILABLE), give live
@@ -120,7 +154,11 @@ class EncoderService:
             await self.server.set_not_serving()
         live = [t.done for t in self.transfers.live]
         if live:
-            log.info("encoder shutting down: waiting up to %.1f s for %d live transfer(s)", grace, len(live))
+            log.info(
+                "encoder shutting down: waiting up to %.1f s for %d live transfer(s)",
+                grace,
+                len(live),
+            )
             await asyncio.wait([asyncio.ensure_future(ev.wait()) for ev in live], timeout=grace)
         for t in self.transfers.live:
             t.fail(FailureReason.CANCELLED, "encoder shutting down")
@@ -140,26 +178,40 @@ class EncoderService:
         """Shutdown: writes that may still land keep reading the source pool, which must stay
         registered until they are final: wait for them (at most `timeout`), then say what is left.
         (The language ranks quarantine their side on their own.)"""
-        fences = [t.fence_task for t in self.transfers.live if t.fence_task is not None and not t.fence_task.done()]
+        fences = [
+            t.fence_task
+            for t in self.transfers.live
+            if t.fence_task is not None and not t.fence_task.done()
+        ]
         fences += [task for task in self._raw_fences if not task.done()]
         if not fences:
             return
-        log.warning("encoder shutting down: waiting up to %.1f s for %d transfer(s) with writes still running",
-                    timeout, len(fences))
+        log.warning(
+            "encoder shutting down: waiting up to %.1f s for %d transfer(s) with writes still running",
+            timeout,
+            len(fences),
+        )
         _done, pending = await asyncio.wait(fences, timeout=timeout)
         if pending:
-            log.warning("encoder shutting down with %d transfer(s) whose writes are still running (%d quarantined "
-                        "source block(s)); the language ranks keep their blocks quarantined", len(pending),
-                        self.pool.allocator.quarantined_count)
+            log.warning(
+                "encoder shutting down with %d transfer(s) whose writes are still running (%d quarantined "
+                "source block(s)); the language ranks keep their blocks quarantined",
+                len(pending),
+                self.pool.allocator.quarantined_count,
+            )
         else:
             log.info("encoder shutting down: every write ended")
 
     # ------------------------------------------------------------------ TransferEnv
 
-    async def write(self, session: str, triples: Sequence[tuple[int, int, int]], fence: WriteFence) -> None:
+    async def write(
+        self, session: str, triples: Sequence[tuple[int, int, int]], fence: WriteFence
+    ) -> None:
         await self.transport.write(session, triples, fence=fence)
 
-    async def round_checksums(self, blocks: Sequence[int], start: int, n_tokens: int) -> dict[str, int]:
+    async def round_checksums(
+        self, blocks: Sequence[int], start: int, n_tokens: int
+    ) -> dict[str, int]:
         runs = self.pool.runs(blocks, start, n_tokens)
         return await checksums_off_loop(runs, self.pool.record, start)
 
@@ -179,19 +231,36 @@ class EncoderService:
             raise errors.InvalidArgument("language_id is empty")
         return self.challenges.issue(principal, language_id, rank)  # bounded per identity itself
 
-    async def register(self, language_id: str, rank: int, session: str, geometry: PoolGeometry, principal: str = "",
-                       proof_nonce: bytes = b"") -> None:
+    async def register(
+        self,
+        language_id: str,
+        rank: int,
+        session: str,
+        geometry: PoolGeometry,
+        principal: str = "",
+        proof_nonce: bytes = b"",
+    ) -> None:
         self._refuse_when_draining("Register")
         if not language_id:
             raise errors.InvalidArgument("language_id is empty")
         what = f"Register of language_id {errors.shown(language_id)} rank {rank}"
         host, _, port = session.rpartition(":")
-        if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535 or any(c.isspace() for c in session):
-            raise errors.InvalidArgument(f"session={errors.shown(session)}: must be the Mooncake session 'host:port' (port 1..65535)")
+        if (
+            not host
+            or not (port.isascii() and port.isdigit())
+            or not 1 <= int(port) <= 65535
+            or any(c.isspace() for c in session)
+        ):
+            raise errors.InvalidArgument(
+                f"session={errors.shown(session)}: must be the Mooncake session 'host:port' (port 1..65535)"
+            )
         diffs = self.pool.record.differences(geometry.record)
         if diffs:
             raise errors.FailedPrecondition(
-                "layout does not match the encoder's: " + "; ".join(diffs) + f" (language {errors.shown(language_id)} rank {rank})")
+                "layout does not match the encoder's: "
+                + "; ".join(diffs)
+                + f" (language {errors.shown(language_id)} rank {rank})"
+            )
         key = (language_id, rank)
         # A registration belongs to the identity that made it: only the same instance may replace
         # it (a restart keeps its language_id and certificate).
@@ -207,24 +276,38 @@ class EncoderService:
             self._session_used[key] = time.monotonic()
             return  # idempotent
         generation = old.generation + 1 if old else 0
-        self._check_session_room(language_id, rank, principal, what)  # only now: a failed proof evicts nobody
-        self.sessions[key] = PeerSession(language_id, rank, session, geometry, generation, principal)
+        self._check_session_room(
+            language_id, rank, principal, what
+        )  # only now: a failed proof evicts nobody
+        self.sessions[key] = PeerSession(
+            language_id, rank, session, geometry, generation, principal
+        )
         self._session_used[key] = time.monotonic()
         if old is not None:
-            log.info("language %s rank %d re-registered: session %s -> %s", language_id, rank, old.session, session)
+            log.info(
+                "language %s rank %d re-registered: session %s -> %s",
+                language_id,
+                rank,
+                old.session,
+                session,
+            )
             # Transfers bound to the old session must not write into memory that is no longer
             # that rank's pool (a restarted process): they fail instead.
             for t in self.transfers.live:
                 slot = t.ranks.get(rank)
                 if slot is not None and slot.peer is old:
-                    t.fail(FailureReason.PEER_LOST,
-                           f"language {errors.shown(language_id)} rank {rank} re-registered (session {old.session} -> {session})")
+                    t.fail(
+                        FailureReason.PEER_LOST,
+                        f"language {errors.shown(language_id)} rank {rank} re-registered (session {old.session} -> {session})",
+                    )
 
     def _check_replaceable(self, key: tuple[str, int], principal: str, what: str) -> None:
         old = self.sessions.get(key)
         if old is not None and old.principal != principal:
-            raise errors.PermissionDenied(f"{what}: this session is registered by another identity; only the "
-                                          f"language instance that registered it may replace it")
+            raise errors.PermissionDenied(
+                f"{what}: this session is registered by another identity; only the "
+                f"language instance that registered it may replace it"
+            )
 
     def _check_session_room(self, language_id: str, rank: int, principal: str, what: str) -> None:
         """Room for a new (language_id, rank) within the per-identity and the total bound: at the
@@ -236,11 +319,15 @@ class EncoderService:
         cfg = self.config
         mine = [k for k, p in self.sessions.items() if p.principal == principal]
         if len(mine) >= cfg.max_sessions_per_identity and not self._forget_idle(mine):
-            raise errors.ResourceExhausted(f"{what}: this identity already holds {len(mine)} registrations, each in "
-                                           f"use (max_sessions_per_identity={cfg.max_sessions_per_identity})")
+            raise errors.ResourceExhausted(
+                f"{what}: this identity already holds {len(mine)} registrations, each in "
+                f"use (max_sessions_per_identity={cfg.max_sessions_per_identity})"
+            )
         if len(self.sessions) >= cfg.max_sessions and not self._forget_idle(list(self.sessions)):
-            raise errors.ResourceExhausted(f"{what}: this encoder holds {len(self.sessions)} registrations, each in "
-                                           f"use (max_sessions={cfg.max_sessions})")
+            raise errors.ResourceExhausted(
+                f"{what}: this encoder holds {len(self.sessions)} registrations, each in "
+                f"use (max_sessions={cfg.max_sessions})"
+            )
 
     def _forget_idle(self, keys: list[tuple[str, int]]) -> bool:
         """Forget the least recently used of `keys` that no live transfer writes to; False if none."""
@@ -249,28 +336,43 @@ class EncoderService:
         if not idle:
             return False
         oldest = min(idle, key=lambda k: self._session_used.get(k, 0.0))
-        log.info("forgetting the registration of language %s rank %d (least recently used, at the bound)", *oldest)
+        log.info(
+            "forgetting the registration of language %s rank %d (least recently used, at the bound)",
+            *oldest,
+        )
         del self.sessions[oldest]
         self._session_used.pop(oldest, None)
         return True
 
     def registered_by(self, language_id: str, principal: str) -> bool:
         """Whether `principal` registered some rank of `language_id` here."""
-        return any(p.language_id == language_id and p.principal == principal for p in self.sessions.values())
+        return any(
+            p.language_id == language_id and p.principal == principal
+            for p in self.sessions.values()
+        )
 
-    def _check_transfer_id(self, request_id: str, language_id: str, principal: str, what: str) -> None:
+    def _check_transfer_id(
+        self, request_id: str, language_id: str, principal: str, what: str
+    ) -> None:
         """A new transfer's id and owner: the caller's own registered language. An id shaped like
         `LANGUAGE_ID/...` (how language instances name transfers) must carry such a language, so
         no one can pre-create a transfer id under another instance's prefix."""
         if language_id and not self.registered_by(language_id, principal):
-            raise errors.FailedPrecondition(f"{what}: language_id {errors.shown(language_id)} has not called Register "
-                                            f"with this identity", error_reason=errors.NOT_REGISTERED)
+            raise errors.FailedPrecondition(
+                f"{what}: language_id {errors.shown(language_id)} has not called Register "
+                f"with this identity",
+                error_reason=errors.NOT_REGISTERED,
+            )
         prefix, slash, _ = request_id.partition("/")
         if slash and not self.registered_by(prefix, principal):
-            raise errors.PermissionDenied(f"{what}: the transfer id's prefix {errors.shown(prefix)} is not a language "
-                                          f"registered by the caller")
+            raise errors.PermissionDenied(
+                f"{what}: the transfer id's prefix {errors.shown(prefix)} is not a language "
+                f"registered by the caller"
+            )
 
-    def _transfer_for(self, request_id: str, *, language_id: str, rank_count: int) -> EncoderTransfer:
+    def _transfer_for(
+        self, request_id: str, *, language_id: str, rank_count: int
+    ) -> EncoderTransfer:
         t = self.transfers.live_get(request_id)
         if t is None:
             t = EncoderTransfer(request_id, self, language_id=language_id, rank_count=rank_count)
@@ -278,9 +380,18 @@ class EncoderService:
             t.start()
         return t
 
-    def init(self, request_id: str, language_id: str, rank: int, rank_count: int,
-             blocks: list[int], allocated_tokens: int, principal: str = "", *,
-             progress_tokens: int = 0) -> EncoderTransfer:
+    def init(
+        self,
+        request_id: str,
+        language_id: str,
+        rank: int,
+        rank_count: int,
+        blocks: list[int],
+        allocated_tokens: int,
+        principal: str = "",
+        *,
+        progress_tokens: int = 0,
+    ) -> EncoderTransfer:
         what = f"Init of request {errors.shown(request_id)} rank {rank}"
         self._refuse_when_draining(what)
         if not request_id:
@@ -293,11 +404,16 @@ class EncoderService:
         if peer is None:
             raise errors.FailedPrecondition(
                 f"{what}: language_id {errors.shown(language_id)} rank {rank} has not called Register",
-                error_reason=errors.NOT_REGISTERED)
+                error_reason=errors.NOT_REGISTERED,
+            )
         if peer.principal != principal:
-            raise errors.PermissionDenied(f"{what}: language_id {errors.shown(language_id)} rank {rank} was registered "
-                                          f"by another identity")
-        validate_allocation(peer, blocks, allocated_tokens, what)  # the length first: bounded by the pool
+            raise errors.PermissionDenied(
+                f"{what}: language_id {errors.shown(language_id)} rank {rank} was registered "
+                f"by another identity"
+            )
+        validate_allocation(
+            peer, blocks, allocated_tokens, what
+        )  # the length first: bounded by the pool
         blocks = list(blocks)
         self._session_used[(language_id, rank)] = time.monotonic()
         existing = self.transfers.live_get(request_id)
@@ -306,34 +422,56 @@ class EncoderService:
         else:
             ended = self.transfers.get(request_id)
             if ended is not None:
-                ended.check_owner(language_id, principal, what)  # an id stays its owner's while it is known
+                ended.check_owner(
+                    language_id, principal, what
+                )  # an id stays its owner's while it is known
             self._check_transfer_id(request_id, language_id, principal, what)
             self._check_peer_limit(language_id, principal, what)
             if ended is not None and ended.language_id == language_id and rank in ended.ranks:
-                raise errors.AlreadyExists(f"{what}: request already ran ({ended.state.name}); use a new request_id")
+                raise errors.AlreadyExists(
+                    f"{what}: request already ran ({ended.state.name}); use a new request_id"
+                )
             if ended is not None and ended.language_id == language_id and ended.total_tokens:
                 # Encoded and ended (e.g. timed out while this rank waited for blocks): a late Init
                 # must fail at once, not open a fresh transfer that waits for an Encode.
                 raise errors.FailedPrecondition(
-                    f"{what}: the request already ended ({ended.state.name}: {ended.message or 'done'})")
-        t = existing or EncoderTransfer(request_id, self, language_id=language_id, rank_count=rank_count,
-                                        principal=principal)
-        t.add_rank(rank, rank_count, peer, blocks, allocated_tokens,  # raises before anything is stored
-                   progress_tokens=progress_tokens)
+                    f"{what}: the request already ended ({ended.state.name}: {ended.message or 'done'})"
+                )
+        t = existing or EncoderTransfer(
+            request_id, self, language_id=language_id, rank_count=rank_count, principal=principal
+        )
+        t.add_rank(
+            rank,
+            rank_count,
+            peer,
+            blocks,
+            allocated_tokens,  # raises before anything is stored
+            progress_tokens=progress_tokens,
+        )
         if existing is None:
             self.transfers.add(request_id, t)
             t.start()
         return t
 
-    async def encode(self, request_id: str, inputs: EncodeInputs, rank_count: int, language_id: str,
-                     principal: str = "") -> tuple[int, float]:
+    async def encode(
+        self,
+        request_id: str,
+        inputs: EncodeInputs,
+        rank_count: int,
+        language_id: str,
+        principal: str = "",
+    ) -> tuple[int, float]:
         started = time.monotonic()
         what = f"Encode of request {errors.shown(request_id)}"
         self._refuse_when_draining(what)
         if not request_id:
             raise errors.InvalidArgument("request_id is empty")
-        check_images(what, [len(data) for data, _mime in inputs.images], max_images=self.config.max_images,
-                     max_image_bytes=self.config.max_image_bytes)
+        check_images(
+            what,
+            [len(data) for data, _mime in inputs.images],
+            max_images=self.config.max_images,
+            max_image_bytes=self.config.max_image_bytes,
+        )
         # Ownership and the per-peer limit before the (possibly slow) validation: a foreign or
         # excess request costs no decoding.
         known = self.transfers.get(request_id)
@@ -356,10 +494,22 @@ class EncoderService:
             ended = self.transfers.get(request_id)
             if ended is not None:
                 ended.check_owner(language_id, principal, what)
-            if ended is not None and (ended.src_blocks is not None or ended.total_tokens or ended.encoding):
-                raise errors.AlreadyExists(f"request_id {errors.shown(request_id)} was already encoded ({ended.state.name})")
-            self._check_peer_limit(language_id, principal, what)  # again: the validation above awaited
-            t = EncoderTransfer(request_id, self, language_id=language_id, rank_count=rank_count, principal=principal)
+            if ended is not None and (
+                ended.src_blocks is not None or ended.total_tokens or ended.encoding
+            ):
+                raise errors.AlreadyExists(
+                    f"request_id {errors.shown(request_id)} was already encoded ({ended.state.name})"
+                )
+            self._check_peer_limit(
+                language_id, principal, what
+            )  # again: the validation above awaited
+            t = EncoderTransfer(
+                request_id,
+                self,
+                language_id=language_id,
+                rank_count=rank_count,
+                principal=principal,
+            )
             t.begin_encode(rank_count, language_id, principal)
             self.transfers.add(request_id, t)
             t.start()
@@ -367,8 +517,10 @@ class EncoderService:
         try:
             alloc_started = time.monotonic()
             blocks = await self.pool.allocator.alloc(
-                blocks_for_tokens(total, self.pool.block_size), timeout=self.config.alloc_timeout_s,
-                label=f"encoder source pool for request {request_id}")
+                blocks_for_tokens(total, self.pool.block_size),
+                timeout=self.config.alloc_timeout_s,
+                label=f"encoder source pool for request {request_id}",
+            )
             self.telemetry.alloc_waited(time.monotonic() - alloc_started)
             runs = self.pool.runs(blocks, 0, total)
             fill_started = time.monotonic()
@@ -410,7 +562,9 @@ class EncoderService:
             raise
         if not t.attach_payload(blocks, total, payload_checksums, payload_sums):
             self.pool.allocator.free(blocks)
-            raise errors.FailedPrecondition(f"request {errors.shown(request_id)} ended while encoding: {t.message}")
+            raise errors.FailedPrecondition(
+                f"request {errors.shown(request_id)} ended while encoding: {t.message}"
+            )
         return total, time.monotonic() - started
 
     def _validate_inputs(self, request_id: str, inputs: EncodeInputs):
@@ -420,19 +574,33 @@ class EncoderService:
             validate_images(inputs.images)
         total = model.token_count(inputs)
         if total < 1:
-            raise errors.InvalidArgument(f"request {errors.shown(request_id)} has no tokens (empty text, no images, synthetic_tokens=0)")
+            raise errors.InvalidArgument(
+                f"request {errors.shown(request_id)} has no tokens (empty text, no images, synthetic_tokens=0)"
+            )
         if total > self.config.max_request_tokens:
             describe = getattr(model, "describe", None)  # e.g. which image brings how many tokens
             raise errors.InvalidArgument(
                 f"request {errors.shown(request_id)} has {total} tokens{describe(inputs) if describe else ''}, "
-                f"above max_request_tokens={self.config.max_request_tokens}")
+                f"above max_request_tokens={self.config.max_request_tokens}"
+            )
         prepare = getattr(model, "prepare", None)
         if prepare is not None:
-            prepare(inputs)  # e.g. decode every image: a corrupt one is refused before any allocation
+            prepare(
+                inputs
+            )  # e.g. decode every image: a corrupt one is refused before any allocation
         return model, total
 
-    async def raw_write(self, language_id: str, rank: int, dst_blocks: list[int], tokens: int, repeats: int,
-                        concurrency: int, principal: str = "", write_wait: str = "") -> tuple[list[float], int, int]:
+    async def raw_write(
+        self,
+        language_id: str,
+        rank: int,
+        dst_blocks: list[int],
+        tokens: int,
+        repeats: int,
+        concurrency: int,
+        principal: str = "",
+        write_wait: str = "",
+    ) -> tuple[list[float], int, int]:
         """epd bench's baseline: `repeats` timed rounds of `concurrency` plain Mooncake writes of
         `tokens` records each, from our pool into blocks the language allocated for it, planned
         like a transfer round but with no protocol around them. Returns (seconds per repeat,
@@ -440,54 +608,91 @@ class EncoderService:
         batch_transfer_sync_write, whatever this encoder's --write-wait; "poll": the polled wait."""
         what = f"RawWrite from language_id {errors.shown(language_id)} rank {rank}"
         if write_wait not in ("", *WRITE_WAITS):
-            raise errors.InvalidArgument(f"{what}: write_wait={errors.shown(write_wait)} must be '', 'spin' or 'poll'")
+            raise errors.InvalidArgument(
+                f"{what}: write_wait={errors.shown(write_wait)} must be '', 'spin' or 'poll'"
+            )
         self._refuse_when_draining(what)
         if not 1 <= tokens <= self.config.max_request_tokens:
-            raise errors.InvalidArgument(f"{what}: tokens={tokens} must be in 1..{self.config.max_request_tokens}")
+            raise errors.InvalidArgument(
+                f"{what}: tokens={tokens} must be in 1..{self.config.max_request_tokens}"
+            )
         if not 1 <= repeats <= MAX_RAW_REPEATS:
-            raise errors.InvalidArgument(f"{what}: repeats={repeats} must be in 1..{MAX_RAW_REPEATS}")
+            raise errors.InvalidArgument(
+                f"{what}: repeats={repeats} must be in 1..{MAX_RAW_REPEATS}"
+            )
         concurrency = concurrency or 1
         if not 1 <= concurrency <= MAX_RAW_CONCURRENCY:
-            raise errors.InvalidArgument(f"{what}: concurrency={concurrency} must be in 1..{MAX_RAW_CONCURRENCY}")
+            raise errors.InvalidArgument(
+                f"{what}: concurrency={concurrency} must be in 1..{MAX_RAW_CONCURRENCY}"
+            )
         peer = self.sessions.get((language_id, rank))
         if peer is None:
-            raise errors.FailedPrecondition(f"{what}: language_id {errors.shown(language_id)} rank {rank} has not called Register")
+            raise errors.FailedPrecondition(
+                f"{what}: language_id {errors.shown(language_id)} rank {rank} has not called Register"
+            )
         if peer.principal != principal:
-            raise errors.PermissionDenied(f"{what}: language_id {errors.shown(language_id)} rank {rank} was registered "
-                                          f"by another identity")
+            raise errors.PermissionDenied(
+                f"{what}: language_id {errors.shown(language_id)} rank {rank} was registered "
+                f"by another identity"
+            )
         per_write = blocks_for_tokens(tokens, peer.geometry.block_size)
         if len(dst_blocks) != concurrency * per_write:
-            raise errors.InvalidArgument(f"{what}: {len(dst_blocks)} dst_blocks, expected concurrency * "
-                                         f"ceil(tokens / block_size) = {concurrency} * {per_write}")
+            raise errors.InvalidArgument(
+                f"{what}: {len(dst_blocks)} dst_blocks, expected concurrency * "
+                f"ceil(tokens / block_size) = {concurrency} * {per_write}"
+            )
         validate_allocation(peer, dst_blocks, len(dst_blocks) * peer.geometry.block_size, what)
         dst_blocks = list(dst_blocks)
         src_per_write = blocks_for_tokens(tokens, self.pool.block_size)
-        src = await self.pool.allocator.alloc(concurrency * src_per_write, timeout=self.config.alloc_timeout_s,
-                                              label=what)
+        src = await self.pool.allocator.alloc(
+            concurrency * src_per_write, timeout=self.config.alloc_timeout_s, label=what
+        )
         fence = WriteFence()
         try:
             # Only bytes the bench wrote itself leave this process: freed blocks still hold what
             # earlier requests (of any instance) left there.
-            filling = asyncio.ensure_future(asyncio.to_thread(self._fill_bench_pattern, src, tokens, src_per_write,
-                                                              concurrency))
+            filling = asyncio.ensure_future(
+                asyncio.to_thread(self._fill_bench_pattern, src, tokens, src_per_write, concurrency)
+            )
             try:
                 await asyncio.shield(filling)
             except asyncio.CancelledError:
-                await asyncio.gather(filling, return_exceptions=True)  # it writes into src until it returns
+                await asyncio.gather(
+                    filling, return_exceptions=True
+                )  # it writes into src until it returns
                 raise
             geo, src_geo = peer.geometry, self.pool.geometry
-            plans = [plan_round(src_base=src_geo.base_address, src_blocks=src[i * src_per_write:(i + 1) * src_per_write],
-                                src_block_size=src_geo.block_size, src_start=0, dst_base=geo.base_address,
-                                dst_blocks=dst_blocks[i * per_write:(i + 1) * per_write], dst_block_size=geo.block_size,
-                                dst_start=0, n_tokens=tokens, record_bytes=src_geo.record.record_bytes)
-                     for i in range(concurrency)]
-            src_slab = Slab(src_geo.base_address, src_geo.num_blocks, src_geo.block_size * src_geo.record.record_bytes,
-                            "source pool")
+            plans = [
+                plan_round(
+                    src_base=src_geo.base_address,
+                    src_blocks=src[i * src_per_write : (i + 1) * src_per_write],
+                    src_block_size=src_geo.block_size,
+                    src_start=0,
+                    dst_base=geo.base_address,
+                    dst_blocks=dst_blocks[i * per_write : (i + 1) * per_write],
+                    dst_block_size=geo.block_size,
+                    dst_start=0,
+                    n_tokens=tokens,
+                    record_bytes=src_geo.record.record_bytes,
+                )
+                for i in range(concurrency)
+            ]
+            src_slab = Slab(
+                src_geo.base_address,
+                src_geo.num_blocks,
+                src_geo.block_size * src_geo.record.record_bytes,
+                "source pool",
+            )
             try:
                 for i, plan in enumerate(plans):
-                    check_plan(plan, src=src_slab, src_blocks=src[i * src_per_write:(i + 1) * src_per_write],
-                               dst=peer.slab(), dst_blocks=dst_blocks[i * per_write:(i + 1) * per_write],
-                               expected_bytes=tokens * src_geo.record.record_bytes)
+                    check_plan(
+                        plan,
+                        src=src_slab,
+                        src_blocks=src[i * src_per_write : (i + 1) * src_per_write],
+                        dst=peer.slab(),
+                        dst_blocks=dst_blocks[i * per_write : (i + 1) * per_write],
+                        expected_bytes=tokens * src_geo.record.record_bytes,
+                    )
             except OutOfBounds as e:
                 raise errors.InvalidArgument(f"{what}: refused before any write: {e}") from None
             seconds = []
@@ -496,8 +701,12 @@ class EncoderService:
                     started = time.perf_counter()
                     # The baseline is Mooncake's own batch_transfer_sync_write, whatever --write-wait says.
                     wait = write_wait or "spin"
-                    await asyncio.gather(*(self.transport.write(peer.session, plan, wait=wait, fence=fence)
-                                           for plan in plans))
+                    await asyncio.gather(
+                        *(
+                            self.transport.write(peer.session, plan, wait=wait, fence=fence)
+                            for plan in plans
+                        )
+                    )
                     seconds.append(time.perf_counter() - started)
             except errors.TransportError as e:
                 # ABORTED, not the transport's UNAVAILABLE: this answer comes once no write of the
@@ -509,20 +718,32 @@ class EncoderService:
             else:
                 # A write still runs: the source blocks stay quarantined until it is final, and the
                 # caller is answered only then, so an answer means no write of it can land.
-                held = quarantine_until_landed(self.pool.allocator, src, fence, self.quarantine_max_s, what)
+                held = quarantine_until_landed(
+                    self.pool.allocator, src, fence, self.quarantine_max_s, what
+                )
                 self._raw_fences.add(held)
                 held.add_done_callback(self._raw_fences.discard)
                 await asyncio.shield(held)
         nbytes = sum(length for plan in plans for _, _, length in plan)
         return seconds, nbytes, len(plans[0])
 
-    def _fill_bench_pattern(self, src: list[int], tokens: int, per_write: int, concurrency: int) -> None:
+    def _fill_bench_pattern(
+        self, src: list[int], tokens: int, per_write: int, concurrency: int
+    ) -> None:
         for i in range(concurrency):
-            for run in self.pool.runs(src[i * per_write:(i + 1) * per_write], 0, tokens):
+            for run in self.pool.runs(src[i * per_write : (i + 1) * per_write], 0, tokens):
                 run.fill_(BENCH_FILL_BYTE)
 
-    def resume(self, request_id: str, language_id: str, rank: int, sent_tokens: int,
-               blocks: list[int], allocated_tokens: int, principal: str = "") -> bool:
+    def resume(
+        self,
+        request_id: str,
+        language_id: str,
+        rank: int,
+        sent_tokens: int,
+        blocks: list[int],
+        allocated_tokens: int,
+        principal: str = "",
+    ) -> bool:
         what = f"Resume of request {errors.shown(request_id)} rank {rank}"
         if not request_id:
             raise errors.InvalidArgument("request_id is empty")
@@ -532,7 +753,9 @@ class EncoderService:
         t = self.owned(request_id, language_id, principal, what)
         return t.resume(rank, sent_tokens, blocks, allocated_tokens)
 
-    def owned(self, request_id: str, language_id: str, principal: str, what: str) -> EncoderTransfer:
+    def owned(
+        self, request_id: str, language_id: str, principal: str, what: str
+    ) -> EncoderTransfer:
         """The transfer, when the caller owns it: NotFound for an unknown id, PermissionDenied for
         another instance's (a caller without a language_id owns only transfers nobody claimed)."""
         if not request_id:
@@ -541,7 +764,9 @@ class EncoderService:
         t.check_owner(language_id, principal, what)
         return t
 
-    def find_owned(self, request_id: str, language_id: str, principal: str, what: str) -> EncoderTransfer:
+    def find_owned(
+        self, request_id: str, language_id: str, principal: str, what: str
+    ) -> EncoderTransfer:
         """Cancel's lookup: like `find` (the transfer id, else the client's request id), but among
         the caller's own transfers first, so two instances' equal request ids never mix."""
         if not request_id:
@@ -549,7 +774,9 @@ class EncoderService:
         if language_id and self.transfers.get(request_id) is None:
             mine = self.transfers.get(f"{language_id}/{request_id}")
             if mine is None:
-                mine = self._find_client_id(request_id, lambda t: t.owned_by(language_id, principal) and t.language_id)
+                mine = self._find_client_id(
+                    request_id, lambda t: t.owned_by(language_id, principal) and t.language_id
+                )
             if mine is not None:
                 return self.owned(mine.request_id, language_id, principal, what)
         t = self.find(request_id)
@@ -564,18 +791,28 @@ class EncoderService:
         live = self.transfers.live
         mine = sum(1 for t in live if t.language_id == language_id and t.principal == principal)
         if mine >= cfg.max_transfers_per_peer:
-            peer = f"language_id {errors.shown(language_id)}" if language_id else "callers without a language_id"
+            peer = (
+                f"language_id {errors.shown(language_id)}"
+                if language_id
+                else "callers without a language_id"
+            )
             if principal.startswith("cert:"):
                 peer += f" ({principal})"
-            raise errors.ResourceExhausted(f"{what}: {peer} already has {mine} live transfers on this encoder "
-                                           f"(max_transfers_per_peer={cfg.max_transfers_per_peer})")
+            raise errors.ResourceExhausted(
+                f"{what}: {peer} already has {mine} live transfers on this encoder "
+                f"(max_transfers_per_peer={cfg.max_transfers_per_peer})"
+            )
         identity = sum(1 for t in live if t.principal == principal)
         if identity >= cfg.max_transfers_per_identity:
-            raise errors.ResourceExhausted(f"{what}: this identity already has {identity} live transfers on this "
-                                           f"encoder (max_transfers_per_identity={cfg.max_transfers_per_identity})")
+            raise errors.ResourceExhausted(
+                f"{what}: this identity already has {identity} live transfers on this "
+                f"encoder (max_transfers_per_identity={cfg.max_transfers_per_identity})"
+            )
         if len(live) >= cfg.max_live_transfers:
-            raise errors.ResourceExhausted(f"{what}: this encoder has {len(live)} live transfers "
-                                           f"(max_live_transfers={cfg.max_live_transfers})")
+            raise errors.ResourceExhausted(
+                f"{what}: this encoder has {len(live)} live transfers "
+                f"(max_live_transfers={cfg.max_live_transfers})"
+            )
 
     def find(self, request_id: str) -> EncoderTransfer:
         """A transfer by its id or, failing that, by a language's client request id: a language
@@ -619,11 +856,22 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
 
     @rpc.grpc_errors
     async def Encode(self, request, context):
-        inputs = EncodeInputs(tuple((im.data, im.mime_type) for im in request.images), request.text,
-                              request.synthetic_tokens, request.synthetic_seed)
-        init_applied, init_error = self._carried_init(request, context) if request.HasField("init") else (False, "")
-        total, seconds = await self.s.encode(request.request_id, inputs, request.rank_count, request.language_id,
-                                             rpc.peer_identity(context))
+        inputs = EncodeInputs(
+            tuple((im.data, im.mime_type) for im in request.images),
+            request.text,
+            request.synthetic_tokens,
+            request.synthetic_seed,
+        )
+        init_applied, init_error = (
+            self._carried_init(request, context) if request.HasField("init") else (False, "")
+        )
+        total, seconds = await self.s.encode(
+            request.request_id,
+            inputs,
+            request.rank_count,
+            request.language_id,
+            rpc.peer_identity(context),
+        )
         if context.cancelled():
             # The caller gave up while we encoded (a small payload is encoded without a pause in
             # which the cancellation could land): it will never Init, and its Cancel may have
@@ -631,8 +879,13 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             t = self.s.transfers.live_get(request.request_id)
             if t is not None:
                 await t.cancel("Encode was cancelled by its caller")
-        return encoder_pb2.EncodeReply(request_id=request.request_id, total_tokens=total, encode_seconds=seconds,
-                                       init_applied=init_applied, init_error=init_error)
+        return encoder_pb2.EncodeReply(
+            request_id=request.request_id,
+            total_tokens=total,
+            encode_seconds=seconds,
+            init_applied=init_applied,
+            init_error=init_error,
+        )
 
     def _carried_init(self, request, context) -> tuple[bool, str]:
         """EncodeRequest.init, handled as its own Init RPC would be, before the Encode: (applied,
@@ -643,12 +896,23 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             raise errors.InvalidArgument(
                 f"Encode of request {errors.shown(request.request_id)}: init is for request_id "
                 f"{errors.shown(init.request_id)} language_id {errors.shown(init.language_id)}, the Encode for "
-                f"request_id {errors.shown(request.request_id)} language_id {errors.shown(request.language_id)}")
+                f"request_id {errors.shown(request.request_id)} language_id {errors.shown(request.language_id)}"
+            )
         try:
-            self.s.init(init.request_id, init.language_id, init.rank, init.rank_count, list(init.dst_blocks),
-                        init.allocated_tokens, rpc.peer_identity(context), progress_tokens=init.progress_tokens)
+            self.s.init(
+                init.request_id,
+                init.language_id,
+                init.rank,
+                init.rank_count,
+                list(init.dst_blocks),
+                init.allocated_tokens,
+                rpc.peer_identity(context),
+                progress_tokens=init.progress_tokens,
+            )
         except errors.EpdError as e:
-            log.info("request %s: the Init carried by its Encode was refused: %s", request.request_id, e)
+            log.info(
+                "request %s: the Init carried by its Encode was refused: %s", request.request_id, e
+            )
             return False, f"{type(e).__name__}: {e}"
         return True, ""
 
@@ -661,34 +925,60 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     async def Register(self, request, context):
         if not request.HasField("layout"):
             raise errors.InvalidArgument("layout is missing")
-        await self.s.register(request.language_id, request.rank, request.session, rpc.geometry_from_pb(request.layout),
-                              rpc.peer_identity(context), request.proof_nonce)
+        await self.s.register(
+            request.language_id,
+            request.rank,
+            request.session,
+            rpc.geometry_from_pb(request.layout),
+            rpc.peer_identity(context),
+            request.proof_nonce,
+        )
         layout = rpc.geometry_to_pb(self.s.pool.geometry)
-        layout.base_address = 0  # the encoder's memory is nobody else's business (the data plane is open)
+        layout.base_address = (
+            0  # the encoder's memory is nobody else's business (the data plane is open)
+        )
         return encoder_pb2.RegisterReply(encoder_id=self.s.encoder_id, layout=layout)
 
     @rpc.grpc_errors
     async def Init(self, request, context):
         # The block ids stay a protobuf sequence until their count was checked against the pool.
-        t = self.s.init(request.request_id, request.language_id, request.rank, request.rank_count,
-                        request.dst_blocks, request.allocated_tokens, rpc.peer_identity(context),
-                        progress_tokens=request.progress_tokens)
+        t = self.s.init(
+            request.request_id,
+            request.language_id,
+            request.rank,
+            request.rank_count,
+            request.dst_blocks,
+            request.allocated_tokens,
+            rpc.peer_identity(context),
+            progress_tokens=request.progress_tokens,
+        )
         return encoder_pb2.InitReply(state=int(t.state))
 
     @rpc.grpc_errors
     async def Resume(self, request, context):
-        dup = self.s.resume(request.request_id, request.language_id, request.rank, request.sent_tokens,
-                            request.dst_blocks, request.allocated_tokens, rpc.peer_identity(context))
+        dup = self.s.resume(
+            request.request_id,
+            request.language_id,
+            request.rank,
+            request.sent_tokens,
+            request.dst_blocks,
+            request.allocated_tokens,
+            rpc.peer_identity(context),
+        )
         return encoder_pb2.ResumeReply(duplicate=dup)
 
     def _check_stream_room(self, principal: str, what: str) -> None:
         cfg = self.s.config
         if self._streams_by[principal] >= cfg.max_status_streams_per_identity:
-            raise errors.ResourceExhausted(f"{what}: this identity has {self._streams_by[principal]} Status streams "
-                                           f"open (max_status_streams_per_identity={cfg.max_status_streams_per_identity})")
+            raise errors.ResourceExhausted(
+                f"{what}: this identity has {self._streams_by[principal]} Status streams "
+                f"open (max_status_streams_per_identity={cfg.max_status_streams_per_identity})"
+            )
         if self.status_streams >= cfg.max_status_streams:
-            raise errors.ResourceExhausted(f"{what}: {self.status_streams} Status streams are open "
-                                           f"(max_status_streams={cfg.max_status_streams})")
+            raise errors.ResourceExhausted(
+                f"{what}: {self.status_streams} Status streams are open "
+                f"(max_status_streams={cfg.max_status_streams})"
+            )
 
     @rpc.grpc_errors
     async def Status(self, request, context):
@@ -718,7 +1008,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         except asyncio.CancelledError:
             # The rank went away mid-transfer: its blocks may be gone, so the request cannot finish.
             if not terminal_seen and request.rank in t.ranks:
-                t.fail(FailureReason.PEER_LOST, f"Status stream of rank {request.rank} closed before the transfer ended")
+                t.fail(
+                    FailureReason.PEER_LOST,
+                    f"Status stream of rank {request.rank} closed before the transfer ended",
+                )
             raise
 
     def _visible(self, t: EncoderTransfer, caller: str) -> bool:
@@ -739,7 +1032,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         states = [_state_arg(s) for s in request.states]
         mine = [t for t in self.s.transfers.select(states, 0) if self._visible(t, caller)]
         if request.limit:
-            mine = mine[:request.limit]
+            mine = mine[: request.limit]
         return common_pb2.ListTransfersReply(transfers=[transfer_info(t) for t in mine])
 
     @rpc.grpc_errors
@@ -750,10 +1043,14 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             t = self.s.find(request.request_id)  # an operator may end any transfer
         else:
             t = self.s.find_owned(request.request_id, request.language_id, caller, what)
-        cancelled = await t.cancel(f"cancelled by peer: {request.reason or 'no reason given'}",
-                                   cancel_reason(request.reason))
+        cancelled = await t.cancel(
+            f"cancelled by peer: {request.reason or 'no reason given'}",
+            cancel_reason(request.reason),
+        )
         # Answered once the transfer ended; whether its writes did is the fence's to say.
-        return common_pb2.CancelReply(cancelled=cancelled, state=int(t.state), writes_ended=not t.writes_may_land)
+        return common_pb2.CancelReply(
+            cancelled=cancelled, state=int(t.state), writes_ended=not t.writes_may_land
+        )
 
     @rpc.grpc_errors
     async def GetPool(self, request, context):
@@ -775,8 +1072,15 @@ class EncoderBenchServicer(bench_pb2_grpc.BenchServicer):
     @rpc.grpc_errors
     async def RawWrite(self, request, context):
         seconds, nbytes, descriptors = await self.s.raw_write(
-            request.language_id, request.rank, request.dst_blocks, request.tokens, request.repeats,
-            request.concurrency, rpc.peer_identity(context), request.write_wait)
+            request.language_id,
+            request.rank,
+            request.dst_blocks,
+            request.tokens,
+            request.repeats,
+            request.concurrency,
+            rpc.peer_identity(context),
+            request.write_wait,
+        )
         return bench_pb2.RawWriteReply(seconds=seconds, bytes=nbytes, descriptors=descriptors)
 
 
@@ -798,23 +1102,45 @@ def _state_arg(value: int) -> TransferState:
 
 def status_to_pb(st: StatusUpdate) -> common_pb2.TransferStatus:
     return common_pb2.TransferStatus(
-        request_id=st.request_id, state=int(st.state), sent_tokens=st.sent_tokens, total_tokens=st.total_tokens,
-        round=st.round, round_tokens=st.round_tokens, allocated_tokens=st.allocated_tokens,
+        request_id=st.request_id,
+        state=int(st.state),
+        sent_tokens=st.sent_tokens,
+        total_tokens=st.total_tokens,
+        round=st.round,
+        round_tokens=st.round_tokens,
+        allocated_tokens=st.allocated_tokens,
         checksums=[common_pb2.Checksum(field=name, value=value) for name, value in st.checksums],
-        error=rpc.error_to_pb(st.reason, st.message, st.writes_may_land), landed_tokens=st.landed_tokens,
-        landed_checksums=[common_pb2.Checksum(field=name, value=value) for name, value in st.landed_checksums])
+        error=rpc.error_to_pb(st.reason, st.message, st.writes_may_land),
+        landed_tokens=st.landed_tokens,
+        landed_checksums=[
+            common_pb2.Checksum(field=name, value=value) for name, value in st.landed_checksums
+        ],
+    )
 
 
 def transfer_info(t: EncoderTransfer) -> common_pb2.TransferInfo:
     record_bytes = t.env.pool.record.payload_bytes_per_token
     return common_pb2.TransferInfo(
-        request_id=t.client_request_id, state=int(t.state), sent_tokens=t.sent_tokens, total_tokens=t.total_tokens,
-        rounds=t.rounds, age_seconds=t.age_seconds, peer=t.language_id, transfer_seconds=t.transfer_seconds,
+        request_id=t.client_request_id,
+        state=int(t.state),
+        sent_tokens=t.sent_tokens,
+        total_tokens=t.total_tokens,
+        rounds=t.rounds,
+        age_seconds=t.age_seconds,
+        peer=t.language_id,
+        transfer_seconds=t.transfer_seconds,
         bootstrap_seconds=t.init_at - t.created if t.init_at is not None else 0.0,
         bytes=t.sent_tokens * record_bytes,
         error=rpc.error_to_pb(t.reason, t.message, t.state.terminal and t.writes_may_land),
         allocated_tokens=sum(s.allocated_tokens for s in t.ranks.values() if s.blocks is not None),
-        ranks=[common_pb2.RankView(rank=r, state=int(t.state), sent_tokens=s.sent_tokens,
-                                   allocated_tokens=s.allocated_tokens if s.blocks is not None else 0,
-                                   session=s.peer.session)
-               for r, s in sorted(t.ranks.items())])
+        ranks=[
+            common_pb2.RankView(
+                rank=r,
+                state=int(t.state),
+                sent_tokens=s.sent_tokens,
+                allocated_tokens=s.allocated_tokens if s.blocks is not None else 0,
+                session=s.peer.session,
+            )
+            for r, s in sorted(t.ranks.items())
+        ],
+    )

@@ -20,10 +20,18 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import AsyncIterator, Callable, Protocol, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Protocol
 
 from common.bounds import OutOfBounds, Slab, check_plan
-from common.errors import AlreadyExists, EpdError, FailedPrecondition, InvalidArgument, PermissionDenied, shown
+from common.errors import (
+    AlreadyExists,
+    EpdError,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    shown,
+)
 from common.fence import WriteFence, quarantine_until_landed
 from common.integrity import PayloadSums
 from common.layout import PoolGeometry
@@ -54,8 +62,12 @@ class PeerSession:
     def slab(self) -> Slab:
         """The registered pool as addresses, for the last check before a write (common/bounds.py)."""
         geo = self.geometry
-        return Slab(geo.base_address, geo.num_blocks, geo.block_size * geo.record.record_bytes,
-                    f"destination pool of language {self.language_id} rank {self.rank}")
+        return Slab(
+            geo.base_address,
+            geo.num_blocks,
+            geo.block_size * geo.record.record_bytes,
+            f"destination pool of language {self.language_id} rank {self.rank}",
+        )
 
 
 class TransferEnv(Protocol):
@@ -72,12 +84,16 @@ class TransferEnv(Protocol):
     plan_fault: Callable[[list[Triple]], list[Triple]] | None
     """Test-only: corrupts planned rounds (`--transport-fault misplan_nth=K`); None in production."""
 
-    async def write(self, session: str, triples: Sequence[tuple[int, int, int]], fence: WriteFence) -> None:
+    async def write(
+        self, session: str, triples: Sequence[tuple[int, int, int]], fence: WriteFence
+    ) -> None:
         """One Mooncake write, tracked by `fence` until every piece is final."""
 
-    async def round_checksums(self, blocks: Sequence[int], start: int, n_tokens: int) -> dict[str, int]: ...
+    async def round_checksums(
+        self, blocks: Sequence[int], start: int, n_tokens: int
+    ) -> dict[str, int]: ...
 
-    def on_finished(self, transfer: "EncoderTransfer") -> None: ...
+    def on_finished(self, transfer: EncoderTransfer) -> None: ...
 
 
 def _individual(principal: str) -> bool:
@@ -108,21 +124,28 @@ class RankSlot:
     """The rank asked for a progress status every this many tokens of a round (0 = none)."""
 
 
-def validate_allocation(peer: PeerSession, blocks: Sequence[int], allocated_tokens: int, what: str) -> None:
+def validate_allocation(
+    peer: PeerSession, blocks: Sequence[int], allocated_tokens: int, what: str
+) -> None:
     """Init/Resume allocations must be whole blocks inside the peer's pool; raise InvalidArgument."""
     geo = peer.geometry
     if not blocks:
         raise InvalidArgument(f"{what}: dst_blocks is empty")
     if len(blocks) > geo.num_blocks:
-        raise InvalidArgument(f"{what}: {len(blocks)} dst_blocks for a pool of {geo.num_blocks} blocks")
+        raise InvalidArgument(
+            f"{what}: {len(blocks)} dst_blocks for a pool of {geo.num_blocks} blocks"
+        )
     if allocated_tokens != len(blocks) * geo.block_size:
         raise InvalidArgument(
             f"{what}: allocated_tokens={allocated_tokens} must equal len(dst_blocks) * block_size = "
-            f"{len(blocks)} * {geo.block_size} = {len(blocks) * geo.block_size}")
+            f"{len(blocks)} * {geo.block_size} = {len(blocks) * geo.block_size}"
+        )
     seen: set[int] = set()
     for b in blocks:
         if b >= geo.num_blocks:
-            raise InvalidArgument(f"{what}: dst block id {b} is out of range for a pool of {geo.num_blocks} blocks")
+            raise InvalidArgument(
+                f"{what}: dst block id {b} is out of range for a pool of {geo.num_blocks} blocks"
+            )
         if b in seen:
             raise InvalidArgument(f"{what}: dst block id {b} appears more than once")
         seen.add(b)
@@ -131,8 +154,15 @@ def validate_allocation(peer: PeerSession, blocks: Sequence[int], allocated_toke
 class EncoderTransfer:
     """State of one request on the encoder, plus the task that moves it along."""
 
-    def __init__(self, request_id: str, env: TransferEnv, *, language_id: str = "", rank_count: int = 0,
-                 principal: str = ""):
+    def __init__(
+        self,
+        request_id: str,
+        env: TransferEnv,
+        *,
+        language_id: str = "",
+        rank_count: int = 0,
+        principal: str = "",
+    ):
         self.request_id = request_id
         self.env = env
         self.language_id = language_id
@@ -146,7 +176,9 @@ class EncoderTransfer:
         self.state = TransferState.BOOTSTRAPPING
         self.ranks: dict[int, RankSlot] = {}
         self.src_blocks: list[int] | None = None
-        self.payload_checksums: tuple[tuple[str, int], ...] | None = None  # a small payload's, from Encode
+        self.payload_checksums: tuple[tuple[str, int], ...] | None = (
+            None  # a small payload's, from Encode
+        )
         self.payload_sums: PayloadSums | None = None  # from Encode: any round's checksums
         self.total_tokens = 0
         self.sent_tokens = 0
@@ -186,11 +218,21 @@ class EncoderTransfer:
         """PermissionDenied naming the request (never the owner's id or identity)."""
         if not self.owned_by(language_id, principal):
             # The client's request id: the transfer id would carry the owner's language_id.
-            raise PermissionDenied(f"{what}: request {shown(self.client_request_id)} belongs to another language instance "
-                                   f"(caller language_id {shown(language_id)})")
+            raise PermissionDenied(
+                f"{what}: request {shown(self.client_request_id)} belongs to another language instance "
+                f"(caller language_id {shown(language_id)})"
+            )
 
-    def add_rank(self, rank: int, rank_count: int, peer: PeerSession, blocks: list[int], allocated_tokens: int, *,
-                 progress_tokens: int = 0) -> None:
+    def add_rank(
+        self,
+        rank: int,
+        rank_count: int,
+        peer: PeerSession,
+        blocks: list[int],
+        allocated_tokens: int,
+        *,
+        progress_tokens: int = 0,
+    ) -> None:
         """Record an Init (already validated against the peer's pool)."""
         what = f"Init of request {shown(self.request_id)} rank {rank}"
         if self.state.terminal:
@@ -198,12 +240,16 @@ class EncoderTransfer:
         if rank in self.ranks:
             raise AlreadyExists(f"{what}: rank {rank} has already sent Init for this request")
         if self.rank_count and rank_count != self.rank_count:
-            raise InvalidArgument(f"{what}: rank_count={rank_count} differs from the request's rank_count={self.rank_count}")
+            raise InvalidArgument(
+                f"{what}: rank_count={rank_count} differs from the request's rank_count={self.rank_count}"
+            )
         self.check_owner(peer.language_id, peer.principal, what)
         self.rank_count = rank_count
         self.language_id = peer.language_id
         self.principal = peer.principal
-        self.ranks[rank] = RankSlot(peer, list(blocks), allocated_tokens, for_sent=0, progress_tokens=progress_tokens)
+        self.ranks[rank] = RankSlot(
+            peer, list(blocks), allocated_tokens, for_sent=0, progress_tokens=progress_tokens
+        )
         self.init_at = self.init_at or time.monotonic()
         if len(self.ranks) == self.rank_count:
             self._set_state(TransferState.WAITING_FOR_INPUT)
@@ -217,15 +263,22 @@ class EncoderTransfer:
         if self.encoding or self.src_blocks is not None:
             raise AlreadyExists(f"{what}: request_id {shown(self.request_id)} was already encoded")
         if rank_count and self.rank_count and rank_count != self.rank_count:
-            raise InvalidArgument(f"{what}: rank_count={rank_count} differs from the request's rank_count={self.rank_count}")
+            raise InvalidArgument(
+                f"{what}: rank_count={rank_count} differs from the request's rank_count={self.rank_count}"
+            )
         self.rank_count = self.rank_count or rank_count
         if not self.language_id and language_id:
             self.language_id, self.principal = language_id, principal
         self.encoding = True
         self.encode_finished.clear()
 
-    def attach_payload(self, blocks: list[int], total_tokens: int,
-                       checksums: tuple[tuple[str, int], ...] | None = None, sums: PayloadSums | None = None) -> bool:
+    def attach_payload(
+        self,
+        blocks: list[int],
+        total_tokens: int,
+        checksums: tuple[tuple[str, int], ...] | None = None,
+        sums: PayloadSums | None = None,
+    ) -> bool:
         """Hand the encoded source blocks (and, if computed, the whole payload's checksums and the
         sums any round's checksums follow from) to the transfer; False (caller frees) if it ended
         meanwhile."""
@@ -254,8 +307,11 @@ class EncoderTransfer:
             raise FailedPrecondition(f"{what}: rank {rank} never sent Init for this request")
         if sent_tokens > self.sent_tokens:
             raise FailedPrecondition(
-                f"{what}: sent_tokens={sent_tokens} is ahead of the {self.sent_tokens} tokens the encoder has sent")
-        if sent_tokens < self.sent_tokens or (slot.blocks is not None and slot.for_sent == sent_tokens):
+                f"{what}: sent_tokens={sent_tokens} is ahead of the {self.sent_tokens} tokens the encoder has sent"
+            )
+        if sent_tokens < self.sent_tokens or (
+            slot.blocks is not None and slot.for_sent == sent_tokens
+        ):
             return True
         if self.state.terminal:
             raise FailedPrecondition(f"{what}: the request already ended ({self.state.name})")
@@ -285,15 +341,26 @@ class EncoderTransfer:
     # ----------------------------------------------------------------- the task
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self.run(), name=f"transfer-{self.request_id}")
+        self.task = asyncio.get_running_loop().create_task(
+            self.run(), name=f"transfer-{self.request_id}"
+        )
 
     async def run(self) -> None:
         try:
-            await self._until(self._ready_to_send, self.created + self.env.bootstrap_timeout_s, self._bootstrap_what)
+            await self._until(
+                self._ready_to_send,
+                self.created + self.env.bootstrap_timeout_s,
+                self._bootstrap_what,
+            )
             while True:
-                n = min(self.total_tokens - self.sent_tokens, *(s.allocated_tokens for s in self.ranks.values()))
+                n = min(
+                    self.total_tokens - self.sent_tokens,
+                    *(s.allocated_tokens for s in self.ranks.values()),
+                )
                 checksums = await self._send_round(n)
-                self.env.telemetry.bytes_moved(n * len(self.ranks) * self.env.pool.record.payload_bytes_per_token)
+                self.env.telemetry.bytes_moved(
+                    n * len(self.ranks) * self.env.pool.record.payload_bytes_per_token
+                )
                 self.sent_tokens += n
                 self.rounds += 1
                 for slot in self.ranks.values():
@@ -306,13 +373,23 @@ class EncoderTransfer:
                         slot.blocks = None
                 self.state = TransferState.SUCCESS if last else TransferState.TRANSFERRING
                 self._publish(round_tokens=n, allocated_tokens=n, checksums=checksums)
-                log.debug("request %s: round %d sent %d/%d tokens", self.request_id, self.rounds,
-                          self.sent_tokens, self.total_tokens)
+                log.debug(
+                    "request %s: round %d sent %d/%d tokens",
+                    self.request_id,
+                    self.rounds,
+                    self.sent_tokens,
+                    self.total_tokens,
+                )
                 if last:
                     break
-                await self._until(self._all_resumed, time.monotonic() + self.env.resume_timeout_s,
-                                  lambda: f"no Resume from rank(s) {self._missing_resumes()} within "
-                                          f"resume_timeout_s={self.env.resume_timeout_s}")
+                await self._until(
+                    self._all_resumed,
+                    time.monotonic() + self.env.resume_timeout_s,
+                    lambda: (
+                        f"no Resume from rank(s) {self._missing_resumes()} within "
+                        f"resume_timeout_s={self.env.resume_timeout_s}"
+                    ),
+                )
                 self.env.telemetry.resumed()
         except _Failure as f:
             self._finish_failed(f.reason, f.message)
@@ -340,7 +417,9 @@ class EncoderTransfer:
             if self._failure is not None:  # cancelled meanwhile: write no further part
                 raise self._failure
             if hi < n:
-                self._publish(landed_tokens=hi, landed_checksums=self._sums_checksums(self.sent_tokens, hi))
+                self._publish(
+                    landed_tokens=hi, landed_checksums=self._sums_checksums(self.sent_tokens, hi)
+                )
         return checksums
 
     def _part_tokens(self, n: int) -> int:
@@ -350,12 +429,18 @@ class EncoderTransfer:
         steps = [s.progress_tokens for s in self.ranks.values() if s.progress_tokens]
         if not steps or not self.env.integrity or self.payload_sums is None:
             return n
-        block = max(self.env.pool.block_size, *(s.peer.geometry.block_size for s in self.ranks.values()))
+        block = max(
+            self.env.pool.block_size, *(s.peer.geometry.block_size for s in self.ranks.values())
+        )
         return min(n, -(-min(steps) // block) * block)
 
     def _sums_checksums(self, start: int, count: int) -> tuple[tuple[str, int], ...]:
         pool, src = self.env.pool, self.src_blocks
-        return tuple(self.payload_sums.checksums(start, count, lambda lo, hi: pool.runs(src, lo, hi - lo)).items())
+        return tuple(
+            self.payload_sums.checksums(
+                start, count, lambda lo, hi: pool.runs(src, lo, hi - lo)
+            ).items()
+        )
 
     async def _write_part(self, lo: int, hi: int, n: int) -> tuple[tuple[str, int], ...]:
         """Write tokens [lo, hi) of the round (of n tokens) to every rank; the round's checksums
@@ -363,35 +448,71 @@ class EncoderTransfer:
         pool = self.env.pool
         src_geo = pool.geometry
         record_bytes = src_geo.record.record_bytes
-        src_slab = Slab(src_geo.base_address, src_geo.num_blocks, src_geo.block_size * record_bytes, "source pool")
+        src_slab = Slab(
+            src_geo.base_address,
+            src_geo.num_blocks,
+            src_geo.block_size * record_bytes,
+            "source pool",
+        )
         first, count = self.sent_tokens + lo, hi - lo
         # The blocks holding these tokens on each side: writes may touch nothing else.
-        src_part = self.src_blocks[first // src_geo.block_size: blocks_for_tokens(first + count, src_geo.block_size)]
+        src_part = self.src_blocks[
+            first // src_geo.block_size : blocks_for_tokens(first + count, src_geo.block_size)
+        ]
         plans = []
         for slot in self.ranks.values():
             geo = slot.peer.geometry
             triples = plan_round(
-                src_base=src_geo.base_address, src_blocks=self.src_blocks, src_block_size=src_geo.block_size,
-                src_start=first, dst_base=geo.base_address, dst_blocks=slot.blocks,
-                dst_block_size=geo.block_size, dst_start=lo, n_tokens=count, record_bytes=record_bytes)
+                src_base=src_geo.base_address,
+                src_blocks=self.src_blocks,
+                src_block_size=src_geo.block_size,
+                src_start=first,
+                dst_base=geo.base_address,
+                dst_blocks=slot.blocks,
+                dst_block_size=geo.block_size,
+                dst_start=lo,
+                n_tokens=count,
+                record_bytes=record_bytes,
+            )
             plan_fault = getattr(self.env, "plan_fault", None)
             if plan_fault is not None:
                 triples = plan_fault(triples)
             try:
                 # Every rank's plan is checked before any write is submitted: a planning bug
                 # fails the request, it never writes outside the blocks the peer gave us.
-                check_plan(triples, src=src_slab, src_blocks=src_part, dst=slot.peer.slab(),
-                           dst_blocks=slot.blocks[lo // geo.block_size: blocks_for_tokens(hi, geo.block_size)],
-                           expected_bytes=count * record_bytes)
+                check_plan(
+                    triples,
+                    src=src_slab,
+                    src_blocks=src_part,
+                    dst=slot.peer.slab(),
+                    dst_blocks=slot.blocks[
+                        lo // geo.block_size : blocks_for_tokens(hi, geo.block_size)
+                    ],
+                    expected_bytes=count * record_bytes,
+                )
             except OutOfBounds as e:
-                log.error("request %s: round %d refused before writing: %s", self.request_id, self.rounds + 1, e)
-                where = "any write" if lo == 0 else f"writing tokens [{lo}, {hi}) of it (earlier parts were written)"
-                raise _Failure(FailureReason.INVALID, f"round {self.rounds + 1} to rank {slot.peer.rank} refused before "
-                                                      f"{where}: {e}") from None
+                log.error(
+                    "request %s: round %d refused before writing: %s",
+                    self.request_id,
+                    self.rounds + 1,
+                    e,
+                )
+                where = (
+                    "any write"
+                    if lo == 0
+                    else f"writing tokens [{lo}, {hi}) of it (earlier parts were written)"
+                )
+                raise _Failure(
+                    FailureReason.INVALID,
+                    f"round {self.rounds + 1} to rank {slot.peer.rank} refused before {where}: {e}",
+                ) from None
             plans.append((slot.peer.session, triples))
         # The writes start first; the round's checksums are worked out while they run.
         loop = asyncio.get_running_loop()
-        writes = [loop.create_task(self.env.write(session, triples, self.fence)) for session, triples in plans]
+        writes = [
+            loop.create_task(self.env.write(session, triples, self.fence))
+            for session, triples in plans
+        ]
         try:
             await asyncio.sleep(0)  # let the writes reach their worker threads
             # Checksums come from what Encode computed (no pass over the round beside its write);
@@ -399,7 +520,11 @@ class EncoderTransfer:
             precomputed = None
             last = hi == n
             if self.env.integrity and last:
-                if self.sent_tokens == 0 and n == self.total_tokens and self.payload_checksums is not None:
+                if (
+                    self.sent_tokens == 0
+                    and n == self.total_tokens
+                    and self.payload_checksums is not None
+                ):
                     precomputed = self.payload_checksums
                 elif self.payload_sums is not None:
                     precomputed = self._sums_checksums(self.sent_tokens, n)
@@ -420,30 +545,45 @@ class EncoderTransfer:
             err = errors[0]
             if isinstance(err, asyncio.CancelledError):
                 raise err
-            reason = err.reason if isinstance(err, EpdError) and err.reason != FailureReason.UNSPECIFIED \
+            reason = (
+                err.reason
+                if isinstance(err, EpdError) and err.reason != FailureReason.UNSPECIFIED
                 else FailureReason.TRANSPORT
+            )
             raise _Failure(reason, f"round {self.rounds + 1} write failed: {err}")
         if not (self.env.integrity and last):
             return ()
         return precomputed if precomputed is not None else tuple(results[-1].items())
 
     def _ready_to_send(self) -> bool:
-        return bool(self.rank_count) and len(self.ranks) == self.rank_count and self.src_blocks is not None
+        return (
+            bool(self.rank_count)
+            and len(self.ranks) == self.rank_count
+            and self.src_blocks is not None
+        )
 
     def _bootstrap_what(self) -> str:
         if not self.rank_count or len(self.ranks) < self.rank_count:
             have = sorted(self.ranks)
-            return (f"no Init from every data rank within bootstrap_timeout_s={self.env.bootstrap_timeout_s} "
-                    f"(have ranks {have} of rank_count={self.rank_count or '?'})")
+            return (
+                f"no Init from every data rank within bootstrap_timeout_s={self.env.bootstrap_timeout_s} "
+                f"(have ranks {have} of rank_count={self.rank_count or '?'})"
+            )
         return f"no Encode within bootstrap_timeout_s={self.env.bootstrap_timeout_s}"
 
     def _all_resumed(self) -> bool:
-        return all(s.blocks is not None and s.for_sent == self.sent_tokens for s in self.ranks.values())
+        return all(
+            s.blocks is not None and s.for_sent == self.sent_tokens for s in self.ranks.values()
+        )
 
     def _missing_resumes(self) -> list[int]:
-        return sorted(r for r, s in self.ranks.items() if s.blocks is None or s.for_sent != self.sent_tokens)
+        return sorted(
+            r for r, s in self.ranks.items() if s.blocks is None or s.for_sent != self.sent_tokens
+        )
 
-    async def _until(self, predicate: Callable[[], bool], deadline: float, what: Callable[[], str]) -> None:
+    async def _until(
+        self, predicate: Callable[[], bool], deadline: float, what: Callable[[], str]
+    ) -> None:
         """Wait (on wake-ups, not by polling) until predicate holds; fail on failure or deadline.
         An Encode in progress suspends the deadline: its own allocation has alloc_timeout_s."""
         while True:
@@ -470,8 +610,13 @@ class EncoderTransfer:
         # Writes only ever read the source blocks: with none held, nothing of ours is in flight.
         # Decided once: the status and the quarantine (_release) must agree.
         self._ended_fenced = self.src_blocks is not None and self.fence.may_land
-        log.info("request %s: FAILED (%s)%s: %s", self.request_id, reason.label,
-                 ", writes may still land" if self._ended_fenced else "", message)
+        log.info(
+            "request %s: FAILED (%s)%s: %s",
+            self.request_id,
+            reason.label,
+            ", writes may still land" if self._ended_fenced else "",
+            message,
+        )
         self._publish(reason=reason, message=message, writes_may_land=self._ended_fenced)
 
     @property
@@ -485,8 +630,13 @@ class EncoderTransfer:
                 # A write still running reads these blocks: nobody else may fill them before it ends.
                 self.quarantined_blocks = self.src_blocks
                 self.fence_task = quarantine_until_landed(
-                    self.env.pool.allocator, self.src_blocks, self.fence, self.env.quarantine_max_s,
-                    f"request {self.request_id}", self._fence_cleared)
+                    self.env.pool.allocator,
+                    self.src_blocks,
+                    self.fence,
+                    self.env.quarantine_max_s,
+                    f"request {self.request_id}",
+                    self._fence_cleared,
+                )
                 self.env.telemetry.write_fenced()
             else:
                 self.env.pool.allocator.free(self.src_blocks)
@@ -495,11 +645,15 @@ class EncoderTransfer:
             slot.blocks = None
         self.finished_at = time.monotonic()
         if self.state == TransferState.SUCCESS:
-            self.env.telemetry.transfer_ended(self.state, self.reason, seconds=self.transfer_seconds, rounds=self.rounds)
+            self.env.telemetry.transfer_ended(
+                self.state, self.reason, seconds=self.transfer_seconds, rounds=self.rounds
+            )
         else:
             if self.reason == FailureReason.INTEGRITY:
                 self.env.telemetry.integrity_failed()  # a language rank found the mismatch and cancelled
-            self.env.telemetry.transfer_ended(TransferState.FAILED, self.reason, seconds=None, rounds=self.rounds)
+            self.env.telemetry.transfer_ended(
+                TransferState.FAILED, self.reason, seconds=None, rounds=self.rounds
+            )
         self.done.set()
         if self.fence_task is None:
             self.env.on_finished(self)
@@ -527,8 +681,13 @@ class EncoderTransfer:
 
     def _publish(self, **extra) -> None:
         self._status = StatusUpdate(
-            self.request_id, self.state, sent_tokens=self.sent_tokens, total_tokens=self.total_tokens,
-            round=self.rounds, **extra)
+            self.request_id,
+            self.state,
+            sent_tokens=self.sent_tokens,
+            total_tokens=self.total_tokens,
+            round=self.rounds,
+            **extra,
+        )
         event, self._published = self._published, asyncio.Event()
         event.set()
 
@@ -558,8 +717,12 @@ class EncoderTransfer:
         `LANGUAGE_ID/REQUEST_ID` (unique per instance by construction); inspection shows
         `REQUEST_ID` (`REQUEST_ID#2` for a failed-over attempt), with the language as `peer`."""
         prefix = f"{self.language_id}/"
-        if self.language_id and self.request_id.startswith(prefix) and len(self.request_id) > len(prefix):
-            return self.request_id[len(prefix):]
+        if (
+            self.language_id
+            and self.request_id.startswith(prefix)
+            and len(self.request_id) > len(prefix)
+        ):
+            return self.request_id[len(prefix) :]
         return self.request_id
 
     @property
@@ -571,4 +734,3 @@ class EncoderTransfer:
         if self.finished_at is None or self.init_at is None:
             return 0.0
         return self.finished_at - self.init_at
-

@@ -83,7 +83,12 @@ class Qwen2VLPrefill:
     def max_tokens(self) -> int:
         return self.qwen.config.text_config.max_position_embeddings
 
-    def prefill(self, embeddings: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor | None = None) -> ConsumerResult:
+    def prefill(
+        self,
+        embeddings: torch.Tensor,
+        positions: torch.Tensor,
+        token_ids: torch.Tensor | None = None,
+    ) -> ConsumerResult:
         """embeddings [T, hidden], positions [T, 3] (t, h, w), token_ids [T] → the first token."""
         total = int(embeddings.shape[0])
         why = self._not_an_input(total, token_ids)
@@ -93,15 +98,22 @@ class Qwen2VLPrefill:
         with self._lock, torch.inference_mode():
             started = time.perf_counter()  # the prefill itself, not the wait for the one before
             x = embeddings.to(device=q.device, dtype=q.dtype)[None]
-            pos = positions.to(device=q.device, dtype=torch.int64).T[:, None, :]      # [3, 1, T]
-            hidden = q.model.model.language_model(inputs_embeds=x, position_ids=pos, use_cache=False).last_hidden_state
+            pos = positions.to(device=q.device, dtype=torch.int64).T[:, None, :]  # [3, 1, T]
+            hidden = q.model.model.language_model(
+                inputs_embeds=x, position_ids=pos, use_cache=False
+            ).last_hidden_state
             logits = q.model.lm_head(hidden[:, -1]).float()[0]
             top = torch.topk(logits, min(self.top_k, logits.shape[0]))
             result = ConsumerResult(
-                first_token_id=int(top.indices[0]), top_token_ids=tuple(int(i) for i in top.indices),
-                top_logits=tuple(float(v) for v in top.values), logits_norm=float(torch.linalg.vector_norm(logits)),
-                logits_sum=float(logits.sum()), vocab_size=int(logits.shape[0]),
-                position_delta=int(positions.max()) + 1 - total, prefill_tokens=total)
+                first_token_id=int(top.indices[0]),
+                top_token_ids=tuple(int(i) for i in top.indices),
+                top_logits=tuple(float(v) for v in top.values),
+                logits_norm=float(torch.linalg.vector_norm(logits)),
+                logits_sum=float(logits.sum()),
+                vocab_size=int(logits.shape[0]),
+                position_delta=int(positions.max()) + 1 - total,
+                prefill_tokens=total,
+            )
         result.prefill_seconds = time.perf_counter() - started
         return result
 
@@ -141,8 +153,15 @@ def build_consumer(config: LanguageConfig, rank: int):
         from services.encoder.qwen import load_qwen2vl
 
         started = time.perf_counter()
-        consumer = Qwen2VLPrefill(load_qwen2vl(config.model, config.hidden, config.device, keep=("text",)))
-        log.info("consumer %s: model %s (hidden %d) loaded in %.1f s", consumer.name, config.model, config.hidden,
-                 time.perf_counter() - started)
+        consumer = Qwen2VLPrefill(
+            load_qwen2vl(config.model, config.hidden, config.device, keep=("text",))
+        )
+        log.info(
+            "consumer %s: model %s (hidden %d) loaded in %.1f s",
+            consumer.name,
+            config.model,
+            config.hidden,
+            time.perf_counter() - started,
+        )
         return consumer
     return NullConsumer()

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncContextManager, Callable, Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common import errors
 from common.layout import PoolGeometry
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, common_pb2, encoder_pb2, encoder_pb2_grpc
 from common.states import FailureReason, StatusUpdate, TransferState
 from services import rpc
@@ -47,8 +47,9 @@ class GrpcEncoderLink:
         except grpc.aio.AioRpcError as e:
             raise rpc.error_from_rpc(e, f"{what} on encoder {self.address}") from None
 
-    async def register(self, rank: int, session: str, geometry: PoolGeometry, prove: "Prove",
-                       timeout: float = 10.0) -> None:
+    async def register(
+        self, rank: int, session: str, geometry: PoolGeometry, prove: Prove, timeout: float = 10.0
+    ) -> None:
         """Challenge, put the nonce into the pool's proof area (`prove`), Register with it: the
         encoder reads it back through Mooncake before it accepts the pool
         (services/encoder/possession.py)."""
@@ -61,14 +62,32 @@ class GrpcEncoderLink:
             # One at a time: a second Challenge for the same rank replaces the first's nonce (the
             # background registration and a request's re-registration may meet here).
             async with self._registering:
-                challenge = await self._call("Challenge", self.stub.Challenge(encoder_pb2.ChallengeRequest(
-                    language_id=self.language_id, rank=rank), timeout=timeout, wait_for_ready=True))
+                challenge = await self._call(
+                    "Challenge",
+                    self.stub.Challenge(
+                        encoder_pb2.ChallengeRequest(language_id=self.language_id, rank=rank),
+                        timeout=timeout,
+                        wait_for_ready=True,
+                    ),
+                )
                 async with prove(challenge.nonce):
-                    reply = await self._call("Register", self.stub.Register(encoder_pb2.RegisterRequest(
-                        language_id=self.language_id, rank=rank, session=session,
-                        layout=rpc.geometry_to_pb(geometry), proof_nonce=challenge.nonce),
-                        timeout=timeout, wait_for_ready=True))
-        except errors.DeadlineExceeded as e:  # say why it could not connect (e.g. a TLS handshake refused)
+                    reply = await self._call(
+                        "Register",
+                        self.stub.Register(
+                            encoder_pb2.RegisterRequest(
+                                language_id=self.language_id,
+                                rank=rank,
+                                session=session,
+                                layout=rpc.geometry_to_pb(geometry),
+                                proof_nonce=challenge.nonce,
+                            ),
+                            timeout=timeout,
+                            wait_for_ready=True,
+                        ),
+                    )
+        except (
+            errors.DeadlineExceeded
+        ) as e:  # say why it could not connect (e.g. a TLS handshake refused)
             raise errors.DeadlineExceeded(e.message + await self._connect_problem()) from None
         self.encoder_id = reply.encoder_id
 
@@ -79,32 +98,64 @@ class GrpcEncoderLink:
             await self.health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
             return ""
         except grpc.aio.AioRpcError as e:
-            return f" (cannot connect: {e.details()})" if e.code() == grpc.StatusCode.UNAVAILABLE else ""
+            return (
+                f" (cannot connect: {e.details()})"
+                if e.code() == grpc.StatusCode.UNAVAILABLE
+                else ""
+            )
 
     async def load(self, timeout: float = 1.0) -> tuple[bool, int, int, int, int]:
         """(serving, free source blocks, used, waiters, live transfers): the live view's poll.
         Raises a domain error when the encoder cannot be reached within `timeout`."""
-        check = await self._call("Health.Check", self.health.Check(
-            health_pb2.HealthCheckRequest(service="epd.v1.Encoder"), timeout=timeout))
+        check = await self._call(
+            "Health.Check",
+            self.health.Check(
+                health_pb2.HealthCheckRequest(service="epd.v1.Encoder"), timeout=timeout
+            ),
+        )
         if check.status != health_pb2.HealthCheckResponse.SERVING:
             return False, 0, 0, 0, 0
         pool, diag = await asyncio.gather(
             self._call("GetPool", self.stub.GetPool(common_pb2.GetPoolRequest(), timeout=timeout)),
-            self._call("GetDiagnostics", self.stub.GetDiagnostics(common_pb2.GetDiagnosticsRequest(), timeout=timeout)))
+            self._call(
+                "GetDiagnostics",
+                self.stub.GetDiagnostics(common_pb2.GetDiagnosticsRequest(), timeout=timeout),
+            ),
+        )
         return True, pool.free_blocks, pool.used_blocks, pool.waiters, diag.live_transfers
 
-    async def encode(self, request_id: str, images: Sequence[tuple[bytes, str]], text: str,
-                     synthetic_tokens: int, synthetic_seed: int, rank_count: int,
-                     init: CarriedInit | None = None) -> int:
+    async def encode(
+        self,
+        request_id: str,
+        images: Sequence[tuple[bytes, str]],
+        text: str,
+        synthetic_tokens: int,
+        synthetic_seed: int,
+        rank_count: int,
+        init: CarriedInit | None = None,
+    ) -> int:
         """The Encode, carrying `init` (EncodeRequest.init) when given: settled with whether the
         encoder took it once the Encode returned (left pending when the Encode fails)."""
         request = encoder_pb2.EncodeRequest(
-            request_id=request_id, images=[common_pb2.Image(data=d, mime_type=m) for d, m in images], text=text,
-            synthetic_tokens=synthetic_tokens, synthetic_seed=synthetic_seed, rank_count=rank_count,
-            language_id=self.language_id)
+            request_id=request_id,
+            images=[common_pb2.Image(data=d, mime_type=m) for d, m in images],
+            text=text,
+            synthetic_tokens=synthetic_tokens,
+            synthetic_seed=synthetic_seed,
+            rank_count=rank_count,
+            language_id=self.language_id,
+        )
         if init is not None:
-            request.init.CopyFrom(self._init_request(init.request_id, init.rank, init.rank_count, init.blocks,
-                                                     init.allocated_tokens, init.progress_tokens))
+            request.init.CopyFrom(
+                self._init_request(
+                    init.request_id,
+                    init.rank,
+                    init.rank_count,
+                    init.blocks,
+                    init.allocated_tokens,
+                    init.progress_tokens,
+                )
+            )
         call = self.stub.Encode(request, wait_for_ready=True)  # bounded by the Generate and by Init
         if init is not None:
             init.issued()  # the rank may open its Status stream now (StatusRequest.await_transfer)
@@ -115,25 +166,55 @@ class GrpcEncoderLink:
             reply = await self._call("Encode", self.stub.Encode(request))
         if init is not None:
             if reply.init_error:
-                log.info("request %s: encoder %s refused the Init carried by the Encode (%s); sending it on its own",
-                         request_id, self.address, reply.init_error)
+                log.info(
+                    "request %s: encoder %s refused the Init carried by the Encode (%s); sending it on its own",
+                    request_id,
+                    self.address,
+                    reply.init_error,
+                )
             init.settle(reply.init_applied)
         return reply.total_tokens
 
-    def _init_request(self, request_id: str, rank: int, rank_count: int, blocks: Sequence[int], allocated_tokens: int,
-                      progress_tokens: int) -> encoder_pb2.InitRequest:
-        return encoder_pb2.InitRequest(request_id=request_id, language_id=self.language_id, rank=rank,
-                                       rank_count=rank_count, dst_blocks=list(blocks), allocated_tokens=allocated_tokens,
-                                       progress_tokens=progress_tokens)
+    def _init_request(
+        self,
+        request_id: str,
+        rank: int,
+        rank_count: int,
+        blocks: Sequence[int],
+        allocated_tokens: int,
+        progress_tokens: int,
+    ) -> encoder_pb2.InitRequest:
+        return encoder_pb2.InitRequest(
+            request_id=request_id,
+            language_id=self.language_id,
+            rank=rank,
+            rank_count=rank_count,
+            dst_blocks=list(blocks),
+            allocated_tokens=allocated_tokens,
+            progress_tokens=progress_tokens,
+        )
 
-    async def init(self, request_id: str, rank: int, rank_count: int, blocks: Sequence[int], allocated_tokens: int,
-                   progress_tokens: int = 0) -> None:
-        request = self._init_request(request_id, rank, rank_count, blocks, allocated_tokens, progress_tokens)
+    async def init(
+        self,
+        request_id: str,
+        rank: int,
+        rank_count: int,
+        blocks: Sequence[int],
+        allocated_tokens: int,
+        progress_tokens: int = 0,
+    ) -> None:
+        request = self._init_request(
+            request_id, rank, rank_count, blocks, allocated_tokens, progress_tokens
+        )
         try:
             # The first call of a request waits (boundedly) for a reconnecting channel, e.g. to
             # an encoder that was just restarted; the calls after it find the channel ready.
-            await self._call("Init", self.stub.Init(request, wait_for_ready=True, timeout=CONNECT_TIMEOUT_S))
-        except errors.DeadlineExceeded as e:  # the encoder never became reachable: it is lost, not slow
+            await self._call(
+                "Init", self.stub.Init(request, wait_for_ready=True, timeout=CONNECT_TIMEOUT_S)
+            )
+        except (
+            errors.DeadlineExceeded
+        ) as e:  # the encoder never became reachable: it is lost, not slow
             raise errors.Unavailable(e.message, reason=FailureReason.PEER_LOST) from None
         except errors.FailedPrecondition as e:
             await self._register_again(e, request_id)
@@ -145,48 +226,105 @@ class GrpcEncoderLink:
         any other refusal."""
         if e.error_reason != errors.NOT_REGISTERED or self._registration is None:
             raise e
-        log.info("request %s: encoder %s no longer knows this instance (NOT_REGISTERED): registering again",
-                 request_id, self.address)
+        log.info(
+            "request %s: encoder %s no longer knows this instance (NOT_REGISTERED): registering again",
+            request_id,
+            self.address,
+        )
         await self.register(*self._registration)
 
-    async def resume(self, request_id: str, rank: int, sent_tokens: int, blocks: Sequence[int], allocated_tokens: int) -> bool:
-        reply = await self._call("Resume", self.stub.Resume(encoder_pb2.ResumeRequest(
-            request_id=request_id, language_id=self.language_id, rank=rank, sent_tokens=sent_tokens,
-            dst_blocks=list(blocks), allocated_tokens=allocated_tokens)))
+    async def resume(
+        self,
+        request_id: str,
+        rank: int,
+        sent_tokens: int,
+        blocks: Sequence[int],
+        allocated_tokens: int,
+    ) -> bool:
+        reply = await self._call(
+            "Resume",
+            self.stub.Resume(
+                encoder_pb2.ResumeRequest(
+                    request_id=request_id,
+                    language_id=self.language_id,
+                    rank=rank,
+                    sent_tokens=sent_tokens,
+                    dst_blocks=list(blocks),
+                    allocated_tokens=allocated_tokens,
+                )
+            ),
+        )
         return reply.duplicate
 
-    def status(self, request_id: str, rank: int, await_transfer: bool = False) -> "StatusStream":
-        return StatusStream(self.stub.Status(encoder_pb2.StatusRequest(request_id=request_id, rank=rank,
-                                                                       language_id=self.language_id,
-                                                                       await_transfer=await_transfer)),
-                            f"Status of request {request_id} on encoder {self.address}")
+    def status(self, request_id: str, rank: int, await_transfer: bool = False) -> StatusStream:
+        return StatusStream(
+            self.stub.Status(
+                encoder_pb2.StatusRequest(
+                    request_id=request_id,
+                    rank=rank,
+                    language_id=self.language_id,
+                    await_transfer=await_transfer,
+                )
+            ),
+            f"Status of request {request_id} on encoder {self.address}",
+        )
 
     async def cancel(self, request_id: str, reason: str) -> bool:
         """Cancel the transfer on the encoder; its answer's `writes_ended` (the write fence)."""
-        reply = await self._call("Cancel", self.stub.Cancel(common_pb2.CancelRequest(
-            request_id=request_id, reason=reason, language_id=self.language_id), timeout=10))
+        reply = await self._call(
+            "Cancel",
+            self.stub.Cancel(
+                common_pb2.CancelRequest(
+                    request_id=request_id, reason=reason, language_id=self.language_id
+                ),
+                timeout=10,
+            ),
+        )
         return reply.writes_ended
 
-    async def raw_write(self, rank: int, blocks: Sequence[int], tokens: int, repeats: int,
-                        concurrency: int, write_wait: str = "") -> bench_pb2.RawWriteReply:
+    async def raw_write(
+        self,
+        rank: int,
+        blocks: Sequence[int],
+        tokens: int,
+        repeats: int,
+        concurrency: int,
+        write_wait: str = "",
+    ) -> bench_pb2.RawWriteReply:
         """epd bench: the encoder writes into `blocks` with plain Mooncake writes, timed."""
-        return await self._call("RawWrite", self.bench.RawWrite(bench_pb2.RawWriteRequest(
-            language_id=self.language_id, rank=rank, dst_blocks=list(blocks), tokens=tokens, repeats=repeats,
-            concurrency=concurrency, write_wait=write_wait), timeout=300))
+        return await self._call(
+            "RawWrite",
+            self.bench.RawWrite(
+                bench_pb2.RawWriteRequest(
+                    language_id=self.language_id,
+                    rank=rank,
+                    dst_blocks=list(blocks),
+                    tokens=tokens,
+                    repeats=repeats,
+                    concurrency=concurrency,
+                    write_wait=write_wait,
+                ),
+                timeout=300,
+            ),
+        )
 
 
 CONNECT_TIMEOUT_S = 5.0
 # Reconnect to a restarted encoder within ~2 s instead of gRPC's default backoff of up to 120 s.
-RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000),
-                     ("grpc.min_reconnect_backoff_ms", 200),
-                     # A cut network link breaks a call within ~5 s (HTTP/2 pings while calls are
-                     # open) instead of leaving a Status stream or Resume hanging until TCP gives up.
-                     # The encoder's server allows these pings (services/rpc.py SERVER_OPTIONS).
-                     ("grpc.keepalive_time_ms", 2000), ("grpc.keepalive_timeout_ms", 3000)]
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    # A cut network link breaks a call within ~5 s (HTTP/2 pings while calls are
+    # open) instead of leaving a Status stream or Resume hanging until TCP gives up.
+    # The encoder's server allows these pings (services/rpc.py SERVER_OPTIONS).
+    ("grpc.keepalive_time_ms", 2000),
+    ("grpc.keepalive_timeout_ms", 3000),
+]
 _END = object()
 # Register's proof: given the Challenge nonce, an async context inside which the nonce sits in
 # the pool's proof area (common/pool.py BlockPool.proving).
-Prove = Callable[[bytes], AsyncContextManager[None]]
+Prove = Callable[[bytes], AbstractAsyncContextManager[None]]
 
 
 class StatusStream:
@@ -209,7 +347,7 @@ class StatusStream:
         except grpc.aio.AioRpcError as e:
             self._queue.put_nowait(e)
 
-    def __aiter__(self) -> "StatusStream":
+    def __aiter__(self) -> StatusStream:
         return self
 
     async def __anext__(self) -> StatusUpdate:
@@ -222,7 +360,11 @@ class StatusStream:
         if isinstance(item, grpc.aio.AioRpcError):
             self._ended = True
             err = rpc.error_from_rpc(item, self._what)
-            if item.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN):
+            if item.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.CANCELLED,
+                grpc.StatusCode.UNKNOWN,
+            ):
                 err = errors.Unavailable(err.message, reason=FailureReason.PEER_LOST)
             raise err
         return status_from_pb(item)
@@ -238,10 +380,21 @@ def status_from_pb(pb: common_pb2.TransferStatus) -> StatusUpdate:
         state = TransferState(pb.state)
         reason = FailureReason(pb.error.reason)
     except ValueError:
-        raise errors.IntegrityError(f"request {pb.request_id}: status with unknown state {pb.state} or reason") from None
+        raise errors.IntegrityError(
+            f"request {pb.request_id}: status with unknown state {pb.state} or reason"
+        ) from None
     return StatusUpdate(
-        pb.request_id, state, sent_tokens=pb.sent_tokens, total_tokens=pb.total_tokens, round=pb.round,
-        round_tokens=pb.round_tokens, allocated_tokens=pb.allocated_tokens,
-        checksums=tuple((c.field, c.value) for c in pb.checksums), reason=reason, message=pb.error.message,
-        landed_tokens=pb.landed_tokens, landed_checksums=tuple((c.field, c.value) for c in pb.landed_checksums),
-        writes_may_land=pb.error.writes_may_land)
+        pb.request_id,
+        state,
+        sent_tokens=pb.sent_tokens,
+        total_tokens=pb.total_tokens,
+        round=pb.round,
+        round_tokens=pb.round_tokens,
+        allocated_tokens=pb.allocated_tokens,
+        checksums=tuple((c.field, c.value) for c in pb.checksums),
+        reason=reason,
+        message=pb.error.message,
+        landed_tokens=pb.landed_tokens,
+        landed_checksums=tuple((c.field, c.value) for c in pb.landed_checksums),
+        writes_may_land=pb.error.writes_may_land,
+    )

@@ -16,7 +16,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from common import errors
 from common.layout import PoolGeometry
@@ -57,8 +57,9 @@ def lookup(address: str, getaddrinfo: Callable = socket.getaddrinfo) -> list[str
     return [f"{ip}:{port}" for ip in sorted({info[4][0] for info in infos})]
 
 
-def resolve_addresses(addresses: Sequence[str],
-                      getaddrinfo: Callable = socket.getaddrinfo) -> tuple[list[str], list[str]]:
+def resolve_addresses(
+    addresses: Sequence[str], getaddrinfo: Callable = socket.getaddrinfo
+) -> tuple[list[str], list[str]]:
     """Expand every `name:port` whose name resolves to several IPv4 addresses (e.g. a compose
     service scaled with `--scale encoder=N`: one DNS name, N A records) into one `ip:port` per
     address, in sorted order; IP literals and names with one address stay as given; a name that
@@ -80,8 +81,16 @@ def resolve_addresses(addresses: Sequence[str],
 class EncoderDirectory:
     """Links, registrations and (rank 0) the live view of every encoder of one rank."""
 
-    def __init__(self, addresses: Sequence[str], language_id: str, *, policy: str = "least-loaded",
-                 wrap: Callable = lambda link: link, dns_names: Sequence[str] = (), sec=None):
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        language_id: str,
+        *,
+        policy: str = "least-loaded",
+        wrap: Callable = lambda link: link,
+        dns_names: Sequence[str] = (),
+        sec=None,
+    ):
         if not addresses:
             raise errors.InvalidArgument("encoder: at least one --encoder host:port is required")
         self.language_id = language_id
@@ -92,7 +101,9 @@ class EncoderDirectory:
         self.selector = EncoderSelector(policy)
         self.dns_names = list(dns_names)
         self._tasks: list[asyncio.Task] = []
-        self._registration: tuple | None = None  # (rank, session, geometry, prove): GrpcEncoderLink.register
+        self._registration: tuple | None = (
+            None  # (rank, session, geometry, prove): GrpcEncoderLink.register
+        )
         self._registered: asyncio.Event | None = None  # made by start() (needs the running loop)
         self._watch = False
         for address in addresses:
@@ -114,8 +125,16 @@ class EncoderDirectory:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self, rank: int, session: str, geometry: PoolGeometry, prove, *, watch: bool,
-                    timeout: float = 60.0) -> None:
+    async def start(
+        self,
+        rank: int,
+        session: str,
+        geometry: PoolGeometry,
+        prove,
+        *,
+        watch: bool,
+        timeout: float = 60.0,
+    ) -> None:
         """Register with every encoder (in the background); return once one registration
         succeeded (Unavailable naming every address after `timeout`). `watch`: poll the live view."""
         self._registration = (rank, session, geometry, prove)
@@ -124,23 +143,33 @@ class EncoderDirectory:
         for index in range(len(self.links)):
             self._spawn(index)
         if watch and self.dns_names:
-            self._tasks.append(asyncio.get_running_loop().create_task(self._resolve_loop(), name="encoder-dns"))
+            self._tasks.append(
+                asyncio.get_running_loop().create_task(self._resolve_loop(), name="encoder-dns")
+            )
         try:
             await asyncio.wait_for(self._registered.wait(), timeout)
             if not any(v.registered for v in self.views):  # every encoder refused our layout
                 problems = "; ".join(f"{v.address}: {v.last_error}" for v in self.views)
                 await self.close()
-                raise errors.FailedPrecondition(f"every encoder refused this instance's registration ({problems})")
-        except asyncio.TimeoutError:
+                raise errors.FailedPrecondition(
+                    f"every encoder refused this instance's registration ({problems})"
+                )
+        except TimeoutError:
             problems = "; ".join(f"{v.address}: {v.last_error or 'no answer'}" for v in self.views)
             await self.close()
-            raise errors.Unavailable(f"no encoder could be registered with within {timeout:.0f} s ({problems})") from None
+            raise errors.Unavailable(
+                f"no encoder could be registered with within {timeout:.0f} s ({problems})"
+            ) from None
 
     def _spawn(self, index: int) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._register_loop(index), name=f"encoder-register-{index}"))
+        self._tasks.append(
+            loop.create_task(self._register_loop(index), name=f"encoder-register-{index}")
+        )
         if self._watch:
-            self._tasks.append(loop.create_task(self._poll_loop(index), name=f"encoder-watch-{index}"))
+            self._tasks.append(
+                loop.create_task(self._poll_loop(index), name=f"encoder-watch-{index}")
+            )
 
     async def _register_loop(self, index: int) -> None:
         view, link = self.views[index], self.links[index]
@@ -155,7 +184,11 @@ class EncoderDirectory:
                 if reported:
                     log.info("encoder %s is reachable again: registered", view.address)
                 return
-            except (errors.FailedPrecondition, errors.Unauthenticated, errors.PermissionDenied) as e:
+            except (
+                errors.FailedPrecondition,
+                errors.Unauthenticated,
+                errors.PermissionDenied,
+            ) as e:
                 # layout mismatch, wrong token, a pool the encoder cannot read our proof from: final
                 view.last_error = e.message
                 view.refused = True
@@ -166,8 +199,11 @@ class EncoderDirectory:
             except errors.EpdError as e:
                 view.last_error = e.message
                 if not reported:
-                    log.warning("encoder %s: not registered yet (%s); retrying in the background", view.address,
-                                e.message)
+                    log.warning(
+                        "encoder %s: not registered yet (%s); retrying in the background",
+                        view.address,
+                        e.message,
+                    )
                     reported = True
             await asyncio.sleep(REGISTER_RETRY_S)
 
@@ -186,8 +222,12 @@ class EncoderDirectory:
                 else:
                     view.last_error = "NOT_SERVING"
                 if was != serving:
-                    log.info("encoder %s %s the rotation (%s)", view.address, "joins" if serving else "leaves",
-                             "SERVING" if serving else "NOT_SERVING")
+                    log.info(
+                        "encoder %s %s the rotation (%s)",
+                        view.address,
+                        "joins" if serving else "leaves",
+                        "SERVING" if serving else "NOT_SERVING",
+                    )
             except errors.EpdError as e:
                 if view.available:
                     log.warning("encoder %s leaves the rotation: %s", view.address, e.message)
@@ -220,7 +260,11 @@ class EncoderDirectory:
                 return  # the name's own link reaches its one address
             by_name.retired = True
             by_name.available = False
-            log.info("encoder name %s now has %d addresses: one encoder per address from now on", name, len(found))
+            log.info(
+                "encoder name %s now has %d addresses: one encoder per address from now on",
+                name,
+                len(found),
+            )
         for address in found:
             if address not in (v.address for v in self.views):
                 log.info("encoder %s found by DNS (%s)", address, name)

@@ -27,7 +27,7 @@ class FaultSpec:
     hold_payload_s: float = 0.0
 
     @classmethod
-    def parse(cls, text: str) -> "FaultSpec":
+    def parse(cls, text: str) -> FaultSpec:
         values: dict = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
             key, _, raw = item.partition("=")
@@ -90,5 +90,8 @@ class FaultyLink:
         return getattr(self._inner, name)
 
     def status(self, request_id: str, rank: int, await_transfer: bool = False):
-        return LaggingStatus(self._inner.status(request_id, rank, await_transfer), self._spec.status_lag_s,
-                             self._spec.status_dup)
+        return LaggingStatus(
+            self._inner.status(request_id, rank, await_transfer),
+            self._spec.status_lag_s,
+            self._spec.status_dup,
+        )

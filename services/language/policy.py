@@ -14,8 +14,17 @@ import math
 
 
 class AllocationPolicy:
-    def __init__(self, kind: str, initial_tokens: int, pool_tokens: int, *,
-                 min_tokens: int = 1, max_tokens: int = 1 << 62, window: int = 256, quantile: float = 0.9):
+    def __init__(
+        self,
+        kind: str,
+        initial_tokens: int,
+        pool_tokens: int,
+        *,
+        min_tokens: int = 1,
+        max_tokens: int = 1 << 62,
+        window: int = 256,
+        quantile: float = 0.9,
+    ):
         if kind not in ("fixed", "hint", "adaptive"):
             raise ValueError(f"alloc_policy={kind!r}: must be fixed, hint or adaptive")
         self.kind = kind

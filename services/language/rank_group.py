@@ -27,7 +27,7 @@ import datetime
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -58,14 +58,14 @@ class RankRow:
 
     total: int = 0
     sent: int = 0
-    failed: int = 0          # FailureReason value, 0 = not failed
-    not_ready: int = 1       # 0 once the rank holds the whole payload (or is a dummy rank)
-    state: int = 0           # TransferState, for inspection
+    failed: int = 0  # FailureReason value, 0 = not failed
+    not_ready: int = 1  # 0 once the rank holds the whole payload (or is a dummy rank)
+    state: int = 0  # TransferState, for inspection
     allocated: int = 0
     rounds: int = 0
-    digest: bytes = b""      # sha256 of the rank's payload when asked for
+    digest: bytes = b""  # sha256 of the rank's payload when asked for
 
-    FIELDS = 8 + 4           # words in the packed form (digest: 4 x 8 bytes)
+    FIELDS = 8 + 4  # words in the packed form (digest: 4 x 8 bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +81,17 @@ def decide(rows: list[RankRow] | tuple[RankRow, ...]) -> Decision | None:
     """The agreed outcome of one request from every rank's row, or None while undecided."""
     failed = max(r.failed for r in rows)
     if failed:
-        return Decision(False, FailureReason(failed), max(r.total for r in rows), tuple(rows), time.monotonic())
+        return Decision(
+            False, FailureReason(failed), max(r.total for r in rows), tuple(rows), time.monotonic()
+        )
     if max(r.not_ready for r in rows) == 0:
-        return Decision(True, FailureReason.UNSPECIFIED, max(r.total for r in rows), tuple(rows), time.monotonic())
+        return Decision(
+            True,
+            FailureReason.UNSPECIFIED,
+            max(r.total for r in rows),
+            tuple(rows),
+            time.monotonic(),
+        )
     return None
 
 
@@ -110,7 +118,9 @@ class RankGroup:
         self.rank = rank
         self.world_size = world_size
         self.views: dict[str, LocalView] = {}
-        self.rows: dict[str, tuple[RankRow, ...]] = {}   # latest rows of every rank (rank 0: inspection)
+        self.rows: dict[
+            str, tuple[RankRow, ...]
+        ] = {}  # latest rows of every rank (rank 0: inspection)
         self._decisions: dict[str, asyncio.Future] = {}
         self._on_admit: Callable[[RequestSpec], None] | None = None
         self._on_broken: Callable[[str], None] | None = None
@@ -119,11 +129,17 @@ class RankGroup:
         self.broken: str = ""
         self.loop: asyncio.AbstractEventLoop | None = None
         self.pool_stats: Callable[[], tuple[int, int, int, int, int]] = lambda: (0, 0, 0, 0, 0)
-        self.rank_pools: list[tuple[int, int, int, int, int]] = []  # rank 0: every rank's pool_stats
+        self.rank_pools: list[
+            tuple[int, int, int, int, int]
+        ] = []  # rank 0: every rank's pool_stats
 
-    def bind(self, on_admit: Callable[[RequestSpec], None], on_broken: Callable[[str], None],
-             on_shutdown: Callable[[], None] | None = None,
-             pool_stats: Callable[[], tuple[int, int, int, int, int]] = lambda: (0, 0, 0, 0, 0)) -> None:
+    def bind(
+        self,
+        on_admit: Callable[[RequestSpec], None],
+        on_broken: Callable[[str], None],
+        on_shutdown: Callable[[], None] | None = None,
+        pool_stats: Callable[[], tuple[int, int, int, int, int]] = lambda: (0, 0, 0, 0, 0),
+    ) -> None:
         """Callbacks, run on the event loop: a request was admitted on this rank; the group broke;
         rank 0 ended the group (the other ranks then shut down). `pool_stats` gives this rank's
         (used, free, waiters, fault-held, quarantined) blocks; rank 0 sees every rank's in `rank_pools`."""
@@ -142,7 +158,9 @@ class RankGroup:
     async def close(self) -> None:
         pass
 
-    def admit(self, request_id: str, initial_tokens: int, want_digest: bool, encoder: int = 0) -> RequestSpec:
+    def admit(
+        self, request_id: str, initial_tokens: int, want_digest: bool, encoder: int = 0
+    ) -> RequestSpec:
         """Rank 0: add a request; every rank's on_admit runs for it (rank 0's before this returns
         for LocalGroup, at the next step for DistributedGroup). `request_id` is the admission's
         key (a failed-over attempt is admitted again as `ID#2`); `encoder` the encoder's index.
@@ -151,8 +169,11 @@ class RankGroup:
 
     def _check_admissible(self, request_id: str) -> None:
         if self.broken:
-            raise Unavailable(f"request {shown(request_id)}: the language instance's rank group is broken "
-                              f"({self.broken}); it admits no request", reason=FailureReason.PEER_LOST)
+            raise Unavailable(
+                f"request {shown(request_id)}: the language instance's rank group is broken "
+                f"({self.broken}); it admits no request",
+                reason=FailureReason.PEER_LOST,
+            )
 
     def view(self, request_id: str) -> LocalView:
         return self.views[request_id]
@@ -193,7 +214,7 @@ class RankGroup:
             return
         self.broken = why
         log.error("rank group broken: %s", why)
-        for request_id, fut in list(self._decisions.items()):
+        for _request_id, fut in list(self._decisions.items()):
             if not fut.done():
                 fut.set_result(Decision(False, FailureReason.PEER_LOST, 0, (), time.monotonic()))
         if self._on_broken is not None:
@@ -206,7 +227,9 @@ class LocalGroup(RankGroup):
     def __init__(self):
         super().__init__(0, 1)
 
-    def admit(self, request_id: str, initial_tokens: int, want_digest: bool, encoder: int = 0) -> RequestSpec:
+    def admit(
+        self, request_id: str, initial_tokens: int, want_digest: bool, encoder: int = 0
+    ) -> RequestSpec:
         self._check_admissible(request_id)
         self._seq += 1
         spec = RequestSpec(self._seq, request_id, initial_tokens, want_digest, encoder)
@@ -225,15 +248,27 @@ class LocalGroup(RankGroup):
 
 # ---------------------------------------------------------------------------- distributed
 
-_HEADER = 9                      # shutdown, n_admissions, n_open, step, pool used, free, waiters, held, quarantined
-_ADMIT_WORDS = 5 + ADMIT_KEY_BYTES // 8  # seq, initial_tokens, want_digest, key length, encoder, key
+_HEADER = 9  # shutdown, n_admissions, n_open, step, pool used, free, waiters, held, quarantined
+_ADMIT_WORDS = (
+    5 + ADMIT_KEY_BYTES // 8
+)  # seq, initial_tokens, want_digest, key length, encoder, key
 
 
 class DistributedGroup(RankGroup):
     """N ranks in one torch.distributed gloo group; see the module docstring."""
 
-    def __init__(self, rank: int, world_size: int, init_method: str, *, max_open: int = 256, max_admit: int = 32,
-                 step_interval_s: float = 0.002, heartbeat_s: float = 1.0, init_timeout_s: float = 120.0):
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        init_method: str,
+        *,
+        max_open: int = 256,
+        max_admit: int = 32,
+        step_interval_s: float = 0.002,
+        heartbeat_s: float = 1.0,
+        init_timeout_s: float = 120.0,
+    ):
         super().__init__(rank, world_size)
         self.init_method = init_method
         self.max_open = max_open
@@ -241,8 +276,8 @@ class DistributedGroup(RankGroup):
         self.step_interval_s = step_interval_s
         self.heartbeat_s = heartbeat_s
         self.init_timeout_s = init_timeout_s
-        self._open: list[str] = []              # identical on every rank: admitted, not yet decided
-        self._pending: list[RequestSpec] = []   # rank 0: admitted by the front door, not yet sent
+        self._open: list[str] = []  # identical on every rank: admitted, not yet decided
+        self._pending: list[RequestSpec] = []  # rank 0: admitted by the front door, not yet sent
         self._cv = threading.Condition()
         self._news = False
         self._stop = False
@@ -258,8 +293,14 @@ class DistributedGroup(RankGroup):
         def init() -> None:
             # The collectives can wait for a long time when idle; failures surface as errors
             # from the peers' closed sockets, not from this timeout.
-            dist.init_process_group("gloo", init_method=self.init_method, rank=self.rank,
-                                    world_size=self.world_size, timeout=datetime.timedelta(days=365))
+            dist.init_process_group(
+                "gloo",
+                init_method=self.init_method,
+                rank=self.rank,
+                world_size=self.world_size,
+                timeout=datetime.timedelta(days=365),
+            )
+
         await asyncio.wait_for(asyncio.to_thread(init), self.init_timeout_s)
 
     async def begin(self) -> None:
@@ -268,7 +309,9 @@ class DistributedGroup(RankGroup):
         import torch.distributed as dist
 
         await asyncio.to_thread(dist.barrier)
-        self._thread = threading.Thread(target=self._run, name=f"rank-group-{self.rank}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"rank-group-{self.rank}", daemon=True
+        )
         self._thread.start()
 
     async def close(self) -> None:
@@ -282,10 +325,12 @@ class DistributedGroup(RankGroup):
 
             if dist.is_initialized():
                 dist.destroy_process_group()
-        except Exception:  # a broken group may not tear down cleanly; the process is ending anyway
+        except Exception:  # noqa: BLE001 - a broken group may not tear down cleanly; the process is ending anyway
             pass
 
-    def admit(self, request_id: str, initial_tokens: int, want_digest: bool, encoder: int = 0) -> RequestSpec:
+    def admit(
+        self, request_id: str, initial_tokens: int, want_digest: bool, encoder: int = 0
+    ) -> RequestSpec:
         assert self.rank == 0, "only rank 0 admits requests"
         self._check_admissible(request_id)
         self._seq += 1
@@ -325,9 +370,11 @@ class DistributedGroup(RankGroup):
                 if not self._step(shutdown=False):
                     self.loop.call_soon_threadsafe(self._shutdown_by_leader)
                     return
-        except Exception as e:  # a peer is gone (or the group was torn down under us)
+        except Exception as e:  # noqa: BLE001 - a peer is gone (or the group was torn down under us)
             if not self._stop:
-                self.loop.call_soon_threadsafe(self._break, f"rank {self.rank}: collective failed: {e}")
+                self.loop.call_soon_threadsafe(
+                    self._break, f"rank {self.rank}: collective failed: {e}"
+                )
 
     def _wait_for_work(self) -> bool:
         """Rank 0: block until there is something to step for; False on shutdown."""
@@ -391,7 +438,7 @@ class DistributedGroup(RankGroup):
         return int(leader[0]) == 0
 
     def _apply(self, decided: list[tuple[str, Decision]], specs: list[RequestSpec]) -> None:
-        for request_id, d in decided:          # in admission order: consumers see the same order
+        for request_id, d in decided:  # in admission order: consumers see the same order
             self._decided(request_id, d)
         for spec in specs:
             if self.rank == 0:
@@ -406,19 +453,28 @@ def _set_if_pending(fut: asyncio.Future) -> None:
 
 
 def _pack_row(t, at: int, row: RankRow) -> None:
-    t[at:at + 7] = torch.tensor(
-        [row.total, row.sent, row.failed, row.not_ready, row.state, row.allocated, row.rounds])
+    t[at : at + 7] = torch.tensor(
+        [row.total, row.sent, row.failed, row.not_ready, row.state, row.allocated, row.rounds]
+    )
     t[at + 7] = 1 if row.digest else 0
     if row.digest:
         for k in range(4):
-            t[at + 8 + k] = int.from_bytes(row.digest[8 * k:8 * k + 8], "little", signed=True)
+            t[at + 8 + k] = int.from_bytes(row.digest[8 * k : 8 * k + 8], "little", signed=True)
 
 
 def _unpack_row(t, at: int) -> RankRow:
-    v = t[at:at + RankRow.FIELDS].tolist()
+    v = t[at : at + RankRow.FIELDS].tolist()
     digest = b"".join(int(x).to_bytes(8, "little", signed=True) for x in v[8:12]) if v[7] else b""
-    return RankRow(total=v[0], sent=v[1], failed=v[2], not_ready=v[3], state=v[4], allocated=v[5], rounds=v[6],
-                   digest=digest)
+    return RankRow(
+        total=v[0],
+        sent=v[1],
+        failed=v[2],
+        not_ready=v[3],
+        state=v[4],
+        allocated=v[5],
+        rounds=v[6],
+        digest=digest,
+    )
 
 
 def _pack_admit(t, at: int, spec: RequestSpec) -> None:
@@ -430,12 +486,16 @@ def _pack_admit(t, at: int, spec: RequestSpec) -> None:
     t[at + 4] = spec.encoder
     padded = raw.ljust(ADMIT_KEY_BYTES, b"\0")
     for k in range(ADMIT_KEY_BYTES // 8):
-        t[at + 5 + k] = int.from_bytes(padded[8 * k:8 * k + 8], "little", signed=True)
+        t[at + 5 + k] = int.from_bytes(padded[8 * k : 8 * k + 8], "little", signed=True)
 
 
 def _unpack_admit(t, at: int) -> RequestSpec:
-    v = t[at:at + _ADMIT_WORDS].tolist()
-    raw = b"".join(int(x).to_bytes(8, "little", signed=True) for x in v[5:])[:v[3]]
-    return RequestSpec(seq=v[0], request_id=raw.decode("utf-8"), initial_tokens=v[1], want_digest=bool(v[2]),
-                       encoder=v[4])
-
+    v = t[at : at + _ADMIT_WORDS].tolist()
+    raw = b"".join(int(x).to_bytes(8, "little", signed=True) for x in v[5:])[: v[3]]
+    return RequestSpec(
+        seq=v[0],
+        request_id=raw.decode("utf-8"),
+        initial_tokens=v[1],
+        want_digest=bool(v[2]),
+        encoder=v[4],
+    )

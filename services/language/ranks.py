@@ -59,8 +59,14 @@ def spawn(config: LanguageConfig, language_id: str, dist_init: str) -> list[subp
     env = {k: v for k, v in os.environ.items() if not k.startswith("EPD_")}  # the flags say it all
     for rank in range(1, config.tp):
         # Each rank process serves its own /metrics (rank R on metrics_port + R).
-        child = dataclasses.replace(config, rank=rank, dist_init=dist_init, language_id=language_id, port=0,
-                                    metrics_port=config.metrics_port + rank if config.metrics_port else 0)
+        child = dataclasses.replace(
+            config,
+            rank=rank,
+            dist_init=dist_init,
+            language_id=language_id,
+            port=0,
+            metrics_port=config.metrics_port + rank if config.metrics_port else 0,
+        )
         argv = [sys.executable, "-m", "services.cli", "language", *config_to_argv(child)]
         # No preexec_fn: it forces fork() in a process with gRPC threads (fork handlers skipped,
         # broken pollers); the child sets its own parent-death signal instead (run_rank).
@@ -98,15 +104,23 @@ async def run_rank(config: LanguageConfig) -> int:
     worker = RankWorker(config, config.rank, group, config.language_id)
     done = asyncio.Event()
     broken: list[str] = []
-    group.bind(worker.on_admit, lambda why: (broken.append(why), done.set()), done.set, worker.pool_stats)
+    group.bind(
+        worker.on_admit, lambda why: (broken.append(why), done.set()), done.set, worker.pool_stats
+    )
     stop_signal = asyncio.ensure_future(rpc.termination_event().wait())
     stop_signal.add_done_callback(lambda _: done.set())
     try:
         await group.start()
         await worker.start()
         await group.begin()
-        log.info("language %s rank %d of %d ready, session %s, %s rank", config.language_id, config.rank, config.tp,
-                 worker.transport.session, "data" if worker.is_data_rank else "dummy")
+        log.info(
+            "language %s rank %d of %d ready, session %s, %s rank",
+            config.language_id,
+            config.rank,
+            config.tp,
+            worker.transport.session,
+            "data" if worker.is_data_rank else "dummy",
+        )
         await done.wait()
     finally:
         stop_signal.cancel()

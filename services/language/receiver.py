@@ -34,7 +34,8 @@ import asyncio
 import enum
 import logging
 import time
-from typing import AsyncIterator, Callable, Protocol, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Protocol
 
 import torch
 
@@ -50,7 +51,7 @@ from common.telemetry import NULL_TELEMETRY, Telemetry
 log = logging.getLogger(__name__)
 
 CANCEL_TIMEOUT_S = 10.0  # close(): how long the Cancel on the encoder may take
-PROBE_S = 1.0            # release_when_safe(): how often a quarantined transfer's encoder is asked again
+PROBE_S = 1.0  # release_when_safe(): how often a quarantined transfer's encoder is asked again
 PROBE_TIMEOUT_S = 2.0
 MAX_OUTAGE_EXTRA_S = 120.0  # Linux's TCP_RTO_MAX: no retransmission waits longer than this
 # Failures of a Cancel that mean "no answer from the encoder": it may still be writing.
@@ -81,12 +82,26 @@ class EncoderLink(Protocol):
 
     address: str
 
-    async def init(self, request_id: str, rank: int, rank_count: int, blocks: Sequence[int], allocated_tokens: int,
-                   progress_tokens: int = 0) -> None: ...
+    async def init(
+        self,
+        request_id: str,
+        rank: int,
+        rank_count: int,
+        blocks: Sequence[int],
+        allocated_tokens: int,
+        progress_tokens: int = 0,
+    ) -> None: ...
 
-    async def resume(self, request_id: str, rank: int, sent_tokens: int, blocks: Sequence[int], allocated_tokens: int) -> bool: ...
+    async def resume(
+        self,
+        request_id: str,
+        rank: int,
+        sent_tokens: int,
+        blocks: Sequence[int],
+        allocated_tokens: int,
+    ) -> bool: ...
 
-    def status(self, request_id: str, rank: int, await_transfer: bool = False) -> "StatusSource": ...
+    def status(self, request_id: str, rank: int, await_transfer: bool = False) -> StatusSource: ...
 
     async def cancel(self, request_id: str, reason: str) -> bool:
         """Cancel the transfer; returns CancelReply.writes_ended (True: no write of it can land)."""
@@ -99,8 +114,15 @@ class CarriedInit:
     its own Init). Both stay pending when the Encode failed: the request is then abandoned, which
     ends the receive."""
 
-    def __init__(self, request_id: str, rank: int, rank_count: int, blocks: Sequence[int], allocated_tokens: int,
-                 progress_tokens: int):
+    def __init__(
+        self,
+        request_id: str,
+        rank: int,
+        rank_count: int,
+        blocks: Sequence[int],
+        allocated_tokens: int,
+        progress_tokens: int,
+    ):
         self.request_id = request_id
         self.rank = rank
         self.rank_count = rank_count
@@ -124,12 +146,27 @@ class CarriedInit:
 class ReceiveTask:
     """Receives one request's payload into one rank's pool."""
 
-    def __init__(self, request_id: str, rank: int, rank_count: int, pool: BlockPool, link: EncoderLink, *,
-                 initial_tokens: int, transfer_id: str = "", alloc_timeout_s: float, integrity: bool = True,
-                 reserved_blocks: list[int] | None = None, progress_tokens: int = 0, overlap_rounds: bool = False,
-                 on_progress: Callable[["ReceiveTask"], None] | None = None, telemetry: Telemetry = NULL_TELEMETRY,
-                 on_quarantine: Callable[["ReceiveTask"], None] | None = None,
-                 on_init: Callable[[CarriedInit | None], None] | None = None, carry_init: bool = False):
+    def __init__(
+        self,
+        request_id: str,
+        rank: int,
+        rank_count: int,
+        pool: BlockPool,
+        link: EncoderLink,
+        *,
+        initial_tokens: int,
+        transfer_id: str = "",
+        alloc_timeout_s: float,
+        integrity: bool = True,
+        reserved_blocks: list[int] | None = None,
+        progress_tokens: int = 0,
+        overlap_rounds: bool = False,
+        on_progress: Callable[[ReceiveTask], None] | None = None,
+        telemetry: Telemetry = NULL_TELEMETRY,
+        on_quarantine: Callable[[ReceiveTask], None] | None = None,
+        on_init: Callable[[CarriedInit | None], None] | None = None,
+        carry_init: bool = False,
+    ):
         self.request_id = request_id
         self.transfer_id = transfer_id or request_id  # the encoder's name for it
         self.rank = rank
@@ -159,7 +196,9 @@ class ReceiveTask:
         self.next_blocks: list[int] | None = None
         self.overlapped_rounds = 0
         self.on_progress = on_progress
-        self.on_quarantine = on_quarantine  # close() quarantined blocks: the owner arranges their release
+        self.on_quarantine = (
+            on_quarantine  # close() quarantined blocks: the owner arranges their release
+        )
         # Called as the Init is issued (its call is created before our next await) or, with
         # `carry_init` (early blocks only), with the Init for the Encode to carry.
         self.on_init = on_init
@@ -195,8 +234,10 @@ class ReceiveTask:
         """Reserve the initial allocation and Init the transfer on the encoder."""
         bs = self.pool.block_size
         if self.blocks is None:
-            self.blocks = await self._alloc(blocks_for_tokens(self.initial_tokens, bs),
-                                            label=f"initial allocation of request {self.request_id} rank {self.rank}")
+            self.blocks = await self._alloc(
+                blocks_for_tokens(self.initial_tokens, bs),
+                label=f"initial allocation of request {self.request_id} rank {self.rank}",
+            )
         self.allocated_tokens = self.initial_allocated_tokens = len(self.blocks) * bs
         self.state = TransferState.BOOTSTRAPPING
         self._progress()
@@ -209,8 +250,14 @@ class ReceiveTask:
             # itself, so its stream follows it (the write waits for the Encode anyway).
             self._stream = self.link.status(self.transfer_id, self.rank)
         if self.carry_init:
-            carried = CarriedInit(self.transfer_id, self.rank, self.rank_count, self.blocks, self.allocated_tokens,
-                                  self.progress_tokens)
+            carried = CarriedInit(
+                self.transfer_id,
+                self.rank,
+                self.rank_count,
+                self.blocks,
+                self.allocated_tokens,
+                self.progress_tokens,
+            )
             self.on_init(carried)
             # The Status stream goes out right behind the Encode, not after its reply: the
             # encoder holds it until the carried Init opened the transfer (await_transfer), and
@@ -221,8 +268,14 @@ class ReceiveTask:
                 return
         elif self.on_init is not None:
             self.on_init(None)
-        await self.link.init(self.transfer_id, self.rank, self.rank_count, self.blocks, self.allocated_tokens,
-                             progress_tokens=self.progress_tokens)
+        await self.link.init(
+            self.transfer_id,
+            self.rank,
+            self.rank_count,
+            self.blocks,
+            self.allocated_tokens,
+            progress_tokens=self.progress_tokens,
+        )
         if self._stream is None:
             self._stream = self.link.status(self.transfer_id, self.rank)
 
@@ -235,14 +288,19 @@ class ReceiveTask:
             if st.state == TransferState.FAILED:
                 self._terminal_seen = True
                 if st.writes_may_land:
-                    self.fence = Fence.MAY_LAND  # close() quarantines; the stream will say when they stop
+                    self.fence = (
+                        Fence.MAY_LAND
+                    )  # close() quarantines; the stream will say when they stop
                 self.state = TransferState.FAILED
                 self.reason, self.message = st.reason, st.message
                 raise errors.error_for_reason(st.reason, f"request {self.request_id}: {st.message}")
             if st.landed_tokens and st.sent_tokens == handled and not st.state.terminal:
                 self._on_landed(st, handled)
                 continue
-            if st.state in (TransferState.TRANSFERRING, TransferState.SUCCESS) and st.sent_tokens > handled:
+            if (
+                st.state in (TransferState.TRANSFERRING, TransferState.SUCCESS)
+                and st.sent_tokens > handled
+            ):
                 self._accept_round(st, handled)
                 n = st.sent_tokens - handled
                 if st.state == TransferState.SUCCESS:
@@ -261,32 +319,52 @@ class ReceiveTask:
                     self.pool.allocator.free(self.blocks)
                     self.blocks, self.allocated_tokens = None, 0
                     self.blocks = await self._alloc(
-                        blocks_for_tokens(remaining, self.pool.block_size), partial_ok=True, priority=True,
-                        label=f"resume of request {self.request_id} rank {self.rank}")
+                        blocks_for_tokens(remaining, self.pool.block_size),
+                        partial_ok=True,
+                        priority=True,
+                        label=f"resume of request {self.request_id} rank {self.rank}",
+                    )
                     self.allocated_tokens = len(self.blocks) * self.pool.block_size
                     self._progress()
-                    await self.link.resume(self.transfer_id, self.rank, st.sent_tokens, self.blocks,
-                                           self.allocated_tokens)
+                    await self.link.resume(
+                        self.transfer_id,
+                        self.rank,
+                        st.sent_tokens,
+                        self.blocks,
+                        self.allocated_tokens,
+                    )
                 self.telemetry.resumed(overlapped=spare is not None)
                 handled = st.sent_tokens
             elif st.state in (TransferState.BOOTSTRAPPING, TransferState.WAITING_FOR_INPUT):
                 if self.rounds:  # states only move forward: a peer that says otherwise is lying
-                    self._reject(f"request {self.request_id} rank {self.rank}: state {st.state.name} after round "
-                                 f"{self.rounds} was received")
+                    self._reject(
+                        f"request {self.request_id} rank {self.rank}: state {st.state.name} after round "
+                        f"{self.rounds} was received"
+                    )
                 self.state = st.state
                 self._progress()
-            elif not (st.state == TransferState.TRANSFERRING and st.sent_tokens == handled > 0 and st.round == self.rounds):
+            elif not (
+                st.state == TransferState.TRANSFERRING
+                and st.sent_tokens == handled > 0
+                and st.round == self.rounds
+            ):
                 # Only an exact repeat of the round just handled is ignored; a status going back
                 # (fewer tokens, an earlier round) or a SUCCESS without a new round is refused.
-                self._reject(f"request {self.request_id} rank {self.rank}: {st.state.name} status with sent_tokens="
-                             f"{st.sent_tokens} round {st.round} after {handled} tokens in {self.rounds} round(s) "
-                             f"were received")
-        raise errors.Unavailable(f"request {self.request_id}: the encoder's Status stream ended before the transfer did",
-                                 reason=FailureReason.PEER_LOST)
+                self._reject(
+                    f"request {self.request_id} rank {self.rank}: {st.state.name} status with sent_tokens="
+                    f"{st.sent_tokens} round {st.round} after {handled} tokens in {self.rounds} round(s) "
+                    f"were received"
+                )
+        raise errors.Unavailable(
+            f"request {self.request_id}: the encoder's Status stream ended before the transfer did",
+            reason=FailureReason.PEER_LOST,
+        )
 
     async def _read_round(self, st: StatusUpdate, handled: int, n: int) -> None:
         """Copy the round (n tokens) out of self.blocks and verify it, side by side: both only read."""
-        copied, verified = await asyncio.gather(self._copy_out(n), self._verify(st, handled, n), return_exceptions=True)
+        copied, verified = await asyncio.gather(
+            self._copy_out(n), self._verify(st, handled, n), return_exceptions=True
+        )
         for outcome in (verified, copied):
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -305,7 +383,9 @@ class ReceiveTask:
             return None
         return self.pool.allocator.try_alloc(free)
 
-    async def _overlapped_round(self, st: StatusUpdate, handled: int, n: int, spare: list[int]) -> None:
+    async def _overlapped_round(
+        self, st: StatusUpdate, handled: int, n: int, spare: list[int]
+    ) -> None:
         """Resume into `spare` at once and read the round while the encoder writes the next one
         (never the last: `_spare_blocks`). A round that fails its check still fails the request on
         both sides: close() cancels it on the encoder (reason integrity), which then waits for a
@@ -314,9 +394,12 @@ class ReceiveTask:
         allocated = len(spare) * self.pool.block_size
         # The Resume goes out first: the encoder's next write then runs beside our reading.
         resumed = asyncio.get_running_loop().create_task(
-            self.link.resume(self.transfer_id, self.rank, st.sent_tokens, spare, allocated))
+            self.link.resume(self.transfer_id, self.rank, st.sent_tokens, spare, allocated)
+        )
         await asyncio.sleep(0)
-        outcomes = await asyncio.gather(self._read_round(st, handled, n), resumed, return_exceptions=True)
+        outcomes = await asyncio.gather(
+            self._read_round(st, handled, n), resumed, return_exceptions=True
+        )
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -325,10 +408,17 @@ class ReceiveTask:
         self.overlapped_rounds += 1
         self._progress()
 
-    async def _alloc(self, n_blocks: int, *, label: str, partial_ok: bool = False, priority: bool = False) -> list[int]:
+    async def _alloc(
+        self, n_blocks: int, *, label: str, partial_ok: bool = False, priority: bool = False
+    ) -> list[int]:
         started = time.monotonic()
-        blocks = await self.pool.allocator.alloc(n_blocks, timeout=self.alloc_timeout_s, partial_ok=partial_ok,
-                                                 priority=priority, label=label)
+        blocks = await self.pool.allocator.alloc(
+            n_blocks,
+            timeout=self.alloc_timeout_s,
+            partial_ok=partial_ok,
+            priority=priority,
+            label=label,
+        )
         self.telemetry.alloc_waited(time.monotonic() - started)
         return blocks
 
@@ -340,22 +430,32 @@ class ReceiveTask:
         if self.total_tokens and st.total_tokens != self.total_tokens:
             problem = f"total_tokens changed from {self.total_tokens} to {st.total_tokens}"
         elif st.sent_tokens > st.total_tokens or n != st.round_tokens or n > self.allocated_tokens:
-            problem = (f"inconsistent status (sent_tokens={st.sent_tokens}, round_tokens={st.round_tokens}, "
-                       f"previously received {handled}, allocated_tokens={self.allocated_tokens})")
+            problem = (
+                f"inconsistent status (sent_tokens={st.sent_tokens}, round_tokens={st.round_tokens}, "
+                f"previously received {handled}, allocated_tokens={self.allocated_tokens})"
+            )
         elif st.state == TransferState.SUCCESS and st.sent_tokens != st.total_tokens:
             problem = f"SUCCESS with sent_tokens={st.sent_tokens} < total_tokens={st.total_tokens}"
         elif st.state == TransferState.TRANSFERRING and st.sent_tokens >= st.total_tokens:
-            problem = f"TRANSFERRING with sent_tokens={st.sent_tokens} >= total_tokens={st.total_tokens}"
+            problem = (
+                f"TRANSFERRING with sent_tokens={st.sent_tokens} >= total_tokens={st.total_tokens}"
+            )
         elif st.round != self.rounds + 1:
             problem = f"round number {st.round} after round {self.rounds}"
         elif not n <= st.allocated_tokens <= self.allocated_tokens:
             # The encoder reports the allocation it wrote the round into: at least the round,
             # at most what this rank gave it.
-            problem = (f"allocated_tokens={st.allocated_tokens} does not match this rank's allocation of "
-                       f"{self.allocated_tokens} tokens for a round of {n}")
-        elif st.checksums and sorted(name for name, _ in st.checksums) != sorted(f.name for f in self.pool.record.fields):
-            problem = (f"checksums for fields {[name for name, _ in st.checksums]}, the pool has fields "
-                       f"{[f.name for f in self.pool.record.fields]}")
+            problem = (
+                f"allocated_tokens={st.allocated_tokens} does not match this rank's allocation of "
+                f"{self.allocated_tokens} tokens for a round of {n}"
+            )
+        elif st.checksums and sorted(name for name, _ in st.checksums) != sorted(
+            f.name for f in self.pool.record.fields
+        ):
+            problem = (
+                f"checksums for fields {[name for name, _ in st.checksums]}, the pool has fields "
+                f"{[f.name for f in self.pool.record.fields]}"
+            )
         if problem:
             self._reject(f"{what}: {problem}")
         self.total_tokens = st.total_tokens
@@ -377,39 +477,68 @@ class ReceiveTask:
         landed = st.landed_tokens
         if landed == self._landed:
             return  # a repeat
-        if landed < self._landed or landed > self.allocated_tokens or \
-                (st.total_tokens and handled + landed >= st.total_tokens):
-            self._reject(f"request {self.request_id} rank {self.rank}: progress status with landed_tokens={landed} "
-                         f"(before: {self._landed}; allocated_tokens={self.allocated_tokens}, {handled} of "
-                         f"{st.total_tokens} tokens received)")
+        if (
+            landed < self._landed
+            or landed > self.allocated_tokens
+            or (st.total_tokens and handled + landed >= st.total_tokens)
+        ):
+            self._reject(
+                f"request {self.request_id} rank {self.rank}: progress status with landed_tokens={landed} "
+                f"(before: {self._landed}; allocated_tokens={self.allocated_tokens}, {handled} of "
+                f"{st.total_tokens} tokens received)"
+            )
         if not (self.integrity and self.progress_tokens and st.landed_checksums):
             return
-        self._landed_check = asyncio.ensure_future(self._check_landed(
-            self._landed_check, self._landed, landed, handled, st.round + 1, dict(st.landed_checksums)))
+        self._landed_check = asyncio.ensure_future(
+            self._check_landed(
+                self._landed_check,
+                self._landed,
+                landed,
+                handled,
+                st.round + 1,
+                dict(st.landed_checksums),
+            )
+        )
         self._landed = landed
         # Not the last round (even if every rank's allocation were as big as ours): its records
         # must leave the pool before the next round, so start copying what landed.
         round_at_most = min(st.total_tokens - handled, self.allocated_tokens)
         if handled + round_at_most < st.total_tokens:
             if self._early_copy is None:
-                self._early_copy = torch.empty((round_at_most, self.pool.record.record_bytes), dtype=torch.uint8,
-                                               device=self.pool.slab.device)
-            self._copying = asyncio.ensure_future(self._copy_part(self._copying, self._early_copy, self._copied, landed))
+                self._early_copy = torch.empty(
+                    (round_at_most, self.pool.record.record_bytes),
+                    dtype=torch.uint8,
+                    device=self.pool.slab.device,
+                )
+            self._copying = asyncio.ensure_future(
+                self._copy_part(self._copying, self._early_copy, self._copied, landed)
+            )
             self._copied = landed
 
-    async def _check_landed(self, before: asyncio.Future | None, lo: int, hi: int, handled: int, round_no: int,
-                            expected: dict[str, int]) -> dict[str, int]:
+    async def _check_landed(
+        self,
+        before: asyncio.Future | None,
+        lo: int,
+        hi: int,
+        handled: int,
+        round_no: int,
+        expected: dict[str, int],
+    ) -> dict[str, int]:
         """Our checksums of the round's tokens [0, hi), given the check of [0, lo) (`before`),
         compared with the encoder's; IntegrityError naming the field."""
         have = await self._checksums_to(before, lo, hi, handled)
         self._compare(have, expected, round_no, handled, handled + hi)
         return have
 
-    async def _checksums_to(self, before: asyncio.Future | None, lo: int, hi: int, handled: int) -> dict[str, int]:
+    async def _checksums_to(
+        self, before: asyncio.Future | None, lo: int, hi: int, handled: int
+    ) -> dict[str, int]:
         """Our checksums of the round's tokens [0, hi): those of [0, lo) (the result of `before`,
         a `_check_landed`, or none when lo is 0) combined with a pass over [lo, hi)."""
         have = await before if before is not None else {}
-        got = await checksums_off_loop(self.pool.runs(self.blocks, lo, hi - lo), self.pool.record, handled + lo)
+        got = await checksums_off_loop(
+            self.pool.runs(self.blocks, lo, hi - lo), self.pool.record, handled + lo
+        )
         return {name: combine(have.get(name, 0), value) for name, value in got.items()}
 
     async def _verify(self, st: StatusUpdate, handled: int, n: int) -> None:
@@ -424,11 +553,15 @@ class ReceiveTask:
         self._compare(have, dict(st.checksums), st.round, handled, st.sent_tokens)
         self.verified_rounds += 1
 
-    def _compare(self, got: dict[str, int], expected: dict[str, int], round_no: int, lo: int, hi: int) -> None:
+    def _compare(
+        self, got: dict[str, int], expected: dict[str, int], round_no: int, lo: int, hi: int
+    ) -> None:
         for name, value in expected.items():
             if got.get(name) != value:
-                self._reject(f"request {self.request_id} rank {self.rank} round {round_no}: checksum of field {name!r} "
-                             f"over tokens [{lo}, {hi}) is {got.get(name)}, the encoder sent {value}")
+                self._reject(
+                    f"request {self.request_id} rank {self.rank} round {round_no}: checksum of field {name!r} "
+                    f"over tokens [{lo}, {hi}) is {got.get(name)}, the encoder sent {value}"
+                )
 
     async def _copy_out(self, n: int) -> torch.Tensor:
         """The round's records, copied out of the pool (so its blocks can serve the next round);
@@ -436,8 +569,14 @@ class ReceiveTask:
         segment, lo, before = self._early_copy, self._copied, self._copying
         self._early_copy, self._copied, self._copying = None, 0, None
         if segment is None:
-            segment, lo = torch.empty((n, self.pool.record.record_bytes), dtype=torch.uint8,
-                                      device=self.pool.slab.device), 0
+            segment, lo = (
+                torch.empty(
+                    (n, self.pool.record.record_bytes),
+                    dtype=torch.uint8,
+                    device=self.pool.slab.device,
+                ),
+                0,
+            )
         segment = segment[:n]  # another rank's smaller allocation may have made the round shorter
         if before is not None:
             await before
@@ -445,7 +584,9 @@ class ReceiveTask:
         self._segments.append(segment)
         return segment
 
-    async def _copy_part(self, before: asyncio.Future | None, segment: torch.Tensor, lo: int, hi: int) -> None:
+    async def _copy_part(
+        self, before: asyncio.Future | None, segment: torch.Tensor, lo: int, hi: int
+    ) -> None:
         if before is not None:
             await before
         await self._copy_range(segment, lo, hi)
@@ -457,19 +598,27 @@ class ReceiveTask:
 
         def copy(runs: list[torch.Tensor], first: int) -> None:
             for run in runs:
-                segment[first:first + run.shape[0]].copy_(run)
+                segment[first : first + run.shape[0]].copy_(run)
                 first += run.shape[0]
 
         # Big rounds are split over worker threads, like big checksums (torch runs single-threaded here).
-        await run_split_async(copy, self.pool.runs(self.blocks, lo, hi - lo), lo, min_split_bytes=MEMORY_BOUND_SPLIT_BYTES)
+        await run_split_async(
+            copy,
+            self.pool.runs(self.blocks, lo, hi - lo),
+            lo,
+            min_split_bytes=MEMORY_BOUND_SPLIT_BYTES,
+        )
 
     async def _finish(self) -> Payload:
         blocks, self.blocks = self.blocks, None
         self.allocated_tokens = 0
         segments, self._segments = self._segments, []
         # The last round stays in the pool (no copy); its blocks return on release().
-        payload = Payload(self.pool.record, [*segments, *self.pool.runs(blocks, 0, self._round_tokens)],
-                          on_release=lambda: self.pool.allocator.free(blocks))
+        payload = Payload(
+            self.pool.record,
+            [*segments, *self.pool.runs(blocks, 0, self._round_tokens)],
+            on_release=lambda: self.pool.allocator.free(blocks),
+        )
         self.state = TransferState.SUCCESS
         self.finished_at = time.monotonic()
         return payload
@@ -521,11 +670,21 @@ class ReceiveTask:
                 self.pool.allocator.quarantine(self.blocks)
                 self.quarantined_blocks, self.quarantined_at = self.blocks, time.monotonic()
                 self.telemetry.write_fenced()
-                why = ("says a write of it may still land" if self.fence is Fence.MAY_LAND
-                       else "did not confirm the end of")
-                log.warning("request %s rank %d: encoder %s %s transfer %s: %d block(s) quarantined until it says "
-                            "its writes ended", self.request_id, self.rank, self.link.address, why, self.transfer_id,
-                            len(self.blocks))
+                why = (
+                    "says a write of it may still land"
+                    if self.fence is Fence.MAY_LAND
+                    else "did not confirm the end of"
+                )
+                log.warning(
+                    "request %s rank %d: encoder %s %s transfer %s: %d block(s) quarantined until it says "
+                    "its writes ended",
+                    self.request_id,
+                    self.rank,
+                    self.link.address,
+                    why,
+                    self.transfer_id,
+                    len(self.blocks),
+                )
             self.blocks, self.allocated_tokens = None, 0
             if self.quarantined_blocks and self.on_quarantine is not None:
                 self.on_quarantine(self)
@@ -538,16 +697,31 @@ class ReceiveTask:
         """Cancel the transfer on the encoder and wait for its answer (it answers once the
         transfer ended): ENDED only when it says no write of it can land (or does not know it)."""
         try:
-            ended = await asyncio.wait_for(self.link.cancel(self.transfer_id, f"{self.reason.label}: {self.message}"),
-                                           timeout=CANCEL_TIMEOUT_S)
+            ended = await asyncio.wait_for(
+                self.link.cancel(self.transfer_id, f"{self.reason.label}: {self.message}"),
+                timeout=CANCEL_TIMEOUT_S,
+            )
         except errors.NotFound:
-            return Fence.ENDED  # the encoder does not know the transfer (any more): nothing of it is in flight
+            return (
+                Fence.ENDED
+            )  # the encoder does not know the transfer (any more): nothing of it is in flight
         except UNREACHABLE as e:
-            log.info("request %s rank %d: Cancel on encoder %s got no answer: %s", self.request_id, self.rank,
-                     self.link.address, e)
+            log.info(
+                "request %s rank %d: Cancel on encoder %s got no answer: %s",
+                self.request_id,
+                self.rank,
+                self.link.address,
+                e,
+            )
             return Fence.UNANSWERED
         except errors.EpdError as e:  # an answer that says nothing about its writes
-            log.info("request %s rank %d: Cancel on encoder %s: %s", self.request_id, self.rank, self.link.address, e)
+            log.info(
+                "request %s rank %d: Cancel on encoder %s: %s",
+                self.request_id,
+                self.rank,
+                self.link.address,
+                e,
+            )
             return Fence.MAY_LAND
         return Fence.ENDED if ended else Fence.MAY_LAND
 
@@ -576,8 +750,9 @@ def _refused(e: BaseException) -> bool:
     return isinstance(e, errors.Unavailable) and "connection refused" in e.message.lower()
 
 
-async def release_when_safe(task: ReceiveTask, grace_s: float, *, max_s: float = 600.0,
-                            probe_s: float = PROBE_S) -> None:
+async def release_when_safe(
+    task: ReceiveTask, grace_s: float, *, max_s: float = 600.0, probe_s: float = PROBE_S
+) -> None:
     """Return a closed task's quarantined blocks to the pool once no write of its transfer can
     land in them: the encoder said its writes ended — a FAILED status without writes_may_land on
     the Status stream close() kept open, or a Cancel answered writes_ended (or NOT_FOUND, or a
@@ -609,25 +784,45 @@ async def release_when_safe(task: ReceiveTask, grace_s: float, *, max_s: float =
                     unreachable_since = now
                 was_unreachable = True
                 if ended_at is not None:
-                    log.info("request %s rank %d: encoder %s stopped answering again; quarantine of %d block(s) goes "
-                             "on", task.request_id, task.rank, task.link.address, len(blocks))
+                    log.info(
+                        "request %s rank %d: encoder %s stopped answering again; quarantine of %d block(s) goes "
+                        "on",
+                        task.request_id,
+                        task.rank,
+                        task.link.address,
+                        len(blocks),
+                    )
                 ended_at = None
             elif ended and ended_at is None:
                 ended_at = now
                 outage = (now - unreachable_since) if unreachable_since is not None else 0.0
                 hold = grace_s + min(outage, MAX_OUTAGE_EXTRA_S) if was_unreachable else 0.0
                 unreachable_since = None
-                log.info("request %s rank %d: encoder %s says the writes of transfer %s ended; its %d quarantined "
-                         "block(s) return in %.1f s", task.request_id, task.rank, task.link.address, task.transfer_id,
-                         len(blocks), hold)
+                log.info(
+                    "request %s rank %d: encoder %s says the writes of transfer %s ended; its %d quarantined "
+                    "block(s) return in %.1f s",
+                    task.request_id,
+                    task.rank,
+                    task.link.address,
+                    task.transfer_id,
+                    len(blocks),
+                    hold,
+                )
             elif reachable:
                 unreachable_since = None
             if ended_at is not None and now - ended_at >= hold:
                 break
             if ended_at is None and now - since >= max_s:
-                log.warning("request %s rank %d: encoder %s has not said the writes of transfer %s ended within "
-                            "quarantine_max_s=%.0f s; its %d quarantined block(s) return to the pool", task.request_id,
-                            task.rank, task.link.address, task.transfer_id, max_s, len(blocks))
+                log.warning(
+                    "request %s rank %d: encoder %s has not said the writes of transfer %s ended within "
+                    "quarantine_max_s=%.0f s; its %d quarantined block(s) return to the pool",
+                    task.request_id,
+                    task.rank,
+                    task.link.address,
+                    task.transfer_id,
+                    max_s,
+                    len(blocks),
+                )
                 break
             wait = probe_s if ended_at is None else min(probe_s, max(0.0, hold - (now - ended_at)))
             await asyncio.wait([news], timeout=wait)
@@ -638,15 +833,22 @@ async def release_when_safe(task: ReceiveTask, grace_s: float, *, max_s: float =
     task.quarantined_blocks = []
     held = time.monotonic() - since
     task.telemetry.fence_released(held)
-    log.warning("request %s rank %d: %d quarantined block(s) back in the pool (%.1f s after the transfer ended)",
-                task.request_id, task.rank, len(blocks), held)
+    log.warning(
+        "request %s rank %d: %d quarantined block(s) back in the pool (%.1f s after the transfer ended)",
+        task.request_id,
+        task.rank,
+        len(blocks),
+        held,
+    )
 
 
 async def _probe(task: ReceiveTask) -> tuple[bool, bool]:
     """Ask the encoder again (a Cancel of the transfer): (it answered, its writes ended)."""
     try:
-        ended = await asyncio.wait_for(task.link.cancel(task.transfer_id, f"quarantine check of request {task.request_id}"),
-                                       timeout=PROBE_TIMEOUT_S)
+        ended = await asyncio.wait_for(
+            task.link.cancel(task.transfer_id, f"quarantine check of request {task.request_id}"),
+            timeout=PROBE_TIMEOUT_S,
+        )
         return True, bool(ended)
     except errors.NotFound:
         return True, True  # it holds nothing of the transfer
@@ -656,6 +858,11 @@ async def _probe(task: ReceiveTask) -> tuple[bool, bool]:
     except errors.EpdError:  # an answer that says nothing of its writes
         return True, False
     except Exception as e:  # noqa: BLE001 - the loop must go on (max_s bounds it)
-        log.warning("request %s rank %d: quarantine check on encoder %s: %r", task.request_id, task.rank,
-                    task.link.address, e)
+        log.warning(
+            "request %s rank %d: quarantine check on encoder %s: %r",
+            task.request_id,
+            task.rank,
+            task.link.address,
+            e,
+        )
         return False, False

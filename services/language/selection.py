@@ -16,7 +16,7 @@ not draining. `pick(exclude=...)` leaves out encoders already tried (failover).
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 POLICIES = ("least-loaded", "round-robin")
 

@@ -26,7 +26,13 @@ from common.transport import MooncakeTransport
 from services import exposure, rpc
 from services.language import encoders, ranks
 from services.language.policy import AllocationPolicy
-from services.language.rank_group import MAX_REQUEST_ID_BYTES, DistributedGroup, LocalGroup, RankGroup, RankRow
+from services.language.rank_group import (
+    MAX_REQUEST_ID_BYTES,
+    DistributedGroup,
+    LocalGroup,
+    RankGroup,
+    RankRow,
+)
 from services.language.receiver import CarriedInit
 from services.language.worker import RankOutcome, RankWorker, cancel_and_wait
 
@@ -41,12 +47,14 @@ class GenerateRecord:
     def __init__(self, request_id: str, encoder: str, principal: str = ""):
         self.request_id = request_id
         self.encoder = encoder
-        self.principal = principal      # who called Generate: only it (or an admin) may inspect or cancel it
+        self.principal = (
+            principal  # who called Generate: only it (or an admin) may inspect or cancel it
+        )
         self.encoder_address = ""
-        self.key = request_id          # the current attempt's admission key (ID, or ID#2 after a failover)
+        self.key = request_id  # the current attempt's admission key (ID, or ID#2 after a failover)
         self.attempts = 0
-        self.encoded_at = 0.0           # when the current attempt's Encode returned
-        self.early_init = False         # the current attempt's Init went out alongside its Encode
+        self.encoded_at = 0.0  # when the current attempt's Encode returned
+        self.early_init = False  # the current attempt's Init went out alongside its Encode
         self.failed_over_from = ""
         self.created = time.monotonic()
         self.finished_at: float | None = None
@@ -73,7 +81,9 @@ class LanguageService:
         config.validate()
         addresses = config.encoder_addresses()
         if not addresses:
-            raise errors.InvalidArgument("encoder: at least one --encoder host:port (or --encoder-file) is required")
+            raise errors.InvalidArgument(
+                "encoder: at least one --encoder host:port (or --encoder-file) is required"
+            )
         # DNS names with several addresses (a scaled compose service) become one entry per
         # address, here, once: the rank processes get the expanded list, so every rank has the
         # same ordered encoders and an admission names its encoder by index.
@@ -81,14 +91,28 @@ class LanguageService:
         config = dataclasses.replace(config, encoder=tuple(addresses), encoder_file="")
         self.config = config
         self.language_id = config.language_id or f"lang-{uuid.uuid4().hex[:12]}"
-        self.dist_init = config.dist_init or (f"tcp://{config.host}:{ranks.free_port(config.host)}" if config.tp > 1 else "")
-        self.group: RankGroup = DistributedGroup(0, config.tp, self.dist_init) if config.tp > 1 else LocalGroup()
-        self.worker = RankWorker(config, 0, self.group, self.language_id, transport=transport,
-                                 dns_names=tuple(dns_names) if config.tp == 1 else ())
+        self.dist_init = config.dist_init or (
+            f"tcp://{config.host}:{ranks.free_port(config.host)}" if config.tp > 1 else ""
+        )
+        self.group: RankGroup = (
+            DistributedGroup(0, config.tp, self.dist_init) if config.tp > 1 else LocalGroup()
+        )
+        self.worker = RankWorker(
+            config,
+            0,
+            self.group,
+            self.language_id,
+            transport=transport,
+            dns_names=tuple(dns_names) if config.tp == 1 else (),
+        )
         self.pool = self.worker.pool
-        self.policy = AllocationPolicy(config.alloc_policy, config.initial_tokens,
-                                       min(config.pool_blocks_of(r) for r in config.data_rank_list) * config.block_size,
-                                       min_tokens=config.adaptive_min_tokens, max_tokens=config.adaptive_max_tokens)
+        self.policy = AllocationPolicy(
+            config.alloc_policy,
+            config.initial_tokens,
+            min(config.pool_blocks_of(r) for r in config.data_rank_list) * config.block_size,
+            min_tokens=config.adaptive_min_tokens,
+            max_tokens=config.adaptive_max_tokens,
+        )
         # Early Inits need the Encode's return and the rank's reservation in one process (see _attempt).
         self.early_init = config.early_init and config.tp == 1
         self.requests: TransferTable[GenerateRecord] = TransferTable(config.history_size)
@@ -124,17 +148,35 @@ class LanguageService:
             raise
         sec = rpc.ServerSecurity.from_config(cfg)
         self.server = rpc.GrpcServer(
-            SERVICE_NAME, lambda server: language_pb2_grpc.add_LanguageServicer_to_server(LanguageServicer(self, sec), server),
-            interceptors=[self.worker.metrics.interceptor()], sec=sec,
-            bench=LanguageBenchServicer(self) if cfg.enable_bench else None)  # off in production
+            SERVICE_NAME,
+            lambda server: language_pb2_grpc.add_LanguageServicer_to_server(
+                LanguageServicer(self, sec), server
+            ),
+            interceptors=[self.worker.metrics.interceptor()],
+            sec=sec,
+            bench=LanguageBenchServicer(self) if cfg.enable_bench else None,
+        )  # off in production
         self.port = await self.server.start(cfg.host, cfg.port)
-        known = {self.port: "gRPC", self.metrics_port: "metrics", self.transport.handshake_port: "Mooncake handshake"}
+        known = {
+            self.port: "gRPC",
+            self.metrics_port: "metrics",
+            self.transport.handshake_port: "Mooncake handshake",
+        }
         if self.dist_init.startswith("tcp://"):
             known[int(self.dist_init.rpartition(":")[2])] = "torch.distributed rendezvous"
         exposure.report("language rank 0", cfg.host, known)
-        log.info("language %s serving on %s:%d, %d rank(s) (data ranks %s), session %s, encoders %s (%s, %d available)",
-                 self.language_id, cfg.host, self.port, cfg.tp, list(cfg.data_rank_list), self.transport.session,
-                 [v.address for v in self.worker.encoders.views], cfg.encoder_policy, self.worker.encoders.available)
+        log.info(
+            "language %s serving on %s:%d, %d rank(s) (data ranks %s), session %s, encoders %s (%s, %d available)",
+            self.language_id,
+            cfg.host,
+            self.port,
+            cfg.tp,
+            list(cfg.data_rank_list),
+            self.transport.session,
+            [v.address for v in self.worker.encoders.views],
+            cfg.encoder_policy,
+            self.worker.encoders.available,
+        )
         if self.children:
             asyncio.get_running_loop().create_task(self._watch_children())
 
@@ -165,7 +207,9 @@ class LanguageService:
             await self.server.set_not_serving()
         tasks = [r.task for r in self.requests.live if r.task is not None]
         if tasks:
-            log.info("language shutting down: waiting up to %.1f s for %d request(s)", grace, len(tasks))
+            log.info(
+                "language shutting down: waiting up to %.1f s for %d request(s)", grace, len(tasks)
+            )
             await asyncio.wait(tasks, timeout=grace)
         for t in tasks:
             t.cancel()
@@ -179,21 +223,34 @@ class LanguageService:
 
     # ------------------------------------------------------------------ Generate
 
-    async def generate(self, request: language_pb2.GenerateRequest, deadline_s: float | None,
-                       principal: str = "") -> language_pb2.GenerateReply:
+    async def generate(
+        self, request: language_pb2.GenerateRequest, deadline_s: float | None, principal: str = ""
+    ) -> language_pb2.GenerateReply:
         request_id = request.request_id or str(uuid.uuid4())
         if len(request_id.encode("utf-8")) > MAX_REQUEST_ID_BYTES:
-            raise errors.InvalidArgument(f"request_id is {len(request_id.encode())} bytes, above {MAX_REQUEST_ID_BYTES}")
+            raise errors.InvalidArgument(
+                f"request_id is {len(request_id.encode())} bytes, above {MAX_REQUEST_ID_BYTES}"
+            )
         if request.synthetic_tokens == 0 and not request.text and not request.images:
-            raise errors.InvalidArgument(f"request {errors.shown(request_id)}: no images, no text and synthetic_tokens=0")
+            raise errors.InvalidArgument(
+                f"request {errors.shown(request_id)}: no images, no text and synthetic_tokens=0"
+            )
         # Before any block is reserved (the encoder checks the same limits again at Encode).
-        check_images(f"request {errors.shown(request_id)}", [len(im.data) for im in request.images],
-                     max_images=self.config.max_images, max_image_bytes=self.config.max_image_bytes)
+        check_images(
+            f"request {errors.shown(request_id)}",
+            [len(im.data) for im in request.images],
+            max_images=self.config.max_images,
+            max_image_bytes=self.config.max_image_bytes,
+        )
         self._refuse_when_unhealthy(f"Generate of request {errors.shown(request_id)}")
         record = GenerateRecord(request_id, "", principal)
         record.worker = self.worker
         self.requests.add(request_id, record)  # ALREADY_EXISTS for an id in use
-        timeout = min(deadline_s, self.config.generate_timeout_s) if deadline_s else self.config.generate_timeout_s
+        timeout = (
+            min(deadline_s, self.config.generate_timeout_s)
+            if deadline_s
+            else self.config.generate_timeout_s
+        )
         # The work runs in a task of our own: Cancel and deadlines cancel it, never the gRPC
         # handler, which must stay alive to send the client its status.
         work = asyncio.ensure_future(self._generate(request_id, request, record))
@@ -203,9 +260,13 @@ class LanguageService:
             if not done:
                 record.cancel_reason = f"no result within the deadline of {timeout:.3f} s"
                 await cancel_and_wait(work)
-                raise errors.DeadlineExceeded(f"request {errors.shown(request_id)} did not finish within {timeout:.3f} s")
+                raise errors.DeadlineExceeded(
+                    f"request {errors.shown(request_id)} did not finish within {timeout:.3f} s"
+                )
             if work.cancelled():
-                raise errors.Cancelled(f"request {errors.shown(request_id)} was cancelled: {record.cancel_reason}")
+                raise errors.Cancelled(
+                    f"request {errors.shown(request_id)} was cancelled: {record.cancel_reason}"
+                )
             return work.result()
         except asyncio.CancelledError:  # the client went away
             record.cancel_reason = record.cancel_reason or "the client cancelled the call"
@@ -224,7 +285,9 @@ class LanguageService:
         if self.draining:
             raise errors.Unavailable(f"{what}: language {self.language_id} is shutting down")
 
-    async def _generate(self, request_id: str, request, record: GenerateRecord) -> language_pb2.GenerateReply:
+    async def _generate(
+        self, request_id: str, request, record: GenerateRecord
+    ) -> language_pb2.GenerateReply:
         """Pick an encoder and run the request there (`_attempt`). When that encoder fails before
         any byte reached any rank (Encode refused as unavailable or out of source blocks, the
         encoder lost before round 1), run it once more on another encoder under a fresh transfer
@@ -241,12 +304,19 @@ class LanguageService:
                     raise first_error
                 record.failed_over_from = record.encoder
                 self.worker.telemetry.failed_over()
-                log.warning("request %s: failing over from encoder %s to %s: %s", request_id, record.encoder,
-                            self.worker.encoders.name(view.index), first_error.message)
+                log.warning(
+                    "request %s: failing over from encoder %s to %s: %s",
+                    request_id,
+                    record.encoder,
+                    self.worker.encoders.name(view.index),
+                    first_error.message,
+                )
             tried.append(view.index)
             attempt = len(tried)
             record.key = request_id if attempt == 1 else f"{request_id}#{attempt}"
-            if attempt > 1 and (record.key in self.group.views or self.requests.live_get(record.key) is not None):
+            if attempt > 1 and (
+                record.key in self.group.views or self.requests.live_get(record.key) is not None
+            ):
                 record.key = f"{request_id}#{uuid.uuid4().hex[:7]}"  # a client's own id already looks like ours
             record.attempts = attempt
             record.encoder = self.worker.encoders.name(view.index)
@@ -255,8 +325,9 @@ class LanguageService:
             view.inflight += 1
             view.picked += 1
             try:
-                return await self._attempt(request_id, request, record, view, started,
-                                           may_retry=attempt < MAX_ATTEMPTS)
+                return await self._attempt(
+                    request_id, request, record, view, started, may_retry=attempt < MAX_ATTEMPTS
+                )
             except _RetryElsewhere as retry:
                 first_error = retry.error
             finally:
@@ -271,14 +342,26 @@ class LanguageService:
             if view is not None:
                 return view
             if time.monotonic() > deadline:
-                states = "; ".join(f"{v.address}: {v.last_error or ('not registered' if not v.registered else 'unavailable')}"
-                                   for v in self.worker.encoders.views)
-                raise errors.Unavailable(f"request {errors.shown(request_id)}: no encoder available ({states})",
-                                         reason=FailureReason.PEER_LOST)
+                states = "; ".join(
+                    f"{v.address}: {v.last_error or ('not registered' if not v.registered else 'unavailable')}"
+                    for v in self.worker.encoders.views
+                )
+                raise errors.Unavailable(
+                    f"request {errors.shown(request_id)}: no encoder available ({states})",
+                    reason=FailureReason.PEER_LOST,
+                )
             await asyncio.sleep(0.05)
 
-    async def _attempt(self, request_id: str, request, record: GenerateRecord, view, started: float, *,
-                       may_retry: bool) -> language_pb2.GenerateReply:
+    async def _attempt(
+        self,
+        request_id: str,
+        request,
+        record: GenerateRecord,
+        view,
+        started: float,
+        *,
+        may_retry: bool,
+    ) -> language_pb2.GenerateReply:
         """Encode, and admit the request to every rank, which reserve destination blocks (blind
         to the size: the allocation policy decides) and Init. A single-rank instance admits it
         alongside the Encode when its pool has room to spare (`early_init`, RankWorker.reserve_early),
@@ -294,12 +377,18 @@ class LanguageService:
 
         def admit():
             if key in self.group.views:  # a client id equal to another request's failover key
-                raise errors.AlreadyExists(f"request_id {errors.shown(request_id)} is already in use (by a failover)")
-            return self.group.admit(key, initial, request.want_digest, encoder=view.index), self.worker.outcome(key)
+                raise errors.AlreadyExists(
+                    f"request_id {errors.shown(request_id)} is already in use (by a failover)"
+                )
+            return self.group.admit(
+                key, initial, request.want_digest, encoder=view.index
+            ), self.worker.outcome(key)
 
         if key in self.group.views:
             admit()  # refused before anything is reserved or encoded
-        early = self.early_init and self.worker.reserve_early(key, initial, self.policy.max_initial_tokens())
+        early = self.early_init and self.worker.reserve_early(
+            key, initial, self.policy.max_initial_tokens()
+        )
         carried = None
         try:
             record.early_init = early
@@ -323,9 +412,15 @@ class LanguageService:
             outcome: RankOutcome = await asyncio.shield(outcome_fut)
             record.outcome = outcome
             if not outcome.decision.deliver:
-                error = errors.error_for_reason(outcome.decision.reason, _failure_message(request_id, outcome))
-                if may_retry and _nothing_delivered(outcome) and outcome.decision.reason in RETRY_REASONS \
-                        and not self.group.broken:
+                error = errors.error_for_reason(
+                    outcome.decision.reason, _failure_message(request_id, outcome)
+                )
+                if (
+                    may_retry
+                    and _nothing_delivered(outcome)
+                    and outcome.decision.reason in RETRY_REASONS
+                    and not self.group.broken
+                ):
                     raise _RetryElsewhere(error)
                 raise error
             self.policy.observe(total)
@@ -337,17 +432,30 @@ class LanguageService:
             # also means: the first encoder answered our Cancel (no write of this attempt is in
             # flight) or cannot be reached, before the second attempt allocates anything.
             retry = isinstance(e, _RetryElsewhere)
-            await asyncio.shield(self._abandon(record, link, transfer_id, outcome_fut,
-                                               e.error if retry else e, final=not retry))
+            await asyncio.shield(
+                self._abandon(
+                    record, link, transfer_id, outcome_fut, e.error if retry else e, final=not retry
+                )
+            )
             raise
 
-    async def _encode(self, link, view, transfer_id: str, request, carried: CarriedInit | None = None) -> int:
+    async def _encode(
+        self, link, view, transfer_id: str, request, carried: CarriedInit | None = None
+    ) -> int:
         """Encode on `link` (carrying the rank's early Init, if any); given up (UNAVAILABLE) when
         the encoder leaves the rotation meanwhile, so a call waiting for a dead encoder's channel
         does not wait for the whole deadline."""
-        call = asyncio.ensure_future(link.encode(
-            transfer_id, [(im.data, im.mime_type) for im in request.images], request.text,
-            request.synthetic_tokens, request.synthetic_seed, self.worker.rank_count, init=carried))
+        call = asyncio.ensure_future(
+            link.encode(
+                transfer_id,
+                [(im.data, im.mime_type) for im in request.images],
+                request.text,
+                request.synthetic_tokens,
+                request.synthetic_seed,
+                self.worker.rank_count,
+                init=carried,
+            )
+        )
         try:
             while True:
                 done, _ = await asyncio.wait({call}, timeout=encoders.POLL_S)
@@ -355,33 +463,60 @@ class LanguageService:
                     return call.result()
                 if not view.available:
                     await cancel_and_wait(call)
-                    raise errors.Unavailable(f"Encode on encoder {view.address}: the encoder left the rotation "
-                                             f"({view.last_error or 'unavailable'})", reason=FailureReason.PEER_LOST)
+                    raise errors.Unavailable(
+                        f"Encode on encoder {view.address}: the encoder left the rotation "
+                        f"({view.last_error or 'unavailable'})",
+                        reason=FailureReason.PEER_LOST,
+                    )
         finally:
             await cancel_and_wait(call)
 
-    async def _abandon(self, record: GenerateRecord, link, transfer_id: str, outcome_fut: asyncio.Future | None,
-                       e: BaseException, *, final: bool = True) -> None:
+    async def _abandon(
+        self,
+        record: GenerateRecord,
+        link,
+        transfer_id: str,
+        outcome_fut: asyncio.Future | None,
+        e: BaseException,
+        *,
+        final: bool = True,
+    ) -> None:
         """End a failed or cancelled attempt on every rank and on its encoder."""
         reason = e.reason if isinstance(e, errors.EpdError) else FailureReason.CANCELLED
         if outcome_fut is None:  # never admitted (Encode refused, cancelled): no rank reports it
             if final:
-                self.worker.telemetry.transfer_ended(TransferState.FAILED,
-                                                     reason if reason else FailureReason.INVALID, seconds=None, rounds=0)
+                self.worker.telemetry.transfer_ended(
+                    TransferState.FAILED,
+                    reason if reason else FailureReason.INVALID,
+                    seconds=None,
+                    rounds=0,
+                )
         else:
             if not outcome_fut.done():
                 self.worker.fail_local(record.key, reason)
                 # Bounded: a rank group that broke meanwhile may never report this request.
                 done, _ = await asyncio.wait({outcome_fut}, timeout=ABANDON_WAIT_S)
                 if not done:
-                    log.warning("request %s: no rank outcome within %.0f s of abandoning it (%s)", record.request_id,
-                                ABANDON_WAIT_S, self.group.broken or "rank group still running")
-            if record.outcome is None and outcome_fut.done() and not outcome_fut.cancelled() \
-                    and outcome_fut.exception() is None:
+                    log.warning(
+                        "request %s: no rank outcome within %.0f s of abandoning it (%s)",
+                        record.request_id,
+                        ABANDON_WAIT_S,
+                        self.group.broken or "rank group still running",
+                    )
+            if (
+                record.outcome is None
+                and outcome_fut.done()
+                and not outcome_fut.cancelled()
+                and outcome_fut.exception() is None
+            ):
                 record.outcome = outcome_fut.result()  # inspection shows every rank's part
         # End the transfer on the encoder too (the Encode opened it), and wait until its source
         # blocks are free.
-        why = str(e) or (record.cancel_reason if isinstance(e, asyncio.CancelledError) else "") or type(e).__name__
+        why = (
+            str(e)
+            or (record.cancel_reason if isinstance(e, asyncio.CancelledError) else "")
+            or type(e).__name__
+        )
         await self._cancel_on_encoder(link, transfer_id, f"{reason.label}: {why}")
 
     async def _cancel_on_encoder(self, link, transfer_id: str, why: str) -> None:
@@ -392,66 +527,114 @@ class LanguageService:
         except errors.EpdError as e:
             log.info("transfer %s: Cancel on encoder %s: %s", transfer_id, link.address, e)
 
-    def _reply(self, request_id: str, initial_tokens: int, outcome: RankOutcome, total: int,
-               started: float, record: GenerateRecord) -> language_pb2.GenerateReply:
+    def _reply(
+        self,
+        request_id: str,
+        initial_tokens: int,
+        outcome: RankOutcome,
+        total: int,
+        started: float,
+        record: GenerateRecord,
+    ) -> language_pb2.GenerateReply:
         rows = outcome.decision.rows
         receiver = outcome.receiver
         rounds = receiver.rounds if receiver else max((r.rounds for r in rows), default=0)
         # From the Init, or from the Encode's return when the Init went out alongside it (the
         # transfer cannot start before both).
-        transfer_s = (receiver.finished_at - max(receiver.init_at, record.encoded_at)) \
-            if receiver and receiver.init_at and receiver.finished_at else time.monotonic() - started
-        reports = [language_pb2.RankReport(rank=r, data_rank=r in self.config.data_rank_list,
-                                           payload_sha256=row.digest.hex(), received_tokens=row.sent, rounds=row.rounds)
-                   for r, row in enumerate(rows)]
+        transfer_s = (
+            (receiver.finished_at - max(receiver.init_at, record.encoded_at))
+            if receiver and receiver.init_at and receiver.finished_at
+            else time.monotonic() - started
+        )
+        reports = [
+            language_pb2.RankReport(
+                rank=r,
+                data_rank=r in self.config.data_rank_list,
+                payload_sha256=row.digest.hex(),
+                received_tokens=row.sent,
+                rounds=row.rounds,
+            )
+            for r, row in enumerate(rows)
+        ]
         return language_pb2.GenerateReply(
-            request_id=request_id, total_tokens=total, rounds=rounds,
-            bytes=total * self.pool.record.payload_bytes_per_token, transfer_seconds=transfer_s,
+            request_id=request_id,
+            total_tokens=total,
+            rounds=rounds,
+            bytes=total * self.pool.record.payload_bytes_per_token,
+            transfer_seconds=transfer_s,
             total_seconds=time.monotonic() - started,
             integrity_verified=receiver.integrity_verified if receiver else self.config.integrity,
-            encoder=record.encoder, attempts=record.attempts, failed_over_from=record.failed_over_from,
-            transfer_id=self.worker.transfer_id(record.key), early_init=record.early_init,
+            encoder=record.encoder,
+            attempts=record.attempts,
+            failed_over_from=record.failed_over_from,
+            transfer_id=self.worker.transfer_id(record.key),
+            early_init=record.early_init,
             overlapped_rounds=receiver.overlapped_rounds if receiver else 0,
             payload_sha256=outcome.digest or next((r.digest.hex() for r in rows if r.digest), ""),
             first_token_id=outcome.consumer.first_token_id if outcome.consumer else -1,
-            initial_allocated_tokens=receiver.initial_allocated_tokens if receiver else initial_tokens,
-            ranks=reports, agreement_seconds=outcome.agreement_seconds,
-            logits=_logits_summary(outcome.consumer), consumer=self.worker.consumer.name)
+            initial_allocated_tokens=receiver.initial_allocated_tokens
+            if receiver
+            else initial_tokens,
+            ranks=reports,
+            agreement_seconds=outcome.agreement_seconds,
+            logits=_logits_summary(outcome.consumer),
+            consumer=self.worker.consumer.name,
+        )
 
-    async def measure_link(self, tokens: int, repeats: int, concurrency: int,
-                           write_wait: str = "") -> bench_pb2.MeasureLinkReply:
+    async def measure_link(
+        self, tokens: int, repeats: int, concurrency: int, write_wait: str = ""
+    ) -> bench_pb2.MeasureLinkReply:
         """epd bench's baseline: the encoder writes plain Mooncake writes into blocks of rank 0's
         pool reserved for the measurement (so no transfer can be hurt), then they are freed."""
         if tokens < 1 or repeats < 1 or concurrency < 1:
-            raise errors.InvalidArgument(f"tokens={tokens}, repeats={repeats}, concurrency={concurrency}: each must be >= 1")
+            raise errors.InvalidArgument(
+                f"tokens={tokens}, repeats={repeats}, concurrency={concurrency}: each must be >= 1"
+            )
         if write_wait not in ("", *WRITE_WAITS):
-            raise errors.InvalidArgument(f"write_wait={errors.shown(write_wait)}: must be '', 'spin' or 'poll'")
+            raise errors.InvalidArgument(
+                f"write_wait={errors.shown(write_wait)}: must be '', 'spin' or 'poll'"
+            )
         self._refuse_when_unhealthy("MeasureLink")
         n = concurrency * blocks_for_tokens(tokens, self.pool.block_size)
         if n > self.pool.num_blocks:
             raise errors.InvalidArgument(
-                f"concurrency * tokens = {concurrency} * {tokens} needs {n} blocks, more than the pool's {self.pool.num_blocks}")
-        blocks = await self.pool.allocator.alloc(n, timeout=self.config.alloc_timeout_s, label="MeasureLink")
+                f"concurrency * tokens = {concurrency} * {tokens} needs {n} blocks, more than the pool's {self.pool.num_blocks}"
+            )
+        blocks = await self.pool.allocator.alloc(
+            n, timeout=self.config.alloc_timeout_s, label="MeasureLink"
+        )
         answered = False
         try:
-            reply = await self.worker.link.raw_write(0, blocks, tokens, repeats, concurrency, write_wait)
+            reply = await self.worker.link.raw_write(
+                0, blocks, tokens, repeats, concurrency, write_wait
+            )
             answered = True
         except errors.EpdError as e:
             # The encoder answers RawWrite (reply or error) only once no write of it can land;
             # an unreachable or interrupted call proves nothing of the sort.
-            answered = not isinstance(e, (errors.Unavailable, errors.DeadlineExceeded, errors.Cancelled,
-                                          errors.Internal))
+            answered = not isinstance(
+                e, (errors.Unavailable, errors.DeadlineExceeded, errors.Cancelled, errors.Internal)
+            )
             raise
         finally:
             if answered:
                 self.pool.allocator.free(blocks)
             else:
                 self.worker.hold_unconfirmed(blocks, "MeasureLink")
-        return bench_pb2.MeasureLinkReply(seconds=reply.seconds, bytes=reply.bytes, descriptors=reply.descriptors,
-                                          encoder=self.worker.link.encoder_id or self.worker.link.address)
+        return bench_pb2.MeasureLinkReply(
+            seconds=reply.seconds,
+            bytes=reply.bytes,
+            descriptors=reply.descriptors,
+            encoder=self.worker.link.encoder_id or self.worker.link.address,
+        )
 
-    async def cancel(self, request_id: str, reason: str, principal: str = "",
-                     sec: rpc.ServerSecurity | None = None) -> tuple[bool, TransferState]:
+    async def cancel(
+        self,
+        request_id: str,
+        reason: str,
+        principal: str = "",
+        sec: rpc.ServerSecurity | None = None,
+    ) -> tuple[bool, TransferState]:
         record = self.owned(request_id, principal, sec)
         if self.requests.live_get(request_id) is None or record.task is None or record.task.done():
             return False, record.state
@@ -459,8 +642,9 @@ class LanguageService:
         await cancel_and_wait(record.task)
         return True, record.state
 
-
-    def owned(self, request_id: str, principal: str, sec: rpc.ServerSecurity | None) -> GenerateRecord:
+    def owned(
+        self, request_id: str, principal: str, sec: rpc.ServerSecurity | None
+    ) -> GenerateRecord:
         """The Generate, when `principal` made it or is an admin; another identity's is NOT_FOUND,
         like an unknown id (its existence is not confirmed either)."""
         record = self.requests.require(request_id)
@@ -469,9 +653,9 @@ class LanguageService:
         return record
 
 
-MAX_ATTEMPTS = 2         # the first encoder, then one other
-ABANDON_WAIT_S = 15.0    # longest an abandoned attempt waits for its ranks' outcome
-CONNECT_WAIT_S = 10.0    # how long a Generate waits for some encoder to be available
+MAX_ATTEMPTS = 2  # the first encoder, then one other
+ABANDON_WAIT_S = 15.0  # longest an abandoned attempt waits for its ranks' outcome
+CONNECT_WAIT_S = 10.0  # how long a Generate waits for some encoder to be available
 # Decided failures that may mean "the encoder, not the request": retried elsewhere when no rank
 # received a byte.
 RETRY_REASONS = (FailureReason.PEER_LOST, FailureReason.TRANSPORT)
@@ -488,13 +672,18 @@ class _RetryElsewhere(Exception):
 def _encoder_unusable(e: errors.EpdError) -> bool:
     """An Encode failure that says nothing about the request: the encoder is unreachable,
     draining, or out of source blocks."""
-    return isinstance(e, (errors.Unavailable, errors.ResourceExhausted)) or e.reason == FailureReason.PEER_LOST
+    return (
+        isinstance(e, (errors.Unavailable, errors.ResourceExhausted))
+        or e.reason == FailureReason.PEER_LOST
+    )
 
 
 def _nothing_delivered(outcome: RankOutcome) -> bool:
     rows = outcome.decision.rows
     receiver = outcome.receiver
-    return all(row.sent == 0 and row.rounds == 0 for row in rows) and (receiver is None or receiver.sent_tokens == 0)
+    return all(row.sent == 0 and row.rounds == 0 for row in rows) and (
+        receiver is None or receiver.sent_tokens == 0
+    )
 
 
 def _logits_summary(result) -> language_pb2.LogitsSummary | None:
@@ -502,9 +691,16 @@ def _logits_summary(result) -> language_pb2.LogitsSummary | None:
     if result is None or not (result.vocab_size or result.skipped):
         return None
     return language_pb2.LogitsSummary(
-        top_token_ids=result.top_token_ids, top_logits=result.top_logits, norm=result.logits_norm,
-        sum=result.logits_sum, vocab_size=result.vocab_size, mrope_position_delta=result.position_delta,
-        prefill_tokens=result.prefill_tokens, prefill_seconds=result.prefill_seconds, skipped=result.skipped)
+        top_token_ids=result.top_token_ids,
+        top_logits=result.top_logits,
+        norm=result.logits_norm,
+        sum=result.logits_sum,
+        vocab_size=result.vocab_size,
+        mrope_position_delta=result.position_delta,
+        prefill_tokens=result.prefill_tokens,
+        prefill_seconds=result.prefill_seconds,
+        skipped=result.skipped,
+    )
 
 
 def _failure_message(request_id: str, outcome: RankOutcome) -> str:
@@ -512,7 +708,9 @@ def _failure_message(request_id: str, outcome: RankOutcome) -> str:
     if receiver is not None and receiver.message:
         return f"request {request_id}: {receiver.message}"
     failed = [r for r, row in enumerate(outcome.decision.rows) if row.failed]
-    return f"request {request_id} failed ({outcome.decision.reason.label}) on rank(s) {failed or '?'}"
+    return (
+        f"request {request_id} failed ({outcome.decision.reason.label}) on rank(s) {failed or '?'}"
+    )
 
 
 class LanguageServicer(language_pb2_grpc.LanguageServicer):
@@ -532,7 +730,9 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
     async def GetTransfer(self, request, context):
         if not request.request_id:
             raise errors.InvalidArgument("request_id is empty")
-        return record_info(self.s, self.s.owned(request.request_id, rpc.peer_identity(context), self.sec))
+        return record_info(
+            self.s, self.s.owned(request.request_id, rpc.peer_identity(context), self.sec)
+        )
 
     @rpc.grpc_errors
     async def ListTransfers(self, request, context):
@@ -543,17 +743,23 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
             except ValueError:
                 raise errors.InvalidArgument(f"states: unknown TransferState value {v}") from None
         caller = rpc.peer_identity(context)
-        mine = [r for r in self.s.requests.select(states, 0) if self.sec.may_see(caller, r.principal)]
+        mine = [
+            r for r in self.s.requests.select(states, 0) if self.sec.may_see(caller, r.principal)
+        ]
         if request.limit:
-            mine = mine[:request.limit]
+            mine = mine[: request.limit]
         return common_pb2.ListTransfersReply(transfers=[record_info(self.s, r) for r in mine])
 
     @rpc.grpc_errors
     async def Cancel(self, request, context):
         if not request.request_id:
             raise errors.InvalidArgument("request_id is empty")
-        cancelled, state = await self.s.cancel(request.request_id, request.reason or "no reason given",
-                                               rpc.peer_identity(context), self.sec)
+        cancelled, state = await self.s.cancel(
+            request.request_id,
+            request.reason or "no reason given",
+            rpc.peer_identity(context),
+            self.sec,
+        )
         return common_pb2.CancelReply(cancelled=cancelled, state=int(state))
 
     @rpc.grpc_errors
@@ -563,14 +769,21 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
         if not self.s.group.broken:
             await self.s.group.refresh()
         for rank, (used, free, waiters, held, quarantined) in enumerate(self.s.group.rank_pools):
-            info.rank_pools.append(common_pb2.RankPool(rank=rank, used_blocks=used, free_blocks=free, waiters=waiters,
-                                                       fault_held_blocks=held, quarantined_blocks=quarantined))
+            info.rank_pools.append(
+                common_pb2.RankPool(
+                    rank=rank,
+                    used_blocks=used,
+                    free_blocks=free,
+                    waiters=waiters,
+                    fault_held_blocks=held,
+                    quarantined_blocks=quarantined,
+                )
+            )
         return info
 
     @rpc.grpc_errors
     async def GetDiagnostics(self, request, context):
         return rpc.diagnostics(self.s.requests)
-
 
 
 class LanguageBenchServicer(bench_pb2_grpc.BenchServicer):
@@ -581,13 +794,19 @@ class LanguageBenchServicer(bench_pb2_grpc.BenchServicer):
 
     @rpc.grpc_errors
     async def MeasureLink(self, request, context):
-        return await self.s.measure_link(request.tokens, request.repeats, request.concurrency or 1, request.write_wait)
+        return await self.s.measure_link(
+            request.tokens, request.repeats, request.concurrency or 1, request.write_wait
+        )
 
 
 def record_info(service: LanguageService, r: GenerateRecord) -> common_pb2.TransferInfo:
     """Rank 0's record plus every rank's view (the latest rows of the rank group)."""
-    info = common_pb2.TransferInfo(request_id=r.request_id, state=int(r.state), peer=r.encoder_address,
-                                   age_seconds=time.monotonic() - r.created)
+    info = common_pb2.TransferInfo(
+        request_id=r.request_id,
+        state=int(r.state),
+        peer=r.encoder_address,
+        age_seconds=time.monotonic() - r.created,
+    )
     rows: tuple[RankRow, ...] = ()
     if r.outcome is not None:
         rows = r.outcome.decision.rows
@@ -597,7 +816,11 @@ def record_info(service: LanguageService, r: GenerateRecord) -> common_pb2.Trans
         rows = (service.group.views[r.key].row,)
     receiver = r.outcome.receiver if r.outcome else service.worker.receivers.get(r.key)
     if receiver is not None:
-        info.sent_tokens, info.total_tokens, info.rounds = receiver.sent_tokens, receiver.total_tokens, receiver.rounds
+        info.sent_tokens, info.total_tokens, info.rounds = (
+            receiver.sent_tokens,
+            receiver.total_tokens,
+            receiver.rounds,
+        )
         info.allocated_tokens = receiver.allocated_tokens
         if receiver.init_at is not None:
             info.bootstrap_seconds = receiver.init_at - r.created
@@ -610,14 +833,26 @@ def record_info(service: LanguageService, r: GenerateRecord) -> common_pb2.Trans
     info.bytes = info.sent_tokens * service.pool.record.payload_bytes_per_token
     failure = r.failure
     if failure is not None:
-        info.error.CopyFrom(common_pb2.TransferError(reason=int(failure.reason), message=failure.message))
+        info.error.CopyFrom(
+            common_pb2.TransferError(reason=int(failure.reason), message=failure.message)
+        )
     elif r.outcome is not None and not r.outcome.decision.deliver:
-        info.error.CopyFrom(common_pb2.TransferError(reason=int(r.outcome.decision.reason),
-                                                     message=_failure_message(r.request_id, r.outcome)))
+        info.error.CopyFrom(
+            common_pb2.TransferError(
+                reason=int(r.outcome.decision.reason),
+                message=_failure_message(r.request_id, r.outcome),
+            )
+        )
     failed = r.outcome is not None and not r.outcome.decision.deliver
     for rank, row in enumerate(rows):
         # Rows are what each rank had observed when they agreed; a failed request failed on all.
         state = int(TransferState.FAILED) if failed else row.state
-        info.ranks.append(common_pb2.RankView(rank=rank, state=state, sent_tokens=row.sent,
-                                              allocated_tokens=0 if r.outcome else row.allocated))
+        info.ranks.append(
+            common_pb2.RankView(
+                rank=rank,
+                state=state,
+                sent_tokens=row.sent,
+                allocated_tokens=0 if r.outcome else row.allocated,
+            )
+        )
     return info

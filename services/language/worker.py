@@ -21,14 +21,14 @@ from common.plan import blocks_for_tokens
 from common.pool import BlockPool
 from common.states import FailureReason, TransferState
 from common.transport import MooncakeTransport, memory_location
+from services import exposure
 from services.language.consumers import ConsumerResult, NullConsumer, build_consumer  # noqa: F401 (re-exported)
 from services.language.encoders import EncoderDirectory
 from services.language.faults import FaultSpec, FaultyLink
 from services.language.rank_group import Decision, LocalView, RankGroup, RequestSpec
-from services.rpc import ClientSecurity
 from services.language.receiver import CarriedInit, Fence, ReceiveTask, release_when_safe
-from services import exposure
 from services.metrics import Metrics
+from services.rpc import ClientSecurity
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +46,25 @@ class RankOutcome:
 
 
 class RankWorker:
-    def __init__(self, config: LanguageConfig, rank: int, group: RankGroup, language_id: str, *,
-                 transport: MooncakeTransport | None = None, dns_names: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        config: LanguageConfig,
+        rank: int,
+        group: RankGroup,
+        language_id: str,
+        *,
+        transport: MooncakeTransport | None = None,
+        dns_names: tuple[str, ...] = (),
+    ):
         self.config = config
         self.rank = rank
         self.group = group
         self.language_id = language_id
         self.is_data_rank = rank in config.data_rank_list
         self.rank_count = len(config.data_rank_list)
-        self.pool = BlockPool(config.record, config.block_size, config.pool_blocks_of(rank), config.device)
+        self.pool = BlockPool(
+            config.record, config.block_size, config.pool_blocks_of(rank), config.device
+        )
         self.metrics = Metrics("language", rank)
         self.telemetry = self.metrics
         self.metrics_port = 0
@@ -65,9 +75,14 @@ class RankWorker:
         faulty = bool(self.fault.status_lag_s or self.fault.status_dup)
         # One link per encoder, in the same order on every rank (an admission names its encoder
         # by index); rank 0 also watches them and picks one per request.
-        self.encoders = EncoderDirectory(config.encoder, language_id, policy=config.encoder_policy,
-                                         wrap=(lambda link: FaultyLink(link, self.fault)) if faulty else (lambda link: link),
-                                         dns_names=dns_names, sec=ClientSecurity.from_config(config))
+        self.encoders = EncoderDirectory(
+            config.encoder,
+            language_id,
+            policy=config.encoder_policy,
+            wrap=(lambda link: FaultyLink(link, self.fault)) if faulty else (lambda link: link),
+            dns_names=dns_names,
+            sec=ClientSecurity.from_config(config),
+        )
         self.consumer = build_consumer(config, rank)
         self.receivers: dict[str, ReceiveTask] = {}
         self._outcomes: dict[str, asyncio.Future] = {}
@@ -82,23 +97,41 @@ class RankWorker:
         self._early_pending: dict[str, int] = {}
         # Early Inits under way: resolved once the Init is on its way (or its receive ended).
         self._init_issued: dict[str, asyncio.Future] = {}
-        self._consumer_log = open(f"{config.consumer_log}.rank{rank}", "a") if config.consumer_log else None
+        self._consumer_log = (
+            open(f"{config.consumer_log}.rank{rank}", "a")  # noqa: SIM115 - closed at stop()
+            if config.consumer_log
+            else None
+        )
 
     async def start(self) -> None:
         """Register the pool with Mooncake (once, before serving) and with the encoder."""
         cfg = self.config
         if self.transport is None:
-            self.transport = await asyncio.to_thread(MooncakeTransport, cfg.host, cfg.protocol, cfg.rdma_device)
-        self.transport.register(self.pool.base_address, self.pool.registered_bytes, memory_location(cfg.device))
+            self.transport = await asyncio.to_thread(
+                MooncakeTransport, cfg.host, cfg.protocol, cfg.rdma_device
+            )
+        self.transport.register(
+            self.pool.base_address, self.pool.registered_bytes, memory_location(cfg.device)
+        )
         self.metrics.watch_pool(self.pool.allocator)
         self.metrics.watch_inflight(lambda: len(self._tasks))
-        self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)  # rank R's config has metrics_port + R
+        self.metrics_port = self.metrics.serve(
+            cfg.host, cfg.metrics_port
+        )  # rank R's config has metrics_port + R
         self.metrics.watch_encoders(lambda: self.encoders.available)
-        await self.encoders.start(self.rank, self.transport.session, self.pool.geometry, self.pool.proving,
-                                  watch=self.rank == 0)
+        await self.encoders.start(
+            self.rank,
+            self.transport.session,
+            self.pool.geometry,
+            self.pool.proving,
+            watch=self.rank == 0,
+        )
         if self.rank:  # rank 0 reports with its gRPC port (LanguageService.start)
-            exposure.report(f"language rank {self.rank}", cfg.host, {self.metrics_port: "metrics",
-                                                                     self.transport.handshake_port: "Mooncake handshake"})
+            exposure.report(
+                f"language rank {self.rank}",
+                cfg.host,
+                {self.metrics_port: "metrics", self.transport.handshake_port: "Mooncake handshake"},
+            )
         if self.fault.hold_blocks:
             self._held = self.pool.allocator.try_alloc(self.fault.hold_blocks) or []
 
@@ -124,21 +157,39 @@ class RankWorker:
         # Live writes: blocks the encoder said a write of it may still land in. The pool stays
         # registered (and alive) until it says they ended, for at most the shutdown grace. Blocks
         # of an encoder that does not answer are not waited for: no word is coming before exit.
-        live = [task for task, receiver in self._quarantines.items()
-                if receiver is not None and receiver.fence is Fence.MAY_LAND]
+        live = [
+            task
+            for task, receiver in self._quarantines.items()
+            if receiver is not None and receiver.fence is Fence.MAY_LAND
+        ]
         if live:
             grace = self.config.shutdown_grace_s
-            log.warning("rank %d shutting down: waiting up to %.1f s for the writes still landing in the quarantined "
-                        "blocks of %d transfer(s)", self.rank, grace, len(live))
+            log.warning(
+                "rank %d shutting down: waiting up to %.1f s for the writes still landing in the quarantined "
+                "blocks of %d transfer(s)",
+                self.rank,
+                grace,
+                len(live),
+            )
             _done, pending = await asyncio.wait(live, timeout=grace)
             if pending:
-                log.warning("rank %d shutting down with writes still landing in %d transfer(s)' quarantined blocks",
-                            self.rank, len(pending))
+                log.warning(
+                    "rank %d shutting down with writes still landing in %d transfer(s)' quarantined blocks",
+                    self.rank,
+                    len(pending),
+                )
             else:
-                log.info("rank %d shutting down: every write into its quarantined blocks ended", self.rank)
+                log.info(
+                    "rank %d shutting down: every write into its quarantined blocks ended",
+                    self.rank,
+                )
         if self.pool.allocator.quarantined_count:
-            log.warning("rank %d shutting down with %d block(s) quarantined (their encoder did not say its writes "
-                        "ended); they go with the pool", self.rank, self.pool.allocator.quarantined_count)
+            log.warning(
+                "rank %d shutting down with %d block(s) quarantined (their encoder did not say its writes "
+                "ended); they go with the pool",
+                self.rank,
+                self.pool.allocator.quarantined_count,
+            )
         for task in list(self._quarantines):
             task.cancel()
         if self._quarantines:
@@ -173,7 +224,9 @@ class RankWorker:
         The receive task of `key` takes the blocks (`_receiver`); True when reserved."""
         bs = self.pool.block_size
         n = blocks_for_tokens(min(tokens, self.pool.num_blocks * bs), bs)
-        limit = self.pool.num_blocks - blocks_for_tokens(min(bound_tokens, self.pool.num_blocks * bs), bs)
+        limit = self.pool.num_blocks - blocks_for_tokens(
+            min(bound_tokens, self.pool.num_blocks * bs), bs
+        )
         if key in self._early or sum(self._early_pending.values()) + n > limit:
             return False
         blocks = self.pool.allocator.try_alloc(n)
@@ -208,7 +261,9 @@ class RankWorker:
         self._early_pending.pop(key, None)
 
     def on_admit(self, spec: RequestSpec) -> None:
-        task = asyncio.get_running_loop().create_task(self._handle(spec), name=f"rank{self.rank}-{spec.request_id}")
+        task = asyncio.get_running_loop().create_task(
+            self._handle(spec), name=f"rank{self.rank}-{spec.request_id}"
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(lambda _t, key=spec.request_id: self._release_early(key))
@@ -243,8 +298,13 @@ class RankWorker:
                 if receive is not None:
                     payload, digest = receive.result()  # ready was reported only after it finished
                     ready_at = receiver.finished_at or ready_at
-                outcome = RankOutcome(spec.request_id, decision, receiver, digest,
-                                      agreement_seconds=max(0.0, decision.decided_at - ready_at))
+                outcome = RankOutcome(
+                    spec.request_id,
+                    decision,
+                    receiver,
+                    digest,
+                    agreement_seconds=max(0.0, decision.decided_at - ready_at),
+                )
                 try:
                     self._log_consumed(spec.request_id)
                     if self.fault.hold_payload_s and payload is not None:
@@ -262,12 +322,17 @@ class RankWorker:
             if receive is not None:
                 await asyncio.shield(_drop(receive))
             if not fut.done():
-                fut.set_exception(e if isinstance(e, Exception) else errors.Cancelled("rank shutting down"))
+                fut.set_exception(
+                    e if isinstance(e, Exception) else errors.Cancelled("rank shutting down")
+                )
             raise
         finally:
             if receiver is not None:
-                await asyncio.shield(receiver.close(None if outcome and outcome.decision.deliver
-                                                    else _failure_of(outcome)))
+                await asyncio.shield(
+                    receiver.close(
+                        None if outcome and outcome.decision.deliver else _failure_of(outcome)
+                    )
+                )
             if receiver is not None:
                 self._report(receiver, outcome)
             self.group.forget(spec.request_id)
@@ -278,35 +343,59 @@ class RankWorker:
 
     def _receiver(self, spec: RequestSpec, view: LocalView) -> ReceiveTask:
         def progress(r: ReceiveTask) -> None:
-            view.update(total=r.total_tokens, sent=r.sent_tokens, state=int(r.state), allocated=r.allocated_tokens,
-                        rounds=r.rounds)
+            view.update(
+                total=r.total_tokens,
+                sent=r.sent_tokens,
+                state=int(r.state),
+                allocated=r.allocated_tokens,
+                rounds=r.rounds,
+            )
             self.group.changed()
 
         receiver = ReceiveTask(
-            spec.request_id, self.rank, self.rank_count, self.pool, self.encoders.links[spec.encoder],
-            transfer_id=self.transfer_id(spec.request_id), reserved_blocks=self._early.pop(spec.request_id, None),
+            spec.request_id,
+            self.rank,
+            self.rank_count,
+            self.pool,
+            self.encoders.links[spec.encoder],
+            transfer_id=self.transfer_id(spec.request_id),
+            reserved_blocks=self._early.pop(spec.request_id, None),
             progress_tokens=self.config.progress_tokens,
             overlap_rounds=self.config.overlap_rounds,
             initial_tokens=min(spec.initial_tokens, self.pool.num_blocks * self.pool.block_size),
-            alloc_timeout_s=self.config.alloc_timeout_s, integrity=self.config.integrity, on_progress=progress,
-            telemetry=self.telemetry, on_quarantine=self._quarantined,
+            alloc_timeout_s=self.config.alloc_timeout_s,
+            integrity=self.config.integrity,
+            on_progress=progress,
+            telemetry=self.telemetry,
+            on_quarantine=self._quarantined,
             on_init=lambda carried, key=spec.request_id: self._init_sent(key, carried),
-            carry_init=self.config.carry_init)
+            carry_init=self.config.carry_init,
+        )
         self.receivers[spec.request_id] = receiver
         return receiver
 
     def _quarantined(self, receiver: ReceiveTask) -> None:
         """A closed receive left blocks in quarantine: watch its encoder until they are safe to
         reuse (also while shutting down: close() waits for them, within the shutdown grace)."""
-        self._watch(release_when_safe(receiver, self.config.quarantine_grace_s, max_s=self.config.quarantine_max_s),
-                    f"quarantine-{receiver.request_id}", receiver)
+        self._watch(
+            release_when_safe(
+                receiver, self.config.quarantine_grace_s, max_s=self.config.quarantine_max_s
+            ),
+            f"quarantine-{receiver.request_id}",
+            receiver,
+        )
 
     def hold_unconfirmed(self, blocks: list[int], what: str) -> None:
         """Quarantine blocks an encoder may still write into with no way to ask it when it stops
         (a RawWrite that got no answer); they return after quarantine_max_s."""
         self.pool.allocator.quarantine(blocks)
-        log.warning("rank %d: %s got no answer from the encoder: %d block(s) quarantined for quarantine_max_s=%.0f s",
-                    self.rank, what, len(blocks), self.config.quarantine_max_s)
+        log.warning(
+            "rank %d: %s got no answer from the encoder: %d block(s) quarantined for quarantine_max_s=%.0f s",
+            self.rank,
+            what,
+            len(blocks),
+            self.config.quarantine_max_s,
+        )
 
         async def release() -> None:
             await asyncio.sleep(self.config.quarantine_max_s)
@@ -319,7 +408,9 @@ class RankWorker:
         self._quarantines[task] = receiver
         task.add_done_callback(lambda t: self._quarantines.pop(t, None))
 
-    async def _receive(self, spec: RequestSpec, receiver: ReceiveTask, view: LocalView) -> tuple[Payload, str]:
+    async def _receive(
+        self, spec: RequestSpec, receiver: ReceiveTask, view: LocalView
+    ) -> tuple[Payload, str]:
         """Receive, then report ready; on failure close at once (free, Cancel on the encoder) and
         report the failure, so the other ranks learn it at the next step."""
         try:
@@ -330,8 +421,15 @@ class RankWorker:
             except BaseException:
                 payload.release()
                 raise
-            view.update(total=receiver.total_tokens, sent=receiver.sent_tokens, state=int(TransferState.SUCCESS),
-                        allocated=0, rounds=receiver.rounds, not_ready=0, digest=bytes.fromhex(digest))
+            view.update(
+                total=receiver.total_tokens,
+                sent=receiver.sent_tokens,
+                state=int(TransferState.SUCCESS),
+                allocated=0,
+                rounds=receiver.rounds,
+                not_ready=0,
+                digest=bytes.fromhex(digest),
+            )
             self.group.changed()
             return payload, digest
         except BaseException as e:
@@ -347,13 +445,28 @@ class RankWorker:
     def _report(self, receiver: ReceiveTask, outcome: RankOutcome | None) -> None:
         """Metrics of a data rank's request (dummy ranks receive nothing and report nothing)."""
         if outcome is not None and outcome.decision.deliver:
-            seconds = receiver.finished_at - receiver.init_at if receiver.finished_at and receiver.init_at else None
-            self.telemetry.transfer_ended(TransferState.SUCCESS, FailureReason.UNSPECIFIED, seconds=seconds,
-                                          rounds=receiver.rounds)
+            seconds = (
+                receiver.finished_at - receiver.init_at
+                if receiver.finished_at and receiver.init_at
+                else None
+            )
+            self.telemetry.transfer_ended(
+                TransferState.SUCCESS,
+                FailureReason.UNSPECIFIED,
+                seconds=seconds,
+                rounds=receiver.rounds,
+            )
             return
-        reason = receiver.reason if receiver.reason != FailureReason.UNSPECIFIED else \
-            outcome.decision.reason if outcome is not None else FailureReason.CANCELLED
-        self.telemetry.transfer_ended(TransferState.FAILED, reason, seconds=None, rounds=receiver.rounds)
+        reason = (
+            receiver.reason
+            if receiver.reason != FailureReason.UNSPECIFIED
+            else outcome.decision.reason
+            if outcome is not None
+            else FailureReason.CANCELLED
+        )
+        self.telemetry.transfer_ended(
+            TransferState.FAILED, reason, seconds=None, rounds=receiver.rounds
+        )
 
     async def _hold_and_recheck(self, request_id: str, payload: Payload) -> None:
         """Test-only (`--fault hold_payload_s=S`): hold the payload S seconds, as a long prefill
@@ -363,9 +476,11 @@ class RankWorker:
         after = await asyncio.to_thread(payload.sha256)
         if after != before:
             self.telemetry.integrity_failed()
-            raise errors.IntegrityError(f"request {request_id} rank {self.rank}: the payload changed while the consumer "
-                                        f"held it for {self.fault.hold_payload_s} s (sha256 {before[:16]}... -> "
-                                        f"{after[:16]}...)")
+            raise errors.IntegrityError(
+                f"request {request_id} rank {self.rank}: the payload changed while the consumer "
+                f"held it for {self.fault.hold_payload_s} s (sha256 {before[:16]}... -> "
+                f"{after[:16]}...)"
+            )
 
     def _log_consumed(self, request_id: str) -> None:
         if self._consumer_log is not None:
@@ -384,7 +499,9 @@ def _failure_of(outcome: RankOutcome | None) -> BaseException:
     if outcome is None:
         return errors.Cancelled("cancelled")
     d = outcome.decision
-    return errors.error_for_reason(d.reason, f"request {outcome.request_id} failed on another rank ({d.reason.label})")
+    return errors.error_for_reason(
+        d.reason, f"request {outcome.request_id} failed on another rank ({d.reason.label})"
+    )
 
 
 async def _drop(receive: asyncio.Future) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -43,8 +43,17 @@ class TestRank:
 
     __test__ = False  # not a test class, despite the name
 
-    def __init__(self, *, hidden: int = 256, dtype: str = "bfloat16", block_size: int = 16, num_blocks: int = 64,
-                 rank: int = 0, language_id: str | None = None, transport: MooncakeTransport | None = None):
+    def __init__(
+        self,
+        *,
+        hidden: int = 256,
+        dtype: str = "bfloat16",
+        block_size: int = 16,
+        num_blocks: int = 64,
+        rank: int = 0,
+        language_id: str | None = None,
+        transport: MooncakeTransport | None = None,
+    ):
         self.hidden = hidden
         self.dtype = dtype
         self.rank = rank
@@ -70,7 +79,9 @@ class TestRank:
     def num_blocks(self) -> int:
         return self.pool.num_blocks
 
-    def layout(self, *, hidden: int | None = None, dtype: str | None = None) -> common_pb2.PoolLayout:
+    def layout(
+        self, *, hidden: int | None = None, dtype: str | None = None
+    ) -> common_pb2.PoolLayout:
         """This rank's pool layout as Register sends it (a fresh message: safe to mutate).
 
         `hidden`/`dtype` describe the same slab with another record layout (for mismatch tests).
@@ -78,19 +89,30 @@ class TestRank:
         geo = self.pool.geometry
         if hidden is not None or dtype is not None:
             record = RecordLayout.pack(default_fields(hidden or self.hidden, dtype or self.dtype))
-            geo = PoolGeometry(record, geo.block_size, geo.num_blocks, base_address=geo.base_address)
+            geo = PoolGeometry(
+                record, geo.block_size, geo.num_blocks, base_address=geo.base_address
+            )
         return rpc.geometry_to_pb(geo)
 
     # ------------------------------------------------------------------ request builders
 
-    def register_request(self, *, language_id: str | None = None, session: str | None = None,
-                         layout: common_pb2.PoolLayout | None = None) -> encoder_pb2.RegisterRequest:
+    def register_request(
+        self,
+        *,
+        language_id: str | None = None,
+        session: str | None = None,
+        layout: common_pb2.PoolLayout | None = None,
+    ) -> encoder_pb2.RegisterRequest:
         return encoder_pb2.RegisterRequest(
-            language_id=self.language_id if language_id is None else language_id, rank=self.rank,
+            language_id=self.language_id if language_id is None else language_id,
+            rank=self.rank,
             session=self.session if session is None else session,
-            layout=self.layout() if layout is None else layout)
+            layout=self.layout() if layout is None else layout,
+        )
 
-    async def register(self, stub, language_id: str | None = None, **kw) -> encoder_pb2.RegisterReply:
+    async def register(
+        self, stub, language_id: str | None = None, **kw
+    ) -> encoder_pb2.RegisterReply:
         """Register this rank with the encoder behind `stub` (optionally under another language_id),
         with the proof of possession a real rank gives: Challenge, the nonce into the pool's proof
         area, Register carrying it."""
@@ -103,51 +125,92 @@ class TestRank:
         layout), proving with this rank's own pool: the nonce goes into *its* proof area, so a
         claim on memory that is not this rank's fails the proof. self.language_id is unchanged."""
         request = self.register_request(**kw)
-        challenge = await stub.Challenge(encoder_pb2.ChallengeRequest(language_id=request.language_id,
-                                                                      rank=request.rank))
+        challenge = await stub.Challenge(
+            encoder_pb2.ChallengeRequest(language_id=request.language_id, rank=request.rank)
+        )
         request.proof_nonce = challenge.nonce
         async with self.pool.proving(challenge.nonce):
             return await stub.Register(request)
 
-    def init_request(self, request_id: str, blocks: Sequence[int], allocated_tokens: int | None = None, *,
-                     rank_count: int = 1, language_id: str | None = None) -> encoder_pb2.InitRequest:
+    def init_request(
+        self,
+        request_id: str,
+        blocks: Sequence[int],
+        allocated_tokens: int | None = None,
+        *,
+        rank_count: int = 1,
+        language_id: str | None = None,
+    ) -> encoder_pb2.InitRequest:
         """Init with `blocks`; allocated_tokens defaults to the consistent len(blocks) * block_size."""
         if allocated_tokens is None:
             allocated_tokens = len(blocks) * self.block_size
         return encoder_pb2.InitRequest(
-            request_id=request_id, language_id=self.language_id if language_id is None else language_id,
-            rank=self.rank, rank_count=rank_count, dst_blocks=list(blocks), allocated_tokens=allocated_tokens)
+            request_id=request_id,
+            language_id=self.language_id if language_id is None else language_id,
+            rank=self.rank,
+            rank_count=rank_count,
+            dst_blocks=list(blocks),
+            allocated_tokens=allocated_tokens,
+        )
 
-    def resume_request(self, request_id: str, sent_tokens: int, blocks: Sequence[int],
-                       allocated_tokens: int | None = None, *,
-                       language_id: str | None = None) -> encoder_pb2.ResumeRequest:
+    def resume_request(
+        self,
+        request_id: str,
+        sent_tokens: int,
+        blocks: Sequence[int],
+        allocated_tokens: int | None = None,
+        *,
+        language_id: str | None = None,
+    ) -> encoder_pb2.ResumeRequest:
         if allocated_tokens is None:
             allocated_tokens = len(blocks) * self.block_size
         return encoder_pb2.ResumeRequest(
-            request_id=request_id, language_id=self.language_id if language_id is None else language_id,
-            rank=self.rank, sent_tokens=sent_tokens, dst_blocks=list(blocks), allocated_tokens=allocated_tokens)
+            request_id=request_id,
+            language_id=self.language_id if language_id is None else language_id,
+            rank=self.rank,
+            sent_tokens=sent_tokens,
+            dst_blocks=list(blocks),
+            allocated_tokens=allocated_tokens,
+        )
 
-    def status_request(self, request_id: str, *, language_id: str | None = None) -> encoder_pb2.StatusRequest:
-        return encoder_pb2.StatusRequest(request_id=request_id, rank=self.rank,
-                                         language_id=self.language_id if language_id is None else language_id)
+    def status_request(
+        self, request_id: str, *, language_id: str | None = None
+    ) -> encoder_pb2.StatusRequest:
+        return encoder_pb2.StatusRequest(
+            request_id=request_id,
+            rank=self.rank,
+            language_id=self.language_id if language_id is None else language_id,
+        )
 
-    def cancel_request(self, request_id: str, reason: str = "test done", *,
-                       language_id: str | None = None) -> common_pb2.CancelRequest:
+    def cancel_request(
+        self, request_id: str, reason: str = "test done", *, language_id: str | None = None
+    ) -> common_pb2.CancelRequest:
         """Cancel on the encoder as this rank's language instance (the owner of its transfers)."""
-        return common_pb2.CancelRequest(request_id=request_id, reason=reason,
-                                        language_id=self.language_id if language_id is None else language_id)
+        return common_pb2.CancelRequest(
+            request_id=request_id,
+            reason=reason,
+            language_id=self.language_id if language_id is None else language_id,
+        )
 
-    def encode_request(self, request_id: str, synthetic_tokens: int, seed: int = 0, *,
-                       rank_count: int = 1) -> encoder_pb2.EncodeRequest:
-        return encoder_pb2.EncodeRequest(request_id=request_id, synthetic_tokens=synthetic_tokens,
-                                         synthetic_seed=seed, rank_count=rank_count, language_id=self.language_id)
+    def encode_request(
+        self, request_id: str, synthetic_tokens: int, seed: int = 0, *, rank_count: int = 1
+    ) -> encoder_pb2.EncodeRequest:
+        return encoder_pb2.EncodeRequest(
+            request_id=request_id,
+            synthetic_tokens=synthetic_tokens,
+            synthetic_seed=seed,
+            rank_count=rank_count,
+            language_id=self.language_id,
+        )
 
     # ------------------------------------------------------------------ the pool
 
     def alloc(self, n_blocks: int, *, clear: bool = True) -> list[int]:
         """n free blocks now, zeroed unless clear=False (AssertionError when the pool cannot give them)."""
         blocks = self.pool.try_alloc(n_blocks)
-        assert blocks is not None, f"test rank pool cannot give {n_blocks} blocks ({self.free_blocks} free)"
+        assert blocks is not None, (
+            f"test rank pool cannot give {n_blocks} blocks ({self.free_blocks} free)"
+        )
         self._held.update(blocks)
         if clear:
             self.clear(blocks)
@@ -189,7 +252,9 @@ class TestRank:
 
     def mismatches(self, records: torch.Tensor, seed: int, start: int) -> list[str]:
         """Fields of `records` (tokens start.. of a synthetic payload) that differ from §14; [] if all equal."""
-        want = synthetic_fields(seed, start, records.shape[0], self.hidden, getattr(torch, self.dtype))
+        want = synthetic_fields(
+            seed, start, records.shape[0], self.hidden, getattr(torch, self.dtype)
+        )
         got = self.fields(records)
         return [name for name, value in want.items() if not torch.equal(got[name], value)]
 

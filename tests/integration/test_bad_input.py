@@ -38,19 +38,41 @@ pytestmark = pytest.mark.timeout(120)
 
 # ---------------------------------------------------------------------------- fixtures
 
+
 @pytest.fixture(scope="module")
 def encoder():
-    p = ServiceProcess("encoder", "--hidden", str(HIDDEN), "--block-size", str(BLOCK),
-                       "--pool-blocks", str(ENCODER_BLOCKS), "--resume-timeout-s", "60",
-                       "--max-request-tokens", str(MAX_TOKENS))
+    p = ServiceProcess(
+        "encoder",
+        "--hidden",
+        str(HIDDEN),
+        "--block-size",
+        str(BLOCK),
+        "--pool-blocks",
+        str(ENCODER_BLOCKS),
+        "--resume-timeout-s",
+        "60",
+        "--max-request-tokens",
+        str(MAX_TOKENS),
+    )
     yield p
     p.stop()
 
 
 @pytest.fixture(scope="module")
 def language(encoder):
-    p = ServiceProcess("language", "--hidden", str(HIDDEN), "--block-size", str(BLOCK), "--pool-blocks", "64",
-                       "--initial-tokens", "64", "--encoder", encoder.address)
+    p = ServiceProcess(
+        "language",
+        "--hidden",
+        str(HIDDEN),
+        "--block-size",
+        str(BLOCK),
+        "--pool-blocks",
+        "64",
+        "--initial-tokens",
+        "64",
+        "--encoder",
+        encoder.address,
+    )
     yield p
     p.stop()
 
@@ -80,7 +102,9 @@ async def reg(rank, enc):
     """The main rank, registered with the encoder (Register is idempotent)."""
     await rank.register(enc)
     yield rank
-    leaked = rank.release_all()  # freed either way, so one failure does not spill into the next test
+    leaked = (
+        rank.release_all()
+    )  # freed either way, so one failure does not spill into the next test
     assert not leaked, f"test rank still held blocks {leaked}"
 
 
@@ -90,6 +114,7 @@ def rid(prefix: str = "bad") -> str:
 
 # ---------------------------------------------------------------------------- helpers
 
+
 async def expect_error(awaitable, code: grpc.StatusCode, *needles) -> grpc.aio.AioRpcError:
     """Await an RPC that must fail with `code` and a message containing every needle."""
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -97,7 +122,9 @@ async def expect_error(awaitable, code: grpc.StatusCode, *needles) -> grpc.aio.A
     e = info.value
     assert e.code() == code, f"expected {code.name}, got {e.code().name}: {e.details()!r}"
     for needle in needles:
-        assert str(needle) in (e.details() or ""), f"{code.name} message does not name {needle!r}: {e.details()!r}"
+        assert str(needle) in (e.details() or ""), (
+            f"{code.name} message does not name {needle!r}: {e.details()!r}"
+        )
     if os.environ.get("SHOW_DETAILS"):  # SHOW_DETAILS=1 pytest -s: eyeball every message
         print(f"\n  {code.name}: {e.details()}")
     return e
@@ -111,9 +138,18 @@ async def drain(call) -> None:
 async def snapshot(stub, request_id: str) -> tuple:
     """What must not change: the transfer as GetTransfer shows it (without its age)."""
     t = await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=request_id))
-    return (t.state, t.sent_tokens, t.total_tokens, t.rounds, t.allocated_tokens, t.bytes, t.peer,
-            t.error.reason, t.error.message,
-            tuple((r.rank, r.state, r.sent_tokens, r.allocated_tokens, r.session) for r in t.ranks))
+    return (
+        t.state,
+        t.sent_tokens,
+        t.total_tokens,
+        t.rounds,
+        t.allocated_tokens,
+        t.bytes,
+        t.peer,
+        t.error.reason,
+        t.error.message,
+        tuple((r.rank, r.state, r.sent_tokens, r.allocated_tokens, r.session) for r in t.ranks),
+    )
 
 
 async def pool_state(stub) -> tuple[int, int, int]:
@@ -123,12 +159,17 @@ async def pool_state(stub) -> tuple[int, int, int]:
 
 async def listing(stub) -> list[tuple]:
     reply = await stub.ListTransfers(common_pb2.ListTransfersRequest())
-    return [(t.request_id, t.state, t.sent_tokens, t.total_tokens, t.rounds) for t in reply.transfers]
+    return [
+        (t.request_id, t.state, t.sent_tokens, t.total_tokens, t.rounds) for t in reply.transfers
+    ]
 
 
 async def assert_absent(stub, request_id: str) -> None:
-    await expect_error(stub.GetTransfer(common_pb2.GetTransferRequest(request_id=request_id)),
-                       grpc.StatusCode.NOT_FOUND, request_id)
+    await expect_error(
+        stub.GetTransfer(common_pb2.GetTransferRequest(request_id=request_id)),
+        grpc.StatusCode.NOT_FOUND,
+        request_id,
+    )
 
 
 class StatusWatcher:
@@ -145,7 +186,7 @@ class StatusWatcher:
         try:
             async for st in self.call:
                 await self.queue.put(st)
-        except BaseException as e:  # surfaced to the reader
+        except BaseException as e:  # noqa: BLE001 - surfaced to the reader
             await self.queue.put(e)
             return
         await self.queue.put(None)  # stream ended
@@ -154,7 +195,9 @@ class StatusWatcher:
         item = await asyncio.wait_for(self.queue.get(), timeout)
         if isinstance(item, BaseException):
             raise item
-        assert item is not None, f"Status stream ended; statuses so far: {[s.state for s in self.seen]}"
+        assert item is not None, (
+            f"Status stream ended; statuses so far: {[s.state for s in self.seen]}"
+        )
         self.seen.append(item)
         return item
 
@@ -222,7 +265,10 @@ async def all_free(encoder, *ranks: TestRank) -> None:
 
 # ---------------------------------------------------------------------------- 1. Register
 
-async def test_register_layout_mismatch_is_failed_precondition_and_stores_nothing(encoder, enc, rank):
+
+async def test_register_layout_mismatch_is_failed_precondition_and_stores_nothing(
+    encoder, enc, rank
+):
     new_lang = rid("lang")
     cases = [
         (rank.layout(hidden=128), ("embeddings", "per_token_shape", "128", "256")),
@@ -232,14 +278,22 @@ async def test_register_layout_mismatch_is_failed_precondition_and_stores_nothin
     del missing.fields[2]  # no mrope_positions
     cases.append((missing, ("mrope_positions",)))
     for layout, needles in cases:
-        await expect_error(enc.Register(rank.register_request(language_id=new_lang, layout=layout)),
-                           grpc.StatusCode.FAILED_PRECONDITION, new_lang, *needles)
+        await expect_error(
+            enc.Register(rank.register_request(language_id=new_lang, layout=layout)),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            new_lang,
+            *needles,
+        )
     # Nothing was stored for the new language: its Init is refused as unregistered.
     request_id = rid()
     blocks = rank.alloc(1)
     try:
-        await expect_error(enc.Init(rank.init_request(request_id, blocks, language_id=new_lang)),
-                           grpc.StatusCode.FAILED_PRECONDITION, new_lang, "Register")
+        await expect_error(
+            enc.Init(rank.init_request(request_id, blocks, language_id=new_lang)),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            new_lang,
+            "Register",
+        )
     finally:
         rank.free(blocks)
     await assert_absent(enc, request_id)
@@ -274,35 +328,61 @@ def _no_fields(lay):
     del lay.fields[:]
 
 
-@pytest.mark.parametrize("mutate, needles", [
-    (_block_size_3, ("block_size", "3")),
-    (_num_blocks_0, ("num_blocks", "0")),
-    (_base_address_0, ("base_address",)),
-    (_bytes_per_token_wrong, ("embeddings", "bytes_per_token", "511", "512")),
-    (_unknown_dtype, ("token_ids", "float64x")),
-    (_offset_past_record, ("mrope_positions", "offset", "record_bytes")),
-    (_no_fields, ("fields",)),
-], ids=["block_size=3", "num_blocks=0", "base_address=0", "bytes_per_token", "dtype", "offset", "no-fields"])
+@pytest.mark.parametrize(
+    "mutate, needles",
+    [
+        (_block_size_3, ("block_size", "3")),
+        (_num_blocks_0, ("num_blocks", "0")),
+        (_base_address_0, ("base_address",)),
+        (_bytes_per_token_wrong, ("embeddings", "bytes_per_token", "511", "512")),
+        (_unknown_dtype, ("token_ids", "float64x")),
+        (_offset_past_record, ("mrope_positions", "offset", "record_bytes")),
+        (_no_fields, ("fields",)),
+    ],
+    ids=[
+        "block_size=3",
+        "num_blocks=0",
+        "base_address=0",
+        "bytes_per_token",
+        "dtype",
+        "offset",
+        "no-fields",
+    ],
+)
 async def test_register_malformed_layout_is_invalid_argument(encoder, enc, reg, mutate, needles):
     layout = reg.layout()
     mutate(layout)
     # Same (language_id, rank) as the good registration, with a session nothing listens on: had
     # the bad Register replaced the good one, the transfer below would be written to nowhere.
-    await expect_error(enc.Register(reg.register_request(session="127.0.0.1:9", layout=layout)),
-                       grpc.StatusCode.INVALID_ARGUMENT, *needles)
+    await expect_error(
+        enc.Register(reg.register_request(session="127.0.0.1:9", layout=layout)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        *needles,
+    )
     info = await small_transfer(enc, reg, rid())
     assert info.state == SUCCESS and [r.session for r in info.ranks] == [reg.session]
     await all_free(encoder, reg)
 
 
-@pytest.mark.parametrize("field, value, code, needles", [
-    ("language_id", "", grpc.StatusCode.INVALID_ARGUMENT, ("language_id",)),
-    ("session", "", grpc.StatusCode.INVALID_ARGUMENT, ("session",)),
-    ("session", "no-port", grpc.StatusCode.INVALID_ARGUMENT, ("session", "no-port")),
-    ("session", "127.0.0.1:99999", grpc.StatusCode.INVALID_ARGUMENT, ("session", "99999")),
-    ("session", ":7000", grpc.StatusCode.INVALID_ARGUMENT, ("session", ":7000")),
-    ("layout", None, grpc.StatusCode.INVALID_ARGUMENT, ("layout",)),
-], ids=["no-language_id", "no-session", "session-no-port", "session-port-99999", "session-no-host", "no-layout"])
+@pytest.mark.parametrize(
+    "field, value, code, needles",
+    [
+        ("language_id", "", grpc.StatusCode.INVALID_ARGUMENT, ("language_id",)),
+        ("session", "", grpc.StatusCode.INVALID_ARGUMENT, ("session",)),
+        ("session", "no-port", grpc.StatusCode.INVALID_ARGUMENT, ("session", "no-port")),
+        ("session", "127.0.0.1:99999", grpc.StatusCode.INVALID_ARGUMENT, ("session", "99999")),
+        ("session", ":7000", grpc.StatusCode.INVALID_ARGUMENT, ("session", ":7000")),
+        ("layout", None, grpc.StatusCode.INVALID_ARGUMENT, ("layout",)),
+    ],
+    ids=[
+        "no-language_id",
+        "no-session",
+        "session-no-port",
+        "session-port-99999",
+        "session-no-host",
+        "no-layout",
+    ],
+)
 async def test_register_malformed_request(encoder, enc, reg, field, value, code, needles):
     """Sent for the rank's own (language_id, rank): had it been taken, it would replace the good
     registration and the transfer below would go nowhere."""
@@ -318,8 +398,11 @@ async def test_register_malformed_request(encoder, enc, reg, field, value, code,
 
 
 async def test_register_mismatch_does_not_replace_a_good_registration(encoder, enc, reg):
-    await expect_error(enc.Register(reg.register_request(session="127.0.0.1:9", layout=reg.layout(hidden=128))),
-                       grpc.StatusCode.FAILED_PRECONDITION, "128")
+    await expect_error(
+        enc.Register(reg.register_request(session="127.0.0.1:9", layout=reg.layout(hidden=128))),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "128",
+    )
     info = await small_transfer(enc, reg, rid())
     assert [r.session for r in info.ranks] == [reg.session]
     await all_free(encoder, reg)
@@ -372,19 +455,30 @@ async def test_reregister_with_a_new_session_replaces_it(encoder, enc):
 
 # ---------------------------------------------------------------------------- 2. Init
 
-@pytest.mark.parametrize("blocks, allocated, needles", [
-    ([0, 1], 20, ("allocated_tokens=20", "block_size")),
-    ([0, 1], 0, ("allocated_tokens=0",)),
-    ([999], BLOCK, ("999", str(RANK_BLOCKS))),
-    ([5, RANK_BLOCKS], 2 * BLOCK, (str(RANK_BLOCKS), "out of range")),
-    ([3, 4, 3], 3 * BLOCK, ("3", "more than once")),
-    ([], 0, ("dst_blocks",)),
-], ids=["misaligned-20", "zero-tokens", "block-999", "block-64", "duplicate-block", "no-blocks"])
-async def test_init_bad_allocation_is_invalid_argument(encoder, enc, reg, blocks, allocated, needles):
+
+@pytest.mark.parametrize(
+    "blocks, allocated, needles",
+    [
+        ([0, 1], 20, ("allocated_tokens=20", "block_size")),
+        ([0, 1], 0, ("allocated_tokens=0",)),
+        ([999], BLOCK, ("999", str(RANK_BLOCKS))),
+        ([5, RANK_BLOCKS], 2 * BLOCK, (str(RANK_BLOCKS), "out of range")),
+        ([3, 4, 3], 3 * BLOCK, ("3", "more than once")),
+        ([], 0, ("dst_blocks",)),
+    ],
+    ids=["misaligned-20", "zero-tokens", "block-999", "block-64", "duplicate-block", "no-blocks"],
+)
+async def test_init_bad_allocation_is_invalid_argument(
+    encoder, enc, reg, blocks, allocated, needles
+):
     request_id = rid()
     before, pool_before = await listing(enc), await pool_state(enc)
-    await expect_error(enc.Init(reg.init_request(request_id, blocks, allocated)),
-                       grpc.StatusCode.INVALID_ARGUMENT, request_id, *needles)
+    await expect_error(
+        enc.Init(reg.init_request(request_id, blocks, allocated)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        request_id,
+        *needles,
+    )
     await assert_absent(enc, request_id)
     assert await listing(enc) == before
     assert await pool_state(enc) == pool_before
@@ -394,8 +488,11 @@ async def test_init_bad_allocation_is_invalid_argument(encoder, enc, reg, blocks
 async def test_init_unregistered_language_is_failed_precondition(encoder, enc, reg):
     request_id, stranger = rid(), rid("stranger")
     before = await listing(enc)
-    await expect_error(enc.Init(reg.init_request(request_id, [0], language_id=stranger)),
-                       grpc.StatusCode.FAILED_PRECONDITION, stranger)
+    await expect_error(
+        enc.Init(reg.init_request(request_id, [0], language_id=stranger)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        stranger,
+    )
     # Registered language, unregistered rank.
     req = reg.init_request(request_id, [0])
     req.rank = 7
@@ -407,10 +504,15 @@ async def test_init_unregistered_language_is_failed_precondition(encoder, enc, r
 
 async def test_init_empty_request_id_and_zero_rank_count_are_invalid_argument(encoder, enc, reg):
     before = await listing(enc)
-    await expect_error(enc.Init(reg.init_request("", [0])), grpc.StatusCode.INVALID_ARGUMENT, "request_id")
+    await expect_error(
+        enc.Init(reg.init_request("", [0])), grpc.StatusCode.INVALID_ARGUMENT, "request_id"
+    )
     request_id = rid()
-    await expect_error(enc.Init(reg.init_request(request_id, [0], rank_count=0)),
-                       grpc.StatusCode.INVALID_ARGUMENT, "rank_count=0")
+    await expect_error(
+        enc.Init(reg.init_request(request_id, [0], rank_count=0)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "rank_count=0",
+    )
     await assert_absent(enc, request_id)
     assert await listing(enc) == before
     await all_free(encoder, reg)
@@ -448,18 +550,33 @@ async def test_bad_init_leaves_a_transfer_created_by_encode_unchanged(encoder, e
 
 # ---------------------------------------------------------------------------- 3. unknown ids
 
+
 async def test_unknown_request_id_is_not_found_on_the_encoder(encoder, enc, reg):
     unknown = rid("unknown")
     before = await listing(enc)
-    await expect_error(enc.Resume(reg.resume_request(unknown, 16, [0])), grpc.StatusCode.NOT_FOUND, unknown)
-    await expect_error(drain(enc.Status(reg.status_request(unknown))), grpc.StatusCode.NOT_FOUND, unknown)
-    await expect_error(enc.GetTransfer(common_pb2.GetTransferRequest(request_id=unknown)),
-                       grpc.StatusCode.NOT_FOUND, unknown)
-    await expect_error(enc.Cancel(common_pb2.CancelRequest(request_id=unknown, reason="x")),
-                       grpc.StatusCode.NOT_FOUND, unknown)
+    await expect_error(
+        enc.Resume(reg.resume_request(unknown, 16, [0])), grpc.StatusCode.NOT_FOUND, unknown
+    )
+    await expect_error(
+        drain(enc.Status(reg.status_request(unknown))), grpc.StatusCode.NOT_FOUND, unknown
+    )
+    await expect_error(
+        enc.GetTransfer(common_pb2.GetTransferRequest(request_id=unknown)),
+        grpc.StatusCode.NOT_FOUND,
+        unknown,
+    )
+    await expect_error(
+        enc.Cancel(common_pb2.CancelRequest(request_id=unknown, reason="x")),
+        grpc.StatusCode.NOT_FOUND,
+        unknown,
+    )
     # And an empty id is malformed, not unknown.
-    for call in (enc.GetTransfer(common_pb2.GetTransferRequest()), enc.Cancel(common_pb2.CancelRequest()),
-                 drain(enc.Status(reg.status_request(""))), enc.Resume(reg.resume_request("", 16, [0]))):
+    for call in (
+        enc.GetTransfer(common_pb2.GetTransferRequest()),
+        enc.Cancel(common_pb2.CancelRequest()),
+        drain(enc.Status(reg.status_request(""))),
+        enc.Resume(reg.resume_request("", 16, [0])),
+    ):
         await expect_error(call, grpc.StatusCode.INVALID_ARGUMENT, "request_id")
     assert await listing(enc) == before
     await all_free(encoder, reg)
@@ -468,18 +585,30 @@ async def test_unknown_request_id_is_not_found_on_the_encoder(encoder, enc, reg)
 async def test_unknown_request_id_is_not_found_on_the_language(encoder, language, lang):
     unknown = rid("unknown")
     before = await listing(lang)
-    await expect_error(lang.GetTransfer(common_pb2.GetTransferRequest(request_id=unknown)),
-                       grpc.StatusCode.NOT_FOUND, unknown)
-    await expect_error(lang.Cancel(common_pb2.CancelRequest(request_id=unknown, reason="x")),
-                       grpc.StatusCode.NOT_FOUND, unknown)
-    await expect_error(lang.GetTransfer(common_pb2.GetTransferRequest()), grpc.StatusCode.INVALID_ARGUMENT,
-                       "request_id")
-    await expect_error(lang.Cancel(common_pb2.CancelRequest()), grpc.StatusCode.INVALID_ARGUMENT, "request_id")
+    await expect_error(
+        lang.GetTransfer(common_pb2.GetTransferRequest(request_id=unknown)),
+        grpc.StatusCode.NOT_FOUND,
+        unknown,
+    )
+    await expect_error(
+        lang.Cancel(common_pb2.CancelRequest(request_id=unknown, reason="x")),
+        grpc.StatusCode.NOT_FOUND,
+        unknown,
+    )
+    await expect_error(
+        lang.GetTransfer(common_pb2.GetTransferRequest()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "request_id",
+    )
+    await expect_error(
+        lang.Cancel(common_pb2.CancelRequest()), grpc.StatusCode.INVALID_ARGUMENT, "request_id"
+    )
     assert await listing(lang) == before
     await assert_all_free((encoder.address, "encoder"), (language.address, "language"))
 
 
 # ---------------------------------------------------------------------------- 4. Resume ahead
+
 
 async def test_resume_ahead_of_the_encoder_is_failed_precondition(encoder, enc, reg):
     request_id = rid()
@@ -489,8 +618,12 @@ async def test_resume_ahead_of_the_encoder_is_failed_precondition(encoder, enc, 
     reg.free(blocks)
     nxt = reg.alloc(2)
     for sent in (17, 32, 100, 2**40):
-        await expect_error(enc.Resume(reg.resume_request(request_id, sent, nxt)),
-                           grpc.StatusCode.FAILED_PRECONDITION, f"sent_tokens={sent}", "16")
+        await expect_error(
+            enc.Resume(reg.resume_request(request_id, sent, nxt)),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"sent_tokens={sent}",
+            "16",
+        )
         assert await snapshot(enc, request_id) == before
         assert await pool_state(enc) == pool_before
     # A rank that never sent Init may not resume.
@@ -498,13 +631,23 @@ async def test_resume_ahead_of_the_encoder_is_failed_precondition(encoder, enc, 
     other.rank = 3
     await expect_error(enc.Resume(other), grpc.StatusCode.FAILED_PRECONDITION, "rank 3")
     # Another language may not resume it.
-    await expect_error(enc.Resume(reg.resume_request(request_id, 16, nxt, language_id="intruder")),
-                       grpc.StatusCode.PERMISSION_DENIED, request_id)
+    await expect_error(
+        enc.Resume(reg.resume_request(request_id, 16, nxt, language_id="intruder")),
+        grpc.StatusCode.PERMISSION_DENIED,
+        request_id,
+    )
     # A right sent_tokens with a malformed allocation.
-    for bad_blocks, allocated, needle in [(nxt, 20, "allocated_tokens=20"), ([999], BLOCK, "999"),
-                                          ([nxt[0], nxt[0]], 2 * BLOCK, str(nxt[0])), ([], 0, "dst_blocks")]:
-        await expect_error(enc.Resume(reg.resume_request(request_id, 16, bad_blocks, allocated)),
-                           grpc.StatusCode.INVALID_ARGUMENT, needle)
+    for bad_blocks, allocated, needle in [
+        (nxt, 20, "allocated_tokens=20"),
+        ([999], BLOCK, "999"),
+        ([nxt[0], nxt[0]], 2 * BLOCK, str(nxt[0])),
+        ([], 0, "dst_blocks"),
+    ]:
+        await expect_error(
+            enc.Resume(reg.resume_request(request_id, 16, bad_blocks, allocated)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            needle,
+        )
         assert await snapshot(enc, request_id) == before
     await w.quiet(0.2)
     assert not reg.pool.slab[nxt].any(), "a refused Resume wrote into the rank's blocks"
@@ -519,8 +662,11 @@ async def test_resume_ahead_before_the_first_round(encoder, enc, reg):
     await enc.Init(reg.init_request(request_id, blocks))
     before = await snapshot(enc, request_id)
     assert before[0] == WAITING and before[1] == 0
-    await expect_error(enc.Resume(reg.resume_request(request_id, 16, blocks)),
-                       grpc.StatusCode.FAILED_PRECONDITION, "sent_tokens=16")
+    await expect_error(
+        enc.Resume(reg.resume_request(request_id, 16, blocks)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "sent_tokens=16",
+    )
     assert await snapshot(enc, request_id) == before
     w = StatusWatcher(enc, reg, request_id)
     await cancel_held(enc, w, request_id)
@@ -529,6 +675,7 @@ async def test_resume_ahead_before_the_first_round(encoder, enc, reg):
 
 
 # ---------------------------------------------------------------------------- 5. duplicate Resume
+
 
 async def test_duplicate_resume_is_a_no_op_and_a_hand_driven_transfer_completes(encoder, enc, reg):
     request_id, n, seed = rid(), 100, 5
@@ -541,8 +688,9 @@ async def test_duplicate_resume_is_a_no_op_and_a_hand_driven_transfer_completes(
         got = st.sent_tokens - handled
         records = reg.read(alloc, got)
         if st.checksums:
-            assert dict(compute_checksums([records], reg.record, handled)) == {c.field: c.value for c in st.checksums}, \
-                f"round {st.round}: checksums differ"
+            assert dict(compute_checksums([records], reg.record, handled)) == {
+                c.field: c.value for c in st.checksums
+            }, f"round {st.round}: checksums differ"
         stash.append(records)
         reg.free(alloc)
         handled = st.sent_tokens
@@ -562,12 +710,16 @@ async def test_duplicate_resume_is_a_no_op_and_a_hand_driven_transfer_completes(
             round2 = reg.read(alloc, BLOCK)
             reg.clear(alloc)  # any second write would show up here
             other = reg.alloc(1)
-            for dup in (resume,                                          # identical, again
-                        reg.resume_request(request_id, 0, alloc),        # older than everything
-                        reg.resume_request(request_id, BLOCK, other)):   # old, other blocks
+            for dup in (
+                resume,  # identical, again
+                reg.resume_request(request_id, 0, alloc),  # older than everything
+                reg.resume_request(request_id, BLOCK, other),
+            ):  # old, other blocks
                 assert (await enc.Resume(dup)).duplicate is True
             await w.quiet(0.3)
-            assert await snapshot(enc, request_id) == before, "a duplicate Resume changed the transfer"
+            assert await snapshot(enc, request_id) == before, (
+                "a duplicate Resume changed the transfer"
+            )
             assert await pool_state(enc) == pool_before
             assert not reg.pool.slab[alloc].any(), "a duplicate Resume wrote again"
             assert not reg.pool.slab[other].any(), "a duplicate Resume wrote into other blocks"
@@ -590,6 +742,7 @@ async def test_duplicate_resume_is_a_no_op_and_a_hand_driven_transfer_completes(
 
 # ---------------------------------------------------------------------------- 6. duplicate Init
 
+
 async def test_duplicate_init_is_already_exists(encoder, enc, reg):
     request_id = rid()
     # Before Encode (the transfer is waiting for input).
@@ -598,8 +751,12 @@ async def test_duplicate_init_is_already_exists(encoder, enc, reg):
     before, pool_before = await snapshot(enc, request_id), await pool_state(enc)
     spare = reg.alloc(2)
     for blocks in (first, spare):
-        await expect_error(enc.Init(reg.init_request(request_id, blocks)), grpc.StatusCode.ALREADY_EXISTS,
-                           "rank 0", request_id)
+        await expect_error(
+            enc.Init(reg.init_request(request_id, blocks)),
+            grpc.StatusCode.ALREADY_EXISTS,
+            "rank 0",
+            request_id,
+        )
         assert await snapshot(enc, request_id) == before
         assert await pool_state(enc) == pool_before
     # Mid-transfer.
@@ -607,14 +764,18 @@ async def test_duplicate_init_is_already_exists(encoder, enc, reg):
     await enc.Encode(reg.encode_request(request_id, 100, 2))
     await w.until(lambda s: s.state == TRANSFERRING)
     held, pool_held = await snapshot(enc, request_id), await pool_state(enc)
-    await expect_error(enc.Init(reg.init_request(request_id, spare)), grpc.StatusCode.ALREADY_EXISTS, "rank 0")
+    await expect_error(
+        enc.Init(reg.init_request(request_id, spare)), grpc.StatusCode.ALREADY_EXISTS, "rank 0"
+    )
     assert await snapshot(enc, request_id) == held
     assert await pool_state(enc) == pool_held
     await w.quiet(0.2)
     assert not reg.pool.slab[spare].any()
     await cancel_held(enc, w, request_id)
     # After it ended.
-    await expect_error(enc.Init(reg.init_request(request_id, spare)), grpc.StatusCode.ALREADY_EXISTS, "rank 0")
+    await expect_error(
+        enc.Init(reg.init_request(request_id, spare)), grpc.StatusCode.ALREADY_EXISTS, "rank 0"
+    )
     assert (await snapshot(enc, request_id))[0] == FAILED
     reg.free(first)
     reg.free(spare)
@@ -623,11 +784,17 @@ async def test_duplicate_init_is_already_exists(encoder, enc, reg):
 
 # ---------------------------------------------------------------------------- 7. Encode
 
+
 async def test_encode_above_max_request_tokens_is_refused_before_allocation(encoder, enc, reg):
     request_id = rid()
     before, pool_before = await listing(enc), await pool_state(enc)
-    await expect_error(enc.Encode(reg.encode_request(request_id, MAX_TOKENS + 1)),
-                       grpc.StatusCode.INVALID_ARGUMENT, "1001", str(MAX_TOKENS), "max_request_tokens")
+    await expect_error(
+        enc.Encode(reg.encode_request(request_id, MAX_TOKENS + 1)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "1001",
+        str(MAX_TOKENS),
+        "max_request_tokens",
+    )
     assert await pool_state(enc) == pool_before
     await assert_absent(enc, request_id)
     assert await listing(enc) == before
@@ -635,8 +802,12 @@ async def test_encode_above_max_request_tokens_is_refused_before_allocation(enco
     blocks = reg.alloc(RANK_BLOCKS - 1)  # 1008 tokens
     await enc.Init(reg.init_request(request_id, blocks))
     waiting = await snapshot(enc, request_id)
-    await expect_error(enc.Encode(reg.encode_request(request_id, 10**6)),
-                       grpc.StatusCode.INVALID_ARGUMENT, "1000000", str(MAX_TOKENS))
+    await expect_error(
+        enc.Encode(reg.encode_request(request_id, 10**6)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "1000000",
+        str(MAX_TOKENS),
+    )
     assert await snapshot(enc, request_id) == waiting
     assert await pool_state(enc) == pool_before
     # Exactly the limit is fine.
@@ -653,8 +824,12 @@ async def test_encode_above_max_request_tokens_is_refused_before_allocation(enco
 async def test_encode_without_anything_to_encode_is_invalid_argument(encoder, enc, reg):
     request_id = rid()
     pool_before = await pool_state(enc)
-    await expect_error(enc.Encode(reg.encode_request(request_id, 0)), grpc.StatusCode.INVALID_ARGUMENT,
-                       request_id, "synthetic_tokens=0")
+    await expect_error(
+        enc.Encode(reg.encode_request(request_id, 0)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        request_id,
+        "synthetic_tokens=0",
+    )
     await assert_absent(enc, request_id)
     assert await pool_state(enc) == pool_before
     await all_free(encoder, reg)
@@ -665,8 +840,11 @@ async def test_duplicate_encode_is_already_exists(encoder, enc, reg):
     blocks, w = await hold_at_round_1(enc, reg, request_id)
     before, pool_before = await snapshot(enc, request_id), await pool_state(enc)
     for n in (100, 50):
-        await expect_error(enc.Encode(reg.encode_request(request_id, n, 1)), grpc.StatusCode.ALREADY_EXISTS,
-                           request_id)
+        await expect_error(
+            enc.Encode(reg.encode_request(request_id, n, 1)),
+            grpc.StatusCode.ALREADY_EXISTS,
+            request_id,
+        )
         assert await snapshot(enc, request_id) == before
         assert await pool_state(enc) == pool_before
     await w.quiet(0.2)
@@ -674,36 +852,51 @@ async def test_duplicate_encode_is_already_exists(encoder, enc, reg):
     reg.free(blocks)
     # After the request ended: still refused, and nothing is allocated for it.
     pool_after = await pool_state(enc)
-    await expect_error(enc.Encode(reg.encode_request(request_id, 100, 1)), grpc.StatusCode.ALREADY_EXISTS,
-                       request_id)
+    await expect_error(
+        enc.Encode(reg.encode_request(request_id, 100, 1)),
+        grpc.StatusCode.ALREADY_EXISTS,
+        request_id,
+    )
     assert await pool_state(enc) == pool_after
     assert (await snapshot(enc, request_id))[0] == FAILED
     # Also for an Encode that came first (the transfer waits for Init, holding the payload).
     second = rid()
     await enc.Encode(reg.encode_request(second, 30, 1))
     waiting, pool_waiting = await snapshot(enc, second), await pool_state(enc)
-    await expect_error(enc.Encode(reg.encode_request(second, 30, 1)), grpc.StatusCode.ALREADY_EXISTS, second)
+    await expect_error(
+        enc.Encode(reg.encode_request(second, 30, 1)), grpc.StatusCode.ALREADY_EXISTS, second
+    )
     assert await snapshot(enc, second) == waiting
     assert await pool_state(enc) == pool_waiting
     await enc.Cancel(reg.cancel_request(second))
     # Two Encodes of one new id at once: exactly one is taken.
     third = rid()
-    results = await asyncio.gather(*(enc.Encode(reg.encode_request(third, MAX_TOKENS, 1)) for _ in range(2)),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        *(enc.Encode(reg.encode_request(third, MAX_TOKENS, 1)) for _ in range(2)),
+        return_exceptions=True,
+    )
     errors = [r for r in results if isinstance(r, BaseException)]
     assert len(errors) == 1, results
     assert errors[0].code() == grpc.StatusCode.ALREADY_EXISTS and third in errors[0].details()
-    assert (await pool_state(enc))[0] == pool_waiting[0] - 2 + math.ceil(MAX_TOKENS / BLOCK), \
+    assert (await pool_state(enc))[0] == pool_waiting[0] - 2 + math.ceil(MAX_TOKENS / BLOCK), (
         "the refused Encode allocated source blocks"
+    )
     await enc.Cancel(reg.cancel_request(third))
     await all_free(encoder, reg)
 
 
-@pytest.mark.parametrize("image, needles", [
-    (common_pb2.Image(data=b"", mime_type="image/png"), ("images[0]", "empty")),
-    (common_pb2.Image(data=b"GIF89a....", mime_type="image/gif"), ("images[0]", "image/gif")),
-    (common_pb2.Image(data=b"\x89PNG\r\n\x1a\n....", mime_type="image/jpeg"), ("images[0]", "image/jpeg")),
-], ids=["empty", "gif", "mime-mismatch"])
+@pytest.mark.parametrize(
+    "image, needles",
+    [
+        (common_pb2.Image(data=b"", mime_type="image/png"), ("images[0]", "empty")),
+        (common_pb2.Image(data=b"GIF89a....", mime_type="image/gif"), ("images[0]", "image/gif")),
+        (
+            common_pb2.Image(data=b"\x89PNG\r\n\x1a\n....", mime_type="image/jpeg"),
+            ("images[0]", "image/jpeg"),
+        ),
+    ],
+    ids=["empty", "gif", "mime-mismatch"],
+)
 async def test_encode_with_a_bad_image_is_invalid_argument(encoder, enc, reg, image, needles):
     request_id = rid()
     before, pool_before = await listing(enc), await pool_state(enc)
@@ -719,40 +912,71 @@ async def test_encode_with_a_bad_image_is_invalid_argument(encoder, enc, reg, im
 
 # ---------------------------------------------------------------------------- 8. Generate, ListTransfers
 
+
 async def test_generate_with_nothing_to_encode_is_invalid_argument(encoder, language, lang):
     request_id = rid()
     before = await listing(lang)
-    await expect_error(lang.Generate(language_pb2.GenerateRequest(request_id=request_id)),
-                       grpc.StatusCode.INVALID_ARGUMENT, request_id, "synthetic_tokens=0")
-    await expect_error(lang.Generate(language_pb2.GenerateRequest()), grpc.StatusCode.INVALID_ARGUMENT,
-                       "synthetic_tokens=0")
+    await expect_error(
+        lang.Generate(language_pb2.GenerateRequest(request_id=request_id)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        request_id,
+        "synthetic_tokens=0",
+    )
+    await expect_error(
+        lang.Generate(language_pb2.GenerateRequest()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "synthetic_tokens=0",
+    )
     await assert_absent(lang, request_id)
     assert await listing(lang) == before
     await assert_all_free((encoder.address, "encoder"), (language.address, "language"))
 
 
 @pytest.mark.parametrize("states", [[42], [3, 42], [-1]], ids=["42", "3+42", "-1"])
-async def test_list_transfers_with_an_unknown_state_is_invalid_argument(encoder, language, enc, lang, states):
+async def test_list_transfers_with_an_unknown_state_is_invalid_argument(
+    encoder, language, enc, lang, states
+):
     bad = states[-1]
     # The proto field is an enum: a value outside it still travels (open enums), as an int.
     for stub in (enc, lang):
         before = await listing(stub)
-        await expect_error(stub.ListTransfers(common_pb2.ListTransfersRequest(states=states)),
-                           grpc.StatusCode.INVALID_ARGUMENT, "states", str(bad))
+        await expect_error(
+            stub.ListTransfers(common_pb2.ListTransfersRequest(states=states)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "states",
+            str(bad),
+        )
         assert await listing(stub) == before
     await assert_all_free((encoder.address, "encoder"), (language.address, "language"))
 
 
 # ---------------------------------------------------------------------------- 9. language start-up
 
-@pytest.mark.parametrize("args, needles", [
-    (("--hidden", "128"), ("embeddings", "per_token_shape", "128", "256")),
-    (("--hidden", str(HIDDEN), "--dtype", "float16"), ("embeddings", "dtype", "float16", "bfloat16")),
-], ids=["hidden", "dtype"])
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (("--hidden", "128"), ("embeddings", "per_token_shape", "128", "256")),
+        (
+            ("--hidden", str(HIDDEN), "--dtype", "float16"),
+            ("embeddings", "dtype", "float16", "bfloat16"),
+        ),
+    ],
+    ids=["hidden", "dtype"],
+)
 async def test_language_with_a_different_layout_refuses_to_start(encoder, args, needles):
     with pytest.raises(RuntimeError) as info:
-        ServiceProcess("language", *args, "--block-size", str(BLOCK), "--pool-blocks", "8",
-                       "--encoder", encoder.address, ready_timeout=60)
+        ServiceProcess(
+            "language",
+            *args,
+            "--block-size",
+            str(BLOCK),
+            "--pool-blocks",
+            "8",
+            "--encoder",
+            encoder.address,
+            ready_timeout=60,
+        )
     message = str(info.value)
     assert "did not become ready" in message
     exit_code = message.split("exit=", 1)[1].split()[0]
@@ -764,24 +988,36 @@ async def test_language_with_a_different_layout_refuses_to_start(encoder, args, 
 
 # ---------------------------------------------------------------------------- Generate whose Encode is refused
 
-@pytest.mark.parametrize("request_kw, needles", [
-    (dict(synthetic_tokens=MAX_TOKENS + 1), ("1001", str(MAX_TOKENS))),
-    (dict(text="look", images=[common_pb2.Image(data=b"GIF89a....", mime_type="image/gif")]), ("images[0]",)),
-], ids=["above-max", "not-an-image"])
-async def test_generate_whose_encode_is_refused_fails_at_once_with_the_encoders_code(encoder, language, lang,
-                                                                                      request_kw, needles):
+
+@pytest.mark.parametrize(
+    "request_kw, needles",
+    [
+        (dict(synthetic_tokens=MAX_TOKENS + 1), ("1001", str(MAX_TOKENS))),
+        (
+            dict(text="look", images=[common_pb2.Image(data=b"GIF89a....", mime_type="image/gif")]),
+            ("images[0]",),
+        ),
+    ],
+    ids=["above-max", "not-an-image"],
+)
+async def test_generate_whose_encode_is_refused_fails_at_once_with_the_encoders_code(
+    encoder, language, lang, request_kw, needles
+):
     """The encoder refuses the Encode at once; the language must pass that on at once, not sit on
     its Init (holding its blocks) until the encoder's bootstrap_timeout_s (30 s) gives up."""
     request_id = rid()
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await lang.Generate(language_pb2.GenerateRequest(request_id=request_id, **request_kw), timeout=4)
+        await lang.Generate(
+            language_pb2.GenerateRequest(request_id=request_id, **request_kw), timeout=4
+        )
     elapsed = loop.time() - started
     await wait_all_free((encoder.address, "encoder"), (language.address, "language"))
     e = info.value
-    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, \
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (
         f"expected INVALID_ARGUMENT at once, got {e.code().name} after {elapsed:.1f} s: {e.details()!r}"
+    )
     for needle in needles:
         assert needle in e.details(), f"message does not name {needle!r}: {e.details()!r}"
     assert elapsed < 3, f"took {elapsed:.1f} s"

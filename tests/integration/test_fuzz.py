@@ -40,7 +40,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
 
-from common.pb.epd.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc, language_pb2, language_pb2_grpc
+from common.pb.epd.v1 import (
+    common_pb2,
+    encoder_pb2,
+    encoder_pb2_grpc,
+    language_pb2,
+    language_pb2_grpc,
+)
 from services.reference_payload import expected_digest
 from tests.conftest import Pair, assert_all_free
 from tests.integration.rank_harness import TestRank
@@ -61,19 +67,33 @@ TERMINAL = (SUCCESS, FAILED)
 
 OK = None  # "the call succeeds", in expectations
 C = grpc.StatusCode
-IA, NF, AE, FP, CANCELLED = C.INVALID_ARGUMENT, C.NOT_FOUND, C.ALREADY_EXISTS, C.FAILED_PRECONDITION, C.CANCELLED
+IA, NF, AE, FP, CANCELLED = (
+    C.INVALID_ARGUMENT,
+    C.NOT_FOUND,
+    C.ALREADY_EXISTS,
+    C.FAILED_PRECONDITION,
+    C.CANCELLED,
+)
 PD = C.PERMISSION_DENIED
 NEVER = {C.UNKNOWN, C.INTERNAL, C.UNAVAILABLE, C.DEADLINE_EXCEEDED, C.UNIMPLEMENTED, C.DATA_LOSS}
 
-MAGIC = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}  # what the encoder accepts (§4)
+MAGIC = {
+    "image/png": b"\x89PNG\r\n\x1a\n",
+    "image/jpeg": b"\xff\xd8\xff",
+}  # what the encoder accepts (§4)
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def fuzz(n: int):
     """hypothesis settings for live-process fuzzing: n examples, no deadline, no database."""
-    return settings(max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck),
-                    print_blob=True)
+    return settings(
+        max_examples=n,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        print_blob=True,
+    )
 
 
 # ---------------------------------------------------------------------------- live processes
@@ -107,6 +127,7 @@ class Live:
         async def _close():
             await self.enc_ch.close()
             await self.lang_ch.close()
+
         self.run(_close())
         self.loop.close()
 
@@ -117,12 +138,23 @@ class Live:
 
 @pytest.fixture(scope="module")
 def pair():
-    p = Pair(hidden=HIDDEN, block_size=BLOCK, encoder_blocks=ENCODER_BLOCKS, language_blocks=LANGUAGE_BLOCKS,
-             initial_tokens=INITIAL_TOKENS,
-             # Every accepted fuzzed Register adds a registration: room for all of them.
-             encoder_args=("--max-request-tokens", str(MAX_TOKENS), "--max-sessions-per-identity", "100000",
-                           "--max-sessions", "100000"),
-             language_args=("--language-id", LANGUAGE_ID))
+    p = Pair(
+        hidden=HIDDEN,
+        block_size=BLOCK,
+        encoder_blocks=ENCODER_BLOCKS,
+        language_blocks=LANGUAGE_BLOCKS,
+        initial_tokens=INITIAL_TOKENS,
+        # Every accepted fuzzed Register adds a registration: room for all of them.
+        encoder_args=(
+            "--max-request-tokens",
+            str(MAX_TOKENS),
+            "--max-sessions-per-identity",
+            "100000",
+            "--max-sessions",
+            "100000",
+        ),
+        language_args=("--language-id", LANGUAGE_ID),
+    )
     yield p
     p.stop()
 
@@ -138,13 +170,14 @@ def live(pair):
 
 # ---------------------------------------------------------------------------- checks
 
+
 async def outcome(awaitable, timeout: float = 20.0):
     """(reply, None) or (None, AioRpcError); a call that does not answer in time fails the test."""
     try:
         return await asyncio.wait_for(awaitable, timeout), None
     except grpc.aio.AioRpcError as e:
         return None, e
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise AssertionError(f"call did not answer within {timeout} s") from None
 
 
@@ -156,7 +189,9 @@ class AnyOf(tuple):
     """A needle satisfied by any one of its strings."""
 
 
-def check_error(e, code: grpc.StatusCode | set | None, needles=(), what: str = "", any_of=()) -> None:
+def check_error(
+    e, code: grpc.StatusCode | set | None, needles=(), what: str = "", any_of=()
+) -> None:
     """The call failed with `code` (or one of a set), a non-empty message containing every needle
     and, if `any_of` is given, at least one of those."""
     codes = code if isinstance(code, (set, frozenset, tuple)) else {code}
@@ -168,13 +203,17 @@ def check_error(e, code: grpc.StatusCode | set | None, needles=(), what: str = "
     assert details.strip(), f"{what}: {got.name} with an empty message"
     for needle in needles:
         if isinstance(needle, AnyOf):
-            assert any(n in details for n in needle), \
+            assert any(n in details for n in needle), (
                 f"{what}: {got.name} message names none of {list(needle)}: {details[:500]!r}"
+            )
         else:
-            assert str(needle) in details, f"{what}: {got.name} message does not name {needle!r}: {details[:500]!r}"
+            assert str(needle) in details, (
+                f"{what}: {got.name} message does not name {needle!r}: {details[:500]!r}"
+            )
     if any_of:
-        assert any(str(n) in details for n in any_of), \
+        assert any(str(n) in details for n in any_of), (
             f"{what}: {got.name} message names none of {list(any_of)}: {details[:500]!r}"
+        )
 
 
 def check_expected(reply, e, expect, what: str) -> None:
@@ -196,16 +235,24 @@ async def health(address: str) -> None:
 async def invariants(lv: Live, settle_s: float = 5.0) -> None:
     """No crash, SERVING, every pool free, no live transfer, the test rank holds nothing."""
     for p in (lv.pair.encoder, lv.pair.language):
-        assert p.proc.poll() is None, f"{p.role} died (exit {p.proc.returncode}):\n{p.stderr_tail()}"
+        assert p.proc.poll() is None, (
+            f"{p.role} died (exit {p.proc.returncode}):\n{p.stderr_tail()}"
+        )
     await health(lv.pair.encoder.address)
     await health(lv.pair.language.address)
     deadline = asyncio.get_running_loop().time() + settle_s
     while True:  # a refused Generate's clean-up on the encoder may still be finishing
         try:
-            await assert_all_free((lv.pair.encoder.address, "encoder"), (lv.pair.language.address, "language"))
+            await assert_all_free(
+                (lv.pair.encoder.address, "encoder"), (lv.pair.language.address, "language")
+            )
             enc, lang = await diagnostics(lv)
-            assert enc.live_transfers == 0 and lang.live_transfers == 0, f"live transfers: {enc} {lang}"
-            assert enc.status_streams == 0, f"encoder Status streams still open: {enc.status_streams}"
+            assert enc.live_transfers == 0 and lang.live_transfers == 0, (
+                f"live transfers: {enc} {lang}"
+            )
+            assert enc.status_streams == 0, (
+                f"encoder Status streams still open: {enc.status_streams}"
+            )
             break
         except AssertionError:
             if asyncio.get_running_loop().time() > deadline:
@@ -217,7 +264,9 @@ async def invariants(lv: Live, settle_s: float = 5.0) -> None:
 async def diagnostics(lv: Live):
     """GetDiagnostics of the encoder and the language service."""
     req = common_pb2.GetDiagnosticsRequest()
-    return await lv.enc.GetDiagnostics(req, timeout=10), await lv.lang.GetDiagnostics(req, timeout=10)
+    return await lv.enc.GetDiagnostics(req, timeout=10), await lv.lang.GetDiagnostics(
+        req, timeout=10
+    )
 
 
 async def absent(stub, request_id: str) -> None:
@@ -228,8 +277,13 @@ async def absent(stub, request_id: str) -> None:
 async def cancel_and_check(stub, request_id: str, what: str, language_id: str) -> None:
     """Cancel a transfer a valid request opened (it may have ended already), as its owner
     `language_id`: it must be terminal after."""
-    reply, e = await outcome(stub.Cancel(common_pb2.CancelRequest(request_id=request_id, reason="fuzz clean-up",
-                                                                  language_id=language_id)))
+    reply, e = await outcome(
+        stub.Cancel(
+            common_pb2.CancelRequest(
+                request_id=request_id, reason="fuzz clean-up", language_id=language_id
+            )
+        )
+    )
     assert e is None, f"{what}: Cancel failed: {show(e)}"
     info = await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=request_id))
     assert info.state in TERMINAL, f"{what}: state {info.state} after Cancel"
@@ -242,13 +296,16 @@ async def drain_status(call, timeout: float = 10.0) -> tuple[list, grpc.aio.AioR
     async def pump():
         async for st_ in call:
             seen.append(st_)
+
     try:
         await asyncio.wait_for(pump(), timeout)
     except grpc.aio.AioRpcError as e:
         return seen, e
-    except asyncio.TimeoutError:
+    except TimeoutError:
         call.cancel()
-        raise AssertionError(f"Status stream did not end within {timeout} s (statuses {[s.state for s in seen]})")
+        raise AssertionError(  # noqa: B904 - the timeout is the finding
+            f"Status stream did not end within {timeout} s (statuses {[s.state for s in seen]})"
+        )
     return seen, None
 
 
@@ -271,7 +328,7 @@ async def _aiter_timeout(call, timeout):
             yield await asyncio.wait_for(it.__anext__(), timeout)
         except StopAsyncIteration:
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AssertionError(f"no status within {timeout} s") from None
 
 
@@ -283,34 +340,87 @@ def unique(prefix: str = "") -> str:
 
 # Long enough to be long, short enough that an error message echoing two of them stays under gRPC's 8 KiB
 # soft metadata limit (longer values are test_very_long_strings_get_their_domain_code's business).
-WEIRD = ["", " ", "\x00", "a\x00b", "\t\n\r", "../../../etc/passwd", "%s%s%n%x", "'; DROP TABLE t;--", "💥",
-         "🧨" * 30, "\u202eevil", "名前", "\ufeff", "\U0010ffff", "e\u0301", "a" * 1000, "é" * 300, ":", "::",
-         "[::1]:80", "null", "None", "-1", str(U32), str(U64), "{\"json\": 1}", "\\", "'\"", "\r\n\r\n"]
+WEIRD = [
+    "",
+    " ",
+    "\x00",
+    "a\x00b",
+    "\t\n\r",
+    "../../../etc/passwd",
+    "%s%s%n%x",
+    "'; DROP TABLE t;--",
+    "💥",
+    "🧨" * 30,
+    "\u202eevil",
+    "名前",
+    "\ufeff",
+    "\U0010ffff",
+    "e\u0301",
+    "a" * 1000,
+    "é" * 300,
+    ":",
+    "::",
+    "[::1]:80",
+    "null",
+    "None",
+    "-1",
+    str(U32),
+    str(U64),
+    '{"json": 1}',
+    "\\",
+    "'\"",
+    "\r\n\r\n",
+]
 utf8 = st.characters(codec="utf-8")
 strange = st.one_of(
     st.sampled_from(WEIRD),
     st.text(utf8, max_size=48),
-    st.text(st.characters(codec="utf-8", categories=["Cc", "Cf", "Zs", "So", "Mn", "Co"]), max_size=24),
+    st.text(
+        st.characters(codec="utf-8", categories=["Cc", "Cf", "Zs", "So", "Mn", "Co"]), max_size=24
+    ),
 )
-uint32 = st.one_of(st.sampled_from([0, 1, 2, 15, 16, 17, 63, 64, 65, 2**31 - 1, 2**31, U32 - 1, U32]),
-                   st.integers(0, U32))
-uint64 = st.one_of(st.sampled_from([0, 1, 16, 2**32, 2**63 - 1, 2**63, U64 - 1, U64]), st.integers(0, U64))
-int32 = st.one_of(st.sampled_from([-2**31, -1, 0, 6, 7, 42, 2**31 - 1]), st.integers(-2**31, 2**31 - 1))
+uint32 = st.one_of(
+    st.sampled_from([0, 1, 2, 15, 16, 17, 63, 64, 65, 2**31 - 1, 2**31, U32 - 1, U32]),
+    st.integers(0, U32),
+)
+uint64 = st.one_of(
+    st.sampled_from([0, 1, 16, 2**32, 2**63 - 1, 2**63, U64 - 1, U64]), st.integers(0, U64)
+)
+int32 = st.one_of(
+    st.sampled_from([-(2**31), -1, 0, 6, 7, 42, 2**31 - 1]), st.integers(-(2**31), 2**31 - 1)
+)
 
 big_random_bytes = st.integers(0, 2**16).map(lambda s: random.Random(s).randbytes(1 << 20))
 image_data = st.one_of(
-    st.builds(lambda m, b: m + b, st.sampled_from([b"", *MAGIC.values(), b"GIF89a", b"\x89PNG", b"\xff\xd8"]),
-              st.binary(max_size=64)),
+    st.builds(
+        lambda m, b: m + b,
+        st.sampled_from([b"", *MAGIC.values(), b"GIF89a", b"\x89PNG", b"\xff\xd8"]),
+        st.binary(max_size=64),
+    ),
     big_random_bytes,
     st.builds(lambda m, b: m + b, st.sampled_from(list(MAGIC.values())), big_random_bytes),
 )
-mime = st.one_of(st.sampled_from(["", "image/png", "image/jpeg", "image/gif", "text/plain", "IMAGE/PNG"]), strange)
-images = st.lists(st.builds(lambda d, m: common_pb2.Image(data=d, mime_type=m), image_data, mime), max_size=3)
-texts = st.one_of(st.just(""), strange, st.text(utf8, max_size=400),
-                  st.integers(MAX_TOKENS - 3, MAX_TOKENS + 3).map(lambda n: "x" * n),
-                  st.integers(1, 1700).map(lambda n: "€" * n))  # 3 bytes per character
-synthetic = st.one_of(st.just(0), st.integers(1, 300), st.integers(1, MAX_TOKENS),
-                      st.sampled_from([MAX_TOKENS, MAX_TOKENS + 1, 2**31, U32]), st.integers(MAX_TOKENS + 1, U32))
+mime = st.one_of(
+    st.sampled_from(["", "image/png", "image/jpeg", "image/gif", "text/plain", "IMAGE/PNG"]),
+    strange,
+)
+images = st.lists(
+    st.builds(lambda d, m: common_pb2.Image(data=d, mime_type=m), image_data, mime), max_size=3
+)
+texts = st.one_of(
+    st.just(""),
+    strange,
+    st.text(utf8, max_size=400),
+    st.integers(MAX_TOKENS - 3, MAX_TOKENS + 3).map(lambda n: "x" * n),
+    st.integers(1, 1700).map(lambda n: "€" * n),
+)  # 3 bytes per character
+synthetic = st.one_of(
+    st.just(0),
+    st.integers(1, 300),
+    st.integers(1, MAX_TOKENS),
+    st.sampled_from([MAX_TOKENS, MAX_TOKENS + 1, 2**31, U32]),
+    st.integers(MAX_TOKENS + 1, U32),
+)
 
 
 def image_problem(imgs) -> tuple | None:
@@ -355,20 +465,40 @@ def _prefix_problem(lv: Live, request_id: str):
 
 # ---------------------------------------------------------------------------- Encoder.Encode
 
+
 @fuzz(120)
-@given(id_kind=st.sampled_from(["fresh"] * 5 + ["empty"]), prefix=strange, synthetic_tokens=synthetic,
-       seed=uint32, text=texts, imgs=images, rank_count=uint32, language=st.one_of(st.just("real"), strange))
-def test_fuzz_encode(live, id_kind, prefix, synthetic_tokens, seed, text, imgs, rank_count, language):
+@given(
+    id_kind=st.sampled_from(["fresh"] * 5 + ["empty"]),
+    prefix=strange,
+    synthetic_tokens=synthetic,
+    seed=uint32,
+    text=texts,
+    imgs=images,
+    rank_count=uint32,
+    language=st.one_of(st.just("real"), strange),
+)
+def test_fuzz_encode(
+    live, id_kind, prefix, synthetic_tokens, seed, text, imgs, rank_count, language
+):
     async def case():
         request_id = "" if id_kind == "empty" else unique(prefix)
-        req = encoder_pb2.EncodeRequest(request_id=request_id, images=imgs, text=text,
-                                        synthetic_tokens=synthetic_tokens, synthetic_seed=seed, rank_count=rank_count,
-                                        language_id=live.language_id if language == "real" else language)
+        req = encoder_pb2.EncodeRequest(
+            request_id=request_id,
+            images=imgs,
+            text=text,
+            synthetic_tokens=synthetic_tokens,
+            synthetic_seed=seed,
+            rank_count=rank_count,
+            language_id=live.language_id if language == "real" else language,
+        )
         bad, total = token_expectation(synthetic_tokens, text, imgs)
         if not request_id:
             bad = (IA, "request_id")
         elif req.language_id not in ("", live.language_id):
-            bad = (FP, "has not called Register")  # an Encode names a language its caller registered
+            bad = (
+                FP,
+                "has not called Register",
+            )  # an Encode names a language its caller registered
         elif _prefix_problem(live, request_id):
             bad = _prefix_problem(live, request_id)
             if bad == "unknown":
@@ -386,10 +516,12 @@ def test_fuzz_encode(live, id_kind, prefix, synthetic_tokens, seed, text, imgs, 
             assert info.total_tokens == total and info.state in (BOOTSTRAPPING, WAITING), info
             await cancel_and_check(live.enc, request_id, "Encode", req.language_id)
         await invariants(live)
+
     live.run(case())
 
 
 # ---------------------------------------------------------------------------- Encoder.Register
+
 
 def _good_layout(lv: Live) -> common_pb2.PoolLayout:
     return lv.rank.layout()
@@ -407,11 +539,35 @@ def _session_ok(session: str) -> bool:
 
 sessions = st.one_of(
     strange,
-    st.sampled_from(["127.0.0.1:9", "127.0.0.1:0", "127.0.0.1:1", "127.0.0.1:65535", "127.0.0.1:65536", ":80", "h:",
-                     "h: 80", "h:0080", "h:+80", "h:-1", "h:80 ", "[::1]:80", "a:b:c:80", "💥:80", "h:99999999999999999999",
-                     "h\x00:80", "h:\u00b2"]),
-    st.builds(lambda h, port: f"{h}:{port}", st.text(utf8, min_size=1, max_size=12), st.integers(-5, 70000)),
+    st.sampled_from(
+        [
+            "127.0.0.1:9",
+            "127.0.0.1:0",
+            "127.0.0.1:1",
+            "127.0.0.1:65535",
+            "127.0.0.1:65536",
+            ":80",
+            "h:",
+            "h: 80",
+            "h:0080",
+            "h:+80",
+            "h:-1",
+            "h:80 ",
+            "[::1]:80",
+            "a:b:c:80",
+            "💥:80",
+            "h:99999999999999999999",
+            "h\x00:80",
+            "h:\u00b2",
+        ]
+    ),
+    st.builds(
+        lambda h, port: f"{h}:{port}",
+        st.text(utf8, min_size=1, max_size=12),
+        st.integers(-5, 70000),
+    ),
 )
+
 
 def _proof_address(layout: common_pb2.PoolLayout) -> int:
     """Where a claimed pool's proof area is, by the protocol's definition (encoder.proto
@@ -422,34 +578,68 @@ def _proof_address(layout: common_pb2.PoolLayout) -> int:
 async def _proven_register(lv: Live, req: encoder_pb2.RegisterRequest):
     """Register as a real rank does (Challenge, the nonce in the test rank's proof area), whatever
     `req` claims; (reply, error) of the Register (or of the Challenge, when it is refused)."""
-    challenge, e = await outcome(lv.enc.Challenge(encoder_pb2.ChallengeRequest(language_id=req.language_id,
-                                                                               rank=req.rank)))
+    challenge, e = await outcome(
+        lv.enc.Challenge(encoder_pb2.ChallengeRequest(language_id=req.language_id, rank=req.rank))
+    )
     if e is not None:
         return None, e
     req.proof_nonce = challenge.nonce
     async with lv.rank.pool.proving(challenge.nonce):
         return await outcome(lv.enc.Register(req))
 
+
 REGISTER_MUTATIONS = [
     # one mutation of an otherwise valid RegisterRequest per example; the expectation is set in the test
-    "none", "language_id_empty", "session", "no_layout", "block_size", "num_blocks", "base_address", "no_fields",
-    "dtype", "bytes_per_token", "offset", "shape", "shape_consistent", "rename", "swap", "duplicate_field",
-    "record_bytes", "extra_field", "rank",
+    "none",
+    "language_id_empty",
+    "session",
+    "no_layout",
+    "block_size",
+    "num_blocks",
+    "base_address",
+    "no_fields",
+    "dtype",
+    "bytes_per_token",
+    "offset",
+    "shape",
+    "shape_consistent",
+    "rename",
+    "swap",
+    "duplicate_field",
+    "record_bytes",
+    "extra_field",
+    "rank",
 ]
 
 
 @fuzz(160)
-@given(mutation=st.sampled_from(REGISTER_MUTATIONS), lang=strange, session=sessions, value32=uint32, value64=uint64,
-       shape=st.lists(st.integers(-2**63, 2**63 - 1) | st.sampled_from([0, -1, 1, 3, 64, 2**62]), max_size=4),
-       dtype=st.one_of(st.sampled_from(["", "float64", "int8", "bf16", "bfloat16", "int32", "float32", "uint8"]),
-                       strange),
-       field_index=st.integers(0, 2), rank=uint32)
-def test_fuzz_register(live, mutation, lang, session, value32, value64, shape, dtype, field_index, rank):
+@given(
+    mutation=st.sampled_from(REGISTER_MUTATIONS),
+    lang=strange,
+    session=sessions,
+    value32=uint32,
+    value64=uint64,
+    shape=st.lists(
+        st.integers(-(2**63), 2**63 - 1) | st.sampled_from([0, -1, 1, 3, 64, 2**62]), max_size=4
+    ),
+    dtype=st.one_of(
+        st.sampled_from(["", "float64", "int8", "bf16", "bfloat16", "int32", "float32", "uint8"]),
+        strange,
+    ),
+    field_index=st.integers(0, 2),
+    rank=uint32,
+)
+def test_fuzz_register(
+    live, mutation, lang, session, value32, value64, shape, dtype, field_index, rank
+):
     async def case():
-        language_id = "fzreg-" + lang  # never the test rank's id: a taken Register must not disturb it
+        language_id = (
+            "fzreg-" + lang
+        )  # never the test rank's id: a taken Register must not disturb it
         # Every example describes the test rank's pool, on its real session, with its proof.
-        req = encoder_pb2.RegisterRequest(language_id=language_id, rank=rank, session=live.rank.session,
-                                          layout=_good_layout(live))
+        req = encoder_pb2.RegisterRequest(
+            language_id=language_id, rank=rank, session=live.rank.session, layout=_good_layout(live)
+        )
         lay = req.layout
         f = lay.fields[field_index]
         expect: tuple = (OK,)
@@ -464,20 +654,28 @@ def test_fuzz_register(live, mutation, lang, session, value32, value64, shape, d
             expect = (IA, "layout")
         elif mutation == "block_size":
             lay.block_size = value32
-            expect = (OK,) if value32 >= 1 and value32 & (value32 - 1) == 0 else (IA, "block_size", value32)
+            expect = (
+                (OK,)
+                if value32 >= 1 and value32 & (value32 - 1) == 0
+                else (IA, "block_size", value32)
+            )
         elif mutation == "num_blocks":
             lay.num_blocks = value32
             expect = (OK,) if value32 >= 1 else (IA, "num_blocks")
         elif mutation == "base_address":
             lay.base_address = value64
-            end = value64 + lay.num_blocks * lay.block_size * lay.record_bytes + 1024  # + the proof area
+            end = (
+                value64 + lay.num_blocks * lay.block_size * lay.record_bytes + 1024
+            )  # + the proof area
             expect = (OK,) if value64 and end <= 2**64 else (IA, "base_address")
         elif mutation == "no_fields":
             del lay.fields[:]
             expect = (IA, "fields")
         elif mutation == "dtype":
             f.dtype = dtype
-            expect = (OK,) if dtype == ("bfloat16" if field_index == 0 else "int32") else ({IA, FP},)
+            expect = (
+                (OK,) if dtype == ("bfloat16" if field_index == 0 else "int32") else ({IA, FP},)
+            )
             any_of = ("dtype", f.name)
         elif mutation == "bytes_per_token":
             f.bytes_per_token = value64
@@ -493,7 +691,9 @@ def test_fuzz_register(live, mutation, lang, session, value32, value64, shape, d
             good = list(_good_layout(live).fields[field_index].per_token_shape)
             expect = (OK,) if shape == good else ({IA, FP},)
             any_of = ("per_token_shape", "bytes_per_token", f.name)
-        elif mutation == "shape_consistent":  # bytes_per_token recomputed: only the encoder's layout differs
+        elif (
+            mutation == "shape_consistent"
+        ):  # bytes_per_token recomputed: only the encoder's layout differs
             dims = [abs(d) % 7 + 1 for d in shape] or [5]
             del f.per_token_shape[:]
             f.per_token_shape.extend(dims)
@@ -502,13 +702,21 @@ def test_fuzz_register(live, mutation, lang, session, value32, value64, shape, d
             for d in dims:
                 n *= d
             f.bytes_per_token = size * n
-            lay.record_bytes = max(lay.record_bytes, max(x.offset + x.bytes_per_token for x in lay.fields))
+            lay.record_bytes = max(
+                lay.record_bytes, max(x.offset + x.bytes_per_token for x in lay.fields)
+            )
             good = list(_good_layout(live).fields[field_index].per_token_shape)
-            expect = (OK,) if dims == good and lay.record_bytes == _good_layout(live).record_bytes else ({IA, FP},)
+            expect = (
+                (OK,)
+                if dims == good and lay.record_bytes == _good_layout(live).record_bytes
+                else ({IA, FP},)
+            )
             any_of = ("per_token_shape", "record_bytes", "offset", f.name)
         elif mutation == "rename":
             f.name = lang
-            expect = (OK,) if lang == _good_layout(live).fields[field_index].name else (FP, "fields")
+            expect = (
+                (OK,) if lang == _good_layout(live).fields[field_index].name else (FP, "fields")
+            )
         elif mutation == "swap":
             a, b = common_pb2.FieldLayout(), common_pb2.FieldLayout()
             a.CopyFrom(lay.fields[0])
@@ -525,15 +733,22 @@ def test_fuzz_register(live, mutation, lang, session, value32, value64, shape, d
             good = _good_layout(live).record_bytes
             expect = (OK,) if value64 == good else ({IA, FP}, "record_bytes")
         elif mutation == "extra_field":
-            extra = lay.fields.add(name=lang or "extra", dtype="uint8", per_token_shape=[1], bytes_per_token=1,
-                                   offset=lay.record_bytes)
+            extra = lay.fields.add(
+                name=lang or "extra",
+                dtype="uint8",
+                per_token_shape=[1],
+                bytes_per_token=1,
+                offset=lay.record_bytes,
+            )
             lay.record_bytes += 16
             expect = ({IA, FP},)
             any_of = ("fields", "record_bytes", extra.name)
         elif mutation == "rank":
             req.rank = rank
-        if expect[0] is OK and (req.session != live.rank.session
-                                or _proof_address(req.layout) != _proof_address(_good_layout(live))):
+        if expect[0] is OK and (
+            req.session != live.rank.session
+            or _proof_address(req.layout) != _proof_address(_good_layout(live))
+        ):
             # A well-formed claim on memory where the nonce is not: another session (nothing of
             # ours listens there), or a pool whose end is not where the test rank put the nonce.
             expect = (PD, "Mooncake session")
@@ -543,32 +758,50 @@ def test_fuzz_register(live, mutation, lang, session, value32, value64, shape, d
         if code is OK:
             assert e is None, f"valid Register ({mutation}) failed: {show(e)}"
             assert reply.encoder_id
-            assert [x.name for x in reply.layout.fields] == ["embeddings", "token_ids", "mrope_positions"]
+            assert [x.name for x in reply.layout.fields] == [
+                "embeddings",
+                "token_ids",
+                "mrope_positions",
+            ]
             assert reply.layout.block_size == BLOCK and reply.layout.num_blocks == ENCODER_BLOCKS
         else:
             check_error(e, code, needles, f"Register[{mutation}]", any_of=any_of)
         await invariants(live)
+
     live.run(case())
 
 
-@pytest.mark.parametrize("session", ["127.0.0.1:\u00b2", "127.0.0.1:\u0668\u0660", "127.0.0.1:\uff18\uff10"],
-                         ids=["superscript-two", "arabic-indic-80", "fullwidth-80"])
+@pytest.mark.parametrize(
+    "session",
+    ["127.0.0.1:\u00b2", "127.0.0.1:\u0668\u0660", "127.0.0.1:\uff18\uff10"],
+    ids=["superscript-two", "arabic-indic-80", "fullwidth-80"],
+)
 def test_register_session_port_must_be_ascii_digits(live, session):
     """A Mooncake session is 'host:port' with a decimal port 1..65535 (DESIGN §4). Python's
     str.isdigit() also accepts '²' (int() then raises: UNKNOWN) and other scripts' digits (which
     Mooncake cannot parse): all must be INVALID_ARGUMENT naming the session."""
+
     async def case():
-        req = encoder_pb2.RegisterRequest(language_id=unique("fzreg-port"), rank=0, session=session,
-                                          layout=_good_layout(live))
+        req = encoder_pb2.RegisterRequest(
+            language_id=unique("fzreg-port"), rank=0, session=session, layout=_good_layout(live)
+        )
         _, e = await outcome(live.enc.Register(req))
         check_error(e, IA, ("session",), f"Register with session={session!r}")
         await invariants(live)
+
     live.run(case())
 
 
 # ---------------------------------------------------------------------------- Encoder.Init
 
-BLOCK_KINDS = ["valid"] * 4 + ["empty", "dup", "out_of_range", "gigantic_dups", "gigantic_out", "gigantic_late_out"]
+BLOCK_KINDS = ["valid"] * 4 + [
+    "empty",
+    "dup",
+    "out_of_range",
+    "gigantic_dups",
+    "gigantic_out",
+    "gigantic_late_out",
+]
 ALLOC_KINDS = ["consistent"] * 4 + ["plus_one", "minus_one", "zero", "max", "random"]
 
 
@@ -584,9 +817,13 @@ def dst_blocks(draw, num_blocks: int = RANK_BLOCKS) -> tuple[str, list[int]]:
         pos = draw(st.integers(0, len(valid)))
         return kind, valid[:pos] + [draw(st.sampled_from(valid))] + valid[pos:]
     if kind == "out_of_range":
-        bad = draw(st.one_of(st.sampled_from([num_blocks, num_blocks + 1, U32]), st.integers(num_blocks, U32)))
+        bad = draw(
+            st.one_of(
+                st.sampled_from([num_blocks, num_blocks + 1, U32]), st.integers(num_blocks, U32)
+            )
+        )
         pos = draw(st.integers(0, len(valid) - 1))
-        return kind, valid[:pos] + [bad] + valid[pos + 1:]
+        return kind, valid[:pos] + [bad] + valid[pos + 1 :]
     n = draw(st.sampled_from([10_000, 100_000, 1_000_000]))
     if kind == "gigantic_dups":
         return kind, [i % num_blocks for i in range(n)]
@@ -597,11 +834,19 @@ def dst_blocks(draw, num_blocks: int = RANK_BLOCKS) -> tuple[str, list[int]]:
 
 def allocated_for(kind: str, blocks: list[int], random_value: int) -> int:
     good = len(blocks) * BLOCK
-    return {"consistent": good, "plus_one": good + 1, "minus_one": max(good - 1, 0), "zero": 0, "max": U64,
-            "random": random_value}[kind]
+    return {
+        "consistent": good,
+        "plus_one": good + 1,
+        "minus_one": max(good - 1, 0),
+        "zero": 0,
+        "max": U64,
+        "random": random_value,
+    }[kind]
 
 
-def allocation_problem(blocks: list[int], allocated: int, num_blocks: int = RANK_BLOCKS) -> tuple | None:
+def allocation_problem(
+    blocks: list[int], allocated: int, num_blocks: int = RANK_BLOCKS
+) -> tuple | None:
     """DESIGN §4 Init/Resume: allocated_tokens == len(blocks) * block_size, ids inside the pool, no
     repeats. With one fault the message must name it; with several, any one of them (the order
     the service checks them in is its own business)."""
@@ -626,24 +871,43 @@ def allocation_problem(blocks: list[int], allocated: int, num_blocks: int = RANK
         return None
     if len(faults) == 1:
         return (IA, *faults[0])
-    return (IA, AnyOf(["dst_blocks", "dst block", f"allocated_tokens={allocated}", *map(str, out[:3])]))
+    return (
+        IA,
+        AnyOf(["dst_blocks", "dst block", f"allocated_tokens={allocated}", *map(str, out[:3])]),
+    )
 
 
 @fuzz(120)
-@given(id_kind=st.sampled_from(["fresh"] * 6 + ["empty"]), prefix=strange,
-       lang_kind=st.sampled_from(["real"] * 6 + ["empty", "other"]), other=strange,
-       rank=st.one_of(st.just(0), st.just(0), uint32),
-       rank_count=st.one_of(st.sampled_from([0, 1, 1, 1, 2, U32]), uint32),
-       blocks=dst_blocks(), alloc_kind=st.sampled_from(ALLOC_KINDS), alloc_random=uint64)
-def test_fuzz_init(live, id_kind, prefix, lang_kind, other, rank, rank_count, blocks, alloc_kind, alloc_random):
+@given(
+    id_kind=st.sampled_from(["fresh"] * 6 + ["empty"]),
+    prefix=strange,
+    lang_kind=st.sampled_from(["real"] * 6 + ["empty", "other"]),
+    other=strange,
+    rank=st.one_of(st.just(0), st.just(0), uint32),
+    rank_count=st.one_of(st.sampled_from([0, 1, 1, 1, 2, U32]), uint32),
+    blocks=dst_blocks(),
+    alloc_kind=st.sampled_from(ALLOC_KINDS),
+    alloc_random=uint64,
+)
+def test_fuzz_init(
+    live, id_kind, prefix, lang_kind, other, rank, rank_count, blocks, alloc_kind, alloc_random
+):
     block_kind, block_list = blocks
     allocated = allocated_for(alloc_kind, block_list, alloc_random)
 
     async def case():
         request_id = "" if id_kind == "empty" else unique(prefix)
-        language_id = {"real": live.language_id, "empty": "", "other": "unregistered-" + other}[lang_kind]
-        req = encoder_pb2.InitRequest(request_id=request_id, language_id=language_id, rank=rank,
-                                      rank_count=rank_count, dst_blocks=block_list, allocated_tokens=allocated)
+        language_id = {"real": live.language_id, "empty": "", "other": "unregistered-" + other}[
+            lang_kind
+        ]
+        req = encoder_pb2.InitRequest(
+            request_id=request_id,
+            language_id=language_id,
+            rank=rank,
+            rank_count=rank_count,
+            dst_blocks=block_list,
+            allocated_tokens=allocated,
+        )
         if not request_id:
             expect = (IA, "request_id")
         elif rank_count < 1:
@@ -653,14 +917,20 @@ def test_fuzz_init(live, id_kind, prefix, lang_kind, other, rank, rank_count, bl
         elif lang_kind != "real" or rank != 0:
             expect = (FP, f"rank {rank}", "Register")
         else:
-            expect = allocation_problem(block_list, allocated) or _prefix_problem(live, request_id) or (OK,)
+            expect = (
+                allocation_problem(block_list, allocated)
+                or _prefix_problem(live, request_id)
+                or (OK,)
+            )
             if expect == "unknown":
                 return
         loop = asyncio.get_running_loop()
         started = loop.time()
         reply, e = await outcome(live.enc.Init(req))
-        note(f"Init[{block_kind}, {len(block_list)} ids, allocated {allocated}] -> {show(e)} "
-             f"in {loop.time() - started:.2f} s")
+        note(
+            f"Init[{block_kind}, {len(block_list)} ids, allocated {allocated}] -> {show(e)} "
+            f"in {loop.time() - started:.2f} s"
+        )
         check_expected(reply, e, expect, f"Init[{block_kind}/{alloc_kind}]")
         if expect[0] is OK:
             assert reply.state == (WAITING if rank_count == 1 else BOOTSTRAPPING), reply
@@ -670,6 +940,7 @@ def test_fuzz_init(live, id_kind, prefix, lang_kind, other, rank, rank_count, bl
         elif request_id:
             await absent(live.enc, request_id)
         await invariants(live)
+
     live.run(case())
 
 
@@ -682,8 +953,12 @@ async def _fake_peer(lv: Live, num_blocks: int) -> str:
     lay.num_blocks = num_blocks
     lay.base_address = real_end - num_blocks * lay.block_size * lay.record_bytes
     assert lay.base_address > 0
-    _, e = await _proven_register(lv, encoder_pb2.RegisterRequest(language_id=language_id, rank=0,
-                                                                  session=lv.rank.session, layout=lay))
+    _, e = await _proven_register(
+        lv,
+        encoder_pb2.RegisterRequest(
+            language_id=language_id, rank=0, session=lv.rank.session, layout=lay
+        ),
+    )
     assert e is None, show(e)
     return language_id
 
@@ -693,11 +968,18 @@ def test_gigantic_dst_blocks_with_a_late_duplicate_is_refused_quickly(live, n):
     """A peer with a big pool sends n distinct block ids and then a repeat of the first: the Init
     must be refused with INVALID_ARGUMENT at once, and the encoder must keep answering others
     (health) meanwhile: validation must not be quadratic in len(dst_blocks)."""
+
     async def case():
         language_id = await _fake_peer(live, 2**31)
         blocks = list(range(n)) + [0]
-        req = encoder_pb2.InitRequest(request_id=unique("gigantic"), language_id=language_id, rank=0, rank_count=1,
-                                      dst_blocks=blocks, allocated_tokens=len(blocks) * BLOCK)
+        req = encoder_pb2.InitRequest(
+            request_id=unique("gigantic"),
+            language_id=language_id,
+            rank=0,
+            rank_count=1,
+            dst_blocks=blocks,
+            allocated_tokens=len(blocks) * BLOCK,
+        )
         loop = asyncio.get_running_loop()
         started = loop.time()
         init = asyncio.ensure_future(outcome(live.enc.Init(req), timeout=120))
@@ -708,15 +990,18 @@ def test_gigantic_dst_blocks_with_a_late_duplicate_is_refused_quickly(live, n):
         reply, e = await init
         elapsed = loop.time() - started
         check_error(e, IA, ("more than once",), "Init with a late duplicate")
-        assert elapsed < 2.0 and probe_s < 1.0, \
-            f"Init of {n + 1} block ids took {elapsed:.1f} s and blocked the encoder " \
+        assert elapsed < 2.0 and probe_s < 1.0, (
+            f"Init of {n + 1} block ids took {elapsed:.1f} s and blocked the encoder "
             f"(a health check waited {probe_s:.1f} s)"
+        )
         await absent(live.enc, req.request_id)
         await invariants(live)
+
     live.run(case(), timeout=180)
 
 
 # ---------------------------------------------------------------------------- Encoder.Resume (on a held transfer)
+
 
 async def hold_round_1(lv: Live, n: int = 40, seed: int = 3):
     """Init with one block, a Status reader, Encode n tokens: the transfer waits for Resume after 16."""
@@ -735,9 +1020,18 @@ async def hold_round_1(lv: Live, n: int = 40, seed: int = 3):
 
 async def snapshot(stub, request_id: str) -> tuple:
     t = await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=request_id))
-    return (t.state, t.sent_tokens, t.total_tokens, t.rounds, t.allocated_tokens, t.bytes, t.peer,
-            t.error.reason, t.error.message,
-            tuple((r.rank, r.state, r.sent_tokens, r.allocated_tokens, r.session) for r in t.ranks))
+    return (
+        t.state,
+        t.sent_tokens,
+        t.total_tokens,
+        t.rounds,
+        t.allocated_tokens,
+        t.bytes,
+        t.peer,
+        t.error.reason,
+        t.error.message,
+        tuple((r.rank, r.state, r.sent_tokens, r.allocated_tokens, r.session) for r in t.ranks),
+    )
 
 
 async def pool_state(stub) -> tuple:
@@ -746,28 +1040,50 @@ async def pool_state(stub) -> tuple:
 
 
 @fuzz(80)
-@given(id_kind=st.sampled_from(["held"] * 6 + ["empty", "unknown"]), prefix=strange,
-       lang_kind=st.sampled_from(["real"] * 5 + ["empty", "other"]), other=strange,
-       rank=st.one_of(st.just(0), st.just(0), st.just(0), uint32),
-       sent=st.one_of(st.just(BLOCK), st.just(BLOCK), st.sampled_from([0, 1, BLOCK - 1, BLOCK + 1, 40, 41, U64]),
-                      uint64),
-       blocks=dst_blocks(), alloc_kind=st.sampled_from(ALLOC_KINDS), alloc_random=uint64)
-def test_fuzz_resume(live, id_kind, prefix, lang_kind, other, rank, sent, blocks, alloc_kind, alloc_random):
+@given(
+    id_kind=st.sampled_from(["held"] * 6 + ["empty", "unknown"]),
+    prefix=strange,
+    lang_kind=st.sampled_from(["real"] * 5 + ["empty", "other"]),
+    other=strange,
+    rank=st.one_of(st.just(0), st.just(0), st.just(0), uint32),
+    sent=st.one_of(
+        st.just(BLOCK),
+        st.just(BLOCK),
+        st.sampled_from([0, 1, BLOCK - 1, BLOCK + 1, 40, 41, U64]),
+        uint64,
+    ),
+    blocks=dst_blocks(),
+    alloc_kind=st.sampled_from(ALLOC_KINDS),
+    alloc_random=uint64,
+)
+def test_fuzz_resume(
+    live, id_kind, prefix, lang_kind, other, rank, sent, blocks, alloc_kind, alloc_random
+):
     block_kind, block_list = blocks
 
     async def case():
         request_id, first, call = await hold_round_1(live)
         held = list(first)
         new_blocks = list(block_list)
-        if block_kind == "valid":  # real free blocks of the test rank, so a taken Resume writes into them
+        if (
+            block_kind == "valid"
+        ):  # real free blocks of the test rank, so a taken Resume writes into them
             got = live.rank.alloc(len(new_blocks))
             held += got
             new_blocks = got
         allocated = allocated_for(alloc_kind, new_blocks, alloc_random)
         target = {"held": request_id, "empty": "", "unknown": unique(prefix)}[id_kind]
-        language_id = {"real": live.language_id, "empty": "", "other": "unregistered-" + other}[lang_kind]
-        req = encoder_pb2.ResumeRequest(request_id=target, language_id=language_id, rank=rank, sent_tokens=sent,
-                                        dst_blocks=new_blocks, allocated_tokens=allocated)
+        language_id = {"real": live.language_id, "empty": "", "other": "unregistered-" + other}[
+            lang_kind
+        ]
+        req = encoder_pb2.ResumeRequest(
+            request_id=target,
+            language_id=language_id,
+            rank=rank,
+            sent_tokens=sent,
+            dst_blocks=new_blocks,
+            allocated_tokens=allocated,
+        )
         if not target:
             expect = (IA, "request_id")
         elif id_kind == "unknown":
@@ -789,7 +1105,9 @@ def test_fuzz_resume(live, id_kind, prefix, lang_kind, other, rank, sent, blocks
         note(f"Resume[{id_kind}, sent={sent}, {block_kind}/{alloc_kind}] -> {show(e)}")
         try:
             if expect[0] == "duplicate":
-                assert e is None and reply.duplicate, f"an old Resume must be a no-op, got {show(e)} {reply}"
+                assert e is None and reply.duplicate, (
+                    f"an old Resume must be a no-op, got {show(e)} {reply}"
+                )
             elif expect[0] is OK:
                 assert e is None and not reply.duplicate, f"valid Resume failed: {show(e)}"
             else:
@@ -803,19 +1121,30 @@ def test_fuzz_resume(live, id_kind, prefix, lang_kind, other, rank, sent, blocks
             assert err is None, f"Status of the held transfer ended with {show(err)}"
             live.rank.free(held)
         await invariants(live)
+
     live.run(case())
 
 
 # ---------------------------------------------------------------------------- lookups on both services
 
+
 @fuzz(120)
-@given(service=st.sampled_from(["encoder", "language"]),
-       rpc=st.sampled_from(["GetTransfer", "Cancel", "Status", "Resume", "ListTransfers", "GetPool", "GetDiagnostics"]),
-       id_kind=st.sampled_from(["unknown"] * 4 + ["empty"]), prefix=strange, reason=strange, rank=uint32,
-       states=st.lists(st.one_of(st.integers(0, 5), int32), max_size=6), limit=uint32)
+@given(
+    service=st.sampled_from(["encoder", "language"]),
+    rpc=st.sampled_from(
+        ["GetTransfer", "Cancel", "Status", "Resume", "ListTransfers", "GetPool", "GetDiagnostics"]
+    ),
+    id_kind=st.sampled_from(["unknown"] * 4 + ["empty"]),
+    prefix=strange,
+    reason=strange,
+    rank=uint32,
+    states=st.lists(st.one_of(st.integers(0, 5), int32), max_size=6),
+    limit=uint32,
+)
 def test_fuzz_lookups(live, service, rpc, id_kind, prefix, reason, rank, states, limit):
     """GetTransfer, Cancel, Status, Resume, ListTransfers, GetPool with ids nobody used, empty ids,
     unknown enum values and huge limits."""
+
     async def case():
         stub = live.enc if service == "encoder" else live.lang
         request_id = "" if id_kind == "empty" else unique(prefix)
@@ -824,22 +1153,39 @@ def test_fuzz_lookups(live, service, rpc, id_kind, prefix, reason, rank, states,
         if rpc in ("Status", "Resume") and service == "language":
             return  # the Language service has no such RPC
         if rpc == "GetTransfer":
-            reply, e = await outcome(stub.GetTransfer(common_pb2.GetTransferRequest(request_id=request_id)))
+            reply, e = await outcome(
+                stub.GetTransfer(common_pb2.GetTransferRequest(request_id=request_id))
+            )
             check_expected(reply, e, missing, what)
         elif rpc == "Cancel":
-            reply, e = await outcome(stub.Cancel(common_pb2.CancelRequest(request_id=request_id, reason=reason)))
+            reply, e = await outcome(
+                stub.Cancel(common_pb2.CancelRequest(request_id=request_id, reason=reason))
+            )
             check_expected(reply, e, missing, what)
         elif rpc == "Status":
-            seen, e = await drain_status(stub.Status(encoder_pb2.StatusRequest(request_id=request_id, rank=rank)))
+            seen, e = await drain_status(
+                stub.Status(encoder_pb2.StatusRequest(request_id=request_id, rank=rank))
+            )
             assert not seen
             check_expected(None, e, missing, what)
         elif rpc == "Resume":
-            reply, e = await outcome(stub.Resume(encoder_pb2.ResumeRequest(
-                request_id=request_id, language_id=live.language_id, rank=rank, sent_tokens=rank,
-                dst_blocks=[rank], allocated_tokens=BLOCK)))
+            reply, e = await outcome(
+                stub.Resume(
+                    encoder_pb2.ResumeRequest(
+                        request_id=request_id,
+                        language_id=live.language_id,
+                        rank=rank,
+                        sent_tokens=rank,
+                        dst_blocks=[rank],
+                        allocated_tokens=BLOCK,
+                    )
+                )
+            )
             check_expected(reply, e, missing, what)
         elif rpc == "ListTransfers":
-            reply, e = await outcome(stub.ListTransfers(common_pb2.ListTransfersRequest(states=states, limit=limit)))
+            reply, e = await outcome(
+                stub.ListTransfers(common_pb2.ListTransfersRequest(states=states, limit=limit))
+            )
             unknown = next((s for s in states if not 0 <= s <= 5), None)
             if unknown is not None:
                 check_error(e, IA, ("states", str(unknown)), what)
@@ -859,6 +1205,7 @@ def test_fuzz_lookups(live, service, rpc, id_kind, prefix, reason, rank, states,
             assert reply.layout.block_size == BLOCK and reply.used_blocks == 0
         note(f"{what} -> {show(e)}")
         await invariants(live)
+
     live.run(case())
 
 
@@ -866,28 +1213,52 @@ def test_fuzz_lookups(live, service, rpc, id_kind, prefix, reason, rank, states,
 
 OPS = st.one_of(
     st.tuples(st.just("init"), st.sampled_from([1, 1, 1, 2]), st.integers(1, 4)),
-    st.tuples(st.just("encode"), st.sampled_from([1, 15, 16, 17, 40, 100, 0, MAX_TOKENS + 1]), uint32),
-    st.tuples(st.just("resume"), st.sampled_from(["current", "current", "ahead", "zero", "huge"]), st.integers(0, 4)),
+    st.tuples(
+        st.just("encode"), st.sampled_from([1, 15, 16, 17, 40, 100, 0, MAX_TOKENS + 1]), uint32
+    ),
+    st.tuples(
+        st.just("resume"),
+        st.sampled_from(["current", "current", "ahead", "zero", "huge"]),
+        st.integers(0, 4),
+    ),
     st.tuples(st.just("cancel"), strange),
     st.tuples(st.just("status"), st.sampled_from([99, 99, U32, 0])),
     st.tuples(st.just("get"), st.just(0)),
     st.tuples(st.just("list"), st.just(0)),
     st.tuples(st.just("sleep"), st.sampled_from([0.0, 0.01, 0.05])),
 )
-SEQ_CODES = {"init": {IA, FP, AE}, "encode": {IA, FP, AE}, "resume": {IA, FP, NF}, "cancel": {NF},
-             "status": {NF}, "get": {NF}, "list": set()}
+SEQ_CODES = {
+    "init": {IA, FP, AE},
+    "encode": {IA, FP, AE},
+    "resume": {IA, FP, NF},
+    "cancel": {NF},
+    "status": {NF},
+    "get": {NF},
+    "list": set(),
+}
 
 
 @fuzz(120)
 @given(ops=st.lists(OPS, min_size=1, max_size=8))
-@example(ops=[("resume", "current", 1), ("init", 1, 1), ("encode", 40, 1)])          # Resume before Init
-@example(ops=[("init", 1, 1), ("cancel", "x"), ("init", 1, 1), ("encode", 40, 1)])   # Init after Cancel
+@example(ops=[("resume", "current", 1), ("init", 1, 1), ("encode", 40, 1)])  # Resume before Init
+@example(
+    ops=[("init", 1, 1), ("cancel", "x"), ("init", 1, 1), ("encode", 40, 1)]
+)  # Init after Cancel
 @example(ops=[("encode", 40, 1), ("cancel", "integrity: fuzz"), ("encode", 40, 1), ("init", 1, 2)])
-@example(ops=[("status", 99), ("init", 2, 1), ("status", 0), ("encode", 100, 3), ("resume", "current", 2)])
+@example(
+    ops=[
+        ("status", 99),
+        ("init", 2, 1),
+        ("status", 0),
+        ("encode", 100, 3),
+        ("resume", "current", 2),
+    ]
+)
 def test_fuzz_out_of_order(live, ops):
     """Any order of Init, Encode, Resume, Cancel, Status, GetTransfer on one request id: every
     answer is success or a domain code with a message, the request's Status stream ends once it
     is cancelled, and everything is free afterwards."""
+
     async def case():
         request_id = unique("seq")
         held: list[int] = []
@@ -898,7 +1269,9 @@ def test_fuzz_out_of_order(live, ops):
                 e = None
                 if op == "init":
                     blocks = rank.alloc(b)
-                    _, e = await outcome(live.enc.Init(rank.init_request(request_id, blocks, rank_count=a)))
+                    _, e = await outcome(
+                        live.enc.Init(rank.init_request(request_id, blocks, rank_count=a))
+                    )
                     if e is None:
                         held += blocks
                     else:
@@ -906,11 +1279,15 @@ def test_fuzz_out_of_order(live, ops):
                 elif op == "encode":
                     _, e = await outcome(live.enc.Encode(rank.encode_request(request_id, a, b)))
                 elif op == "resume":
-                    info, _ = await outcome(live.enc.GetTransfer(common_pb2.GetTransferRequest(request_id=request_id)))
+                    info, _ = await outcome(
+                        live.enc.GetTransfer(common_pb2.GetTransferRequest(request_id=request_id))
+                    )
                     current = info.sent_tokens if info is not None else 0
                     sent = {"current": current, "ahead": current + 1, "zero": 0, "huge": U64}[a]
                     blocks = rank.alloc(b) if b else []
-                    reply, e = await outcome(live.enc.Resume(rank.resume_request(request_id, sent, blocks)))
+                    reply, e = await outcome(
+                        live.enc.Resume(rank.resume_request(request_id, sent, blocks))
+                    )
                     if e is None and not reply.duplicate:
                         held += blocks
                     else:
@@ -918,10 +1295,17 @@ def test_fuzz_out_of_order(live, ops):
                 elif op == "cancel":
                     _, e = await outcome(live.enc.Cancel(rank.cancel_request(request_id, a)))
                 elif op == "status":
-                    _, e = await first_status(live.enc.Status(encoder_pb2.StatusRequest(
-                        request_id=request_id, rank=a, language_id=rank.language_id)))
+                    _, e = await first_status(
+                        live.enc.Status(
+                            encoder_pb2.StatusRequest(
+                                request_id=request_id, rank=a, language_id=rank.language_id
+                            )
+                        )
+                    )
                 elif op == "get":
-                    _, e = await outcome(live.enc.GetTransfer(common_pb2.GetTransferRequest(request_id=request_id)))
+                    _, e = await outcome(
+                        live.enc.GetTransfer(common_pb2.GetTransferRequest(request_id=request_id))
+                    )
                 elif op == "list":
                     _, e = await outcome(live.enc.ListTransfers(common_pb2.ListTransfersRequest()))
                 else:
@@ -932,24 +1316,48 @@ def test_fuzz_out_of_order(live, ops):
         finally:
             _, e = await outcome(live.enc.Cancel(rank.cancel_request(request_id, "done")))
             if e is None:
-                seen, err = await drain_status(live.enc.Status(encoder_pb2.StatusRequest(
-                    request_id=request_id, rank=99, language_id=rank.language_id)))
-                assert err is None and seen and seen[-1].state in TERMINAL, \
+                seen, err = await drain_status(
+                    live.enc.Status(
+                        encoder_pb2.StatusRequest(
+                            request_id=request_id, rank=99, language_id=rank.language_id
+                        )
+                    )
+                )
+                assert err is None and seen and seen[-1].state in TERMINAL, (
                     f"Status after Cancel: {[s.state for s in seen]} {show(err)}"
+                )
             else:
                 check_error(e, NF, (), "final Cancel")
             rank.free(held)
         await invariants(live)
+
     live.run(case())
 
 
 # ---------------------------------------------------------------------------- Language.Generate
 
-STRANGER_REASONS = ["", "fuzz", "integrity: stranger", "timeout: stranger", "transport: x", "peer_lost: x",
-                    "resource_exhausted: x", "invalid: x", "unspecified: x", "INTEGRITY", "cancelled"]
-LABEL_CODES = {"TIMEOUT": C.DEADLINE_EXCEEDED, "CANCELLED": CANCELLED, "TRANSPORT": C.UNAVAILABLE,
-               "INTEGRITY": C.DATA_LOSS, "RESOURCE_EXHAUSTED": C.RESOURCE_EXHAUSTED, "PEER_LOST": C.UNAVAILABLE,
-               "INVALID": IA}
+STRANGER_REASONS = [
+    "",
+    "fuzz",
+    "integrity: stranger",
+    "timeout: stranger",
+    "transport: x",
+    "peer_lost: x",
+    "resource_exhausted: x",
+    "invalid: x",
+    "unspecified: x",
+    "INTEGRITY",
+    "cancelled",
+]
+LABEL_CODES = {
+    "TIMEOUT": C.DEADLINE_EXCEEDED,
+    "CANCELLED": CANCELLED,
+    "TRANSPORT": C.UNAVAILABLE,
+    "INTEGRITY": C.DATA_LOSS,
+    "RESOURCE_EXHAUSTED": C.RESOURCE_EXHAUSTED,
+    "PEER_LOST": C.UNAVAILABLE,
+    "INVALID": IA,
+}
 
 
 async def until_known(stub, request_id: str, gen: asyncio.Future, timeout: float = 5.0) -> None:
@@ -969,37 +1377,96 @@ def reason_code(reason: str) -> grpc.StatusCode:
     return LABEL_CODES.get(reason.split(":", 1)[0].strip().upper(), CANCELLED)
 
 
-
 @fuzz(100)
-@given(id_kind=st.sampled_from(["fresh"] * 6 + ["empty", "too_long", "exactly_128"]), prefix=st.text(utf8, max_size=16),
-       content=st.sampled_from(["synthetic"] * 3 + ["text", "images", "nothing", "images+synthetic"]),
-       synthetic_tokens=synthetic, seed=uint32, text=texts, imgs=images, expected_tokens=uint64,
-       want_digest=st.booleans(), mode=st.sampled_from(["once"] * 4 + ["cancel", "twice", "deadline", "enc_cancel"]),
-       delay=st.floats(0, 0.05), stranger_reason=st.one_of(st.sampled_from(STRANGER_REASONS), strange),
-       busy_tokens=st.integers(1, MAX_TOKENS))
-@example(id_kind="fresh", prefix="", content="synthetic", synthetic_tokens=MAX_TOKENS, seed=U32, text="", imgs=[],
-         expected_tokens=U64, want_digest=True, mode="once", delay=0.0, stranger_reason="",
-         busy_tokens=1)
-@example(id_kind="fresh", prefix="", content="synthetic", synthetic_tokens=3000, seed=1, text="", imgs=[],
-         expected_tokens=0, want_digest=True, mode="twice", delay=0.0, stranger_reason="",
-         busy_tokens=1)
-def test_fuzz_generate(live, id_kind, prefix, content, synthetic_tokens, seed, text, imgs, expected_tokens,
-                       want_digest, mode, delay, stranger_reason, busy_tokens):
+@given(
+    id_kind=st.sampled_from(["fresh"] * 6 + ["empty", "too_long", "exactly_128"]),
+    prefix=st.text(utf8, max_size=16),
+    content=st.sampled_from(["synthetic"] * 3 + ["text", "images", "nothing", "images+synthetic"]),
+    synthetic_tokens=synthetic,
+    seed=uint32,
+    text=texts,
+    imgs=images,
+    expected_tokens=uint64,
+    want_digest=st.booleans(),
+    mode=st.sampled_from(["once"] * 4 + ["cancel", "twice", "deadline", "enc_cancel"]),
+    delay=st.floats(0, 0.05),
+    stranger_reason=st.one_of(st.sampled_from(STRANGER_REASONS), strange),
+    busy_tokens=st.integers(1, MAX_TOKENS),
+)
+@example(
+    id_kind="fresh",
+    prefix="",
+    content="synthetic",
+    synthetic_tokens=MAX_TOKENS,
+    seed=U32,
+    text="",
+    imgs=[],
+    expected_tokens=U64,
+    want_digest=True,
+    mode="once",
+    delay=0.0,
+    stranger_reason="",
+    busy_tokens=1,
+)
+@example(
+    id_kind="fresh",
+    prefix="",
+    content="synthetic",
+    synthetic_tokens=3000,
+    seed=1,
+    text="",
+    imgs=[],
+    expected_tokens=0,
+    want_digest=True,
+    mode="twice",
+    delay=0.0,
+    stranger_reason="",
+    busy_tokens=1,
+)
+def test_fuzz_generate(
+    live,
+    id_kind,
+    prefix,
+    content,
+    synthetic_tokens,
+    seed,
+    text,
+    imgs,
+    expected_tokens,
+    want_digest,
+    mode,
+    delay,
+    stranger_reason,
+    busy_tokens,
+):
     """Generate with any inputs; sometimes cancelled while it runs (by its client, or by a stranger
     calling the encoder's Cancel with any reason), sometimes with a tiny client deadline, sometimes
     sent twice at once with the same request id (one runs, the other is refused: the id is in use)."""
-    if mode in ("cancel", "enc_cancel", "deadline"):  # something worth interrupting: a valid, often multi-round request
+    if mode in (
+        "cancel",
+        "enc_cancel",
+        "deadline",
+    ):  # something worth interrupting: a valid, often multi-round request
         content, synthetic_tokens = "synthetic", busy_tokens
 
     async def case():
         uid = uuid.uuid4().hex[:10]
-        request_id = {"fresh": f"{prefix}-{uid}", "empty": "", "too_long": f"{prefix}{'x' * 129}{uid}",
-                      "exactly_128": uid + "é" * ((128 - len(uid)) // 2)}[id_kind]
+        request_id = {
+            "fresh": f"{prefix}-{uid}",
+            "empty": "",
+            "too_long": f"{prefix}{'x' * 129}{uid}",
+            "exactly_128": uid + "é" * ((128 - len(uid)) // 2),
+        }[id_kind]
         n = synthetic_tokens if "synthetic" in content else 0
         req = language_pb2.GenerateRequest(
-            request_id=request_id, synthetic_tokens=n, synthetic_seed=seed, expected_tokens=expected_tokens,
-            want_digest=want_digest, text=text if content == "text" else "",
-            images=imgs if "images" in content else [])
+            request_id=request_id,
+            synthetic_tokens=n,
+            synthetic_seed=seed,
+            expected_tokens=expected_tokens,
+            want_digest=want_digest,
+            text=text if content == "text" else "",
+            images=imgs if "images" in content else [],
+        )
         if len(request_id.encode()) > 128:
             expect, total = (IA, "request_id", "128"), 0
         else:
@@ -1015,7 +1482,9 @@ def test_fuzz_generate(live, id_kind, prefix, content, synthetic_tokens, seed, t
             assert reply.rounds == 1 if total <= INITIAL_TOKENS else reply.rounds >= 2, reply
             if want_digest:
                 if n:
-                    assert reply.payload_sha256 == expected_digest(total, seed, HIDDEN), "wrong payload digest"
+                    assert reply.payload_sha256 == expected_digest(total, seed, HIDDEN), (
+                        "wrong payload digest"
+                    )
                 else:
                     assert len(reply.payload_sha256) == 64
 
@@ -1027,7 +1496,9 @@ def test_fuzz_generate(live, id_kind, prefix, content, synthetic_tokens, seed, t
             first = await gen
             note(f"Generate x2 [{content}, {total} tokens] -> {show(first[1])}, {show(second[1])}")
             e = second[1]
-            if not request_id or expect[0] is not OK:  # independent requests, or refused before the id matters
+            if (
+                not request_id or expect[0] is not OK
+            ):  # independent requests, or refused before the id matters
                 for k, (reply, e) in enumerate((first, second)):
                     if e is not None and e.code() == AE and request_id:
                         check_error(e, AE, (), f"Generate #{k + 1}")
@@ -1035,14 +1506,20 @@ def test_fuzz_generate(live, id_kind, prefix, content, synthetic_tokens, seed, t
                         check_one(reply, e, f"Generate #{k + 1}")
             else:
                 ran = [o for o in (first, second) if o[1] is None]
-                assert ran, f"neither Generate of {request_id!r} ran: {show(first[1])}, {show(second[1])}"
+                assert ran, (
+                    f"neither Generate of {request_id!r} ran: {show(first[1])}, {show(second[1])}"
+                )
                 check_one(*ran[0], "Generate")
                 for reply, e in (first, second):
-                    if e is not None:  # the one that came while the id was in use (or after it ended)
+                    if (
+                        e is not None
+                    ):  # the one that came while the id was in use (or after it ended)
                         check_error(e, {AE, FP}, (), "the second Generate of one request id")
         elif mode == "deadline":
             reply, e = await outcome(live.lang.Generate(req, timeout=delay * 4 + 0.001), timeout=30)
-            note(f"Generate[{content}, {total} tokens] with a {delay * 4 + 0.001:.3f} s deadline -> {show(e)}")
+            note(
+                f"Generate[{content}, {total} tokens] with a {delay * 4 + 0.001:.3f} s deadline -> {show(e)}"
+            )
             if e is not None and e.code() in (C.DEADLINE_EXCEEDED, CANCELLED):
                 pass  # the client's deadline passed: the services must still clean up (invariants below)
             else:
@@ -1051,10 +1528,17 @@ def test_fuzz_generate(live, id_kind, prefix, content, synthetic_tokens, seed, t
             await until_known(live.enc, request_id, gen)
             await asyncio.sleep(delay / 5)
             # As the language instance itself (only the owner may Cancel on the encoder, issue 9).
-            _, cancel_e = await outcome(live.enc.Cancel(common_pb2.CancelRequest(
-                request_id=request_id, reason=stranger_reason, language_id=LANGUAGE_ID)))
+            _, cancel_e = await outcome(
+                live.enc.Cancel(
+                    common_pb2.CancelRequest(
+                        request_id=request_id, reason=stranger_reason, language_id=LANGUAGE_ID
+                    )
+                )
+            )
             reply, e = await gen
-            note(f"Generate -> {show(e)}; encoder Cancel({stranger_reason[:40]!r}) -> {show(cancel_e)}")
+            note(
+                f"Generate -> {show(e)}; encoder Cancel({stranger_reason[:40]!r}) -> {show(cancel_e)}"
+            )
             if cancel_e is not None:
                 check_error(cancel_e, NF, (), "encoder Cancel of a request it has not seen yet")
             if e is None:
@@ -1063,13 +1547,16 @@ def test_fuzz_generate(live, id_kind, prefix, content, synthetic_tokens, seed, t
                 # The language reports the reason the encoder failed the request with (§4 Cancel
                 # carries a failure label), or refuses a request whose id the encoder already ended.
                 allowed = {reason_code(stranger_reason), FP, IA, AE, CANCELLED}
-                assert e.code() in allowed, f"Generate cancelled on the encoder: {show(e)}, expected one of {allowed}"
+                assert e.code() in allowed, (
+                    f"Generate cancelled on the encoder: {show(e)}, expected one of {allowed}"
+                )
                 assert (e.details() or "").strip(), "error without a message"
         elif mode == "cancel" and request_id and expect[0] != IA:
             await until_known(live.lang, request_id, gen)
             await asyncio.sleep(delay / 5)
-            _, cancel_e = await outcome(live.lang.Cancel(common_pb2.CancelRequest(request_id=request_id,
-                                                                                   reason="fuzz")))
+            _, cancel_e = await outcome(
+                live.lang.Cancel(common_pb2.CancelRequest(request_id=request_id, reason="fuzz"))
+            )
             reply, e = await gen
             note(f"Generate[{content}, {total} tokens] -> {show(e)}; Cancel -> {show(cancel_e)}")
             if cancel_e is not None:
@@ -1084,10 +1571,12 @@ def test_fuzz_generate(live, id_kind, prefix, content, synthetic_tokens, seed, t
             check_one(reply, e, f"Generate[{content}]")
         event(f"mode={mode}: {'OK' if e is None else e.code().name}")
         await invariants(live)
+
     live.run(case())
 
 
 # ---------------------------------------------------------------------------- the wire: unusual encodings
+
 
 def _varint(n: int) -> bytes:
     n &= U64
@@ -1133,7 +1622,7 @@ def _decoy(fd, rnd: random.Random):
     if t == FD.TYPE_DOUBLE:
         return rnd.random()
     if t in (FD.TYPE_INT64, FD.TYPE_INT32, FD.TYPE_ENUM):
-        return rnd.randint(-2**31, 2**31 - 1)
+        return rnd.randint(-(2**31), 2**31 - 1)
     return rnd.randint(0, U32 if t == FD.TYPE_UINT32 else U64)
 
 
@@ -1179,7 +1668,10 @@ def scramble(msg, rnd: random.Random) -> bytes:
             queues.append(chunks)
     known = {fd.number for fd in msg.DESCRIPTOR.fields}
     for _ in range(rnd.randint(0, 4)):
-        number = rnd.choice([n for n in (rnd.randint(1, 40), rnd.randint(1000, 2**29 - 1)) if n not in known] or [999])
+        number = rnd.choice(
+            [n for n in (rnd.randint(1, 40), rnd.randint(1000, 2**29 - 1)) if n not in known]
+            or [999]
+        )
         wt = rnd.choice([0, 1, 2, 5])
         body = {0: _varint(rnd.randint(0, U64)), 1: rnd.randbytes(8), 5: rnd.randbytes(4)}.get(wt)
         if body is None:
@@ -1201,27 +1693,78 @@ def wire_cases(draw):
     rid = draw(st.sampled_from(["", "fz-wire-unknown-" + draw(st.text(utf8, max_size=8))]))
     reason = draw(strange)
     states = draw(st.lists(st.one_of(st.integers(0, 5), int32), max_size=5))
-    kind = draw(st.sampled_from(["enc.Encode", "enc.Register", "enc.Init", "enc.Resume", "enc.Status",
-                                 "enc.GetTransfer", "enc.ListTransfers", "enc.Cancel", "enc.GetPool",
-                                 "enc.GetDiagnostics", "lang.Generate", "lang.GetTransfer", "lang.ListTransfers",
-                                 "lang.Cancel", "lang.GetPool", "lang.GetDiagnostics"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "enc.Encode",
+                "enc.Register",
+                "enc.Init",
+                "enc.Resume",
+                "enc.Status",
+                "enc.GetTransfer",
+                "enc.ListTransfers",
+                "enc.Cancel",
+                "enc.GetPool",
+                "enc.GetDiagnostics",
+                "lang.Generate",
+                "lang.GetTransfer",
+                "lang.ListTransfers",
+                "lang.Cancel",
+                "lang.GetPool",
+                "lang.GetDiagnostics",
+            ]
+        )
+    )
     n = draw(uint32)
     if kind == "enc.Encode":
-        msg = encoder_pb2.EncodeRequest(request_id=rid, synthetic_tokens=draw(st.integers(MAX_TOKENS + 1, U32)),
-                                        synthetic_seed=n, rank_count=n, language_id=reason, text=reason)
+        msg = encoder_pb2.EncodeRequest(
+            request_id=rid,
+            synthetic_tokens=draw(st.integers(MAX_TOKENS + 1, U32)),
+            synthetic_seed=n,
+            rank_count=n,
+            language_id=reason,
+            text=reason,
+        )
     elif kind == "enc.Register":
-        lay = common_pb2.PoolLayout(block_size=draw(st.sampled_from([0, 3, 16])), num_blocks=n, base_address=n,
-                                    record_bytes=n, fields=[common_pb2.FieldLayout(
-                                        name=reason, dtype="bfloat16", per_token_shape=[HIDDEN, -1],
-                                        bytes_per_token=n, offset=n)])
-        msg = encoder_pb2.RegisterRequest(language_id=draw(st.sampled_from(["", "fzreg-wire"])), rank=n,
-                                          session=reason, layout=lay)
+        lay = common_pb2.PoolLayout(
+            block_size=draw(st.sampled_from([0, 3, 16])),
+            num_blocks=n,
+            base_address=n,
+            record_bytes=n,
+            fields=[
+                common_pb2.FieldLayout(
+                    name=reason,
+                    dtype="bfloat16",
+                    per_token_shape=[HIDDEN, -1],
+                    bytes_per_token=n,
+                    offset=n,
+                )
+            ],
+        )
+        msg = encoder_pb2.RegisterRequest(
+            language_id=draw(st.sampled_from(["", "fzreg-wire"])),
+            rank=n,
+            session=reason,
+            layout=lay,
+        )
     elif kind == "enc.Init":
-        msg = encoder_pb2.InitRequest(request_id=rid or "x", language_id="unregistered-wire", rank=n, rank_count=n,
-                                      dst_blocks=draw(st.lists(uint32, max_size=20)), allocated_tokens=n)
+        msg = encoder_pb2.InitRequest(
+            request_id=rid or "x",
+            language_id="unregistered-wire",
+            rank=n,
+            rank_count=n,
+            dst_blocks=draw(st.lists(uint32, max_size=20)),
+            allocated_tokens=n,
+        )
     elif kind == "enc.Resume":
-        msg = encoder_pb2.ResumeRequest(request_id=rid, language_id=reason, rank=n, sent_tokens=n,
-                                        dst_blocks=draw(st.lists(uint32, max_size=20)), allocated_tokens=n)
+        msg = encoder_pb2.ResumeRequest(
+            request_id=rid,
+            language_id=reason,
+            rank=n,
+            sent_tokens=n,
+            dst_blocks=draw(st.lists(uint32, max_size=20)),
+            allocated_tokens=n,
+        )
     elif kind == "enc.Status":
         msg = encoder_pb2.StatusRequest(request_id=rid, rank=n)
     elif kind.endswith("GetTransfer"):
@@ -1236,9 +1779,13 @@ def wire_cases(draw):
         msg = common_pb2.GetDiagnosticsRequest()
     else:  # lang.Generate, refused before anything starts
         too_long = draw(st.booleans())
-        msg = language_pb2.GenerateRequest(request_id=("y" * 129) if too_long else "fz-wire-generate",
-                                           synthetic_tokens=n if too_long else 0, synthetic_seed=n,
-                                           expected_tokens=n, want_digest=draw(st.booleans()))
+        msg = language_pb2.GenerateRequest(
+            request_id=("y" * 129) if too_long else "fz-wire-generate",
+            synthetic_tokens=n if too_long else 0,
+            synthetic_seed=n,
+            expected_tokens=n,
+            want_digest=draw(st.booleans()),
+        )
     service, method = kind.split(".")
     path = f"/epd.v1.{'Encoder' if service == 'enc' else 'Language'}/{method}"
     return service, path, msg, method == "Status"
@@ -1269,18 +1816,24 @@ def test_fuzz_wire_encoding(live, case, seed):
     assert parsed == msg, "the test's encoder is wrong"
 
     async def case_():
-        code_a, details_a, reply_a = await raw_call(live, service, path, msg.SerializeToString(), stream)
+        code_a, details_a, reply_a = await raw_call(
+            live, service, path, msg.SerializeToString(), stream
+        )
         code_b, details_b, reply_b = await raw_call(live, service, path, body, stream)
-        note(f"{path}: canonical -> {code_a.name} {details_a[:200]!r}; scrambled -> {code_b.name} {details_b[:200]!r}")
+        note(
+            f"{path}: canonical -> {code_a.name} {details_a[:200]!r}; scrambled -> {code_b.name} {details_b[:200]!r}"
+        )
         for code, details in ((code_a, details_a), (code_b, details_b)):
             assert code not in NEVER, f"{path}: {code.name}: {details!r}"
             if code != C.OK:
                 assert details.strip(), f"{path}: {code.name} with an empty message"
-        assert code_b == code_a and details_b == details_a, \
+        assert code_b == code_a and details_b == details_a, (
             f"{path}: the scrambled encoding was answered differently: {code_b.name} vs {code_a.name}"
+        )
         if path.endswith("GetPool"):
             assert reply_a == reply_b
         await invariants(live)
+
     live.run(case_())
 
 
@@ -1293,21 +1846,31 @@ UNDECODABLE = {
     "end-group-without-start": b"\x0c",
     "length-2GB": b"\x0a\xff\xff\xff\xff\x07",
 }
-METHODS = [("enc", "Encode", encoder_pb2.EncodeRequest), ("enc", "Register", encoder_pb2.RegisterRequest),
-           ("enc", "Init", encoder_pb2.InitRequest), ("enc", "Resume", encoder_pb2.ResumeRequest),
-           ("enc", "Status", encoder_pb2.StatusRequest), ("enc", "GetTransfer", common_pb2.GetTransferRequest),
-           ("enc", "ListTransfers", common_pb2.ListTransfersRequest), ("enc", "Cancel", common_pb2.CancelRequest),
-           ("enc", "GetPool", common_pb2.GetPoolRequest), ("enc", "GetDiagnostics", common_pb2.GetDiagnosticsRequest),
-           ("lang", "Generate", language_pb2.GenerateRequest),
-           ("lang", "GetTransfer", common_pb2.GetTransferRequest),
-           ("lang", "ListTransfers", common_pb2.ListTransfersRequest), ("lang", "Cancel", common_pb2.CancelRequest),
-           ("lang", "GetPool", common_pb2.GetPoolRequest), ("lang", "GetDiagnostics", common_pb2.GetDiagnosticsRequest)]
+METHODS = [
+    ("enc", "Encode", encoder_pb2.EncodeRequest),
+    ("enc", "Register", encoder_pb2.RegisterRequest),
+    ("enc", "Init", encoder_pb2.InitRequest),
+    ("enc", "Resume", encoder_pb2.ResumeRequest),
+    ("enc", "Status", encoder_pb2.StatusRequest),
+    ("enc", "GetTransfer", common_pb2.GetTransferRequest),
+    ("enc", "ListTransfers", common_pb2.ListTransfersRequest),
+    ("enc", "Cancel", common_pb2.CancelRequest),
+    ("enc", "GetPool", common_pb2.GetPoolRequest),
+    ("enc", "GetDiagnostics", common_pb2.GetDiagnosticsRequest),
+    ("lang", "Generate", language_pb2.GenerateRequest),
+    ("lang", "GetTransfer", common_pb2.GetTransferRequest),
+    ("lang", "ListTransfers", common_pb2.ListTransfersRequest),
+    ("lang", "Cancel", common_pb2.CancelRequest),
+    ("lang", "GetPool", common_pb2.GetPoolRequest),
+    ("lang", "GetDiagnostics", common_pb2.GetDiagnosticsRequest),
+]
 
 
 def test_undecodable_request_bodies_are_invalid_argument(live):
     """A request body that is not a valid protobuf of the method's type is bad input like any
     other: INVALID_ARGUMENT with a message, for every RPC of both services, not UNKNOWN (what
     grpc answers when the generated deserializer raises before any service code runs)."""
+
     async def case():
         wrong = []
         for service, method, cls in METHODS:
@@ -1316,13 +1879,17 @@ def test_undecodable_request_bodies_are_invalid_argument(live):
                 try:
                     cls.FromString(body)
                     continue  # this body happens to be valid for this type (e.g. an unknown field)
-                except Exception:
+                except Exception:  # noqa: BLE001 - invalid for this type, as intended
                     pass
                 code, details, _ = await raw_call(live, service, path, body, method == "Status")
                 if code != IA or not details.strip():
                     wrong.append(f"{path} [{name}]: {code.name} {details[:110]!r}")
         await invariants(live)
-        assert not wrong, f"{len(wrong)} undecodable bodies answered without INVALID_ARGUMENT:\n  " + "\n  ".join(wrong)
+        assert not wrong, (
+            f"{len(wrong)} undecodable bodies answered without INVALID_ARGUMENT:\n  "
+            + "\n  ".join(wrong)
+        )
+
     live.run(case())
 
 
@@ -1341,25 +1908,83 @@ def test_very_long_strings_get_their_domain_code(live):
     async def case():
         lid = live.language_id
         cases = [
-            ("enc.GetTransfer", live.enc.GetTransfer(common_pb2.GetTransferRequest(request_id=long_id)), {NF, IA}),
+            (
+                "enc.GetTransfer",
+                live.enc.GetTransfer(common_pb2.GetTransferRequest(request_id=long_id)),
+                {NF, IA},
+            ),
             ("enc.Cancel", live.enc.Cancel(common_pb2.CancelRequest(request_id=long_id)), {NF, IA}),
-            ("enc.Resume", live.enc.Resume(encoder_pb2.ResumeRequest(request_id=long_id, language_id=lid,
-                                                                     dst_blocks=[0], allocated_tokens=BLOCK)),
-             {NF, IA}),
+            (
+                "enc.Resume",
+                live.enc.Resume(
+                    encoder_pb2.ResumeRequest(
+                        request_id=long_id, language_id=lid, dst_blocks=[0], allocated_tokens=BLOCK
+                    )
+                ),
+                {NF, IA},
+            ),
             ("enc.Encode", live.enc.Encode(encoder_pb2.EncodeRequest(request_id=long_id)), {IA}),
-            ("enc.Init", live.enc.Init(encoder_pb2.InitRequest(request_id="x", language_id=long_id, rank_count=1,
-                                                               dst_blocks=[0], allocated_tokens=BLOCK)), {FP, IA}),
-            ("enc.Register.session", live.enc.Register(encoder_pb2.RegisterRequest(
-                language_id="fzreg-long", session=long_id, layout=live.rank.layout())), {IA}),
-            ("enc.Register.language_id", live.enc.Register(encoder_pb2.RegisterRequest(
-                language_id=long_id, session="127.0.0.1:9", layout=live.rank.layout(hidden=HIDDEN * 2))), {FP, IA}),
-            ("enc.Encode.mime_type", live.enc.Encode(encoder_pb2.EncodeRequest(
-                request_id=unique("mime"), text="t",
-                images=[common_pb2.Image(data=MAGIC["image/png"], mime_type=long_id)])), {IA}),
-            ("lang.GetTransfer", live.lang.GetTransfer(common_pb2.GetTransferRequest(request_id=long_id)), {NF, IA}),
-            ("lang.Cancel", live.lang.Cancel(common_pb2.CancelRequest(request_id=long_id)), {NF, IA}),
-            ("lang.Generate", live.lang.Generate(language_pb2.GenerateRequest(request_id=long_id, synthetic_tokens=1)),
-             {IA}),
+            (
+                "enc.Init",
+                live.enc.Init(
+                    encoder_pb2.InitRequest(
+                        request_id="x",
+                        language_id=long_id,
+                        rank_count=1,
+                        dst_blocks=[0],
+                        allocated_tokens=BLOCK,
+                    )
+                ),
+                {FP, IA},
+            ),
+            (
+                "enc.Register.session",
+                live.enc.Register(
+                    encoder_pb2.RegisterRequest(
+                        language_id="fzreg-long", session=long_id, layout=live.rank.layout()
+                    )
+                ),
+                {IA},
+            ),
+            (
+                "enc.Register.language_id",
+                live.enc.Register(
+                    encoder_pb2.RegisterRequest(
+                        language_id=long_id,
+                        session="127.0.0.1:9",
+                        layout=live.rank.layout(hidden=HIDDEN * 2),
+                    )
+                ),
+                {FP, IA},
+            ),
+            (
+                "enc.Encode.mime_type",
+                live.enc.Encode(
+                    encoder_pb2.EncodeRequest(
+                        request_id=unique("mime"),
+                        text="t",
+                        images=[common_pb2.Image(data=MAGIC["image/png"], mime_type=long_id)],
+                    )
+                ),
+                {IA},
+            ),
+            (
+                "lang.GetTransfer",
+                live.lang.GetTransfer(common_pb2.GetTransferRequest(request_id=long_id)),
+                {NF, IA},
+            ),
+            (
+                "lang.Cancel",
+                live.lang.Cancel(common_pb2.CancelRequest(request_id=long_id)),
+                {NF, IA},
+            ),
+            (
+                "lang.Generate",
+                live.lang.Generate(
+                    language_pb2.GenerateRequest(request_id=long_id, synthetic_tokens=1)
+                ),
+                {IA},
+            ),
         ]
         wrong = []
         for name, call, codes in cases:
@@ -1371,26 +1996,37 @@ def test_very_long_strings_get_their_domain_code(live):
             wrong.append(f"enc.Status: {show(e)[:160]}")
         await invariants(live)
         assert not wrong, "answered without the domain code:\n  " + "\n  ".join(wrong)
+
     live.run(case())
 
 
 # ---------------------------------------------------------------------------- after everything
 
+
 def test_zz_nothing_accumulated_after_the_fuzzing(live):
     """Runs last (file order): after every example above, both processes still answer, no
     transfer or Status stream is left, and the number of asyncio tasks is back to where it was
     when the module started (no task outlives its request, DESIGN §8)."""
+
     async def case():
         await invariants(live)
         deadline = asyncio.get_running_loop().time() + 10
         while True:
             enc, lang = await diagnostics(live)
             base_enc, base_lang = live.baseline
-            ok = enc.asyncio_tasks <= base_enc.asyncio_tasks + 4 and lang.asyncio_tasks <= base_lang.asyncio_tasks + 4
+            ok = (
+                enc.asyncio_tasks <= base_enc.asyncio_tasks + 4
+                and lang.asyncio_tasks <= base_lang.asyncio_tasks + 4
+            )
             if ok or asyncio.get_running_loop().time() > deadline:
                 break
             await asyncio.sleep(0.2)
-        assert ok, (f"asyncio tasks: encoder {base_enc.asyncio_tasks} -> {enc.asyncio_tasks}, "
-                    f"language {base_lang.asyncio_tasks} -> {lang.asyncio_tasks}")
-        assert enc.history_transfers <= 256 and lang.history_transfers <= 256  # the default --history-size
+        assert ok, (
+            f"asyncio tasks: encoder {base_enc.asyncio_tasks} -> {enc.asyncio_tasks}, "
+            f"language {base_lang.asyncio_tasks} -> {lang.asyncio_tasks}"
+        )
+        assert (
+            enc.history_transfers <= 256 and lang.history_transfers <= 256
+        )  # the default --history-size
+
     live.run(case())

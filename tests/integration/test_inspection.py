@@ -26,13 +26,20 @@ import pytest
 
 from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2, language_pb2_grpc
 from services import cli
-from tests.conftest import ROOT, Pair, ServiceProcess, assert_all_free, language_stub, wait_for_rounds
+from tests.conftest import (
+    ROOT,
+    Pair,
+    ServiceProcess,
+    assert_all_free,
+    language_stub,
+    wait_for_rounds,
+)
 
 GRPCURL = shutil.which("grpcurl") or str(pathlib.Path(sys.executable).parent / "grpcurl")
-DELAY_S = 6.0          # every Mooncake write of the module's encoder takes this long
+DELAY_S = 6.0  # every Mooncake write of the module's encoder takes this long
 HIDDEN = 128
-INITIAL = 1024         # tokens of the language's initial allocation
-TOKENS = 3000          # two rounds: 1024, then 1976 into a 2048-token resume allocation
+INITIAL = 1024  # tokens of the language's initial allocation
+TOKENS = 3000  # two rounds: 1024, then 1976 into a 2048-token resume allocation
 TRANSFERRING = "TRANSFER_STATE_TRANSFERRING"
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,8 +47,12 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def pair():
-    p = Pair(hidden=HIDDEN, language_blocks=64, initial_tokens=INITIAL,
-             encoder_args=("--transport-fault", f"delay_s={DELAY_S}"))
+    p = Pair(
+        hidden=HIDDEN,
+        language_blocks=64,
+        initial_tokens=INITIAL,
+        encoder_args=("--transport-fault", f"delay_s={DELAY_S}"),
+    )
     yield p
     p.stop()
 
@@ -58,11 +69,15 @@ class Ran:
 
 async def run(*argv: str, timeout: float = 30.0) -> Ran:
     proc = await asyncio.create_subprocess_exec(
-        *argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        *argv,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         raise AssertionError(f"{argv} did not finish within {timeout} s") from None
@@ -81,7 +96,9 @@ async def grpcurl(*args: str) -> str:
 
 async def grpcurl_call(address: str, method: str, body: dict | None = None) -> dict:
     """One unary call through reflection, every field printed (defaults too)."""
-    return json.loads(await grpcurl("-emit-defaults", "-d", json.dumps(body or {}), address, method))
+    return json.loads(
+        await grpcurl("-emit-defaults", "-d", json.dumps(body or {}), address, method)
+    )
 
 
 def free_port() -> int:
@@ -114,24 +131,32 @@ async def info_of(stub, request_id: str) -> common_pb2.TransferInfo:
 
 async def wait_held(pair: Pair, request_id: str, timeout: float = 30.0) -> None:
     """Until round 1 is in and both ranks' resume allocations are in place (round 2 in flight)."""
-    async with grpc.aio.insecure_channel(pair.language.address) as lch, \
-            grpc.aio.insecure_channel(pair.encoder.address) as ech:
+    async with (
+        grpc.aio.insecure_channel(pair.language.address) as lch,
+        grpc.aio.insecure_channel(pair.encoder.address) as ech,
+    ):
         lang, enc = language_pb2_grpc.LanguageStub(lch), encoder_pb2_grpc.EncoderStub(ech)
         await wait_for_rounds(lang, request_id, 1, timeout)
 
         async def held() -> None:
             while True:
                 infos = [await info_of(lang, request_id), await info_of(enc, request_id)]
-                if all(i.state == common_pb2.TRANSFER_STATE_TRANSFERRING and i.allocated_tokens for i in infos):
+                if all(
+                    i.state == common_pb2.TRANSFER_STATE_TRANSFERRING and i.allocated_tokens
+                    for i in infos
+                ):
                     return
                 await asyncio.sleep(0.01)
+
         await asyncio.wait_for(held(), timeout)
 
 
 # ---------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("bad", ["nohost", "50051", "host:", "host:port", "host:0", "host:70000", "::1:50051", "a b:1"])
+@pytest.mark.parametrize(
+    "bad", ["nohost", "50051", "host:", "host:port", "host:0", "host:70000", "::1:50051", "a b:1"]
+)
 def test_malformed_address_is_a_usage_error_in_process(bad, capsys):
     for command in ("status", "health"):
         with pytest.raises(SystemExit) as e:
@@ -142,39 +167,62 @@ def test_malformed_address_is_a_usage_error_in_process(bad, capsys):
 
 async def test_malformed_arguments_exit_2():
     status, health, state = await asyncio.gather(
-        epd("status", "nohost"), epd("health", "127.0.0.1:99999"), epd("status", "127.0.0.1:1", "--state", "NOPE"))
+        epd("status", "nohost"),
+        epd("health", "127.0.0.1:99999"),
+        epd("status", "127.0.0.1:1", "--state", "NOPE"),
+    )
     assert status.returncode == 2 and "'nohost' is not host:port" in status.stderr, status
     assert health.returncode == 2 and "'127.0.0.1:99999'" in health.stderr, health
-    assert state.returncode == 2 and "'NOPE'" in state.stderr and "TRANSFERRING" in state.stderr, state
+    assert state.returncode == 2 and "'NOPE'" in state.stderr and "TRANSFERRING" in state.stderr, (
+        state
+    )
 
 
 async def test_unreachable_address_exits_1_naming_it():
     address = f"127.0.0.1:{free_port()}"
     commands = (("status", address), ("status", address, "some-id"), ("health", address))
-    for args, ran in zip(commands, await asyncio.gather(*(epd(*args, "--timeout", "3") for args in commands))):
+    for args, ran in zip(
+        commands, await asyncio.gather(*(epd(*args, "--timeout", "3") for args in commands))
+    ):
         assert ran.returncode == 1, (args, ran)
         assert f"cannot reach {address}" in ran.stderr, ran.stderr
         assert ran.stdout == ""
 
 
 async def test_reflection_and_health_through_grpcurl(pair):
-    for address, service in ((pair.language.address, "epd.v1.Language"), (pair.encoder.address, "epd.v1.Encoder")):
+    for address, service in (
+        (pair.language.address, "epd.v1.Language"),
+        (pair.encoder.address, "epd.v1.Encoder"),
+    ):
         assert {service, "grpc.health.v1.Health"} <= set((await grpcurl(address, "list")).split())
         described = await grpcurl(address, "describe", service)
         for method in ("GetTransfer", "ListTransfers", "Cancel", "GetPool"):
             assert f"rpc {method}" in described, described
         assert (await grpcurl_call(address, "grpc.health.v1.Health/Check"))["status"] == "SERVING"
     info = await grpcurl(pair.encoder.address, "describe", "epd.v1.TransferInfo")
-    for field in ("rounds", "allocated_tokens", "ranks", "error", "age_seconds", "transfer_seconds",
-                  "bootstrap_seconds"):
+    for field in (
+        "rounds",
+        "allocated_tokens",
+        "ranks",
+        "error",
+        "age_seconds",
+        "transfer_seconds",
+        "bootstrap_seconds",
+    ):
         assert field in info, info
 
 
 async def test_health_command_exits_0_when_serving(pair):
-    checks = [(pair.language.address,), (pair.encoder.address,), (pair.language.address, "--service", "epd.v1.Language"),
-              (pair.encoder.address, "--service", "epd.v1.Encoder")]
-    *serving, unknown = await asyncio.gather(*(epd("health", *args) for args in checks),
-                                             epd("health", pair.encoder.address, "--service", "epd.v1.Nope"))
+    checks = [
+        (pair.language.address,),
+        (pair.encoder.address,),
+        (pair.language.address, "--service", "epd.v1.Language"),
+        (pair.encoder.address, "--service", "epd.v1.Encoder"),
+    ]
+    *serving, unknown = await asyncio.gather(
+        *(epd("health", *args) for args in checks),
+        epd("health", pair.encoder.address, "--service", "epd.v1.Nope"),
+    )
     for args, ran in zip(checks, serving):
         assert (ran.returncode, ran.stdout.strip()) == (0, "SERVING"), (args, ran)
     assert unknown.returncode == 1 and "'epd.v1.Nope'" in unknown.stderr, unknown
@@ -194,18 +242,35 @@ async def test_transfer_held_mid_round_is_visible_then_cancelled(pair, unique_id
     lang, enc = pair.language.address, pair.encoder.address
     stub = language_stub(lang)
     rid = unique_id("held")
-    call = asyncio.ensure_future(stub.Generate(language_pb2.GenerateRequest(
-        request_id=rid, synthetic_tokens=TOKENS, synthetic_seed=5)))
+    call = asyncio.ensure_future(
+        stub.Generate(
+            language_pb2.GenerateRequest(request_id=rid, synthetic_tokens=TOKENS, synthetic_seed=5)
+        )
+    )
     try:
         await wait_held(pair, rid)
         # Round 2's write is in flight for DELAY_S: look at it from everywhere at once.
-        (l_list, e_list, l_one, e_one, l_status, e_status, l_detail, e_detail, l_filtered) = await asyncio.gather(
+        (
+            l_list,
+            e_list,
+            l_one,
+            e_one,
+            l_status,
+            e_status,
+            l_detail,
+            e_detail,
+            l_filtered,
+        ) = await asyncio.gather(
             grpcurl_call(lang, "epd.v1.Language/ListTransfers", {"states": [TRANSFERRING]}),
             grpcurl_call(enc, "epd.v1.Encoder/ListTransfers", {}),
             grpcurl_call(lang, "epd.v1.Language/GetTransfer", {"request_id": rid}),
             grpcurl_call(enc, "epd.v1.Encoder/GetTransfer", {"request_id": rid}),
-            epd("status", lang), epd("status", enc), epd("status", lang, rid), epd("status", enc, rid),
-            epd("status", lang, "--state", "TRANSFERRING", "--json"))
+            epd("status", lang),
+            epd("status", enc),
+            epd("status", lang, rid),
+            epd("status", enc, rid),
+            epd("status", lang, "--state", "TRANSFERRING", "--json"),
+        )
         assert not call.done()
 
         # grpcurl: ListTransfers and GetTransfer on both services.
@@ -215,10 +280,18 @@ async def test_transfer_held_mid_round_is_visible_then_cancelled(pair, unique_id
             assert info["state"] == TRANSFERRING and info["rounds"] >= 1, info
             assert int(info["sent_tokens"]) == INITIAL < int(info["total_tokens"]) == TOKENS, info
             assert int(info["allocated_tokens"]) >= TOKENS - INITIAL, info
-            assert info["age_seconds"] > 0 and info["bootstrap_seconds"] > 0 and info["transfer_seconds"] == 0, info
+            assert (
+                info["age_seconds"] > 0
+                and info["bootstrap_seconds"] > 0
+                and info["transfer_seconds"] == 0
+            ), info
             assert info["peer"] and info["error"] is None, info
             [view] = info["ranks"]
-            assert view["rank"] == 0 and view["state"] == TRANSFERRING and int(view["sent_tokens"]) == INITIAL, view
+            assert (
+                view["rank"] == 0
+                and view["state"] == TRANSFERRING
+                and int(view["sent_tokens"]) == INITIAL
+            ), view
             assert int(view["allocated_tokens"]) == int(info["allocated_tokens"]), view
             assert bool(view["session"]) == session_wanted, view
 
@@ -227,7 +300,12 @@ async def test_transfer_held_mid_round_is_visible_then_cancelled(pair, unique_id
             assert ran.returncode == 0, ran
             assert ran.stdout.startswith(f"{service} at "), ran.stdout
             row = table_row(ran.stdout, rid)
-            assert row[1:5] == ["TRANSFERRING", "1", f"{INITIAL}/{TOKENS}", str(int(l_one["allocated_tokens"]))], row
+            assert row[1:5] == [
+                "TRANSFERRING",
+                "1",
+                f"{INITIAL}/{TOKENS}",
+                str(int(l_one["allocated_tokens"])),
+            ], row
             assert "\npool: " in ran.stdout and " waiting " in ran.stdout, ran.stdout
         assert "FAULT_HELD" in l_status.stdout  # the language lists every rank's pool
 
@@ -246,11 +324,15 @@ async def test_transfer_held_mid_round_is_visible_then_cancelled(pair, unique_id
         filtered = json.loads(l_filtered.stdout)
         assert filtered["service"] == "epd.v1.Language" and filtered["address"] == lang, filtered
         [held] = filtered["transfers"]
-        assert held["request_id"] == rid and held["state"] == TRANSFERRING and held["rounds"] == 1, held
+        assert (
+            held["request_id"] == rid and held["state"] == TRANSFERRING and held["rounds"] == 1
+        ), held
         assert held["ranks"][0]["state"] == TRANSFERRING, held
         assert filtered["pool"]["used_blocks"] > 0, filtered["pool"]
 
-        cancel = await stub.Cancel(common_pb2.CancelRequest(request_id=rid, reason="inspection test is done"))
+        cancel = await stub.Cancel(
+            common_pb2.CancelRequest(request_id=rid, reason="inspection test is done")
+        )
         assert cancel.cancelled
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await asyncio.wait_for(call, 30)
@@ -264,14 +346,21 @@ async def test_transfer_held_mid_round_is_visible_then_cancelled(pair, unique_id
     # the rounds it sent; the language's record of a request cancelled by the client keeps only
     # state and error today, so its progress columns are not checked here.)
     l_status, e_status, e_detail, e_json, l_live, l_failed = await asyncio.gather(
-        epd("status", lang), epd("status", enc), epd("status", enc, rid), epd("status", enc, rid, "--json"),
-        epd("status", lang, "--state", "TRANSFERRING"), epd("status", lang, "--state", "FAILED", "--limit", "1", "--json"))
+        epd("status", lang),
+        epd("status", enc),
+        epd("status", enc, rid),
+        epd("status", enc, rid, "--json"),
+        epd("status", lang, "--state", "TRANSFERRING"),
+        epd("status", lang, "--state", "FAILED", "--limit", "1", "--json"),
+    )
     row = table_row(l_status.stdout, rid)
     assert row[1] == "FAILED" and "cancelled:" in row, row
     row = table_row(e_status.stdout, rid)
     assert row[1] == "FAILED" and int(row[2]) >= 1 and "cancelled:" in row, row
     d = detail(e_detail.stdout)
-    assert d["state"] == "FAILED" and d["error"].startswith("cancelled: ") and int(d["rounds"]) >= 1, d
+    assert (
+        d["state"] == "FAILED" and d["error"].startswith("cancelled: ") and int(d["rounds"]) >= 1
+    ), d
     assert float(d["transfer"].split()[0]) > 0, d
     parsed = json.loads(e_json.stdout)
     assert parsed["service"] == "epd.v1.Encoder" and parsed["transfer"]["request_id"] == rid, parsed
@@ -279,21 +368,38 @@ async def test_transfer_held_mid_round_is_visible_then_cancelled(pair, unique_id
     assert parsed["transfer"]["ranks"][0]["session"], parsed
     assert rid not in l_live.stdout and "0 transfer(s)" in l_live.stdout, l_live.stdout
     [failed] = json.loads(l_failed.stdout)["transfers"]
-    assert failed["request_id"] == rid and failed["error"]["reason"] == "FAILURE_REASON_CANCELLED", failed
+    assert (
+        failed["request_id"] == rid and failed["error"]["reason"] == "FAILURE_REASON_CANCELLED"
+    ), failed
     await assert_all_free((enc, "encoder"), (lang, "language"))
 
 
 async def test_health_not_serving_while_draining_after_sigterm(pair, unique_id):
     """SIGTERM with a transfer in flight: the language drains (NOT_SERVING, exit 1 from `epd
     health`) while `epd status` still answers; the transfer completes, the process exits 0."""
-    language = ServiceProcess("language", "--hidden", str(HIDDEN), "--block-size", "128", "--pool-blocks", "16",
-                              "--encoder", pair.encoder.address, "--initial-tokens", str(INITIAL),
-                              "--shutdown-grace-s", "60")
+    language = ServiceProcess(
+        "language",
+        "--hidden",
+        str(HIDDEN),
+        "--block-size",
+        "128",
+        "--pool-blocks",
+        "16",
+        "--encoder",
+        pair.encoder.address,
+        "--initial-tokens",
+        str(INITIAL),
+        "--shutdown-grace-s",
+        "60",
+    )
     try:
         stub = language_stub(language.address)
         rid = unique_id("drain")
-        call = asyncio.ensure_future(stub.Generate(language_pb2.GenerateRequest(
-            request_id=rid, synthetic_tokens=500, synthetic_seed=6)))
+        call = asyncio.ensure_future(
+            stub.Generate(
+                language_pb2.GenerateRequest(request_id=rid, synthetic_tokens=500, synthetic_seed=6)
+            )
+        )
         await wait_for_rounds(stub, rid, 0)  # admitted: its one write takes DELAY_S
         language.proc.send_signal(signal.SIGTERM)
         for _ in range(50):
@@ -318,10 +424,21 @@ def test_state_names_and_shortened_errors_in_process():
 
     for text in ("TRANSFERRING", "transferring", "TRANSFER_STATE_TRANSFERRING"):
         assert inspect_cli.parse_state(text) == common_pb2.TRANSFER_STATE_TRANSFERRING
-    info = common_pb2.TransferInfo(request_id="r", state=common_pb2.TRANSFER_STATE_FAILED, rounds=3,
-                                   error=common_pb2.TransferError(reason=common_pb2.FAILURE_REASON_PEER_LOST,
-                                                                  message="x" * 500 + "\nsecond line"))
+    info = common_pb2.TransferInfo(
+        request_id="r",
+        state=common_pb2.TRANSFER_STATE_FAILED,
+        rounds=3,
+        error=common_pb2.TransferError(
+            reason=common_pb2.FAILURE_REASON_PEER_LOST, message="x" * 500 + "\nsecond line"
+        ),
+    )
     row = inspect_cli.transfer_row(info)
     assert row[:3] == ["r", "FAILED", "3"]
-    assert row[-1].startswith("peer_lost: xxx") and row[-1].endswith("...") and len(row[-1]) == inspect_cli.ERROR_WIDTH
-    assert inspect_cli.error_text(info).endswith("x second line")  # the detail view keeps all of it, on one line
+    assert (
+        row[-1].startswith("peer_lost: xxx")
+        and row[-1].endswith("...")
+        and len(row[-1]) == inspect_cli.ERROR_WIDTH
+    )
+    assert inspect_cli.error_text(info).endswith(
+        "x second line"
+    )  # the detail view keeps all of it, on one line

@@ -15,7 +15,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2
 from services.reference_payload import expected_digest
-from tests.conftest import Pair, ServiceProcess, assert_all_free, generate_then_kill, language_stub, wait_for_rounds
+from tests.conftest import (
+    Pair,
+    ServiceProcess,
+    assert_all_free,
+    generate_then_kill,
+    language_stub,
+    wait_for_rounds,
+)
 from tests.integration.rank_harness import TestRank
 
 FAILED = common_pb2.TRANSFER_STATE_FAILED
@@ -23,8 +30,21 @@ FAILED = common_pb2.TRANSFER_STATE_FAILED
 
 @pytest.fixture(scope="module")
 def encoder():
-    enc = ServiceProcess("encoder", "--hidden", "256", "--block-size", "16", "--pool-blocks", "256",
-                         "--bootstrap-timeout-s", "1", "--resume-timeout-s", "1", "--alloc-timeout-s", "1")
+    enc = ServiceProcess(
+        "encoder",
+        "--hidden",
+        "256",
+        "--block-size",
+        "16",
+        "--pool-blocks",
+        "256",
+        "--bootstrap-timeout-s",
+        "1",
+        "--resume-timeout-s",
+        "1",
+        "--alloc-timeout-s",
+        "1",
+    )
     yield enc
     enc.stop()
 
@@ -35,6 +55,7 @@ async def statuses_until_end(stub, rank: TestRank, request_id: str, timeout: flo
     async def read():
         async for st in stub.Status(rank.status_request(request_id)):
             out.append(st)
+
     await asyncio.wait_for(read(), timeout)
     return out
 
@@ -93,7 +114,10 @@ async def test_resume_timeout(encoder, unique_id):
         sts = await statuses_until_end(stub, rank, rid)
         states = [s.state for s in sts]
         assert common_pb2.TRANSFER_STATE_TRANSFERRING in states and states[-1] == FAILED
-        assert sts[-1].error.reason == common_pb2.FAILURE_REASON_TIMEOUT and "resume_timeout_s" in sts[-1].error.message
+        assert (
+            sts[-1].error.reason == common_pb2.FAILURE_REASON_TIMEOUT
+            and "resume_timeout_s" in sts[-1].error.message
+        )
         assert sts[-1].sent_tokens == 16
         rank.free(blocks)
     await assert_all_free((encoder.address, "encoder"))
@@ -101,8 +125,19 @@ async def test_resume_timeout(encoder, unique_id):
 
 
 async def test_encoder_source_pool_full_is_resource_exhausted(unique_id):
-    enc = ServiceProcess("encoder", "--hidden", "256", "--block-size", "16", "--pool-blocks", "256",
-                         "--bootstrap-timeout-s", "4", "--alloc-timeout-s", "0.5")
+    enc = ServiceProcess(
+        "encoder",
+        "--hidden",
+        "256",
+        "--block-size",
+        "16",
+        "--pool-blocks",
+        "256",
+        "--bootstrap-timeout-s",
+        "4",
+        "--alloc-timeout-s",
+        "0.5",
+    )
     rank = TestRank()
     try:
         async with grpc.aio.insecure_channel(enc.address) as ch:
@@ -114,7 +149,10 @@ async def test_encoder_source_pool_full_is_resource_exhausted(unique_id):
             used = (await stub.GetPool(common_pb2.GetPoolRequest())).used_blocks
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await stub.Encode(rank.encode_request(second, 100 * 16))
-            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "timed out" in e.value.details()
+            assert (
+                e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                and "timed out" in e.value.details()
+            )
             assert (await stub.GetPool(common_pb2.GetPoolRequest())).used_blocks == used
             await stub.Cancel(rank.cancel_request(first, "test over"))
         await assert_all_free((enc.address, "encoder"))
@@ -134,7 +172,9 @@ async def test_reregistered_rank_fails_transfers_to_its_old_session(encoder, uni
         blocks = old.alloc(1)
         await stub.Init(old.init_request(rid, blocks))
         await stub.Encode(old.encode_request(rid, 100))
-        while (await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))).sent_tokens < 16:
+        while (
+            await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
+        ).sent_tokens < 16:
             await asyncio.sleep(0.01)
         new = TestRank(language_id=old.language_id)  # same identity, new pool
         await new.register(stub)
@@ -159,8 +199,21 @@ async def test_encoder_killed_mid_transfer_then_restarted(unique_id):
     port = free_port("127.0.0.1")
     args = ("--hidden", "256", "--pool-blocks", "2048", "--port", str(port))
     enc = ServiceProcess("encoder", *args)
-    lang = ServiceProcess("language", "--hidden", "256", "--pool-blocks", "16", "--encoder", enc.address,
-                          "--initial-tokens", "512", "--fault", "status_lag_s=0.05", "--quarantine-grace-s", "3")
+    lang = ServiceProcess(
+        "language",
+        "--hidden",
+        "256",
+        "--pool-blocks",
+        "16",
+        "--encoder",
+        enc.address,
+        "--initial-tokens",
+        "512",
+        "--fault",
+        "status_lag_s=0.05",
+        "--quarantine-grace-s",
+        "3",
+    )
     try:
         stub = language_stub(lang.address)
         rid = unique_id()
@@ -172,10 +225,13 @@ async def test_encoder_killed_mid_transfer_then_restarted(unique_id):
         assert pool.used_blocks == 0 and pool.free_blocks + pool.quarantined_blocks == 16, pool
         print(f"{pool.quarantined_blocks} blocks quarantined after the kill")
         enc = ServiceProcess("encoder", *args)  # restarted on the same address
-        reply = await stub.Generate(language_pb2.GenerateRequest(synthetic_tokens=3000, synthetic_seed=9,
-                                                                 want_digest=True))
+        reply = await stub.Generate(
+            language_pb2.GenerateRequest(synthetic_tokens=3000, synthetic_seed=9, want_digest=True)
+        )
         assert reply.payload_sha256 == expected_digest(3000, 9, 256)
-        deadline = time.monotonic() + 30  # the refused Cancel counts as an answer: the 3 s grace ends it
+        deadline = (
+            time.monotonic() + 30
+        )  # the refused Cancel counts as an answer: the 3 s grace ends it
         while (pool := await stub.GetPool(common_pb2.GetPoolRequest())).quarantined_blocks:
             assert time.monotonic() < deadline, f"still quarantined: {pool}"
             await asyncio.sleep(0.1)
@@ -186,7 +242,12 @@ async def test_encoder_killed_mid_transfer_then_restarted(unique_id):
 
 
 async def test_language_killed_mid_transfer_frees_the_encoder(unique_id):
-    pair = Pair(hidden=256, language_blocks=16, initial_tokens=512, language_args=("--fault", "status_lag_s=0.05"))
+    pair = Pair(
+        hidden=256,
+        language_blocks=16,
+        initial_tokens=512,
+        language_args=("--fault", "status_lag_s=0.05"),
+    )
     try:
         stub = language_stub(pair.language.address)
         rid = unique_id()
@@ -195,8 +256,10 @@ async def test_language_killed_mid_transfer_frees_the_encoder(unique_id):
             enc = encoder_pb2_grpc.EncoderStub(ch)
             info = await enc.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
             # Whichever the encoder notices first: the broken Status stream or the failed write.
-            assert info.state == FAILED and info.error.reason in (common_pb2.FAILURE_REASON_PEER_LOST,
-                                                                  common_pb2.FAILURE_REASON_TRANSPORT)
+            assert info.state == FAILED and info.error.reason in (
+                common_pb2.FAILURE_REASON_PEER_LOST,
+                common_pb2.FAILURE_REASON_TRANSPORT,
+            )
         await assert_all_free((pair.encoder.address, "encoder"))
     finally:
         pair.stop()
@@ -205,22 +268,38 @@ async def test_language_killed_mid_transfer_frees_the_encoder(unique_id):
 async def test_sigterm_drains_in_flight_then_exits_zero(unique_id):
     """SIGTERM: health NOT_SERVING, new requests UNAVAILABLE, the in-flight request still
     completes within the grace period, exit code 0 (memory unregistered on the way out)."""
-    pair = Pair(hidden=256, language_blocks=16, initial_tokens=512,
-                language_args=("--fault", "status_lag_s=0.05", "--shutdown-grace-s", "20"))
+    pair = Pair(
+        hidden=256,
+        language_blocks=16,
+        initial_tokens=512,
+        language_args=("--fault", "status_lag_s=0.05", "--shutdown-grace-s", "20"),
+    )
     try:
         stub = language_stub(pair.language.address)
         rid = unique_id()
-        call = asyncio.ensure_future(stub.Generate(language_pb2.GenerateRequest(
-            request_id=rid, synthetic_tokens=20000, synthetic_seed=4, want_digest=True)))
+        call = asyncio.ensure_future(
+            stub.Generate(
+                language_pb2.GenerateRequest(
+                    request_id=rid, synthetic_tokens=20000, synthetic_seed=4, want_digest=True
+                )
+            )
+        )
         await wait_for_rounds(stub, rid, 1)
         pair.language.proc.send_signal(signal.SIGTERM)
         async with grpc.aio.insecure_channel(pair.language.address) as ch:
             health = health_pb2_grpc.HealthStub(ch)
-            while (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.SERVING:
+            while (
+                await health.Check(health_pb2.HealthCheckRequest())
+            ).status == health_pb2.HealthCheckResponse.SERVING:
                 await asyncio.sleep(0.01)
             with pytest.raises(grpc.aio.AioRpcError) as e:
-                await language_pb2_grpc_stub(ch).Generate(language_pb2.GenerateRequest(synthetic_tokens=5))
-            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in e.value.details()
+                await language_pb2_grpc_stub(ch).Generate(
+                    language_pb2.GenerateRequest(synthetic_tokens=5)
+                )
+            assert (
+                e.value.code() == grpc.StatusCode.UNAVAILABLE
+                and "shutting down" in e.value.details()
+            )
         reply = await call
         assert reply.payload_sha256 == expected_digest(20000, 4, 256)
         assert await asyncio.to_thread(pair.language.proc.wait, 30) == 0
@@ -234,4 +313,3 @@ def language_pb2_grpc_stub(channel):
     from common.pb.epd.v1 import language_pb2_grpc
 
     return language_pb2_grpc.LanguageStub(channel)
-

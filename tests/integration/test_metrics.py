@@ -46,17 +46,26 @@ class PrometheusServer:
     def __init__(self, targets: dict[str, list[str]]):
         self.dir = tempfile.TemporaryDirectory(prefix="epd-prom-")
         self.port = free_port("127.0.0.1")
-        config = {"global": {"scrape_interval": "1s", "scrape_timeout": "900ms"},
-                  "scrape_configs": [{"job_name": job, "static_configs": [{"targets": t}]}
-                                     for job, t in targets.items()]}
+        config = {
+            "global": {"scrape_interval": "1s", "scrape_timeout": "900ms"},
+            "scrape_configs": [
+                {"job_name": job, "static_configs": [{"targets": t}]} for job, t in targets.items()
+            ],
+        }
         path = f"{self.dir.name}/prometheus.yml"
         with open(path, "w") as f:
             json.dump(config, f)  # JSON is YAML
         self.log = open(f"{self.dir.name}/prometheus.log", "wb")
         self.proc = subprocess.Popen(
-            [shutil.which("prometheus") or "/usr/bin/prometheus", f"--config.file={path}",
-             f"--storage.tsdb.path={self.dir.name}/data", f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                shutil.which("prometheus") or "/usr/bin/prometheus",
+                f"--config.file={path}",
+                f"--storage.tsdb.path={self.dir.name}/data",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -65,11 +74,15 @@ class PrometheusServer:
             except OSError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"prometheus did not start: {open(self.log.name).read()[-2000:]}")
+                raise RuntimeError(
+                    f"prometheus did not start: {open(self.log.name).read()[-2000:]}"
+                )
             time.sleep(0.2)
 
     def query(self, expr: str) -> list[dict]:
-        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode(
+            {"query": expr}
+        )
         body = json.loads(_http_get(url))
         assert body["status"] == "success", body
         return body["data"]["result"]
@@ -92,12 +105,18 @@ class PrometheusServer:
         self.dir.cleanup()
 
 
-async def eventually(prom: PrometheusServer, expectations: dict[str, float], timeout: float = 20.0) -> None:
+async def eventually(
+    prom: PrometheusServer, expectations: dict[str, float], timeout: float = 20.0
+) -> None:
     """Every expression reaches its exact value (scrapes happen every second)."""
     deadline = time.monotonic() + timeout
     while True:
         got = {expr: await asyncio.to_thread(prom.value, expr) for expr in expectations}
-        wrong = {e: (got[e], want) for e, want in expectations.items() if got[e] is None or abs(got[e] - want) > 1e-6}
+        wrong = {
+            e: (got[e], want)
+            for e, want in expectations.items()
+            if got[e] is None or abs(got[e] - want) > 1e-6
+        }
         if not wrong:
             return
         if time.monotonic() > deadline:
@@ -108,13 +127,24 @@ async def eventually(prom: PrometheusServer, expectations: dict[str, float], tim
 @pytest.fixture(scope="module")
 def stack():
     enc_port, lang_port = free_port("127.0.0.1"), free_port("127.0.0.1")
-    pair = Pair(hidden=HIDDEN, language_blocks=8, initial_tokens=1024,
-                encoder_args=["--metrics-port", str(enc_port), "--transport-fault", f"fail_nth={FAIL_NTH}"],
-                language_args=["--metrics-port", str(lang_port), "--tp", "2"])
+    pair = Pair(
+        hidden=HIDDEN,
+        language_blocks=8,
+        initial_tokens=1024,
+        encoder_args=["--metrics-port", str(enc_port), "--transport-fault", f"fail_nth={FAIL_NTH}"],
+        language_args=["--metrics-port", str(lang_port), "--tp", "2"],
+    )
     try:
-        assert pair.encoder.info["metrics_port"] == enc_port and pair.language.info["metrics_port"] == lang_port
-        prom = PrometheusServer({"epd-encoder": [f"127.0.0.1:{enc_port}"],
-                                 "epd-language": [f"127.0.0.1:{lang_port}", f"127.0.0.1:{lang_port + 1}"]})
+        assert (
+            pair.encoder.info["metrics_port"] == enc_port
+            and pair.language.info["metrics_port"] == lang_port
+        )
+        prom = PrometheusServer(
+            {
+                "epd-encoder": [f"127.0.0.1:{enc_port}"],
+                "epd-language": [f"127.0.0.1:{lang_port}", f"127.0.0.1:{lang_port + 1}"],
+            }
+        )
     except BaseException:
         pair.stop()
         raise
@@ -174,23 +204,30 @@ async def test_prometheus_scrapes_exact_counts_after_rounds_and_a_failure(stack)
     }
     for rank in (0, 1):
         r = f'role="language",rank="{rank}"'
-        expect.update({
-            f'epd_requests_total{{{r},outcome="success"}}': 2,
-            f'epd_transfer_bytes_total{{{r}}}': ok_bytes,
-            f'epd_transfer_seconds_count{{{r}}}': 2,
-            f'epd_rounds_per_request_sum{{{r}}}': 4,
-            f'epd_resumes_total{{{r}}}': 2,
-            f'epd_inflight_transfers{{{r}}}': 0,
-            f'epd_pool_blocks{{{r},state="used"}}': 0,
-            f'epd_pool_blocks{{{r},state="free"}}': 8,
-            f'epd_integrity_failures_total{{{r}}}': 0,
-            # A: 1 allocation; B: initial + 2 resumes; C: initial
-            f'epd_alloc_wait_seconds_count{{{r}}}': 1 + 3 + 1,
-        })
+        expect.update(
+            {
+                f'epd_requests_total{{{r},outcome="success"}}': 2,
+                f"epd_transfer_bytes_total{{{r}}}": ok_bytes,
+                f"epd_transfer_seconds_count{{{r}}}": 2,
+                f"epd_rounds_per_request_sum{{{r}}}": 4,
+                f"epd_resumes_total{{{r}}}": 2,
+                f"epd_inflight_transfers{{{r}}}": 0,
+                f'epd_pool_blocks{{{r},state="used"}}': 0,
+                f'epd_pool_blocks{{{r},state="free"}}': 8,
+                f"epd_integrity_failures_total{{{r}}}": 0,
+                # A: 1 allocation; B: initial + 2 resumes; C: initial
+                f"epd_alloc_wait_seconds_count{{{r}}}": 1 + 3 + 1,
+            }
+        )
     await eventually(prom, expect)
     # The histograms hold real times: a 3-round transfer takes longer than nothing.
     assert prom.value('epd_transfer_seconds_sum{role="encoder"}') > 0
-    assert prom.value('histogram_quantile(0.5, sum by (le) (epd_rpc_seconds_bucket{job="epd-encoder",method="Init"}))') > 0
+    assert (
+        prom.value(
+            'histogram_quantile(0.5, sum by (le) (epd_rpc_seconds_bucket{job="epd-encoder",method="Init"}))'
+        )
+        > 0
+    )
 
 
 def test_promtool_accepts_every_processes_metrics(stack):
@@ -199,9 +236,16 @@ def test_promtool_accepts_every_processes_metrics(stack):
     for port in (ports["encoder"], ports["language"], ports["language"] + 1):
         text = _http_get(f"http://127.0.0.1:{port}/metrics")
         assert "epd_requests_total" in text and "epd_pool_blocks" in text
-        checked = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
-        assert checked.returncode == 0, f"port {port}: {checked.stdout.decode()} {checked.stderr.decode()}"
-        assert not checked.stdout.strip() and not checked.stderr.strip(), (checked.stdout, checked.stderr)
+        checked = subprocess.run(
+            [promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30
+        )
+        assert checked.returncode == 0, (
+            f"port {port}: {checked.stdout.decode()} {checked.stderr.decode()}"
+        )
+        assert not checked.stdout.strip() and not checked.stderr.strip(), (
+            checked.stdout,
+            checked.stderr,
+        )
 
 
 def test_metrics_port_in_use_is_a_clear_start_up_error():
@@ -213,9 +257,25 @@ def test_metrics_port_in_use_is_a_clear_start_up_error():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run([sys.executable, "-m", "services.cli", "encoder", "--port", "0", "--pool-blocks", "4",
-                               "--hidden", "64", "--metrics-port", str(port)],
-                              capture_output=True, timeout=60, env={**os.environ, "MC_FORCE_TCP": "1"})
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "encoder",
+                "--port",
+                "0",
+                "--pool-blocks",
+                "4",
+                "--hidden",
+                "64",
+                "--metrics-port",
+                str(port),
+            ],
+            capture_output=True,
+            timeout=60,
+            env={**os.environ, "MC_FORCE_TCP": "1"},
+        )
     assert done.returncode == 1, done.stderr.decode()[-2000:]
     assert f"cannot serve /metrics on 127.0.0.1:{port} (metrics_port)" in done.stderr.decode()
     assert b"EPD_READY" not in done.stdout

@@ -30,9 +30,9 @@ from services import demo
 from services.reference_payload import expected_digest
 from tests.conftest import assert_all_free, encoder_stub, language_stub
 
-ENC_IP, LANG_IP = "198.18.0.1", "198.18.0.2"          # the services' link
-ROOT_ENC, NS_ENC = "198.18.1.1", "198.18.1.2"          # management: test process <-> encoder ns
-ROOT_LANG, NS_LANG = "198.18.2.1", "198.18.2.2"        # management: test process <-> language ns
+ENC_IP, LANG_IP = "198.18.0.1", "198.18.0.2"  # the services' link
+ROOT_ENC, NS_ENC = "198.18.1.1", "198.18.1.2"  # management: test process <-> encoder ns
+ROOT_LANG, NS_LANG = "198.18.2.1", "198.18.2.2"  # management: test process <-> language ns
 
 
 def ip(*args: str, ns: str | None = None) -> None:
@@ -52,7 +52,9 @@ def namespaces():
     assert not _usable(), f"the cross-host test {_usable()} (make installs iproute2; run as root)"
     tag = uuid.uuid4().hex[:6]
     enc_ns, lang_ns = f"epd-enc-{tag}", f"epd-lang-{tag}"
-    v = {k: f"{k}{tag}" for k in ("ve", "vl", "me", "mr", "ml", "mq")}  # interface names <= 15 chars
+    v = {
+        k: f"{k}{tag}" for k in ("ve", "vl", "me", "mr", "ml", "mq")
+    }  # interface names <= 15 chars
     try:
         for ns in (enc_ns, lang_ns):
             ip("netns", "add", ns)
@@ -64,15 +66,19 @@ def namespaces():
         ip("addr", "add", f"{ENC_IP}/30", "dev", v["ve"], ns=enc_ns)
         ip("addr", "add", f"{LANG_IP}/30", "dev", v["vl"], ns=lang_ns)
         # management links from this (root) namespace
-        for root_if, ns_if, ns, root_ip, ns_ip, service_ip in ((v["mr"], v["me"], enc_ns, ROOT_ENC, NS_ENC, ENC_IP),
-                                                               (v["mq"], v["ml"], lang_ns, ROOT_LANG, NS_LANG, LANG_IP)):
+        for root_if, ns_if, ns, root_ip, ns_ip, service_ip in (
+            (v["mr"], v["me"], enc_ns, ROOT_ENC, NS_ENC, ENC_IP),
+            (v["mq"], v["ml"], lang_ns, ROOT_LANG, NS_LANG, LANG_IP),
+        ):
             ip("link", "add", root_if, "type", "veth", "peer", "name", ns_if)
             ip("link", "set", ns_if, "netns", ns)
             ip("addr", "add", f"{root_ip}/30", "dev", root_if)
             ip("addr", "add", f"{ns_ip}/30", "dev", ns_if, ns=ns)
             ip("link", "set", root_if, "up")
             ip("link", "set", ns_if, "up", ns=ns)
-            ip("route", "add", f"{service_ip}/32", "via", ns_ip)  # the service's address, via its ns
+            ip(
+                "route", "add", f"{service_ip}/32", "via", ns_ip
+            )  # the service's address, via its ns
         ip("link", "set", v["ve"], "up", ns=enc_ns)
         ip("link", "set", v["vl"], "up", ns=lang_ns)
         yield enc_ns, lang_ns, v
@@ -84,8 +90,22 @@ def namespaces():
 
 
 def start_in(ns: str, role: str, *args: str) -> demo.ServiceProcess:
-    argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "services.cli", role, "--port", "0", *args]
-    svc = demo.ServiceProcess(role, argv, env={**os.environ, "MC_FORCE_TCP": "1", "PYTHONUNBUFFERED": "1"})
+    argv = [
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        sys.executable,
+        "-m",
+        "services.cli",
+        role,
+        "--port",
+        "0",
+        *args,
+    ]
+    svc = demo.ServiceProcess(
+        role, argv, env={**os.environ, "MC_FORCE_TCP": "1", "PYTHONUNBUFFERED": "1"}
+    )
     svc.start()
     try:
         svc.wait_ready(60)
@@ -100,27 +120,58 @@ async def test_cross_namespace_transfer_then_link_cut_mid_transfer(namespaces):
     common = ("--hidden", "256", "--block-size", "128")
     services = []
     try:
-        enc = start_in(enc_ns, "encoder", "--host", ENC_IP, *common, "--pool-blocks", "256",
-                       "--resume-timeout-s", "8")
+        enc = start_in(
+            enc_ns,
+            "encoder",
+            "--host",
+            ENC_IP,
+            *common,
+            "--pool-blocks",
+            "256",
+            "--resume-timeout-s",
+            "8",
+        )
         services.append(enc)
         enc_addr = f"{ENC_IP}:{enc.port}"
-        lang = start_in(lang_ns, "language", "--host", LANG_IP, *common, "--pool-blocks", "8",
-                        "--initial-tokens", "1024", "--encoder", enc_addr, "--fault", "status_lag_s=1.0",
-                        "--quarantine-grace-s", "2")
+        lang = start_in(
+            lang_ns,
+            "language",
+            "--host",
+            LANG_IP,
+            *common,
+            "--pool-blocks",
+            "8",
+            "--initial-tokens",
+            "1024",
+            "--encoder",
+            enc_addr,
+            "--fault",
+            "status_lag_s=1.0",
+            "--quarantine-grace-s",
+            "2",
+        )
         services.append(lang)
         lang_addr = f"{LANG_IP}:{lang.port}"
         assert lang.info["session"].startswith(LANG_IP), lang.info
         stub = language_stub(lang_addr)
 
         # Across the link: a request of 3 rounds arrives intact.
-        reply = await stub.Generate(language_pb2.GenerateRequest(synthetic_tokens=2500, synthetic_seed=2,
-                                                                 want_digest=True), timeout=60)
+        reply = await stub.Generate(
+            language_pb2.GenerateRequest(synthetic_tokens=2500, synthetic_seed=2, want_digest=True),
+            timeout=60,
+        )
         assert reply.payload_sha256 == expected_digest(2500, 2, 256) and reply.rounds == 3
 
         # Mid-transfer: round 1 delivered (the language reads each status 1 s late), cut the link.
         rid = f"cut-{uuid.uuid4().hex[:8]}"
-        call = asyncio.ensure_future(stub.Generate(language_pb2.GenerateRequest(
-            request_id=rid, synthetic_tokens=5000, synthetic_seed=3), timeout=60))
+        call = asyncio.ensure_future(
+            stub.Generate(
+                language_pb2.GenerateRequest(
+                    request_id=rid, synthetic_tokens=5000, synthetic_seed=3
+                ),
+                timeout=60,
+            )
+        )
         es = encoder_stub(enc_addr)
         deadline = time.monotonic() + 30
         while True:
@@ -137,30 +188,39 @@ async def test_cross_namespace_transfer_then_link_cut_mid_transfer(namespaces):
 
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await call
-        assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), e.value
+        assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), (
+            e.value
+        )
         assert time.monotonic() - cut_at < 30
         linfo = await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
         assert linfo.state == common_pb2.TRANSFER_STATE_FAILED and linfo.sent_tokens >= 1024, linfo
         # The Cancel could not reach the encoder: the round's blocks are quarantined, not free.
         pool = await stub.GetPool(common_pb2.GetPoolRequest())
         assert pool.quarantined_blocks > 0 and pool.used_blocks == 0, pool
-        assert pool.free_blocks + pool.quarantined_blocks == 8 and pool.rank_pools[0].quarantined_blocks == \
-            pool.quarantined_blocks, pool
+        assert (
+            pool.free_blocks + pool.quarantined_blocks == 8
+            and pool.rank_pools[0].quarantined_blocks == pool.quarantined_blocks
+        ), pool
 
         # The encoder gives up on its own (no Resume within resume_timeout_s).
-        while (await es.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))).state != \
-                common_pb2.TRANSFER_STATE_FAILED:
+        while (
+            await es.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
+        ).state != common_pb2.TRANSFER_STATE_FAILED:
             assert time.monotonic() - cut_at < 30, "the encoder never failed the cut transfer"
             await asyncio.sleep(0.1)
         await assert_all_free((enc_addr, "encoder"))
-        assert (await stub.GetPool(common_pb2.GetPoolRequest())).quarantined_blocks == pool.quarantined_blocks
+        assert (
+            await stub.GetPool(common_pb2.GetPoolRequest())
+        ).quarantined_blocks == pool.quarantined_blocks
 
         # Link back: the language's next probe gets an answer, and 2 s (plus the outage) later
         # the blocks return.
         ip("link", "set", v["ve"], "up", ns=enc_ns)
         released_s = await _wait_unquarantined(stub, 60)
-        print(f"{pool.quarantined_blocks} blocks quarantined; back in the pool {released_s:.1f} s after the link "
-              f"came back ({time.monotonic() - cut_at:.1f} s after the cut)")
+        print(
+            f"{pool.quarantined_blocks} blocks quarantined; back in the pool {released_s:.1f} s after the link "
+            f"came back ({time.monotonic() - cut_at:.1f} s after the cut)"
+        )
         assert released_s >= 2.0
         await assert_all_free((enc_addr, "encoder"), (lang_addr, "language"))
     except BaseException:
@@ -172,33 +232,46 @@ async def test_cross_namespace_transfer_then_link_cut_mid_transfer(namespaces):
             svc.stop()
 
 
-
 async def _wait_unquarantined(stub, timeout: float) -> float:
     """Seconds until the language's pool has no quarantined block (AssertionError after `timeout`)."""
     started = time.monotonic()
     while (pool := await stub.GetPool(common_pb2.GetPoolRequest())).quarantined_blocks:
-        assert time.monotonic() - started < timeout, f"blocks still quarantined after {timeout} s: {pool}"
+        assert time.monotonic() - started < timeout, (
+            f"blocks still quarantined after {timeout} s: {pool}"
+        )
         await asyncio.sleep(0.1)
     return time.monotonic() - started
 
 
 def _tx_bytes(ns: str, dev: str) -> int:
     """Bytes sent so far by interface `dev` of namespace `ns` (the kernel's counter)."""
-    out = subprocess.run(["ip", "netns", "exec", ns, "cat", f"/sys/class/net/{dev}/statistics/tx_bytes"],
-                         check=True, capture_output=True, text=True, timeout=10).stdout
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "cat", f"/sys/class/net/{dev}/statistics/tx_bytes"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout
     return int(out)
 
 
 def _unsent(ns: str, peer_ip: str) -> int:
     """Bytes that TCP sockets of namespace `ns` (closed ones too) still hold for `peer_ip`: sent
     but not acknowledged, or not sent yet (the Send-Q column of `ss`)."""
-    out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-tanH", "dst", peer_ip], check=True,
-                         capture_output=True, text=True, timeout=10).stdout
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "ss", "-tanH", "dst", peer_ip],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout
     return sum(int(line.split()[2]) for line in out.splitlines() if line.strip())
 
 
 def _tc(ns: str, *args: str) -> None:
-    subprocess.run(["ip", "netns", "exec", ns, "tc", *args], check=True, capture_output=True, timeout=10)
+    subprocess.run(
+        ["ip", "netns", "exec", ns, "tc", *args], check=True, capture_output=True, timeout=10
+    )
 
 
 async def test_link_cut_during_a_mooncake_write_fails_both_sides_then_recovers(namespaces):
@@ -215,29 +288,77 @@ async def test_link_cut_during_a_mooncake_write_fails_both_sides_then_recovers(n
     common = ("--hidden", "256", "--block-size", "128")
     services = []
     try:
-        enc = start_in(enc_ns, "encoder", "--host", ENC_IP, *common, "--pool-blocks", "256",
-                       "--resume-timeout-s", "8", "--write-timeout-s", "5")
+        enc = start_in(
+            enc_ns,
+            "encoder",
+            "--host",
+            ENC_IP,
+            *common,
+            "--pool-blocks",
+            "256",
+            "--resume-timeout-s",
+            "8",
+            "--write-timeout-s",
+            "5",
+        )
         services.append(enc)
         enc_addr = f"{ENC_IP}:{enc.port}"
         # 128 blocks: the cut request's 64 stay quarantined while the next requests use the others.
-        lang = start_in(lang_ns, "language", "--host", LANG_IP, *common, "--pool-blocks", "128",
-                        "--initial-tokens", "8192", "--encoder", enc_addr)
+        lang = start_in(
+            lang_ns,
+            "language",
+            "--host",
+            LANG_IP,
+            *common,
+            "--pool-blocks",
+            "128",
+            "--initial-tokens",
+            "8192",
+            "--encoder",
+            enc_addr,
+        )
         services.append(lang)
         lang_addr = f"{LANG_IP}:{lang.port}"
         stub, es = language_stub(lang_addr), encoder_stub(enc_addr)
-        reply = await stub.Generate(language_pb2.GenerateRequest(synthetic_tokens=300, synthetic_seed=2,
-                                                                 want_digest=True), timeout=60)
-        assert reply.payload_sha256 == expected_digest(300, 2, 256)  # sessions and connections are up
+        reply = await stub.Generate(
+            language_pb2.GenerateRequest(synthetic_tokens=300, synthetic_seed=2, want_digest=True),
+            timeout=60,
+        )
+        assert reply.payload_sha256 == expected_digest(
+            300, 2, 256
+        )  # sessions and connections are up
 
-        _tc(enc_ns, "qdisc", "add", "dev", v["ve"], "root", "tbf", "rate", "8mbit", "burst", "32kb", "latency", "2s")
+        _tc(
+            enc_ns,
+            "qdisc",
+            "add",
+            "dev",
+            v["ve"],
+            "root",
+            "tbf",
+            "rate",
+            "8mbit",
+            "burst",
+            "32kb",
+            "latency",
+            "2s",
+        )
         round_bytes = 8000 * 528  # one round: 8000 tokens of 528-byte records
         base = _tx_bytes(enc_ns, v["ve"])
         rid = f"cutw-{uuid.uuid4().hex[:8]}"
-        call = asyncio.ensure_future(stub.Generate(language_pb2.GenerateRequest(
-            request_id=rid, synthetic_tokens=8000, synthetic_seed=3), timeout=120))
+        call = asyncio.ensure_future(
+            stub.Generate(
+                language_pb2.GenerateRequest(
+                    request_id=rid, synthetic_tokens=8000, synthetic_seed=3
+                ),
+                timeout=120,
+            )
+        )
         deadline = time.monotonic() + 30
         while _tx_bytes(enc_ns, v["ve"]) - base < 1_000_000:
-            assert time.monotonic() < deadline and not call.done(), "the round's write never started"
+            assert time.monotonic() < deadline and not call.done(), (
+                "the round's write never started"
+            )
             await asyncio.sleep(0.02)
         before = await es.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
         ip("link", "set", v["ve"], "down", ns=enc_ns)
@@ -245,8 +366,13 @@ async def test_link_cut_during_a_mooncake_write_fails_both_sides_then_recovers(n
         on_wire = _tx_bytes(enc_ns, v["ve"]) - base
         # Inside the write: part of it is out, none of it is counted as sent.
         assert before.sent_tokens == 0 and before.rounds == 0, before
-        assert before.state not in (common_pb2.TRANSFER_STATE_SUCCESS, common_pb2.TRANSFER_STATE_FAILED), before
-        assert on_wire < round_bytes, f"the write had finished ({on_wire} of {round_bytes} bytes out)"
+        assert before.state not in (
+            common_pb2.TRANSFER_STATE_SUCCESS,
+            common_pb2.TRANSFER_STATE_FAILED,
+        ), before
+        assert on_wire < round_bytes, (
+            f"the write had finished ({on_wire} of {round_bytes} bytes out)"
+        )
 
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await call
@@ -262,12 +388,17 @@ async def test_link_cut_during_a_mooncake_write_fails_both_sides_then_recovers(n
         assert (pool.quarantined_blocks, pool.used_blocks, pool.free_blocks) == (64, 0, 64), pool
 
         # The encoder's write returns (fails) within write_timeout_s (+1 ns per byte): transport.
-        while (einfo := await es.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))).state != \
-                common_pb2.TRANSFER_STATE_FAILED:
-            assert time.monotonic() - cut_at < 20, f"the encoder's write into the dead link never returned: {einfo}"
+        while (
+            einfo := await es.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
+        ).state != common_pb2.TRANSFER_STATE_FAILED:
+            assert time.monotonic() - cut_at < 20, (
+                f"the encoder's write into the dead link never returned: {einfo}"
+            )
             await asyncio.sleep(0.1)
-        print(f"cut after {on_wire} of {round_bytes} bytes; language failed after {language_failed_s:.1f} s, "
-              f"encoder after {time.monotonic() - cut_at:.1f} s")
+        print(
+            f"cut after {on_wire} of {round_bytes} bytes; language failed after {language_failed_s:.1f} s, "
+            f"encoder after {time.monotonic() - cut_at:.1f} s"
+        )
         assert einfo.error.reason == common_pb2.FAILURE_REASON_TRANSPORT, einfo.error
         assert "round 1 write failed" in einfo.error.message, einfo.error.message
         await assert_all_free((enc_addr, "encoder"))
@@ -282,7 +413,9 @@ async def test_link_cut_during_a_mooncake_write_fails_both_sides_then_recovers(n
         _tc(enc_ns, "qdisc", "del", "dev", v["ve"], "root")
         ip("link", "set", v["ve"], "up", ns=enc_ns)
         back_at = time.monotonic()
-        drained: list[tuple[float, int]] = []  # (seconds after the link came back, quarantined then)
+        drained: list[
+            tuple[float, int]
+        ] = []  # (seconds after the link came back, quarantined then)
 
         async def watch_drain() -> None:
             while _unsent(enc_ns, LANG_IP) > 0:
@@ -294,20 +427,32 @@ async def test_link_cut_during_a_mooncake_write_fails_both_sides_then_recovers(n
         for n in range(3):
             for attempt in range(20):
                 try:
-                    reply = await stub.Generate(language_pb2.GenerateRequest(
-                        synthetic_tokens=9000, synthetic_seed=4 + n, want_digest=True), timeout=60)
+                    reply = await stub.Generate(
+                        language_pb2.GenerateRequest(
+                            synthetic_tokens=9000, synthetic_seed=4 + n, want_digest=True
+                        ),
+                        timeout=60,
+                    )
                     break
-                except grpc.aio.AioRpcError as err:  # the encoder rejoins the rotation within a poll or two
+                except (
+                    grpc.aio.AioRpcError
+                ) as err:  # the encoder rejoins the rotation within a poll or two
                     assert err.code() == grpc.StatusCode.UNAVAILABLE and attempt < 19, err
                     await asyncio.sleep(0.2)
-            assert reply.payload_sha256 == expected_digest(9000, 4 + n, 256) and reply.rounds == 2, reply
+            assert (
+                reply.payload_sha256 == expected_digest(9000, 4 + n, 256) and reply.rounds == 2
+            ), reply
         sent_s = time.monotonic() - back_at
-        assert (await stub.GetPool(common_pb2.GetPoolRequest())).quarantined_blocks == 64  # still held back
+        assert (
+            await stub.GetPool(common_pb2.GetPoolRequest())
+        ).quarantined_blocks == 64  # still held back
         await asyncio.wait_for(watcher, 60)
         released_s = time.monotonic() - back_at + await _wait_unquarantined(stub, 90)
-        print(f"{stale} bytes of the failed write were still buffered at the encoder; drained {drained[0][0]:.1f} s "
-              f"after the link came back, with {drained[0][1]} blocks still quarantined; 3 requests done "
-              f"{sent_s:.1f} s after it; the quarantine ended {released_s:.1f} s after it")
+        print(
+            f"{stale} bytes of the failed write were still buffered at the encoder; drained {drained[0][0]:.1f} s "
+            f"after the link came back, with {drained[0][1]} blocks still quarantined; 3 requests done "
+            f"{sent_s:.1f} s after it; the quarantine ended {released_s:.1f} s after it"
+        )
         assert drained[0][1] == 64, "the buffered bytes drained after the quarantine had ended"
         assert released_s >= 15.0
         await assert_all_free((enc_addr, "encoder"), (lang_addr, "language"))

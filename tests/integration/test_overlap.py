@@ -21,13 +21,23 @@ WATCHDOG_S = 120
 
 
 async def _generate(stub, n: int, seed: int) -> language_pb2.GenerateReply:
-    return await asyncio.wait_for(stub.Generate(language_pb2.GenerateRequest(
-        synthetic_tokens=n, synthetic_seed=seed, want_digest=True)), WATCHDOG_S)
+    return await asyncio.wait_for(
+        stub.Generate(
+            language_pb2.GenerateRequest(synthetic_tokens=n, synthetic_seed=seed, want_digest=True)
+        ),
+        WATCHDOG_S,
+    )
 
 
 def _pair(*encoder_args: str) -> Pair:
-    return Pair(hidden=HIDDEN, encoder_blocks=256, language_blocks=2 * ROUND // 128, initial_tokens=ROUND,
-                encoder_args=encoder_args, language_args=("--overlap-rounds",))
+    return Pair(
+        hidden=HIDDEN,
+        encoder_blocks=256,
+        language_blocks=2 * ROUND // 128,
+        initial_tokens=ROUND,
+        encoder_args=encoder_args,
+        language_args=("--overlap-rounds",),
+    )
 
 
 async def _free(p: Pair) -> None:
@@ -45,12 +55,18 @@ async def test_overlapped_rounds_deliver_the_right_bytes_and_a_corrupt_round_fai
         stub = language_stub(p.language.address)
         rid = "corrupt-round-2"
         with pytest.raises(grpc.aio.AioRpcError) as e:
-            await stub.Generate(language_pb2.GenerateRequest(request_id=rid, synthetic_tokens=5000, synthetic_seed=2),
-                                timeout=WATCHDOG_S)
+            await stub.Generate(
+                language_pb2.GenerateRequest(
+                    request_id=rid, synthetic_tokens=5000, synthetic_seed=2
+                ),
+                timeout=WATCHDOG_S,
+            )
         assert e.value.code() == grpc.StatusCode.DATA_LOSS, e.value.details()
         assert "round 2" in e.value.details(), e.value.details()
         async with grpc.aio.insecure_channel(p.encoder.address) as ch:
-            enc = await encoder_pb2_grpc.EncoderStub(ch).GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
+            enc = await encoder_pb2_grpc.EncoderStub(ch).GetTransfer(
+                common_pb2.GetTransferRequest(request_id=rid)
+            )
         assert enc.state == common_pb2.TRANSFER_STATE_FAILED, enc
         assert enc.error.reason == common_pb2.FAILURE_REASON_INTEGRITY, enc.error
         # Round 3 may have been written meanwhile (the Cancel waits for its write), no further.
@@ -58,8 +74,14 @@ async def test_overlapped_rounds_deliver_the_right_bytes_and_a_corrupt_round_fai
         await _free(p)
         # (tokens, rounds, overlapped): 1024-token rounds while more than the two-round pool is
         # left, then the rest in one round, never overlapping the round before the last.
-        for n, rounds, overlapped in ((1024, 1, 0), (2048, 2, 0), (3072, 2, 0), (3073, 3, 1), (5000, 4, 2),
-                                      (8192, 7, 5)):
+        for n, rounds, overlapped in (
+            (1024, 1, 0),
+            (2048, 2, 0),
+            (3072, 2, 0),
+            (3073, 3, 1),
+            (5000, 4, 2),
+            (8192, 7, 5),
+        ):
             reply = await _generate(stub, n, n)
             assert reply.payload_sha256 == expected_digest(n, n, HIDDEN), n
             assert (reply.rounds, reply.overlapped_rounds) == (rounds, overlapped), (n, reply)
@@ -70,8 +92,13 @@ async def test_overlapped_rounds_deliver_the_right_bytes_and_a_corrupt_round_fai
 
 
 async def test_nothing_to_overlap_in_a_one_round_pool():
-    p = Pair(hidden=HIDDEN, encoder_blocks=256, language_blocks=ROUND // 128, initial_tokens=ROUND,
-             language_args=("--overlap-rounds",))
+    p = Pair(
+        hidden=HIDDEN,
+        encoder_blocks=256,
+        language_blocks=ROUND // 128,
+        initial_tokens=ROUND,
+        language_args=("--overlap-rounds",),
+    )
     try:
         reply = await _generate(language_stub(p.language.address), 5000, 1)
         assert reply.payload_sha256 == expected_digest(5000, 1, HIDDEN)

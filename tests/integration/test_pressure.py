@@ -20,8 +20,14 @@ HIDDEN = 64
 @pytest.fixture(scope="module")
 def pair():
     # Encoder: 48 blocks x 128 = 6144 tokens of source; language: 16 blocks = 2048 tokens.
-    p = Pair(hidden=HIDDEN, encoder_blocks=48, language_blocks=16, initial_tokens=1024,
-             encoder_args=("--alloc-timeout-s", "3"), language_args=("--alloc-timeout-s", "3"))
+    p = Pair(
+        hidden=HIDDEN,
+        encoder_blocks=48,
+        language_blocks=16,
+        initial_tokens=1024,
+        encoder_args=("--alloc-timeout-s", "3"),
+        language_args=("--alloc-timeout-s", "3"),
+    )
     yield p
     p.stop()
 
@@ -33,8 +39,9 @@ async def test_many_requests_on_nearly_full_pools(pair):
 
     async def one(i: int, n: int):
         try:
-            reply = await stub.Generate(language_pb2.GenerateRequest(synthetic_tokens=n, synthetic_seed=i,
-                                                                     want_digest=True))
+            reply = await stub.Generate(
+                language_pb2.GenerateRequest(synthetic_tokens=n, synthetic_seed=i, want_digest=True)
+            )
         except grpc.aio.AioRpcError as e:
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (n, e.code(), e.details())
             assert "blocks" in e.details()  # says which pool and how many blocks
@@ -42,11 +49,19 @@ async def test_many_requests_on_nearly_full_pools(pair):
         assert reply.payload_sha256 == expected_digest(n, i, HIDDEN)
         return "ok", n, reply.rounds
 
-    results = await asyncio.wait_for(asyncio.gather(*(one(i, n) for i, n in enumerate(sizes))), 180)  # watchdog
+    results = await asyncio.wait_for(
+        asyncio.gather(*(one(i, n) for i, n in enumerate(sizes))), 180
+    )  # watchdog
     ok = [r for r in results if r[0] == "ok"]
-    assert len(ok) >= len(sizes) // 2, results  # the pools keep moving: most finish within the timeouts
-    assert any(rounds > 1 + (n - 1) // 2048 for _, n, rounds in ok), "no partial resume round happened"
+    assert len(ok) >= len(sizes) // 2, (
+        results
+    )  # the pools keep moving: most finish within the timeouts
+    assert any(rounds > 1 + (n - 1) // 2048 for _, n, rounds in ok), (
+        "no partial resume round happened"
+    )
     await assert_all_free((pair.encoder.address, "encoder"), (pair.language.address, "language"))
     # And the pair still works normally afterwards.
-    reply = await stub.Generate(language_pb2.GenerateRequest(synthetic_tokens=5000, synthetic_seed=1, want_digest=True))
+    reply = await stub.Generate(
+        language_pb2.GenerateRequest(synthetic_tokens=5000, synthetic_seed=1, want_digest=True)
+    )
     assert reply.payload_sha256 == expected_digest(5000, 1, HIDDEN)

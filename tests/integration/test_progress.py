@@ -15,14 +15,21 @@ HIDDEN = 512  # payloads over 1 MiB (INLINE_MAX_BYTES) get PayloadSums, which pa
 
 
 async def _generate(stub, n: int, seed: int) -> language_pb2.GenerateReply:
-    return await stub.Generate(language_pb2.GenerateRequest(synthetic_tokens=n, synthetic_seed=seed, want_digest=True))
+    return await stub.Generate(
+        language_pb2.GenerateRequest(synthetic_tokens=n, synthetic_seed=seed, want_digest=True)
+    )
 
 
 @pytest.fixture(scope="module")
 def pair():
     # 8192-token rounds, written in 1024-token parts.
-    p = Pair(hidden=HIDDEN, encoder_blocks=256, language_blocks=80, initial_tokens=8192,
-             language_args=("--progress-tokens", "1000"))  # rounded up to whole blocks: 1024
+    p = Pair(
+        hidden=HIDDEN,
+        encoder_blocks=256,
+        language_blocks=80,
+        initial_tokens=8192,
+        language_args=("--progress-tokens", "1000"),
+    )  # rounded up to whole blocks: 1024
     yield p
     p.stop()
 
@@ -38,8 +45,14 @@ async def test_parts_deliver_the_right_bytes(pair, n):
 async def test_a_part_corrupted_in_flight_fails_its_own_check():
     """Fault injection (encoder --transport-fault corrupt_nth=2): the second part's bytes are
     flipped after they landed; the check of what had landed by then names that range."""
-    p = Pair(hidden=HIDDEN, encoder_blocks=64, language_blocks=64, initial_tokens=8192,
-             encoder_args=("--transport-fault", "corrupt_nth=2"), language_args=("--progress-tokens", "1024"))
+    p = Pair(
+        hidden=HIDDEN,
+        encoder_blocks=64,
+        language_blocks=64,
+        initial_tokens=8192,
+        encoder_args=("--transport-fault", "corrupt_nth=2"),
+        language_args=("--progress-tokens", "1024"),
+    )
     try:
         stub = language_stub(p.language.address)
         with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -56,8 +69,13 @@ async def test_a_part_corrupted_in_flight_fails_its_own_check():
 async def test_parts_of_a_round_that_is_not_the_last_are_copied_out_as_they_land():
     """A 2048-token pool: 2048-token rounds in 512-token parts, each round but the last copied
     out of the pool part by part; the payload is right for every round boundary."""
-    p = Pair(hidden=HIDDEN, encoder_blocks=128, language_blocks=16, initial_tokens=2048,
-             language_args=("--progress-tokens", "512"))
+    p = Pair(
+        hidden=HIDDEN,
+        encoder_blocks=128,
+        language_blocks=16,
+        initial_tokens=2048,
+        language_args=("--progress-tokens", "512"),
+    )
     try:
         stub = language_stub(p.language.address)
         for n in (2048, 2049, 5000, 6144):

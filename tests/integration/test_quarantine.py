@@ -22,20 +22,40 @@ from tests.conftest import ServiceProcess, assert_all_free, generate_then_kill, 
 
 
 def _gauge(port: int, state: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:  # 127.0.0.1 only
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{port}/metrics", timeout=5
+    ) as r:  # 127.0.0.1 only
         for line in r.read().decode().splitlines():
             if line.startswith("epd_pool_blocks{") and f'state="{state}"' in line:
                 return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"no epd_pool_blocks{{state={state!r}}} on :{port}")
 
 
-async def test_tp2_encoder_killed_mid_transfer_quarantines_on_every_rank_until_it_is_back(unique_id):
+async def test_tp2_encoder_killed_mid_transfer_quarantines_on_every_rank_until_it_is_back(
+    unique_id,
+):
     port, metrics = free_port("127.0.0.1"), free_port("127.0.0.1")
     args = ("--hidden", "256", "--pool-blocks", "2048", "--port", str(port))
     enc = ServiceProcess("encoder", *args)
-    lang = ServiceProcess("language", "--hidden", "256", "--pool-blocks", "16", "--encoder", enc.address, "--tp", "2",
-                          "--initial-tokens", "512", "--fault", "status_lag_s=0.05", "--quarantine-grace-s", "6",
-                          "--metrics-port", str(metrics))
+    lang = ServiceProcess(
+        "language",
+        "--hidden",
+        "256",
+        "--pool-blocks",
+        "16",
+        "--encoder",
+        enc.address,
+        "--tp",
+        "2",
+        "--initial-tokens",
+        "512",
+        "--fault",
+        "status_lag_s=0.05",
+        "--quarantine-grace-s",
+        "6",
+        "--metrics-port",
+        str(metrics),
+    )
     try:
         stub = language_stub(lang.address)
         rid = unique_id("quar")
@@ -53,22 +73,38 @@ async def test_tp2_encoder_killed_mid_transfer_quarantines_on_every_rank_until_i
             assert rp.used_blocks == 0 and rp.free_blocks + rp.quarantined_blocks == 16, pool
         assert pool.quarantined_blocks == pool.rank_pools[0].quarantined_blocks
         held = [rp.quarantined_blocks for rp in pool.rank_pools]
-        assert _gauge(metrics, "quarantined") == held[0] and _gauge(metrics + 1, "quarantined") == held[1]
-        status = subprocess.run([sys.executable, "-m", "services.cli", "status", lang.address], capture_output=True,
-                                text=True, timeout=60)
+        assert (
+            _gauge(metrics, "quarantined") == held[0]
+            and _gauge(metrics + 1, "quarantined") == held[1]
+        )
+        status = subprocess.run(
+            [sys.executable, "-m", "services.cli", "status", lang.address],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert status.returncode == 0, status.stderr
-        assert "QUARANTINED" in status.stdout and f"{held[0]} quarantined" in status.stdout, status.stdout
+        assert "QUARANTINED" in status.stdout and f"{held[0]} quarantined" in status.stdout, (
+            status.stdout
+        )
 
         # The refused Cancel counts as an answer: after the grace (6 s here) the blocks return,
         # encoder or not; a request on the restarted encoder arrives intact on both ranks.
         enc = ServiceProcess("encoder", *args)  # restarted on the same address
-        reply = await stub.Generate(language_pb2.GenerateRequest(synthetic_tokens=3000, synthetic_seed=9,
-                                                                 want_digest=True), timeout=60)
+        reply = await stub.Generate(
+            language_pb2.GenerateRequest(synthetic_tokens=3000, synthetic_seed=9, want_digest=True),
+            timeout=60,
+        )
         assert reply.payload_sha256 == expected_digest(3000, 9, 256)
         assert all(r.payload_sha256 == reply.payload_sha256 for r in reply.ranks), reply.ranks
         deadline = time.monotonic() + 30
-        while any(rp.quarantined_blocks for rp in (await stub.GetPool(common_pb2.GetPoolRequest())).rank_pools):
-            assert time.monotonic() < deadline, "blocks still quarantined 30 s after the encoder came back"
+        while any(
+            rp.quarantined_blocks
+            for rp in (await stub.GetPool(common_pb2.GetPoolRequest())).rank_pools
+        ):
+            assert time.monotonic() < deadline, (
+                "blocks still quarantined 30 s after the encoder came back"
+            )
             await asyncio.sleep(0.1)
         assert _gauge(metrics, "quarantined") == 0 and _gauge(metrics + 1, "quarantined") == 0
         await assert_all_free((enc.address, "encoder"), (lang.address, "language"))

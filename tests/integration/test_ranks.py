@@ -25,8 +25,14 @@ LANG_BLOCKS = 32  # 4096 tokens per rank
 
 
 def make_pair(tmp_path: pathlib.Path, *language_args: str, **kw) -> Pair:
-    return Pair(hidden=HIDDEN, language_blocks=LANG_BLOCKS, initial_tokens=INITIAL, encoder_blocks=1024,
-                language_args=("--consumer-log", str(tmp_path / "consumed"), *language_args), **kw)
+    return Pair(
+        hidden=HIDDEN,
+        language_blocks=LANG_BLOCKS,
+        initial_tokens=INITIAL,
+        encoder_blocks=1024,
+        language_args=("--consumer-log", str(tmp_path / "consumed"), *language_args),
+        **kw,
+    )
 
 
 def consumed(tmp_path: pathlib.Path, tp: int) -> list[list[str]]:
@@ -34,8 +40,11 @@ def consumed(tmp_path: pathlib.Path, tp: int) -> list[list[str]]:
 
 
 async def generate(stub, n: int, seed: int, data_ranks: list[int], **kw):
-    reply = await stub.Generate(language_pb2.GenerateRequest(synthetic_tokens=n, synthetic_seed=seed, want_digest=True,
-                                                             **kw))
+    reply = await stub.Generate(
+        language_pb2.GenerateRequest(
+            synthetic_tokens=n, synthetic_seed=seed, want_digest=True, **kw
+        )
+    )
     want = expected_digest(n, seed, HIDDEN)
     assert reply.total_tokens == n and reply.payload_sha256 == want
     assert [r.rank for r in reply.ranks] == list(range(len(reply.ranks)))
@@ -43,7 +52,7 @@ async def generate(stub, n: int, seed: int, data_ranks: list[int], **kw):
         assert r.data_rank == (r.rank in data_ranks)
         if r.data_rank:  # every data rank holds exactly the encoder's bytes
             assert r.payload_sha256 == want and r.received_tokens == n and r.rounds == reply.rounds
-        else:            # dummy ranks receive nothing
+        else:  # dummy ranks receive nothing
             assert r.payload_sha256 == "" and r.received_tokens == 0
     return reply
 
@@ -53,24 +62,34 @@ def tp_dirs(tmp_path_factory):
     return tmp_path_factory
 
 
-@pytest.mark.parametrize("tp, data_ranks", [(2, [0, 1]), (3, [0, 1])], ids=["tp2", "tp3-dummy-rank2"])
+@pytest.mark.parametrize(
+    "tp, data_ranks", [(2, [0, 1]), (3, [0, 1])], ids=["tp2", "tp3-dummy-rank2"]
+)
 async def test_single_multi_round_and_larger_than_pool(tmp_path, tp, data_ranks):
-    extra = ("--tp", str(tp)) + (("--data-ranks", ",".join(map(str, data_ranks))) if len(data_ranks) < tp else ())
+    extra = ("--tp", str(tp)) + (
+        ("--data-ranks", ",".join(map(str, data_ranks))) if len(data_ranks) < tp else ()
+    )
     pair = make_pair(tmp_path, *extra)
     try:
         stub = language_stub(pair.language.address)
         assert (await generate(stub, 700, 1, data_ranks)).rounds == 1
         five = INITIAL + 4 * LANG_BLOCKS * 128  # 1 + 4 resume rounds of the whole pool
         assert (await generate(stub, five, 2, data_ranks)).rounds == 5
-        big = 3 * LANG_BLOCKS * 128 + 17        # larger than a whole rank pool
-        assert (await generate(stub, big, 3, data_ranks)).rounds == 1 + math.ceil((big - INITIAL) / (LANG_BLOCKS * 128))
+        big = 3 * LANG_BLOCKS * 128 + 17  # larger than a whole rank pool
+        assert (await generate(stub, big, 3, data_ranks)).rounds == 1 + math.ceil(
+            (big - INITIAL) / (LANG_BLOCKS * 128)
+        )
         # Concurrent requests: every rank consumes the same requests in the same order.
         sizes = [5, 3000, 900, 12000, 64, 7000, 1, 2500]
-        replies = await asyncio.gather(*(generate(stub, n, 10 + i, data_ranks) for i, n in enumerate(sizes)))
+        replies = await asyncio.gather(
+            *(generate(stub, n, 10 + i, data_ranks) for i, n in enumerate(sizes))
+        )
         logs = await consumer_logs(tmp_path / "consumed", tp, 3 + len(sizes))
         assert all(log == logs[0] for log in logs), logs
         assert set(r.request_id for r in replies) <= set(logs[0]) and len(logs[0]) == 3 + len(sizes)
-        await assert_all_free((pair.encoder.address, "encoder"), (pair.language.address, "language"))
+        await assert_all_free(
+            (pair.encoder.address, "encoder"), (pair.language.address, "language")
+        )
     finally:
         pair.stop()
 
@@ -82,14 +101,20 @@ async def test_rank_with_less_free_pool_shrinks_rounds(tmp_path):
         stub = language_stub(pair.language.address)
         n = 20000
         reply = await generate(stub, n, 5, [0, 1])
-        assert reply.rounds == math.ceil(n / (8 * 128))  # every round limited by rank 1's 1024 tokens
-        await assert_all_free((pair.encoder.address, "encoder"), (pair.language.address, "language"))
+        assert reply.rounds == math.ceil(
+            n / (8 * 128)
+        )  # every round limited by rank 1's 1024 tokens
+        await assert_all_free(
+            (pair.encoder.address, "encoder"), (pair.language.address, "language")
+        )
     finally:
         pair.stop()
 
 
 async def test_rank_that_cannot_allocate_fails_everywhere_fault_injected(tmp_path, unique_id):
-    pair = make_pair(tmp_path, "--tp", "2", "--fault", "rank=1,hold_blocks=32", "--alloc-timeout-s", "1")
+    pair = make_pair(
+        tmp_path, "--tp", "2", "--fault", "rank=1,hold_blocks=32", "--alloc-timeout-s", "1"
+    )
     try:
         stub = language_stub(pair.language.address)
         rid = unique_id()
@@ -101,11 +126,15 @@ async def test_rank_that_cannot_allocate_fails_everywhere_fault_injected(tmp_pat
         assert info.error.reason == common_pb2.FAILURE_REASON_RESOURCE_EXHAUSTED
         assert [v.rank for v in info.ranks] == [0, 1]
         async with grpc.aio.insecure_channel(pair.encoder.address) as ch:
-            enc = await encoder_pb2_grpc.EncoderStub(ch).GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
+            enc = await encoder_pb2_grpc.EncoderStub(ch).GetTransfer(
+                common_pb2.GetTransferRequest(request_id=rid)
+            )
         assert enc.state == common_pb2.TRANSFER_STATE_FAILED
         assert enc.error.reason == common_pb2.FAILURE_REASON_RESOURCE_EXHAUSTED, enc.error
         assert consumed(tmp_path, 2) == [[], []] if (tmp_path / "consumed.rank0").exists() else True
-        await assert_all_free((pair.encoder.address, "encoder"), (pair.language.address, "language"))
+        await assert_all_free(
+            (pair.encoder.address, "encoder"), (pair.language.address, "language")
+        )
     finally:
         pair.stop()
 
@@ -115,11 +144,15 @@ async def test_lagging_and_repeating_status_on_one_rank_fault_injected(tmp_path)
     try:
         stub = language_stub(pair.language.address)
         sizes = [100, 6000, 15000, 2000, 9000]
-        replies = await asyncio.gather(*(generate(stub, n, 40 + i, [0, 1]) for i, n in enumerate(sizes)))
+        replies = await asyncio.gather(
+            *(generate(stub, n, 40 + i, [0, 1]) for i, n in enumerate(sizes))
+        )
         assert max(r.rounds for r in replies) >= 4
         logs = await consumer_logs(tmp_path / "consumed", 2, len(sizes))
         assert logs[0] == logs[1] and len(logs[0]) == len(sizes)
-        await assert_all_free((pair.encoder.address, "encoder"), (pair.language.address, "language"))
+        await assert_all_free(
+            (pair.encoder.address, "encoder"), (pair.language.address, "language")
+        )
     finally:
         pair.stop()
 
@@ -130,7 +163,9 @@ async def test_rank_process_killed_mid_transfer(tmp_path, unique_id):
     try:
         stub = language_stub(pair.language.address)
         rid = unique_id()
-        call = asyncio.ensure_future(stub.Generate(language_pb2.GenerateRequest(request_id=rid, synthetic_tokens=60000)))
+        call = asyncio.ensure_future(
+            stub.Generate(language_pb2.GenerateRequest(request_id=rid, synthetic_tokens=60000))
+        )
         await wait_for_rounds(stub, rid, 1)
         assert not call.done()
         os.kill(pair.language.info["rank_pids"][0], signal.SIGKILL)
@@ -138,7 +173,9 @@ async def test_rank_process_killed_mid_transfer(tmp_path, unique_id):
             await call
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
         async with grpc.aio.insecure_channel(pair.encoder.address) as ch:
-            enc = await encoder_pb2_grpc.EncoderStub(ch).GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
+            enc = await encoder_pb2_grpc.EncoderStub(ch).GetTransfer(
+                common_pb2.GetTransferRequest(request_id=rid)
+            )
         assert enc.state == common_pb2.TRANSFER_STATE_FAILED
         assert enc.error.reason == common_pb2.FAILURE_REASON_PEER_LOST, enc.error
         async with grpc.aio.insecure_channel(pair.language.address) as ch:

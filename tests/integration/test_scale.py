@@ -9,8 +9,8 @@ import re
 import socket
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import grpc
 import pytest
@@ -50,7 +50,10 @@ def stop(*services: ServiceProcess | None) -> None:
     """Stop the language instances first (they still talk to their encoders), then the rest,
     each group at the same time (a graceful stop takes ~1.5 s)."""
     present = [s for s in services if s is not None]
-    for group in ([s for s in present if s.role == "language"], [s for s in present if s.role != "language"]):
+    for group in (
+        [s for s in present if s.role == "language"],
+        [s for s in present if s.role != "language"],
+    ):
         if group:
             with ThreadPoolExecutor(len(group)) as pool:
                 list(pool.map(lambda s: s.stop(), group))
@@ -64,7 +67,9 @@ def language(*encoders: ServiceProcess | str, args=(), watch: bool = False) -> S
         tp = int(args[list(args).index("--tp") + 1]) if "--tp" in args else 1
         flags += ["--metrics-port", str(_free_ports(tp))]  # rank R serves on metrics_port + R
     try:
-        return ServiceProcess("language", *COMMON, "--pool-blocks", "32", "--initial-tokens", "1024", *flags, *args)
+        return ServiceProcess(
+            "language", *COMMON, "--pool-blocks", "32", "--initial-tokens", "1024", *flags, *args
+        )
     except BaseException:
         stop(*(e for e in encoders if isinstance(e, ServiceProcess)))
         raise
@@ -107,13 +112,20 @@ async def in_rotation(lang: ServiceProcess, count: int, timeout: float = 30.0) -
 
     deadline = time.monotonic() + timeout
     while (got := await asyncio.to_thread(available)) != count:
-        assert time.monotonic() < deadline, f"{got:.0f} encoder(s) in rotation after {timeout:.0f} s, expected {count}"
+        assert time.monotonic() < deadline, (
+            f"{got:.0f} encoder(s) in rotation after {timeout:.0f} s, expected {count}"
+        )
         await asyncio.sleep(0.05)
 
 
-async def generate(stub, tokens: int, seed: int, request_id: str = "") -> language_pb2.GenerateReply:
-    reply = await stub.Generate(language_pb2.GenerateRequest(request_id=request_id, synthetic_tokens=tokens,
-                                                             synthetic_seed=seed, want_digest=True))
+async def generate(
+    stub, tokens: int, seed: int, request_id: str = ""
+) -> language_pb2.GenerateReply:
+    reply = await stub.Generate(
+        language_pb2.GenerateRequest(
+            request_id=request_id, synthetic_tokens=tokens, synthetic_seed=seed, want_digest=True
+        )
+    )
     assert reply.payload_sha256 == expected_digest(tokens, seed, HIDDEN)
     return reply
 
@@ -128,7 +140,9 @@ async def test_requests_spread_over_two_encoders(policy):
     lang = language(a, b, args=("--encoder-policy", policy), watch=True)
     try:
         stub = language_stub(lang.address)
-        await in_rotation(lang, 2)  # else a burst sent at once may all go to the first one registered
+        await in_rotation(
+            lang, 2
+        )  # else a burst sent at once may all go to the first one registered
         replies = await asyncio.gather(*(generate(stub, 2000 + 300 * i, i) for i in range(12)))
         used = {r.encoder for r in replies}
         assert len(used) == 2, [r.encoder for r in replies]
@@ -162,10 +176,14 @@ async def test_failover_on_injected_round1_write_failure_uses_fresh_transfer_id(
             pytest.fail("no request went to encoder A first")
         assert reply.failed_over_from.endswith(_port(a)) and reply.encoder.endswith(_port(b)), reply
         assert reply.transfer_id.endswith(f"/{rid}#2"), reply.transfer_id
-        first = await encoder_stub(a.address).GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
+        first = await encoder_stub(a.address).GetTransfer(
+            common_pb2.GetTransferRequest(request_id=rid)
+        )
         assert first.state == common_pb2.TRANSFER_STATE_FAILED
         assert first.error.reason == common_pb2.FAILURE_REASON_TRANSPORT
-        second = await encoder_stub(b.address).GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
+        second = await encoder_stub(b.address).GetTransfer(
+            common_pb2.GetTransferRequest(request_id=rid)
+        )
         assert second.state == common_pb2.TRANSFER_STATE_SUCCESS and second.request_id == f"{rid}#2"
         await free((a, "encoder"), (b, "encoder"), (lang, "language"))
     finally:
@@ -185,7 +203,9 @@ async def test_no_failover_after_bytes_were_delivered_injected_fault():
         failed = None
         for i in range(4):
             try:
-                await generate(stub, 20000, 3 + i, f"late-{i}")  # 32 blocks x 128 = 4096 tokens per round
+                await generate(
+                    stub, 20000, 3 + i, f"late-{i}"
+                )  # 32 blocks x 128 = 4096 tokens per round
             except grpc.aio.AioRpcError as e:
                 failed = (f"late-{i}", e)
                 break
@@ -194,8 +214,12 @@ async def test_no_failover_after_bytes_were_delivered_injected_fault():
         assert "round 2" in e.details(), e.details()
         info = await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
         assert info.error.reason == common_pb2.FAILURE_REASON_TRANSPORT
-        on_b = (await encoder_stub(b.address).ListTransfers(common_pb2.ListTransfersRequest())).transfers
-        assert rid not in [t.request_id for t in on_b], "a request that had received bytes was retried on B"
+        on_b = (
+            await encoder_stub(b.address).ListTransfers(common_pb2.ListTransfersRequest())
+        ).transfers
+        assert rid not in [t.request_id for t in on_b], (
+            "a request that had received bytes was retried on B"
+        )
         await free((a, "encoder"), (b, "encoder"), (lang, "language"))
     finally:
         stop(lang, a, b)
@@ -213,7 +237,9 @@ async def test_killed_encoder_leaves_the_rotation_and_a_restarted_one_rejoins():
         await in_rotation(lang, 2)
         a.kill()
         replies = [await generate(stub, 1500, i) for i in range(6)]  # none fails: B serves them all
-        assert {r.encoder for r in replies} == {replies[-1].encoder} and replies[-1].encoder.endswith(b.address.split(":")[1])
+        assert {r.encoder for r in replies} == {replies[-1].encoder} and replies[
+            -1
+        ].encoder.endswith(b.address.split(":")[1])
         a = encoder("--port", str(port))  # back on the same address: rejoins
         for _ in range(100):
             got = await asyncio.gather(*(generate(stub, 3000, 50 + i) for i in range(4)))
@@ -258,11 +284,18 @@ async def test_two_language_instances_share_an_encoder_with_the_same_request_ids
         raise
     try:
         s1, s2 = language_stub(l1.address), language_stub(l2.address)
-        replies = await asyncio.gather(*(generate(s, 6000, seed, f"same-{i}")
-                                         for i in range(3) for s, seed in ((s1, i), (s2, 10 + i))))
+        replies = await asyncio.gather(
+            *(
+                generate(s, 6000, seed, f"same-{i}")
+                for i in range(3)
+                for s, seed in ((s1, i), (s2, 10 + i))
+            )
+        )
         assert len({r.transfer_id for r in replies}) == 6
         assert {r.request_id for r in replies} == {"same-0", "same-1", "same-2"}
-        info = await encoder_stub(enc.address).GetTransfer(common_pb2.GetTransferRequest(request_id="same-1"))
+        info = await encoder_stub(enc.address).GetTransfer(
+            common_pb2.GetTransferRequest(request_id="same-1")
+        )
         assert info.request_id == "same-1" and info.state == common_pb2.TRANSFER_STATE_SUCCESS
         await free((enc, "encoder"), (l1, "language"), (l2, "language"))
     finally:
@@ -270,6 +303,7 @@ async def test_two_language_instances_share_an_encoder_with_the_same_request_ids
 
 
 # ------------------------------------------------------------------------------------ TP > 1
+
 
 def _port(svc: ServiceProcess) -> str:
     return svc.address.rsplit(":", 1)[1]
@@ -280,7 +314,9 @@ def _check_ranks(reply: language_pb2.GenerateReply, tokens: int, seed: int) -> N
     assert [r.rank for r in reply.ranks] == [0, 1], reply.ranks
     for r in reply.ranks:
         assert r.data_rank and r.received_tokens == tokens, r
-        assert r.payload_sha256 == expected_digest(tokens, seed, HIDDEN), f"rank {r.rank}: wrong bytes"
+        assert r.payload_sha256 == expected_digest(tokens, seed, HIDDEN), (
+            f"rank {r.rank}: wrong bytes"
+        )
 
 
 @pytest.mark.parametrize("how", ["refuses-encode", "round1-write-fault"])
@@ -292,7 +328,10 @@ async def test_tp2_failover_before_any_byte_succeeds_on_both_ranks(how):
     injected fault (fail_nth=1 on A): round 1's write to one rank fails while the write to the
     other rank lands — the round is never delivered, and nothing of it may reach the second
     attempt, whose blocks are allocated only after A's attempt ended."""
-    a, b = encoders(("--pool-blocks", "8") if how == "refuses-encode" else ("--transport-fault", "fail_nth=1"), ())
+    a, b = encoders(
+        ("--pool-blocks", "8") if how == "refuses-encode" else ("--transport-fault", "fail_nth=1"),
+        (),
+    )
     lang = language(a, b, args=("--tp", "2", "--encoder-policy", "round-robin"), watch=True)
     try:
         stub = language_stub(lang.address)
@@ -310,11 +349,15 @@ async def test_tp2_failover_before_any_byte_succeeds_on_both_ranks(how):
             pytest.fail("no request went to encoder A first")
         assert reply.failed_over_from.endswith(_port(a)) and reply.encoder.endswith(_port(b)), reply
         assert reply.transfer_id.endswith(f"/{rid}#2"), reply.transfer_id
-        second = await encoder_stub(b.address).GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
+        second = await encoder_stub(b.address).GetTransfer(
+            common_pb2.GetTransferRequest(request_id=rid)
+        )
         assert second.state == common_pb2.TRANSFER_STATE_SUCCESS and second.request_id == f"{rid}#2"
         assert len(second.ranks) == 2, second.ranks
         if how == "round1-write-fault":
-            first = await encoder_stub(a.address).GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
+            first = await encoder_stub(a.address).GetTransfer(
+                common_pb2.GetTransferRequest(request_id=rid)
+            )
             assert first.state == common_pb2.TRANSFER_STATE_FAILED and first.sent_tokens == 0, first
             assert first.error.reason == common_pb2.FAILURE_REASON_TRANSPORT, first.error
         info = await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
@@ -339,21 +382,36 @@ async def test_tp2_no_failover_after_bytes_reached_the_ranks_injected_fault():
         for i in range(4):
             rid, seed = f"tplate-{i}", 70 + i
             try:
-                _check_ranks(await generate(stub, 20000, seed, rid), 20000, seed)  # on B: 1024 + 4 x 4096 tokens
+                _check_ranks(
+                    await generate(stub, 20000, seed, rid), 20000, seed
+                )  # on B: 1024 + 4 x 4096 tokens
             except grpc.aio.AioRpcError as e:
                 failed = (rid, e)
                 break
         assert failed is not None, "no request went to encoder A"
         rid, e = failed
-        assert e.code() == grpc.StatusCode.UNAVAILABLE and "round 2" in e.details(), (e.code(), e.details())
+        assert e.code() == grpc.StatusCode.UNAVAILABLE and "round 2" in e.details(), (
+            e.code(),
+            e.details(),
+        )
         info = await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
         assert info.state == common_pb2.TRANSFER_STATE_FAILED, info
-        assert info.error.reason == common_pb2.FAILURE_REASON_TRANSPORT and info.sent_tokens >= 1024, info
-        assert len(info.ranks) == 2 and all(r.state == common_pb2.TRANSFER_STATE_FAILED for r in info.ranks), info.ranks
-        on_a = await encoder_stub(a.address).GetTransfer(common_pb2.GetTransferRequest(request_id=rid))
+        assert (
+            info.error.reason == common_pb2.FAILURE_REASON_TRANSPORT and info.sent_tokens >= 1024
+        ), info
+        assert len(info.ranks) == 2 and all(
+            r.state == common_pb2.TRANSFER_STATE_FAILED for r in info.ranks
+        ), info.ranks
+        on_a = await encoder_stub(a.address).GetTransfer(
+            common_pb2.GetTransferRequest(request_id=rid)
+        )
         assert on_a.state == common_pb2.TRANSFER_STATE_FAILED and on_a.rounds == 1, on_a
-        on_b = (await encoder_stub(b.address).ListTransfers(common_pb2.ListTransfersRequest())).transfers
-        assert not [t for t in on_b if t.request_id.startswith(rid)], "a request that had received bytes was retried on B"
+        on_b = (
+            await encoder_stub(b.address).ListTransfers(common_pb2.ListTransfersRequest())
+        ).transfers
+        assert not [t for t in on_b if t.request_id.startswith(rid)], (
+            "a request that had received bytes was retried on B"
+        )
         await free((a, "encoder"), (b, "encoder"), (lang, "language"))
     finally:
         stop(lang, a, b)
@@ -378,19 +436,29 @@ async def test_tp2_failover_from_a_frozen_encoder_then_it_recovers():
         await in_rotation(lang, 2)  # else both requests below may go to B, the first one registered
         os.kill(a.proc.pid, signal.SIGSTOP)
         stopped = True
-        replies = await asyncio.wait_for(asyncio.gather(
-            generate(stub, 5000, 81, "frozen-0"), generate(stub, 5000, 82, "frozen-1")), 60)
+        replies = await asyncio.wait_for(
+            asyncio.gather(
+                generate(stub, 5000, 81, "frozen-0"), generate(stub, 5000, 82, "frozen-1")
+            ),
+            60,
+        )
         for seed, reply in zip((81, 82), replies):
             _check_ranks(reply, 5000, seed)
             assert reply.encoder.endswith(_port(b)), reply
         moved = [r for r in replies if r.attempts == 2]
         assert len(moved) == 1, [(r.attempts, r.encoder, r.failed_over_from) for r in replies]
-        assert moved[0].failed_over_from.endswith(_port(a)) and moved[0].transfer_id.endswith("#2"), moved[0]
+        assert moved[0].failed_over_from.endswith(_port(a)) and moved[0].transfer_id.endswith(
+            "#2"
+        ), moved[0]
         os.kill(a.proc.pid, signal.SIGCONT)
         stopped = False
         deadline = time.monotonic() + 30
-        while (pool := await encoder_stub(a.address).GetPool(common_pb2.GetPoolRequest())).used_blocks:
-            assert time.monotonic() < deadline, f"encoder A kept {pool.used_blocks} blocks of the abandoned attempt"
+        while (
+            pool := await encoder_stub(a.address).GetPool(common_pb2.GetPoolRequest())
+        ).used_blocks:
+            assert time.monotonic() < deadline, (
+                f"encoder A kept {pool.used_blocks} blocks of the abandoned attempt"
+            )
             await asyncio.sleep(0.2)
         await free((a, "encoder"), (b, "encoder"), (lang, "language"))
     finally:

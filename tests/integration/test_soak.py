@@ -29,16 +29,23 @@ POOL_GROWTH = 2
 
 def metric(port: int, name: str, **labels: str) -> float:
     """Sum of a metric's samples with these labels, scraped from a service's /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:  # 127.0.0.1 only
-        return sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
-                   if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{port}/metrics", timeout=5
+    ) as r:  # 127.0.0.1 only
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in r.read().decode().splitlines()
+            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items())
+        )
 
 
 async def diagnostics(address: str, kind: str) -> common_pb2.Diagnostics:
     from common.pb.epd.v1 import language_pb2_grpc
 
     async with grpc.aio.insecure_channel(address) as ch:
-        stub = (encoder_pb2_grpc.EncoderStub if kind == "encoder" else language_pb2_grpc.LanguageStub)(ch)
+        stub = (
+            encoder_pb2_grpc.EncoderStub if kind == "encoder" else language_pb2_grpc.LanguageStub
+        )(ch)
         return await stub.GetDiagnostics(common_pb2.GetDiagnosticsRequest())
 
 
@@ -46,10 +53,21 @@ async def diagnostics(address: str, kind: str) -> common_pb2.Diagnostics:
 async def test_soak_with_cancellations_and_injected_faults():
     total = int(os.environ.get("SOAK_REQUESTS", "500"))
     enc_metrics, lang_metrics = free_port("127.0.0.1"), free_port("127.0.0.1")
-    pair = Pair(hidden=HIDDEN, encoder_blocks=1024, language_blocks=32, initial_tokens=512,
-                encoder_args=("--transport-fault", "fail_fraction=0.01,seed=3,late_nth=40,late_s=1",
-                              "--history-size", str(HISTORY), "--metrics-port", str(enc_metrics)),
-                language_args=("--history-size", str(HISTORY), "--metrics-port", str(lang_metrics)))
+    pair = Pair(
+        hidden=HIDDEN,
+        encoder_blocks=1024,
+        language_blocks=32,
+        initial_tokens=512,
+        encoder_args=(
+            "--transport-fault",
+            "fail_fraction=0.01,seed=3,late_nth=40,late_s=1",
+            "--history-size",
+            str(HISTORY),
+            "--metrics-port",
+            str(enc_metrics),
+        ),
+        language_args=("--history-size", str(HISTORY), "--metrics-port", str(lang_metrics)),
+    )
     rng = random.Random(11)
     outcomes: dict[str, int] = {}
     stub = language_stub(pair.language.address)
@@ -60,12 +78,13 @@ async def test_soak_with_cancellations_and_injected_faults():
         kind = rng.random()
         rid = f"soak-{i}"
         async with sem:
-            request = language_pb2.GenerateRequest(request_id=rid, synthetic_tokens=n, synthetic_seed=i,
-                                                   want_digest=True)
+            request = language_pb2.GenerateRequest(
+                request_id=rid, synthetic_tokens=n, synthetic_seed=i, want_digest=True
+            )
             try:
-                if kind < 0.05:      # a client whose deadline passes mid-transfer
+                if kind < 0.05:  # a client whose deadline passes mid-transfer
                     reply = await stub.Generate(request, timeout=rng.uniform(0.005, 0.1))
-                elif kind < 0.10:    # a client that cancels through the Cancel RPC
+                elif kind < 0.10:  # a client that cancels through the Cancel RPC
                     call = asyncio.ensure_future(stub.Generate(request))
                     await asyncio.sleep(rng.uniform(0, 0.05))
                     try:
@@ -79,33 +98,49 @@ async def test_soak_with_cancellations_and_injected_faults():
                 assert reply.payload_sha256 == expected_digest(n, i, HIDDEN), rid
                 outcomes["ok"] = outcomes.get("ok", 0) + 1
             except grpc.aio.AioRpcError as e:
-                assert e.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    grpc.StatusCode.UNAVAILABLE), (e.code(), e.details())
+                assert e.code() in (
+                    grpc.StatusCode.CANCELLED,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.StatusCode.UNAVAILABLE,
+                ), (e.code(), e.details())
                 outcomes[e.code().name] = outcomes.get(e.code().name, 0) + 1
 
     try:
         settle_at = min(100, total // 5)  # the baseline: the first requests (history full by then)
         await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(settle_at))), 600)
-        settled = {k: await diagnostics(a, k) for a, k in ((pair.encoder.address, "encoder"),
-                                                           (pair.language.address, "language"))}
+        settled = {
+            k: await diagnostics(a, k)
+            for a, k in ((pair.encoder.address, "encoder"), (pair.language.address, "language"))
+        }
         await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(settle_at, total))), 3600)
-        await assert_all_free((pair.encoder.address, "encoder"), (pair.language.address, "language"))
+        await assert_all_free(
+            (pair.encoder.address, "encoder"), (pair.language.address, "language")
+        )
         fired = {
-            "transport failure (fail_fraction)": metric(enc_metrics, "epd_failures_total", reason="transport"),
+            "transport failure (fail_fraction)": metric(
+                enc_metrics, "epd_failures_total", reason="transport"
+            ),
             "late write (late_nth)": metric(enc_metrics, "epd_fenced_transfers_total"),
             "quarantine on the language": metric(lang_metrics, "epd_fenced_transfers_total"),
-            "cancelled mid-transfer (Cancel, deadline)": metric(lang_metrics, "epd_failures_total", reason="cancelled"),
+            "cancelled mid-transfer (Cancel, deadline)": metric(
+                lang_metrics, "epd_failures_total", reason="cancelled"
+            ),
         }
         print(f"\nsoak: {total} requests: {dict(sorted(outcomes.items()))}; faults fired: {fired}")
         assert all(fired.values()), f"a fault kind never fired: {fired}"
         assert outcomes.get("DEADLINE_EXCEEDED", 0) and outcomes.get("CANCELLED", 0), outcomes
-        for address, kind in ((pair.encoder.address, "encoder"), (pair.language.address, "language")):
+        for address, kind in (
+            (pair.encoder.address, "encoder"),
+            (pair.language.address, "language"),
+        ):
             end = await diagnostics(address, kind)
             s = settled[kind]
-            print(f"soak: {kind}: rss {s.rss_bytes / 2**20:.1f} MiB after {settle_at} requests -> "
-                  f"{end.rss_bytes / 2**20:.1f} MiB after {total} ({(end.rss_bytes / s.rss_bytes - 1) * 100:+.1f} %), "
-                  f"tasks {s.asyncio_tasks} -> {end.asyncio_tasks}, threads {s.threads} -> {end.threads}, "
-                  f"history {end.history_transfers}")
+            print(
+                f"soak: {kind}: rss {s.rss_bytes / 2**20:.1f} MiB after {settle_at} requests -> "
+                f"{end.rss_bytes / 2**20:.1f} MiB after {total} ({(end.rss_bytes / s.rss_bytes - 1) * 100:+.1f} %), "
+                f"tasks {s.asyncio_tasks} -> {end.asyncio_tasks}, threads {s.threads} -> {end.threads}, "
+                f"history {end.history_transfers}"
+            )
             assert end.live_transfers == 0 and end.status_streams == 0
             assert end.history_transfers <= HISTORY
             assert end.asyncio_tasks <= s.asyncio_tasks, f"{kind}: asyncio tasks left over"
@@ -113,7 +148,9 @@ async def test_soak_with_cancellations_and_injected_faults():
             # lazily, up to a fixed maximum, when a burst needs one: a pool may still grow by a
             # thread after the settling phase. A leak grows with the requests (300 more here).
             assert end.threads <= s.threads + POOL_GROWTH, f"{kind}: threads left over"
-            assert end.rss_bytes <= s.rss_bytes * 1.05, f"{kind}: resident memory grew more than 5 %"
+            assert end.rss_bytes <= s.rss_bytes * 1.05, (
+                f"{kind}: resident memory grew more than 5 %"
+            )
         assert outcomes.get("ok", 0) > total // 2
         assert sum(outcomes.values()) == total
     finally:

@@ -24,7 +24,13 @@ LANG_BLOCKS = 96  # 12288 tokens: resumes are bounded by the whole pool
 
 @pytest.fixture(scope="module")
 def pair():
-    p = Pair(hidden=HIDDEN, block_size=128, language_blocks=LANG_BLOCKS, initial_tokens=INITIAL, encoder_blocks=2048)
+    p = Pair(
+        hidden=HIDDEN,
+        block_size=128,
+        language_blocks=LANG_BLOCKS,
+        initial_tokens=INITIAL,
+        encoder_blocks=2048,
+    )
     yield p
     p.stop()
 
@@ -34,28 +40,35 @@ def expected_rounds(n: int, pool_tokens: int) -> int:
 
 
 async def generate(stub, n: int, seed: int):
-    reply = await stub.Generate(language_pb2.GenerateRequest(synthetic_tokens=n, synthetic_seed=seed, want_digest=True))
+    reply = await stub.Generate(
+        language_pb2.GenerateRequest(synthetic_tokens=n, synthetic_seed=seed, want_digest=True)
+    )
     assert reply.total_tokens == n
     assert reply.integrity_verified
-    assert reply.payload_sha256 == expected_digest(n, seed, HIDDEN), f"payload of {n} tokens differs"
+    assert reply.payload_sha256 == expected_digest(n, seed, HIDDEN), (
+        f"payload of {n} tokens differs"
+    )
     assert reply.bytes == n * (HIDDEN * 2 + 4 + 12)
     assert reply.first_token_id == -1
     return reply
 
 
-@pytest.mark.parametrize("n, label", [
-    (1, "one token"),
-    (127, "block_size - 1"),
-    (128, "block_size"),
-    (129, "block_size + 1"),
-    (INITIAL, "exactly the initial allocation"),
-    (INITIAL + 1, "initial allocation + 1"),
-    (INITIAL + 12288, "2 rounds, second fills the pool"),
-    (INITIAL + 12288 + 1, "3 rounds"),
-    (30000, "larger than the whole language pool"),
-    (INITIAL + 9 * 12288, "10 rounds"),
-    (INITIAL + 10 * 12288 + 7, "12 rounds"),
-])
+@pytest.mark.parametrize(
+    "n, label",
+    [
+        (1, "one token"),
+        (127, "block_size - 1"),
+        (128, "block_size"),
+        (129, "block_size + 1"),
+        (INITIAL, "exactly the initial allocation"),
+        (INITIAL + 1, "initial allocation + 1"),
+        (INITIAL + 12288, "2 rounds, second fills the pool"),
+        (INITIAL + 12288 + 1, "3 rounds"),
+        (30000, "larger than the whole language pool"),
+        (INITIAL + 9 * 12288, "10 rounds"),
+        (INITIAL + 10 * 12288 + 7, "12 rounds"),
+    ],
+)
 async def test_payload_sizes(pair, n, label):
     stub = language_stub(pair.language.address)
     reply = await generate(stub, n, seed=n % 1000)
@@ -81,8 +94,11 @@ async def test_request_id_is_kept_and_reuse_of_a_live_id_is_refused(pair, unique
 
     stub = language_stub(pair.language.address)
     rid = unique_id()
-    first = asyncio.ensure_future(stub.Generate(language_pb2.GenerateRequest(
-        request_id=rid, synthetic_tokens=200000, synthetic_seed=3)))
+    first = asyncio.ensure_future(
+        stub.Generate(
+            language_pb2.GenerateRequest(request_id=rid, synthetic_tokens=200000, synthetic_seed=3)
+        )
+    )
     # Wait until the language shows the request live (a ~1 s transfer), then reuse its id.
     while True:
         try:

@@ -24,34 +24,53 @@ from services.reference_payload import expected_digest
 from tests.conftest import Pair, assert_all_free, consumer_logs, language_stub
 
 HIDDEN = 128
-INITIAL = 1024          # tokens of the initial allocation: larger requests take several rounds
-LANG_BLOCKS = 64        # 8192 tokens per rank
-WATCHDOG_S = 60.0       # no scenario may hang: far above what any of them needs
+INITIAL = 1024  # tokens of the initial allocation: larger requests take several rounds
+LANG_BLOCKS = 64  # 8192 tokens per rank
+WATCHDOG_S = 60.0  # no scenario may hang: far above what any of them needs
 
 pytestmark = pytest.mark.timeout(120)
 
 
 # ---------------------------------------------------------------------------- spec and wrapper, in process
 
+
 def test_spec_parses_combinations_and_config_rejects_bad_specs(monkeypatch):
     assert TransportFaultSpec.parse("fail_nth=3") == TransportFaultSpec(fail_nth=3)
-    assert TransportFaultSpec.parse(" fail_fraction=0.3 , seed=7 ") == TransportFaultSpec(fail_fraction=0.3, seed=7)
-    assert TransportFaultSpec.parse("delay_s=0.2,corrupt_nth=2,fail_nth=5") == \
-        TransportFaultSpec(fail_nth=5, delay_s=0.2, corrupt_nth=2)
+    assert TransportFaultSpec.parse(" fail_fraction=0.3 , seed=7 ") == TransportFaultSpec(
+        fail_fraction=0.3, seed=7
+    )
+    assert TransportFaultSpec.parse("delay_s=0.2,corrupt_nth=2,fail_nth=5") == TransportFaultSpec(
+        fail_nth=5, delay_s=0.2, corrupt_nth=2
+    )
     assert not TransportFaultSpec.parse("seed=3").active
     EncoderConfig(transport_fault="fail_fraction=0.3,seed=7").validate()
     EncoderConfig().validate()  # off by default
-    assert TransportFaultSpec.parse("late_nth=1,late_s=6") == TransportFaultSpec(late_nth=1, late_s=6.0)
+    assert TransportFaultSpec.parse("late_nth=1,late_s=6") == TransportFaultSpec(
+        late_nth=1, late_s=6.0
+    )
     assert TransportFaultSpec.parse("late_nth=3").active
-    for bad in ("fail_nth", "fail_nth=x", "nope=1", "fail_fraction=1.5", "fail_nth=-1", "delay_s=-1",
-                "fail_nth=1,fail_nth=2", "late_nth=-1", "late_s=3", "late_nth=1,late_s=-1"):
+    for bad in (
+        "fail_nth",
+        "fail_nth=x",
+        "nope=1",
+        "fail_fraction=1.5",
+        "fail_nth=-1",
+        "delay_s=-1",
+        "fail_nth=1,fail_nth=2",
+        "late_nth=-1",
+        "late_s=3",
+        "late_nth=1,late_s=-1",
+    ):
         with pytest.raises(ConfigError, match="transport_fault="):
             EncoderConfig(transport_fault=bad).validate()
     # The flag and the environment variable exist (generated from the config field).
     args = cli.make_parser().parse_args(["encoder", "--transport-fault", "corrupt_nth=2"])
     assert cli.build_config(EncoderConfig, args, {}).transport_fault == "corrupt_nth=2"
     args = cli.make_parser().parse_args(["encoder"])
-    assert cli.build_config(EncoderConfig, args, {"EPD_TRANSPORT_FAULT": "delay_s=1"}).transport_fault == "delay_s=1"
+    assert (
+        cli.build_config(EncoderConfig, args, {"EPD_TRANSPORT_FAULT": "delay_s=1"}).transport_fault
+        == "delay_s=1"
+    )
     with pytest.raises(ConfigError, match="transport_fault"):
         cli.build_config(EncoderConfig, args, {"EPD_TRANSPORT_FAULT": "fail_nth=zero"})
 
@@ -113,7 +132,9 @@ async def test_late_write_is_reported_failed_at_once_and_lands_the_submitted_byt
     assert time.monotonic() - started >= 0.5
     assert dst.raw == submitted  # the old request's bytes landed, late
     assert fence.late_writes == 1 and fence.failed_pieces == 0
-    assert [r[0] for r in inner.registered] == [ctypes.addressof(src)]  # the copy was unregistered again
+    assert [r[0] for r in inner.registered] == [
+        ctypes.addressof(src)
+    ]  # the copy was unregistered again
 
 
 async def test_wrapper_fails_delays_and_corrupts_as_specified():
@@ -133,7 +154,9 @@ async def test_wrapper_fails_delays_and_corrupts_as_specified():
     # corrupt_nth: the write lands, then its first bytes are flipped through a registered scratch buffer.
     inner = FakeTransport()
     t = FaultyTransport(inner, "corrupt_nth=1")
-    assert [(n, loc) for _, n, loc in inner.registered] == [(SCRATCH_BYTES, "cpu:0")]  # at construction
+    assert [(n, loc) for _, n, loc in inner.registered] == [
+        (SCRATCH_BYTES, "cpu:0")
+    ]  # at construction
     src, dst, triples = _buffers()
     t.register(ctypes.addressof(src), 256, "cpu:0")
     await t.write(t.session, triples)
@@ -173,14 +196,23 @@ async def test_wrapper_fails_delays_and_corrupts_as_specified():
 
 # ---------------------------------------------------------------------------- real processes
 
+
 def make_pair(fault: str, *language_args: str) -> Pair:
-    return Pair(hidden=HIDDEN, language_blocks=LANG_BLOCKS, initial_tokens=INITIAL, encoder_blocks=1024,
-                encoder_args=("--transport-fault", fault), language_args=language_args)
+    return Pair(
+        hidden=HIDDEN,
+        language_blocks=LANG_BLOCKS,
+        initial_tokens=INITIAL,
+        encoder_blocks=1024,
+        encoder_args=("--transport-fault", fault),
+        language_args=language_args,
+    )
 
 
 async def encoder_info(pair: Pair, request_id: str) -> common_pb2.TransferInfo:
     async with grpc.aio.insecure_channel(pair.encoder.address) as ch:
-        return await encoder_pb2_grpc.EncoderStub(ch).GetTransfer(common_pb2.GetTransferRequest(request_id=request_id))
+        return await encoder_pb2_grpc.EncoderStub(ch).GetTransfer(
+            common_pb2.GetTransferRequest(request_id=request_id)
+        )
 
 
 async def all_free(pair: Pair) -> None:
@@ -190,18 +222,30 @@ async def all_free(pair: Pair) -> None:
 async def attempt(stub, request_id: str, n: int, seed: int):
     """One Generate: ("ok", reply) with the digest checked, or ("error", the gRPC error)."""
     try:
-        reply = await stub.Generate(language_pb2.GenerateRequest(
-            request_id=request_id, synthetic_tokens=n, synthetic_seed=seed, want_digest=True))
+        reply = await stub.Generate(
+            language_pb2.GenerateRequest(
+                request_id=request_id, synthetic_tokens=n, synthetic_seed=seed, want_digest=True
+            )
+        )
     except grpc.aio.AioRpcError as e:
         return "error", e
-    assert reply.total_tokens == n and reply.payload_sha256 == expected_digest(n, seed, HIDDEN), request_id
+    assert reply.total_tokens == n and reply.payload_sha256 == expected_digest(n, seed, HIDDEN), (
+        request_id
+    )
     for r in reply.ranks:  # every data rank holds the encoder's bytes
         assert r.payload_sha256 == reply.payload_sha256
     return "ok", reply
 
 
-async def assert_failed(pair: Pair, stub, request_id: str, error: grpc.aio.AioRpcError,
-                        code: grpc.StatusCode, reason: int, ranks: int | None = 1) -> common_pb2.TransferInfo:
+async def assert_failed(
+    pair: Pair,
+    stub,
+    request_id: str,
+    error: grpc.aio.AioRpcError,
+    code: grpc.StatusCode,
+    reason: int,
+    ranks: int | None = 1,
+) -> common_pb2.TransferInfo:
     """The client got `code`; the language and the encoder both recorded FAILED with `reason`."""
     assert error.code() == code, (error.code(), error.details())
     info = await stub.GetTransfer(common_pb2.GetTransferRequest(request_id=request_id))
@@ -223,13 +267,17 @@ async def test_fail_nth_fails_only_the_request_that_hit_it(unique_id):
         sizes = [700, 3000, 5000, 64, 2500, 9000]
         ids = [unique_id(f"n{i}") for i in range(len(sizes))]
         results = await asyncio.wait_for(
-            asyncio.gather(*(attempt(stub, rid, n, 100 + i) for i, (rid, n) in enumerate(zip(ids, sizes)))),
-            WATCHDOG_S)
+            asyncio.gather(
+                *(attempt(stub, rid, n, 100 + i) for i, (rid, n) in enumerate(zip(ids, sizes)))
+            ),
+            WATCHDOG_S,
+        )
         failed = [(rid, res) for rid, (kind, res) in zip(ids, results) if kind == "error"]
         assert len(failed) == 1, [(rid, e.code(), e.details()) for rid, e in failed]
         rid, error = failed[0]
-        enc = await assert_failed(pair, stub, rid, error, grpc.StatusCode.UNAVAILABLE,
-                                  common_pb2.FAILURE_REASON_TRANSPORT)
+        enc = await assert_failed(
+            pair, stub, rid, error, grpc.StatusCode.UNAVAILABLE, common_pb2.FAILURE_REASON_TRANSPORT
+        )
         assert "injected fault: write #3" in enc.error.message, enc.error.message
         await all_free(pair)
         # Only the 3rd write fails: the service goes on serving.
@@ -249,8 +297,15 @@ async def test_fail_nth_mid_transfer_fails_on_every_rank(tmp_path, unique_id):
         rid = unique_id()
         kind, error = await asyncio.wait_for(attempt(stub, rid, INITIAL + 1500, 3), WATCHDOG_S)
         assert kind == "error"
-        enc = await assert_failed(pair, stub, rid, error, grpc.StatusCode.UNAVAILABLE,
-                                  common_pb2.FAILURE_REASON_TRANSPORT, ranks=2)
+        enc = await assert_failed(
+            pair,
+            stub,
+            rid,
+            error,
+            grpc.StatusCode.UNAVAILABLE,
+            common_pb2.FAILURE_REASON_TRANSPORT,
+            ranks=2,
+        )
         assert "round 2 write failed" in enc.error.message, enc.error.message
         await all_free(pair)
         ok_id = unique_id()
@@ -271,12 +326,22 @@ async def test_fail_fraction_each_request_succeeds_intact_or_fails_with_transpor
         sizes = [1 + (i * 977) % 6000 for i in range(24)]
         ids = [unique_id(f"f{i}") for i in range(len(sizes))]
         results = await asyncio.wait_for(
-            asyncio.gather(*(attempt(stub, rid, n, 200 + i) for i, (rid, n) in enumerate(zip(ids, sizes)))),
-            WATCHDOG_S)
+            asyncio.gather(
+                *(attempt(stub, rid, n, 200 + i) for i, (rid, n) in enumerate(zip(ids, sizes)))
+            ),
+            WATCHDOG_S,
+        )
         ok = [rid for rid, (kind, _) in zip(ids, results) if kind == "ok"]
         failed = [(rid, res) for rid, (kind, res) in zip(ids, results) if kind == "error"]
         for rid, error in failed:
-            await assert_failed(pair, stub, rid, error, grpc.StatusCode.UNAVAILABLE, common_pb2.FAILURE_REASON_TRANSPORT)
+            await assert_failed(
+                pair,
+                stub,
+                rid,
+                error,
+                grpc.StatusCode.UNAVAILABLE,
+                common_pb2.FAILURE_REASON_TRANSPORT,
+            )
         for rid in ok:
             assert (await encoder_info(pair, rid)).state == common_pb2.TRANSFER_STATE_SUCCESS
         assert ok and failed, (len(ok), len(failed))
@@ -290,7 +355,9 @@ async def test_slow_writes_succeed_and_cancel_waits_for_the_write_in_flight(uniq
     pair = make_pair(f"delay_s={delay}")
     try:
         stub = language_stub(pair.language.address)
-        kind, reply = await asyncio.wait_for(attempt(stub, unique_id(), INITIAL + 500, 1), WATCHDOG_S)
+        kind, reply = await asyncio.wait_for(
+            attempt(stub, unique_id(), INITIAL + 500, 1), WATCHDOG_S
+        )
         assert kind == "ok" and reply.rounds == 2 and reply.transfer_seconds >= 2 * delay
         await all_free(pair)
 
@@ -304,12 +371,18 @@ async def test_slow_writes_succeed_and_cancel_waits_for_the_write_in_flight(uniq
                 enc = await encoder_info(pair, rid)
             except grpc.aio.AioRpcError:
                 enc = None  # not there yet
-            if enc is not None and enc.state == common_pb2.TRANSFER_STATE_WAITING_FOR_INPUT and enc.total_tokens:
+            if (
+                enc is not None
+                and enc.state == common_pb2.TRANSFER_STATE_WAITING_FOR_INPUT
+                and enc.total_tokens
+            ):
                 seen_at = time.monotonic()
             else:
                 await asyncio.sleep(0.01)
         assert enc.rounds == 0 and not call.done()
-        cancel = await stub.Cancel(common_pb2.CancelRequest(request_id=rid, reason="client gave up"))
+        cancel = await stub.Cancel(
+            common_pb2.CancelRequest(request_id=rid, reason="client gave up")
+        )
         cancel_s = time.monotonic() - seen_at
         assert cancel.cancelled
         # Neither side frees or publishes until the write returned (it cannot be recalled).
@@ -317,8 +390,15 @@ async def test_slow_writes_succeed_and_cancel_waits_for_the_write_in_flight(uniq
         kind, error = await asyncio.wait_for(call, WATCHDOG_S)
         assert kind == "error"
         # (A request cancelled before the ranks decided has no rank views on the language: not checked.)
-        await assert_failed(pair, stub, rid, error, grpc.StatusCode.CANCELLED, common_pb2.FAILURE_REASON_CANCELLED,
-                            ranks=None)
+        await assert_failed(
+            pair,
+            stub,
+            rid,
+            error,
+            grpc.StatusCode.CANCELLED,
+            common_pb2.FAILURE_REASON_CANCELLED,
+            ranks=None,
+        )
         await all_free(pair)
         # The blocks the cancelled request held are handed out again and come back intact.
         kind, _ = await asyncio.wait_for(attempt(stub, unique_id(), 900, 3), WATCHDOG_S)
@@ -337,7 +417,9 @@ async def test_corrupted_write_is_caught_by_checksums(unique_id):
         rid = unique_id()
         kind, error = await asyncio.wait_for(attempt(stub, rid, INITIAL + 700, 5), WATCHDOG_S)
         assert kind == "error"
-        enc = await assert_failed(pair, stub, rid, error, grpc.StatusCode.DATA_LOSS, common_pb2.FAILURE_REASON_INTEGRITY)
+        enc = await assert_failed(
+            pair, stub, rid, error, grpc.StatusCode.DATA_LOSS, common_pb2.FAILURE_REASON_INTEGRITY
+        )
         assert enc.rounds == 1, enc
         assert "checksum" in error.details(), error.details()
         await all_free(pair)

@@ -67,8 +67,15 @@ def servicer():
 async def test_a_block_list_longer_than_the_pool_is_refused_unread(servicer):
     context = FakeContext()
     n = 10_000_000
-    request = Request(n, request_id="r", language_id="lang", rank=0, rank_count=1, allocated_tokens=4 * n,
-                      progress_tokens=0)
+    request = Request(
+        n,
+        request_id="r",
+        language_id="lang",
+        rank=0,
+        rank_count=1,
+        allocated_tokens=4 * n,
+        progress_tokens=0,
+    )
     with pytest.raises(Aborted):
         await servicer.Init(request, context)
     assert context.code.name == "INVALID_ARGUMENT", context.details

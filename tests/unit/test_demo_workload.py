@@ -18,8 +18,9 @@ from services import reference_payload as ref
 
 # ------------------------------------------------------------------------------------ plan
 
-DEFAULTS = dict(block_size=128, initial_tokens=8192, language_pool_blocks=96,
-                encoder_pool_blocks=4096)
+DEFAULTS = dict(
+    block_size=128, initial_tokens=8192, language_pool_blocks=96, encoder_pool_blocks=4096
+)
 
 
 def test_plan_is_deterministic_and_seed_dependent():
@@ -59,13 +60,15 @@ def test_plan_sizes_per_kind():
     for p in by_kind["medium"]:
         assert 2 <= p.min_rounds <= 4
     # a request over the initial allocation needs at least two rounds
-    assert [p.min_rounds for p in by_kind["boundary"] if p.tokens > initial] == \
-        [2] * sum(t > initial for t in boundary)
+    assert [p.min_rounds for p in by_kind["boundary"] if p.tokens > initial] == [2] * sum(
+        t > initial for t in boundary
+    )
 
 
 def test_plan_caps_at_encoder_pool():
-    plan = demo.plan_workload(8, seed=1, block_size=16, initial_tokens=64,
-                              language_pool_blocks=8, encoder_pool_blocks=40)
+    plan = demo.plan_workload(
+        8, seed=1, block_size=16, initial_tokens=64, language_pool_blocks=8, encoder_pool_blocks=40
+    )
     assert max(p.tokens for p in plan) <= 40 * 16
 
 
@@ -81,6 +84,7 @@ def test_min_rounds():
 
 # ------------------------------------------------------------------------------ statistics
 
+
 @pytest.mark.parametrize("values", [[5.0], [1.0, 2.0], list(range(24)), [3.5, 1.0, 9.0, 2.2, 7.7]])
 @pytest.mark.parametrize("q", [0, 50, 90, 99, 100])
 def test_percentile_matches_numpy(values, q):
@@ -92,8 +96,9 @@ def test_percentile_empty():
 
 
 def _result(i, kind, tokens, *, ok=True, rounds=1, latency=0.01, digest=None, code=""):
-    p = demo.PlannedRequest(index=i, kind=kind, tokens=tokens, seed=i + 10,
-                            request_id=f"r{i}", min_rounds=1)
+    p = demo.PlannedRequest(
+        index=i, kind=kind, tokens=tokens, seed=i + 10, request_id=f"r{i}", min_rounds=1
+    )
     r = demo.RequestResult(request=p, latency_s=latency)
     if ok:
         r.rpc_ok = True
@@ -132,8 +137,19 @@ def test_summary_keys_and_table():
         if r.rpc_ok:
             demo.check_reply(r, ref.expected_digest(r.request.tokens, r.request.seed, 4))
     s = demo.summarize(results, wall_seconds=2.0, config={"concurrency": 8, "hidden": 4})
-    for key in ("requests", "succeeded", "failed", "mismatches", "tokens", "bytes",
-                "rounds_max", "rounds_total", "gbps", "p50_ms", "p99_ms"):
+    for key in (
+        "requests",
+        "succeeded",
+        "failed",
+        "mismatches",
+        "tokens",
+        "bytes",
+        "rounds_max",
+        "rounds_total",
+        "gbps",
+        "p50_ms",
+        "p99_ms",
+    ):
         assert key in s, key
     assert (s["requests"], s["succeeded"], s["failed"], s["mismatches"]) == (4, 2, 1, 1)
     assert s["tokens"] == 1310 and s["bytes"] == 131000
@@ -177,9 +193,12 @@ def test_progress_bar():
 
 # ------------------------------------------------------------------------------ ready lines
 
+
 def test_parse_ready_line():
     assert demo.parse_ready_line('EPD_READY {"role": "encoder", "port": 5001}\n') == {
-        "role": "encoder", "port": 5001}
+        "role": "encoder",
+        "port": 5001,
+    }
     assert demo.parse_ready_line("hello") is None
     with pytest.raises(ValueError):
         demo.parse_ready_line("EPD_READY {not json")
@@ -188,6 +207,7 @@ def test_parse_ready_line():
 
 
 # ------------------------------------------------------------------------------ flags
+
 
 def _parse(argv, monkeypatch=None, env=None):
     if monkeypatch is not None:
@@ -200,10 +220,22 @@ def _parse(argv, monkeypatch=None, env=None):
 
 def test_flag_defaults():
     a = _parse([])
-    assert (a.requests, a.tp, a.encoders, a.json, a.hidden, a.dtype, a.block_size,
-            a.initial_tokens, a.language_pool_blocks, a.encoder_pool_blocks, a.concurrency,
-            a.seed, a.model, a.image_requests) == (24, 1, 1, False, 256, "bfloat16", 128, 8192, 96, 4096, 8, 1,
-                                                   "tiny", 6)
+    assert (
+        a.requests,
+        a.tp,
+        a.encoders,
+        a.json,
+        a.hidden,
+        a.dtype,
+        a.block_size,
+        a.initial_tokens,
+        a.language_pool_blocks,
+        a.encoder_pool_blocks,
+        a.concurrency,
+        a.seed,
+        a.model,
+        a.image_requests,
+    ) == (24, 1, 1, False, 256, "bfloat16", 128, 8192, 96, 4096, 8, 1, "tiny", 6)
 
 
 def test_flags_from_env_and_cli_wins(monkeypatch):
@@ -214,7 +246,10 @@ def test_flags_from_env_and_cli_wins(monkeypatch):
 
 
 def test_unsupported_shapes_are_rejected(capsys):
-    for argv, word, why in ((["--tp", "9"], "--tp 9", "1 to 8"), (["--encoders", "9"], "--encoders 9", "1 to 8")):
+    for argv, word, why in (
+        (["--tp", "9"], "--tp 9", "1 to 8"),
+        (["--encoders", "9"], "--encoders 9", "1 to 8"),
+    ):
         args = _parse(argv)
         assert demo.run(args) == 2
         err = capsys.readouterr().err
@@ -222,8 +257,20 @@ def test_unsupported_shapes_are_rejected(capsys):
 
 
 def test_service_command_lines():
-    args = _parse(["--hidden", "64", "--dtype", "bf16", "--block-size", "16",
-                   "--initial-tokens", "100", "--language-pool-blocks", "5"])
+    args = _parse(
+        [
+            "--hidden",
+            "64",
+            "--dtype",
+            "bf16",
+            "--block-size",
+            "16",
+            "--initial-tokens",
+            "100",
+            "--language-pool-blocks",
+            "5",
+        ]
+    )
     enc = demo.encoder_argv(args)
     assert enc[:4] == [sys.executable, "-m", "services.cli", "encoder"]
     assert enc[enc.index("--pool-blocks") + 1] == "4096"
@@ -233,11 +280,12 @@ def test_service_command_lines():
     assert lang[lang.index("--pool-blocks") + 1] == "5"
     assert lang[lang.index("--initial-tokens") + 1] == "100"
     assert lang[lang.index("--port") + 1] == "0"
-    env = demo.child_env({"PATH": "/bin", "EPD_REQUESTS": "4", "EPD_HIDDEN": "64",
-                          "EPD_LOG_LEVEL": "DEBUG"})
+    env = demo.child_env(
+        {"PATH": "/bin", "EPD_REQUESTS": "4", "EPD_HIDDEN": "64", "EPD_LOG_LEVEL": "DEBUG"}
+    )
     assert env["MC_FORCE_TCP"] == "1"
     assert "EPD_REQUESTS" not in env and "EPD_HIDDEN" not in env
-    assert env["EPD_LOG_LEVEL"] == "DEBUG"     # a service setting the demo does not own
+    assert env["EPD_LOG_LEVEL"] == "DEBUG"  # a service setting the demo does not own
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -319,13 +367,32 @@ def fake(tmp_path):
 
         def lang(args, port):
             return [sys.executable, str(script), "language"] + demo.language_argv(args, port)[4:]
+
         return dict(encoder_argv=enc, language_argv=lang)
+
     return argvs()
 
 
-SMALL = ["--model", "none", "--requests", "8", "--hidden", "16", "--block-size", "16", "--initial-tokens", "64",
-         "--language-pool-blocks", "6", "--encoder-pool-blocks", "512", "--concurrency", "3",
-         "--startup-timeout", "20"]
+SMALL = [
+    "--model",
+    "none",
+    "--requests",
+    "8",
+    "--hidden",
+    "16",
+    "--block-size",
+    "16",
+    "--initial-tokens",
+    "64",
+    "--language-pool-blocks",
+    "6",
+    "--encoder-pool-blocks",
+    "512",
+    "--concurrency",
+    "3",
+    "--startup-timeout",
+    "20",
+]
 
 
 def _run_fake(fake, argv, mode="ok"):
@@ -384,12 +451,14 @@ def test_demo_service_startup_timeout(fake, capsys):
 
 def test_service_process_stop_kills_stubborn_child(tmp_path):
     script = tmp_path / "stubborn.py"
-    script.write_text(textwrap.dedent('''
+    script.write_text(
+        textwrap.dedent("""
         import signal, sys, time
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("EPD_READY {\\"role\\": \\"encoder\\", \\"port\\": 7}", flush=True)
         time.sleep(60)
-    '''))
+    """)
+    )
     svc = demo.ServiceProcess("encoder", [sys.executable, str(script)])
     svc.start()
     assert svc.wait_ready(20)["port"] == 7

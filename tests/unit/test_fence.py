@@ -64,7 +64,9 @@ async def test_blocks_come_back_when_the_writes_end_or_at_the_bound(caplog):
     late = LateWrites(1, 100, "peer:1")
     fence.track(late.settled)
     released = []
-    task = quarantine_until_landed(allocator, blocks, fence, 30.0, "request r", lambda *a: released.append(a))
+    task = quarantine_until_landed(
+        allocator, blocks, fence, 30.0, "request r", lambda *a: released.append(a)
+    )
     assert allocator.quarantined_count == 4 and allocator.try_alloc(5) is None  # never handed out
     late.piece_final(True)
     await asyncio.wait_for(task, 2)
@@ -82,7 +84,9 @@ async def test_blocks_come_back_when_the_writes_end_or_at_the_bound(caplog):
     except TransportError:
         pass
     assert fence.unknowable
-    task = quarantine_until_landed(allocator, blocks, fence, 0.2, "request s", lambda *a: released.append(a))
+    task = quarantine_until_landed(
+        allocator, blocks, fence, 0.2, "request s", lambda *a: released.append(a)
+    )
     await asyncio.wait_for(task, 2)
     assert allocator.free_count == 8 and released[1][0] is False and released[1][1] >= 0.2
     assert "writes still not final after quarantine_max_s" in caplog.text

@@ -4,14 +4,19 @@ corruption, moved rows and swapped bytes."""
 from __future__ import annotations
 
 import torch
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.integrity import (INLINE_MAX_BYTES, checksums, checksums_off_loop, host_checksums,
-                              parallel_checksums, small_checksums)
-from common.parallel import MEMORY_BOUND_SPLIT_BYTES, split_tokens
+from common.integrity import (
+    INLINE_MAX_BYTES,
+    checksums,
+    checksums_off_loop,
+    host_checksums,
+    parallel_checksums,
+    small_checksums,
+)
 from common.layout import RecordLayout, default_fields
+from common.parallel import MEMORY_BOUND_SPLIT_BYTES, split_tokens
 from common.synthetic import fill_synthetic
 
 RECORD = RecordLayout.pack(default_fields(64))
@@ -46,8 +51,14 @@ def test_detects_corruption_moves_and_swaps():
 
 
 @settings(max_examples=60, deadline=None)
-@given(hidden=st.sampled_from([1, 7, 64, 255, 3584]), dtype=st.sampled_from(["bfloat16", "float16", "float32"]),
-       n=st.integers(1, 300), cut=st.integers(0, 300), first=st.integers(0, 10**6), seed=st.integers(0, 2**31))
+@given(
+    hidden=st.sampled_from([1, 7, 64, 255, 3584]),
+    dtype=st.sampled_from(["bfloat16", "float16", "float32"]),
+    n=st.integers(1, 300),
+    cut=st.integers(0, 300),
+    first=st.integers(0, 10**6),
+    seed=st.integers(0, 2**31),
+)
 def test_small_numpy_checksums_equal_the_torch_ones(hidden, dtype, n, cut, first, seed):
     """The event-loop fast path (numpy, small host segments) is bit-for-bit the torch checksum."""
     record = RecordLayout.pack(default_fields(hidden, dtype))
@@ -59,9 +70,15 @@ def test_small_numpy_checksums_equal_the_torch_ones(hidden, dtype, n, cut, first
 
 
 @settings(max_examples=60, deadline=None)
-@given(hidden=st.sampled_from([1, 7, 64, 255, 3584]), dtype=st.sampled_from(["bfloat16", "float16", "float32"]),
-       n=st.integers(1, 300), cuts=st.lists(st.integers(0, 300), max_size=3), first=st.integers(0, 10**9),
-       seed=st.integers(0, 2**31), chunk=st.sampled_from([1, 2, 5, 64]))
+@given(
+    hidden=st.sampled_from([1, 7, 64, 255, 3584]),
+    dtype=st.sampled_from(["bfloat16", "float16", "float32"]),
+    n=st.integers(1, 300),
+    cuts=st.lists(st.integers(0, 300), max_size=3),
+    first=st.integers(0, 10**9),
+    seed=st.integers(0, 2**31),
+    chunk=st.sampled_from([1, 2, 5, 64]),
+)
 def test_host_checksums_equal_the_torch_ones(hidden, dtype, n, cuts, first, seed, chunk):
     """The host path (chunked numpy pass over whole records, or per field when a field is not
     whole int32 words) is bit-for-bit the torch checksum, for any split into runs and chunks."""
@@ -70,23 +87,34 @@ def test_host_checksums_equal_the_torch_ones(hidden, dtype, n, cuts, first, seed
     records = torch.randint(0, 256, (n, record.record_bytes), dtype=torch.uint8, generator=gen)
     edges = sorted({0, n, *(min(c, n) for c in cuts)})
     segments = [records[a:b] for a, b in zip(edges, edges[1:])]
-    assert host_checksums(segments, record, first, chunk_bytes=chunk * record.record_bytes) == \
-        checksums([records], record, first)
+    assert host_checksums(
+        segments, record, first, chunk_bytes=chunk * record.record_bytes
+    ) == checksums([records], record, first)
 
 
 async def test_checksums_off_loop_picks_a_path_by_size_with_equal_results():
     record = RecordLayout.pack(default_fields(3584, "bfloat16"))
     # inline, then one worker thread, then split over worker threads
-    for n in (4, (INLINE_MAX_BYTES // record.record_bytes) + 10, MEMORY_BOUND_SPLIT_BYTES // record.record_bytes + 10):
+    for n in (
+        4,
+        (INLINE_MAX_BYTES // record.record_bytes) + 10,
+        MEMORY_BOUND_SPLIT_BYTES // record.record_bytes + 10,
+    ):
         records = torch.randint(0, 256, (n, record.record_bytes), dtype=torch.uint8)
         assert await checksums_off_loop([records], record, 5) == checksums([records], record, 5)
 
 
 @settings(max_examples=80, deadline=None)
-@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=6), first=st.integers(0, 1000),
-       parts=st.integers(1, 5))
+@given(
+    lengths=st.lists(st.integers(0, 40), min_size=1, max_size=6),
+    first=st.integers(0, 1000),
+    parts=st.integers(1, 5),
+)
 def test_split_tokens_keeps_order_and_positions(lengths, first, parts):
-    segments = [torch.arange(sum(lengths[:i]), sum(lengths[:i + 1])).view(-1, 1) for i in range(len(lengths))]
+    segments = [
+        torch.arange(sum(lengths[:i]), sum(lengths[: i + 1])).view(-1, 1)
+        for i in range(len(lengths))
+    ]
     groups = split_tokens(segments, first, parts)
     assert len(groups) <= parts
     flat = [int(x) for segs, _ in groups for s in segs for x in s.flatten()]
@@ -101,16 +129,24 @@ async def test_parallel_off_loop_checksums_equal_one_pass():
     record = RecordLayout.pack(default_fields(512, "bfloat16"))
     n = INLINE_MAX_BYTES // record.record_bytes * 3 + 7
     records = torch.randint(0, 256, (n, record.record_bytes), dtype=torch.uint8)
-    segments = [records[:n // 3], records[n // 3:]]
+    segments = [records[: n // 3], records[n // 3 :]]
     assert await checksums_off_loop(segments, record, 11) == checksums(segments, record, 11)
     assert parallel_checksums(segments, record, 11) == checksums(segments, record, 11)
 
 
 @settings(max_examples=60, deadline=None)
-@given(hidden=st.sampled_from([1, 7, 64, 255]), dtype=st.sampled_from(["bfloat16", "float16", "float32"]),
-       block=st.sampled_from([1, 4, 16]), blocks=st.lists(st.integers(0, 11), min_size=1, max_size=12, unique=True),
-       cut=st.integers(0, 200), seed=st.integers(0, 2**31), data=st.data())
-def test_payload_sums_give_the_checksums_of_any_range(hidden, dtype, block, blocks, cut, seed, data):
+@given(
+    hidden=st.sampled_from([1, 7, 64, 255]),
+    dtype=st.sampled_from(["bfloat16", "float16", "float32"]),
+    block=st.sampled_from([1, 4, 16]),
+    blocks=st.lists(st.integers(0, 11), min_size=1, max_size=12, unique=True),
+    cut=st.integers(0, 200),
+    seed=st.integers(0, 2**31),
+    data=st.data(),
+)
+def test_payload_sums_give_the_checksums_of_any_range(
+    hidden, dtype, block, blocks, cut, seed, data
+):
     """Rounds' checksums from the sums built at Encode equal a fresh pass over the round."""
     from common.integrity import PayloadSums
     from common.pool import BlockPool

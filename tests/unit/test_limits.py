@@ -19,5 +19,7 @@ def test_too_many_images():
 
 
 def test_the_first_oversized_image_is_named():
-    with pytest.raises(InvalidArgument, match=r"images\[1\] has 11 bytes, above max_image_bytes=10"):
+    with pytest.raises(
+        InvalidArgument, match=r"images\[1\] has 11 bytes, above max_image_bytes=10"
+    ):
         check_images("req", [10, 11, 12], max_images=5, max_image_bytes=10)

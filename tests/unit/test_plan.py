@@ -42,9 +42,16 @@ def rounds(draw):
     src_start = draw(st.integers(0, src_cap - n))
     dst_start = draw(st.integers(0, dst_cap - n))
     return dict(
-        src_pool=src_pool, src_bs=src_bs, src_blocks=src_blocks, src_start=src_start,
-        dst_pool=dst_pool, dst_bs=dst_bs, dst_blocks=dst_blocks, dst_start=dst_start,
-        n=n, rb=rb,
+        src_pool=src_pool,
+        src_bs=src_bs,
+        src_blocks=src_blocks,
+        src_start=src_start,
+        dst_pool=dst_pool,
+        dst_bs=dst_bs,
+        dst_blocks=dst_blocks,
+        dst_start=dst_start,
+        n=n,
+        rb=rb,
     )
 
 
@@ -58,17 +65,24 @@ def test_plan_matches_naive_copy_and_is_maximal(r, seed):
     dst_init = rnd.randbytes(dst_size)
 
     triples = plan_round(
-        src_base=SRC_BASE, src_blocks=r["src_blocks"], src_block_size=r["src_bs"], src_start=r["src_start"],
-        dst_base=DST_BASE, dst_blocks=r["dst_blocks"], dst_block_size=r["dst_bs"], dst_start=r["dst_start"],
-        n_tokens=n, record_bytes=rb,
+        src_base=SRC_BASE,
+        src_blocks=r["src_blocks"],
+        src_block_size=r["src_bs"],
+        src_start=r["src_start"],
+        dst_base=DST_BASE,
+        dst_blocks=r["dst_blocks"],
+        dst_block_size=r["dst_bs"],
+        dst_start=r["dst_start"],
+        n_tokens=n,
+        record_bytes=rb,
     )
 
     # Apply the triples to simulated memories of the two pools.
     got = bytearray(dst_init)
     for s, d, nb in triples:
         assert nb > 0
-        assert SRC_BASE <= s and s - SRC_BASE + nb <= len(src_mem)
-        assert DST_BASE <= d and d - DST_BASE + nb <= dst_size
+        assert s >= SRC_BASE and s - SRC_BASE + nb <= len(src_mem)
+        assert d >= DST_BASE and d - DST_BASE + nb <= dst_size
         got[d - DST_BASE : d - DST_BASE + nb] = src_mem[s - SRC_BASE : s - SRC_BASE + nb]
 
     # Naive per-token copy.
@@ -84,7 +98,7 @@ def test_plan_matches_naive_copy_and_is_maximal(r, seed):
     assert got == want
     assert sum(nb for _, _, nb in triples) == n * rb
     # Maximal: no triple continues into its successor on both sides...
-    for (s1, d1, n1), (s2, d2, n2) in zip(triples, triples[1:]):
+    for (s1, d1, n1), (s2, d2, _n2) in zip(triples, triples[1:]):
         assert not (s1 + n1 == s2 and d1 + n1 == d2)
     # ...and the count equals 1 + the number of places where the per-token copy breaks.
     breaks = sum(
@@ -100,9 +114,16 @@ def test_plan_matches_naive_copy_and_is_maximal(r, seed):
 
 def _plan(**over):
     args = dict(
-        src_base=1000, src_blocks=[0, 1], src_block_size=4, src_start=0,
-        dst_base=5000, dst_blocks=[0, 1], dst_block_size=4, dst_start=0,
-        n_tokens=8, record_bytes=16,
+        src_base=1000,
+        src_blocks=[0, 1],
+        src_block_size=4,
+        src_start=0,
+        dst_base=5000,
+        dst_blocks=[0, 1],
+        dst_block_size=4,
+        dst_start=0,
+        n_tokens=8,
+        record_bytes=16,
     )
     args.update(over)
     return plan_round(**args)
@@ -116,7 +137,14 @@ def test_zero_tokens_is_empty():
 def test_fully_contiguous_is_one_triple():
     assert _plan() == [(1000, 5000, 8 * 16)]
     # Different block sizes, both sides contiguous.
-    t = _plan(src_blocks=[3, 4, 5, 6], src_block_size=2, dst_blocks=[7], dst_block_size=8, src_start=1, n_tokens=7)
+    t = _plan(
+        src_blocks=[3, 4, 5, 6],
+        src_block_size=2,
+        dst_blocks=[7],
+        dst_block_size=8,
+        src_start=1,
+        n_tokens=7,
+    )
     assert t == [(1000 + (3 * 2 + 1) * 16, 5000 + 7 * 8 * 16, 7 * 16)]
 
 
@@ -168,9 +196,16 @@ def test_large_round_is_fast():
     dst = list(range(2000, 2800))
     t0 = time.perf_counter()
     triples = plan_round(
-        src_base=0, src_blocks=src, src_block_size=128, src_start=17,
-        dst_base=1 << 40, dst_blocks=dst, dst_block_size=128, dst_start=0,
-        n_tokens=100_000, record_bytes=7184,
+        src_base=0,
+        src_blocks=src,
+        src_block_size=128,
+        src_start=17,
+        dst_base=1 << 40,
+        dst_blocks=dst,
+        dst_block_size=128,
+        dst_start=0,
+        n_tokens=100_000,
+        record_bytes=7184,
     )
     assert time.perf_counter() - t0 < 0.5
     assert sum(nb for _, _, nb in triples) == 100_000 * 7184

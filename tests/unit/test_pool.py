@@ -509,9 +509,13 @@ def test_runs_are_views_merged_over_consecutive_blocks():
 def make_records(n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     recs = torch.zeros((n, LAYOUT.record_bytes), dtype=torch.uint8)
-    field_of(recs, LAYOUT.field("embeddings"))[:] = torch.randn((n, 64), generator=g).to(torch.bfloat16)
+    field_of(recs, LAYOUT.field("embeddings"))[:] = torch.randn((n, 64), generator=g).to(
+        torch.bfloat16
+    )
     field_of(recs, LAYOUT.field("token_ids"))[:] = torch.arange(n, dtype=torch.int32) + 1000
-    field_of(recs, LAYOUT.field("mrope_positions"))[:] = torch.randint(0, 1 << 20, (n, 3), generator=g, dtype=torch.int32)
+    field_of(recs, LAYOUT.field("mrope_positions"))[:] = torch.randint(
+        0, 1 << 20, (n, 3), generator=g, dtype=torch.int32
+    )
     return recs
 
 
@@ -544,7 +548,10 @@ async def test_copy_round_trip_between_pools():
     t = 11
     blk, off = db[(d0 + t) // 4], (d0 + t) % 4
     assert dst.field_view("token_ids")[blk, off].item() == 1000 + t
-    assert torch.equal(dst.field_view("mrope_positions")[blk, off], field_of(recs, LAYOUT.field("mrope_positions"))[t])
+    assert torch.equal(
+        dst.field_view("mrope_positions")[blk, off],
+        field_of(recs, LAYOUT.field("mrope_positions"))[t],
+    )
 
     with pytest.raises(ValueError, match="records"):
         dst.copy_in(db, 0, recs[:, :16])
@@ -574,7 +581,7 @@ async def test_priority_waiters_go_ahead_of_a_big_head_waiter():
     blocks only resumed transfers can free (head-of-line deadlock)."""
     a = BlockAllocator(8)
     held = a.try_alloc(6)
-    big = asyncio.ensure_future(a.alloc(8, timeout=None))          # initial allocation: waits for all 8
+    big = asyncio.ensure_future(a.alloc(8, timeout=None))  # initial allocation: waits for all 8
     await asyncio.sleep(0)
     resume = await asyncio.wait_for(a.alloc(4, timeout=None, partial_ok=True, priority=True), 1)
     assert len(resume) == 2  # took what was free at once, ahead of the big waiter
@@ -583,7 +590,9 @@ async def test_priority_waiters_go_ahead_of_a_big_head_waiter():
     await asyncio.sleep(0)
     a.free(resume)
     await asyncio.sleep(0)
-    assert later.done() and not first.done() and not big.done()  # priority served first, FIFO otherwise
+    assert (
+        later.done() and not first.done() and not big.done()
+    )  # priority served first, FIFO otherwise
     a.free(later.result())
     a.free(held)
     await asyncio.sleep(0)

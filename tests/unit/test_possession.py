@@ -34,10 +34,13 @@ def test_a_nonce_is_used_once_and_only_by_its_identity_language_and_rank():
         c.take("cert:a", "lang", 0, nonce, "Register")  # used up
 
 
-@pytest.mark.parametrize("given, error, text", [
-    (b"", errors.FailedPrecondition, "call Challenge first"),
-    (bytes(NONCE_BYTES), errors.PermissionDenied, "not the nonce"),
-])
+@pytest.mark.parametrize(
+    "given, error, text",
+    [
+        (b"", errors.FailedPrecondition, "call Challenge first"),
+        (bytes(NONCE_BYTES), errors.PermissionDenied, "not the nonce"),
+    ],
+)
 def test_a_wrong_or_missing_nonce_is_refused_and_uses_the_challenge_up(given, error, text):
     c = Challenges(per_identity=4)
     c.issue("token", "lang", 0)
@@ -62,14 +65,19 @@ def test_challenges_expire_and_are_bounded_per_identity():
 
 
 def geometry() -> PoolGeometry:
-    return PoolGeometry(RecordLayout.pack(default_fields(16, "bfloat16")), 4, 8, base_address=0x10000)
+    return PoolGeometry(
+        RecordLayout.pack(default_fields(16, "bfloat16")), 4, 8, base_address=0x10000
+    )
 
 
-@pytest.mark.parametrize("remote, outcome", [
-    (b"N" * NONCE_BYTES, None),
-    (b"M" * NONCE_BYTES, errors.PermissionDenied),
-    (errors.TransportError("rejected"), errors.PermissionDenied),
-])
+@pytest.mark.parametrize(
+    "remote, outcome",
+    [
+        (b"N" * NONCE_BYTES, None),
+        (b"M" * NONCE_BYTES, errors.PermissionDenied),
+        (errors.TransportError("rejected"), errors.PermissionDenied),
+    ],
+)
 async def test_the_proof_reader_accepts_only_the_nonce_at_the_pools_end(remote, outcome):
     reads = []
 
@@ -78,6 +86,7 @@ async def test_the_proof_reader_accepts_only_the_nonce_at_the_pools_end(remote, 
         if isinstance(remote, Exception):
             raise remote
         import ctypes
+
         ctypes.memmove(local, remote, length)
 
     reader = ProofReader(read_sync, ProofReader.new_lanes())
@@ -90,7 +99,9 @@ async def test_the_proof_reader_accepts_only_the_nonce_at_the_pools_end(remote, 
     # Where it read: right after the claimed blocks (base + blocks x block_size x record bytes).
     end = 0x10000 + 8 * 4 * geo.record.record_bytes
     assert {a for _, a, _ in reads} == {end} and {n for _, _, n in reads} == {NONCE_BYTES}
-    assert len(reads) == (3 if isinstance(remote, Exception) else 1)  # a refused read is tried again
+    assert len(reads) == (
+        3 if isinstance(remote, Exception) else 1
+    )  # a refused read is tried again
 
 
 async def test_a_read_that_never_returns_is_given_up_on():
@@ -118,15 +129,22 @@ async def test_one_identity_cannot_take_every_proof_lane():
             release.wait(5)
         else:
             import ctypes
+
             ctypes.memmove(local, b"N" * length, length)
 
     reader = ProofReader(read_sync, ProofReader.new_lanes(), timeout_s=0.2)
     for _ in range(PROOF_LANES_PER_IDENTITY):
         with pytest.raises(errors.Unavailable, match="took longer than"):
-            await reader.verify("blackhole:1", geometry(), b"N" * NONCE_BYTES, "Register", "cert:mallory")
+            await reader.verify(
+                "blackhole:1", geometry(), b"N" * NONCE_BYTES, "Register", "cert:mallory"
+            )
     with pytest.raises(errors.Unavailable, match="this identity has"):
-        await reader.verify("127.0.0.1:1", geometry(), b"N" * NONCE_BYTES, "Register", "cert:mallory")
+        await reader.verify(
+            "127.0.0.1:1", geometry(), b"N" * NONCE_BYTES, "Register", "cert:mallory"
+        )
     await reader.verify("127.0.0.1:1", geometry(), b"N" * NONCE_BYTES, "Register", "cert:alice")
     release.set()
     await asyncio.sleep(0.1)
-    await reader.verify("127.0.0.1:1", geometry(), b"N" * NONCE_BYTES, "Register", "cert:mallory")  # lanes back
+    await reader.verify(
+        "127.0.0.1:1", geometry(), b"N" * NONCE_BYTES, "Register", "cert:mallory"
+    )  # lanes back

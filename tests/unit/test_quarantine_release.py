@@ -65,7 +65,9 @@ class CutLink:
 
     address = "fake-encoder"
 
-    def __init__(self, failure: BaseException | None, writes_ended: bool = True, scripted: bool = False):
+    def __init__(
+        self, failure: BaseException | None, writes_ended: bool = True, scripted: bool = False
+    ):
         self.failure = failure
         self.writes_ended = writes_ended
         self.cancels = 0
@@ -88,7 +90,16 @@ def make(failure, writes_ended: bool = True, scripted: bool = False):
     pool = BlockPool(RecordLayout.pack(default_fields(16, "bfloat16")), BLOCK, POOL_BLOCKS)
     link = CutLink(failure, writes_ended, scripted)
     seen = []
-    task = ReceiveTask("r", 0, 1, pool, link, initial_tokens=3 * BLOCK, alloc_timeout_s=1.0, on_quarantine=seen.append)
+    task = ReceiveTask(
+        "r",
+        0,
+        1,
+        pool,
+        link,
+        initial_tokens=3 * BLOCK,
+        alloc_timeout_s=1.0,
+        on_quarantine=seen.append,
+    )
     return pool, link, task, seen
 
 
@@ -101,9 +112,13 @@ async def started_then_failed(task):
     await task.close(errors.Unavailable("the link is gone", reason=FailureReason.PEER_LOST))
 
 
-async def test_unanswered_cancel_quarantines_then_an_answer_and_the_grace_release_fault_injected(monkeypatch):
+async def test_unanswered_cancel_quarantines_then_an_answer_and_the_grace_release_fault_injected(
+    monkeypatch,
+):
     monkeypatch.setattr(receiver_mod, "PROBE_TIMEOUT_S", 0.2)
-    pool, link, task, seen = make(errors.Unavailable("Cancel on encoder fake-encoder: No route to host"))
+    pool, link, task, seen = make(
+        errors.Unavailable("Cancel on encoder fake-encoder: No route to host")
+    )
     await started_then_failed(task)
     a = pool.allocator
     assert seen == [task] and len(task.quarantined_blocks) == 3
@@ -128,7 +143,7 @@ async def test_unanswered_cancel_quarantines_then_an_answer_and_the_grace_releas
 
 async def test_unreachable_again_during_the_grace_restarts_the_wait_fault_injected(monkeypatch):
     monkeypatch.setattr(receiver_mod, "PROBE_TIMEOUT_S", 0.2)
-    pool, link, task, _ = make(asyncio.TimeoutError())
+    pool, link, task, _ = make(TimeoutError())
     await started_then_failed(task)
     link.failure = None
     release = asyncio.ensure_future(release_when_safe(task, 0.5, probe_s=0.05))
@@ -141,22 +156,45 @@ async def test_unreachable_again_during_the_grace_restarts_the_wait_fault_inject
     assert pool.allocator.free_count == POOL_BLOCKS
 
 
-@pytest.mark.parametrize("failure, writes_ended, freed", [
-    (None, True, True),                                           # the encoder says its writes ended
-    (errors.NotFound("no such transfer"), True, True),            # it holds nothing of the transfer
-    (None, False, False),                                         # answered: a write may still land
-    (errors.Cancelled("Cancel on encoder: cancelled"), True, False),   # prove nothing about its writes
-    (errors.Internal("Cancel on encoder: unknown"), True, False),
-    (errors.PermissionDenied("not yours"), True, False),
-], ids=["writes ended", "not found", "writes may land", "cancelled", "unknown", "permission denied"])
+@pytest.mark.parametrize(
+    "failure, writes_ended, freed",
+    [
+        (None, True, True),  # the encoder says its writes ended
+        (errors.NotFound("no such transfer"), True, True),  # it holds nothing of the transfer
+        (None, False, False),  # answered: a write may still land
+        (
+            errors.Cancelled("Cancel on encoder: cancelled"),
+            True,
+            False,
+        ),  # prove nothing about its writes
+        (errors.Internal("Cancel on encoder: unknown"), True, False),
+        (errors.PermissionDenied("not yours"), True, False),
+    ],
+    ids=[
+        "writes ended",
+        "not found",
+        "writes may land",
+        "cancelled",
+        "unknown",
+        "permission denied",
+    ],
+)
 async def test_only_a_positive_answer_frees_at_once_fault_injected(failure, writes_ended, freed):
     pool, link, task, seen = make(failure, writes_ended)
     await started_then_failed(task)
     assert link.cancels == 1
     if freed:
-        assert seen == [] and task.quarantined_blocks == [] and pool.allocator.free_count == POOL_BLOCKS
+        assert (
+            seen == []
+            and task.quarantined_blocks == []
+            and pool.allocator.free_count == POOL_BLOCKS
+        )
     else:
-        assert seen == [task] and pool.allocator.quarantined_count == 3 and pool.allocator.used_count == 0
+        assert (
+            seen == [task]
+            and pool.allocator.quarantined_count == 3
+            and pool.allocator.used_count == 0
+        )
 
 
 async def test_writes_may_land_then_ended_releases_without_a_grace_fault_injected():
@@ -180,8 +218,15 @@ async def test_failed_status_saying_writes_may_land_quarantines_until_the_stream
     pool, link, task, seen = make(None, writes_ended=False, scripted=True)
     await task.start()
     receive = asyncio.ensure_future(task.receive())
-    link.stream.queue.put_nowait(StatusUpdate("r", TransferState.FAILED, reason=FailureReason.TRANSPORT,
-                                              message="write failed", writes_may_land=True))
+    link.stream.queue.put_nowait(
+        StatusUpdate(
+            "r",
+            TransferState.FAILED,
+            reason=FailureReason.TRANSPORT,
+            message="write failed",
+            writes_may_land=True,
+        )
+    )
     with pytest.raises(errors.TransportError):
         await receive
     await task.close(None)
@@ -190,8 +235,11 @@ async def test_failed_status_saying_writes_may_land_quarantines_until_the_stream
     release = asyncio.ensure_future(release_when_safe(task, 30.0, probe_s=0.05))
     await asyncio.sleep(0.3)
     assert not release.done() and pool.allocator.quarantined_count == 3 and link.cancels >= 1
-    link.stream.queue.put_nowait(StatusUpdate("r", TransferState.FAILED, reason=FailureReason.TRANSPORT,
-                                              message="write failed"))
+    link.stream.queue.put_nowait(
+        StatusUpdate(
+            "r", TransferState.FAILED, reason=FailureReason.TRANSPORT, message="write failed"
+        )
+    )
     await asyncio.wait_for(release, 2)
     assert pool.allocator.free_count == POOL_BLOCKS and link.stream.closed
 
@@ -210,23 +258,38 @@ def test_epd_status_shows_quarantined_blocks():
     from common.pb.epd.v1 import common_pb2
     from services.inspect_cli import pool_text
 
-    pool = common_pb2.PoolInfo(used_blocks=2, free_blocks=3, quarantined_blocks=3, rank_pools=[
-        common_pb2.RankPool(rank=0, used_blocks=2, free_blocks=3, quarantined_blocks=3)])
+    pool = common_pb2.PoolInfo(
+        used_blocks=2,
+        free_blocks=3,
+        quarantined_blocks=3,
+        rank_pools=[
+            common_pb2.RankPool(rank=0, used_blocks=2, free_blocks=3, quarantined_blocks=3)
+        ],
+    )
     text = pool_text(pool)
     assert "pool: 2/8 blocks used, 3 free, 3 quarantined, 0 waiting" in text, text
     header, row = text.splitlines()[-2:]
     assert header.split() == ["RANK", "USED", "FREE", "QUARANTINED", "WAITERS", "FAULT_HELD"]
     assert row.split() == ["0", "2", "3", "3", "0", "0"]
-    assert "quarantined" not in pool_text(common_pb2.PoolInfo(used_blocks=1, free_blocks=7)).splitlines()[0]
+    assert (
+        "quarantined"
+        not in pool_text(common_pb2.PoolInfo(used_blocks=1, free_blocks=7)).splitlines()[0]
+    )
 
 
-async def test_refused_connection_counts_as_an_answer_and_max_s_bounds_a_silent_encoder_fault_injected(monkeypatch):
+async def test_refused_connection_counts_as_an_answer_and_max_s_bounds_a_silent_encoder_fault_injected(
+    monkeypatch,
+):
     monkeypatch.setattr(receiver_mod, "PROBE_TIMEOUT_S", 0.2)
-    refused = errors.Unavailable("Cancel on encoder x: failed to connect to all addresses; last error: UNKNOWN: "
-                                 "ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused")
+    refused = errors.Unavailable(
+        "Cancel on encoder x: failed to connect to all addresses; last error: UNKNOWN: "
+        "ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused"
+    )
     pool, link, task, _ = make(refused)
     await started_then_failed(task)
-    assert pool.allocator.quarantined_count == 3  # quarantined at close: the kernel may still deliver
+    assert (
+        pool.allocator.quarantined_count == 3
+    )  # quarantined at close: the kernel may still deliver
     await asyncio.wait_for(release_when_safe(task, 0.2, probe_s=0.05), 5)  # refused: the grace runs
     assert pool.allocator.free_count == POOL_BLOCKS
 

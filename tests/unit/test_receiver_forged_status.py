@@ -70,8 +70,16 @@ class ForgingLink:
 
 def st(state, sent, total, rnd, round_tokens=None, allocated=None, checksums=()):
     n = round_tokens if round_tokens is not None else 0
-    return StatusUpdate("r", state, sent_tokens=sent, total_tokens=total, round=rnd, round_tokens=n,
-                        allocated_tokens=n if allocated is None else allocated, checksums=checksums)
+    return StatusUpdate(
+        "r",
+        state,
+        sent_tokens=sent,
+        total_tokens=total,
+        round=rnd,
+        round_tokens=n,
+        allocated_tokens=n if allocated is None else allocated,
+        checksums=checksums,
+    )
 
 
 def round_(state, sent, total, rnd, handled, **kw):
@@ -101,20 +109,53 @@ async def run(statuses, initial_tokens=2 * BLOCK):
 
 FORGED = {
     "sent beyond the allocation": ([round_(T, 48, 100, 1, 0)], "allocated_tokens=32"),
-    "allocated_tokens never given": ([round_(T, 32, 100, 1, 0, allocated=64)], "allocated_tokens=64 does not match"),
-    "allocated_tokens below the round": ([round_(T, 32, 100, 1, 0, allocated=16)], "allocated_tokens=16"),
+    "allocated_tokens never given": (
+        [round_(T, 32, 100, 1, 0, allocated=64)],
+        "allocated_tokens=64 does not match",
+    ),
+    "allocated_tokens below the round": (
+        [round_(T, 32, 100, 1, 0, allocated=16)],
+        "allocated_tokens=16",
+    ),
     "round_tokens lie": ([round_(T, 32, 100, 1, 0, round_tokens=16)], "inconsistent status"),
-    "going backwards": ([round_(T, 32, 100, 1, 0), round_(T, 16, 100, 1, 0)], "sent_tokens=16 round 1 after 32"),
-    "an earlier round again": ([round_(T, 32, 100, 1, 0), round_(T, 32, 100, 0, 0)], "round 0 after 32"),
+    "going backwards": (
+        [round_(T, 32, 100, 1, 0), round_(T, 16, 100, 1, 0)],
+        "sent_tokens=16 round 1 after 32",
+    ),
+    "an earlier round again": (
+        [round_(T, 32, 100, 1, 0), round_(T, 32, 100, 0, 0)],
+        "round 0 after 32",
+    ),
     "a skipped round number": ([round_(T, 32, 100, 2, 0)], "round number 2 after round 0"),
-    "SUCCESS without a new round": ([round_(T, 32, 100, 1, 0), round_(S, 32, 32, 1, 0)], "SUCCESS status"),
-    "TRANSFERRING with nothing left": ([round_(T, 32, 32, 1, 0)], "TRANSFERRING with sent_tokens=32 >= total_tokens"),
+    "SUCCESS without a new round": (
+        [round_(T, 32, 100, 1, 0), round_(S, 32, 32, 1, 0)],
+        "SUCCESS status",
+    ),
+    "TRANSFERRING with nothing left": (
+        [round_(T, 32, 32, 1, 0)],
+        "TRANSFERRING with sent_tokens=32 >= total_tokens",
+    ),
     "total changes": ([round_(T, 32, 100, 1, 0), round_(T, 64, 90, 2, 32)], "total_tokens changed"),
-    "too few checksums": ([round_(S, 20, 20, 1, 0, checksums=(("embeddings", 1),))], "checksums for fields"),
-    "a duplicated checksum": ([round_(S, 20, 20, 1, 0, checksums=(("embeddings", 1),) * 3)], "checksums for fields"),
-    "an unknown field's checksum": ([round_(S, 20, 20, 1, 0, checksums=tuple((f, 1) for f in FIELDS[:2]) +
-                                            (("deepstack", 1),))], "checksums for fields"),
-    "state going back": ([round_(T, 32, 100, 1, 0), st(B, 0, 0, 0)], "state BOOTSTRAPPING after round 1"),
+    "too few checksums": (
+        [round_(S, 20, 20, 1, 0, checksums=(("embeddings", 1),))],
+        "checksums for fields",
+    ),
+    "a duplicated checksum": (
+        [round_(S, 20, 20, 1, 0, checksums=(("embeddings", 1),) * 3)],
+        "checksums for fields",
+    ),
+    "an unknown field's checksum": (
+        [
+            round_(
+                S, 20, 20, 1, 0, checksums=tuple((f, 1) for f in FIELDS[:2]) + (("deepstack", 1),)
+            )
+        ],
+        "checksums for fields",
+    ),
+    "state going back": (
+        [round_(T, 32, 100, 1, 0), st(B, 0, 0, 0)],
+        "state BOOTSTRAPPING after round 1",
+    ),
 }
 
 
@@ -129,9 +170,14 @@ async def test_forged_status_is_integrity_fault_injected(case):
 
 async def test_exact_repeats_are_ignored_and_a_true_transfer_completes_fault_injected():
     """The control: the same script shape, well formed, with every status sent twice, succeeds."""
-    script = [round_(T, 32, 100, 1, 0), round_(T, 32, 100, 1, 0),
-              round_(T, 64, 100, 2, 32), round_(T, 64, 100, 2, 32),
-              round_(S, 100, 100, 3, 64), round_(S, 100, 100, 3, 64)]
+    script = [
+        round_(T, 32, 100, 1, 0),
+        round_(T, 32, 100, 1, 0),
+        round_(T, 64, 100, 2, 32),
+        round_(T, 64, 100, 2, 32),
+        round_(S, 100, 100, 3, 64),
+        round_(S, 100, 100, 3, 64),
+    ]
     failure, link = await run(script)
     assert failure is None
     assert link.resumes == [(32, 68 // BLOCK * BLOCK + BLOCK), (64, 48)]

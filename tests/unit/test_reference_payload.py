@@ -23,7 +23,8 @@ def torch_payload(n: int, seed: int, hidden: int, dtype: str) -> dict[str, torch
     j = torch.arange(hidden, dtype=torch.int64)
     m = (seed * 7919 + i[:, None] * 131 + j[None, :] * 31) % 2003
     values = m.to(torch.float32) / torch.tensor(2003, dtype=torch.float32) - torch.tensor(
-        0.5, dtype=torch.float32)
+        0.5, dtype=torch.float32
+    )
     return {
         "embeddings": values.to(TORCH_DTYPES[dtype]).contiguous(),
         "token_ids": ((seed + i) % 65536).to(torch.int32),
@@ -48,17 +49,17 @@ CASES = [
     (1, 0, 8, "bfloat16"),
     (7, 1, 16, "bfloat16"),
     (130, 12345, 64, "bfloat16"),
-    (2003, 3, 48, "bfloat16"),          # exactly one period
-    (2004, 3, 48, "bfloat16"),          # one period + 1 row
-    (4500, 99, 96, "bfloat16"),         # two periods + a partial one
-    (300, 65530, 32, "bfloat16"),       # token ids wrap past 65535
-    (70000, 65535, 4, "bfloat16"),      # wraps at i=1, and i itself passes 65536
-    (257, 2**32 - 1, 40, "bfloat16"),   # largest uint32 seed
+    (2003, 3, 48, "bfloat16"),  # exactly one period
+    (2004, 3, 48, "bfloat16"),  # one period + 1 row
+    (4500, 99, 96, "bfloat16"),  # two periods + a partial one
+    (300, 65530, 32, "bfloat16"),  # token ids wrap past 65535
+    (70000, 65535, 4, "bfloat16"),  # wraps at i=1, and i itself passes 65536
+    (257, 2**32 - 1, 40, "bfloat16"),  # largest uint32 seed
     (2100, 7, 24, "float16"),
     (300, 65534, 33, "float16"),
     (2100, 7, 24, "float32"),
     (5, 65535, 1, "float32"),
-    (3, 424242, 3584, "bfloat16"),      # Qwen2-VL-7B width
+    (3, 424242, 3584, "bfloat16"),  # Qwen2-VL-7B width
     (3, 424242, 3584, "float16"),
 ]
 
@@ -105,11 +106,30 @@ def test_bfloat16_rounding_matches_torch():
     values = values[np.isfinite(values)]
     # exact ties (low half == 0x8000) with both even and odd kept halves, and near-ties
     highs = rng.integers(0, 0x7F7F, size=2000, dtype=np.uint32) << np.uint32(16)
-    ties = np.concatenate([highs | np.uint32(0x8000), highs | np.uint32(0x7FFF),
-                           highs | np.uint32(0x8001), highs | np.uint32(0x18000)])
+    ties = np.concatenate(
+        [
+            highs | np.uint32(0x8000),
+            highs | np.uint32(0x7FFF),
+            highs | np.uint32(0x8001),
+            highs | np.uint32(0x18000),
+        ]
+    )
     ties = ties.astype(np.uint32).view(np.float32)
-    specials = np.array([0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 1e-40, -1e-40,
-                         np.finfo(np.float32).max, np.finfo(np.float32).tiny], dtype=np.float32)
+    specials = np.array(
+        [
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            0.5,
+            -0.5,
+            1e-40,
+            -1e-40,
+            np.finfo(np.float32).max,
+            np.finfo(np.float32).tiny,
+        ],
+        dtype=np.float32,
+    )
     allv = np.concatenate([values, ties[np.isfinite(ties)], specials]).astype(np.float32)
     want = torch.from_numpy(allv).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     got = ref.float32_to_bfloat16_bits(allv)
@@ -126,8 +146,14 @@ def test_large_payload_memory_is_bounded():
         "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "print(len(d), (after - before) // 1024)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=60, cwd=REPO).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        cwd=REPO,
+    ).stdout.split()
     assert out[0] == "64"
     assert int(out[1]) < 200, f"digest grew RSS by {out[1]} MiB"
 
@@ -140,8 +166,14 @@ def test_reference_module_does_not_import_torch_or_project_code():
         " or m == 'common' or m.startswith('common.')]\n"
         "print(','.join(bad))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=60, cwd=REPO).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        cwd=REPO,
+    ).stdout.strip()
     assert out == ""
 
 

@@ -6,17 +6,33 @@ import socket
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from common.config import ConfigError, LanguageConfig
 from services.language.encoders import resolve_addresses
-from services.language.rank_group import ADMIT_KEY_BYTES, RequestSpec, _ADMIT_WORDS, _pack_admit, _unpack_admit
+from services.language.rank_group import (
+    _ADMIT_WORDS,
+    ADMIT_KEY_BYTES,
+    RequestSpec,
+    _pack_admit,
+    _unpack_admit,
+)
 from services.language.selection import EncoderSelector, EncoderView
 
-view_st = st.builds(EncoderView, index=st.just(0), address=st.just(""), available=st.booleans(),
-                    registered=st.booleans(), free_blocks=st.integers(0, 100), used_blocks=st.integers(0, 100),
-                    waiters=st.integers(0, 3), live_transfers=st.integers(0, 20), inflight=st.integers(0, 20),
-                    inflight_at_poll=st.integers(0, 20))
+view_st = st.builds(
+    EncoderView,
+    index=st.just(0),
+    address=st.just(""),
+    available=st.booleans(),
+    registered=st.booleans(),
+    free_blocks=st.integers(0, 100),
+    used_blocks=st.integers(0, 100),
+    waiters=st.integers(0, 3),
+    live_transfers=st.integers(0, 20),
+    inflight=st.integers(0, 20),
+    inflight_at_poll=st.integers(0, 20),
+)
 
 
 def views_of(raw: list[EncoderView]) -> list[EncoderView]:
@@ -26,7 +42,11 @@ def views_of(raw: list[EncoderView]) -> list[EncoderView]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(view_st, max_size=6), st.sampled_from(["least-loaded", "round-robin"]), st.sets(st.integers(0, 5)))
+@given(
+    st.lists(view_st, max_size=6),
+    st.sampled_from(["least-loaded", "round-robin"]),
+    st.sets(st.integers(0, 5)),
+)
 def test_pick_returns_an_available_registered_not_excluded_encoder_or_none(raw, policy, exclude):
     views = views_of(raw)
     chosen = EncoderSelector(policy).pick(views, exclude)
@@ -49,8 +69,12 @@ def test_round_robin_visits_every_encoder_in_turn(n, picks):
 
 
 def test_least_loaded_spreads_a_burst_and_prefers_free_blocks():
-    views = views_of([EncoderView(0, "", available=True, registered=True, free_blocks=10, used_blocks=90),
-                      EncoderView(0, "", available=True, registered=True, free_blocks=90, used_blocks=10)])
+    views = views_of(
+        [
+            EncoderView(0, "", available=True, registered=True, free_blocks=10, used_blocks=90),
+            EncoderView(0, "", available=True, registered=True, free_blocks=90, used_blocks=10),
+        ]
+    )
     sel = EncoderSelector()
     assert sel.pick(views).index == 1  # same load: more free blocks
     counts = [0, 0]
@@ -82,14 +106,23 @@ def fake_getaddrinfo(table):
         if host not in table:
             raise socket.gaierror(f"unknown host {host}")
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in table[host]]
+
     return lookup
 
 
 def test_dns_names_with_several_addresses_expand_to_each():
-    lookup = fake_getaddrinfo({"encoder": ["10.0.0.3", "10.0.0.2", "10.0.0.3"], "single": ["10.0.0.9"]})
-    got, expanded = resolve_addresses(["encoder:50051", "single:1", "10.1.1.1:2", "nowhere:3"], lookup)
+    lookup = fake_getaddrinfo(
+        {"encoder": ["10.0.0.3", "10.0.0.2", "10.0.0.3"], "single": ["10.0.0.9"]}
+    )
+    got, expanded = resolve_addresses(
+        ["encoder:50051", "single:1", "10.1.1.1:2", "nowhere:3"], lookup
+    )
     assert got == ["10.0.0.2:50051", "10.0.0.3:50051", "single:1", "10.1.1.1:2", "nowhere:3"]
-    assert expanded == ["encoder:50051", "single:1", "nowhere:3"]  # every name is looked up again later
+    assert expanded == [
+        "encoder:50051",
+        "single:1",
+        "nowhere:3",
+    ]  # every name is looked up again later
 
 
 async def test_a_name_that_grows_to_several_addresses_is_retired_for_one_entry_each():
@@ -113,10 +146,17 @@ def _check_growing_name(d) -> None:
     d._spawn = spawned.append
     for v in d.views:
         v.available = v.registered = True
-    d._resolved("encoder:50051", ["10.0.0.2:50051"])  # still one address: the name's link reaches it
+    d._resolved(
+        "encoder:50051", ["10.0.0.2:50051"]
+    )  # still one address: the name's link reaches it
     assert [v.address for v in d.views] == ["encoder:50051", "10.9.9.9:1"] and not spawned
     d._resolved("encoder:50051", ["10.0.0.2:50051", "10.0.0.3:50051"])
-    assert [v.address for v in d.views] == ["encoder:50051", "10.9.9.9:1", "10.0.0.2:50051", "10.0.0.3:50051"]
+    assert [v.address for v in d.views] == [
+        "encoder:50051",
+        "10.9.9.9:1",
+        "10.0.0.2:50051",
+        "10.0.0.3:50051",
+    ]
     assert spawned == [2, 3] and d.views[0].retired and not d.views[0].selectable
     d._resolved("encoder:50051", ["10.0.0.2:50051", "10.0.0.3:50051", "10.0.0.4:50051"])
     assert spawned == [2, 3, 4] and len(d.views) == 5
@@ -142,7 +182,10 @@ def test_encoder_file_adds_addresses_and_names_a_bad_line(tmp_path):
         LanguageConfig(encoder=("a:1",), encoder_policy="x").validate()
 
 
-@given(st.text(min_size=1, max_size=40).filter(lambda s: len(s.encode()) <= ADMIT_KEY_BYTES), st.integers(0, 63))
+@given(
+    st.text(min_size=1, max_size=40).filter(lambda s: len(s.encode()) <= ADMIT_KEY_BYTES),
+    st.integers(0, 63),
+)
 def test_admission_record_carries_the_key_and_the_encoder(key, encoder):
     t = torch.zeros(_ADMIT_WORDS + 3, dtype=torch.int64)
     spec = RequestSpec(7, key, 1024, True, encoder)

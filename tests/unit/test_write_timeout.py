@@ -106,7 +106,9 @@ async def test_a_write_past_its_deadline_fails_at_once_and_its_pieces_stay_fence
     with pytest.raises(TransportError, match="2 piece\\(s\\) still running") as e:
         await t.write("peer:1", TRIPLES, fence=fence)
     waited = time.monotonic() - started
-    assert 0.3 <= waited < 1.5, waited  # the caller hears it at the deadline, not when the pieces end
+    assert 0.3 <= waited < 1.5, (
+        waited
+    )  # the caller hears it at the deadline, not when the pieces end
     assert e.value.in_flight is not None and e.value.in_flight.pieces == 2
     assert fence.may_land and t.late_pieces == 2 and engine.freed == []
     engine.timeout_reported = True  # Mooncake's TIMEOUT: still in flight, not final, nothing freed
