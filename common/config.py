@@ -2,7 +2,7 @@
 
 One frozen dataclass per service, built from CLI flags and `EPD_*` environment variables (flags
 win). Every field has a docstring; `validate()` rejects impossible values with a message that
-names the setting. services/cli.py turns these dataclasses into argparse flags, so the README
+names the setting. services/tools/cli.py turns these dataclasses into argparse flags, so the README
 table, the flags and the env names all come from the same place.
 """
 

@@ -1,6 +1,6 @@
 """Domain errors, one class per gRPC status code (DESIGN §8).
 
-Domain code raises these; the gRPC edge (services/rpc.py) maps `code` to `grpc.StatusCode` in
+Domain code raises these; the gRPC edge (services/edge/rpc.py) maps `code` to `grpc.StatusCode` in
 one place. No grpc import here, so pool, plan and the state machines stay transport-free.
 """
 
@@ -100,7 +100,7 @@ class PermissionDenied(EpdError):
 
 
 class Unauthenticated(EpdError):
-    """The caller did not prove who it is (missing or wrong token, see services/security.py)."""
+    """The caller did not prove who it is (missing or wrong token, see services/edge/security.py)."""
 
     code = "UNAUTHENTICATED"
     reason = FailureReason.INVALID

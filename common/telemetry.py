@@ -1,6 +1,6 @@
 """What domain code reports about transfers, without knowing how it is exported (DESIGN §9).
 
-Transfers, receive tasks and pools call a `Telemetry`; services/metrics.py implements it with
+Transfers, receive tasks and pools call a `Telemetry`; services/edge/metrics.py implements it with
 Prometheus metrics. Domain code never imports prometheus_client, and tests or tools that do not
 export metrics use `NULL_TELEMETRY`.
 """

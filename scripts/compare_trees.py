@@ -25,14 +25,14 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import grpc
 
 from common.pb.epd.v1 import language_pb2, language_pb2_grpc
-from services import demo
+from services.tools import demo
 
 
 def start(tree: str, role: str, *args: str) -> demo.ServiceProcess:
     argv = [
         sys.executable,
         "-m",
-        "services.cli",
+        "services.tools.cli",
         role,
         "--host",
         "127.0.0.1",

@@ -1,6 +1,6 @@
 """Shared test harness: real service processes on ephemeral loopback ports, real Mooncake TCP.
 
-`ServiceProcess` runs `python -m services.cli encoder|language ...` and waits for its
+`ServiceProcess` runs `python -m services.tools.cli encoder|language ...` and waits for its
 `EPD_READY {json}` line; `TestRank` is a language rank living in the pytest process (its own
 Mooncake engine and block pool) for driving the encoder's protocol by hand.
 """
@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2, language_pb2_grpc
-from services import demo
+from services.tools import demo
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 os.environ.setdefault("MC_FORCE_TCP", "1")
@@ -32,7 +32,7 @@ class ServiceProcess(demo.ServiceProcess):
         argv = [
             sys.executable,
             "-m",
-            "services.cli",
+            "services.tools.cli",
             role,
             "--host",
             "127.0.0.1",

@@ -6,7 +6,7 @@ An `EncoderModel` knows `token_count(inputs)` cheaply (before anything is alloca
 - Requests with `synthetic_tokens > 0` always use the §14 synthetic payload.
 - `bytes`: a dependency-free text model — one token per UTF-8 byte, embeddings from a seeded
   table, positions (i, i, i). It has no vision tower, so images are validated and then refused.
-- `tiny` or a checkpoint directory: the Qwen2-VL model (services/encoder/qwen.py), built from
+- `tiny` or a checkpoint directory: the Qwen2-VL model (services/models/qwen.py), built from
   Hugging Face transformers' classes. Models may also have `prepare(inputs)`: work that must
   succeed before anything is allocated (decoding every image), run after `token_count`.
 """
@@ -130,7 +130,7 @@ def load_model(name: str, hidden: int, dtype: str, device: str = "cpu") -> Encod
     """`bytes`, `tiny` (a seeded Qwen2-VL of hidden size `hidden`) or a Qwen2-VL checkpoint directory."""
     if name == "bytes":
         return ByteTextModel(hidden, dtype)
-    from services.encoder import qwen
+    from services.models import qwen
 
     if name == qwen.TINY or qwen.is_checkpoint_name(name):
         return qwen.load_encoder_model(name, hidden, device)

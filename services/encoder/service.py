@@ -28,11 +28,11 @@ from common.pool import BlockPool
 from common.states import FailureReason, StatusUpdate, TransferState
 from common.table import TransferTable
 from common.transport import MooncakeTransport, memory_location
-from services import exposure, rpc
+from services.edge import exposure, rpc
+from services.edge.metrics import Metrics
 from services.encoder.models import EncodeInputs, SyntheticModel, load_model, validate_images
 from services.encoder.possession import CHALLENGE_TTL_S, Challenges, ProofReader
 from services.encoder.transfer import EncoderTransfer, PeerSession, validate_allocation
-from services.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ class PeerSession:
     generation: int = 0
     """Bumped on every re-registration, so a transfer can tell a stale session."""
     principal: str = ""
-    """Who registered it, as the transport authenticated the call (`services.security.peer_identity`:
+    """Who registered it, as the transport authenticated the call (`services.edge.security.peer_identity`:
     `cert:<CN>` under mutual TLS, else `token` or `anonymous`): only the same may replace it."""
 
     def slab(self) -> Slab:
@@ -98,7 +98,7 @@ class TransferEnv(Protocol):
 
 def _individual(principal: str) -> bool:
     """Whether an authenticated identity names one peer: a client certificate (`cert:<name>`,
-    services.security.peer_identity). `token` and `anonymous` are shared by every caller."""
+    services.edge.security.peer_identity). `token` and `anonymous` are shared by every caller."""
     return principal.startswith("cert:")
 
 

@@ -150,7 +150,7 @@ class Qwen2VLPrefill:
 def build_consumer(config: LanguageConfig, rank: int):
     """The consumer of a rank (`config.consumer`); the prefill model runs on rank 0 only."""
     if config.consumer == "qwen2-vl-prefill" and rank == 0:
-        from services.encoder.qwen import load_qwen2vl
+        from services.models.qwen import load_qwen2vl
 
         started = time.perf_counter()
         consumer = Qwen2VLPrefill(

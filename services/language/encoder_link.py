@@ -1,7 +1,7 @@
 """gRPC adapter: one language rank's view of one encoder (the `EncoderLink` of receiver.py).
 
 One channel and stub per encoder, reused by every request. gRPC errors become domain errors
-(`services.rpc.error_from_rpc`); Status messages become `StatusUpdate`s.
+(`services.edge.rpc.error_from_rpc`); Status messages become `StatusUpdate`s.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from common import errors
 from common.layout import PoolGeometry
 from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, common_pb2, encoder_pb2, encoder_pb2_grpc
 from common.states import FailureReason, StatusUpdate, TransferState
-from services import rpc
+from services.edge import rpc
 from services.language.receiver import CarriedInit
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class GrpcEncoderLink:
         self.address = address
         self.language_id = language_id
         # TLS (mutual with a client certificate), the bearer token on every call and the message
-        # size limit all come with `sec` (services/security.py); plaintext when None.
+        # size limit all come with `sec` (services/edge/security.py); plaintext when None.
         self.channel = (sec or rpc.ClientSecurity()).aio_channel(address, options=RECONNECT_OPTIONS)
         self.stub = encoder_pb2_grpc.EncoderStub(self.channel)
         self.bench = bench_pb2_grpc.BenchStub(self.channel)
@@ -317,7 +317,7 @@ RECONNECT_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 200),
     # A cut network link breaks a call within ~5 s (HTTP/2 pings while calls are
     # open) instead of leaving a Status stream or Resume hanging until TCP gives up.
-    # The encoder's server allows these pings (services/rpc.py SERVER_OPTIONS).
+    # The encoder's server allows these pings (services/edge/rpc.py SERVER_OPTIONS).
     ("grpc.keepalive_time_ms", 2000),
     ("grpc.keepalive_timeout_ms", 3000),
 ]

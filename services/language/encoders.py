@@ -94,7 +94,7 @@ class EncoderDirectory:
         if not addresses:
             raise errors.InvalidArgument("encoder: at least one --encoder host:port is required")
         self.language_id = language_id
-        self._sec = sec  # services.security.ClientSecurity of every link (None: plaintext)
+        self._sec = sec  # services.edge.security.ClientSecurity of every link (None: plaintext)
         self._wrap = wrap
         self.links: list = []
         self.views: list[EncoderView] = []

@@ -20,7 +20,7 @@ import sys
 import time
 
 from common.config import LanguageConfig
-from services import rpc
+from services.edge import rpc
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def spawn(config: LanguageConfig, language_id: str, dist_init: str) -> list[subp
             port=0,
             metrics_port=config.metrics_port + rank if config.metrics_port else 0,
         )
-        argv = [sys.executable, "-m", "services.cli", "language", *config_to_argv(child)]
+        argv = [sys.executable, "-m", "services.tools.cli", "language", *config_to_argv(child)]
         # No preexec_fn: it forces fork() in a process with gRPC threads (fork handlers skipped,
         # broken pollers); the child sets its own parent-death signal instead (run_rank).
         children.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, env=env))

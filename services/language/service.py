@@ -23,7 +23,7 @@ from common.plan import blocks_for_tokens
 from common.states import FailureReason, TransferState
 from common.table import TransferTable
 from common.transport import MooncakeTransport
-from services import exposure, rpc
+from services.edge import exposure, rpc
 from services.language import encoders, ranks
 from services.language.policy import AllocationPolicy
 from services.language.rank_group import (

@@ -21,14 +21,14 @@ from common.plan import blocks_for_tokens
 from common.pool import BlockPool
 from common.states import FailureReason, TransferState
 from common.transport import MooncakeTransport, memory_location
-from services import exposure
+from services.edge import exposure
+from services.edge.metrics import Metrics
+from services.edge.rpc import ClientSecurity
 from services.language.consumers import ConsumerResult, NullConsumer, build_consumer  # noqa: F401 (re-exported)
 from services.language.encoders import EncoderDirectory
 from services.language.faults import FaultSpec, FaultyLink
 from services.language.rank_group import Decision, LocalView, RankGroup, RequestSpec
 from services.language.receiver import CarriedInit, Fence, ReceiveTask, release_when_safe
-from services.metrics import Metrics
-from services.rpc import ClientSecurity
 
 log = logging.getLogger(__name__)
 

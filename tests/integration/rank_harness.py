@@ -23,7 +23,7 @@ from common.pb.epd.v1 import common_pb2, encoder_pb2
 from common.pool import BlockPool, field_of
 from common.synthetic import synthetic_fields
 from common.transport import MooncakeTransport
-from services import rpc
+from services.edge import rpc
 
 _transport: MooncakeTransport | None = None
 _transport_lock = threading.Lock()

@@ -135,7 +135,7 @@ def test_epd_bench_json_has_every_documented_key():
         [
             sys.executable,
             "-m",
-            "services.cli",
+            "services.tools.cli",
             "bench",
             "--quick",
             "--hidden",

@@ -29,7 +29,7 @@ def test_demo_json_succeeds_with_multi_round_requests():
         [
             sys.executable,
             "-m",
-            "services.cli",
+            "services.tools.cli",
             "demo",
             "--requests",
             "8",
@@ -65,7 +65,7 @@ def test_demo_table_and_exit_code():
         [
             sys.executable,
             "-m",
-            "services.cli",
+            "services.tools.cli",
             "demo",
             "--requests",
             "4",
@@ -100,7 +100,7 @@ def test_demo_with_two_ranks_checks_every_rank():
         [
             sys.executable,
             "-m",
-            "services.cli",
+            "services.tools.cli",
             "demo",
             "--tp",
             "2",

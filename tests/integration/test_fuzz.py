@@ -47,7 +47,7 @@ from common.pb.epd.v1 import (
     language_pb2,
     language_pb2_grpc,
 )
-from services.reference_payload import expected_digest
+from services.tools.reference_payload import expected_digest
 from tests.conftest import Pair, assert_all_free
 from tests.integration.rank_harness import TestRank
 

@@ -22,8 +22,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.pb.epd.v1 import language_pb2, language_pb2_grpc
-from services.exposure import listening_sockets
-from services.reference_payload import expected_digest
+from services.edge.exposure import listening_sockets
+from services.tools.reference_payload import expected_digest
 from tests.conftest import Pair, ServiceProcess, assert_all_free
 
 HIDDEN = 64

@@ -32,7 +32,7 @@ from common.pb.epd.v1 import (
 )
 from services.language import rank_group
 from services.language.ranks import free_port
-from services.reference_payload import expected_digest
+from services.tools.reference_payload import expected_digest
 from tests.conftest import Pair, ServiceProcess, assert_all_free
 from tests.integration.rank_harness import TestRank
 from tests.integration.test_security import GRPCURL, TOKEN, Certs

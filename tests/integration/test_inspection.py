@@ -25,7 +25,7 @@ import grpc
 import pytest
 
 from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2, language_pb2_grpc
-from services import cli
+from services.tools import cli
 from tests.conftest import (
     ROOT,
     Pair,
@@ -85,7 +85,7 @@ async def run(*argv: str, timeout: float = 30.0) -> Ran:
 
 
 async def epd(*args: str) -> Ran:
-    return await run(sys.executable, "-m", "services.cli", *args)
+    return await run(sys.executable, "-m", "services.tools.cli", *args)
 
 
 async def grpcurl(*args: str) -> str:
@@ -420,10 +420,10 @@ async def test_health_not_serving_while_draining_after_sigterm(pair, unique_id):
 
 
 def test_state_names_and_shortened_errors_in_process():
-    from services import inspect_cli
+    from services.tools import status as status_cli
 
     for text in ("TRANSFERRING", "transferring", "TRANSFER_STATE_TRANSFERRING"):
-        assert inspect_cli.parse_state(text) == common_pb2.TRANSFER_STATE_TRANSFERRING
+        assert status_cli.parse_state(text) == common_pb2.TRANSFER_STATE_TRANSFERRING
     info = common_pb2.TransferInfo(
         request_id="r",
         state=common_pb2.TRANSFER_STATE_FAILED,
@@ -432,13 +432,13 @@ def test_state_names_and_shortened_errors_in_process():
             reason=common_pb2.FAILURE_REASON_PEER_LOST, message="x" * 500 + "\nsecond line"
         ),
     )
-    row = inspect_cli.transfer_row(info)
+    row = status_cli.transfer_row(info)
     assert row[:3] == ["r", "FAILED", "3"]
     assert (
         row[-1].startswith("peer_lost: xxx")
         and row[-1].endswith("...")
-        and len(row[-1]) == inspect_cli.ERROR_WIDTH
+        and len(row[-1]) == status_cli.ERROR_WIDTH
     )
-    assert inspect_cli.error_text(info).endswith(
+    assert status_cli.error_text(info).endswith(
         "x second line"
     )  # the detail view keeps all of it, on one line

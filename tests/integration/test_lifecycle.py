@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2
-from services.reference_payload import expected_digest
+from services.tools.reference_payload import expected_digest
 from tests.conftest import (
     Pair,
     ServiceProcess,

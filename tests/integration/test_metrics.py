@@ -261,7 +261,7 @@ def test_metrics_port_in_use_is_a_clear_start_up_error():
             [
                 sys.executable,
                 "-m",
-                "services.cli",
+                "services.tools.cli",
                 "encoder",
                 "--port",
                 "0",

@@ -26,8 +26,8 @@ import grpc
 import pytest
 
 from common.pb.epd.v1 import common_pb2, language_pb2
-from services import demo
-from services.reference_payload import expected_digest
+from services.tools import demo
+from services.tools.reference_payload import expected_digest
 from tests.conftest import assert_all_free, encoder_stub, language_stub
 
 ENC_IP, LANG_IP = "198.18.0.1", "198.18.0.2"  # the services' link
@@ -97,7 +97,7 @@ def start_in(ns: str, role: str, *args: str) -> demo.ServiceProcess:
         ns,
         sys.executable,
         "-m",
-        "services.cli",
+        "services.tools.cli",
         role,
         "--port",
         "0",

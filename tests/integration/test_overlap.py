@@ -12,7 +12,7 @@ import pytest
 
 from common.config import LanguageConfig
 from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2
-from services.reference_payload import expected_digest
+from services.tools.reference_payload import expected_digest
 from tests.conftest import Pair, assert_all_free, language_stub
 
 HIDDEN = 512

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from common.pb.epd.v1 import language_pb2
-from services.reference_payload import expected_digest
+from services.tools.reference_payload import expected_digest
 from tests.conftest import Pair, assert_all_free, language_stub
 
 HIDDEN = 64

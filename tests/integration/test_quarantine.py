@@ -17,7 +17,7 @@ import grpc
 
 from common.pb.epd.v1 import common_pb2, language_pb2
 from services.language.ranks import free_port
-from services.reference_payload import expected_digest
+from services.tools.reference_payload import expected_digest
 from tests.conftest import ServiceProcess, assert_all_free, generate_then_kill, language_stub
 
 
@@ -78,7 +78,7 @@ async def test_tp2_encoder_killed_mid_transfer_quarantines_on_every_rank_until_i
             and _gauge(metrics + 1, "quarantined") == held[1]
         )
         status = subprocess.run(
-            [sys.executable, "-m", "services.cli", "status", lang.address],
+            [sys.executable, "-m", "services.tools.cli", "status", lang.address],
             capture_output=True,
             text=True,
             timeout=60,

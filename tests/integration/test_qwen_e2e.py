@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 
 from common.pb.epd.v1 import common_pb2, encoder_pb2, language_pb2
-from services import demo
-from services.encoder import qwen
 from services.encoder.models import EncodeInputs
 from services.language.consumers import Qwen2VLPrefill
+from services.models import qwen
+from services.tools import demo
 from tests.conftest import Pair, ServiceProcess, assert_all_free, encoder_stub, language_stub
 
 HIDDEN = 64

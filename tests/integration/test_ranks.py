@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2
-from services.reference_payload import expected_digest
+from services.tools.reference_payload import expected_digest
 from tests.conftest import Pair, assert_all_free, consumer_logs, language_stub, wait_for_rounds
 
 HIDDEN = 128

@@ -17,7 +17,7 @@ import pytest
 
 from common.pb.epd.v1 import common_pb2, language_pb2
 from services.language.ranks import free_port
-from services.reference_payload import expected_digest
+from services.tools.reference_payload import expected_digest
 from tests.conftest import ServiceProcess, assert_all_free, encoder_stub, language_stub
 
 HIDDEN = 256

@@ -34,9 +34,10 @@ from common.pb.epd.v1 import (
     language_pb2,
     language_pb2_grpc,
 )
-from services import demo, rpc
-from services.reference_payload import expected_digest
-from services.security import ClientSecurity, ServerSecurity, peer_identity
+from services.edge import rpc
+from services.edge.security import ClientSecurity, ServerSecurity, peer_identity
+from services.tools import demo
+from services.tools.reference_payload import expected_digest
 from tests.conftest import ROOT, Pair, ServiceProcess
 
 GRPCURL = str(ROOT / ".venv" / "bin" / "grpcurl")
@@ -408,7 +409,7 @@ async def pools_free(
 
 def epd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
+        [sys.executable, "-m", "services.tools.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -581,7 +582,17 @@ def test_epd_status_health_and_grpcurl_with_tls(certs, mtls_pair):
 
 def _never_ready(role: str, *args: str, wait_s: float = 8.0) -> str:
     """Start a service that must not become ready; its stderr after `wait_s` (or its exit)."""
-    argv = [sys.executable, "-m", "services.cli", role, "--host", "127.0.0.1", "--port", "0", *args]
+    argv = [
+        sys.executable,
+        "-m",
+        "services.tools.cli",
+        role,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        *args,
+    ]
     proc = demo.ServiceProcess(
         role,
         argv,
@@ -760,7 +771,7 @@ def test_demo_with_mutual_tls_and_token(certs, tmp_path):
 
 
 def test_method_classes():
-    from services.security import method_class
+    from services.edge.security import method_class
 
     assert (
         method_class("/grpc.health.v1.Health/Check")

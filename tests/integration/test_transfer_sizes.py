@@ -1,7 +1,7 @@
 """Payload sizes at every edge, over real processes and real Mooncake TCP (issue: foundation).
 
 Each request is checked byte for byte (the §14 digest recomputed independently by
-services/reference_payload.py, which shares no code with the services) and both pools must be
+services/tools/reference_payload.py, which shares no code with the services) and both pools must be
 fully free afterwards.
 """
 
@@ -14,7 +14,7 @@ import random
 import pytest
 
 from common.pb.epd.v1 import common_pb2, language_pb2
-from services.reference_payload import expected_digest
+from services.tools.reference_payload import expected_digest
 from tests.conftest import Pair, assert_all_free, language_stub
 
 HIDDEN = 256

@@ -19,8 +19,8 @@ from common.errors import TransportError
 from common.fence import WriteFence, run_tracked
 from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2
 from common.transport_faults import SCRATCH_BYTES, FaultyTransport, TransportFaultSpec, wrap
-from services import cli
-from services.reference_payload import expected_digest
+from services.tools import cli
+from services.tools.reference_payload import expected_digest
 from tests.conftest import Pair, assert_all_free, consumer_logs, language_stub
 
 HIDDEN = 128

@@ -24,9 +24,9 @@ import grpc
 import pytest
 
 from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, common_pb2, language_pb2
-from services import inspect_cli
 from services.language.ranks import free_port
-from services.reference_payload import expected_digest
+from services.tools import status as status_cli
+from services.tools.reference_payload import expected_digest
 from tests.conftest import Pair, assert_all_free, encoder_stub, language_stub
 
 HIDDEN = 128
@@ -114,11 +114,11 @@ async def test_a_late_write_never_reaches_another_requests_payload_fault_injecte
         assert _metric(enc_metrics, "epd_pool_blocks", state="quarantined") == ROUND_BLOCKS
         assert _metric(lang_metrics, "epd_pool_blocks", state="quarantined") == ROUND_BLOCKS
         # What `epd status ENCODER` prints of them (its own formatting of these replies).
-        assert inspect_cli.error_text(info).startswith("[writes may land] transport:"), (
-            inspect_cli.error_text(info)
+        assert status_cli.error_text(info).startswith("[writes may land] transport:"), (
+            status_cli.error_text(info)
         )
         enc_pool, _ = await _pools(pair)
-        assert f"{ROUND_BLOCKS} quarantined" in inspect_cli.pool_text(enc_pool).splitlines()[0]
+        assert f"{ROUND_BLOCKS} quarantined" in status_cli.pool_text(enc_pool).splitlines()[0]
 
         # Request 2 needs exactly those blocks: it gets them once the late write landed, and its
         # consumer, holding the payload, sees it unchanged.

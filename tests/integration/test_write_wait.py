@@ -18,7 +18,7 @@ import torch
 from common.errors import TransportError
 from common.pb.epd.v1 import language_pb2
 from common.transport import MooncakeTransport
-from services.reference_payload import expected_digest
+from services.tools.reference_payload import expected_digest
 from tests.conftest import Pair, assert_all_free, language_stub
 
 HIDDEN = 256

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.config import ConfigError, EncoderConfig, LanguageConfig
-from services.cli import build_config, make_parser
+from services.tools.cli import build_config, make_parser
 
 
 def parse(*argv):
@@ -121,7 +121,7 @@ def test_impossible_values_are_named(argv, env, needle):
 
 
 def test_cli_exits_2_on_bad_setting(capsys):
-    from services.cli import main
+    from services.tools.cli import main
 
     assert main(["encoder", "--block-size", "3"]) == 2
     assert "block_size=3" in capsys.readouterr().err
@@ -210,7 +210,7 @@ def test_security_settings_accepted(pem_files):
     }
     cfg = build_config(EncoderConfig, parse("encoder"), environ=env)
     assert cfg.tls_cert == pem_files("cert") and cfg.protect_inspection
-    from services.security import ClientSecurity, ServerSecurity
+    from services.edge.security import ClientSecurity, ServerSecurity
 
     assert ServerSecurity.from_config(cfg).token == "abc123"  # stripped
     assert ClientSecurity.from_config(cfg).tls

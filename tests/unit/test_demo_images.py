@@ -6,7 +6,7 @@ import io
 
 from PIL import Image
 
-from services import demo
+from services.tools import demo
 
 
 def test_image_plan_spans_sizes_and_rounds():

@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from services import demo
-from services import reference_payload as ref
+from services.tools import demo
+from services.tools import reference_payload as ref
 
 # ------------------------------------------------------------------------------------ plan
 
@@ -272,7 +272,7 @@ def test_service_command_lines():
         ]
     )
     enc = demo.encoder_argv(args)
-    assert enc[:4] == [sys.executable, "-m", "services.cli", "encoder"]
+    assert enc[:4] == [sys.executable, "-m", "services.tools.cli", "encoder"]
     assert enc[enc.index("--pool-blocks") + 1] == "4096"
     assert enc[enc.index("--dtype") + 1] == "bfloat16"
     lang = demo.language_argv(args, 4242)
@@ -291,7 +291,7 @@ def test_service_command_lines():
 # ------------------------------------------------------------------------------ end to end
 
 FAKE_SERVICE = textwrap.dedent('''
-    """A stand-in for `python -m services.cli encoder|language` (the demo's contract only)."""
+    """A stand-in for `python -m services.tools.cli encoder|language` (the demo's contract only)."""
     import argparse, asyncio, json, math, os, signal, sys, time
     role = sys.argv[1]
     mode = os.environ.get("FAKE_MODE", "ok")
@@ -316,7 +316,7 @@ FAKE_SERVICE = textwrap.dedent('''
 
     import grpc
     from common.pb.epd.v1 import language_pb2, language_pb2_grpc
-    from services import reference_payload as ref
+    from services.tools import reference_payload as ref
 
     seen = set()
 

@@ -5,7 +5,7 @@ Each file is parsed and held against the real thing it depends on: compose comma
 through the real `epd` argparse parser and `build_config` with the compose environment (after
 compose-style `${VAR:-default}` / `${VAR:?msg}` interpolation with sample values), so they yield
 valid configs; metrics ports match the scrape targets; every PromQL expression of the dashboard
-uses only metric and label names that services/metrics.py exports, and is valid PromQL (promtool);
+uses only metric and label names that services/edge/metrics.py exports, and is valid PromQL (promtool);
 the scrape config passes `promtool check config`.
 
 The scale variant (docker-compose.scale.yml, a bridge network with a scaled encoder service) is
@@ -30,8 +30,9 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from common.config import EncoderConfig, LanguageConfig
-from services import cli, metrics
+from services.edge import metrics
 from services.language.encoders import resolve_addresses
+from services.tools import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -644,7 +645,7 @@ def _promql(expr: str) -> str:
 
 
 def _metric_labels() -> dict[str, set[str]]:
-    """Sample name -> label names, from the metric definitions of services/metrics.py."""
+    """Sample name -> label names, from the metric definitions of services/edge/metrics.py."""
     suffixes = {
         "counter": ("_total", "_created"),
         "gauge": ("",),
@@ -672,7 +673,7 @@ def test_metric_label_table_covers_every_exported_name():
 def test_dashboard_uses_only_exported_metric_names():
     used = {name for e in _exprs() for name in re.findall(r"\bepd_[a-z_]+\b", e)}
     unknown = used - EXPORTED
-    assert not unknown, f"not exported by services/metrics.py: {sorted(unknown)}"
+    assert not unknown, f"not exported by services/edge/metrics.py: {sorted(unknown)}"
     families = [
         "epd_transfer_bytes_total",
         "epd_transfer_seconds_bucket",

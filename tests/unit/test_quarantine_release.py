@@ -256,7 +256,7 @@ async def test_shutdown_drops_a_quarantine_fault_injected():
 
 def test_epd_status_shows_quarantined_blocks():
     from common.pb.epd.v1 import common_pb2
-    from services.inspect_cli import pool_text
+    from services.tools.status import pool_text
 
     pool = common_pb2.PoolInfo(
         used_blocks=2,

@@ -19,10 +19,10 @@ from common.config import ConfigError, EncoderConfig, LanguageConfig
 from common.errors import InvalidArgument
 from common.layout import RecordLayout, default_fields
 from common.pool import BlockPool, field_of
-from services import demo
-from services.encoder import qwen
 from services.encoder.models import EncodeInputs, load_model
 from services.language.consumers import NullConsumer, Qwen2VLPrefill, build_consumer
+from services.models import qwen
+from services.tools import demo
 
 HIDDEN = 64
 PNG, JPEG = "image/png", "image/jpeg"

@@ -1,4 +1,4 @@
-"""services.reference_payload (numpy) against a straightforward torch rendering of DESIGN §14."""
+"""services.tools.reference_payload (numpy) against a straightforward torch rendering of DESIGN §14."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from services import reference_payload as ref
+from services.tools import reference_payload as ref
 
 REPO = Path(__file__).resolve().parents[2]
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -140,7 +140,7 @@ def test_large_payload_memory_is_bounded():
     """100k tokens x hidden 3584 in bf16 is ~717 MB of payload; the digest must not hold it."""
     code = (
         "import resource, sys\n"
-        "from services import reference_payload as ref\n"
+        "from services.tools import reference_payload as ref\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "d = ref.expected_digest(100_000, 123, 3584, 'bfloat16')\n"
         "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
@@ -161,7 +161,7 @@ def test_large_payload_memory_is_bounded():
 def test_reference_module_does_not_import_torch_or_project_code():
     code = (
         "import sys\n"
-        "import services.reference_payload\n"
+        "import services.tools.reference_payload\n"
         "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')"
         " or m == 'common' or m.startswith('common.')]\n"
         "print(','.join(bad))\n"

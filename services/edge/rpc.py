@@ -3,7 +3,7 @@
 Domain code raises `common.errors.EpdError` subclasses; `grpc_errors` turns them into
 `context.abort(code, message)` here, in one place. Clients use `error_from_rpc` for the reverse.
 `GrpcServer` also applies transport security and the bearer-token check (`AuthInterceptor`;
-TLS material and the policy come from services/security.py).
+TLS material and the policy come from services/edge/security.py).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from common import errors
 from common.layout import PROOF_AREA_BYTES, FieldLayout, FieldSpec, PoolGeometry, RecordLayout
 from common.pb.epd.v1 import bench_pb2_grpc, common_pb2
 from common.states import FailureReason
-from services import security
-from services.security import ClientSecurity, ServerSecurity, peer_identity  # noqa: F401 (re-exported)
+from services.edge import security
+from services.edge.security import ClientSecurity, ServerSecurity, peer_identity  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +317,7 @@ class ParseErrorInterceptor(MethodWrappingInterceptor):
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """The one place the bearer token is checked (services/security.py says which methods need
+    """The one place the bearer token is checked (services/edge/security.py says which methods need
     it), from the call's metadata alone, before its request message is read: a refused call is
     answered UNAUTHENTICATED by a handler that never reads the body, so an unauthenticated caller
     cannot make the server buffer large messages, and it changes nothing. The message never
@@ -422,7 +422,7 @@ def _guarded(handler, check):
 
 class GrpcServer:
     """A grpc.aio server with one epd service, health and reflection; SERVING only once started.
-    `sec` (services/security.py) adds TLS (mutual with a CA), the token check and the message
+    `sec` (services/edge/security.py) adds TLS (mutual with a CA), the token check and the message
     size limit; the default is plaintext with no token. `bench`, when given (--enable-bench),
     serves epd.v1.Bench beside the service; without it the Bench calls answer UNIMPLEMENTED."""
 

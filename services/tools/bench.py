@@ -43,8 +43,9 @@ from typing import Any
 
 from common.layout import RecordLayout, default_fields
 from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, common_pb2, language_pb2, language_pb2_grpc
-from services import demo, security
-from services.rpc import CLIENT_OPTIONS
+from services.edge import security
+from services.edge.rpc import CLIENT_OPTIONS
+from services.tools import demo
 
 CASES = ("single", "multi", "control", "concurrency", "policies", "loops")
 POLICIES = ("fixed", "hint", "adaptive")
@@ -169,7 +170,7 @@ class Services:
         ]  # the raw baseline's epd.v1.Bench service, off in production
         enc_sec, lang_sec = security.service_argv(args), security.service_argv(args, language=True)
         env = demo.child_env()
-        py = [sys.executable, "-m", "services.cli"]
+        py = [sys.executable, "-m", "services.tools.cli"]
         logs = args.keep_logs or None
         self.encoder = demo.ServiceProcess(
             "encoder",

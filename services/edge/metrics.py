@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from common.errors import Unavailable
 from common.states import FailureReason, TransferState
-from services.rpc import MethodWrappingInterceptor
+from services.edge.rpc import MethodWrappingInterceptor
 
 log = logging.getLogger(__name__)
 

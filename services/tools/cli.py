@@ -133,7 +133,7 @@ def _event_loop_policy(kind: str = "auto") -> str:
 
 
 async def _serve(role: str, config) -> int:
-    from services import rpc
+    from services.edge import rpc
 
     if config.torch_threads:
         import torch
@@ -194,7 +194,7 @@ def _run_service(role: str, args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from services import demo, inspect_cli
+    from services.tools import demo, status
 
     parser = argparse.ArgumentParser(prog="epd", description="EPD embedding transfer services")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,17 +209,17 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench", help="measure the DESIGN §13 yardsticks as ratios against raw Mooncake writes"
     )
-    from services import bench
+    from services.tools import bench
 
     bench.add_arguments(p)
     p = sub.add_parser(
         "status", help="show a service's transfers and pool, or one transfer in detail"
     )
-    inspect_cli.add_status_arguments(p)
+    status.add_status_arguments(p)
     p = sub.add_parser(
         "health", help="ask a service's grpc.health.v1 status; exit 0 only when SERVING"
     )
-    inspect_cli.add_health_arguments(p)
+    status.add_health_arguments(p)
     return parser
 
 
@@ -228,23 +228,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in CONFIGS:
         return _run_service(args.command, args)
     if args.command == "demo":
-        from services import demo
+        from services.tools import demo
 
         _event_loop_policy()
         return demo.run(args)
     if args.command == "bench":
-        from services import bench
+        from services.tools import bench
 
         _event_loop_policy()
         return bench.run(args)
     if args.command in ("status", "health"):
-        from services import inspect_cli
+        from services.tools import status
 
-        return (
-            inspect_cli.run_status(args)
-            if args.command == "status"
-            else inspect_cli.run_health(args)
-        )
+        return status.run_status(args) if args.command == "status" else status.run_health(args)
     return 2
 
 

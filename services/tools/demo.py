@@ -7,10 +7,10 @@ requests with real images the demo generates (PNG and JPEG, from a thumbnail of 
 tokens to an album of seven photos that needs three rounds); their token counts are checked
 against the image-size rule recomputed here, and the first generated token is reported.
 
-The payload check uses `services.reference_payload`, an independent numpy implementation of the
+The payload check uses `services.tools.reference_payload`, an independent numpy implementation of the
 §14 synthetic payload and digest, so the demo checks the services' code rather than repeating it.
 
-Entry points used by `services/cli.py`: ``add_arguments(parser)`` and ``run(args) -> int``.
+Entry points used by `services/tools/cli.py`: ``add_arguments(parser)`` and ``run(args) -> int``.
 Everything else here is split into small pieces (workload plan, percentiles, summary, table,
 process handling) so that tests can exercise them without the real services.
 """
@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from services import reference_payload
+from services.tools import reference_payload
 
 # --------------------------------------------------------------------------------------------
 # Flags
@@ -225,7 +225,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_process_arguments(
         parser, encoder_example="--model=tiny", language_example="--alloc-policy=fixed"
     )
-    from services import security
+    from services.edge import security
 
     security.add_client_arguments(parser)  # used by the demo's client and passed to both services
 
@@ -1086,7 +1086,7 @@ class ServiceProcess:
 
 def project_root() -> Path:
     """The directory that holds the `services` and `common` packages."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def demo_env_names() -> set[str]:
@@ -1134,7 +1134,7 @@ def encoder_argv(args: argparse.Namespace) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "services.cli",
+        "services.tools.cli",
         "encoder",
         "--host",
         "127.0.0.1",
@@ -1158,7 +1158,7 @@ def language_argv(args: argparse.Namespace, encoder_port: int | Sequence[int]) -
     return [
         sys.executable,
         "-m",
-        "services.cli",
+        "services.tools.cli",
         "language",
         "--host",
         "127.0.0.1",
@@ -1188,7 +1188,7 @@ def language_argv(args: argparse.Namespace, encoder_port: int | Sequence[int]) -
 
 def _security_argv(args: argparse.Namespace, *, language: bool = False) -> list[str]:
     """The demo's --tls-* / --auth-token-file flags, for the services it starts (issue 9)."""
-    from services import security
+    from services.edge import security
 
     return security.service_argv(args, language=language)
 
@@ -1258,7 +1258,7 @@ async def run_workload(
     sem = asyncio.Semaphore(max(1, concurrency))
     budget = _BlockBudget(encoder_pool_blocks)
     options = [("grpc.max_receive_message_length", 64 << 20)]
-    from services.security import ClientSecurity
+    from services.edge.security import ClientSecurity
 
     # `sec`: TLS / the token of the demo's --tls-* / --auth-token-file flags (plaintext when None).
     async with (sec or ClientSecurity()).aio_channel(address, options=options) as channel:
@@ -1427,7 +1427,7 @@ def _run(
     if error:
         _note(error)
         return 2
-    from services import security
+    from services.edge import security
 
     try:
         sec = security.client_from_args(args) if hasattr(args, "tls_ca") else None

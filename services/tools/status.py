@@ -11,10 +11,10 @@
 Exit codes: 0 success (health: SERVING), 1 the service said no or could not be asked (unknown
 request id, unreachable address, deadline passed, NOT_SERVING), 2 bad command-line values.
 
-Entry points used by `services/cli.py`: `add_status_arguments`, `run_status`,
+Entry points used by `services/tools/cli.py`: `add_status_arguments`, `run_status`,
 `add_health_arguments`, `run_health`. Only grpc and the generated stubs are imported here (no
 torch), so a health check starts fast. Every channel is made by `open_channel` with the
-`--tls-*` / `--auth-token-file` flags (services/security.py): TLS, a client certificate and the
+`--tls-*` / `--auth-token-file` flags (services/edge/security.py): TLS, a client certificate and the
 bearer token work as for the services' own clients.
 """
 
@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2_grpc
-from services import security
+from services.edge import security
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -89,7 +89,7 @@ def parse_state(text: str) -> int:
     name = text.strip().upper()
     if not name.startswith(_STATE_PREFIX):
         name = _STATE_PREFIX + name
-    if name == _STATE_PREFIX + "UNSPECIFIED" or name not in common_pb2.TransferState:
+    if name == _STATE_PREFIX + "UNSPECIFIED" or name not in common_pb2.TransferState.keys():  # noqa: SIM118 - an enum wrapper, not a dict
         raise argparse.ArgumentTypeError(
             f"unknown state {text!r} (choose from {', '.join(state_names())})"
         )

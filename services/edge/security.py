@@ -3,7 +3,7 @@ bearer token, which methods need it, and who the caller is.
 
 - Servers: `ServerSecurity` (from a service config) gives the server credentials (TLS; mutual
   when a CA is set: callers must present a certificate that chains to it) and the token the one
-  server interceptor (`services.rpc.AuthInterceptor`) checks.
+  server interceptor (`services.edge.rpc.AuthInterceptor`) checks.
 - Clients: `ClientSecurity` makes every channel of the project (the language's encoder links,
   `epd status`/`epd health`, the demo and bench clients): TLS with the CA, a client certificate,
   an optional server-name override, and the token sent as `authorization: Bearer <token>`
@@ -119,7 +119,7 @@ def peer_identity(context) -> str:
     - `"anonymous"` otherwise (no auth configured, or a method that is open: health, and
       inspection without `--protect-inspection`).
 
-    Works in any handler of a server built by `services.rpc.GrpcServer` (`context` is the
+    Works in any handler of a server built by `services.edge.rpc.GrpcServer` (`context` is the
     method's grpc ServicerContext)."""
     try:
         auth = context.auth_context() or {}
