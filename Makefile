@@ -32,7 +32,7 @@ demo: setup
 test: setup
 	MC_FORCE_TCP=1 $(BIN)/python -m pytest -q --durations=15
 
-# The DESIGN §13 yardsticks as ratios against raw Mooncake in the same run (docs/BENCHMARKS.md).
+# The performance goals as ratios against raw Mooncake in the same run (docs/BENCHMARKS.md).
 bench: setup
 	MC_FORCE_TCP=1 $(BIN)/epd bench --json bench.json
 

@@ -1,1 +1,1 @@
-"""EPD common: config, pools, planning, transport, integrity, errors (DESIGN §3)."""
+"""EPD common: config, pools, planning, transport, integrity, errors."""

@@ -1,4 +1,4 @@
-"""Address validation of a planned round before any byte is written (issue 9, DESIGN §5).
+"""Address validation of a planned round before any byte is written (docs/SECURITY.md).
 
 The encoder writes into another process's memory through Mooncake, at addresses it computes
 from what that process described at Register (base address, block count, record size) and the

@@ -417,20 +417,9 @@ class EncoderConfig(ServiceConfig):
     """Kept below `max_concurrent_rpcs`, so waiting streams cannot take every call slot."""
     encoder_id: str = _setting("", "name reported to peers (default host:port)")
     """Identity reported in RegisterReply and GenerateReply.encoder."""
-    transport_fault: str = _setting(
-        "",
-        "test-only Mooncake write fault injection, e.g. 'fail_nth=3' (see common/transport_faults.py)",
-    )
-    """Fault injection for Mooncake writes in tests (see common/transport_faults.py); empty (off) in production."""
 
     def validate(self) -> None:
         super().validate()
-        if self.transport_fault:
-            from common.transport_faults import (
-                TransportFaultSpec,
-            )  # imports this module: import late
-
-            TransportFaultSpec.parse(self.transport_fault)  # ConfigError naming transport_fault
         for name in ("bootstrap_timeout_s", "resume_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be > 0")
@@ -585,10 +574,6 @@ class LanguageConfig(ServiceConfig):
         "", "torch.distributed init method of the rank group (rank 0 sets it)"
     )
     """Rendezvous of the rank group, e.g. tcp://127.0.0.1:PORT; chosen by rank 0."""
-    fault: str = _setting(
-        "", "test-only fault injection, e.g. 'rank=1,status_lag_s=0.05,status_dup=1,hold_blocks=90'"
-    )
-    """Fault injection for tests (see services/language/faults.py); empty in production."""
 
     def validate(self) -> None:
         super().validate()

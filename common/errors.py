@@ -1,4 +1,4 @@
-"""Domain errors, one class per gRPC status code (DESIGN §8).
+"""Domain errors, one class per gRPC status code (docs/DESIGN.md, "Failure semantics").
 
 Domain code raises these; the gRPC edge (services/edge/rpc.py) maps `code` to `grpc.StatusCode` in
 one place. No grpc import here, so pool, plan and the state machines stay transport-free.
@@ -93,7 +93,7 @@ class Aborted(EpdError):
 
 class PermissionDenied(EpdError):
     """The caller is authenticated (or claims a language_id) but the object belongs to another
-    language instance: a request id, a registered session (issue 9 ownership)."""
+    language instance: a request id, a registered session (docs/SECURITY.md)."""
 
     code = "PERMISSION_DENIED"
     reason = FailureReason.INVALID

@@ -1,4 +1,4 @@
-"""Per-round, per-field checksums (DESIGN §5 "Integrity").
+"""Per-round, per-field checksums (docs/DESIGN.md, "Integrity").
 
 Computed with torch reductions so they run on the pool's device and never leave it except as
 one integer per field. The value pairs a position-weighted sum over tokens (catches moved or

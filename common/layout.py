@@ -1,4 +1,4 @@
-"""Token-record layout of a block pool (DESIGN §2, §5 "Layout").
+"""Token-record layout of a block pool (docs/DESIGN.md, "Pools and token records").
 
 Every token's fields are packed together in one fixed-size record: embeddings, then token_ids,
 then mrope_positions, then extras, each at an aligned offset; the record is padded to 16 bytes.
@@ -74,7 +74,7 @@ class RecordLayout:
     """The packed layout of one token record."""
 
     fields: tuple[FieldLayout, ...]
-    """Fields in layout order (the order of the digest, §14)."""
+    """Fields in layout order (the order of the digest)."""
     record_bytes: int
     """Bytes per token record, padded to RECORD_ALIGN."""
 

@@ -1,4 +1,4 @@
-"""Request size limits that both services enforce before allocating anything (issue 9).
+"""Request size limits that both services enforce before allocating anything.
 
 `check_images` is called by the language's front door (Generate, before any block is reserved)
 and by the encoder (Encode, before any image is decoded or any source block allocated), with the

@@ -45,7 +45,7 @@ class Payload:
             yield raw.contiguous().cpu().numpy().tobytes()
 
     def sha256(self) -> str:
-        """DESIGN §14 digest: every field in layout order, as contiguous [total, *shape] bytes."""
+        """The digest: every field in layout order, as contiguous [total, *shape] bytes."""
         h = hashlib.sha256()
         for f in self.record.fields:
             for chunk in self.field_bytes(f.name):

@@ -1,4 +1,4 @@
-"""Pure round planning: which byte ranges to copy for one round (DESIGN §5 "Data plane").
+"""Pure round planning: which byte ranges to copy for one round.
 
 A pool is a slab of token-major records cut into blocks of `block_size` records, so token t of an
 allocation (block list B) lives at record index ``B[t // S] * S + t % S`` of its slab. A round

@@ -1,4 +1,5 @@
-"""Block pool: one slab of token records and the asyncio allocator handing out its blocks (DESIGN §5).
+"""Block pool: one slab of token records and the asyncio allocator handing out its blocks
+(docs/DESIGN.md, 'Pools and token records').
 
 `BlockAllocator` is pure bookkeeping over block ids (no torch): FIFO waiters, exact or partial
 requests, timeouts and cancellation that never leak blocks, and a preference for contiguous runs

@@ -1,4 +1,5 @@
-"""Transfer states and failure reasons (DESIGN §4): the domain mirror of the proto enums.
+"""Transfer states and failure reasons (docs/DESIGN.md, 'Transfer states'): the domain mirror of
+the proto enums.
 
 Values equal the proto enum numbers, so the edge converts with a plain int().
 """

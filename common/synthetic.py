@@ -1,4 +1,5 @@
-"""The deterministic synthetic payload of DESIGN §14 (the load generator for tests and benches).
+"""The deterministic synthetic payload (docs/DESIGN.md, "Synthetic payload and digest"): the load
+generator for tests and benches.
 
 `fill_synthetic` writes tokens [start, start+n) of request (n_total, seed) straight into token
 records, chunk by chunk, so a 100k-token payload never needs a second full-size buffer. Runs in
@@ -59,7 +60,7 @@ def _token_id(seed: int, i):
 def synthetic_fields(
     seed: int, start: int, n: int, hidden: int, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """The §14 values of tokens [start, start+n): embeddings, token_ids, mrope_positions."""
+    """The synthetic values of tokens [start, start+n): embeddings, token_ids, mrope_positions."""
     i = torch.arange(start, start + n, dtype=torch.int64)
     return {
         "embeddings": _row_table(hidden, dtype).index_select(0, _row_index(seed, i)),
@@ -121,7 +122,7 @@ def _fill_host(
     hidden: int,
     dtype: torch.dtype,
 ) -> None:
-    """`fill_synthetic` of a host-memory run with numpy: the same §14 values (the seed is a
+    """`fill_synthetic` of a host-memory run with numpy: the same values (the seed is a
     uint32, so the int64 arithmetic never overflows on either route)."""
     n = records.shape[0]
     i = np.arange(start, start + n, dtype=np.int64)

@@ -1,4 +1,4 @@
-"""Live transfers plus a bounded history of finished ones, for lookups and inspection (§8, §9).
+"""Live transfers plus a bounded history of finished ones, for lookups and inspection.
 
 Entries are any object with `request_id` and `state`; a finished entry moves to the history,
 which keeps the last `history_size` and forgets older ones, so nothing outlives its request

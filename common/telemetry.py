@@ -1,4 +1,4 @@
-"""What domain code reports about transfers, without knowing how it is exported (DESIGN §9).
+"""What domain code reports about transfers, without knowing how it is exported.
 
 Transfers, receive tasks and pools call a `Telemetry`; services/edge/metrics.py implements it with
 Prometheus metrics. Domain code never imports prometheus_client, and tests or tools that do not

@@ -1,4 +1,4 @@
-"""Mooncake Transfer Engine adapter (DESIGN §5): the only module that imports mooncake.
+"""Mooncake Transfer Engine adapter: the only module that imports mooncake.
 
 One `MooncakeTransport` per process: initialise with P2P handshake, register each pool slab once
 at start-up, and write (src, dst, bytes) triples to a peer session in a worker thread (Mooncake

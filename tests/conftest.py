@@ -21,6 +21,7 @@ from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2, languag
 from services.tools import demo
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+FAULT_FLAGS = {"--fault", "--transport-fault"}
 os.environ.setdefault("MC_FORCE_TCP", "1")
 
 
@@ -29,10 +30,13 @@ class ServiceProcess(demo.ServiceProcess):
     process wrapper: EPD_READY line on stdout, stderr in a file)."""
 
     def __init__(self, role: str, *args: str, ready_timeout: float = 60.0):
+        # A service with injected faults starts through the test launcher (tests/faults/launch.py),
+        # which takes the fault flags; every other one is started as `epd` itself.
+        module = "tests.faults.launch" if FAULT_FLAGS.intersection(args) else "services.tools.cli"
         argv = [
             sys.executable,
             "-m",
-            "services.tools.cli",
+            module,
             role,
             "--host",
             "127.0.0.1",
@@ -40,9 +44,9 @@ class ServiceProcess(demo.ServiceProcess):
             "0",
             *args,
         ]
-        super().__init__(
-            role, argv, env={**os.environ, "MC_FORCE_TCP": "1", "PYTHONUNBUFFERED": "1"}
-        )
+        env = {**os.environ, "MC_FORCE_TCP": "1", "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))
+        super().__init__(role, argv, env=env)
         self.start()
         try:
             self.wait_ready(ready_timeout)
@@ -117,11 +121,17 @@ def encoder_stub(address: str):
 LIVE_STATES = [1, 2, 3]
 
 
-async def assert_all_free(*addresses_and_kinds: tuple[str, str], settle_s: float = 5.0) -> None:
-    """Every pool fully free, no allocation waiting, no live transfer (DESIGN §8 invariants).
+async def assert_all_free(
+    *addresses_and_kinds: tuple[str, str],
+    settle_s: float = 5.0,
+    held: dict[int, int] | None = None,
+) -> None:
+    """Every pool fully free, no allocation waiting, no live transfer.
 
     Ranks 1..N-1 of a language instance release a request's blocks just after rank 0 replies,
-    so their pools are given `settle_s` to get there (rank 0 and the encoder must be free at once)."""
+    so their pools are given `settle_s` to get there (rank 0 and the encoder must be free at once).
+    `held`: blocks a language rank holds for good by injected fault (`--fault hold_blocks`)."""
+    held = held or {}
     for address, kind in addresses_and_kinds:
         async with grpc.aio.insecure_channel(address) as ch:
             stub = (
@@ -135,7 +145,7 @@ async def assert_all_free(*addresses_and_kinds: tuple[str, str], settle_s: float
                 busy = [
                     rp
                     for rp in pool.rank_pools[1:]
-                    if rp.used_blocks != rp.fault_held_blocks or rp.waiters or rp.quarantined_blocks
+                    if rp.used_blocks != held.get(rp.rank, 0) or rp.waiters or rp.quarantined_blocks
                 ]
                 if not busy or asyncio.get_running_loop().time() > deadline:
                     break
@@ -147,7 +157,7 @@ async def assert_all_free(*addresses_and_kinds: tuple[str, str], settle_s: float
             assert pool.free_blocks == pool.layout.num_blocks
             assert pool.waiters == 0
             for rp in pool.rank_pools:  # language: every TP rank's pool
-                assert rp.used_blocks == rp.fault_held_blocks, (
+                assert rp.used_blocks == held.get(rp.rank, 0), (
                     f"{kind} rank {rp.rank}: {rp.used_blocks} blocks used"
                 )
                 assert rp.quarantined_blocks == 0, (

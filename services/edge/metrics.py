@@ -1,4 +1,4 @@
-"""Prometheus metrics of one process (DESIGN §9, names fixed by §14): definitions, the RPC
+"""Prometheus metrics of one process (names fixed: docs/DESIGN.md): definitions, the RPC
 interceptor, and the /metrics HTTP endpoint.
 
 Every metric is defined here, in one place. Each process builds one `Metrics` for its role

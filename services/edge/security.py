@@ -1,4 +1,4 @@
-"""Transport security and authentication of the gRPC edge (issue 9): TLS credentials, the shared
+"""Transport security and authentication of the gRPC edge: TLS credentials, the shared
 bearer token, which methods need it, and who the caller is.
 
 - Servers: `ServerSecurity` (from a service config) gives the server credentials (TLS; mutual

@@ -1,1 +1,1 @@
-"""The encoder service (DESIGN §3): servicer, transfer state machine, models."""
+"""The encoder service: servicer, transfer state machine, models."""

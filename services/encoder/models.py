@@ -1,9 +1,10 @@
-"""Encoder models (DESIGN §10): how a request's inputs become payload records.
+"""Encoder models: how a request's inputs become payload records.
 
 An `EncoderModel` knows `token_count(inputs)` cheaply (before anything is allocated) and
 `encode_into(inputs, runs, record)` fills the source-pool records of an allocation.
 
-- Requests with `synthetic_tokens > 0` always use the §14 synthetic payload.
+- Requests with `synthetic_tokens > 0` always use the synthetic payload (docs/DESIGN.md,
+  'Synthetic payload and digest').
 - `bytes`: a dependency-free text model — one token per UTF-8 byte, embeddings from a seeded
   table, positions (i, i, i). It has no vision tower, so images are validated and then refused.
 - `tiny` or a checkpoint directory: the Qwen2-VL model (services/models/qwen.py), built from
@@ -68,7 +69,7 @@ def validate_images(images: Sequence[tuple[bytes, str]]) -> None:
 
 
 class SyntheticModel:
-    """The deterministic §14 payload."""
+    """The deterministic synthetic payload (docs/DESIGN.md, 'Synthetic payload and digest')."""
 
     name = "synthetic"
 

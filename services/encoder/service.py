@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import Sequence
 
-from common import errors, transport_faults
+from common import errors
 from common.bounds import OutOfBounds, Slab, check_plan
 from common.config import WRITE_WAITS, EncoderConfig
 from common.fence import WriteFence, quarantine_until_landed
@@ -33,6 +33,7 @@ from services.edge.metrics import Metrics
 from services.encoder.models import EncodeInputs, SyntheticModel, load_model, validate_images
 from services.encoder.possession import CHALLENGE_TTL_S, Challenges, ProofReader
 from services.encoder.transfer import EncoderTransfer, PeerSession, validate_allocation
+from services.parts import Parts
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ BENCH_FILL_BYTE = 0xA5  # what a RawWrite sends: a pattern the bench wrote, neve
 class EncoderService:
     """Everything one encoder process owns."""
 
-    def __init__(self, config: EncoderConfig, *, transport: MooncakeTransport | None = None):
+    def __init__(self, config: EncoderConfig, *, parts: Parts | None = None):
         config.validate()
         self.config = config
         self.bootstrap_timeout_s = config.bootstrap_timeout_s
@@ -56,14 +57,14 @@ class EncoderService:
         self.metrics = Metrics("encoder")
         self.telemetry = self.metrics  # what transfers report to (TransferEnv)
         self.metrics_port = 0
-        self.transport = transport
+        self.parts = parts or Parts()
+        self.transport: MooncakeTransport | None = None
         self.synthetic = SyntheticModel()
         self.model = load_model(config.model, config.hidden, config.dtype, config.device)
         self.sessions: dict[tuple[str, int], PeerSession] = {}
         self._session_used: dict[
             tuple[str, int], float
         ] = {}  # last Register or Init of each registration
-        self.plan_fault = None  # TransferEnv: test-only plan corruption (see start)
         self.transfers: TransferTable[EncoderTransfer] = TransferTable(config.history_size)
         self.server: rpc.GrpcServer | None = None
         self.port = 0
@@ -79,21 +80,15 @@ class EncoderService:
 
     async def start(self) -> None:
         cfg = self.config
-        if self.transport is None:
-            self.transport = await asyncio.to_thread(
-                MooncakeTransport,
-                cfg.host,
-                cfg.protocol,
-                cfg.rdma_device,
-                write_timeout_s=cfg.write_timeout_s,
-                wait=cfg.write_wait,
-            )
-        self.transport = transport_faults.wrap(
-            self.transport, cfg.transport_fault
-        )  # test-only; "" = unchanged
-        self.plan_fault = getattr(
-            self.transport, "plan_fault", None
-        )  # test-only: None unless misplan_nth is set
+        self.transport = await asyncio.to_thread(
+            self.parts.make_transport,
+            cfg.host,
+            cfg.protocol,
+            cfg.rdma_device,
+            purpose="writes",
+            write_timeout_s=cfg.write_timeout_s,
+            wait=cfg.write_wait,
+        )
         # Registered once, before any peer can open our segment (peers cache descriptors).
         self.transport.register(
             self.pool.base_address, self.pool.registered_bytes, memory_location(cfg.device)
@@ -102,7 +97,7 @@ class EncoderService:
         self.metrics.watch_inflight(lambda: len(self.transfers.live))
         # Register's proofs are read by an engine of their own (services/encoder/possession.py).
         self.proof_transport = await asyncio.to_thread(
-            MooncakeTransport, cfg.host, cfg.protocol, cfg.rdma_device
+            self.parts.make_transport, cfg.host, cfg.protocol, cfg.rdma_device, purpose="proofs"
         )
         lanes = ProofReader.new_lanes()
         self.proof_transport.register(lanes.data_ptr(), lanes.numel(), memory_location("cpu"))

@@ -1,4 +1,5 @@
-"""The encoder's per-request transfer state machine (DESIGN §4, §5, §7).
+"""The encoder's per-request transfer state machine (docs/DESIGN.md, 'Transfer states' and 'Rounds
+and the resume rule').
 
 One `EncoderTransfer` per request id, driven by one asyncio task (`run`). Init, Encode and
 Resume only record facts and wake the task; the task decides when a round starts, plans it,
@@ -35,7 +36,7 @@ from common.errors import (
 from common.fence import WriteFence, quarantine_until_landed
 from common.integrity import PayloadSums
 from common.layout import PoolGeometry
-from common.plan import Triple, blocks_for_tokens, plan_round
+from common.plan import blocks_for_tokens, plan_round
 from common.pool import BlockPool
 from common.states import FailureReason, StatusUpdate, TransferState
 from common.telemetry import Telemetry
@@ -80,9 +81,6 @@ class TransferEnv(Protocol):
     telemetry: Telemetry
     quarantine_max_s: float
     """How long source blocks stay quarantined, at most, for writes that never report final."""
-
-    plan_fault: Callable[[list[Triple]], list[Triple]] | None
-    """Test-only: corrupts planned rounds (`--transport-fault misplan_nth=K`); None in production."""
 
     async def write(
         self, session: str, triples: Sequence[tuple[int, int, int]], fence: WriteFence
@@ -474,9 +472,6 @@ class EncoderTransfer:
                 n_tokens=count,
                 record_bytes=record_bytes,
             )
-            plan_fault = getattr(self.env, "plan_fault", None)
-            if plan_fault is not None:
-                triples = plan_fault(triples)
             try:
                 # Every rank's plan is checked before any write is submitted: a planning bug
                 # fails the request, it never writes outside the blocks the peer gave us.

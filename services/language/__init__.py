@@ -1,1 +1,1 @@
-"""The language service (DESIGN §3): front door, receiver, allocation policy."""
+"""The language service: front door, receiver, allocation policy."""

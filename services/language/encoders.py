@@ -1,4 +1,4 @@
-"""One language rank's set of encoders (issue 8): a link per encoder, registration with each,
+"""One language rank's set of encoders: a link per encoder, registration with each,
 and (rank 0) the live view the front door picks from.
 
 Every rank of an instance holds the same ordered list of encoder addresses (rank 0 expands DNS

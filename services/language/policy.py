@@ -1,6 +1,7 @@
-"""Initial allocation policies (DESIGN §6): how many tokens to reserve before the size is known.
+"""Initial allocation policies (docs/DESIGN.md, 'Reservation policies'): how many tokens to reserve
+before the size is known.
 
-- `fixed`: always `initial_tokens` (8192 by default, as in the original notes);
+- `fixed`: always `initial_tokens` (8192 by default);
 - `hint`: the client's `expected_tokens` when given, else `initial_tokens`;
 - `adaptive`: a running high quantile (p90) of recent request totals, clamped to
   [adaptive_min_tokens, adaptive_max_tokens]; `initial_tokens` until enough history exists.

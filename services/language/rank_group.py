@@ -1,4 +1,4 @@
-"""Agreement between the TP ranks of one language instance (DESIGN §7).
+"""Agreement between the TP ranks of one language instance (docs/DESIGN.md, 'Several TP ranks').
 
 Every rank keeps, per admitted request, a `LocalView` of what it observed: (total, sent, failed,
 not_ready, ...). The ranks agree on each request's fate by a collective over those views, taken
@@ -128,21 +128,19 @@ class RankGroup:
         self._seq = 0
         self.broken: str = ""
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.pool_stats: Callable[[], tuple[int, int, int, int, int]] = lambda: (0, 0, 0, 0, 0)
-        self.rank_pools: list[
-            tuple[int, int, int, int, int]
-        ] = []  # rank 0: every rank's pool_stats
+        self.pool_stats: Callable[[], tuple[int, int, int, int]] = lambda: (0, 0, 0, 0)
+        self.rank_pools: list[tuple[int, int, int, int]] = []  # rank 0: every rank's pool_stats
 
     def bind(
         self,
         on_admit: Callable[[RequestSpec], None],
         on_broken: Callable[[str], None],
         on_shutdown: Callable[[], None] | None = None,
-        pool_stats: Callable[[], tuple[int, int, int, int, int]] = lambda: (0, 0, 0, 0, 0),
+        pool_stats: Callable[[], tuple[int, int, int, int]] = lambda: (0, 0, 0, 0),
     ) -> None:
         """Callbacks, run on the event loop: a request was admitted on this rank; the group broke;
         rank 0 ended the group (the other ranks then shut down). `pool_stats` gives this rank's
-        (used, free, waiters, fault-held, quarantined) blocks; rank 0 sees every rank's in `rank_pools`."""
+        (used, free, waiters, quarantined) blocks; rank 0 sees every rank's in `rank_pools`."""
         self.loop = asyncio.get_running_loop()
         self.pool_stats = pool_stats
         self._on_admit = on_admit
@@ -248,7 +246,7 @@ class LocalGroup(RankGroup):
 
 # ---------------------------------------------------------------------------- distributed
 
-_HEADER = 9  # shutdown, n_admissions, n_open, step, pool used, free, waiters, held, quarantined
+_HEADER = 8  # shutdown, n_admissions, n_open, step, pool used, free, waiters, quarantined
 _ADMIT_WORDS = (
     5 + ADMIT_KEY_BYTES // 8
 )  # seq, initial_tokens, want_digest, key length, encoder, key
@@ -402,7 +400,7 @@ class DistributedGroup(RankGroup):
         mine[1] = len(admit)
         mine[2] = len(self._open)
         mine[3] = self._steps
-        mine[4:9] = torch.tensor(self.pool_stats())
+        mine[4:8] = torch.tensor(self.pool_stats())
         for i, request_id in enumerate(self._open):
             view = self.views.get(request_id)
             row = view.row if view is not None else RankRow()
@@ -414,7 +412,7 @@ class DistributedGroup(RankGroup):
         dist.all_gather(gathered, mine)
         self._steps += 1
         leader = gathered[0]
-        self.rank_pools = [tuple(int(x) for x in g[4:9]) for g in gathered]
+        self.rank_pools = [tuple(int(x) for x in g[4:8]) for g in gathered]
         if any(int(g[2]) != len(self._open) for g in gathered):
             raise RuntimeError(f"ranks disagree on open requests: {[int(g[2]) for g in gathered]}")
         decided: list[tuple[str, Decision]] = []

@@ -1,4 +1,4 @@
-"""The processes of a multi-rank language instance (DESIGN §7).
+"""The processes of a multi-rank language instance (docs/DESIGN.md, 'Several TP ranks').
 
 Rank 0 (the `epd language` process) starts ranks 1..tp-1 as child processes of the same
 command with `--rank R --dist-init URL`; they join the gloo group, register with the encoder,
@@ -18,9 +18,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 from common.config import LanguageConfig
 from services.edge import rpc
+from services.parts import Parts
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,11 @@ def _die_with_parent() -> None:
         pass
 
 
-def spawn(config: LanguageConfig, language_id: str, dist_init: str) -> list[subprocess.Popen]:
+def spawn(
+    config: LanguageConfig, language_id: str, dist_init: str, command: Sequence[str]
+) -> list[subprocess.Popen]:
+    """Ranks 1..tp-1 as child processes: the interpreter runs `command`, then `language` and
+    the flags that rebuild the rank's config."""
     children = []
     env = {k: v for k, v in os.environ.items() if not k.startswith("EPD_")}  # the flags say it all
     for rank in range(1, config.tp):
@@ -67,7 +73,7 @@ def spawn(config: LanguageConfig, language_id: str, dist_init: str) -> list[subp
             port=0,
             metrics_port=config.metrics_port + rank if config.metrics_port else 0,
         )
-        argv = [sys.executable, "-m", "services.tools.cli", "language", *config_to_argv(child)]
+        argv = [sys.executable, *command, "language", *config_to_argv(child)]
         # No preexec_fn: it forces fork() in a process with gRPC threads (fork handlers skipped,
         # broken pollers); the child sets its own parent-death signal instead (run_rank).
         children.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, env=env))
@@ -92,7 +98,7 @@ def stop(children: list[subprocess.Popen], timeout: float = 10.0) -> None:
             pass
 
 
-async def run_rank(config: LanguageConfig) -> int:
+async def run_rank(config: LanguageConfig, parts: Parts) -> int:
     """Ranks 1..tp-1: join the group, register, then follow rank 0 until it ends the group."""
     from services.language.rank_group import DistributedGroup
     from services.language.worker import RankWorker
@@ -101,7 +107,7 @@ async def run_rank(config: LanguageConfig) -> int:
     if os.getppid() == 1:  # rank 0 died before we could ask to be told
         return 1
     group = DistributedGroup(config.rank, config.tp, config.dist_init)
-    worker = RankWorker(config, config.rank, group, config.language_id)
+    worker = RankWorker(config, config.rank, group, config.language_id, parts=parts)
     done = asyncio.Event()
     broken: list[str] = []
     group.bind(

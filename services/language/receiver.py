@@ -1,4 +1,5 @@
-"""One language rank's receive of one request (DESIGN §6): one asyncio task, no polling.
+"""One language rank's receive of one request (docs/DESIGN.md, 'Rounds and the resume rule'): one
+asyncio task, no polling.
 
     alloc -> Status + Init -> for each status: TRANSFERRING -> copy out and verify (side by
     side), free, alloc the rest (partial if short), Resume; SUCCESS -> verify in place, payload =

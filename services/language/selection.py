@@ -1,4 +1,4 @@
-"""Which encoder serves a request (issue 8): the language instance's live view of its encoders
+"""Which encoder serves a request: the language instance's live view of its encoders
 and the selection policy. Domain code: no grpc, no mooncake — services/language/encoders.py
 feeds the views from health checks and GetPool/GetDiagnostics polls.
 

@@ -35,6 +35,7 @@ from services.language.rank_group import (
 )
 from services.language.receiver import CarriedInit
 from services.language.worker import RankOutcome, RankWorker, cancel_and_wait
+from services.parts import Parts
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class GenerateRecord:
 
 
 class LanguageService:
-    def __init__(self, config: LanguageConfig, *, transport: MooncakeTransport | None = None):
+    def __init__(self, config: LanguageConfig, *, parts: Parts | None = None):
         config.validate()
         addresses = config.encoder_addresses()
         if not addresses:
@@ -102,7 +103,7 @@ class LanguageService:
             0,
             self.group,
             self.language_id,
-            transport=transport,
+            parts=parts,
             dns_names=tuple(dns_names) if config.tp == 1 else (),
         )
         self.pool = self.worker.pool
@@ -138,7 +139,9 @@ class LanguageService:
         cfg = self.config
         self.group.bind(self.worker.on_admit, self._group_broken, pool_stats=self.worker.pool_stats)
         if cfg.tp > 1:
-            self.children = ranks.spawn(cfg, self.language_id, self.dist_init)
+            self.children = ranks.spawn(
+                cfg, self.language_id, self.dist_init, self.worker.parts.rank_command
+            )
         try:
             await self.group.start()
             await self.worker.start()
@@ -768,14 +771,13 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
         info = rpc.pool_info(self.s.pool, self.s.transport.session, 0, addresses=shown_to)
         if not self.s.group.broken:
             await self.s.group.refresh()
-        for rank, (used, free, waiters, held, quarantined) in enumerate(self.s.group.rank_pools):
+        for rank, (used, free, waiters, quarantined) in enumerate(self.s.group.rank_pools):
             info.rank_pools.append(
                 common_pb2.RankPool(
                     rank=rank,
                     used_blocks=used,
                     free_blocks=free,
                     waiters=waiters,
-                    fault_held_blocks=held,
                     quarantined_blocks=quarantined,
                 )
             )

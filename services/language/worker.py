@@ -26,9 +26,9 @@ from services.edge.metrics import Metrics
 from services.edge.rpc import ClientSecurity
 from services.language.consumers import ConsumerResult, NullConsumer, build_consumer  # noqa: F401 (re-exported)
 from services.language.encoders import EncoderDirectory
-from services.language.faults import FaultSpec, FaultyLink
 from services.language.rank_group import Decision, LocalView, RankGroup, RequestSpec
 from services.language.receiver import CarriedInit, Fence, ReceiveTask, release_when_safe
+from services.parts import Parts
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class RankWorker:
         group: RankGroup,
         language_id: str,
         *,
-        transport: MooncakeTransport | None = None,
+        parts: Parts | None = None,
         dns_names: tuple[str, ...] = (),
     ):
         self.config = config
@@ -68,29 +68,25 @@ class RankWorker:
         self.metrics = Metrics("language", rank)
         self.telemetry = self.metrics
         self.metrics_port = 0
-        self.transport = transport
-        self.fault = FaultSpec.parse(config.fault) if config.fault else FaultSpec()
-        if not self.fault.applies_to(rank):
-            self.fault = FaultSpec()
-        faulty = bool(self.fault.status_lag_s or self.fault.status_dup)
+        self.parts = parts = parts or Parts()
+        self.transport: MooncakeTransport | None = None
         # One link per encoder, in the same order on every rank (an admission names its encoder
         # by index); rank 0 also watches them and picks one per request.
         self.encoders = EncoderDirectory(
             config.encoder,
             language_id,
             policy=config.encoder_policy,
-            wrap=(lambda link: FaultyLink(link, self.fault)) if faulty else (lambda link: link),
+            wrap=lambda link: parts.wrap_link(link, rank),
             dns_names=dns_names,
             sec=ClientSecurity.from_config(config),
         )
-        self.consumer = build_consumer(config, rank)
+        self.consumer = parts.wrap_consumer(build_consumer(config, rank), rank)
         self.receivers: dict[str, ReceiveTask] = {}
         self._outcomes: dict[str, asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
         # Blocks of transfers whose end the encoder could not confirm, until release_when_safe
         # returns them (receiver.py); cancelled at close, the blocks then go with the pool.
         self._quarantines: dict[asyncio.Task, ReceiveTask | None] = {}
-        self._held: list[int] = []
         # Early reservations (`reserve_early`): blocks by admission key until the request's receive
         # task takes them, and the blocks of those whose Encode has not returned yet.
         self._early: dict[str, list[int]] = {}
@@ -106,10 +102,9 @@ class RankWorker:
     async def start(self) -> None:
         """Register the pool with Mooncake (once, before serving) and with the encoder."""
         cfg = self.config
-        if self.transport is None:
-            self.transport = await asyncio.to_thread(
-                MooncakeTransport, cfg.host, cfg.protocol, cfg.rdma_device
-            )
+        self.transport = await asyncio.to_thread(
+            self.parts.make_transport, cfg.host, cfg.protocol, cfg.rdma_device, purpose="pool"
+        )
         self.transport.register(
             self.pool.base_address, self.pool.registered_bytes, memory_location(cfg.device)
         )
@@ -132,8 +127,7 @@ class RankWorker:
                 cfg.host,
                 {self.metrics_port: "metrics", self.transport.handshake_port: "Mooncake handshake"},
             )
-        if self.fault.hold_blocks:
-            self._held = self.pool.allocator.try_alloc(self.fault.hold_blocks) or []
+        self.parts.on_rank_started(self)
 
     @property
     def link(self):
@@ -145,9 +139,9 @@ class RankWorker:
         construction, so two instances can use the same request_id on one encoder."""
         return f"{self.language_id}/{key}"
 
-    def pool_stats(self) -> tuple[int, int, int, int, int]:
+    def pool_stats(self) -> tuple[int, int, int, int]:
         a = self.pool.allocator
-        return (a.used_count, a.free_count, a.waiters, len(self._held), a.quarantined_count)
+        return (a.used_count, a.free_count, a.waiters, a.quarantined_count)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -194,9 +188,6 @@ class RankWorker:
             task.cancel()
         if self._quarantines:
             await asyncio.gather(*self._quarantines, return_exceptions=True)
-        if self._held:
-            self.pool.allocator.free(self._held)
-            self._held = []
         await self.encoders.close()
         if self.transport is not None:
             self.transport.close()
@@ -215,7 +206,7 @@ class RankWorker:
 
     def reserve_early(self, key: str, tokens: int, bound_tokens: int) -> bool:
         """Reserve the initial allocation of a request whose Encode has not returned yet, so that
-        its Init goes out alongside the Encode (DESIGN §4) instead of after it. Only without
+        its Init goes out alongside the Encode instead of after it. Only without
         waiting, and only while the blocks so reserved stay within `pool - bound_tokens`, where
         `bound_tokens` is the largest initial allocation a request admitted after its Encode may
         wait for: such a request then always gets its blocks once the transfers under way end,
@@ -307,8 +298,6 @@ class RankWorker:
                 )
                 try:
                     self._log_consumed(spec.request_id)
-                    if self.fault.hold_payload_s and payload is not None:
-                        await self._hold_and_recheck(spec.request_id, payload)
                     outcome.consumer = await self.consumer.consume(payload)
                 finally:
                     if payload is not None:
@@ -467,20 +456,6 @@ class RankWorker:
         self.telemetry.transfer_ended(
             TransferState.FAILED, reason, seconds=None, rounds=receiver.rounds
         )
-
-    async def _hold_and_recheck(self, request_id: str, payload: Payload) -> None:
-        """Test-only (`--fault hold_payload_s=S`): hold the payload S seconds, as a long prefill
-        would, and fail the request if its bytes changed meanwhile."""
-        before = await asyncio.to_thread(payload.sha256)
-        await asyncio.sleep(self.fault.hold_payload_s)
-        after = await asyncio.to_thread(payload.sha256)
-        if after != before:
-            self.telemetry.integrity_failed()
-            raise errors.IntegrityError(
-                f"request {request_id} rank {self.rank}: the payload changed while the consumer "
-                f"held it for {self.fault.hold_payload_s} s (sha256 {before[:16]}... -> "
-                f"{after[:16]}...)"
-            )
 
     def _log_consumed(self, request_id: str) -> None:
         if self._consumer_log is not None:

@@ -1,4 +1,4 @@
-"""The Qwen2-VL encoder model (DESIGN §10), built from Hugging Face `transformers` classes.
+"""The Qwen2-VL encoder model, built from Hugging Face `transformers` classes.
 
 Nothing here re-implements the model: preprocessing is the library's (slow, PIL-based)
 `Qwen2VLImageProcessorPil` (smart resize to multiples of 28 within min/max pixels, 14x14 patches,

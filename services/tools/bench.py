@@ -1,4 +1,4 @@
-"""`epd bench` (DESIGN §13): the performance yardsticks, measured in one run.
+"""`epd bench`: the performance goals (docs/BENCHMARKS.md), measured in one run.
 
 Every figure is a ratio against a raw Mooncake `batch_transfer_sync_write` of the same bytes
 between the same two service processes, measured in the same run (the language's MeasureLink
@@ -50,7 +50,7 @@ from services.tools import demo
 CASES = ("single", "multi", "control", "concurrency", "policies", "loops")
 POLICIES = ("fixed", "hint", "adaptive")
 
-# (figure, comparison, goal) — DESIGN §13. `round_extra_ms` is checked per size against that
+# (figure, comparison, goal). `round_extra_ms` is checked per size against that
 # size's own copy-out time + 2 ms.
 GOALS = {
     "single_round_ratio": (">=", 0.9),
@@ -72,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--hidden", type=int, default=3584, help="embedding width (default 3584)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    security.add_client_arguments(p)  # the bench's client and the services it starts (issue 9)
+    security.add_client_arguments(p)  # the bench's client and the services it starts
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument(
         "--sizes", default="256,1024,4096,8192", help="token counts of the single/multi cases"
@@ -569,7 +569,7 @@ async def case_policies(
 
 
 def evaluate(results: dict[str, Any], margin: float) -> list[dict[str, Any]]:
-    """Each goal of §13 with its measured value; `ok` within the margin."""
+    """Each goal (docs/BENCHMARKS.md) with its measured value; `ok` within the margin."""
     checks = []
 
     def add(name: str, value: float, op: str, goal: float, ratio: float, **context: float) -> None:
@@ -614,7 +614,7 @@ def evaluate(results: dict[str, Any], margin: float) -> list[dict[str, Any]]:
 
 
 def cases_of(checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The goals as DESIGN §14's `cases`: `name`, `ratio` (delivered against raw Mooncake: for
+    """The goals as the `cases` list: `name`, `ratio` (delivered against raw Mooncake: for
     a ratio goal the figure itself; for the round and control-plane goals, which are in ms, the
     raw write's time over the request's), `goal` (the figure's own, e.g. "<= 3") and `ok` (met),
     then the check's other keys (`value`, `met`, `ok_within_margin`, `floor`)."""

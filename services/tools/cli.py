@@ -1,4 +1,4 @@
-"""The `epd` command (DESIGN §12): encoder | language | demo | status | health.
+"""The `epd` command: encoder | language | demo | status | health.
 
 Flags are generated from the config dataclasses (common/config.py), so every setting has a flag
 `--some-name` and an environment variable `EPD_SOME_NAME`; flags win over the environment.
@@ -17,6 +17,7 @@ import typing
 
 from common.config import ConfigError, EncoderConfig, LanguageConfig
 from common.errors import EpdError
+from services.parts import Parts
 
 ENV_PREFIX = "EPD_"
 CONFIGS = {"encoder": EncoderConfig, "language": LanguageConfig}
@@ -132,7 +133,7 @@ def _event_loop_policy(kind: str = "auto") -> str:
     return "uvloop"
 
 
-async def _serve(role: str, config) -> int:
+async def _serve(role: str, config, parts: Parts) -> int:
     from services.edge import rpc
 
     if config.torch_threads:
@@ -148,9 +149,9 @@ async def _serve(role: str, config) -> int:
         if config.rank != 0:
             from services.language.ranks import run_rank
 
-            return await run_rank(config)
+            return await run_rank(config, parts)
     stop = rpc.termination_event()
-    service = Service(config)
+    service = Service(config, parts=parts)
     try:
         await service.start()
         extra = {"tp": config.tp, "rank_pids": service.rank_pids} if role == "language" else {}
@@ -173,7 +174,7 @@ async def _serve(role: str, config) -> int:
     return 0
 
 
-def _run_service(role: str, args: argparse.Namespace) -> int:
+def _run_service(role: str, args: argparse.Namespace, parts: Parts) -> int:
     try:
         config = build_config(CONFIGS[role], args)
     except ConfigError as e:
@@ -187,7 +188,7 @@ def _run_service(role: str, args: argparse.Namespace) -> int:
         return 2
     logging.getLogger(role).info("starting %s on %s", role, loop_kind)
     try:
-        return asyncio.run(_serve(role, config))
+        return asyncio.run(_serve(role, config, parts))
     except EpdError as e:
         print(f"epd {role}: {e.message}", file=sys.stderr)
         return 1
@@ -223,10 +224,12 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, parts: Parts | None = None) -> int:
+    """Run `epd`. `parts`: what the services build through the seam (services/parts.py); only
+    a test harness passes one."""
     args = make_parser().parse_args(argv)
     if args.command in CONFIGS:
-        return _run_service(args.command, args)
+        return _run_service(args.command, args, parts or Parts())
     if args.command == "demo":
         from services.tools import demo
 

@@ -1,4 +1,5 @@
-"""An independent reference for the synthetic payload and its digest (DESIGN §14).
+"""An independent reference for the synthetic payload and its digest (docs/DESIGN.md, 'Synthetic
+payload and digest').
 
 This module deliberately uses numpy only -- no torch and nothing from ``common`` or
 ``services`` -- so that ``epd demo`` checks the services' payload code instead of repeating it.
@@ -141,7 +142,7 @@ def payload_bytes(n_tokens: int, hidden: int, dtype: str = "bfloat16") -> int:
 
 
 def expected_digest(n_tokens: int, seed: int, hidden: int, dtype: str = "bfloat16") -> str:
-    """Hex SHA-256 of the synthetic payload of ``n_tokens`` tokens for ``seed`` (§14 Digest)."""
+    """Hex SHA-256 of the synthetic payload of ``n_tokens`` tokens for ``seed``."""
     dtype = canonical_dtype(dtype)
     _check(n_tokens, seed, hidden)
     n = int(n_tokens)

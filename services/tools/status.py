@@ -1,4 +1,4 @@
-"""`epd status` and `epd health`: look at a running encoder or language service (DESIGN §4, §12).
+"""`epd status` and `epd health`: look at a running encoder or language service.
 
 - `epd status ADDR` prints the service's transfers (live ones first, then the bounded history,
   newest first) as a table, then its pool; `epd status ADDR REQUEST_ID` prints one transfer in
@@ -376,14 +376,13 @@ def pool_text(pool: common_pb2.PoolInfo) -> str:
                 str(rp.free_blocks),
                 str(rp.quarantined_blocks),
                 str(rp.waiters),
-                str(rp.fault_held_blocks),
             ]
             for rp in pool.rank_pools
         ]
         table = format_table(
-            ("RANK", "USED", "FREE", "QUARANTINED", "WAITERS", "FAULT_HELD"),
+            ("RANK", "USED", "FREE", "QUARANTINED", "WAITERS"),
             rows,
-            right=frozenset(range(6)),
+            right=frozenset(range(5)),
         )
         lines += ["", table]
     return "\n".join(lines)

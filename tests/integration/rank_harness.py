@@ -251,7 +251,7 @@ class TestRank:
         return {f.name: field_of(records, f).clone() for f in self.record.fields}
 
     def mismatches(self, records: torch.Tensor, seed: int, start: int) -> list[str]:
-        """Fields of `records` (tokens start.. of a synthetic payload) that differ from §14; [] if all equal."""
+        """Fields of `records` (tokens start.. of a synthetic payload) that differ from it; [] if all equal."""
         want = synthetic_fields(
             seed, start, records.shape[0], self.hidden, getattr(torch, self.dtype)
         )

@@ -1,4 +1,5 @@
-"""Bad input to the real services (DESIGN §4, §8 "malformed or inconsistent RPC").
+"""Bad input to the real services (docs/DESIGN.md, "Failure semantics": a malformed or
+inconsistent RPC).
 
 Every case checks three things: the exact gRPC status code, a message that names the offending
 value or field, and that nothing changed — the transfer as GetTransfer shows it, the listing, the
@@ -228,12 +229,12 @@ async def hold_at_round_1(enc, rank: TestRank, request_id: str, n: int = 100, se
     assert reply.total_tokens == n
     st = await w.until(lambda s: s.state == TRANSFERRING)
     assert (st.sent_tokens, st.total_tokens, st.round, st.round_tokens) == (BLOCK, n, 1, BLOCK)
-    assert rank.mismatches(rank.read(blocks, BLOCK), seed, 0) == [], "round 1 bytes differ from §14"
+    assert rank.mismatches(rank.read(blocks, BLOCK), seed, 0) == [], "round 1 bytes differ from the synthetic payload"
     return blocks, w
 
 
 async def cancel_held(enc, w: StatusWatcher, request_id: str) -> None:
-    reply = await enc.Cancel(w.rank.cancel_request(request_id))  # as the owner (issue 9)
+    reply = await enc.Cancel(w.rank.cancel_request(request_id))  # as the owner
     assert reply.cancelled and reply.state == FAILED
     st = await w.until(lambda s: s.state in TERMINAL)
     assert st.state == FAILED
@@ -732,7 +733,7 @@ async def test_duplicate_resume_is_a_no_op_and_a_hand_driven_transfer_completes(
     assert rounds_seen == list(range(1, 8)), f"rounds {rounds_seen}"
     payload = torch.cat(stash)
     assert payload.shape[0] == n
-    assert reg.mismatches(payload, seed, 0) == [], "received payload differs from §14"
+    assert reg.mismatches(payload, seed, 0) == [], "received payload differs from the synthetic payload"
     info = await enc.GetTransfer(common_pb2.GetTransferRequest(request_id=request_id))
     assert (info.state, info.sent_tokens, info.total_tokens, info.rounds) == (SUCCESS, n, n, 7)
     # A late duplicate of an already-served Resume is still a no-op.

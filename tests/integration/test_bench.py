@@ -191,7 +191,8 @@ def test_epd_bench_json_has_every_documented_key():
     )
     figures = {c["figure"] for c in r["checks"]}
     assert {"single_round_ratio[256]", "round_extra_ms[2048]", "control_overhead_p50_ms"} <= figures
-    # DESIGN §14: {"cases": [{"name", "ratio", "goal", "ok", ...}, ...]}, one per goal checked.
+    # A fixed shape (docs/DESIGN.md, "Names other tools rely on"):
+    # {"cases": [{"name", "ratio", "goal", "ok", ...}, ...]}, one per goal checked.
     assert [c["name"] for c in r["cases"]] == [c["figure"] for c in r["checks"]]
     for case in r["cases"]:
         assert {"name", "ratio", "goal", "ok"} <= set(case), case

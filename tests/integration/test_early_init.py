@@ -1,5 +1,5 @@
-"""The Init sent alongside the Encode (`--early-init`, DESIGN §4 "the language sends both at
-once"): used when the pool has room to spare, never when it has not, correct payloads either way,
+"""The Init sent alongside the Encode (`--early-init`, docs/DESIGN.md "Early and carried Init"):
+used when the pool has room to spare, never when it has not, correct payloads either way,
 nothing left behind when the Encode is refused after the Init went out, and no deadlock when
 both pools are short of blocks. By default the Init travels inside the Encode (`--carry-init`,
 EncodeRequest.init); an encoder that refuses it gets the rank's own Init instead."""

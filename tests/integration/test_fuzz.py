@@ -1,14 +1,14 @@
-"""Property-based fuzzing of every RPC of both services on live processes (issue "Hostile input").
+"""Property-based fuzzing of every RPC of both services on live processes (hostile input).
 
 Random, out-of-range, huge, empty, duplicated and out-of-order inputs go to every Encoder and
 Language RPC of a real encoder + language pair (small pools: hidden 64, 16-token blocks,
-`--max-request-tokens 5000`). The properties, checked for every example (DESIGN §4, §8):
+`--max-request-tokens 5000`). The properties, checked for every example (docs/DESIGN.md):
 
 - no crash: both processes stay alive and health stays SERVING;
 - bad input gets its domain code (INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS,
   FAILED_PRECONDITION ...), never UNKNOWN, INTERNAL or a transport-level code, and a non-empty
   message naming the offending field or value; where the right answer is known exactly (an oracle
-  written from DESIGN §4/§14), the exact code and the words of the message are checked;
+  written from docs/DESIGN.md), the exact code and the words of the message are checked;
 - valid requests mixed in succeed (and are cleaned up);
 - afterwards nothing changed: both pools fully free, no live transfer (`assert_all_free`), no
   open Status stream (GetDiagnostics), the test rank's own pool free; every Status stream ends (a
@@ -80,7 +80,7 @@ NEVER = {C.UNKNOWN, C.INTERNAL, C.UNAVAILABLE, C.DEADLINE_EXCEEDED, C.UNIMPLEMEN
 MAGIC = {
     "image/png": b"\x89PNG\r\n\x1a\n",
     "image/jpeg": b"\xff\xd8\xff",
-}  # what the encoder accepts (§4)
+}  # what the encoder accepts
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -99,7 +99,7 @@ def fuzz(n: int):
 # ---------------------------------------------------------------------------- live processes
 
 LANGUAGE_ID = f"fuzz-language-{uuid.uuid4().hex[:8]}"
-"""The language process's id: its transfers on the encoder are its own (issue 9 ownership)."""
+"""The language process's id: its transfers on the encoder are its own (ownership)."""
 
 
 class Live:
@@ -424,7 +424,7 @@ synthetic = st.one_of(
 
 
 def image_problem(imgs) -> tuple | None:
-    """The encoder's answer to images when synthetic_tokens == 0 (DESIGN §4, §10: PNG/JPEG, no VLM)."""
+    """The encoder's answer to images when synthetic_tokens == 0 (PNG/JPEG, no VLM)."""
     for i, im in enumerate(imgs):
         if not im.data:
             return (IA, f"images[{i}]")
@@ -439,7 +439,7 @@ def image_problem(imgs) -> tuple | None:
 
 
 def token_expectation(synthetic_tokens: int, text: str, imgs) -> tuple[tuple | None, int]:
-    """(error expectation or None, total tokens) of a request's payload (synthetic wins, §14)."""
+    """(error expectation or None, total tokens) of a request's payload (synthetic wins)."""
     if synthetic_tokens > 0:
         total = synthetic_tokens
     else:
@@ -777,7 +777,7 @@ def test_fuzz_register(
     ids=["superscript-two", "arabic-indic-80", "fullwidth-80"],
 )
 def test_register_session_port_must_be_ascii_digits(live, session):
-    """A Mooncake session is 'host:port' with a decimal port 1..65535 (DESIGN §4). Python's
+    """A Mooncake session is 'host:port' with a decimal port 1..65535. Python's
     str.isdigit() also accepts '²' (int() then raises: UNKNOWN) and other scripts' digits (which
     Mooncake cannot parse): all must be INVALID_ARGUMENT naming the session."""
 
@@ -847,7 +847,7 @@ def allocated_for(kind: str, blocks: list[int], random_value: int) -> int:
 def allocation_problem(
     blocks: list[int], allocated: int, num_blocks: int = RANK_BLOCKS
 ) -> tuple | None:
-    """DESIGN §4 Init/Resume: allocated_tokens == len(blocks) * block_size, ids inside the pool, no
+    """Init/Resume: allocated_tokens == len(blocks) * block_size, ids inside the pool, no
     repeats. With one fault the message must name it; with several, any one of them (the order
     the service checks them in is its own business)."""
     out = [b for b in blocks if b >= num_blocks]
@@ -1091,7 +1091,7 @@ def test_fuzz_resume(
         elif lang_kind == "empty":
             expect = (IA, "language_id is empty")
         elif lang_kind == "other":
-            expect = (PD, target)  # another instance's request (issue 9)
+            expect = (PD, target)  # another instance's request
         elif rank != 0:
             expect = (FP, f"rank {rank}")
         elif sent > BLOCK:
@@ -1527,7 +1527,7 @@ def test_fuzz_generate(
         elif mode == "enc_cancel" and request_id and expect[0] is OK:
             await until_known(live.enc, request_id, gen)
             await asyncio.sleep(delay / 5)
-            # As the language instance itself (only the owner may Cancel on the encoder, issue 9).
+            # As the language instance itself (only the owner may Cancel on the encoder).
             _, cancel_e = await outcome(
                 live.enc.Cancel(
                     common_pb2.CancelRequest(
@@ -1544,7 +1544,7 @@ def test_fuzz_generate(
             if e is None:
                 check_one(reply, e, "Generate cancelled on the encoder too late")
             else:
-                # The language reports the reason the encoder failed the request with (§4 Cancel
+                # The language reports the reason the encoder failed the request with (Cancel
                 # carries a failure label), or refuses a request whose id the encoder already ended.
                 allowed = {reason_code(stranger_reason), FP, IA, AE, CANCELLED}
                 assert e.code() in allowed, (
@@ -2006,7 +2006,7 @@ def test_very_long_strings_get_their_domain_code(live):
 def test_zz_nothing_accumulated_after_the_fuzzing(live):
     """Runs last (file order): after every example above, both processes still answer, no
     transfer or Status stream is left, and the number of asyncio tasks is back to where it was
-    when the module started (no task outlives its request, DESIGN §8)."""
+    when the module started (no task outlives its request)."""
 
     async def case():
         await invariants(live)

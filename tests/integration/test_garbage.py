@@ -1,10 +1,10 @@
-"""Raw garbage on the services' ports (issue "Hostile input", DESIGN §8).
+"""Raw garbage on the services' ports (hostile input).
 
 Random bytes, HTTP/1.1 requests, truncated or malformed HTTP/2, and storms of connections that
 are opened and dropped go to the gRPC port of the encoder and of the language service, and to
 their Mooncake ports (the session "host:port" in the EPD_READY line, plus every other TCP port
 the processes listen on, e.g. Mooncake's data port). After each kind of abuse both processes
-must be alive and SERVING, and a normal multi-round Generate must succeed with the §14 digest
+must be alive and SERVING, and a normal multi-round Generate must succeed with the right digest
 (which also moves the payload over Mooncake), with every pool free afterwards. Only 127.0.0.1 is
 ever connected to.
 """

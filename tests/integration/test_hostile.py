@@ -1,4 +1,4 @@
-"""A hostile client against real processes and real Mooncake (issue 17): each test tries one
+"""A hostile client against real processes and real Mooncake: each test tries one
 attack that worked on the code before this suite, as someone holding the shared token (or, for
 the ownership cases, another client certificate of the same CA) would, and checks that it is
 refused with the right code, that nothing changed — no byte of the victim's pool, no transfer —

@@ -1,4 +1,4 @@
-"""Timeouts, peers that die, restarts and graceful shutdown (DESIGN §8), with real processes.
+"""Timeouts, peers that die, restarts and graceful shutdown, with real processes.
 
 Each scenario ends with both pools fully free and the transfer visible, failed with its reason,
 in the inspection history; every Status stream ends."""

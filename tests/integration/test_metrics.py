@@ -1,4 +1,4 @@
-"""Metrics (DESIGN §9) scraped by a real Prometheus server from a real encoder and a real
+"""Metrics scraped by a real Prometheus server from a real encoder and a real
 two-rank language instance, checked through Prometheus' HTTP API; and `promtool check metrics`
 on the raw /metrics text of every process.
 

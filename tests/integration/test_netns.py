@@ -28,7 +28,7 @@ import pytest
 from common.pb.epd.v1 import common_pb2, language_pb2
 from services.tools import demo
 from services.tools.reference_payload import expected_digest
-from tests.conftest import assert_all_free, encoder_stub, language_stub
+from tests.conftest import FAULT_FLAGS, ROOT, assert_all_free, encoder_stub, language_stub
 
 ENC_IP, LANG_IP = "198.18.0.1", "198.18.0.2"  # the services' link
 ROOT_ENC, NS_ENC = "198.18.1.1", "198.18.1.2"  # management: test process <-> encoder ns
@@ -97,15 +97,15 @@ def start_in(ns: str, role: str, *args: str) -> demo.ServiceProcess:
         ns,
         sys.executable,
         "-m",
-        "services.tools.cli",
+        "tests.faults.launch" if FAULT_FLAGS.intersection(args) else "services.tools.cli",
         role,
         "--port",
         "0",
         *args,
     ]
-    svc = demo.ServiceProcess(
-        role, argv, env={**os.environ, "MC_FORCE_TCP": "1", "PYTHONUNBUFFERED": "1"}
-    )
+    env = {**os.environ, "MC_FORCE_TCP": "1", "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))
+    svc = demo.ServiceProcess(role, argv, env=env)
     svc.start()
     try:
         svc.wait_ready(60)

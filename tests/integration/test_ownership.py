@@ -1,5 +1,5 @@
 """Only the owner may steer a transfer; the encoder writes only inside the blocks it was given;
-limits refuse before anything is allocated (issue 9, ownership half).
+limits refuse before anything is allocated (docs/SECURITY.md).
 
 A real encoder process; the language ranks are `TestRank`s in this process (real Mooncake TCP,
 their own pools), so every case can check that *no byte* changed anywhere: the victim's whole
@@ -197,7 +197,7 @@ async def finish_victim(
     total: int = 100,
     seed: int = 7,
 ) -> None:
-    """Resume the victim to the end; every round must hold the §14 bytes."""
+    """Resume the victim to the end; every round must hold the synthetic payload's bytes."""
     sent = 2 * BLOCK
     while True:
         victim.free(blocks)

@@ -1,4 +1,4 @@
-"""Ownership bound to mutual-TLS identities (issue 9): with real certificates from one CA, a
+"""Ownership bound to mutual-TLS identities: with real certificates from one CA, a
 caller presenting another certificate cannot use a language instance's id — not to Register over
 its session, not to Init, Resume, Status or Cancel its transfers — even when it sends that
 instance's language_id; the owner, with its own certificate, goes on undisturbed. Each refusal:

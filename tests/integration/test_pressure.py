@@ -1,4 +1,4 @@
-"""Both pools nearly full under many concurrent requests (DESIGN §8 "Pressure"): FIFO waits,
+"""Both pools nearly full under many concurrent requests (docs/DESIGN.md, "Pressure"): FIFO waits,
 partial resume rounds, no deadlock (a watchdog bounds the test), and every request ends in
 SUCCESS with the right bytes or a clear RESOURCE_EXHAUSTED; both pools end fully free."""
 

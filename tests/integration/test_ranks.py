@@ -1,4 +1,4 @@
-"""Multi-rank language instances (DESIGN §7): real rank processes in one gloo group, real
+"""Multi-rank language instances: real rank processes in one gloo group, real
 Mooncake TCP to every rank. Every data rank must end with the encoder's bytes (its own digest,
 checked against the independent reference), all ranks must consume in the same order, and
 any rank's failure must fail the request everywhere with every pool free."""
@@ -97,6 +97,7 @@ async def test_single_multi_round_and_larger_than_pool(tmp_path, tp, data_ranks)
 async def test_rank_with_less_free_pool_shrinks_rounds(tmp_path):
     # Rank 1 keeps only 8 of its 32 blocks free (a nearly full pool: fault injection holds 24).
     pair = make_pair(tmp_path, "--tp", "2", "--fault", "rank=1,hold_blocks=24")
+    held = {1: 24}  # by the injected fault
     try:
         stub = language_stub(pair.language.address)
         n = 20000
@@ -105,7 +106,7 @@ async def test_rank_with_less_free_pool_shrinks_rounds(tmp_path):
             n / (8 * 128)
         )  # every round limited by rank 1's 1024 tokens
         await assert_all_free(
-            (pair.encoder.address, "encoder"), (pair.language.address, "language")
+            (pair.encoder.address, "encoder"), (pair.language.address, "language"), held=held
         )
     finally:
         pair.stop()
@@ -115,6 +116,7 @@ async def test_rank_that_cannot_allocate_fails_everywhere_fault_injected(tmp_pat
     pair = make_pair(
         tmp_path, "--tp", "2", "--fault", "rank=1,hold_blocks=32", "--alloc-timeout-s", "1"
     )
+    held = {1: 32}  # by the injected fault
     try:
         stub = language_stub(pair.language.address)
         rid = unique_id()
@@ -133,7 +135,7 @@ async def test_rank_that_cannot_allocate_fails_everywhere_fault_injected(tmp_pat
         assert enc.error.reason == common_pb2.FAILURE_REASON_RESOURCE_EXHAUSTED, enc.error
         assert consumed(tmp_path, 2) == [[], []] if (tmp_path / "consumed.rank0").exists() else True
         await assert_all_free(
-            (pair.encoder.address, "encoder"), (pair.language.address, "language")
+            (pair.encoder.address, "encoder"), (pair.language.address, "language"), held=held
         )
     finally:
         pair.stop()

@@ -1,4 +1,4 @@
-"""Several encoders per language instance, several language instances per encoder (issue 8):
+"""Several encoders per language instance, several language instances per encoder:
 real processes, real Mooncake TCP on loopback. Failures are injected with the encoder's
 test-only `--transport-fault` (named in the tests) or by killing a real process."""
 

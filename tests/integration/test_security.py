@@ -1,4 +1,4 @@
-"""Issue 9, transport security and authentication: mutual TLS, the bearer token, inspection
+"""Transport security and authentication: mutual TLS, the bearer token, inspection
 protection, the message size limit and `peer_identity`.
 
 Certificates are made here with the `cryptography` package (a CA, a second unrelated CA, and

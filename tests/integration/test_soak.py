@@ -1,4 +1,4 @@
-"""Soak (DESIGN §8, §13): many mixed requests with random cancellations, client deadlines,
+"""Soak: many mixed requests with random cancellations, client deadlines,
 injected Mooncake write failures and a write that lands after it was reported failed (the write
 fence). Every fault kind must have fired (the services' own metrics say so), every successful
 request's digest matches the formula, and afterwards pools are fully free, inspection holds only

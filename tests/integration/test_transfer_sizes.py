@@ -1,6 +1,6 @@
-"""Payload sizes at every edge, over real processes and real Mooncake TCP (issue: foundation).
+"""Payload sizes at every edge, over real processes and real Mooncake TCP.
 
-Each request is checked byte for byte (the §14 digest recomputed independently by
+Each request is checked byte for byte (the synthetic payload's digest recomputed independently by
 services/tools/reference_payload.py, which shares no code with the services) and both pools must be
 fully free afterwards.
 """

@@ -1,5 +1,5 @@
-"""Mooncake write faults (DESIGN §5, §8), injected by the encoder's test-only `--transport-fault`
-(common/transport_faults.py): a failed write fails its request with reason `transport` on every
+"""Mooncake write faults, injected into the encoder by the test launcher's `--transport-fault`
+(tests/faults/transport.py, tests/faults/launch.py): a failed write fails its request with reason `transport` on every
 rank and nothing else; a slow write delays but does not break, and a Cancel during it frees
 both sides only once the write returned; a write corrupted after it landed is caught by the
 language's checksums (reason `integrity`). After every scenario both pools are fully free and no
@@ -18,10 +18,11 @@ from common.config import ConfigError, EncoderConfig
 from common.errors import TransportError
 from common.fence import WriteFence, run_tracked
 from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2
-from common.transport_faults import SCRATCH_BYTES, FaultyTransport, TransportFaultSpec, wrap
 from services.tools import cli
 from services.tools.reference_payload import expected_digest
 from tests.conftest import Pair, assert_all_free, consumer_logs, language_stub
+from tests.faults import launch
+from tests.faults.transport import SCRATCH_BYTES, FaultyTransport, TransportFaultSpec
 
 HIDDEN = 128
 INITIAL = 1024  # tokens of the initial allocation: larger requests take several rounds
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.timeout(120)
 # ---------------------------------------------------------------------------- spec and wrapper, in process
 
 
-def test_spec_parses_combinations_and_config_rejects_bad_specs(monkeypatch):
+def test_spec_parses_combinations_and_the_launcher_rejects_bad_specs(capsys):
     assert TransportFaultSpec.parse("fail_nth=3") == TransportFaultSpec(fail_nth=3)
     assert TransportFaultSpec.parse(" fail_fraction=0.3 , seed=7 ") == TransportFaultSpec(
         fail_fraction=0.3, seed=7
@@ -43,8 +44,6 @@ def test_spec_parses_combinations_and_config_rejects_bad_specs(monkeypatch):
         fail_nth=5, delay_s=0.2, corrupt_nth=2
     )
     assert not TransportFaultSpec.parse("seed=3").active
-    EncoderConfig(transport_fault="fail_fraction=0.3,seed=7").validate()
-    EncoderConfig().validate()  # off by default
     assert TransportFaultSpec.parse("late_nth=1,late_s=6") == TransportFaultSpec(
         late_nth=1, late_s=6.0
     )
@@ -62,17 +61,18 @@ def test_spec_parses_combinations_and_config_rejects_bad_specs(monkeypatch):
         "late_nth=1,late_s=-1",
     ):
         with pytest.raises(ConfigError, match="transport_fault="):
-            EncoderConfig(transport_fault=bad).validate()
-    # The flag and the environment variable exist (generated from the config field).
-    args = cli.make_parser().parse_args(["encoder", "--transport-fault", "corrupt_nth=2"])
-    assert cli.build_config(EncoderConfig, args, {}).transport_fault == "corrupt_nth=2"
+            launch.build_parts(transport_fault=bad)
+    # The launcher exits 2 naming the bad spec, before starting anything.
+    assert launch.main(["--transport-fault", "fail_nth=zero", "encoder"]) == 2
+    assert "fail_nth=zero" in capsys.readouterr().err
+    # Production's `epd` has no fault setting at all: neither a flag nor an environment variable.
+    with pytest.raises(SystemExit):
+        cli.make_parser().parse_args(["encoder", "--transport-fault", "corrupt_nth=2"])
+    with pytest.raises(SystemExit):
+        cli.make_parser().parse_args(["language", "--fault", "rank=1,status_dup=1"])
     args = cli.make_parser().parse_args(["encoder"])
-    assert (
-        cli.build_config(EncoderConfig, args, {"EPD_TRANSPORT_FAULT": "delay_s=1"}).transport_fault
-        == "delay_s=1"
-    )
-    with pytest.raises(ConfigError, match="transport_fault"):
-        cli.build_config(EncoderConfig, args, {"EPD_TRANSPORT_FAULT": "fail_nth=zero"})
+    with pytest.raises(ConfigError, match="EPD_TRANSPORT_FAULT"):
+        cli.build_config(EncoderConfig, args, {"EPD_TRANSPORT_FAULT": "fail_nth=1"})
 
 
 class FakeTransport:
@@ -138,7 +138,6 @@ async def test_late_write_is_reported_failed_at_once_and_lands_the_submitted_byt
 
 
 async def test_wrapper_fails_delays_and_corrupts_as_specified():
-    assert wrap(FakeTransport(), "").__class__ is FakeTransport  # off: no wrapper at all
     # fail_nth: the 2nd write raises TransportError and writes nothing; the others go through.
     inner = FakeTransport()
     t = FaultyTransport(inner, "fail_nth=2")

@@ -1,4 +1,4 @@
-"""A block-id list is refused by its length before any id is looked at (issue 17): the encoder's
+"""A block-id list is refused by its length before any id is looked at: the encoder's
 Init handler gets a list that cannot be iterated, as long as a forged one could be, and must
 answer INVALID_ARGUMENT without touching it. In-process protocol tier: the servicer
 is called directly with a fake gRPC context (no process, no Mooncake)."""

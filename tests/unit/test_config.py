@@ -17,7 +17,7 @@ def test_defaults_and_fixed_flag_names():
     cfg = build_config(LanguageConfig, args, environ={})
     assert (cfg.block_size, cfg.initial_tokens, cfg.alloc_policy, cfg.tp) == (128, 8192, "fixed", 1)
     assert cfg.record.field("embeddings").spec.dtype == "bfloat16"
-    # DESIGN §14 flags exist.
+    # The fixed flags exist (docs/DESIGN.md, "Names other tools rely on").
     parse(
         "encoder",
         "--host",
@@ -127,7 +127,7 @@ def test_cli_exits_2_on_bad_setting(capsys):
     assert "block_size=3" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------ transport security (issue 9)
+# ------------------------------------------------------------------ transport security
 
 
 @pytest.fixture

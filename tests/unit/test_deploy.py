@@ -1,4 +1,4 @@
-"""deploy/ (DESIGN §9, §14): the image, the compose file, the Prometheus scrape config and the
+"""deploy/: the image, the compose file, the Prometheus scrape config and the
 Grafana dashboard, checked without a Docker engine.
 
 Each file is parsed and held against the real thing it depends on: compose command lines go

@@ -33,7 +33,7 @@ def test_generated_stubs_are_fresh(tmp_path):
 
 
 def test_proto_has_the_fixed_names():
-    """DESIGN §14 names that outside tools rely on."""
+    """Names that outside tools rely on (docs/DESIGN.md, "Names other tools rely on")."""
     from common.pb.epd.v1 import common_pb2, encoder_pb2, language_pb2
 
     assert [v.name for v in common_pb2.TransferState.DESCRIPTOR.values] == [

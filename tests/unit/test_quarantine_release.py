@@ -269,8 +269,8 @@ def test_epd_status_shows_quarantined_blocks():
     text = pool_text(pool)
     assert "pool: 2/8 blocks used, 3 free, 3 quarantined, 0 waiting" in text, text
     header, row = text.splitlines()[-2:]
-    assert header.split() == ["RANK", "USED", "FREE", "QUARANTINED", "WAITERS", "FAULT_HELD"]
-    assert row.split() == ["0", "2", "3", "3", "0", "0"]
+    assert header.split() == ["RANK", "USED", "FREE", "QUARANTINED", "WAITERS"]
+    assert row.split() == ["0", "2", "3", "3", "0"]
     assert (
         "quarantined"
         not in pool_text(common_pb2.PoolInfo(used_blocks=1, free_blocks=7)).splitlines()[0]

@@ -1,4 +1,4 @@
-"""A language rank refuses a Status that does not match the allocation it sent (issue 9).
+"""A language rank refuses a Status that does not match the allocation it sent.
 
 The encoder is replaced by a fake link that sends scripted, forged statuses (fault injection:
 a healthy encoder never sends them): sent_tokens beyond the allocation, an allocated_tokens it

@@ -1,4 +1,5 @@
-"""services.tools.reference_payload (numpy) against a straightforward torch rendering of DESIGN §14."""
+"""services.tools.reference_payload (numpy) against a straightforward torch rendering of the
+synthetic payload (docs/DESIGN.md, "Synthetic payload and digest")."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32":
 
 
 def torch_payload(n: int, seed: int, hidden: int, dtype: str) -> dict[str, torch.Tensor]:
-    """§14 "Synthetic payload", written as plainly as possible with torch."""
+    """The synthetic payload, written as plainly as possible with torch."""
     i = torch.arange(n, dtype=torch.int64)
     j = torch.arange(hidden, dtype=torch.int64)
     m = (seed * 7919 + i[:, None] * 131 + j[None, :] * 31) % 2003

@@ -232,20 +232,18 @@ class PoolInfo(_message.Message):
     def __init__(self, layout: _Optional[_Union[PoolLayout, _Mapping]] = ..., used_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., waiters: _Optional[int] = ..., device: _Optional[str] = ..., session: _Optional[str] = ..., rank: _Optional[int] = ..., rank_pools: _Optional[_Iterable[_Union[RankPool, _Mapping]]] = ..., quarantined_blocks: _Optional[int] = ...) -> None: ...
 
 class RankPool(_message.Message):
-    __slots__ = ("rank", "used_blocks", "free_blocks", "waiters", "fault_held_blocks", "quarantined_blocks")
+    __slots__ = ("rank", "used_blocks", "free_blocks", "waiters", "quarantined_blocks")
     RANK_FIELD_NUMBER: _ClassVar[int]
     USED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     WAITERS_FIELD_NUMBER: _ClassVar[int]
-    FAULT_HELD_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     QUARANTINED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     rank: int
     used_blocks: int
     free_blocks: int
     waiters: int
-    fault_held_blocks: int
     quarantined_blocks: int
-    def __init__(self, rank: _Optional[int] = ..., used_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., waiters: _Optional[int] = ..., fault_held_blocks: _Optional[int] = ..., quarantined_blocks: _Optional[int] = ...) -> None: ...
+    def __init__(self, rank: _Optional[int] = ..., used_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., waiters: _Optional[int] = ..., quarantined_blocks: _Optional[int] = ...) -> None: ...
 
 class GetDiagnosticsRequest(_message.Message):
     __slots__ = ()

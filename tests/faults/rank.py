@@ -1,5 +1,6 @@
-"""Test-only fault injection for language ranks (`--fault`), so tests can provoke what cannot be
-arranged from outside: a lagging or repeating Status stream, a nearly full pool.
+"""Test-only fault injection for language ranks (the launcher's `--fault`, tests/faults/launch.py),
+so tests can provoke what cannot be arranged from outside: a lagging or repeating Status stream,
+a nearly full pool, a consumer that holds its payload.
 
 Spec: comma-separated `key=value`; `rank=N` limits it to one rank (default: every rank).
 - `status_lag_s=0.05`  deliver every status this much later (a rank whose view lags);
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+from common import errors
 from common.config import ConfigError
 
 
@@ -95,3 +97,28 @@ class FaultyLink:
             self._spec.status_lag_s,
             self._spec.status_dup,
         )
+
+
+class HoldingConsumer:
+    """A prefill consumer that holds each payload `hold_s` seconds first, as a long prefill
+    would, and fails the request (DATA_LOSS) if the payload's bytes changed meanwhile."""
+
+    def __init__(self, inner, hold_s: float, rank: int):
+        self._inner = inner
+        self._hold_s = hold_s
+        self._rank = rank
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    async def consume(self, payload):
+        if payload is not None:
+            before = await asyncio.to_thread(payload.sha256)
+            await asyncio.sleep(self._hold_s)
+            after = await asyncio.to_thread(payload.sha256)
+            if after != before:
+                raise errors.IntegrityError(
+                    f"rank {self._rank}: the payload changed while the consumer held it for "
+                    f"{self._hold_s} s (sha256 {before[:16]}... -> {after[:16]}...)"
+                )
+        return await self._inner.consume(payload)

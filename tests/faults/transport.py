@@ -3,9 +3,9 @@
 A healthy loopback Mooncake never fails a write, so the encoder's handling of a failed,
 slow or silently corrupted write cannot be provoked from outside. `FaultyTransport` wraps the
 process's `MooncakeTransport` with the same interface (`session`, `register`, `write`,
-`write_sync`, `close`) and misbehaves on purpose. It is selected by the encoder setting
-`transport_fault` (`--transport-fault` / `EPD_TRANSPORT_FAULT`); empty, the default, means no
-wrapper at all, so production never runs this code.
+`write_sync`, `close`) and misbehaves on purpose. The test launcher (tests/faults/launch.py,
+`--transport-fault SPEC`) puts it around the encoder's data-plane transport through the seam of
+services/parts.py; production never runs this code.
 
 Spec: comma-separated `key=value`, keys may be combined:
 - `fail_nth=K`        the K-th write (1-based) fails: nothing is written and `TransportError` is
@@ -362,11 +362,3 @@ class FaultyTransport:
 
     def _is_host(self, address: int, length: int) -> bool:
         return any(a <= address and address + length <= a + n for a, n in self._host_regions)
-
-
-def wrap(transport, spec: str):
-    """`transport` wrapped as `spec` says, or unchanged when `spec` is empty or turns nothing on."""
-    if not spec:
-        return transport
-    parsed = TransportFaultSpec.parse(spec)
-    return FaultyTransport(transport, parsed) if parsed.active else transport
