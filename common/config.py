@@ -1,4 +1,4 @@
-"""Typed, validated service configuration (DESIGN §11).
+"""Typed, validated service configuration.
 
 One frozen dataclass per service, built from CLI flags and `EPD_*` environment variables (flags
 win). Every field has a docstring; `validate()` rejects impossible values with a message that

@@ -25,9 +25,9 @@ class EpdError(Exception):
     reason: FailureReason = FailureReason.UNSPECIFIED
     """The transfer failure reason this error maps to when it ends a transfer."""
     error_reason: str = ""
-    """A machine-readable cause (one of the ERROR_REASONS below, like google.rpc.ErrorInfo's
-    reason), sent beside the status as trailing metadata `epd-error-reason`, so the other service
-    acts on it without reading the message."""
+    """A machine-readable cause (one of the ERROR_REASONS below), sent as the reason of the
+    status's `google.rpc.ErrorInfo` (services/edge/rpc.py), so the other service acts on it
+    without reading the message."""
 
     def __init__(
         self, message: str, *, reason: FailureReason | None = None, error_reason: str = ""

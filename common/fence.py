@@ -94,8 +94,10 @@ class WriteFence:
         future.add_done_callback(self._from_thread)
 
     def _from_thread(self, _future: concurrent.futures.Future) -> None:
+        loop = self._loop
+        assert loop is not None  # track() set it before adding this callback
         try:
-            self._loop.call_soon_threadsafe(self._sweep)
+            loop.call_soon_threadsafe(self._sweep)
         except RuntimeError:
             pass  # the loop is closed: nobody is waiting any more
 

@@ -10,12 +10,20 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Iterable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from common.errors import AlreadyExists, NotFound, shown
 from common.states import TransferState
 
-T = TypeVar("T")
+
+class Entry(Protocol):
+    """What the table reads of an entry (the key it is filed under is given separately)."""
+
+    @property
+    def state(self) -> TransferState: ...
+
+
+T = TypeVar("T", bound=Entry)
 
 
 class TransferTable(Generic[T]):

@@ -25,48 +25,40 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import grpc
 
 from common.pb.epd.v1 import language_pb2, language_pb2_grpc
-from services.tools import demo
+from services.tools.supervise import ServiceGroup, service_argv
 
 
-def start(tree: str, role: str, *args: str) -> demo.ServiceProcess:
-    argv = [
-        sys.executable,
-        "-m",
-        "services.tools.cli",
-        role,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--log-level",
-        "WARNING",
-        *args,
-    ]
-    p = demo.ServiceProcess(role, argv, env={**os.environ, "MC_FORCE_TCP": "1", "PYTHONPATH": tree})
-    p.start()
-    p.wait_ready(120)
-    return p
+def _module(tree: str) -> str:
+    """The `epd` entry module of TREE (older trees kept it at services/cli.py)."""
+    new = pathlib.Path(tree, "services", "tools", "cli.py").exists()
+    return "services.tools.cli" if new else "services.cli"
 
 
 async def run(
     tree: str, lang_blocks: int, sizes: list[int], repeats: int
 ) -> dict[int, tuple[float, float, int]]:
-    enc = start(tree, "encoder", "--hidden", "3584", "--pool-blocks", "200")
-    lang = start(
-        tree,
-        "language",
-        "--hidden",
-        "3584",
-        "--pool-blocks",
-        str(lang_blocks),
-        "--encoder",
-        f"127.0.0.1:{enc.port}",
-        "--initial-tokens",
-        str(lang_blocks * 128),
-    )
+    module = _module(tree)
+    quiet = ("--log-level", "WARNING", "--hidden", "3584")
+    services = ServiceGroup(
+        [service_argv("encoder", *quiet, "--pool-blocks", "200", module=module)],
+        lambda encoders: service_argv(
+            "language",
+            *quiet,
+            "--pool-blocks",
+            str(lang_blocks),
+            "--encoder",
+            encoders[0],
+            "--initial-tokens",
+            str(lang_blocks * 128),
+            module=module,
+        ),
+        env={**os.environ, "MC_FORCE_TCP": "1", "PYTHONPATH": tree},
+        ready_timeout=120,
+    ).start()
+    assert services.language is not None
     out = {}
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{lang.port}") as ch:
+        async with grpc.aio.insecure_channel(services.language.address) as ch:
             stub = language_pb2_grpc.LanguageStub(ch)
             for n in sizes:
                 for _ in range(3):
@@ -83,8 +75,7 @@ async def run(
                     r.rounds,
                 )
     finally:
-        lang.stop()
-        enc.stop()
+        services.stop()
     return out
 
 

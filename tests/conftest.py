@@ -1,7 +1,9 @@
 """Shared test harness: real service processes on ephemeral loopback ports, real Mooncake TCP.
 
-`ServiceProcess` runs `python -m services.tools.cli encoder|language ...` and waits for its
-`EPD_READY {json}` line; `TestRank` is a language rank living in the pytest process (its own
+`ServiceProcess` runs `python -m services.tools.cli encoder|language ...` (through the fault
+launcher when a test injects faults) and waits for its `EPD_READY {json}` line; `Pair` is an
+encoder and a language started as one `supervise.ServiceGroup`. `TestRank`
+(tests/integration/rank_harness.py) is a language rank living in the pytest process (its own
 Mooncake engine and block pool) for driving the encoder's protocol by hand.
 """
 
@@ -10,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
-import sys
 import time
 import uuid
 
@@ -18,53 +19,43 @@ import grpc
 import pytest
 
 from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2, language_pb2_grpc
-from services.tools import demo
+from services.tools import supervise
+from services.tools.supervise import SERVICE_MODULE, service_argv
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FAULT_FLAGS = {"--fault", "--transport-fault"}
 os.environ.setdefault("MC_FORCE_TCP", "1")
 
 
-class ServiceProcess(demo.ServiceProcess):
-    """One `epd encoder` or `epd language` process on 127.0.0.1, started and ready (the demo's
-    process wrapper: EPD_READY line on stdout, stderr in a file)."""
+def _module(args) -> str:
+    """A service with injected faults starts through the test launcher (tests/faults/launch.py),
+    which takes the fault flags; every other one is started as `epd` itself."""
+    return "tests.faults.launch" if FAULT_FLAGS.intersection(args) else SERVICE_MODULE
+
+
+def test_env() -> dict[str, str]:
+    """The service children's environment: Mooncake over TCP, the repository importable (the
+    fault launcher lives in tests/)."""
+    env = {**os.environ, "MC_FORCE_TCP": "1", "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))
+    return env
+
+
+class ServiceProcess(supervise.ServiceProcess):
+    """One `epd encoder` or `epd language` process on 127.0.0.1, started and ready."""
 
     def __init__(self, role: str, *args: str, ready_timeout: float = 60.0):
-        # A service with injected faults starts through the test launcher (tests/faults/launch.py),
-        # which takes the fault flags; every other one is started as `epd` itself.
-        module = "tests.faults.launch" if FAULT_FLAGS.intersection(args) else "services.tools.cli"
-        argv = [
-            sys.executable,
-            "-m",
-            module,
-            role,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            *args,
-        ]
-        env = {**os.environ, "MC_FORCE_TCP": "1", "PYTHONUNBUFFERED": "1"}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))
-        super().__init__(role, argv, env=env)
+        super().__init__(role, service_argv(role, *args, module=_module(args)), env=test_env())
         self.start()
         try:
             self.wait_ready(ready_timeout)
-        except demo.ServiceStartError as e:
+        except supervise.ServiceStartError:
             self.stop()
-            raise RuntimeError(
-                f"{role} did not become ready: exit={self.proc.returncode}\n{e}"
-            ) from None
-        self.address = f"127.0.0.1:{self.port}"
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            raise
 
 
 class Pair:
-    """An encoder and a language process wired together."""
+    """An encoder and a language process wired together (`supervise.ServiceGroup`)."""
 
     def __init__(
         self,
@@ -82,28 +73,27 @@ class Pair:
         self.language_blocks = language_blocks
         self.initial_tokens = initial_tokens
         common = ["--hidden", str(hidden), "--block-size", str(block_size)]
-        self.encoder = ServiceProcess(
-            "encoder", *common, "--pool-blocks", str(encoder_blocks), *encoder_args
-        )
-        try:
-            self.language = ServiceProcess(
-                "language",
-                *common,
-                "--pool-blocks",
-                str(language_blocks),
-                "--encoder",
-                self.encoder.address,
-                "--initial-tokens",
-                str(initial_tokens),
-                *language_args,
-            )
-        except Exception:
-            self.encoder.stop()
-            raise
+        encoder = [*common, "--pool-blocks", str(encoder_blocks), *encoder_args]
+        language = [
+            *common,
+            "--pool-blocks",
+            str(language_blocks),
+            "--initial-tokens",
+            str(initial_tokens),
+            *language_args,
+        ]
+        self.group = supervise.ServiceGroup(
+            [service_argv("encoder", *encoder, module=_module(encoder))],
+            lambda addresses: service_argv(
+                "language", *language, "--encoder", addresses[0], module=_module(language)
+            ),
+            env=test_env(),
+        ).start()
+        self.encoder = self.group.encoders[0]
+        self.language = self.group.language
 
     def stop(self) -> None:
-        self.language.stop()
-        self.encoder.stop()
+        self.group.stop()
 
     @property
     def language_pool_tokens(self) -> int:

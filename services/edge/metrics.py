@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -82,7 +83,7 @@ class Metrics:
         self.role = role
         self.rank = rank
         self.registry = CollectorRegistry()
-        self._http = None
+        self._http: WSGIServer | None = None
         names = ["role"] + (["rank"] if rank is not None else [])
         values = [role] + ([str(rank)] if rank is not None else [])
         r = self.registry

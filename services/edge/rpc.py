@@ -17,16 +17,18 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common import errors
 from common.layout import PROOF_AREA_BYTES, FieldLayout, FieldSpec, PoolGeometry, RecordLayout
 from common.pb.epd.v1 import bench_pb2_grpc, common_pb2
-from common.states import FailureReason
+from common.states import FailureReason, TransferState
 from services.edge import security
 from services.edge.security import ClientSecurity, ServerSecurity, peer_identity  # noqa: F401 (re-exported)
 
@@ -58,16 +60,35 @@ def error_from_rpc(e: grpc.RpcError, what: str = "") -> errors.EpdError:
     details = e.details() if hasattr(e, "details") else str(e)
     cls = _CODE_TO_ERROR.get(code, errors.Internal)
     err = cls(f"{what}: {details}" if what else str(details))
+    info = error_info(e)
+    failure = info.metadata.get(FAILURE_REASON_KEY, "") if info is not None else ""
+    if info is not None and info.reason in errors.ERROR_REASONS:
+        err.error_reason = info.reason
+    if failure in FailureReason.__members__ and failure != "UNSPECIFIED":
+        err.reason = FailureReason[failure]  # the reason the other service ended the transfer with
+    elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+        err.reason = FailureReason.PEER_LOST
+    return err
+
+
+def error_info(e: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The `google.rpc.ErrorInfo` of our domain in a failed call's status details, if any."""
     try:
         trailing = e.trailing_metadata() or ()
     except Exception:  # noqa: BLE001 - a call that never got trailers has none
         trailing = ()
     for key, value in trailing:
-        if key == ERROR_REASON_KEY and value in errors.ERROR_REASONS:
-            err.error_reason = value
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
-        err.reason = FailureReason.PEER_LOST
-    return err
+        if key != STATUS_DETAILS_KEY:
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except Exception:  # noqa: BLE001 - not ours to trust: ignored, the code still counts
+            return None
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info) and info.domain == ERROR_DOMAIN:
+                return info
+    return None
 
 
 MAX_MESSAGE_CHARS = 1024
@@ -83,13 +104,34 @@ def abort_message(err: errors.EpdError) -> str:
 
 
 BENCH_SERVICE_NAME = "epd.v1.Bench"
-ERROR_REASON_KEY = "epd-error-reason"  # trailing metadata carrying EpdError.error_reason
+STATUS_DETAILS_KEY = "grpc-status-details-bin"  # google.rpc.Status, as grpcio-status sends it
+ERROR_DOMAIN = "epd.v1"
+"""`ErrorInfo.domain` of the errors our services raise."""
+FAILURE_REASON_KEY = "failure_reason"
+"""`ErrorInfo.metadata` key: the FailureReason (its name) the error ends a transfer with."""
+
+
+def error_status(e: errors.EpdError) -> status_pb2.Status:
+    """The error as a `google.rpc.Status` with one `ErrorInfo`: `reason` is the machine-readable
+    cause (`EpdError.error_reason`, else the code's name), `metadata[failure_reason]` the
+    transfer failure reason. The other service acts on these, never on the message."""
+    info = error_details_pb2.ErrorInfo(reason=e.error_reason or e.code, domain=ERROR_DOMAIN)
+    if e.reason != FailureReason.UNSPECIFIED:
+        info.metadata[FAILURE_REASON_KEY] = e.reason.name
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    code = status_code(e).value[0]
+    return status_pb2.Status(code=code, message=abort_message(e), details=[detail])
 
 
 async def abort(context, e: errors.EpdError) -> None:
-    """End the call with the error's status code, message and machine-readable reason."""
-    trailing = ((ERROR_REASON_KEY, e.error_reason),) if e.error_reason else ()
-    await context.abort(status_code(e), abort_message(e), trailing_metadata=trailing)
+    """End the call with the error's status code, message and structured details."""
+    status = error_status(e)
+    await context.abort(
+        status_code(e),
+        status.message,
+        trailing_metadata=((STATUS_DETAILS_KEY, status.SerializeToString()),),
+    )
 
 
 def grpc_errors(method: Callable) -> Callable:
@@ -192,8 +234,21 @@ def error_to_pb(
     if reason == FailureReason.UNSPECIFIED and not message and not writes_may_land:
         return None
     return common_pb2.TransferError(
-        reason=int(reason), message=message, writes_may_land=writes_may_land
+        reason=reason_to_pb(reason), message=message, writes_may_land=writes_may_land
     )
+
+
+# The domain enums (common/states.py) carry the proto enums' numbers, so converting is int(); the
+# casts only tell mypy, since the generated stubs type an enum value as its own int subclass.
+# A plain int is accepted too: rank rows carry a state as its number (RankRow.state).
+
+
+def state_to_pb(state: TransferState | int) -> common_pb2.TransferState:
+    return cast("common_pb2.TransferState", int(state))
+
+
+def reason_to_pb(reason: FailureReason | int) -> common_pb2.FailureReason:
+    return cast("common_pb2.FailureReason", int(reason))
 
 
 # ---------------------------------------------------------------------------- servers

@@ -161,7 +161,10 @@ class ServerSecurity:
         """From a ServiceConfig (fields tls_cert, tls_key, tls_ca, auth_token_file, open_inspection,
         max_message_bytes, admin_identity, max_concurrent_rpcs); missing fields mean 'off'.
         (`protect_inspection` is the default now and needs no field here.)"""
-        g = lambda name, default="": getattr(config, name, default)  # noqa: E731
+
+        def g(name: str, default: Any = "") -> Any:
+            return getattr(config, name, default)
+
         return cls(
             cert=_read_bytes("tls_cert", g("tls_cert")) if g("tls_cert") else b"",
             key=_read_bytes("tls_key", g("tls_key")) if g("tls_key") else b"",
@@ -347,7 +350,10 @@ class ClientSecurity:
 
     @classmethod
     def from_config(cls, config) -> ClientSecurity:
-        g = lambda name, default="": getattr(config, name, default)  # noqa: E731
+
+        def g(name: str, default: Any = "") -> Any:
+            return getattr(config, name, default)
+
         return cls.load(
             tls_ca=g("tls_ca"),
             tls_cert=g("tls_cert"),
@@ -364,7 +370,7 @@ class ClientSecurity:
     def options(self, extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
         """Channel options: message size limits (both ways), the server-name override, `extra`."""
         names = {k for k, _ in extra}
-        out = [
+        out: list[tuple[str, Any]] = [
             (k, v)
             for k, v in (
                 ("grpc.max_receive_message_length", self.max_message_bytes),

@@ -27,6 +27,8 @@ from common.plan import blocks_for_tokens, plan_round
 from common.pool import BlockPool
 from common.states import FailureReason, StatusUpdate, TransferState
 from common.table import TransferTable
+from common.telemetry import Telemetry
+from common.transfer_id import TransferId
 from common.transport import MooncakeTransport, memory_location
 from services.edge import exposure, rpc
 from services.edge.metrics import Metrics
@@ -55,7 +57,7 @@ class EncoderService:
         self.integrity = config.integrity
         self.pool = BlockPool(config.record, config.block_size, config.pool_blocks, config.device)
         self.metrics = Metrics("encoder")
-        self.telemetry = self.metrics  # what transfers report to (TransferEnv)
+        self.telemetry: Telemetry = self.metrics  # what transfers report to (TransferEnv)
         self.metrics_port = 0
         self.parts = parts or Parts()
         self.transport: MooncakeTransport | None = None
@@ -202,6 +204,7 @@ class EncoderService:
     async def write(
         self, session: str, triples: Sequence[tuple[int, int, int]], fence: WriteFence
     ) -> None:
+        assert self.transport is not None  # start() made it before serving
         await self.transport.write(session, triples, fence=fence)
 
     async def round_checksums(
@@ -263,6 +266,7 @@ class EncoderService:
         # The pool itself: only its owner can have put our nonce at its end (possession.py). This
         # holds whatever the session is called (aliases, LAN addresses, DNS names).
         self.challenges.take(principal, language_id, rank, proof_nonce, what)
+        assert self.proofs is not None  # start() made it before serving
         await self.proofs.verify(session, geometry, proof_nonce, what, principal)
         self._refuse_when_draining("Register")
         self._check_replaceable(key, principal, what)  # again: the read awaited
@@ -358,8 +362,8 @@ class EncoderService:
                 f"with this identity",
                 error_reason=errors.NOT_REGISTERED,
             )
-        prefix, slash, _ = request_id.partition("/")
-        if slash and not self.registered_by(prefix, principal):
+        prefix = TransferId.language_of(request_id)
+        if prefix is not None and not self.registered_by(prefix, principal):
             raise errors.PermissionDenied(
                 f"{what}: the transfer id's prefix {errors.shown(prefix)} is not a language "
                 f"registered by the caller"
@@ -691,6 +695,8 @@ class EncoderService:
             except OutOfBounds as e:
                 raise errors.InvalidArgument(f"{what}: refused before any write: {e}") from None
             seconds = []
+            transport = self.transport
+            assert transport is not None  # start() made it before serving
             try:
                 for _ in range(repeats):
                     started = time.perf_counter()
@@ -698,7 +704,7 @@ class EncoderService:
                     wait = write_wait or "spin"
                     await asyncio.gather(
                         *(
-                            self.transport.write(peer.session, plan, wait=wait, fence=fence)
+                            transport.write(peer.session, plan, wait=wait, fence=fence)
                             for plan in plans
                         )
                     )
@@ -947,7 +953,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             rpc.peer_identity(context),
             progress_tokens=request.progress_tokens,
         )
-        return encoder_pb2.InitReply(state=int(t.state))
+        return encoder_pb2.InitReply(state=rpc.state_to_pb(t.state))
 
     @rpc.grpc_errors
     async def Resume(self, request, context):
@@ -1040,17 +1046,18 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             t = self.s.find_owned(request.request_id, request.language_id, caller, what)
         cancelled = await t.cancel(
             f"cancelled by peer: {request.reason or 'no reason given'}",
-            cancel_reason(request.reason),
+            cancel_failure(request.failure),
         )
         # Answered once the transfer ended; whether its writes did is the fence's to say.
         return common_pb2.CancelReply(
-            cancelled=cancelled, state=int(t.state), writes_ended=not t.writes_may_land
+            cancelled=cancelled, state=rpc.state_to_pb(t.state), writes_ended=not t.writes_may_land
         )
 
     @rpc.grpc_errors
     async def GetPool(self, request, context):
         # Our session and address only to whom they belong (see ServerSecurity.own_identity).
         shown_to = self.sec.may_see(rpc.peer_identity(context), self.sec.own_identity)
+        assert self.s.transport is not None  # serving implies started
         return rpc.pool_info(self.s.pool, self.s.transport.session, addresses=shown_to)
 
     @rpc.grpc_errors
@@ -1079,12 +1086,13 @@ class EncoderBenchServicer(bench_pb2_grpc.BenchServicer):
         return bench_pb2.RawWriteReply(seconds=seconds, bytes=nbytes, descriptors=descriptors)
 
 
-def cancel_reason(text: str) -> FailureReason:
-    """A Cancel whose reason starts with a failure label ("integrity: ...") fails with that reason."""
-    label = text.split(":", 1)[0].strip().upper()
-    if label in FailureReason.__members__ and label != "UNSPECIFIED":
-        return FailureReason[label]
-    return FailureReason.CANCELLED
+def cancel_failure(value: int) -> FailureReason:
+    """The reason a Cancel fails its transfer with: CancelRequest.failure, CANCELLED when unset."""
+    try:
+        failure = FailureReason(value)
+    except ValueError:
+        raise errors.InvalidArgument(f"failure: unknown FailureReason value {value}") from None
+    return FailureReason.CANCELLED if failure == FailureReason.UNSPECIFIED else failure
 
 
 def _state_arg(value: int) -> TransferState:
@@ -1098,7 +1106,7 @@ def _state_arg(value: int) -> TransferState:
 def status_to_pb(st: StatusUpdate) -> common_pb2.TransferStatus:
     return common_pb2.TransferStatus(
         request_id=st.request_id,
-        state=int(st.state),
+        state=rpc.state_to_pb(st.state),
         sent_tokens=st.sent_tokens,
         total_tokens=st.total_tokens,
         round=st.round,
@@ -1117,7 +1125,7 @@ def transfer_info(t: EncoderTransfer) -> common_pb2.TransferInfo:
     record_bytes = t.env.pool.record.payload_bytes_per_token
     return common_pb2.TransferInfo(
         request_id=t.client_request_id,
-        state=int(t.state),
+        state=rpc.state_to_pb(t.state),
         sent_tokens=t.sent_tokens,
         total_tokens=t.total_tokens,
         rounds=t.rounds,
@@ -1131,7 +1139,7 @@ def transfer_info(t: EncoderTransfer) -> common_pb2.TransferInfo:
         ranks=[
             common_pb2.RankView(
                 rank=r,
-                state=int(t.state),
+                state=rpc.state_to_pb(t.state),
                 sent_tokens=s.sent_tokens,
                 allocated_tokens=s.allocated_tokens if s.blocks is not None else 0,
                 session=s.peer.session,

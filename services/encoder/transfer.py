@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from common.bounds import OutOfBounds, Slab, check_plan
 from common.errors import (
@@ -433,16 +433,17 @@ class EncoderTransfer:
         return min(n, -(-min(steps) // block) * block)
 
     def _sums_checksums(self, start: int, count: int) -> tuple[tuple[str, int], ...]:
-        pool, src = self.env.pool, self.src_blocks
+        pool, src, sums = self.env.pool, self.src_blocks, self.payload_sums
+        # Only used with payload sums (see _part_tokens), once Encode gave the source blocks.
+        assert src is not None and sums is not None
         return tuple(
-            self.payload_sums.checksums(
-                start, count, lambda lo, hi: pool.runs(src, lo, hi - lo)
-            ).items()
+            sums.checksums(start, count, lambda lo, hi: pool.runs(src, lo, hi - lo)).items()
         )
 
     async def _write_part(self, lo: int, hi: int, n: int) -> tuple[tuple[str, int], ...]:
         """Write tokens [lo, hi) of the round (of n tokens) to every rank; the round's checksums
         once the last part is written, else ()."""
+        assert self.src_blocks is not None  # _ready_to_send: Encode gave them before any round
         pool = self.env.pool
         src_geo = pool.geometry
         record_bytes = src_geo.record.record_bytes
@@ -460,6 +461,7 @@ class EncoderTransfer:
         plans = []
         for slot in self.ranks.values():
             geo = slot.peer.geometry
+            assert slot.blocks is not None  # the round's allocation: None only between rounds
             triples = plan_round(
                 src_base=src_geo.base_address,
                 src_blocks=self.src_blocks,
@@ -504,10 +506,11 @@ class EncoderTransfer:
             plans.append((slot.peer.session, triples))
         # The writes start first; the round's checksums are worked out while they run.
         loop = asyncio.get_running_loop()
-        writes = [
+        writes: list[asyncio.Task[Any]] = [
             loop.create_task(self.env.write(session, triples, self.fence))
             for session, triples in plans
         ]
+        sums: asyncio.Task[dict[str, int]] | None = None
         try:
             await asyncio.sleep(0)  # let the writes reach their worker threads
             # Checksums come from what Encode computed (no pass over the round beside its write);
@@ -524,7 +527,11 @@ class EncoderTransfer:
                 elif self.payload_sums is not None:
                     precomputed = self._sums_checksums(self.sent_tokens, n)
                 else:
-                    writes.append(self.env.round_checksums(self.src_blocks, self.sent_tokens, n))
+                    # A task like the writes: cancelled with them below if need be.
+                    sums = loop.create_task(
+                        self.env.round_checksums(self.src_blocks, self.sent_tokens, n)
+                    )
+                    writes.append(sums)
         except BaseException:
             # Cancelled while the writes started: they run on in their threads, tracked by the
             # fence, which keeps their blocks out of use on both sides until they are final.
@@ -548,7 +555,10 @@ class EncoderTransfer:
             raise _Failure(reason, f"round {self.rounds + 1} write failed: {err}")
         if not (self.env.integrity and last):
             return ()
-        return precomputed if precomputed is not None else tuple(results[-1].items())
+        if precomputed is not None:
+            return precomputed
+        assert sums is not None  # integrity, the round's last part, nothing precomputed
+        return tuple(sums.result().items())
 
     def _ready_to_send(self) -> bool:
         return (

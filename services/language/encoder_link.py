@@ -269,13 +269,19 @@ class GrpcEncoderLink:
             f"Status of request {request_id} on encoder {self.address}",
         )
 
-    async def cancel(self, request_id: str, reason: str) -> bool:
-        """Cancel the transfer on the encoder; its answer's `writes_ended` (the write fence)."""
+    async def cancel(
+        self, request_id: str, reason: str, failure: FailureReason = FailureReason.CANCELLED
+    ) -> bool:
+        """Cancel the transfer on the encoder, which then fails it with `failure`; its answer's
+        `writes_ended` (the write fence)."""
         reply = await self._call(
             "Cancel",
             self.stub.Cancel(
                 common_pb2.CancelRequest(
-                    request_id=request_id, reason=reason, language_id=self.language_id
+                    request_id=request_id,
+                    reason=reason,
+                    language_id=self.language_id,
+                    failure=rpc.reason_to_pb(failure),
                 ),
                 timeout=10,
             ),

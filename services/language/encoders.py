@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 from common import errors
 from common.layout import PoolGeometry
-from services.language.encoder_link import GrpcEncoderLink
+from services.language.encoder_link import GrpcEncoderLink, Prove
 from services.language.selection import EncoderSelector, EncoderView
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class EncoderDirectory:
         self.selector = EncoderSelector(policy)
         self.dns_names = list(dns_names)
         self._tasks: list[asyncio.Task] = []
-        self._registration: tuple | None = (
+        self._registration: tuple[int, str, PoolGeometry, Prove] | None = (
             None  # (rank, session, geometry, prove): GrpcEncoderLink.register
         )
         self._registered: asyncio.Event | None = None  # made by start() (needs the running loop)
@@ -130,7 +130,7 @@ class EncoderDirectory:
         rank: int,
         session: str,
         geometry: PoolGeometry,
-        prove,
+        prove: Prove,
         *,
         watch: bool,
         timeout: float = 60.0,
@@ -175,6 +175,8 @@ class EncoderDirectory:
         view, link = self.views[index], self.links[index]
         reported = False
         while True:
+            # start() set both before it spawned this loop
+            assert self._registration is not None and self._registered is not None
             try:
                 await link.register(*self._registration, timeout=max(REGISTER_RETRY_S, 2.0))
                 view.registered = True

@@ -197,6 +197,7 @@ class RankGroup:
 
     # -- shared by implementations, always on the event loop
     def _admitted(self, spec: RequestSpec) -> None:
+        assert self.loop is not None and self._on_admit is not None, "bind() first"
         self.views[spec.request_id] = LocalView()
         self._decisions[spec.request_id] = self.loop.create_future()
         self._on_admit(spec)
@@ -334,6 +335,7 @@ class DistributedGroup(RankGroup):
         self._seq += 1
         spec = RequestSpec(self._seq, request_id, initial_tokens, want_digest, encoder)
         # The view and decision exist at once on rank 0, so Generate can wait on them.
+        assert self.loop is not None, "bind() first"
         self.views[spec.request_id] = LocalView()
         self._decisions[spec.request_id] = self.loop.create_future()
         with self._cv:
@@ -350,6 +352,7 @@ class DistributedGroup(RankGroup):
 
     async def refresh(self) -> None:
         """Rank 0: take one more step now and return once it completed (fresh rank_pools)."""
+        assert self.loop is not None, "bind() first"
         fut = self.loop.create_future()
         with self._cv:
             self._step_waiters.append(fut)
@@ -360,19 +363,19 @@ class DistributedGroup(RankGroup):
     # ------------------------------------------------------------------ step thread
 
     def _run(self) -> None:
+        loop = self.loop
+        assert loop is not None, "bind() runs before begin()"
         try:
             while True:
                 if self.rank == 0 and not self._wait_for_work():
                     self._step(shutdown=True)
                     return
                 if not self._step(shutdown=False):
-                    self.loop.call_soon_threadsafe(self._shutdown_by_leader)
+                    loop.call_soon_threadsafe(self._shutdown_by_leader)
                     return
         except Exception as e:  # noqa: BLE001 - a peer is gone (or the group was torn down under us)
             if not self._stop:
-                self.loop.call_soon_threadsafe(
-                    self._break, f"rank {self.rank}: collective failed: {e}"
-                )
+                loop.call_soon_threadsafe(self._break, f"rank {self.rank}: collective failed: {e}")
 
     def _wait_for_work(self) -> bool:
         """Rank 0: block until there is something to step for; False on shutdown."""
@@ -390,6 +393,7 @@ class DistributedGroup(RankGroup):
         import torch
         import torch.distributed as dist
 
+        assert self.loop is not None, "bind() runs before begin()"
         admit: list[RequestSpec] = []
         if self.rank == 0:
             with self._cv:
@@ -412,7 +416,7 @@ class DistributedGroup(RankGroup):
         dist.all_gather(gathered, mine)
         self._steps += 1
         leader = gathered[0]
-        self.rank_pools = [tuple(int(x) for x in g[4:8]) for g in gathered]
+        self.rank_pools = [(int(g[4]), int(g[5]), int(g[6]), int(g[7])) for g in gathered]
         if any(int(g[2]) != len(self._open) for g in gathered):
             raise RuntimeError(f"ranks disagree on open requests: {[int(g[2]) for g in gathered]}")
         decided: list[tuple[str, Decision]] = []
@@ -436,6 +440,7 @@ class DistributedGroup(RankGroup):
         return int(leader[0]) == 0
 
     def _apply(self, decided: list[tuple[str, Decision]], specs: list[RequestSpec]) -> None:
+        assert self._on_admit is not None, "bind() first"
         for request_id, d in decided:  # in admission order: consumers see the same order
             self._decided(request_id, d)
         for spec in specs:

@@ -110,15 +110,19 @@ async def run_rank(config: LanguageConfig, parts: Parts) -> int:
     worker = RankWorker(config, config.rank, group, config.language_id, parts=parts)
     done = asyncio.Event()
     broken: list[str] = []
-    group.bind(
-        worker.on_admit, lambda why: (broken.append(why), done.set()), done.set, worker.pool_stats
-    )
+
+    def on_broken(why: str) -> None:
+        broken.append(why)
+        done.set()
+
+    group.bind(worker.on_admit, on_broken, done.set, worker.pool_stats)
     stop_signal = asyncio.ensure_future(rpc.termination_event().wait())
     stop_signal.add_done_callback(lambda _: done.set())
     try:
         await group.start()
         await worker.start()
         await group.begin()
+        assert worker.transport is not None  # worker.start() made it
         log.info(
             "language %s rank %d of %d ready, session %s, %s rank",
             config.language_id,

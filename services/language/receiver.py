@@ -104,8 +104,11 @@ class EncoderLink(Protocol):
 
     def status(self, request_id: str, rank: int, await_transfer: bool = False) -> StatusSource: ...
 
-    async def cancel(self, request_id: str, reason: str) -> bool:
-        """Cancel the transfer; returns CancelReply.writes_ended (True: no write of it can land)."""
+    async def cancel(
+        self, request_id: str, reason: str, failure: FailureReason = FailureReason.CANCELLED
+    ) -> bool:
+        """Cancel the transfer (`failure`: the reason it fails with on the encoder, `reason`:
+        text for people); returns CancelReply.writes_ended (True: no write of it can land)."""
 
 
 class CarriedInit:
@@ -259,6 +262,7 @@ class ReceiveTask:
                 self.allocated_tokens,
                 self.progress_tokens,
             )
+            assert self.on_init is not None  # carry_init requires it
             self.on_init(carried)
             # The Status stream goes out right behind the Encode, not after its reply: the
             # encoder holds it until the carried Init opened the transfer (await_transfer), and
@@ -317,6 +321,7 @@ class ReceiveTask:
                     # Copy the round out and verify it side by side (both only read the blocks),
                     # then give the blocks back and ask for the next round.
                     await self._read_round(st, handled, n)
+                    assert self.blocks is not None  # held from start() until the end
                     self.pool.allocator.free(self.blocks)
                     self.blocks, self.allocated_tokens = None, 0
                     self.blocks = await self._alloc(
@@ -378,6 +383,7 @@ class ReceiveTask:
         None when the next round could be the last (the free blocks and ours together hold all
         that is left): then the encoder could end the transfer as a success before our verdict on
         this round arrives, and a round that fails its check must fail the transfer there too."""
+        assert self.blocks is not None  # the round just received is in them
         need = blocks_for_tokens(remaining, self.pool.block_size)
         free = self.pool.allocator.free_count
         if free < len(self.blocks) or free + len(self.blocks) >= need:
@@ -404,6 +410,7 @@ class ReceiveTask:
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
+        assert self.blocks is not None  # the round just read
         self.pool.allocator.free(self.blocks)
         self.blocks, self.next_blocks, self.allocated_tokens = spare, None, allocated
         self.overlapped_rounds += 1
@@ -537,6 +544,7 @@ class ReceiveTask:
         """Our checksums of the round's tokens [0, hi): those of [0, lo) (the result of `before`,
         a `_check_landed`, or none when lo is 0) combined with a pass over [lo, hi)."""
         have = await before if before is not None else {}
+        assert self.blocks is not None  # the round is read in them
         got = await checksums_off_loop(
             self.pool.runs(self.blocks, lo, hi - lo), self.pool.record, handled + lo
         )
@@ -603,6 +611,7 @@ class ReceiveTask:
                 first += run.shape[0]
 
         # Big rounds are split over worker threads, like big checksums (torch runs single-threaded here).
+        assert self.blocks is not None  # the round is read in them
         await run_split_async(
             copy,
             self.pool.runs(self.blocks, lo, hi - lo),
@@ -612,6 +621,7 @@ class ReceiveTask:
 
     async def _finish(self) -> Payload:
         blocks, self.blocks = self.blocks, None
+        assert blocks is not None  # the last round is in them
         self.allocated_tokens = 0
         segments, self._segments = self._segments, []
         # The last round stays in the pool (no copy); its blocks return on release().
@@ -699,7 +709,7 @@ class ReceiveTask:
         transfer ended): ENDED only when it says no write of it can land (or does not know it)."""
         try:
             ended = await asyncio.wait_for(
-                self.link.cancel(self.transfer_id, f"{self.reason.label}: {self.message}"),
+                self.link.cancel(self.transfer_id, self.message, self.reason),
                 timeout=CANCEL_TIMEOUT_S,
             )
         except errors.NotFound:
@@ -730,14 +740,13 @@ class ReceiveTask:
         """Return once the Status stream kept open by close() says the writes ended (a FAILED
         status without writes_may_land); never, when it ends or breaks without saying so."""
         stream = self._stream
-        if stream is None:
-            await asyncio.Event().wait()
-        try:
-            async for st in stream:
-                if st.state.terminal and not st.writes_may_land:
-                    return
-        except errors.EpdError:
-            pass
+        if stream is not None:
+            try:
+                async for st in stream:
+                    if st.state.terminal and not st.writes_may_land:
+                        return
+            except errors.EpdError:
+                pass
         await asyncio.Event().wait()
 
     def close_stream(self) -> None:
@@ -745,10 +754,24 @@ class ReceiveTask:
             self._stream.close()
 
 
-def _refused(e: BaseException) -> bool:
-    """The encoder's host answered that nothing listens there (the encoder process is gone, so
-    it starts no write; what its kernel still held goes out over a path that works)."""
-    return isinstance(e, errors.Unavailable) and "connection refused" in e.message.lower()
+async def _refused(e: BaseException, address: str) -> bool:
+    """After an UNAVAILABLE: whether the encoder's host answers that nothing listens at `address`
+    (the encoder process is gone, so it starts no write; what its kernel still held goes out over
+    a path that works). Asked of the host itself with one TCP connect, whose refusal is a typed
+    error; a connect that times out or reaches a listener is no such answer."""
+    if not isinstance(e, errors.Unavailable):
+        return False
+    host, _, port = address.rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host.strip("[]"), int(port)), PROBE_TIMEOUT_S
+        )
+    except ConnectionRefusedError:
+        return True
+    except (TimeoutError, OSError, ValueError):
+        return False
+    writer.close()
+    return False
 
 
 async def release_when_safe(
@@ -854,7 +877,7 @@ async def _probe(task: ReceiveTask) -> tuple[bool, bool]:
     except errors.NotFound:
         return True, True  # it holds nothing of the transfer
     except UNREACHABLE as e:
-        refused = _refused(e)
+        refused = await _refused(e, task.link.address)
         return refused, refused
     except errors.EpdError:  # an answer that says nothing of its writes
         return True, False

@@ -22,6 +22,7 @@ from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, common_pb2, language_pb2
 from common.plan import blocks_for_tokens
 from common.states import FailureReason, TransferState
 from common.table import TransferTable
+from common.transfer_id import TransferId
 from common.transport import MooncakeTransport
 from services.edge import exposure, rpc
 from services.language import encoders, ranks
@@ -32,6 +33,7 @@ from services.language.rank_group import (
     LocalGroup,
     RankGroup,
     RankRow,
+    RequestSpec,
 )
 from services.language.receiver import CarriedInit
 from services.language.worker import RankOutcome, RankWorker, cancel_and_wait
@@ -88,8 +90,8 @@ class LanguageService:
         # DNS names with several addresses (a scaled compose service) become one entry per
         # address, here, once: the rank processes get the expanded list, so every rank has the
         # same ordered encoders and an admission names its encoder by index.
-        addresses, dns_names = encoders.resolve_addresses(addresses)
-        config = dataclasses.replace(config, encoder=tuple(addresses), encoder_file="")
+        resolved, dns_names = encoders.resolve_addresses(addresses)
+        config = dataclasses.replace(config, encoder=tuple(resolved), encoder_file="")
         self.config = config
         self.language_id = config.language_id or f"lang-{uuid.uuid4().hex[:12]}"
         self.dist_init = config.dist_init or (
@@ -160,6 +162,7 @@ class LanguageService:
             bench=LanguageBenchServicer(self) if cfg.enable_bench else None,
         )  # off in production
         self.port = await self.server.start(cfg.host, cfg.port)
+        assert self.transport is not None  # the worker's start() made it
         known = {
             self.port: "gRPC",
             self.metrics_port: "metrics",
@@ -316,11 +319,12 @@ class LanguageService:
                 )
             tried.append(view.index)
             attempt = len(tried)
-            record.key = request_id if attempt == 1 else f"{request_id}#{attempt}"
-            if attempt > 1 and (
-                record.key in self.group.views or self.requests.live_get(record.key) is not None
-            ):
-                record.key = f"{request_id}#{uuid.uuid4().hex[:7]}"  # a client's own id already looks like ours
+            name = TransferId(self.language_id, request_id, attempt)
+            while attempt > 1 and (
+                name.key in self.group.views or self.requests.live_get(name.key) is not None
+            ):  # a client's own request id already looks like this attempt's: take the next
+                name = dataclasses.replace(name, attempt=name.attempt + 1)
+            record.key = name.key
             record.attempts = attempt
             record.encoder = self.worker.encoders.name(view.index)
             record.encoder_address = view.address
@@ -378,7 +382,7 @@ class LanguageService:
         outcome_fut: asyncio.Future | None = None
         initial = self.policy.initial_tokens(request.expected_tokens)
 
-        def admit():
+        def admit() -> tuple[RequestSpec, asyncio.Future[RankOutcome]]:
             if key in self.group.views:  # a client id equal to another request's failover key
                 raise errors.AlreadyExists(
                     f"request_id {errors.shown(request_id)} is already in use (by a failover)"
@@ -410,6 +414,7 @@ class LanguageService:
             record.encoded_at = time.monotonic()
             if not early:
                 spec, outcome_fut = admit()
+            assert outcome_fut is not None  # admitted, early or now
             # Shielded: a cancelled Generate must not cancel the rank's outcome, which records
             # what every rank did (inspection) once fail_local below has ended it.
             outcome: RankOutcome = await asyncio.shield(outcome_fut)
@@ -437,7 +442,12 @@ class LanguageService:
             retry = isinstance(e, _RetryElsewhere)
             await asyncio.shield(
                 self._abandon(
-                    record, link, transfer_id, outcome_fut, e.error if retry else e, final=not retry
+                    record,
+                    link,
+                    transfer_id,
+                    outcome_fut,
+                    e.error if isinstance(e, _RetryElsewhere) else e,
+                    final=not retry,
                 )
             )
             raise
@@ -520,11 +530,13 @@ class LanguageService:
             or (record.cancel_reason if isinstance(e, asyncio.CancelledError) else "")
             or type(e).__name__
         )
-        await self._cancel_on_encoder(link, transfer_id, f"{reason.label}: {why}")
+        await self._cancel_on_encoder(link, transfer_id, why, reason)
 
-    async def _cancel_on_encoder(self, link, transfer_id: str, why: str) -> None:
+    async def _cancel_on_encoder(
+        self, link, transfer_id: str, why: str, failure: FailureReason = FailureReason.CANCELLED
+    ) -> None:
         try:
-            await link.cancel(transfer_id, why)
+            await link.cancel(transfer_id, why, failure)
         except errors.NotFound:
             pass
         except errors.EpdError as e:
@@ -763,11 +775,12 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
             rpc.peer_identity(context),
             self.sec,
         )
-        return common_pb2.CancelReply(cancelled=cancelled, state=int(state))
+        return common_pb2.CancelReply(cancelled=cancelled, state=rpc.state_to_pb(state))
 
     @rpc.grpc_errors
     async def GetPool(self, request, context):
         shown_to = self.sec.may_see(rpc.peer_identity(context), self.sec.own_identity)
+        assert self.s.transport is not None  # serving implies started
         info = rpc.pool_info(self.s.pool, self.s.transport.session, 0, addresses=shown_to)
         if not self.s.group.broken:
             await self.s.group.refresh()
@@ -805,7 +818,7 @@ def record_info(service: LanguageService, r: GenerateRecord) -> common_pb2.Trans
     """Rank 0's record plus every rank's view (the latest rows of the rank group)."""
     info = common_pb2.TransferInfo(
         request_id=r.request_id,
-        state=int(r.state),
+        state=rpc.state_to_pb(r.state),
         peer=r.encoder_address,
         age_seconds=time.monotonic() - r.created,
     )
@@ -836,23 +849,25 @@ def record_info(service: LanguageService, r: GenerateRecord) -> common_pb2.Trans
     failure = r.failure
     if failure is not None:
         info.error.CopyFrom(
-            common_pb2.TransferError(reason=int(failure.reason), message=failure.message)
+            common_pb2.TransferError(
+                reason=rpc.reason_to_pb(failure.reason), message=failure.message
+            )
         )
     elif r.outcome is not None and not r.outcome.decision.deliver:
         info.error.CopyFrom(
             common_pb2.TransferError(
-                reason=int(r.outcome.decision.reason),
+                reason=rpc.reason_to_pb(r.outcome.decision.reason),
                 message=_failure_message(r.request_id, r.outcome),
             )
         )
     failed = r.outcome is not None and not r.outcome.decision.deliver
     for rank, row in enumerate(rows):
         # Rows are what each rank had observed when they agreed; a failed request failed on all.
-        state = int(TransferState.FAILED) if failed else row.state
+        state = TransferState.FAILED if failed else row.state
         info.ranks.append(
             common_pb2.RankView(
                 rank=rank,
-                state=state,
+                state=rpc.state_to_pb(state),
                 sent_tokens=row.sent,
                 allocated_tokens=0 if r.outcome else row.allocated,
             )

@@ -20,6 +20,7 @@ from common.payload import Payload
 from common.plan import blocks_for_tokens
 from common.pool import BlockPool
 from common.states import FailureReason, TransferState
+from common.transfer_id import wire_name
 from common.transport import MooncakeTransport, memory_location
 from services.edge import exposure
 from services.edge.metrics import Metrics
@@ -135,9 +136,8 @@ class RankWorker:
         return self.encoders.links[0]
 
     def transfer_id(self, key: str) -> str:
-        """The id the encoder knows a request (attempt) by: unique per language instance by
-        construction, so two instances can use the same request_id on one encoder."""
-        return f"{self.language_id}/{key}"
+        """The id the encoder knows the attempt admitted as `key` by (common/transfer_id.py)."""
+        return wire_name(self.language_id, key)
 
     def pool_stats(self) -> tuple[int, int, int, int]:
         a = self.pool.allocator
@@ -257,7 +257,7 @@ class RankWorker:
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda _t, key=spec.request_id: self._release_early(key))
+        task.add_done_callback(lambda _t: self._release_early(spec.request_id))
 
     def _release_early(self, key: str) -> None:
         """Free an early reservation no receive task took (its task was cancelled before it ran)."""
@@ -287,6 +287,7 @@ class RankWorker:
             digest = ""
             if decision.deliver:
                 if receive is not None:
+                    assert receiver is not None  # made with receive
                     payload, digest = receive.result()  # ready was reported only after it finished
                     ready_at = receiver.finished_at or ready_at
                 outcome = RankOutcome(
@@ -305,6 +306,7 @@ class RankWorker:
             else:
                 outcome = RankOutcome(spec.request_id, decision, receiver)
                 if receive is not None:
+                    assert receiver is not None  # made with receive
                     receiver.abort_with = _failure_of(outcome)  # what the encoder is told in Cancel
                     await _drop(receive)
         except BaseException as e:
@@ -357,7 +359,7 @@ class RankWorker:
             on_progress=progress,
             telemetry=self.telemetry,
             on_quarantine=self._quarantined,
-            on_init=lambda carried, key=spec.request_id: self._init_sent(key, carried),
+            on_init=lambda carried: self._init_sent(spec.request_id, carried),
             carry_init=self.config.carry_init,
         )
         self.receivers[spec.request_id] = receiver

@@ -107,7 +107,8 @@ def tiny_config(hidden: int):
     half = head_dim // 2  # M-RoPE sections (t, h, w) split the rotary half
     hw = 3 * half // 8  # as Qwen2-VL's [16, 24, 24] splits 64
     s = TINY_SPECIAL_TOKENS
-    return Qwen2VLConfig(
+    # Extra keywords become config attributes (PreTrainedConfig); its typed __init__ omits them.
+    return Qwen2VLConfig(  # type: ignore[call-arg]
         text_config=dict(
             vocab_size=TINY_VOCAB,
             hidden_size=hidden,
@@ -186,7 +187,7 @@ def load_qwen2vl(
     caller runs: "vision" (vision tower + embedding table, the encoder) and/or "text" (decoder
     layers + lm_head, the prefill); the others are dropped to save memory."""
     _offline()
-    from transformers import Qwen2VLForConditionalGeneration
+    from transformers import PreTrainedConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     dev = torch.device(device)
@@ -203,7 +204,7 @@ def load_qwen2vl(
             merge_size=MERGE_SIZE,
             temporal_patch_size=2,
         )
-        tokenize = ByteTokenizer(TINY_SPECIAL_TOKENS)
+        tokenize: Callable[[str], list[int]] = ByteTokenizer(TINY_SPECIAL_TOKENS)
     else:
         if not os.path.isfile(os.path.join(name, "config.json")):
             raise FailedPrecondition(
@@ -219,17 +220,20 @@ def load_qwen2vl(
             else Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
         )
         tokenize = _checkpoint_tokenizer(name, model.config)
-    if model.config.text_config.hidden_size != hidden:
+    text_config = model.config.text_config
+    assert isinstance(text_config, PreTrainedConfig)  # the config's __post_init__ made it one
+    if text_config.hidden_size != hidden:
         raise FailedPrecondition(
-            f"model={name!r} has hidden size {model.config.text_config.hidden_size} but the pool's hidden is {hidden}; "
-            f"start with --hidden {model.config.text_config.hidden_size}"
+            f"model={name!r} has hidden size {text_config.hidden_size} but the pool's hidden is {hidden}; "
+            f"start with --hidden {text_config.hidden_size}"
         )
     if "text" not in keep:
         model.model.language_model.layers = torch.nn.ModuleList()
         model.lm_head = None
     if "vision" not in keep:
         model.model.visual = None
-    model = model.to(dev).eval()
+    # PreTrainedModel.to is @wraps(torch.nn.Module.to): typeshed's _Wrapped takes `self` first.
+    model = model.to(dev).eval()  # type: ignore[arg-type]
     model.requires_grad_(False)
     return QwenVL(name, model, processor, tokenize, dev, dtype)
 
@@ -330,7 +334,8 @@ def probe_image(index: int, data: bytes, mime: str, min_pixels: int, max_pixels:
         ) from None
     except Exception as e:  # noqa: BLE001 - any decoder complaint is the client's bad image
         raise InvalidArgument(f"{what}: corrupt image header: {e}") from None
-    kind = FORMATS.get(img.format or "")
+    fmt = img.format or ""
+    kind = FORMATS.get(fmt)
     if kind is None:
         raise InvalidArgument(f"{what}: unsupported image format {img.format} (PNG or JPEG only)")
     if mime and mime != kind:
@@ -351,7 +356,7 @@ def probe_image(index: int, data: bytes, mime: str, min_pixels: int, max_pixels:
             f"({MAX_DECODE_PIXELS} pixels)"
         )
     h, w = smart_resize(height, width, min_pixels, max_pixels)
-    return img, ImageInfo(index, img.format, width, height, h // PATCH_SIZE, w // PATCH_SIZE)
+    return img, ImageInfo(index, fmt, width, height, h // PATCH_SIZE, w // PATCH_SIZE)
 
 
 def decode_image(img, info: ImageInfo):

@@ -46,6 +46,7 @@ from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, common_pb2, language_pb2
 from services.edge import security
 from services.edge.rpc import CLIENT_OPTIONS
 from services.tools import demo
+from services.tools.supervise import ServiceGroup, add_process_arguments, child_env, service_argv
 
 CASES = ("single", "multi", "control", "concurrency", "policies", "loops")
 POLICIES = ("fixed", "hint", "adaptive")
@@ -83,7 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--small-requests", type=int, default=300, help="64-token requests of the control case"
     )
-    demo.add_process_arguments(
+    add_process_arguments(
         p, encoder_example="--write-wait=spin", language_example="--no-overlap-rounds"
     )
     p.add_argument(
@@ -151,10 +152,6 @@ class Services:
         event_loop: str = "auto",
     ):
         common = [
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
             "--hidden",
             str(args.hidden),
             "--dtype",
@@ -166,58 +163,43 @@ class Services:
             "--log-level",
             "WARNING",
             "--integrity" if args.integrity else "--no-integrity",
-            "--enable-bench",
-        ]  # the raw baseline's epd.v1.Bench service, off in production
+            "--enable-bench",  # the raw baseline's epd.v1.Bench service, off in production
+        ]
         enc_sec, lang_sec = security.service_argv(args), security.service_argv(args, language=True)
-        env = demo.child_env()
-        py = [sys.executable, "-m", "services.tools.cli"]
-        logs = args.keep_logs or None
-        self.encoder = demo.ServiceProcess(
-            "encoder",
+        self.group = ServiceGroup(
             [
-                *py,
-                "encoder",
-                *common,
-                *enc_sec,
-                "--pool-blocks",
-                str(encoder_blocks),
-                *args.encoder_arg,
-            ],
-            env=env,
-            log_dir=logs,
-        )
-        self.language: demo.ServiceProcess | None = None
-        self.encoder.start()
-        try:
-            self.encoder.wait_ready(120)
-            self.language = demo.ServiceProcess(
-                "language",
-                [
-                    *py,
-                    "language",
+                service_argv(
+                    "encoder",
                     *common,
-                    *lang_sec,
+                    *enc_sec,
                     "--pool-blocks",
-                    str(language_blocks),
-                    "--encoder",
-                    f"127.0.0.1:{self.encoder.port}",
-                    "--alloc-policy",
-                    alloc_policy,
-                    "--initial-tokens",
-                    str(initial_tokens),
-                    *args.language_arg,
-                ],
-                env=env,
-                log_dir=logs,
-            )
-            self.language.start()
-            self.language.wait_ready(120)
-        except BaseException:
-            self.stop()
-            raise
+                    str(encoder_blocks),
+                    *args.encoder_arg,
+                )
+            ],
+            lambda encoders: service_argv(
+                "language",
+                *common,
+                *lang_sec,
+                "--pool-blocks",
+                str(language_blocks),
+                "--encoder",
+                encoders[0],
+                "--alloc-policy",
+                alloc_policy,
+                "--initial-tokens",
+                str(initial_tokens),
+                *args.language_arg,
+            ),
+            env=child_env(),
+            log_dir=args.keep_logs or None,
+            ready_timeout=120,
+        ).start()
+        self.encoder, self.language = self.group.encoders[0], self.group.language
+        assert self.language is not None and self.encoder.info is not None
         self.event_loop = self.encoder.info.get("event_loop", "?")
         self.channel = security.client_from_args(args).aio_channel(
-            f"127.0.0.1:{self.language.port}", options=CLIENT_OPTIONS
+            self.language.address, options=CLIENT_OPTIONS
         )
         self.stub = language_pb2_grpc.LanguageStub(self.channel)
         self.bench = bench_pb2_grpc.BenchStub(self.channel)
@@ -227,9 +209,7 @@ class Services:
         self.stop()
 
     def stop(self) -> None:
-        for p in (self.language, self.encoder):
-            if p is not None:
-                p.stop()
+        self.group.stop()
 
     async def generate(
         self, tokens: int, expected: int = 0, seed: int = 0
@@ -832,7 +812,7 @@ def format_table(r: dict[str, Any]) -> str:
                 f"{x['control_latency_ms_p50']:>13.2f} {x['control_overhead_ms_p50']:>11.2f}"
             )
     if r.get("checks"):
-        out += ["", "goals (DESIGN §13)"]
+        out += ["", "goals (docs/BENCHMARKS.md)"]
         for x in r["checks"]:
             mark = "met" if x["met"] else ("within margin" if x["ok_within_margin"] else "MISSED")
             floor = f" (floor here {x['floor']:.2f})" if "floor" in x else ""

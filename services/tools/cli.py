@@ -208,7 +208,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     demo.add_arguments(p)
     p = sub.add_parser(
-        "bench", help="measure the DESIGN §13 yardsticks as ratios against raw Mooncake writes"
+        "bench", help="measure the performance yardsticks as ratios against raw Mooncake writes"
     )
     from services.tools import bench
 

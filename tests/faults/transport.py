@@ -1,4 +1,4 @@
-"""Test-only fault injection for Mooncake writes (DESIGN §8 "Mooncake write fails").
+"""Test-only fault injection for Mooncake writes (docs/DESIGN.md, "Failure semantics").
 
 A healthy loopback Mooncake never fails a write, so the encoder's handling of a failed,
 slow or silently corrupted write cannot be provoked from outside. `FaultyTransport` wraps the

@@ -183,13 +183,19 @@ class TestRank:
         )
 
     def cancel_request(
-        self, request_id: str, reason: str = "test done", *, language_id: str | None = None
+        self,
+        request_id: str,
+        reason: str = "test done",
+        *,
+        language_id: str | None = None,
+        failure: int = 0,
     ) -> common_pb2.CancelRequest:
         """Cancel on the encoder as this rank's language instance (the owner of its transfers)."""
         return common_pb2.CancelRequest(
             request_id=request_id,
             reason=reason,
             language_id=self.language_id if language_id is None else language_id,
+            failure=failure,
         )
 
     def encode_request(

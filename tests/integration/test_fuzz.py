@@ -1349,15 +1349,17 @@ STRANGER_REASONS = [
     "INTEGRITY",
     "cancelled",
 ]
-LABEL_CODES = {
-    "TIMEOUT": C.DEADLINE_EXCEEDED,
-    "CANCELLED": CANCELLED,
-    "TRANSPORT": C.UNAVAILABLE,
-    "INTEGRITY": C.DATA_LOSS,
-    "RESOURCE_EXHAUSTED": C.RESOURCE_EXHAUSTED,
-    "PEER_LOST": C.UNAVAILABLE,
-    "INVALID": IA,
+FAILURE_CODES = {  # the code a request failed on the encoder with this CancelRequest.failure ends with
+    "FAILURE_REASON_UNSPECIFIED": CANCELLED,
+    "FAILURE_REASON_TIMEOUT": C.DEADLINE_EXCEEDED,
+    "FAILURE_REASON_CANCELLED": CANCELLED,
+    "FAILURE_REASON_TRANSPORT": C.UNAVAILABLE,
+    "FAILURE_REASON_INTEGRITY": C.DATA_LOSS,
+    "FAILURE_REASON_RESOURCE_EXHAUSTED": C.RESOURCE_EXHAUSTED,
+    "FAILURE_REASON_PEER_LOST": C.UNAVAILABLE,
+    "FAILURE_REASON_INVALID": IA,
 }
+UNKNOWN_FAILURE = 99  # not a FailureReason: the Cancel itself is refused
 
 
 async def until_known(stub, request_id: str, gen: asyncio.Future, timeout: float = 5.0) -> None:
@@ -1371,10 +1373,10 @@ async def until_known(stub, request_id: str, gen: asyncio.Future, timeout: float
             await asyncio.sleep(0.002)
 
 
-def reason_code(reason: str) -> grpc.StatusCode:
-    """The code a request cancelled on the encoder with `reason` ends with: a leading failure label
-    ("integrity: ...") is the failure reason, anything else is `cancelled`."""
-    return LABEL_CODES.get(reason.split(":", 1)[0].strip().upper(), CANCELLED)
+def failure_code(failure: int) -> grpc.StatusCode:
+    """The code a request cancelled on the encoder with CancelRequest.failure ends with (the
+    free-text reason never matters)."""
+    return FAILURE_CODES[common_pb2.FailureReason.Name(failure)]
 
 
 @fuzz(100)
@@ -1391,6 +1393,7 @@ def reason_code(reason: str) -> grpc.StatusCode:
     mode=st.sampled_from(["once"] * 4 + ["cancel", "twice", "deadline", "enc_cancel"]),
     delay=st.floats(0, 0.05),
     stranger_reason=st.one_of(st.sampled_from(STRANGER_REASONS), strange),
+    stranger_failure=st.sampled_from([*common_pb2.FailureReason.values(), UNKNOWN_FAILURE]),
     busy_tokens=st.integers(1, MAX_TOKENS),
 )
 @example(
@@ -1406,6 +1409,7 @@ def reason_code(reason: str) -> grpc.StatusCode:
     mode="once",
     delay=0.0,
     stranger_reason="",
+    stranger_failure=0,
     busy_tokens=1,
 )
 @example(
@@ -1421,6 +1425,7 @@ def reason_code(reason: str) -> grpc.StatusCode:
     mode="twice",
     delay=0.0,
     stranger_reason="",
+    stranger_failure=0,
     busy_tokens=1,
 )
 def test_fuzz_generate(
@@ -1437,6 +1442,7 @@ def test_fuzz_generate(
     mode,
     delay,
     stranger_reason,
+    stranger_failure,
     busy_tokens,
 ):
     """Generate with any inputs; sometimes cancelled while it runs (by its client, or by a stranger
@@ -1531,22 +1537,34 @@ def test_fuzz_generate(
             _, cancel_e = await outcome(
                 live.enc.Cancel(
                     common_pb2.CancelRequest(
-                        request_id=request_id, reason=stranger_reason, language_id=LANGUAGE_ID
+                        request_id=request_id,
+                        reason=stranger_reason,
+                        language_id=LANGUAGE_ID,
+                        failure=stranger_failure,
                     )
                 )
             )
             reply, e = await gen
             note(
-                f"Generate -> {show(e)}; encoder Cancel({stranger_reason[:40]!r}) -> {show(cancel_e)}"
+                f"Generate -> {show(e)}; encoder Cancel({stranger_reason[:40]!r}, "
+                f"failure={stranger_failure}) -> {show(cancel_e)}"
             )
-            if cancel_e is not None:
+            if stranger_failure == UNKNOWN_FAILURE:
+                # Refused, naming the value; the request goes on as if nothing happened.
+                assert cancel_e is not None and cancel_e.code() in (IA, NF), show(cancel_e)
+                assert cancel_e.code() == NF or str(UNKNOWN_FAILURE) in cancel_e.details()
+                check_one(reply, e, "Generate after a refused encoder Cancel")
+            elif cancel_e is not None:
                 check_error(cancel_e, NF, (), "encoder Cancel of a request it has not seen yet")
-            if e is None:
+            if stranger_failure == UNKNOWN_FAILURE:
+                pass
+            elif e is None:
                 check_one(reply, e, "Generate cancelled on the encoder too late")
             else:
                 # The language reports the reason the encoder failed the request with (Cancel
-                # carries a failure label), or refuses a request whose id the encoder already ended.
-                allowed = {reason_code(stranger_reason), FP, IA, AE, CANCELLED}
+                # carries it as CancelRequest.failure), or refuses a request whose id the encoder
+                # already ended.
+                allowed = {failure_code(stranger_failure), FP, IA, AE, CANCELLED}
                 assert e.code() in allowed, (
                     f"Generate cancelled on the encoder: {show(e)}, expected one of {allowed}"
                 )

@@ -26,7 +26,7 @@ import grpc
 import pytest
 
 from common.pb.epd.v1 import common_pb2, language_pb2
-from services.tools import demo
+from services.tools import supervise
 from services.tools.reference_payload import expected_digest
 from tests.conftest import FAULT_FLAGS, ROOT, assert_all_free, encoder_stub, language_stub
 
@@ -89,7 +89,7 @@ def namespaces():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
 
 
-def start_in(ns: str, role: str, *args: str) -> demo.ServiceProcess:
+def start_in(ns: str, role: str, *args: str) -> supervise.ServiceProcess:
     argv = [
         "ip",
         "netns",
@@ -105,11 +105,11 @@ def start_in(ns: str, role: str, *args: str) -> demo.ServiceProcess:
     ]
     env = {**os.environ, "MC_FORCE_TCP": "1", "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))
-    svc = demo.ServiceProcess(role, argv, env=env)
+    svc = supervise.ServiceProcess(role, argv, env=env)
     svc.start()
     try:
         svc.wait_ready(60)
-    except demo.ServiceStartError:
+    except supervise.ServiceStartError:
         svc.stop()
         raise
     return svc

@@ -36,7 +36,7 @@ from common.pb.epd.v1 import (
 )
 from services.edge import rpc
 from services.edge.security import ClientSecurity, ServerSecurity, peer_identity
-from services.tools import demo
+from services.tools import supervise
 from services.tools.reference_payload import expected_digest
 from tests.conftest import ROOT, Pair, ServiceProcess
 
@@ -593,7 +593,7 @@ def _never_ready(role: str, *args: str, wait_s: float = 8.0) -> str:
         "0",
         *args,
     ]
-    proc = demo.ServiceProcess(
+    proc = supervise.ServiceProcess(
         role,
         argv,
         env={
@@ -603,7 +603,7 @@ def _never_ready(role: str, *args: str, wait_s: float = 8.0) -> str:
     )
     proc.start()
     try:
-        with pytest.raises(demo.ServiceStartError):
+        with pytest.raises(supervise.ServiceStartError):
             proc.wait_ready(wait_s)
         return proc.stderr_tail(200, 65536)
     finally:

@@ -412,7 +412,7 @@ async def test_corrupted_write_is_caught_by_checksums(unique_id):
     try:
         stub = language_stub(pair.language.address)
         # Round 1 of a two-round request is corrupted after it landed: the language's check of
-        # that round fails it, and its Cancel ("integrity: ...") fails it on the encoder too.
+        # that round fails it, and its Cancel (failure=INTEGRITY) fails it on the encoder too.
         rid = unique_id()
         kind, error = await asyncio.wait_for(attempt(stub, rid, INITIAL + 700, 5), WATCHDOG_S)
         assert kind == "error"

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from services.tools import demo
+from services.tools import demo, supervise
 from services.tools import reference_payload as ref
 
 # ------------------------------------------------------------------------------------ plan
@@ -195,15 +195,15 @@ def test_progress_bar():
 
 
 def test_parse_ready_line():
-    assert demo.parse_ready_line('EPD_READY {"role": "encoder", "port": 5001}\n') == {
+    assert supervise.parse_ready_line('EPD_READY {"role": "encoder", "port": 5001}\n') == {
         "role": "encoder",
         "port": 5001,
     }
-    assert demo.parse_ready_line("hello") is None
+    assert supervise.parse_ready_line("hello") is None
     with pytest.raises(ValueError):
-        demo.parse_ready_line("EPD_READY {not json")
+        supervise.parse_ready_line("EPD_READY {not json")
     with pytest.raises(ValueError):
-        demo.parse_ready_line('EPD_READY {"role": "encoder"}')
+        supervise.parse_ready_line('EPD_READY {"role": "encoder"}')
 
 
 # ------------------------------------------------------------------------------ flags
@@ -275,13 +275,14 @@ def test_service_command_lines():
     assert enc[:4] == [sys.executable, "-m", "services.tools.cli", "encoder"]
     assert enc[enc.index("--pool-blocks") + 1] == "4096"
     assert enc[enc.index("--dtype") + 1] == "bfloat16"
-    lang = demo.language_argv(args, 4242)
+    lang = demo.language_argv(args, ["127.0.0.1:4242"])
     assert lang[lang.index("--encoder") + 1] == "127.0.0.1:4242"
     assert lang[lang.index("--pool-blocks") + 1] == "5"
     assert lang[lang.index("--initial-tokens") + 1] == "100"
     assert lang[lang.index("--port") + 1] == "0"
-    env = demo.child_env(
-        {"PATH": "/bin", "EPD_REQUESTS": "4", "EPD_HIDDEN": "64", "EPD_LOG_LEVEL": "DEBUG"}
+    env = supervise.child_env(
+        {"PATH": "/bin", "EPD_REQUESTS": "4", "EPD_HIDDEN": "64", "EPD_LOG_LEVEL": "DEBUG"},
+        drop=demo.demo_env_names(),
     )
     assert env["MC_FORCE_TCP"] == "1"
     assert "EPD_REQUESTS" not in env and "EPD_HIDDEN" not in env
@@ -365,8 +366,10 @@ def fake(tmp_path):
         def enc(args):
             return [sys.executable, str(script), "encoder"] + demo.encoder_argv(args)[4:]
 
-        def lang(args, port):
-            return [sys.executable, str(script), "language"] + demo.language_argv(args, port)[4:]
+        def lang(args, addresses):
+            return [sys.executable, str(script), "language"] + demo.language_argv(args, addresses)[
+                4:
+            ]
 
         return dict(encoder_argv=enc, language_argv=lang)
 
@@ -397,7 +400,7 @@ SMALL = [
 
 def _run_fake(fake, argv, mode="ok"):
     args = _parse(argv)
-    env = demo.child_env()
+    env = supervise.child_env()
     env["FAKE_MODE"] = mode
     return demo._run(args, env=env, **fake)
 
@@ -459,7 +462,7 @@ def test_service_process_stop_kills_stubborn_child(tmp_path):
         time.sleep(60)
     """)
     )
-    svc = demo.ServiceProcess("encoder", [sys.executable, str(script)])
+    svc = supervise.ServiceProcess("encoder", [sys.executable, str(script)])
     svc.start()
     assert svc.wait_ready(20)["port"] == 7
     t0 = time.monotonic()

@@ -14,6 +14,7 @@ real processes with a real late write: tests/integration/test_write_fence.py.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import pytest
@@ -66,8 +67,13 @@ class CutLink:
     address = "fake-encoder"
 
     def __init__(
-        self, failure: BaseException | None, writes_ended: bool = True, scripted: bool = False
+        self,
+        failure: BaseException | None,
+        writes_ended: bool = True,
+        scripted: bool = False,
+        address: str = "",
     ):
+        self.address = address or self.address
         self.failure = failure
         self.writes_ended = writes_ended
         self.cancels = 0
@@ -79,16 +85,16 @@ class CutLink:
     def status(self, request_id, rank, await_transfer=False):
         return self.stream
 
-    async def cancel(self, request_id, reason):
+    async def cancel(self, request_id, reason, failure=None):
         self.cancels += 1
         if self.failure is not None:
             raise self.failure
         return self.writes_ended
 
 
-def make(failure, writes_ended: bool = True, scripted: bool = False):
+def make(failure, writes_ended: bool = True, scripted: bool = False, address: str = ""):
     pool = BlockPool(RecordLayout.pack(default_fields(16, "bfloat16")), BLOCK, POOL_BLOCKS)
-    link = CutLink(failure, writes_ended, scripted)
+    link = CutLink(failure, writes_ended, scripted, address)
     seen = []
     task = ReceiveTask(
         "r",
@@ -281,17 +287,30 @@ async def test_refused_connection_counts_as_an_answer_and_max_s_bounds_a_silent_
     monkeypatch,
 ):
     monkeypatch.setattr(receiver_mod, "PROBE_TIMEOUT_S", 0.2)
-    refused = errors.Unavailable(
-        "Cancel on encoder x: failed to connect to all addresses; last error: UNKNOWN: "
-        "ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused"
-    )
-    pool, link, task, _ = make(refused)
+    # UNAVAILABLE, whatever its message says: the encoder's host itself is asked with a TCP connect.
+    unavailable = errors.Unavailable("Cancel on encoder x: unavailable")
+    with socket.socket() as s:  # a port where nothing listens: the host refuses the connect
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    pool, link, task, _ = make(unavailable, address=closed)
     await started_then_failed(task)
     assert (
         pool.allocator.quarantined_count == 3
     )  # quarantined at close: the kernel may still deliver
-    await asyncio.wait_for(release_when_safe(task, 0.2, probe_s=0.05), 5)  # refused: the grace runs
+    await asyncio.wait_for(
+        release_when_safe(task, 0.2, max_s=30, probe_s=0.05), 5
+    )  # refused: the grace runs, then the blocks are back
     assert pool.allocator.free_count == POOL_BLOCKS
+
+    # Something listens there (the link is cut, the host is not gone): no answer, max_s bounds it.
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        pool, link, task, _ = make(unavailable, address=f"127.0.0.1:{listening.getsockname()[1]}")
+        await started_then_failed(task)
+        started = time.monotonic()
+        await asyncio.wait_for(release_when_safe(task, 0.1, max_s=0.5, probe_s=0.05), 5)
+        assert time.monotonic() - started >= 0.4 and pool.allocator.free_count == POOL_BLOCKS
 
     pool, link, task, _ = make(errors.DeadlineExceeded("Cancel on encoder x: deadline exceeded"))
     await started_then_failed(task)

@@ -16,7 +16,7 @@ import pytest
 from common import errors
 from common.layout import RecordLayout, default_fields
 from common.pool import BlockPool
-from common.states import StatusUpdate, TransferState
+from common.states import FailureReason, StatusUpdate, TransferState
 from services.language.receiver import ReceiveTask
 
 BLOCK = 16
@@ -63,8 +63,8 @@ class ForgingLink:
     def status(self, request_id, rank):
         return _Stream(self.statuses)
 
-    async def cancel(self, request_id, reason):
-        self.cancels.append(reason)
+    async def cancel(self, request_id, reason, failure=None):
+        self.cancels.append(failure)
         return True  # the encoder says no write of the transfer can land
 
 
@@ -165,7 +165,7 @@ async def test_forged_status_is_integrity_fault_injected(case):
     failure, link = await run(statuses)
     assert isinstance(failure, errors.IntegrityError), f"{case}: {failure!r}"
     assert needle in failure.message, f"{case}: {failure.message!r}"
-    assert link.cancels and link.cancels[0].startswith("integrity:"), link.cancels
+    assert link.cancels == [FailureReason.INTEGRITY], link.cancels  # the encoder fails it so too
 
 
 async def test_exact_repeats_are_ignored_and_a_true_transfer_completes_fault_injected():

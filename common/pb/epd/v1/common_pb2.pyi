@@ -186,14 +186,16 @@ class ListTransfersReply(_message.Message):
     def __init__(self, transfers: _Optional[_Iterable[_Union[TransferInfo, _Mapping]]] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
-    __slots__ = ("request_id", "reason", "language_id")
+    __slots__ = ("request_id", "reason", "language_id", "failure")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     reason: str
     language_id: str
-    def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ..., language_id: _Optional[str] = ...) -> None: ...
+    failure: FailureReason
+    def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ..., language_id: _Optional[str] = ..., failure: _Optional[_Union[FailureReason, str]] = ...) -> None: ...
 
 class CancelReply(_message.Message):
     __slots__ = ("cancelled", "state", "writes_ended")
