@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 PROFILE ?= cpu
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test soak setup proto clean bench bench-check
+.PHONY: demo test test-fast lint soak setup proto clean bench bench-check
 
 setup: $(STAMP)
 
@@ -29,8 +29,19 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	MC_FORCE_TCP=1 $(BIN)/epd demo
 
-test: setup
+# Lint and types first: ruff (rules and formatting) over the tree, mypy over common/ and services/
+# (both configured in pyproject.toml).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
 	MC_FORCE_TCP=1 $(BIN)/python -m pytest -q --durations=15
+
+# Unit tests and the in-process protocol tier: no service processes, no Mooncake; under a minute.
+test-fast: setup
+	MC_FORCE_TCP=1 $(BIN)/python -m pytest -q --durations=10 tests/unit tests/protocol
 
 # The performance goals as ratios against raw Mooncake in the same run (docs/BENCHMARKS.md).
 bench: setup

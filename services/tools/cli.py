@@ -19,6 +19,10 @@ from common.config import ConfigError, EncoderConfig, LanguageConfig
 from common.errors import EpdError
 from services.parts import Parts
 
+if typing.TYPE_CHECKING:
+    from services.encoder.service import EncoderService
+    from services.language.service import LanguageService
+
 ENV_PREFIX = "EPD_"
 CONFIGS = {"encoder": EncoderConfig, "language": LanguageConfig}
 
@@ -141,20 +145,27 @@ async def _serve(role: str, config, parts: Parts) -> int:
 
         torch.set_num_threads(config.torch_threads)
 
+    service: EncoderService | LanguageService
+    extra = {}
     if role == "encoder":
-        from services.encoder.service import EncoderService as Service
+        from services.encoder.service import EncoderService
+
+        service = EncoderService(config, parts=parts)
     else:
-        from services.language.service import LanguageService as Service
+        from services.language.service import LanguageService
 
         if config.rank != 0:
             from services.language.ranks import run_rank
 
             return await run_rank(config, parts)
+        service = LanguageService(config, parts=parts)
     stop = rpc.termination_event()
-    service = Service(config, parts=parts)
     try:
         await service.start()
-        extra = {"tp": config.tp, "rank_pids": service.rank_pids} if role == "language" else {}
+        if role == "language":
+            assert isinstance(service, LanguageService)
+            extra = {"tp": config.tp, "rank_pids": service.rank_pids}
+        assert service.transport is not None  # start() made it
         rpc.announce_ready(
             role=role,
             port=service.port,

@@ -150,7 +150,7 @@ def expected_digest(n_tokens: int, seed: int, hidden: int, dtype: str = "bfloat1
 
     # embeddings: one period of (at most) 2003 rows, hashed repeatedly.
     period = _embedding_rows(seed, 0, min(n, MODULUS), hidden, dtype)
-    period_bytes = memoryview(period.reshape(-1).view(np.uint8))
+    period_bytes = memoryview(period.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy stubs lack __buffer__ on 3.11
     row_bytes = hidden * period.itemsize
     full, rest = divmod(n, MODULUS)
     for _ in range(full):

@@ -18,6 +18,8 @@ from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, encoder_pb2_grpc
 from tests.conftest import ROOT, Pair, assert_all_free
 from tests.integration.rank_harness import TestRank
 
+pytestmark = pytest.mark.slow
+
 
 def bench_stub(address: str):
     return bench_pb2_grpc.BenchStub(grpc.aio.insecure_channel(address))

@@ -30,6 +30,8 @@ from services.tools import supervise
 from services.tools.reference_payload import expected_digest
 from tests.conftest import FAULT_FLAGS, ROOT, assert_all_free, encoder_stub, language_stub
 
+pytestmark = [pytest.mark.system, pytest.mark.slow]
+
 ENC_IP, LANG_IP = "198.18.0.1", "198.18.0.2"  # the services' link
 ROOT_ENC, NS_ENC = "198.18.1.1", "198.18.1.2"  # management: test process <-> encoder ns
 ROOT_LANG, NS_LANG = "198.18.2.1", "198.18.2.2"  # management: test process <-> language ns

@@ -32,7 +32,7 @@ INITIAL_TOKENS = 256  # the default (fixed) allocation of these tests
 MAX_TOKENS = 3000
 BF16_TOLERANCE = 5e-2  # logits of bf16-rounded embeddings vs float32 ones (seen: < 1e-2)
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 CASES = {
     "one-image": ([(320, 240, "png")], "What is in <image>?"),

@@ -22,6 +22,8 @@ from services.language.ranks import free_port
 from services.tools.reference_payload import expected_digest
 from tests.conftest import Pair, assert_all_free, language_stub
 
+pytestmark = pytest.mark.slow
+
 HIDDEN = 64
 HISTORY = 64
 POOL_GROWTH = 2

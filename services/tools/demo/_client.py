@@ -28,9 +28,10 @@ class _BlockBudget:
         if not self.capacity:
             yield
             return
-        amount = min(amount, self.capacity)
+        capacity = self.capacity
+        amount = min(amount, capacity)
         async with self._cond:
-            await self._cond.wait_for(lambda: self.used + amount <= self.capacity)
+            await self._cond.wait_for(lambda: self.used + amount <= capacity)
             self.used += amount
         try:
             yield
@@ -133,12 +134,16 @@ async def run_workload(
             if progress is not None:
                 progress.advance(failed=not result.rpc_ok)
 
-        async def tick() -> None:  # keep the elapsed time moving during long requests
+        async def tick(progress: Progress) -> None:  # the elapsed time moves during long requests
             while True:
                 await asyncio.sleep(0.5)
                 progress.draw()
 
-        ticker = asyncio.create_task(tick()) if progress is not None and progress.enabled else None
+        ticker = (
+            asyncio.create_task(tick(progress))
+            if progress is not None and progress.enabled
+            else None
+        )
         t_start = time.perf_counter()
         try:
             await asyncio.gather(*(one(r) for r in results))

@@ -61,7 +61,7 @@ def make_image(width: int, height: int, fmt: str = "png", seed: int = 0) -> byte
     rgb += rng.normal(0, 8, size=rgb.shape).astype(np.float32)
     buf = io.BytesIO()
     image = Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).resize(
-        (width, height), Image.BILINEAR
+        (width, height), Image.Resampling.BILINEAR
     )
     if fmt.lower() in ("jpg", "jpeg"):
         image.save(buf, "JPEG", quality=88)

@@ -90,7 +90,7 @@ def plan_workload(
         elif kind == "boundary":
             off = BOUNDARY_OFFSETS[boundary_count % len(BOUNDARY_OFFSETS)]
             boundary_count += 1
-            tokens = max(1, initial + (block_size if off == "block" else off))
+            tokens = max(1, initial + (block_size if isinstance(off, str) else off))  # "block"
         elif kind == "multi10":
             tokens = rng.randint(10 * pool_tokens + 1, 11 * pool_tokens)
         else:  # medium
