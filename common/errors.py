@@ -43,7 +43,10 @@ class EpdError(Exception):
 # Machine-readable error causes (EpdError.error_reason).
 NOT_REGISTERED = "NOT_REGISTERED"
 """The encoder does not know this language rank (it restarted): Register again, then retry."""
-ERROR_REASONS = frozenset({NOT_REGISTERED})
+TRANSFER_ENDED = "TRANSFER_ENDED"
+"""The transfer had already ended: the error's failure reason is the one it ended with (another
+rank's integrity failure, say), not a fault of this call."""
+ERROR_REASONS = frozenset({NOT_REGISTERED, TRANSFER_ENDED})
 
 
 class InvalidArgument(EpdError):

@@ -434,7 +434,9 @@ class EncoderService:
                 # Encoded and ended (e.g. timed out while this rank waited for blocks): a late Init
                 # must fail at once, not open a fresh transfer that waits for an Encode.
                 raise errors.FailedPrecondition(
-                    f"{what}: the request already ended ({ended.state.name}: {ended.message or 'done'})"
+                    f"{what}: the request already ended ({ended.state.name}: {ended.message or 'done'})",
+                    reason=ended.reason if ended.state == TransferState.FAILED else None,
+                    error_reason=errors.TRANSFER_ENDED,
                 )
         t = existing or EncoderTransfer(
             request_id, self, language_id=language_id, rank_count=rank_count, principal=principal

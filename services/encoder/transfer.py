@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from common.bounds import OutOfBounds, Slab, check_plan
 from common.errors import (
+    TRANSFER_ENDED,
     AlreadyExists,
     EpdError,
     FailedPrecondition,
@@ -234,7 +235,7 @@ class EncoderTransfer:
         """Record an Init (already validated against the peer's pool)."""
         what = f"Init of request {shown(self.request_id)} rank {rank}"
         if self.state.terminal:
-            raise FailedPrecondition(f"{what}: the request already ended ({self.state.name})")
+            raise self._ended(what)
         if rank in self.ranks:
             raise AlreadyExists(f"{what}: rank {rank} has already sent Init for this request")
         if self.rank_count and rank_count != self.rank_count:
@@ -257,7 +258,7 @@ class EncoderTransfer:
         what = f"Encode of request {shown(self.request_id)}"
         self.check_owner(language_id, principal, what)
         if self.state.terminal:
-            raise FailedPrecondition(f"{what}: the request already ended ({self.state.name})")
+            raise self._ended(what)
         if self.encoding or self.src_blocks is not None:
             raise AlreadyExists(f"{what}: request_id {shown(self.request_id)} was already encoded")
         if rank_count and self.rank_count and rank_count != self.rank_count:
@@ -312,13 +313,24 @@ class EncoderTransfer:
         ):
             return True
         if self.state.terminal:
-            raise FailedPrecondition(f"{what}: the request already ended ({self.state.name})")
+            raise self._ended(what)
         validate_allocation(slot.peer, blocks, allocated_tokens, what)
         slot.blocks = list(blocks)
         slot.allocated_tokens = allocated_tokens
         slot.for_sent = sent_tokens
         self._wake()
         return False
+
+    def _ended(self, what: str) -> FailedPrecondition:
+        """The refusal of a call that came after the transfer ended: it carries the reason the
+        transfer ended with, so a rank that learns of the end this way fails with that reason
+        (the ranks agree on the worst one) rather than blaming its own call."""
+        ended_with = self.reason if self.state == TransferState.FAILED else None
+        return FailedPrecondition(
+            f"{what}: the request already ended ({self.state.name})",
+            reason=ended_with if ended_with != FailureReason.UNSPECIFIED else None,
+            error_reason=TRANSFER_ENDED,
+        )
 
     def fail(self, reason: FailureReason, message: str) -> None:
         """Ask the task to fail the request; it does so once no write is in flight."""
@@ -328,13 +340,16 @@ class EncoderTransfer:
         self._wake()
 
     async def cancel(self, message: str, reason: FailureReason = FailureReason.CANCELLED) -> bool:
-        """Fail the request and wait until it ended (no write in flight); False if it had ended already."""
+        """Fail the request and wait until it ended (no write in flight); False if it had ended
+        (or was failing) already. A write that fails while the cancel waits may still give the
+        request its own reason: the cancel came first all the same."""
+        live = not self.state.terminal and self._failure is None
         if self.state.terminal:
             return False
         self.fail(reason, message)
         await self.done.wait()
         await self.encode_finished.wait()  # an Encode in progress gives its blocks back first
-        return self.reason == reason
+        return live
 
     # ----------------------------------------------------------------- the task
 

@@ -831,6 +831,11 @@ def test_dockerfile_builds_a_cuda_image_with_the_gpu_extra():
     )
     assert torch, "install a pinned CUDA build of torch from the PyTorch index"
     assert torch.group(2) == cuda, f"torch cu{torch.group(2)} on a CUDA {cuda} base"
+    # The image runs the torch release the tests run (the Makefile's CPU pin), in its CUDA build.
+    tested = re.search(r"^TORCH\s*\?=\s*torch==([0-9.]+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert tested and torch.group(1) == tested.group(1), (
+        f"the image pins torch {torch.group(1)}, the tests run {tested and tested.group(1)}"
+    )
     assert re.search(r'pip install "?\.\[([a-z0-9_-]+,)*gpu(,[a-z0-9_-]+)*\]"?', runs), (
         'install the project with its gpu extra: pip install ".[gpu]"'
     )

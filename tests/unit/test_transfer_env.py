@@ -653,12 +653,6 @@ async def test_cancel_waits_for_the_write_in_flight(harness):
     assert_clean_end(h)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cancel() answers False (CancelReply.cancelled) although the transfer was live when it "
-    "came: a write that fails while the cancel waits for it ends the request with its own reason, "
-    "and cancel() compares reasons instead of telling whether the request had ended already",
-)
 async def test_cancel_of_a_live_transfer_is_not_reported_as_already_ended(harness):
     """`cancel` is documented to answer False only when the request had ended already (and
     CancelReply.cancelled: "false when the transfer had already ended")."""
