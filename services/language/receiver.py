@@ -178,7 +178,7 @@ class ReceiveTask:
         self.pool = pool
         self.link = link
         self.initial_tokens = initial_tokens
-        # Blocks reserved before the Encode returned (RankWorker.reserve_early): the Init then
+        # Blocks reserved before the Encode returned (admission.py): the Init then
         # goes out alongside the Encode, and this task owns the blocks from the start.
         self.blocks: list[int] | None = reserved_blocks
         self.early = reserved_blocks is not None

@@ -26,6 +26,7 @@ from common.transfer_id import TransferId
 from common.transport import MooncakeTransport
 from services.edge import exposure, rpc
 from services.language import encoders, ranks
+from services.language.admission import Admission
 from services.language.policy import AllocationPolicy
 from services.language.rank_group import (
     MAX_REQUEST_ID_BYTES,
@@ -33,7 +34,6 @@ from services.language.rank_group import (
     LocalGroup,
     RankGroup,
     RankRow,
-    RequestSpec,
 )
 from services.language.receiver import CarriedInit
 from services.language.worker import RankOutcome, RankWorker, cancel_and_wait
@@ -370,39 +370,24 @@ class LanguageService:
         may_retry: bool,
     ) -> language_pb2.GenerateReply:
         """Encode, and admit the request to every rank, which reserve destination blocks (blind
-        to the size: the allocation policy decides) and Init. A single-rank instance admits it
-        alongside the Encode when its pool has room to spare (`early_init`, RankWorker.reserve_early),
-        so the Init's round trip overlaps the encoding; otherwise after the Encode returned, so
-        that reservations are only made for payloads that exist: a pool full of reservations
-        waiting for encoder blocks held by transfers waiting for those reservations would be a
-        deadlock that only timeouts could break."""
-        key = record.key
+        to the size: the allocation policy decides) and Init (admission.py). A single-rank
+        instance admits it alongside the Encode when its pool has room to spare (`early_init`),
+        so the Init's round trip overlaps the encoding; otherwise after the Encode returned."""
         link = self.worker.encoders.links[view.index]
-        transfer_id = self.worker.transfer_id(key)
-        outcome_fut: asyncio.Future | None = None
-        initial = self.policy.initial_tokens(request.expected_tokens)
-
-        def admit() -> tuple[RequestSpec, asyncio.Future[RankOutcome]]:
-            if key in self.group.views:  # a client id equal to another request's failover key
-                raise errors.AlreadyExists(
-                    f"request_id {errors.shown(request_id)} is already in use (by a failover)"
-                )
-            return self.group.admit(
-                key, initial, request.want_digest, encoder=view.index
-            ), self.worker.outcome(key)
-
-        if key in self.group.views:
-            admit()  # refused before anything is reserved or encoded
-        early = self.early_init and self.worker.reserve_early(
-            key, initial, self.policy.max_initial_tokens()
+        transfer_id = self.worker.transfer_id(record.key)
+        admission = Admission(
+            self.worker,
+            self.group,
+            record.key,
+            initial_tokens=self.policy.initial_tokens(request.expected_tokens),
+            want_digest=request.want_digest,
+            encoder=view.index,
+            early_allowed=self.early_init,
+            bound_tokens=self.policy.max_initial_tokens(),
         )
-        carried = None
         try:
-            record.early_init = early
-            if early:  # the Init goes out alongside the Encode (see RankWorker.reserve_early)
-                self.worker.telemetry.early_init()
-                spec, outcome_fut = admit()
-                carried = await self.worker.init_issued(key)  # ... just ahead of it, or inside it
+            carried = await admission.early()  # the Init just ahead of the Encode, or inside it
+            record.early_init = admission.is_early
             try:
                 total = await self._encode(link, view, transfer_id, request, carried)
             except errors.EpdError as e:
@@ -410,14 +395,10 @@ class LanguageService:
                     raise _RetryElsewhere(e) from None
                 raise
             finally:
-                self.worker.encode_returned(key)
+                admission.encode_returned()
             record.encoded_at = time.monotonic()
-            if not early:
-                spec, outcome_fut = admit()
-            assert outcome_fut is not None  # admitted, early or now
-            # Shielded: a cancelled Generate must not cancel the rank's outcome, which records
-            # what every rank did (inspection) once fail_local below has ended it.
-            outcome: RankOutcome = await asyncio.shield(outcome_fut)
+            admission.late()
+            outcome: RankOutcome = await admission.outcome()
             record.outcome = outcome
             if not outcome.decision.deliver:
                 error = errors.error_for_reason(
@@ -432,7 +413,10 @@ class LanguageService:
                     raise _RetryElsewhere(error)
                 raise error
             self.policy.observe(total)
-            return self._reply(request_id, spec.initial_tokens, outcome, total, started, record)
+            assert admission.spec is not None  # admitted
+            return self._reply(
+                request_id, admission.spec.initial_tokens, outcome, total, started, record
+            )
         except BaseException as e:
             # One shielded clean-up: the Generate's own deadline and the client's cancellation
             # can both cancel this task, and a second cancel must not skip the Cancel on the
@@ -445,7 +429,7 @@ class LanguageService:
                     record,
                     link,
                     transfer_id,
-                    outcome_fut,
+                    admission.outcome_future,
                     e.error if isinstance(e, _RetryElsewhere) else e,
                     final=not retry,
                 )

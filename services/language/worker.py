@@ -17,7 +17,6 @@ import time
 from common import errors
 from common.config import LanguageConfig
 from common.payload import Payload
-from common.plan import blocks_for_tokens
 from common.pool import BlockPool
 from common.states import FailureReason, TransferState
 from common.transfer_id import wire_name
@@ -25,10 +24,11 @@ from common.transport import MooncakeTransport, memory_location
 from services.edge import exposure
 from services.edge.metrics import Metrics
 from services.edge.rpc import ClientSecurity
+from services.language.admission import EarlyReservations
 from services.language.consumers import ConsumerResult, NullConsumer, build_consumer  # noqa: F401 (re-exported)
 from services.language.encoders import EncoderDirectory
 from services.language.rank_group import Decision, LocalView, RankGroup, RequestSpec
-from services.language.receiver import CarriedInit, Fence, ReceiveTask, release_when_safe
+from services.language.receiver import Fence, ReceiveTask, release_when_safe
 from services.parts import Parts
 
 log = logging.getLogger(__name__)
@@ -88,12 +88,8 @@ class RankWorker:
         # Blocks of transfers whose end the encoder could not confirm, until release_when_safe
         # returns them (receiver.py); cancelled at close, the blocks then go with the pool.
         self._quarantines: dict[asyncio.Task, ReceiveTask | None] = {}
-        # Early reservations (`reserve_early`): blocks by admission key until the request's receive
-        # task takes them, and the blocks of those whose Encode has not returned yet.
-        self._early: dict[str, list[int]] = {}
-        self._early_pending: dict[str, int] = {}
-        # Early Inits under way: resolved once the Init is on its way (or its receive ended).
-        self._init_issued: dict[str, asyncio.Future] = {}
+        # Blocks reserved before a request's Encode returned (admission.py).
+        self.early = EarlyReservations(self.pool)
         self._consumer_log = (
             open(f"{config.consumer_log}.rank{rank}", "a")  # noqa: SIM115 - closed at stop()
             if config.consumer_log
@@ -204,68 +200,13 @@ class RankWorker:
             fut = self._outcomes[request_id] = asyncio.get_running_loop().create_future()
         return fut
 
-    def reserve_early(self, key: str, tokens: int, bound_tokens: int) -> bool:
-        """Reserve the initial allocation of a request whose Encode has not returned yet, so that
-        its Init goes out alongside the Encode instead of after it. Only without
-        waiting, and only while the blocks so reserved stay within `pool - bound_tokens`, where
-        `bound_tokens` is the largest initial allocation a request admitted after its Encode may
-        wait for: such a request then always gets its blocks once the transfers under way end,
-        so reservations waiting for encoder source blocks can never hold the destination blocks
-        that the holders of those source blocks wait for (no deadlock between the two pools).
-        The receive task of `key` takes the blocks (`_receiver`); True when reserved."""
-        bs = self.pool.block_size
-        n = blocks_for_tokens(min(tokens, self.pool.num_blocks * bs), bs)
-        limit = self.pool.num_blocks - blocks_for_tokens(
-            min(bound_tokens, self.pool.num_blocks * bs), bs
-        )
-        if key in self._early or sum(self._early_pending.values()) + n > limit:
-            return False
-        blocks = self.pool.allocator.try_alloc(n)
-        if blocks is None:
-            return False
-        self._early[key] = blocks
-        self._early_pending[key] = n
-        self._init_issued[key] = asyncio.get_running_loop().create_future()
-        return True
-
-    async def init_issued(self, key: str) -> CarriedInit | None:
-        """Wait until the early Init of `key` has been issued (or its receive ended without one).
-        The Encode then follows it on the same channel: the encoder handles the cheap Init first
-        instead of after the Encode's work, and its round can start as soon as the payload is
-        encoded (traced: ~0.4 ms of a 64-token request). With `carry_init` the Init is not
-        issued but handed over here, for the Encode to carry (one message instead of two)."""
-        fut = self._init_issued.get(key)
-        if fut is None:
-            return None
-        return await asyncio.shield(fut)
-
-    def _init_sent(self, key: str, carried: CarriedInit | None = None) -> None:
-        fut = self._init_issued.pop(key, None)
-        if fut is not None and not fut.done():
-            fut.set_result(carried)
-        elif carried is not None:
-            carried.settle(False)  # nobody will carry it: the rank sends its own Init
-
-    def encode_returned(self, key: str) -> None:
-        """The Encode of an early-reserved request returned (either way): its blocks no longer
-        count against the early budget (it holds encoder source blocks or nothing)."""
-        self._early_pending.pop(key, None)
-
     def on_admit(self, spec: RequestSpec) -> None:
         task = asyncio.get_running_loop().create_task(
             self._handle(spec), name=f"rank{self.rank}-{spec.request_id}"
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda _t: self._release_early(spec.request_id))
-
-    def _release_early(self, key: str) -> None:
-        """Free an early reservation no receive task took (its task was cancelled before it ran)."""
-        blocks = self._early.pop(key, None)
-        self._early_pending.pop(key, None)
-        self._init_sent(key)
-        if blocks is not None:
-            self.pool.allocator.free(blocks)
+        task.add_done_callback(lambda _t: self.early.release(spec.request_id))
 
     async def _handle(self, spec: RequestSpec) -> None:
         view = self.group.view(spec.request_id)
@@ -278,7 +219,7 @@ class RankWorker:
                 receiver = self._receiver(spec, view)
                 receive = asyncio.ensure_future(self._receive(spec, receiver, view))
             else:
-                self._init_sent(spec.request_id)  # a dummy rank sends no Init: nothing to wait for
+                self.early.init_sent(spec.request_id)  # a dummy rank sends no Init
                 view.update(not_ready=0, state=int(TransferState.SUCCESS))
                 self.group.changed()
             ready_at = time.monotonic()
@@ -350,7 +291,7 @@ class RankWorker:
             self.pool,
             self.encoders.links[spec.encoder],
             transfer_id=self.transfer_id(spec.request_id),
-            reserved_blocks=self._early.pop(spec.request_id, None),
+            reserved_blocks=self.early.take(spec.request_id),
             progress_tokens=self.config.progress_tokens,
             overlap_rounds=self.config.overlap_rounds,
             initial_tokens=min(spec.initial_tokens, self.pool.num_blocks * self.pool.block_size),
@@ -359,7 +300,7 @@ class RankWorker:
             on_progress=progress,
             telemetry=self.telemetry,
             on_quarantine=self._quarantined,
-            on_init=lambda carried: self._init_sent(spec.request_id, carried),
+            on_init=lambda carried: self.early.init_sent(spec.request_id, carried),
             carry_init=self.config.carry_init,
         )
         self.receivers[spec.request_id] = receiver

@@ -339,7 +339,7 @@ async def case_multi(
     one raw n-token write), when the sizes include 1024.
 
     The one-round pool cannot send a request's Init alongside its Encode (no room to spare, see
-    RankWorker.reserve_early), so even a one-round request costs it a round trip more than the
+    EarlyReservations.reserve in services/language/admission.py), so even a one-round request costs it a round trip more than the
     `single` case: `setup_ms` (its 1024-token request against `single`'s). The goal is checked on
     `extra_ms_per_round_same_setup`, the extra per round with that difference taken out;
     `extra_ms_per_round` keeps it in."""
