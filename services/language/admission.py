@@ -29,7 +29,7 @@ from common import errors
 from common.plan import blocks_for_tokens
 from common.pool import BlockPool
 from services.language.rank_group import RankGroup, RequestSpec
-from services.language.receiver import CarriedInit
+from services.language.receive_options import CarriedInit
 
 if TYPE_CHECKING:
     from services.language.worker import RankOutcome, RankWorker

@@ -19,7 +19,7 @@ from common.layout import PoolGeometry
 from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, common_pb2, encoder_pb2, encoder_pb2_grpc
 from common.states import FailureReason, StatusUpdate, TransferState
 from services.edge import rpc
-from services.language.receiver import CarriedInit
+from services.language.receive_options import CarriedInit
 
 log = logging.getLogger(__name__)
 

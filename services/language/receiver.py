@@ -5,10 +5,10 @@ asyncio task, no polling.
     side), free, alloc the rest (partial if short), Resume; SUCCESS -> verify in place, payload =
     earlier rounds' copies + a view of the last round's blocks; FAILED -> raise the mapped error.
 
-With `overlap_rounds`, a TRANSFERRING round whose successor (not the last round) fits in blocks
-that are free right now is double-buffered: those blocks are taken, the Resume goes out at once,
-and the copy-out and the check of the round run while the encoder writes the next one into the
-other blocks.
+This is the core loop. The optional strategies live in receive_options.py and plug into it:
+overlapped rounds (a round read while the encoder writes the next one into blocks free right
+now), progress parts (a round verified and copied out as its parts land) and the carried Init
+(the early Init handed to the Encode instead of sent on its own).
 
 The encoder is reached through an `EncoderLink` (services/language/encoder_link.py adapts gRPC),
 so this module imports neither grpc nor mooncake. `close()` always runs: it frees every block
@@ -48,6 +48,7 @@ from common.plan import blocks_for_tokens
 from common.pool import BlockPool
 from common.states import FailureReason, StatusUpdate, TransferState
 from common.telemetry import NULL_TELEMETRY, Telemetry
+from services.language.receive_options import CarriedInit, OverlappedRounds, ProgressParts
 
 log = logging.getLogger(__name__)
 
@@ -111,42 +112,6 @@ class EncoderLink(Protocol):
         text for people); returns CancelReply.writes_ended (True: no write of it can land)."""
 
 
-class CarriedInit:
-    """An early Init for the Encode to carry (EncodeRequest.init: one message instead of two),
-    and what became of it: `sent` is done once the Encode carrying it was issued; `outcome` is
-    True once the encoder took it, False when it was refused or not carried (the rank then sends
-    its own Init). Both stay pending when the Encode failed: the request is then abandoned, which
-    ends the receive."""
-
-    def __init__(
-        self,
-        request_id: str,
-        rank: int,
-        rank_count: int,
-        blocks: Sequence[int],
-        allocated_tokens: int,
-        progress_tokens: int,
-    ):
-        self.request_id = request_id
-        self.rank = rank
-        self.rank_count = rank_count
-        self.blocks = list(blocks)
-        self.allocated_tokens = allocated_tokens
-        self.progress_tokens = progress_tokens
-        loop = asyncio.get_running_loop()
-        self.sent: asyncio.Future[None] = loop.create_future()
-        self.outcome: asyncio.Future[bool] = loop.create_future()
-
-    def issued(self) -> None:
-        if not self.sent.done():
-            self.sent.set_result(None)
-
-    def settle(self, applied: bool) -> None:
-        self.issued()
-        if not self.outcome.done():
-            self.outcome.set_result(applied)
-
-
 class ReceiveTask:
     """Receives one request's payload into one rank's pool."""
 
@@ -184,18 +149,12 @@ class ReceiveTask:
         self.early = reserved_blocks is not None
         self.alloc_timeout_s = alloc_timeout_s
         self.integrity = integrity
-        # Progress inside a round (InitRequest.progress_tokens): what landed is verified while the
-        # rest is written. `_landed`: tokens of the current round whose check is under way;
-        # `_landed_check`: that check (our checksums of them, once it passed).
+        # The optional strategies (receive_options.py): progress inside a round
+        # (InitRequest.progress_tokens; its statuses are checked even when it is off) and
+        # double-buffered rounds.
         self.progress_tokens = progress_tokens if integrity else 0
-        self._landed = 0
-        self._landed_check: asyncio.Future | None = None
-        # A round that is not the last is copied out as its parts land, too: `_early_copy` is the
-        # round's segment, tokens [0, `_copied`) of it copied (or being copied) by `_copying`.
-        self._early_copy: torch.Tensor | None = None
-        self._copied = 0
-        self._copying: asyncio.Future | None = None
-        self.overlap_rounds = overlap_rounds
+        self.parts = ProgressParts(self)
+        self.overlap = OverlappedRounds(self) if overlap_rounds else None
         # The next round's blocks while the current round's are still read (double buffering).
         self.next_blocks: list[int] | None = None
         self.overlapped_rounds = 0
@@ -254,22 +213,9 @@ class ReceiveTask:
             # itself, so its stream follows it (the write waits for the Encode anyway).
             self._stream = self.link.status(self.transfer_id, self.rank)
         if self.carry_init:
-            carried = CarriedInit(
-                self.transfer_id,
-                self.rank,
-                self.rank_count,
-                self.blocks,
-                self.allocated_tokens,
-                self.progress_tokens,
-            )
             assert self.on_init is not None  # carry_init requires it
-            self.on_init(carried)
-            # The Status stream goes out right behind the Encode, not after its reply: the
-            # encoder holds it until the carried Init opened the transfer (await_transfer), and
-            # the stream's set-up and first status then overlap the encoding, not the write.
-            await carried.sent
-            self._stream = self.link.status(self.transfer_id, self.rank, await_transfer=True)
-            if await carried.outcome:
+            self._stream, taken = await CarriedInit.hand_over(self, self.on_init)
+            if taken:
                 return
         elif self.on_init is not None:
             self.on_init(None)
@@ -300,7 +246,7 @@ class ReceiveTask:
                 self.reason, self.message = st.reason, st.message
                 raise errors.error_for_reason(st.reason, f"request {self.request_id}: {st.message}")
             if st.landed_tokens and st.sent_tokens == handled and not st.state.terminal:
-                self._on_landed(st, handled)
+                self.parts.on_landed(st, handled)
                 continue
             if (
                 st.state in (TransferState.TRANSFERRING, TransferState.SUCCESS)
@@ -314,13 +260,13 @@ class ReceiveTask:
                     await self._verify(st, handled, n)
                     return await self._finish()
                 remaining = self.total_tokens - st.sent_tokens
-                spare = self._spare_blocks(remaining) if self.overlap_rounds else None
-                if spare is not None:
-                    await self._overlapped_round(st, handled, n, spare)
+                spare = self.overlap.spare_blocks(remaining) if self.overlap else None
+                if spare is not None and self.overlap is not None:
+                    await self.overlap.read_while_resuming(st, handled, n, spare)
                 else:
                     # Copy the round out and verify it side by side (both only read the blocks),
                     # then give the blocks back and ask for the next round.
-                    await self._read_round(st, handled, n)
+                    await self.read_round(st, handled, n)
                     assert self.blocks is not None  # held from start() until the end
                     self.pool.allocator.free(self.blocks)
                     self.blocks, self.allocated_tokens = None, 0
@@ -343,7 +289,7 @@ class ReceiveTask:
                 handled = st.sent_tokens
             elif st.state in (TransferState.BOOTSTRAPPING, TransferState.WAITING_FOR_INPUT):
                 if self.rounds:  # states only move forward: a peer that says otherwise is lying
-                    self._reject(
+                    self.reject(
                         f"request {self.request_id} rank {self.rank}: state {st.state.name} after round "
                         f"{self.rounds} was received"
                     )
@@ -356,7 +302,7 @@ class ReceiveTask:
             ):
                 # Only an exact repeat of the round just handled is ignored; a status going back
                 # (fewer tokens, an earlier round) or a SUCCESS without a new round is refused.
-                self._reject(
+                self.reject(
                     f"request {self.request_id} rank {self.rank}: {st.state.name} status with sent_tokens="
                     f"{st.sent_tokens} round {st.round} after {handled} tokens in {self.rounds} round(s) "
                     f"were received"
@@ -366,7 +312,7 @@ class ReceiveTask:
             reason=FailureReason.PEER_LOST,
         )
 
-    async def _read_round(self, st: StatusUpdate, handled: int, n: int) -> None:
+    async def read_round(self, st: StatusUpdate, handled: int, n: int) -> None:
         """Copy the round (n tokens) out of self.blocks and verify it, side by side: both only read."""
         copied, verified = await asyncio.gather(
             self._copy_out(n), self._verify(st, handled, n), return_exceptions=True
@@ -374,47 +320,6 @@ class ReceiveTask:
         for outcome in (verified, copied):
             if isinstance(outcome, BaseException):
                 raise outcome
-
-    def _spare_blocks(self, remaining: int) -> list[int] | None:
-        """Blocks for the next round that are free right now, or None: at least as many as this
-        round holds, and only when no other allocation waits (try_alloc never jumps the queue).
-        Never waits, so holding this round's blocks meanwhile cannot deadlock with anyone.
-
-        None when the next round could be the last (the free blocks and ours together hold all
-        that is left): then the encoder could end the transfer as a success before our verdict on
-        this round arrives, and a round that fails its check must fail the transfer there too."""
-        assert self.blocks is not None  # the round just received is in them
-        need = blocks_for_tokens(remaining, self.pool.block_size)
-        free = self.pool.allocator.free_count
-        if free < len(self.blocks) or free + len(self.blocks) >= need:
-            return None
-        return self.pool.allocator.try_alloc(free)
-
-    async def _overlapped_round(
-        self, st: StatusUpdate, handled: int, n: int, spare: list[int]
-    ) -> None:
-        """Resume into `spare` at once and read the round while the encoder writes the next one
-        (never the last: `_spare_blocks`). A round that fails its check still fails the request on
-        both sides: close() cancels it on the encoder (reason integrity), which then waits for a
-        Resume, before any of its blocks are reused."""
-        self.next_blocks = spare
-        allocated = len(spare) * self.pool.block_size
-        # The Resume goes out first: the encoder's next write then runs beside our reading.
-        resumed = asyncio.get_running_loop().create_task(
-            self.link.resume(self.transfer_id, self.rank, st.sent_tokens, spare, allocated)
-        )
-        await asyncio.sleep(0)
-        outcomes = await asyncio.gather(
-            self._read_round(st, handled, n), resumed, return_exceptions=True
-        )
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        assert self.blocks is not None  # the round just read
-        self.pool.allocator.free(self.blocks)
-        self.blocks, self.next_blocks, self.allocated_tokens = spare, None, allocated
-        self.overlapped_rounds += 1
-        self._progress()
 
     async def _alloc(
         self, n_blocks: int, *, label: str, partial_ok: bool = False, priority: bool = False
@@ -465,7 +370,7 @@ class ReceiveTask:
                 f"{[f.name for f in self.pool.record.fields]}"
             )
         if problem:
-            self._reject(f"{what}: {problem}")
+            self.reject(f"{what}: {problem}")
         self.total_tokens = st.total_tokens
         self.sent_tokens = st.sent_tokens
         self._round_tokens = n
@@ -473,76 +378,16 @@ class ReceiveTask:
         self.state = st.state
         self.telemetry.bytes_moved(n * self.pool.record.payload_bytes_per_token)
 
-    def _reject(self, message: str) -> None:
+    def reject(self, message: str) -> None:
         """A status that does not match what this rank allocated: the request fails (integrity)."""
         self.telemetry.integrity_failed()
         raise errors.IntegrityError(message)
 
-    def _on_landed(self, st: StatusUpdate, handled: int) -> None:
-        """A progress status: the round's first st.landed_tokens tokens are in our blocks. Check
-        them (beside the rest of the write) against st.landed_checksums; the round's own status
-        then leaves only the part after them to check."""
-        landed = st.landed_tokens
-        if landed == self._landed:
-            return  # a repeat
-        if (
-            landed < self._landed
-            or landed > self.allocated_tokens
-            or (st.total_tokens and handled + landed >= st.total_tokens)
-        ):
-            self._reject(
-                f"request {self.request_id} rank {self.rank}: progress status with landed_tokens={landed} "
-                f"(before: {self._landed}; allocated_tokens={self.allocated_tokens}, {handled} of "
-                f"{st.total_tokens} tokens received)"
-            )
-        if not (self.integrity and self.progress_tokens and st.landed_checksums):
-            return
-        self._landed_check = asyncio.ensure_future(
-            self._check_landed(
-                self._landed_check,
-                self._landed,
-                landed,
-                handled,
-                st.round + 1,
-                dict(st.landed_checksums),
-            )
-        )
-        self._landed = landed
-        # Not the last round (even if every rank's allocation were as big as ours): its records
-        # must leave the pool before the next round, so start copying what landed.
-        round_at_most = min(st.total_tokens - handled, self.allocated_tokens)
-        if handled + round_at_most < st.total_tokens:
-            if self._early_copy is None:
-                self._early_copy = torch.empty(
-                    (round_at_most, self.pool.record.record_bytes),
-                    dtype=torch.uint8,
-                    device=self.pool.slab.device,
-                )
-            self._copying = asyncio.ensure_future(
-                self._copy_part(self._copying, self._early_copy, self._copied, landed)
-            )
-            self._copied = landed
-
-    async def _check_landed(
-        self,
-        before: asyncio.Future | None,
-        lo: int,
-        hi: int,
-        handled: int,
-        round_no: int,
-        expected: dict[str, int],
-    ) -> dict[str, int]:
-        """Our checksums of the round's tokens [0, hi), given the check of [0, lo) (`before`),
-        compared with the encoder's; IntegrityError naming the field."""
-        have = await self._checksums_to(before, lo, hi, handled)
-        self._compare(have, expected, round_no, handled, handled + hi)
-        return have
-
-    async def _checksums_to(
+    async def checksums_to(
         self, before: asyncio.Future | None, lo: int, hi: int, handled: int
     ) -> dict[str, int]:
         """Our checksums of the round's tokens [0, hi): those of [0, lo) (the result of `before`,
-        a `_check_landed`, or none when lo is 0) combined with a pass over [lo, hi)."""
+        a `ProgressParts.check`, or none when lo is 0) combined with a pass over [lo, hi)."""
         have = await before if before is not None else {}
         assert self.blocks is not None  # the round is read in them
         got = await checksums_off_loop(
@@ -552,31 +397,29 @@ class ReceiveTask:
 
     async def _verify(self, st: StatusUpdate, handled: int, n: int) -> None:
         """Compare the round's checksums with what we hold; IntegrityError naming the field. What
-        progress statuses reported landed was checked already (`_check_landed`): only the rest is
+        progress statuses reported landed was checked already (`ProgressParts`): only the rest is
         read here."""
-        check, lo = self._landed_check, self._landed
-        self._landed_check, self._landed = None, 0
+        check, lo = self.parts.take_check()
         if not (self.integrity and st.checksums):
             return
-        have = await self._checksums_to(check, lo, n, handled)
-        self._compare(have, dict(st.checksums), st.round, handled, st.sent_tokens)
+        have = await self.checksums_to(check, lo, n, handled)
+        self.compare(have, dict(st.checksums), st.round, handled, st.sent_tokens)
         self.verified_rounds += 1
 
-    def _compare(
+    def compare(
         self, got: dict[str, int], expected: dict[str, int], round_no: int, lo: int, hi: int
     ) -> None:
         for name, value in expected.items():
             if got.get(name) != value:
-                self._reject(
+                self.reject(
                     f"request {self.request_id} rank {self.rank} round {round_no}: checksum of field {name!r} "
                     f"over tokens [{lo}, {hi}) is {got.get(name)}, the encoder sent {value}"
                 )
 
     async def _copy_out(self, n: int) -> torch.Tensor:
         """The round's records, copied out of the pool (so its blocks can serve the next round);
-        the parts that progress statuses reported were copied as they landed (`_copy_part`)."""
-        segment, lo, before = self._early_copy, self._copied, self._copying
-        self._early_copy, self._copied, self._copying = None, 0, None
+        the parts that progress statuses reported were copied as they landed (`ProgressParts`)."""
+        segment, lo, before = self.parts.take_copy()
         if segment is None:
             segment, lo = (
                 torch.empty(
@@ -589,18 +432,11 @@ class ReceiveTask:
         segment = segment[:n]  # another rank's smaller allocation may have made the round shorter
         if before is not None:
             await before
-        await self._copy_range(segment, lo, n)
+        await self.copy_range(segment, lo, n)
         self._segments.append(segment)
         return segment
 
-    async def _copy_part(
-        self, before: asyncio.Future | None, segment: torch.Tensor, lo: int, hi: int
-    ) -> None:
-        if before is not None:
-            await before
-        await self._copy_range(segment, lo, hi)
-
-    async def _copy_range(self, segment: torch.Tensor, lo: int, hi: int) -> None:
+    async def copy_range(self, segment: torch.Tensor, lo: int, hi: int) -> None:
         """Copy the round's tokens [lo, hi) from the pool into segment[lo:hi]."""
         if hi <= lo:
             return
@@ -666,11 +502,12 @@ class ReceiveTask:
             # Closed after Cancel, so the encoder records why the request ended. While writes may
             # land the stream stays open: the encoder's next status says when they stopped.
             self._stream.close()
-        for part in (self._landed_check, self._copying):  # work on parts that landed, moot now
+        check, _ = self.parts.take_check()
+        _, _, copying = self.parts.take_copy()
+        for part in (check, copying):  # work on parts that landed, moot now
             if part is not None:
                 part.cancel()
                 await asyncio.gather(part, return_exceptions=True)
-        self._landed_check = self._copying = self._early_copy = None
         if self.next_blocks is not None:  # a Resume went out for them: the encoder may write there
             self.blocks = [*(self.blocks or []), *self.next_blocks]
             self.next_blocks = None

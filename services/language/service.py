@@ -35,7 +35,7 @@ from services.language.rank_group import (
     RankGroup,
     RankRow,
 )
-from services.language.receiver import CarriedInit
+from services.language.receive_options import CarriedInit
 from services.language.worker import RankOutcome, RankWorker, cancel_and_wait
 from services.parts import Parts
 
