@@ -24,7 +24,7 @@ from common.plan import blocks_for_tokens
 from common.states import StatusUpdate
 
 if TYPE_CHECKING:
-    from services.language.receiver import ReceiveTask, StatusSource
+    from services.language.receiver import ReceiveTask
 
 
 class CarriedInit:
@@ -54,11 +54,9 @@ class CarriedInit:
         self.outcome: asyncio.Future[bool] = loop.create_future()
 
     @classmethod
-    async def hand_over(
-        cls, task: ReceiveTask, on_init: Callable[[CarriedInit], None]
-    ) -> tuple[StatusSource, bool]:
-        """Hand the task's Init to `on_init` for the Encode to carry; returns the Status stream
-        and whether the encoder took the Init (False: the task sends its own)."""
+    async def hand_over(cls, task: ReceiveTask, on_init: Callable[[CarriedInit], None]) -> bool:
+        """Hand the task's Init to `on_init` for the Encode to carry and open the task's Status
+        stream behind it; True once the encoder took the Init (False: the task sends its own)."""
         assert task.blocks is not None  # reserved early
         carried = cls(
             task.transfer_id,
@@ -73,8 +71,8 @@ class CarriedInit:
         # holds it until the carried Init opened the transfer (await_transfer), and the stream's
         # set-up and first status then overlap the encoding, not the write.
         await carried.sent
-        stream = task.link.status(task.transfer_id, task.rank, await_transfer=True)
-        return stream, await carried.outcome
+        task.open_status(await_transfer=True)  # before the next await: close() must see it
+        return await carried.outcome
 
     def issued(self) -> None:
         if not self.sent.done():

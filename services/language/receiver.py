@@ -211,11 +211,10 @@ class ReceiveTask:
             # alongside the Init: the first round's status then never waits for a stream set-up.
             # An early Init may reach the encoder before the Encode and opens the transfer
             # itself, so its stream follows it (the write waits for the Encode anyway).
-            self._stream = self.link.status(self.transfer_id, self.rank)
+            self.open_status()
         if self.carry_init:
             assert self.on_init is not None  # carry_init requires it
-            self._stream, taken = await CarriedInit.hand_over(self, self.on_init)
-            if taken:
+            if await CarriedInit.hand_over(self, self.on_init):
                 return
         elif self.on_init is not None:
             self.on_init(None)
@@ -228,14 +227,18 @@ class ReceiveTask:
             progress_tokens=self.progress_tokens,
         )
         if self._stream is None:
-            self._stream = self.link.status(self.transfer_id, self.rank)
+            self.open_status()
+
+    def open_status(self, await_transfer: bool = False) -> StatusSource:
+        """Open the transfer's Status stream; close() closes it, whatever happens after."""
+        self._stream = self.link.status(self.transfer_id, self.rank, await_transfer=await_transfer)
+        return self._stream
 
     async def receive(self) -> Payload:
         """Follow the Status stream to the end; return the payload or raise the mapped error."""
         handled = 0
-        if self._stream is None:
-            self._stream = self.link.status(self.transfer_id, self.rank)
-        async for st in self._stream:
+        stream = self._stream if self._stream is not None else self.open_status()
+        async for st in stream:
             if st.state == TransferState.FAILED:
                 self._terminal_seen = True
                 if st.writes_may_land:
