@@ -54,9 +54,19 @@ def status_code(err: errors.EpdError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, err.code, grpc.StatusCode.UNKNOWN)
 
 
-def error_from_rpc(e: grpc.RpcError, what: str = "") -> errors.EpdError:
-    """The domain error for a failed client call; connection problems become peer_lost."""
+STREAM_BROKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
+"""How a server stream ends when its peer went away rather than answered."""
+
+
+def error_from_rpc(e: grpc.RpcError, what: str = "", *, stream: bool = False) -> errors.EpdError:
+    """The domain error for a failed client call; connection problems become peer_lost. A
+    server `stream` that broke (STREAM_BROKEN) is UNAVAILABLE, peer_lost: its peer is gone."""
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    if stream and code in STREAM_BROKEN:
+        details = e.details() if hasattr(e, "details") else str(e)
+        return errors.Unavailable(
+            f"{what}: {details}" if what else str(details), reason=FailureReason.PEER_LOST
+        )
     details = e.details() if hasattr(e, "details") else str(e)
     cls = _CODE_TO_ERROR.get(code, errors.Internal)
     err = cls(f"{what}: {details}" if what else str(details))

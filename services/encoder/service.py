@@ -369,16 +369,6 @@ class EncoderService:
                 f"registered by the caller"
             )
 
-    def _transfer_for(
-        self, request_id: str, *, language_id: str, rank_count: int
-    ) -> EncoderTransfer:
-        t = self.transfers.live_get(request_id)
-        if t is None:
-            t = EncoderTransfer(request_id, self, language_id=language_id, rank_count=rank_count)
-            self.transfers.add(request_id, t)
-            t.start()
-        return t
-
     def init(
         self,
         request_id: str,

@@ -365,14 +365,7 @@ class StatusStream:
             raise StopAsyncIteration
         if isinstance(item, grpc.aio.AioRpcError):
             self._ended = True
-            err = rpc.error_from_rpc(item, self._what)
-            if item.code() in (
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.StatusCode.CANCELLED,
-                grpc.StatusCode.UNKNOWN,
-            ):
-                err = errors.Unavailable(err.message, reason=FailureReason.PEER_LOST)
-            raise err
+            raise rpc.error_from_rpc(item, self._what, stream=True)
         return status_from_pb(item)
 
     def close(self) -> None:

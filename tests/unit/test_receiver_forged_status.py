@@ -60,7 +60,7 @@ class ForgingLink:
         self.resumes.append((sent_tokens, allocated_tokens))
         return False
 
-    def status(self, request_id, rank):
+    def status(self, request_id, rank, await_transfer=False):
         return _Stream(self.statuses)
 
     async def cancel(self, request_id, reason, failure=None):
