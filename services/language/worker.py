@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 
@@ -300,7 +301,7 @@ class RankWorker:
             on_progress=progress,
             telemetry=self.telemetry,
             on_quarantine=self._quarantined,
-            on_init=lambda carried: self.early.init_sent(spec.request_id, carried),
+            on_init=functools.partial(self.early.init_sent, spec.request_id),
             carry_init=self.config.carry_init,
         )
         self.receivers[spec.request_id] = receiver
