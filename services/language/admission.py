@@ -4,15 +4,21 @@ group's admission and the Init, early (alongside the Encode) or late (after it r
 The front door (service.py) opens an `Admission` per attempt and walks it:
 
     admission = Admission(...)           # refuses a key in use before anything is reserved
-    carried = await admission.early()    # reserve now + admit + wait until the Init is on its way
-    total = await encode(carried)        #   (the Encode may carry the Init: one message, not two)
+    carried = await admission.early()    # reserve now + admit; the Init for the Encode to carry
+    total = await encode(carried)        #   (one message, not two), or its own RPC, sent first
     admission.encode_returned()
     admission.late()                     # not early: admit now, every rank reserves and Inits
     outcome = await admission.outcome()  # what every rank did, once they agreed
 
 Every rank's worker (worker.py) then runs the request's receive task: it takes the early blocks
-(`EarlyReservations.take`) or reserves its own, and Inits the transfer (receiver.py). Nothing
-else on the language side reserves or admits.
+and the carried Init (`EarlyReservations.take`) and follows the Encode that carries it, or
+reserves its own blocks and Inits the transfer (receiver.py). Nothing else on the language side
+reserves or admits.
+
+The blocks an early Init names belong to that receive task from the moment the Init can leave,
+so its `close()` and the write fence cover them whatever happens to the attempt; a reservation no
+task took (its task was cancelled before it ran, at shutdown) is quarantined rather than freed
+when an Encode may have carried its Init.
 
 Why two paths. An early reservation is made before the payload exists, so it is bounded: a pool
 full of reservations waiting for encoder source blocks, held by transfers waiting for those
@@ -23,6 +29,7 @@ A request that cannot reserve early, or an instance of several ranks, admits aft
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 from common import errors
@@ -34,17 +41,21 @@ from services.language.receive_options import CarriedInit
 if TYPE_CHECKING:
     from services.language.worker import RankOutcome, RankWorker
 
+log = logging.getLogger(__name__)
+
 
 class EarlyReservations:
-    """A rank's blocks reserved for requests whose Encode has not returned yet, and the Inits
-    those requests wait for before their Encode goes out."""
+    """A rank's blocks reserved for requests whose Encode has not returned yet, and their Inits:
+    carried by the Encode (`carry`), or sent on their own, which the Encode then waits for."""
 
-    def __init__(self, pool: BlockPool):
+    def __init__(self, pool: BlockPool, *, carry: bool = True):
         self.pool = pool
+        self.carry = carry
         self._blocks: dict[str, list[int]] = {}  # until the request's receive task takes them
+        self._carried: dict[str, CarriedInit] = {}  # the Init for the Encode to carry, likewise
         self._pending: dict[str, int] = {}  # blocks of those whose Encode has not returned yet
-        # Early Inits under way: resolved once the Init is on its way (or its receive ended).
-        self._init_issued: dict[str, asyncio.Future[CarriedInit | None]] = {}
+        # Early Inits sent on their own: resolved once the Init is on its way (or its receive ended).
+        self._init_issued: dict[str, asyncio.Future[None]] = {}
 
     def reserve(self, key: str, tokens: int, bound_tokens: int) -> bool:
         """Reserve the initial allocation of a request whose Encode has not returned yet, so that
@@ -66,45 +77,72 @@ class EarlyReservations:
             return False
         self._blocks[key] = blocks
         self._pending[key] = n
-        self._init_issued[key] = asyncio.get_running_loop().create_future()
+        if not self.carry:
+            self._init_issued[key] = asyncio.get_running_loop().create_future()
         return True
 
-    def take(self, key: str) -> list[int] | None:
-        """The receive task of `key` takes its early blocks (None: it reserves its own)."""
-        return self._blocks.pop(key, None)
+    def carry_init(
+        self, key: str, transfer_id: str, rank: int, rank_count: int, progress_tokens: int
+    ) -> CarriedInit:
+        """The Init naming `key`'s early blocks, for its Encode to carry; the receive task takes
+        it with the blocks and follows the Encode."""
+        blocks = self._blocks[key]
+        carried = CarriedInit(
+            transfer_id,
+            rank,
+            rank_count,
+            blocks,
+            len(blocks) * self.pool.block_size,
+            progress_tokens,
+        )
+        self._carried[key] = carried
+        return carried
 
-    async def init_issued(self, key: str) -> CarriedInit | None:
-        """Wait until the early Init of `key` has been issued (or its receive ended without one).
-        The Encode then follows it on the same channel: the encoder handles the cheap Init first
-        instead of after the Encode's work, and its round can start as soon as the payload is
-        encoded (traced: ~0.4 ms of a 64-token request). With `carry_init` the Init is not issued
-        but handed over here, for the Encode to carry (one message instead of two)."""
+    def take(self, key: str) -> tuple[list[int] | None, CarriedInit | None]:
+        """The receive task of `key` takes its early blocks and carried Init (None: it reserves
+        its own, or sends its own Init)."""
+        return self._blocks.pop(key, None), self._carried.pop(key, None)
+
+    async def init_issued(self, key: str) -> None:
+        """Wait until the early Init of `key`, sent on its own, has been issued (or its receive
+        ended without one). The Encode then follows it on the same channel: the encoder handles
+        the cheap Init first instead of after the Encode's work, and its round can start as soon
+        as the payload is encoded (traced: ~0.4 ms of a 64-token request)."""
         fut = self._init_issued.get(key)
-        if fut is None:
-            return None
-        return await asyncio.shield(fut)
+        if fut is not None:
+            await asyncio.shield(fut)
 
-    def init_sent(self, key: str, carried: CarriedInit | None = None) -> None:
-        """The receive task of `key` issued its Init, or hands it over to be carried (`carried`),
-        or sends none (a dummy rank)."""
+    def init_sent(self, key: str) -> None:
+        """The receive task of `key` issued its Init, or sends none (a dummy rank)."""
         fut = self._init_issued.pop(key, None)
         if fut is not None and not fut.done():
-            fut.set_result(carried)
-        elif carried is not None:
-            carried.settle(False)  # nobody will carry it: the rank sends its own Init
+            fut.set_result(None)
 
     def encode_returned(self, key: str) -> None:
         """The Encode of an early-reserved request returned (either way): its blocks no longer
         count against the early budget (it holds encoder source blocks or nothing)."""
         self._pending.pop(key, None)
 
-    def release(self, key: str) -> None:
-        """The request's task ended: free an early reservation it never took (it was cancelled
-        before it ran) and wake whoever waits for its Init."""
+    def release(self, key: str, *, init_unsent: bool = False) -> None:
+        """The request's task ended: give back an early reservation it never took (it was
+        cancelled before it ran) and wake whoever waits for its Init. Blocks a carried Init names
+        are quarantined for good (the encoder may be told of them, and no task can fence them),
+        unless `init_unsent`: no Encode will carry it."""
         blocks = self._blocks.pop(key, None)
+        carried = self._carried.pop(key, None)
         self._pending.pop(key, None)
         self.init_sent(key)
-        if blocks is not None:
+        if blocks is None:
+            return
+        if carried is not None and not init_unsent:
+            self.pool.allocator.quarantine(blocks)
+            log.warning(
+                "request %s: %d early block(s) quarantined until shutdown: its carried Init may "
+                "reach the encoder and no receive took them",
+                key,
+                len(blocks),
+            )
+        else:
             self.pool.allocator.free(blocks)
 
 
@@ -150,20 +188,32 @@ class Admission:
         self.outcome_future = self.worker.outcome(self.key)
 
     async def early(self) -> CarriedInit | None:
-        """Reserve and admit before the Encode when the pool has room to spare; then wait until
-        this rank's Init is on its way, or handed over for the Encode to carry (returned)."""
-        self.is_early = self._early_allowed and self.worker.early.reserve(
+        """Reserve and admit before the Encode when the pool has room to spare. Returns the Init
+        for the Encode to carry; sent on its own instead (not `carry`), it is on its way first."""
+        early = self.worker.early
+        self.is_early = self._early_allowed and early.reserve(
             self.key, self.initial_tokens, self._bound_tokens
         )
         if not self.is_early:
             return None
         self.worker.telemetry.early_init()
+        carried = None
+        if early.carry:
+            carried = early.carry_init(
+                self.key,
+                self.worker.transfer_id(self.key),
+                self.worker.rank,
+                self.worker.rank_count,
+                self.worker.progress_tokens,
+            )
         try:
             self._admit()
         except BaseException:
-            self.worker.early.release(self.key)  # no task of the request will take the blocks
+            early.release(self.key, init_unsent=True)  # no Encode, no task: the blocks are free
             raise
-        return await self.worker.early.init_issued(self.key)
+        if carried is None:
+            await early.init_issued(self.key)
+        return carried
 
     def encode_returned(self) -> None:
         self.worker.early.encode_returned(self.key)

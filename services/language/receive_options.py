@@ -15,7 +15,7 @@ Each works on its `ReceiveTask` through the task's own steps (`read_round`, `che
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -53,26 +53,16 @@ class CarriedInit:
         self.sent: asyncio.Future[None] = loop.create_future()
         self.outcome: asyncio.Future[bool] = loop.create_future()
 
-    @classmethod
-    async def hand_over(cls, task: ReceiveTask, on_init: Callable[[CarriedInit], None]) -> bool:
-        """Hand the task's Init to `on_init` for the Encode to carry and open the task's Status
-        stream behind it; True once the encoder took the Init (False: the task sends its own)."""
-        assert task.blocks is not None  # reserved early
-        carried = cls(
-            task.transfer_id,
-            task.rank,
-            task.rank_count,
-            task.blocks,
-            task.allocated_tokens,
-            task.progress_tokens,
-        )
-        on_init(carried)
-        # The Status stream goes out right behind the Encode, not after its reply: the encoder
-        # holds it until the carried Init opened the transfer (await_transfer), and the stream's
-        # set-up and first status then overlap the encoding, not the write.
-        await carried.sent
+    async def follow(self, task: ReceiveTask) -> bool:
+        """The receive task whose early blocks this Init names: open its Status stream right
+        behind the Encode carrying the Init; True once the encoder took the Init (False: the task
+        sends its own)."""
+        # Behind the Encode, not after its reply: the encoder holds the stream until the carried
+        # Init opened the transfer (await_transfer), and the stream's set-up and first status
+        # then overlap the encoding, not the write.
+        await self.sent
         task.open_status(await_transfer=True)  # before the next await: close() must see it
-        return await carried.outcome
+        return await self.outcome
 
     def issued(self) -> None:
         if not self.sent.done():

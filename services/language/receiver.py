@@ -133,8 +133,8 @@ class ReceiveTask:
         on_progress: Callable[[ReceiveTask], None] | None = None,
         telemetry: Telemetry = NULL_TELEMETRY,
         on_quarantine: Callable[[ReceiveTask], None] | None = None,
-        on_init: Callable[[CarriedInit | None], None] | None = None,
-        carry_init: bool = False,
+        on_init: Callable[[], None] | None = None,
+        carried: CarriedInit | None = None,
     ):
         self.request_id = request_id
         self.transfer_id = transfer_id or request_id  # the encoder's name for it
@@ -162,10 +162,10 @@ class ReceiveTask:
         self.on_quarantine = (
             on_quarantine  # close() quarantined blocks: the owner arranges their release
         )
-        # Called as the Init is issued (its call is created before our next await) or, with
-        # `carry_init` (early blocks only), with the Init for the Encode to carry.
+        # Called as the Init is issued (its call is created before our next await). `carried`:
+        # the Init the admission built from the early blocks, for the Encode to carry.
         self.on_init = on_init
-        self.carry_init = carry_init and self.early and on_init is not None
+        self.carried = carried
         self.quarantined_blocks: list[int] = []
         self.quarantined_at: float | None = None
         self.fence = Fence.ENDED
@@ -212,12 +212,11 @@ class ReceiveTask:
             # An early Init may reach the encoder before the Encode and opens the transfer
             # itself, so its stream follows it (the write waits for the Encode anyway).
             self.open_status()
-        if self.carry_init:
-            assert self.on_init is not None  # carry_init requires it
-            if await CarriedInit.hand_over(self, self.on_init):
+        if self.carried is not None:
+            if await self.carried.follow(self):
                 return
         elif self.on_init is not None:
-            self.on_init(None)
+            self.on_init()
         await self.link.init(
             self.transfer_id,
             self.rank,

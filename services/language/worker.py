@@ -90,7 +90,7 @@ class RankWorker:
         # returns them (receiver.py); cancelled at close, the blocks then go with the pool.
         self._quarantines: dict[asyncio.Task, ReceiveTask | None] = {}
         # Blocks reserved before a request's Encode returned (admission.py).
-        self.early = EarlyReservations(self.pool)
+        self.early = EarlyReservations(self.pool, carry=config.carry_init)
         self._consumer_log = (
             open(f"{config.consumer_log}.rank{rank}", "a")  # noqa: SIM115 - closed at stop()
             if config.consumer_log
@@ -131,6 +131,12 @@ class RankWorker:
     def link(self):
         """The first encoder's link (epd bench's MeasureLink)."""
         return self.encoders.links[0]
+
+    @property
+    def progress_tokens(self) -> int:
+        """InitRequest.progress_tokens of this rank's Inits: progress statuses only pay with
+        integrity checks."""
+        return self.config.progress_tokens if self.config.integrity else 0
 
     def transfer_id(self, key: str) -> str:
         """The id the encoder knows the attempt admitted as `key` by (common/transfer_id.py)."""
@@ -285,6 +291,7 @@ class RankWorker:
             )
             self.group.changed()
 
+        early_blocks, carried = self.early.take(spec.request_id)
         receiver = ReceiveTask(
             spec.request_id,
             self.rank,
@@ -292,8 +299,8 @@ class RankWorker:
             self.pool,
             self.encoders.links[spec.encoder],
             transfer_id=self.transfer_id(spec.request_id),
-            reserved_blocks=self.early.take(spec.request_id),
-            progress_tokens=self.config.progress_tokens,
+            reserved_blocks=early_blocks,
+            progress_tokens=self.progress_tokens,
             overlap_rounds=self.config.overlap_rounds,
             initial_tokens=min(spec.initial_tokens, self.pool.num_blocks * self.pool.block_size),
             alloc_timeout_s=self.config.alloc_timeout_s,
@@ -302,7 +309,7 @@ class RankWorker:
             telemetry=self.telemetry,
             on_quarantine=self._quarantined,
             on_init=functools.partial(self.early.init_sent, spec.request_id),
-            carry_init=self.config.carry_init,
+            carried=carried,
         )
         self.receivers[spec.request_id] = receiver
         return receiver

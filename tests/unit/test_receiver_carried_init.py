@@ -57,7 +57,8 @@ class CountingLink:
 async def test_a_receive_cancelled_while_its_carried_init_is_pending_closes_its_stream():
     pool = BlockPool(RecordLayout.pack(default_fields(16, "bfloat16")), BLOCK, POOL_BLOCKS)
     link = CountingLink()
-    handed: list[CarriedInit] = []
+    blocks = pool.allocator.try_alloc(2)  # reserved early: the Init may be carried
+    carried = CarriedInit("r", 0, 1, blocks, 2 * BLOCK, 0)  # as the admission builds it
     task = ReceiveTask(
         "r",
         0,
@@ -66,14 +67,11 @@ async def test_a_receive_cancelled_while_its_carried_init_is_pending_closes_its_
         link,
         initial_tokens=2 * BLOCK,
         alloc_timeout_s=1.0,
-        reserved_blocks=pool.allocator.try_alloc(2),  # reserved early: the Init may be carried
-        on_init=handed.append,
-        carry_init=True,
+        reserved_blocks=blocks,
+        carried=carried,
     )
     start = asyncio.ensure_future(task.start())
-    while not handed:
-        await asyncio.sleep(0)
-    handed[0].issued()  # the Encode carrying it went out: the stream follows it
+    carried.issued()  # the Encode carrying it went out: the stream follows it
     while link.open == 0:
         await asyncio.sleep(0)
     start.cancel()  # the Generate's deadline, say, before the encoder answered the Encode
