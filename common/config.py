@@ -345,6 +345,13 @@ class EncoderConfig(ServiceConfig):
     """Encoder model: `bytes` embeds UTF-8 text bytes with a seeded table (no images); `tiny` is a
     Qwen2-VL with seeded random weights and hidden size `hidden`; a directory is a Qwen2-VL
     checkpoint (its text hidden size must equal `hidden`)."""
+    embedding_cache_bytes: int = _setting(
+        512 * 2**20,
+        "host memory for the vision-tower rows of images seen before (0: no cache)",
+        unit="bytes",
+    )
+    """A repeated image (same bytes, same model) skips its processing and vision tower: its rows
+    come from a least-recently-used cache of at most this many bytes, in host memory."""
     bootstrap_timeout_s: float = _setting(
         30.0, "longest wait for Init from every data rank (and for Encode)", unit="s"
     )
@@ -431,6 +438,8 @@ class EncoderConfig(ServiceConfig):
             raise ConfigError(f"write_wait={self.write_wait!r}: must be one of {WRITE_WAITS}")
         if self.max_request_tokens < 1:
             raise ConfigError(f"max_request_tokens={self.max_request_tokens}: must be >= 1")
+        if self.embedding_cache_bytes < 0:
+            raise ConfigError(f"embedding_cache_bytes={self.embedding_cache_bytes}: must be >= 0")
         for name in (
             "max_transfers_per_peer",
             "max_transfers_per_identity",

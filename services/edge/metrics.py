@@ -160,6 +160,17 @@ class Metrics:
             "epd_early_inits",
             "Requests whose Init went out alongside their Encode (early_init; language rank 0)",
         )
+        self.cache_hits = counter(
+            "epd_embedding_cache_hits",
+            "Images whose vision-tower rows came from the embedding cache",
+        )
+        self.cache_misses = counter(
+            "epd_embedding_cache_misses", "Images looked up in the embedding cache and not found"
+        )
+        self.cache_evictions = counter(
+            "epd_embedding_cache_evictions", "Entries the embedding cache gave up to make room"
+        )
+        self.cache_bytes = gauge("epd_embedding_cache_bytes", "Bytes the embedding cache holds")
         self.encoders_available = gauge(
             "epd_encoders_available",
             "Encoders in this language instance's rotation (SERVING, reachable, registered)",
@@ -215,6 +226,16 @@ class Metrics:
 
     def early_init(self) -> None:
         self.early_inits.labels(**self._labels).inc()
+
+    def embedding_cache(self, hits: int, misses: int, evictions: int, held: int) -> None:
+        """An embedding cache event (services/models/embedding_cache.py's `CacheEvent`)."""
+        if hits:
+            self.cache_hits.labels(**self._labels).inc(hits)
+        if misses:
+            self.cache_misses.labels(**self._labels).inc(misses)
+        if evictions:
+            self.cache_evictions.labels(**self._labels).inc(evictions)
+        self.cache_bytes.labels(**self._labels).set(held)
 
     # ------------------------------------------------------------------ Telemetry
 

@@ -25,6 +25,7 @@ from common.layout import RecordLayout
 from common.parallel import run_split
 from common.pool import field_of
 from common.synthetic import fill_synthetic
+from services.models.embedding_cache import EmbeddingCache
 
 SUPPORTED_IMAGE_TYPES = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}
 
@@ -127,14 +128,17 @@ class ByteTextModel:
             start += k
 
 
-def load_model(name: str, hidden: int, dtype: str, device: str = "cpu") -> EncoderModel:
-    """`bytes`, `tiny` (a seeded Qwen2-VL of hidden size `hidden`) or a Qwen2-VL checkpoint directory."""
+def load_model(
+    name: str, hidden: int, dtype: str, device: str = "cpu", cache: EmbeddingCache | None = None
+) -> EncoderModel:
+    """`bytes`, `tiny` (a seeded Qwen2-VL of hidden size `hidden`) or a Qwen2-VL checkpoint
+    directory; `cache` keeps the Qwen2-VL vision rows of images seen before."""
     if name == "bytes":
         return ByteTextModel(hidden, dtype)
     from services.models import qwen
 
     if name == qwen.TINY or qwen.is_checkpoint_name(name):
-        return qwen.load_encoder_model(name, hidden, device)
+        return qwen.load_encoder_model(name, hidden, device, cache)
     raise InvalidArgument(
         f"model={name!r}: unknown encoder model (available: 'bytes', 'tiny' or a checkpoint directory)"
     )

@@ -35,6 +35,7 @@ from services.edge.metrics import Metrics
 from services.encoder.models import EncodeInputs, SyntheticModel, load_model, validate_images
 from services.encoder.possession import CHALLENGE_TTL_S, Challenges, ProofReader
 from services.encoder.transfer import EncoderTransfer, PeerSession, validate_allocation
+from services.models.embedding_cache import EmbeddingCache
 from services.parts import Parts
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,12 @@ class EncoderService:
         self.parts = parts or Parts()
         self.transport: MooncakeTransport | None = None
         self.synthetic = SyntheticModel()
-        self.model = load_model(config.model, config.hidden, config.dtype, config.device)
+        self.embedding_cache = EmbeddingCache(
+            config.embedding_cache_bytes, on_event=self.metrics.embedding_cache
+        )
+        self.model = load_model(
+            config.model, config.hidden, config.dtype, config.device, self.embedding_cache
+        )
         self.sessions: dict[tuple[str, int], PeerSession] = {}
         self._session_used: dict[
             tuple[str, int], float

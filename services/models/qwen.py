@@ -26,7 +26,9 @@ are ids 0..255; the tiny vocabulary's special tokens have their own ids).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -40,6 +42,7 @@ import torch
 from common.errors import FailedPrecondition, InvalidArgument, shown
 from common.layout import RecordLayout
 from common.pool import field_of
+from services.models.embedding_cache import EmbeddingCache, image_key
 
 log = logging.getLogger(__name__)
 
@@ -384,6 +387,8 @@ class Plan:
     images: list[ImageInfo]
     opened: list[Any]
     """PIL images (header read; decoded by `prepare`)."""
+    data: list[bytes] = dataclasses.field(default_factory=list)
+    """Each image's bytes as sent (the embedding cache's key)."""
     decoded: list[Any] | None = None
 
     @property
@@ -398,8 +403,10 @@ class QwenEncoderModel:
 
     name = MODEL_NAME
 
-    def __init__(self, qwen: QwenVL):
+    def __init__(self, qwen: QwenVL, cache: EmbeddingCache | None = None):
         self.qwen = qwen
+        self.cache = cache if cache is not None and cache.capacity_bytes else None
+        self.fingerprint = fingerprint(qwen) if self.cache is not None else ""
         cfg = qwen.config
         self.vision_start = cfg.vision_start_token_id
         self.vision_end = cfg.vision_end_token_id
@@ -440,7 +447,9 @@ class QwenEncoderModel:
                 ids.append(self.vision_start)
                 ids.extend([self.image_token] * infos[k].tokens)
                 ids.append(self.vision_end)
-        plan = Plan(torch.tensor(ids, dtype=torch.int64), infos, opened)
+        plan = Plan(
+            torch.tensor(ids, dtype=torch.int64), infos, opened, [d for d, _ in inputs.images]
+        )
         inputs.scratch[MODEL_NAME] = plan
         return plan
 
@@ -485,23 +494,43 @@ class QwenEncoderModel:
         ids = plan.token_ids.to(q.device)
         embeds = q.model.get_input_embeddings()(ids)
         if plan.images:
-            t0 = time.perf_counter()
-            batch = q.processor(images=plan.decoded, return_tensors="pt")
-            grid = batch["image_grid_thw"]
-            expected = [[1, i.grid_h, i.grid_w] for i in plan.images]
-            if grid.tolist() != expected:  # token_count promised a size: hold the processor to it
-                raise FailedPrecondition(
-                    f"image processor grids {grid.tolist()} != predicted {expected}"
-                )
-            t1 = time.perf_counter()
-            feats = q.model.model.get_image_features(
-                batch["pixel_values"].to(q.device), grid.to(q.device)
-            ).pooler_output
-            feats = torch.cat(feats, dim=0).to(embeds.dtype)
+            # One image at a time, cache or not: a batch's matrix shapes change the rounding, so
+            # only rows computed alone are the same bytes whichever other images come with them.
+            feats = torch.cat([self._image_rows(plan, k) for k in range(len(plan.images))], dim=0)
             mask = ids == self.image_token
-            embeds = embeds.masked_scatter(mask[:, None], feats)
-            self.last_timings = {"preprocess_s": t1 - t0, "vision_s": time.perf_counter() - t1}
+            embeds = embeds.masked_scatter(mask[:, None], feats.to(embeds.dtype))
         return embeds
+
+    def _vision(self, decoded: list[Any], images: list[ImageInfo]) -> torch.Tensor:
+        """The vision tower's merged patch rows of these images, in order, on the model's device."""
+        q = self.qwen
+        t0 = time.perf_counter()
+        batch = q.processor(images=decoded, return_tensors="pt")
+        grid = batch["image_grid_thw"]
+        expected = [[1, i.grid_h, i.grid_w] for i in images]
+        if grid.tolist() != expected:  # token_count promised a size: hold the processor to it
+            raise FailedPrecondition(
+                f"image processor grids {grid.tolist()} != predicted {expected}"
+            )
+        t1 = time.perf_counter()
+        feats = q.model.model.get_image_features(
+            batch["pixel_values"].to(q.device), grid.to(q.device)
+        ).pooler_output
+        self.last_timings = {"preprocess_s": t1 - t0, "vision_s": time.perf_counter() - t1}
+        return torch.cat(feats, dim=0)
+
+    def _image_rows(self, plan: Plan, k: int) -> torch.Tensor:
+        """Image k's rows: from the cache, or computed alone (and kept when there is a cache)."""
+        assert plan.decoded is not None  # prepare() ran
+        if self.cache is None:
+            return self._vision([plan.decoded[k]], [plan.images[k]])
+        key = image_key(self.fingerprint, plan.data[k])
+        rows = self.cache.get(key)
+        if rows is not None and rows.shape[0] == plan.images[k].tokens:
+            return rows.to(self.qwen.device)
+        rows = self._vision([plan.decoded[k]], [plan.images[k]])
+        self.cache.put(key, rows)
+        return rows
 
     def encode(self, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(embeddings [T, hidden], token_ids [T], mrope_positions [T, 3], position delta) — in
@@ -543,9 +572,27 @@ class QwenEncoderModel:
             raise FailedPrecondition(f"runs hold {start} tokens, the payload has {embeds.shape[0]}")
 
 
-def load_encoder_model(name: str, hidden: int, device: str = "cpu") -> QwenEncoderModel:
+def fingerprint(qwen: QwenVL) -> str:
+    """What makes one model's vision rows differ from another's, hashed: its source, its
+    configuration, the image processor's settings, the device type, and a sample of every weight
+    tensor (shape, dtype, first and last values: cheap even for a 7B checkpoint)."""
+    digest = hashlib.sha256()
+    digest.update(f"{qwen.source}\0{qwen.device.type}\0{qwen.dtype}\0".encode())
+    digest.update(qwen.config.to_json_string(use_diff=False).encode())
+    digest.update(json.dumps(qwen.processor.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in qwen.model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        sample = torch.cat([flat[:16], flat[-16:]]).to("cpu", torch.float64)
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_encoder_model(
+    name: str, hidden: int, device: str = "cpu", cache: EmbeddingCache | None = None
+) -> QwenEncoderModel:
     t0 = time.perf_counter()
-    model = QwenEncoderModel(load_qwen2vl(name, hidden, device, keep=("vision",)))
+    model = QwenEncoderModel(load_qwen2vl(name, hidden, device, keep=("vision",)), cache)
     log.info(
         "encoder model %s (%s, hidden %d) loaded in %.1f s",
         MODEL_NAME,
