@@ -27,25 +27,20 @@ FAULT_FLAGS = {"--fault", "--transport-fault"}
 os.environ.setdefault("MC_FORCE_TCP", "1")
 
 
-def _module(args) -> str:
+def service_module(args) -> str:
     """A service with injected faults starts through the test launcher (tests/faults/launch.py),
-    which takes the fault flags; every other one is started as `epd` itself."""
+    which takes the fault flags; every other one is started as `epd` itself. The children's
+    environment (`supervise.child_env`) has the repository importable, tests/ included."""
     return "tests.faults.launch" if FAULT_FLAGS.intersection(args) else SERVICE_MODULE
-
-
-def test_env() -> dict[str, str]:
-    """The service children's environment: Mooncake over TCP, the repository importable (the
-    fault launcher lives in tests/)."""
-    env = {**os.environ, "MC_FORCE_TCP": "1", "PYTHONUNBUFFERED": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))
-    return env
 
 
 class ServiceProcess(supervise.ServiceProcess):
     """One `epd encoder` or `epd language` process on 127.0.0.1, started and ready."""
 
     def __init__(self, role: str, *args: str, ready_timeout: float = 60.0):
-        super().__init__(role, service_argv(role, *args, module=_module(args)), env=test_env())
+        super().__init__(
+            role, service_argv(role, *args, module=service_module(args)), env=supervise.child_env()
+        )
         self.start()
         try:
             self.wait_ready(ready_timeout)
@@ -83,11 +78,11 @@ class Pair:
             *language_args,
         ]
         self.group = supervise.ServiceGroup(
-            [service_argv("encoder", *encoder, module=_module(encoder))],
+            [service_argv("encoder", *encoder, module=service_module(encoder))],
             lambda addresses: service_argv(
-                "language", *language, "--encoder", addresses[0], module=_module(language)
+                "language", *language, "--encoder", addresses[0], module=service_module(language)
             ),
-            env=test_env(),
+            env=supervise.child_env(),
         ).start()
         self.encoder = self.group.encoders[0]
         self.language = self.group.language

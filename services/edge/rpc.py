@@ -62,14 +62,11 @@ def error_from_rpc(e: grpc.RpcError, what: str = "", *, stream: bool = False) ->
     """The domain error for a failed client call; connection problems become peer_lost. A
     server `stream` that broke (STREAM_BROKEN) is UNAVAILABLE, peer_lost: its peer is gone."""
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
-    if stream and code in STREAM_BROKEN:
-        details = e.details() if hasattr(e, "details") else str(e)
-        return errors.Unavailable(
-            f"{what}: {details}" if what else str(details), reason=FailureReason.PEER_LOST
-        )
     details = e.details() if hasattr(e, "details") else str(e)
-    cls = _CODE_TO_ERROR.get(code, errors.Internal)
-    err = cls(f"{what}: {details}" if what else str(details))
+    message = f"{what}: {details}" if what else str(details)
+    if stream and code in STREAM_BROKEN:
+        return errors.Unavailable(message, reason=FailureReason.PEER_LOST)
+    err = _CODE_TO_ERROR.get(code, errors.Internal)(message)
     info = error_info(e)
     failure = info.metadata.get(FAILURE_REASON_KEY, "") if info is not None else ""
     if info is not None and info.reason in errors.ERROR_REASONS:

@@ -493,6 +493,7 @@ class QwenEncoderModel:
         q = self.qwen
         ids = plan.token_ids.to(q.device)
         embeds = q.model.get_input_embeddings()(ids)
+        self.last_timings = {"preprocess_s": 0.0, "vision_s": 0.0}  # this request's, summed
         if plan.images:
             # One image at a time, cache or not: a batch's matrix shapes change the rounding, so
             # only rows computed alone are the same bytes whichever other images come with them.
@@ -516,7 +517,8 @@ class QwenEncoderModel:
         feats = q.model.model.get_image_features(
             batch["pixel_values"].to(q.device), grid.to(q.device)
         ).pooler_output
-        self.last_timings = {"preprocess_s": t1 - t0, "vision_s": time.perf_counter() - t1}
+        self.last_timings["preprocess_s"] += t1 - t0
+        self.last_timings["vision_s"] += time.perf_counter() - t1
         return torch.cat(feats, dim=0)
 
     def _image_rows(self, plan: Plan, k: int) -> torch.Tensor:

@@ -231,8 +231,8 @@ def child_env(base: dict[str, str] | None = None, drop: Iterable[str] = ()) -> d
     env = dict(os.environ if base is None else base)
     # The services reject unknown EPD_* variables: the tools' own ones (EPD_REQUESTS, ...) are
     # meant for the tool, and the settings it shares with them are passed as flags anyway.
-    known = known_env_names()
-    for name in [k for k in env if k.startswith("EPD_") and (k not in known or k in set(drop))]:
+    keep = known_env_names() - set(drop)
+    for name in [k for k in env if k.startswith("EPD_") and k not in keep]:
         del env[name]
     env["MC_FORCE_TCP"] = "1"
     env["PYTHONUNBUFFERED"] = "1"

@@ -28,7 +28,7 @@ import pytest
 from common.pb.epd.v1 import common_pb2, language_pb2
 from services.tools import supervise
 from services.tools.reference_payload import expected_digest
-from tests.conftest import FAULT_FLAGS, ROOT, assert_all_free, encoder_stub, language_stub
+from tests.conftest import assert_all_free, encoder_stub, language_stub, service_module
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -99,15 +99,13 @@ def start_in(ns: str, role: str, *args: str) -> supervise.ServiceProcess:
         ns,
         sys.executable,
         "-m",
-        "tests.faults.launch" if FAULT_FLAGS.intersection(args) else "services.tools.cli",
+        service_module(args),
         role,
         "--port",
         "0",
         *args,
     ]
-    env = {**os.environ, "MC_FORCE_TCP": "1", "PYTHONUNBUFFERED": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))
-    svc = supervise.ServiceProcess(role, argv, env=env)
+    svc = supervise.ServiceProcess(role, argv, env=supervise.child_env())
     svc.start()
     try:
         svc.wait_ready(60)

@@ -582,24 +582,9 @@ def test_epd_status_health_and_grpcurl_with_tls(certs, mtls_pair):
 
 def _never_ready(role: str, *args: str, wait_s: float = 8.0) -> str:
     """Start a service that must not become ready; its stderr after `wait_s` (or its exit)."""
-    argv = [
-        sys.executable,
-        "-m",
-        "services.tools.cli",
-        role,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        *args,
-    ]
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("EPD_")}
     proc = supervise.ServiceProcess(
-        role,
-        argv,
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith("EPD_")},
-            "MC_FORCE_TCP": "1",
-        },
+        role, supervise.service_argv(role, *args), env=supervise.child_env(environ)
     )
     proc.start()
     try:
