@@ -98,6 +98,16 @@ class ServiceConfig:
     """Tokens per block; a power of two."""
     pool_blocks: int = _setting(1024, "blocks in the pool", unit="blocks")
     """Blocks in this process's pool."""
+    embedding_cache_bytes: int = _setting(
+        512 * 2**20,
+        "host memory for image rows seen before: the encoder's vision-tower rows, each language "
+        "data rank's received rows (0: none kept)",
+        unit="bytes",
+    )
+    """Encoder: a repeated image (same bytes, same model) skips its processing and vision tower;
+    its rows come from a least-recently-used cache of at most this many bytes. Language: each data
+    rank keeps the records of the images it received, at most this many bytes, and the encoder
+    does not send them again while every data rank holds them. Both in host memory."""
     hidden: int = _setting(3584, "embedding width (hidden size)", unit="elements")
     """Hidden size of the `embeddings` field."""
     dtype: str = _setting("bfloat16", "embeddings dtype", choices=EMBEDDING_DTYPES)
@@ -236,6 +246,8 @@ class ServiceConfig:
             )
         if self.hidden < 1:
             raise ConfigError(f"hidden={self.hidden}: must be >= 1")
+        if self.embedding_cache_bytes < 0:
+            raise ConfigError(f"embedding_cache_bytes={self.embedding_cache_bytes}: must be >= 0")
         if self.dtype not in EMBEDDING_DTYPES or self.dtype not in DTYPE_SIZES:
             raise ConfigError(f"dtype={self.dtype!r}: must be one of {EMBEDDING_DTYPES}")
         if self.alloc_timeout_s <= 0:
@@ -345,13 +357,6 @@ class EncoderConfig(ServiceConfig):
     """Encoder model: `bytes` embeds UTF-8 text bytes with a seeded table (no images); `tiny` is a
     Qwen2-VL with seeded random weights and hidden size `hidden`; a directory is a Qwen2-VL
     checkpoint (its text hidden size must equal `hidden`)."""
-    embedding_cache_bytes: int = _setting(
-        512 * 2**20,
-        "host memory for the vision-tower rows of images seen before (0: no cache)",
-        unit="bytes",
-    )
-    """A repeated image (same bytes, same model) skips its processing and vision tower: its rows
-    come from a least-recently-used cache of at most this many bytes, in host memory."""
     bootstrap_timeout_s: float = _setting(
         30.0, "longest wait for Init from every data rank (and for Encode)", unit="s"
     )
@@ -438,8 +443,6 @@ class EncoderConfig(ServiceConfig):
             raise ConfigError(f"write_wait={self.write_wait!r}: must be one of {WRITE_WAITS}")
         if self.max_request_tokens < 1:
             raise ConfigError(f"max_request_tokens={self.max_request_tokens}: must be >= 1")
-        if self.embedding_cache_bytes < 0:
-            raise ConfigError(f"embedding_cache_bytes={self.embedding_cache_bytes}: must be >= 0")
         for name in (
             "max_transfers_per_peer",
             "max_transfers_per_identity",

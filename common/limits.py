@@ -23,3 +23,19 @@ def check_images(
             raise InvalidArgument(
                 f"{what}: images[{i}] has {size} bytes, above max_image_bytes={max_image_bytes}"
             )
+
+
+IMAGE_KEY_HEX = 64  # an image key is a SHA-256 in lower-case hex
+
+
+def check_held_images(what: str, keys: Sequence[str], max_images: int) -> frozenset[str]:
+    """InitRequest.held_images as a set: at most `max_images` SHA-256 keys in lower-case hex;
+    INVALID_ARGUMENT naming the first bad one (a request has no more images than that)."""
+    if len(keys) > max_images:
+        raise InvalidArgument(f"{what}: {len(keys)} held_images, above max_images={max_images}")
+    for i, key in enumerate(keys):
+        if len(key) != IMAGE_KEY_HEX or key.strip("0123456789abcdef"):
+            raise InvalidArgument(
+                f"{what}: held_images[{i}]={key[:80]!r} is not a SHA-256 key in lower-case hex"
+            )
+    return frozenset(keys)

@@ -37,6 +37,22 @@ class Payload:
         parts = [field_of(s, f) for s in self.segments]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def records(self, start: int, n_tokens: int) -> torch.Tensor:
+        """A host copy of tokens [start, start + n_tokens) (uint8 [n_tokens, record_bytes])."""
+        if start < 0 or n_tokens < 0 or start + n_tokens > self.total_tokens:
+            raise ValueError(
+                f"tokens [{start}, {start + n_tokens}) outside a payload of {self.total_tokens}"
+            )
+        out = torch.empty((n_tokens, self.record.record_bytes), dtype=torch.uint8)
+        at, filled = 0, 0
+        for seg in self.segments:
+            a, b = max(start, at), min(start + n_tokens, at + seg.shape[0])
+            if a < b:
+                out[filled : filled + b - a].copy_(seg[a - at : b - at])
+                filled += b - a
+            at += seg.shape[0]
+        return out
+
     def field_bytes(self, name: str):
         """Yield the field's bytes, C-contiguous little-endian, segment by segment."""
         f = self.record.field(name)

@@ -117,3 +117,19 @@ def plan_round(
             if j < len(dst):
                 di, dn = dst[j]
     return triples
+
+
+def uncovered(lo: int, hi: int, covered: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of [lo, hi) outside every [a, b) of `covered` (sorted, non-overlapping), in order:
+    the token ranges a round writes when some of its tokens are filled by the receiver itself."""
+    parts: list[tuple[int, int]] = []
+    at = lo
+    for a, b in covered:
+        if b <= at or a >= hi:
+            continue
+        if a > at:
+            parts.append((at, a))
+        at = max(at, b)
+    if at < hi:
+        parts.append((at, hi))
+    return parts

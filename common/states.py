@@ -40,6 +40,27 @@ class FailureReason(enum.IntEnum):
 
 
 @dataclasses.dataclass(frozen=True)
+class ImageSpan:
+    """Where one image's rows sit in a payload (the domain mirror of the proto ImageSpan)."""
+
+    image: int
+    """Index into the request's images."""
+    start: int
+    """First token of its rows (its image-pad tokens)."""
+    tokens: int
+    key: str
+    """sha256(model fingerprint, 0, image bytes) in lower-case hex: the same rows anywhere."""
+    first_position: tuple[int, ...] = ()
+    """M-RoPE (t, h, w) position of its first token; rows kept for reuse are moved to start at 0."""
+    reused: bool = False
+    """Not written by the encoder: every data rank holds these rows and fills them itself."""
+
+    @property
+    def end(self) -> int:
+        return self.start + self.tokens
+
+
+@dataclasses.dataclass(frozen=True)
 class StatusUpdate:
     """What a Status stream carries (the domain mirror of TransferStatus)."""
 
@@ -60,3 +81,6 @@ class StatusUpdate:
     writes_may_land: bool = False
     """FAILED only: a write of the transfer that the encoder gave up on may still land in the
     destination blocks (the write fence): keep them quarantined until a FAILED status without it."""
+    images: tuple[ImageSpan, ...] = ()
+    """The payload's images, in token order, once the payload exists (empty before, and for a
+    payload without images)."""

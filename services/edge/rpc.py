@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from common import errors
 from common.layout import PROOF_AREA_BYTES, FieldLayout, FieldSpec, PoolGeometry, RecordLayout
 from common.pb.epd.v1 import bench_pb2_grpc, common_pb2
-from common.states import FailureReason, TransferState
+from common.states import FailureReason, ImageSpan, TransferState
 from services.edge import security
 from services.edge.security import ClientSecurity, ServerSecurity, peer_identity  # noqa: F401 (re-exported)
 
@@ -242,6 +242,23 @@ def error_to_pb(
         return None
     return common_pb2.TransferError(
         reason=reason_to_pb(reason), message=message, writes_may_land=writes_may_land
+    )
+
+
+def image_span_to_pb(span: ImageSpan) -> common_pb2.ImageSpan:
+    return common_pb2.ImageSpan(
+        image=span.image,
+        start_token=span.start,
+        tokens=span.tokens,
+        key=span.key,
+        first_position=list(span.first_position),
+        reused=span.reused,
+    )
+
+
+def image_span_from_pb(pb: common_pb2.ImageSpan) -> ImageSpan:
+    return ImageSpan(
+        pb.image, pb.start_token, pb.tokens, pb.key, tuple(pb.first_position), pb.reused
     )
 
 

@@ -21,7 +21,7 @@ from common.config import WRITE_WAITS, EncoderConfig
 from common.fence import WriteFence, quarantine_until_landed
 from common.integrity import INLINE_MAX_BYTES, PayloadSums, checksums_off_loop, fast_checksums
 from common.layout import PoolGeometry
-from common.limits import check_images
+from common.limits import check_held_images, check_images
 from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, common_pb2, encoder_pb2, encoder_pb2_grpc
 from common.plan import blocks_for_tokens, plan_round
 from common.pool import BlockPool
@@ -35,7 +35,7 @@ from services.edge.metrics import Metrics
 from services.encoder.models import EncodeInputs, SyntheticModel, load_model, validate_images
 from services.encoder.possession import CHALLENGE_TTL_S, Challenges, ProofReader
 from services.encoder.transfer import EncoderTransfer, PeerSession, validate_allocation
-from services.models.embedding_cache import EmbeddingCache
+from services.models.embedding_cache import IMAGES, EmbeddingCache, EncodedImages
 from services.parts import Parts
 
 log = logging.getLogger(__name__)
@@ -386,6 +386,7 @@ class EncoderService:
         principal: str = "",
         *,
         progress_tokens: int = 0,
+        held_images: Sequence[str] = (),
     ) -> EncoderTransfer:
         what = f"Init of request {errors.shown(request_id)} rank {rank}"
         self._refuse_when_draining(what)
@@ -409,6 +410,7 @@ class EncoderService:
         validate_allocation(
             peer, blocks, allocated_tokens, what
         )  # the length first: bounded by the pool
+        held = check_held_images(what, held_images, self.config.max_images)
         blocks = list(blocks)
         self._session_used[(language_id, rank)] = time.monotonic()
         existing = self.transfers.live_get(request_id)
@@ -444,6 +446,7 @@ class EncoderService:
             blocks,
             allocated_tokens,  # raises before anything is stored
             progress_tokens=progress_tokens,
+            held=held,
         )
         if existing is None:
             self.transfers.add(request_id, t)
@@ -457,7 +460,9 @@ class EncoderService:
         rank_count: int,
         language_id: str,
         principal: str = "",
-    ) -> tuple[int, float]:
+    ) -> tuple[int, float, EncodedImages | None]:
+        """Encode into source blocks and hand them to the transfer: (tokens, seconds, what the
+        model found of the images: where their rows sit, which came from the embedding cache)."""
         started = time.monotonic()
         what = f"Encode of request {errors.shown(request_id)}"
         self._refuse_when_draining(what)
@@ -557,12 +562,14 @@ class EncoderService:
                 self.pool.allocator.free(blocks)
             t.encode_failed(errors.Cancelled(f"Encode interrupted: {e!r}"))
             raise
-        if not t.attach_payload(blocks, total, payload_checksums, payload_sums):
+        encoded = inputs.scratch.pop(IMAGES, None)
+        images = encoded.spans if encoded is not None else ()
+        if not t.attach_payload(blocks, total, payload_checksums, payload_sums, images):
             self.pool.allocator.free(blocks)
             raise errors.FailedPrecondition(
                 f"request {errors.shown(request_id)} ended while encoding: {t.message}"
             )
-        return total, time.monotonic() - started
+        return total, time.monotonic() - started, encoded
 
     def _validate_inputs(self, request_id: str, inputs: EncodeInputs):
         """The model for the inputs and their token count; InvalidArgument before any allocation."""
@@ -864,7 +871,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         init_applied, init_error = (
             self._carried_init(request, context) if request.HasField("init") else (False, "")
         )
-        total, seconds = await self.s.encode(
+        total, seconds, encoded = await self.s.encode(
             request.request_id,
             inputs,
             request.rank_count,
@@ -884,6 +891,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             encode_seconds=seconds,
             init_applied=init_applied,
             init_error=init_error,
+            cached_tokens=encoded.cached_tokens if encoded is not None else 0,
+            cached_images=sorted(encoded.cached) if encoded is not None else [],
         )
 
     def _carried_init(self, request, context) -> tuple[bool, str]:
@@ -907,6 +916,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
                 init.allocated_tokens,
                 rpc.peer_identity(context),
                 progress_tokens=init.progress_tokens,
+                held_images=init.held_images,
             )
         except errors.EpdError as e:
             log.info(
@@ -936,7 +946,11 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         layout.base_address = (
             0  # the encoder's memory is nobody else's business (the data plane is open)
         )
-        return encoder_pb2.RegisterReply(encoder_id=self.s.encoder_id, layout=layout)
+        return encoder_pb2.RegisterReply(
+            encoder_id=self.s.encoder_id,
+            layout=layout,
+            model_fingerprint=getattr(self.s.model, "fingerprint", ""),
+        )
 
     @rpc.grpc_errors
     async def Init(self, request, context):
@@ -950,6 +964,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             request.allocated_tokens,
             rpc.peer_identity(context),
             progress_tokens=request.progress_tokens,
+            held_images=request.held_images,
         )
         return encoder_pb2.InitReply(state=rpc.state_to_pb(t.state))
 
@@ -1116,6 +1131,7 @@ def status_to_pb(st: StatusUpdate) -> common_pb2.TransferStatus:
         landed_checksums=[
             common_pb2.Checksum(field=name, value=value) for name, value in st.landed_checksums
         ],
+        images=[rpc.image_span_to_pb(span) for span in st.images],
     )
 
 

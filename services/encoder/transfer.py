@@ -37,9 +37,9 @@ from common.errors import (
 from common.fence import WriteFence, quarantine_until_landed
 from common.integrity import PayloadSums
 from common.layout import PoolGeometry
-from common.plan import blocks_for_tokens, plan_round
+from common.plan import blocks_for_tokens, plan_round, uncovered
 from common.pool import BlockPool
-from common.states import FailureReason, StatusUpdate, TransferState
+from common.states import FailureReason, ImageSpan, StatusUpdate, TransferState
 from common.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,8 @@ class RankSlot:
     sent_tokens: int = 0
     progress_tokens: int = 0
     """The rank asked for a progress status every this many tokens of a round (0 = none)."""
+    held: frozenset[str] = frozenset()
+    """Keys of the image rows the rank said it holds (InitRequest.held_images)."""
 
 
 def validate_allocation(
@@ -181,6 +183,9 @@ class EncoderTransfer:
         self.payload_sums: PayloadSums | None = None  # from Encode: any round's checksums
         self.total_tokens = 0
         self.sent_tokens = 0
+        self.images: tuple[ImageSpan, ...] = ()
+        """The payload's images (from Encode); those every data rank holds are marked reused
+        before the first round and never written."""
         self.rounds = 0
         self.encoding = False
         self.reason = FailureReason.UNSPECIFIED
@@ -231,6 +236,7 @@ class EncoderTransfer:
         allocated_tokens: int,
         *,
         progress_tokens: int = 0,
+        held: frozenset[str] = frozenset(),
     ) -> None:
         """Record an Init (already validated against the peer's pool)."""
         what = f"Init of request {shown(self.request_id)} rank {rank}"
@@ -247,7 +253,12 @@ class EncoderTransfer:
         self.language_id = peer.language_id
         self.principal = peer.principal
         self.ranks[rank] = RankSlot(
-            peer, list(blocks), allocated_tokens, for_sent=0, progress_tokens=progress_tokens
+            peer,
+            list(blocks),
+            allocated_tokens,
+            for_sent=0,
+            progress_tokens=progress_tokens,
+            held=held,
         )
         self.init_at = self.init_at or time.monotonic()
         if len(self.ranks) == self.rank_count:
@@ -277,6 +288,7 @@ class EncoderTransfer:
         total_tokens: int,
         checksums: tuple[tuple[str, int], ...] | None = None,
         sums: PayloadSums | None = None,
+        images: tuple[ImageSpan, ...] = (),
     ) -> bool:
         """Hand the encoded source blocks (and, if computed, the whole payload's checksums and the
         sums any round's checksums follow from) to the transfer; False (caller frees) if it ended
@@ -290,6 +302,7 @@ class EncoderTransfer:
             return False
         self.src_blocks = blocks
         self.total_tokens = total_tokens
+        self.images = images
         self._wake()
         return True
 
@@ -365,14 +378,16 @@ class EncoderTransfer:
                 self.created + self.env.bootstrap_timeout_s,
                 self._bootstrap_what,
             )
+            self._mark_reused()
             while True:
                 n = min(
                     self.total_tokens - self.sent_tokens,
                     *(s.allocated_tokens for s in self.ranks.values()),
                 )
                 checksums = await self._send_round(n)
+                written = n - self._reused_in(self.sent_tokens, self.sent_tokens + n)
                 self.env.telemetry.bytes_moved(
-                    n * len(self.ranks) * self.env.pool.record.payload_bytes_per_token
+                    written * len(self.ranks) * self.env.pool.record.payload_bytes_per_token
                 )
                 self.sent_tokens += n
                 self.rounds += 1
@@ -414,6 +429,26 @@ class EncoderTransfer:
             self._finish_failed(FailureReason.UNSPECIFIED, f"internal error: {e!r}")
         finally:
             self._release()
+
+    def _mark_reused(self) -> None:
+        """Agree, before the first round, on the images no rank needs written: those every data
+        rank holds (each said so in its Init). One rank without them means they go to all, so
+        every data rank fills exactly the same rows."""
+        if not self.images or len(self.ranks) != self.rank_count:
+            return
+        held = frozenset.intersection(*(slot.held for slot in self.ranks.values()))
+        if held:
+            self.images = tuple(
+                dataclasses.replace(span, reused=span.key in held) for span in self.images
+            )
+
+    @property
+    def reused_spans(self) -> list[tuple[int, int]]:
+        """Token ranges [start, end) the ranks fill themselves, in order."""
+        return [(s.start, s.end) for s in self.images if s.reused]
+
+    def _reused_in(self, lo: int, hi: int) -> int:
+        return sum(max(0, min(hi, b) - max(lo, a)) for a, b in self.reused_spans)
 
     async def _send_round(self, n: int) -> tuple[tuple[str, int], ...]:
         """Write the round's n tokens to every rank; returns its checksums (empty without integrity).
@@ -473,22 +508,28 @@ class EncoderTransfer:
         src_part = self.src_blocks[
             first // src_geo.block_size : blocks_for_tokens(first + count, src_geo.block_size)
         ]
+        # Rows every rank holds are not written (`_mark_reused`): the ranks fill them.
+        parts = uncovered(first, first + count, self.reused_spans)
         plans = []
         for slot in self.ranks.values():
             geo = slot.peer.geometry
             assert slot.blocks is not None  # the round's allocation: None only between rounds
-            triples = plan_round(
-                src_base=src_geo.base_address,
-                src_blocks=self.src_blocks,
-                src_block_size=src_geo.block_size,
-                src_start=first,
-                dst_base=geo.base_address,
-                dst_blocks=slot.blocks,
-                dst_block_size=geo.block_size,
-                dst_start=lo,
-                n_tokens=count,
-                record_bytes=record_bytes,
-            )
+            triples = [
+                triple
+                for a, b in parts
+                for triple in plan_round(
+                    src_base=src_geo.base_address,
+                    src_blocks=self.src_blocks,
+                    src_block_size=src_geo.block_size,
+                    src_start=a,
+                    dst_base=geo.base_address,
+                    dst_blocks=slot.blocks,
+                    dst_block_size=geo.block_size,
+                    dst_start=a - self.sent_tokens,
+                    n_tokens=b - a,
+                    record_bytes=record_bytes,
+                )
+            ]
             try:
                 # Every rank's plan is checked before any write is submitted: a planning bug
                 # fails the request, it never writes outside the blocks the peer gave us.
@@ -500,7 +541,7 @@ class EncoderTransfer:
                     dst_blocks=slot.blocks[
                         lo // geo.block_size : blocks_for_tokens(hi, geo.block_size)
                     ],
-                    expected_bytes=count * record_bytes,
+                    expected_bytes=sum(b - a for a, b in parts) * record_bytes,
                 )
             except OutOfBounds as e:
                 log.error(
@@ -524,6 +565,7 @@ class EncoderTransfer:
         writes: list[asyncio.Task[Any]] = [
             loop.create_task(self.env.write(session, triples, self.fence))
             for session, triples in plans
+            if triples  # a part made only of reused rows writes nothing
         ]
         sums: asyncio.Task[dict[str, int]] | None = None
         try:
@@ -706,6 +748,7 @@ class EncoderTransfer:
             sent_tokens=self.sent_tokens,
             total_tokens=self.total_tokens,
             round=self.rounds,
+            images=self.images,
             **extra,
         )
         event, self._published = self._published, asyncio.Event()

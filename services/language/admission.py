@@ -82,7 +82,13 @@ class EarlyReservations:
         return True
 
     def carry_init(
-        self, key: str, transfer_id: str, rank: int, rank_count: int, progress_tokens: int
+        self,
+        key: str,
+        transfer_id: str,
+        rank: int,
+        rank_count: int,
+        progress_tokens: int,
+        held_images: tuple[str, ...] = (),
     ) -> CarriedInit:
         """The Init naming `key`'s early blocks, for its Encode to carry; the receive task takes
         it with the blocks and follows the Encode."""
@@ -94,6 +100,7 @@ class EarlyReservations:
             blocks,
             len(blocks) * self.pool.block_size,
             progress_tokens,
+            held_images,
         )
         self._carried[key] = carried
         return carried
@@ -160,6 +167,7 @@ class Admission:
         encoder: int,
         early_allowed: bool,
         bound_tokens: int,
+        held: tuple[str, ...] = (),
     ):
         self.worker = worker
         self.group = group
@@ -167,6 +175,7 @@ class Admission:
         self.initial_tokens = initial_tokens
         self.want_digest = want_digest
         self.encoder = encoder
+        self.held = held  # image rows rank 0 claimed (RankWorker.claim_images)
         self._early_allowed = early_allowed
         self._bound_tokens = bound_tokens
         self.is_early = False
@@ -183,7 +192,7 @@ class Admission:
     def _admit(self) -> None:
         self._check_free()
         self.spec = self.group.admit(
-            self.key, self.initial_tokens, self.want_digest, encoder=self.encoder
+            self.key, self.initial_tokens, self.want_digest, encoder=self.encoder, held=self.held
         )
         self.outcome_future = self.worker.outcome(self.key)
 
@@ -205,6 +214,7 @@ class Admission:
                 self.worker.rank,
                 self.worker.rank_count,
                 self.worker.progress_tokens,
+                self.held,
             )
         try:
             self._admit()

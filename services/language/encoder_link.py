@@ -7,6 +7,7 @@ One channel and stub per encoder, reused by every request. gRPC errors become do
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -24,6 +25,15 @@ from services.language.receive_options import CarriedInit
 log = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """What an Encode returned."""
+
+    total_tokens: int
+    cached_images: frozenset[int] = frozenset()
+    """Images whose rows came from the encoder's embedding cache (EncodeReply.cached_images)."""
+
+
 class GrpcEncoderLink:
     def __init__(self, address: str, language_id: str, sec: rpc.ClientSecurity | None = None):
         self.address = address
@@ -35,6 +45,7 @@ class GrpcEncoderLink:
         self.bench = bench_pb2_grpc.BenchStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.encoder_id = ""
+        self.model_fingerprint = ""  # RegisterReply.model_fingerprint: keys the image rows it makes
         self._registration: tuple[int, str, PoolGeometry, Prove] | None = None
         self._registering: asyncio.Lock | None = None  # made on first use, in the running loop
 
@@ -90,6 +101,7 @@ class GrpcEncoderLink:
         ) as e:  # say why it could not connect (e.g. a TLS handshake refused)
             raise errors.DeadlineExceeded(e.message + await self._connect_problem()) from None
         self.encoder_id = reply.encoder_id
+        self.model_fingerprint = reply.model_fingerprint
 
     async def _connect_problem(self) -> str:
         """Why the channel cannot connect, as ' (cannot connect: ...)', or '' when it can. A call
@@ -133,7 +145,7 @@ class GrpcEncoderLink:
         synthetic_seed: int,
         rank_count: int,
         init: CarriedInit | None = None,
-    ) -> int:
+    ) -> Encoded:
         """The Encode, carrying `init` (EncodeRequest.init) when given: settled with whether the
         encoder took it once the Encode returned (left pending when the Encode fails)."""
         request = encoder_pb2.EncodeRequest(
@@ -154,6 +166,7 @@ class GrpcEncoderLink:
                     init.blocks,
                     init.allocated_tokens,
                     init.progress_tokens,
+                    init.held_images,
                 )
             )
         call = self.stub.Encode(request, wait_for_ready=True)  # bounded by the Generate and by Init
@@ -173,7 +186,7 @@ class GrpcEncoderLink:
                     reply.init_error,
                 )
             init.settle(reply.init_applied)
-        return reply.total_tokens
+        return Encoded(reply.total_tokens, frozenset(reply.cached_images))
 
     def _init_request(
         self,
@@ -183,6 +196,7 @@ class GrpcEncoderLink:
         blocks: Sequence[int],
         allocated_tokens: int,
         progress_tokens: int,
+        held_images: Sequence[str] = (),
     ) -> encoder_pb2.InitRequest:
         return encoder_pb2.InitRequest(
             request_id=request_id,
@@ -192,6 +206,7 @@ class GrpcEncoderLink:
             dst_blocks=list(blocks),
             allocated_tokens=allocated_tokens,
             progress_tokens=progress_tokens,
+            held_images=list(held_images),
         )
 
     async def init(
@@ -202,9 +217,10 @@ class GrpcEncoderLink:
         blocks: Sequence[int],
         allocated_tokens: int,
         progress_tokens: int = 0,
+        held_images: Sequence[str] = (),
     ) -> None:
         request = self._init_request(
-            request_id, rank, rank_count, blocks, allocated_tokens, progress_tokens
+            request_id, rank, rank_count, blocks, allocated_tokens, progress_tokens, held_images
         )
         try:
             # The first call of a request waits (boundedly) for a reconnecting channel, e.g. to
@@ -396,4 +412,5 @@ def status_from_pb(pb: common_pb2.TransferStatus) -> StatusUpdate:
         landed_tokens=pb.landed_tokens,
         landed_checksums=tuple((c.field, c.value) for c in pb.landed_checksums),
         writes_may_land=pb.error.writes_may_land,
+        images=tuple(rpc.image_span_from_pb(span) for span in pb.images),
     )

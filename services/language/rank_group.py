@@ -37,6 +37,8 @@ from common.states import FailureReason
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_ID_BYTES = 128
+MAX_HELD = 8  # image keys an admission carries (held_images.MAX_PROPOSED)
+HELD_KEY_BYTES = 32  # one key: a SHA-256
 ADMIT_KEY_BYTES = MAX_REQUEST_ID_BYTES + 8  # an admission's key: the request id, "#2" on a failover
 
 
@@ -50,6 +52,9 @@ class RequestSpec:
     want_digest: bool = False
     encoder: int = 0
     """Index of the encoder serving it in the instance's ordered encoder list (rank 0 picks)."""
+    held: tuple[str, ...] = ()
+    """Keys of the request's images whose rows rank 0 holds (at most MAX_HELD): each data rank
+    claims those it holds too, and the encoder skips the rows every data rank claimed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +162,12 @@ class RankGroup:
         pass
 
     def admit(
-        self, request_id: str, initial_tokens: int, want_digest: bool, encoder: int = 0
+        self,
+        request_id: str,
+        initial_tokens: int,
+        want_digest: bool,
+        encoder: int = 0,
+        held: tuple[str, ...] = (),
     ) -> RequestSpec:
         """Rank 0: add a request; every rank's on_admit runs for it (rank 0's before this returns
         for LocalGroup, at the next step for DistributedGroup). `request_id` is the admission's
@@ -227,11 +237,16 @@ class LocalGroup(RankGroup):
         super().__init__(0, 1)
 
     def admit(
-        self, request_id: str, initial_tokens: int, want_digest: bool, encoder: int = 0
+        self,
+        request_id: str,
+        initial_tokens: int,
+        want_digest: bool,
+        encoder: int = 0,
+        held: tuple[str, ...] = (),
     ) -> RequestSpec:
         self._check_admissible(request_id)
         self._seq += 1
-        spec = RequestSpec(self._seq, request_id, initial_tokens, want_digest, encoder)
+        spec = RequestSpec(self._seq, request_id, initial_tokens, want_digest, encoder, held)
         self._admitted(spec)
         return spec
 
@@ -248,9 +263,10 @@ class LocalGroup(RankGroup):
 # ---------------------------------------------------------------------------- distributed
 
 _HEADER = 8  # shutdown, n_admissions, n_open, step, pool used, free, waiters, quarantined
-_ADMIT_WORDS = (
-    5 + ADMIT_KEY_BYTES // 8
-)  # seq, initial_tokens, want_digest, key length, encoder, key
+_KEY_WORDS = ADMIT_KEY_BYTES // 8
+_HELD_WORDS = 1 + MAX_HELD * HELD_KEY_BYTES // 8  # count, keys
+# seq, initial_tokens, want_digest, key length, encoder, key, held count, held keys
+_ADMIT_WORDS = 5 + _KEY_WORDS + _HELD_WORDS
 
 
 class DistributedGroup(RankGroup):
@@ -328,12 +344,19 @@ class DistributedGroup(RankGroup):
             pass
 
     def admit(
-        self, request_id: str, initial_tokens: int, want_digest: bool, encoder: int = 0
+        self,
+        request_id: str,
+        initial_tokens: int,
+        want_digest: bool,
+        encoder: int = 0,
+        held: tuple[str, ...] = (),
     ) -> RequestSpec:
         assert self.rank == 0, "only rank 0 admits requests"
         self._check_admissible(request_id)
         self._seq += 1
-        spec = RequestSpec(self._seq, request_id, initial_tokens, want_digest, encoder)
+        spec = RequestSpec(
+            self._seq, request_id, initial_tokens, want_digest, encoder, held[:MAX_HELD]
+        )
         # The view and decision exist at once on rank 0, so Generate can wait on them.
         assert self.loop is not None, "bind() first"
         self.views[spec.request_id] = LocalView()
@@ -487,18 +510,32 @@ def _pack_admit(t, at: int, spec: RequestSpec) -> None:
     t[at + 2] = 1 if spec.want_digest else 0
     t[at + 3] = len(raw)
     t[at + 4] = spec.encoder
-    padded = raw.ljust(ADMIT_KEY_BYTES, b"\0")
-    for k in range(ADMIT_KEY_BYTES // 8):
-        t[at + 5 + k] = int.from_bytes(padded[8 * k : 8 * k + 8], "little", signed=True)
+    _pack_bytes(t, at + 5, raw.ljust(ADMIT_KEY_BYTES, b"\0"))
+    held = at + 5 + _KEY_WORDS
+    t[held] = len(spec.held)
+    _pack_bytes(t, held + 1, b"".join(bytes.fromhex(key) for key in spec.held))
+
+
+def _pack_bytes(t, at: int, raw: bytes) -> None:
+    for k in range(len(raw) // 8):
+        t[at + k] = int.from_bytes(raw[8 * k : 8 * k + 8], "little", signed=True)
+
+
+def _unpack_bytes(words: list[int]) -> bytes:
+    return b"".join(int(x).to_bytes(8, "little", signed=True) for x in words)
 
 
 def _unpack_admit(t, at: int) -> RequestSpec:
     v = t[at : at + _ADMIT_WORDS].tolist()
-    raw = b"".join(int(x).to_bytes(8, "little", signed=True) for x in v[5:])[: v[3]]
+    raw = _unpack_bytes(v[5 : 5 + _KEY_WORDS])[: v[3]]
+    held = 5 + _KEY_WORDS
+    keys = _unpack_bytes(v[held + 1 :])
+    step = HELD_KEY_BYTES
     return RequestSpec(
         seq=v[0],
         request_id=raw.decode("utf-8"),
         initial_tokens=v[1],
         want_digest=bool(v[2]),
         encoder=v[4],
+        held=tuple(keys[i * step : (i + 1) * step].hex() for i in range(v[held])),
     )

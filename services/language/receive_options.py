@@ -42,6 +42,7 @@ class CarriedInit:
         blocks: Sequence[int],
         allocated_tokens: int,
         progress_tokens: int,
+        held_images: Sequence[str] = (),
     ):
         self.request_id = request_id
         self.rank = rank
@@ -49,6 +50,7 @@ class CarriedInit:
         self.blocks = list(blocks)
         self.allocated_tokens = allocated_tokens
         self.progress_tokens = progress_tokens
+        self.held_images = list(held_images)
         loop = asyncio.get_running_loop()
         self.sent: asyncio.Future[None] = loop.create_future()
         self.outcome: asyncio.Future[bool] = loop.create_future()

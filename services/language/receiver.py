@@ -48,6 +48,7 @@ from common.plan import blocks_for_tokens
 from common.pool import BlockPool
 from common.states import FailureReason, StatusUpdate, TransferState
 from common.telemetry import NULL_TELEMETRY, Telemetry
+from services.language.held_images import HeldImages, ImageReuse
 from services.language.receive_options import CarriedInit, OverlappedRounds, ProgressParts
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class EncoderLink(Protocol):
         blocks: Sequence[int],
         allocated_tokens: int,
         progress_tokens: int = 0,
+        held_images: Sequence[str] = (),
     ) -> None: ...
 
     async def resume(
@@ -135,6 +137,7 @@ class ReceiveTask:
         on_quarantine: Callable[[ReceiveTask], None] | None = None,
         on_init: Callable[[], None] | None = None,
         carried: CarriedInit | None = None,
+        reuse: ImageReuse | None = None,
     ):
         self.request_id = request_id
         self.transfer_id = transfer_id or request_id  # the encoder's name for it
@@ -166,6 +169,9 @@ class ReceiveTask:
         # the Init the admission built from the early blocks, for the Encode to carry.
         self.on_init = on_init
         self.carried = carried
+        # Image rows this rank holds and claimed for the request (held_images.py); without a
+        # claim, a status marking rows reused is refused like any other forged status.
+        self.reuse = reuse or ImageReuse(HeldImages(0, pool.record), {})
         self.quarantined_blocks: list[int] = []
         self.quarantined_at: float | None = None
         self.fence = Fence.ENDED
@@ -224,6 +230,7 @@ class ReceiveTask:
             self.blocks,
             self.allocated_tokens,
             progress_tokens=self.progress_tokens,
+            held_images=self.reuse.keys,
         )
         if self._stream is None:
             self.open_status()
@@ -248,6 +255,9 @@ class ReceiveTask:
                 self.reason, self.message = st.reason, st.message
                 raise errors.error_for_reason(st.reason, f"request {self.request_id}: {st.message}")
             if st.landed_tokens and st.sent_tokens == handled and not st.state.terminal:
+                await self.reuse.fill(
+                    self, st, handled, min(st.landed_tokens, self.allocated_tokens)
+                )
                 self.parts.on_landed(st, handled)
                 continue
             if (
@@ -256,6 +266,9 @@ class ReceiveTask:
             ):
                 self._accept_round(st, handled)
                 n = st.sent_tokens - handled
+                await self.reuse.fill(self, st, handled, n)  # before anything of it is read
+                written = n - self.reuse.reused_in(handled, st.sent_tokens)
+                self.telemetry.bytes_moved(written * self.pool.record.payload_bytes_per_token)
                 if st.state == TransferState.SUCCESS:
                     self._terminal_seen = True
                     # The last round is verified in place and handed over as a view of the pool.
@@ -378,7 +391,6 @@ class ReceiveTask:
         self._round_tokens = n
         self.rounds = st.round
         self.state = st.state
-        self.telemetry.bytes_moved(n * self.pool.record.payload_bytes_per_token)
 
     def reject(self, message: str) -> None:
         """A status that does not match what this rank allocated: the request fails (integrity)."""

@@ -27,6 +27,7 @@ from common.transport import MooncakeTransport
 from services.edge import exposure, rpc
 from services.language import encoders, ranks
 from services.language.admission import Admission
+from services.language.encoder_link import Encoded
 from services.language.policy import AllocationPolicy
 from services.language.rank_group import (
     MAX_REQUEST_ID_BYTES,
@@ -375,6 +376,11 @@ class LanguageService:
         so the Init's round trip overlaps the encoding; otherwise after the Encode returned."""
         link = self.worker.encoders.links[view.index]
         transfer_id = self.worker.transfer_id(record.key)
+        held = await self.worker.claim_images(
+            record.key,
+            link.model_fingerprint,
+            [(im.data, im.mime_type) for im in request.images],
+        )
         admission = Admission(
             self.worker,
             self.group,
@@ -384,12 +390,13 @@ class LanguageService:
             encoder=view.index,
             early_allowed=self.early_init,
             bound_tokens=self.policy.max_initial_tokens(),
+            held=held,
         )
         try:
             carried = await admission.early()  # the Init just ahead of the Encode, or inside it
             record.early_init = admission.is_early
             try:
-                total = await self._encode(link, view, transfer_id, request, carried)
+                encoded = await self._encode(link, view, transfer_id, request, carried)
             except errors.EpdError as e:
                 if may_retry and _encoder_unusable(e):
                     raise _RetryElsewhere(e) from None
@@ -397,6 +404,7 @@ class LanguageService:
             finally:
                 admission.encode_returned()
             record.encoded_at = time.monotonic()
+            total = encoded.total_tokens
             admission.late()
             outcome: RankOutcome = await admission.outcome()
             record.outcome = outcome
@@ -415,9 +423,10 @@ class LanguageService:
             self.policy.observe(total)
             assert admission.spec is not None  # admitted
             return self._reply(
-                request_id, admission.spec.initial_tokens, outcome, total, started, record
+                request_id, admission.spec.initial_tokens, outcome, encoded, started, record
             )
         except BaseException as e:
+            self.worker.drop_claim(record.key)
             # One shielded clean-up: the Generate's own deadline and the client's cancellation
             # can both cancel this task, and a second cancel must not skip the Cancel on the
             # encoder (its source blocks would wait for the bootstrap timeout). For a retry it
@@ -438,7 +447,7 @@ class LanguageService:
 
     async def _encode(
         self, link, view, transfer_id: str, request, carried: CarriedInit | None = None
-    ) -> int:
+    ) -> Encoded:
         """Encode on `link` (carrying the rank's early Init, if any); given up (UNAVAILABLE) when
         the encoder leaves the rotation meanwhile, so a call waiting for a dead encoder's channel
         does not wait for the whole deadline."""
@@ -531,12 +540,17 @@ class LanguageService:
         request_id: str,
         initial_tokens: int,
         outcome: RankOutcome,
-        total: int,
+        encoded: Encoded,
         started: float,
         record: GenerateRecord,
     ) -> language_pb2.GenerateReply:
         rows = outcome.decision.rows
         receiver = outcome.receiver
+        total = encoded.total_tokens
+        # Every data rank fills the same reused rows: the encoder skips only what all of them hold.
+        spans = (receiver.reuse.spans or ()) if receiver else ()
+        reused = sum(s.tokens for s in spans if s.reused)
+        cached = sum(s.tokens for s in spans if s.reused or s.image in encoded.cached_images)
         rounds = receiver.rounds if receiver else max((r.rounds for r in rows), default=0)
         # From the Init, or from the Encode's return when the Init went out alongside it (the
         # transfer cannot start before both).
@@ -552,6 +566,8 @@ class LanguageService:
                 payload_sha256=row.digest.hex(),
                 received_tokens=row.sent,
                 rounds=row.rounds,
+                transferred_tokens=row.sent - reused if row.sent else 0,
+                reused_tokens=reused if row.sent else 0,
             )
             for r, row in enumerate(rows)
         ]
@@ -578,6 +594,8 @@ class LanguageService:
             agreement_seconds=outcome.agreement_seconds,
             logits=_logits_summary(outcome.consumer),
             consumer=self.worker.consumer.name,
+            cached_tokens=cached,
+            transferred_tokens=total - reused,
         )
 
     async def measure_link(

@@ -14,6 +14,9 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Sequence
+
+import torch
 
 from common import errors
 from common.config import LanguageConfig
@@ -28,11 +31,14 @@ from services.edge.rpc import ClientSecurity
 from services.language.admission import EarlyReservations
 from services.language.consumers import ConsumerResult, NullConsumer, build_consumer  # noqa: F401 (re-exported)
 from services.language.encoders import EncoderDirectory
+from services.language.held_images import MAX_PROPOSED, HeldImages, ImageReuse
 from services.language.rank_group import Decision, LocalView, RankGroup, RequestSpec
 from services.language.receiver import Fence, ReceiveTask, release_when_safe
 from services.parts import Parts
 
 log = logging.getLogger(__name__)
+
+HASH_ON_LOOP_BYTES = 256 * 1024  # image bytes hashed on the event loop; more go to a worker thread
 
 
 @dataclasses.dataclass
@@ -91,6 +97,14 @@ class RankWorker:
         self._quarantines: dict[asyncio.Task, ReceiveTask | None] = {}
         # Blocks reserved before a request's Encode returned (admission.py).
         self.early = EarlyReservations(self.pool, carry=config.carry_init)
+        # Image rows kept from earlier requests (held_images.py); rank 0's front door claims a
+        # request's before admitting it, the other ranks as they admit it.
+        self.held = HeldImages(
+            config.embedding_cache_bytes if self.is_data_rank else 0,
+            self.pool.record,
+            on_event=self.metrics.embedding_cache,
+        )
+        self._claims: dict[str, dict[str, torch.Tensor]] = {}
         self._consumer_log = (
             open(f"{config.consumer_log}.rank{rank}", "a")  # noqa: SIM115 - closed at stop()
             if config.consumer_log
@@ -214,6 +228,28 @@ class RankWorker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(lambda _t: self.early.release(spec.request_id))
+        task.add_done_callback(lambda _t: self.drop_claim(spec.request_id))
+
+    async def claim_images(
+        self, key: str, fingerprint: str, images: Sequence[tuple[bytes, str]]
+    ) -> tuple[str, ...]:
+        """Rank 0, before admitting `key`: claim the rows this rank holds of the request's images
+        under the encoder whose model has `fingerprint`. Returns the keys claimed (at most
+        MAX_PROPOSED), which the admission proposes to the other ranks and the Init names."""
+        if not self.held.enabled or not fingerprint or not images:
+            return ()
+        if sum(len(data) for data, _ in images) > HASH_ON_LOOP_BYTES:
+            keys = await asyncio.to_thread(HeldImages.keys, fingerprint, images)
+        else:
+            keys = HeldImages.keys(fingerprint, images)
+        claimed = self.held.claim(keys)
+        claimed = dict(list(claimed.items())[:MAX_PROPOSED])
+        self._claims[key] = claimed
+        return tuple(claimed)
+
+    def drop_claim(self, key: str) -> None:
+        """The claim of a request no receive took (refused before admission, or cancelled)."""
+        self._claims.pop(key, None)
 
     async def _handle(self, spec: RequestSpec) -> None:
         view = self.group.view(spec.request_id)
@@ -292,6 +328,9 @@ class RankWorker:
             self.group.changed()
 
         early_blocks, carried = self.early.take(spec.request_id)
+        claimed = self._claims.pop(spec.request_id, None)
+        if claimed is None:  # not rank 0: claim what rank 0 proposed
+            claimed = self.held.claim(spec.held)
         receiver = ReceiveTask(
             spec.request_id,
             self.rank,
@@ -310,6 +349,7 @@ class RankWorker:
             on_quarantine=self._quarantined,
             on_init=functools.partial(self.early.init_sent, spec.request_id),
             carried=carried,
+            reuse=ImageReuse(self.held, claimed),
         )
         self.receivers[spec.request_id] = receiver
         return receiver
@@ -358,6 +398,8 @@ class RankWorker:
             payload = await receiver.receive()
             try:
                 digest = await asyncio.to_thread(payload.sha256) if spec.want_digest else ""
+                if receiver.integrity_verified:  # rows are kept only from a verified payload
+                    await receiver.reuse.keep(payload)
             except BaseException:
                 payload.release()
                 raise

@@ -12,12 +12,32 @@ the model's device on a hit. Thread-safe: the encoder model runs in worker threa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
+
+from common.states import ImageSpan
+
+IMAGES = "images"
+"""The `EncodeInputs.scratch` key under which a model leaves its `EncodedImages`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedImages:
+    """What encoding a request's images found: where their rows sit, and which came from the cache."""
+
+    spans: tuple[ImageSpan, ...]
+    cached: frozenset[int]
+    """Indices of the images whose rows the cache held (no vision tower ran for them)."""
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(s.tokens for s in self.spans if s.image in self.cached)
+
 
 CacheEvent = Callable[[int, int, int, int], None]
 """(hits, misses, evictions, bytes held after the event): what the owner reports as metrics."""

@@ -42,7 +42,8 @@ import torch
 from common.errors import FailedPrecondition, InvalidArgument, shown
 from common.layout import RecordLayout
 from common.pool import field_of
-from services.models.embedding_cache import EmbeddingCache, image_key
+from common.states import ImageSpan
+from services.models.embedding_cache import IMAGES, EmbeddingCache, EncodedImages, image_key
 
 log = logging.getLogger(__name__)
 
@@ -390,6 +391,8 @@ class Plan:
     data: list[bytes] = dataclasses.field(default_factory=list)
     """Each image's bytes as sent (the embedding cache's key)."""
     decoded: list[Any] | None = None
+    cached: set[int] = dataclasses.field(default_factory=set)
+    """Images whose rows came from the embedding cache (set by `embeddings`)."""
 
     @property
     def total(self) -> int:
@@ -406,7 +409,8 @@ class QwenEncoderModel:
     def __init__(self, qwen: QwenVL, cache: EmbeddingCache | None = None):
         self.qwen = qwen
         self.cache = cache if cache is not None and cache.capacity_bytes else None
-        self.fingerprint = fingerprint(qwen) if self.cache is not None else ""
+        # Keys the rows of an image anywhere (this cache, a language rank's held rows).
+        self.fingerprint = fingerprint(qwen)
         cfg = qwen.config
         self.vision_start = cfg.vision_start_token_id
         self.vision_end = cfg.vision_end_token_id
@@ -529,6 +533,7 @@ class QwenEncoderModel:
         key = image_key(self.fingerprint, plan.data[k])
         rows = self.cache.get(key)
         if rows is not None and rows.shape[0] == plan.images[k].tokens:
+            plan.cached.add(k)
             return rows.to(self.qwen.device)
         rows = self._vision([plan.decoded[k]], [plan.images[k]])
         self.cache.put(key, rows)
@@ -553,9 +558,28 @@ class QwenEncoderModel:
         )
         return embeds, plan.token_ids, pos, delta
 
+    def image_spans(self, plan: Plan, pos: torch.Tensor) -> tuple[ImageSpan, ...]:
+        """Where each image's rows sit in the payload, keyed for reuse, with its first position."""
+        starts = (plan.token_ids == self.image_token).nonzero().reshape(-1).tolist()
+        spans, at = [], 0
+        for k, info in enumerate(plan.images):
+            start = int(starts[at])
+            spans.append(
+                ImageSpan(
+                    k,
+                    start,
+                    info.tokens,
+                    image_key(self.fingerprint, plan.data[k]),
+                    tuple(int(v) for v in pos[start].tolist()),
+                )
+            )
+            at += info.tokens
+        return tuple(spans)
+
     def encode_into(self, inputs, runs: Sequence[torch.Tensor], record: RecordLayout) -> None:
         embeds, ids, pos, _ = self.encode(inputs)
-        inputs.scratch.pop(MODEL_NAME, None)  # decoded images no longer needed
+        plan = inputs.scratch.pop(MODEL_NAME)  # decoded images no longer needed
+        inputs.scratch[IMAGES] = EncodedImages(self.image_spans(plan, pos), frozenset(plan.cached))
         start = 0
         for run in runs:
             k = run.shape[0]

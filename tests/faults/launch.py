@@ -21,6 +21,7 @@ from common.config import ConfigError
 from services.encoder import transfer
 from services.parts import Parts, mooncake_transport
 from services.tools import cli
+from services.language.held_images import HeldImages
 from tests.faults.rank import FaultSpec, FaultyLink, HoldingConsumer
 from tests.faults.transport import FaultyTransport, TransportFaultSpec
 
@@ -64,6 +65,8 @@ def build_parts(transport_fault: str = "", fault: str = "") -> Parts:
     def on_rank_started(worker):
         if rank_spec.hold_blocks and rank_spec.applies_to(worker.rank):
             held.append(worker.pool.allocator.try_alloc(rank_spec.hold_blocks) or [])
+        if rank_spec.forget_images and rank_spec.applies_to(worker.rank):
+            worker.held = HeldImages(0, worker.pool.record)
 
     command = ("-m", MODULE)
     if transport_fault:

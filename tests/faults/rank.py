@@ -6,6 +6,8 @@ Spec: comma-separated `key=value`; `rank=N` limits it to one rank (default: ever
 - `status_lag_s=0.05`  deliver every status this much later (a rank whose view lags);
 - `status_dup=1`       deliver every status twice (repeats must be no-ops);
 - `hold_blocks=90`     take this many pool blocks at start-up and never give them back;
+- `forget_images=1`    the rank keeps no image rows (as if each was evicted just before it
+                       claimed it): rank 0's proposal to reuse them finds it without them;
 - `hold_payload_s=3`   the consumer holds each delivered payload this long (a view of the pool,
                        as a prefill would), then hashes it again: a payload that changed meanwhile
                        (a late write landed in its blocks) fails the request with DATA_LOSS.
@@ -27,6 +29,7 @@ class FaultSpec:
     status_dup: bool = False
     hold_blocks: int = 0
     hold_payload_s: float = 0.0
+    forget_images: bool = False
 
     @classmethod
     def parse(cls, text: str) -> FaultSpec:
@@ -44,6 +47,8 @@ class FaultSpec:
                     values["hold_blocks"] = int(raw)
                 elif key == "hold_payload_s":
                     values["hold_payload_s"] = float(raw)
+                elif key == "forget_images":
+                    values["forget_images"] = raw not in ("0", "false", "")
                 else:
                     raise ConfigError(f"fault={text!r}: unknown key {key!r}")
             except ValueError:

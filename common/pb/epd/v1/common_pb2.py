@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x65pd/v1/common.proto\x12\x06\x65pd.v1\"(\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\"l\n\x0b\x46ieldLayout\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x17\n\x0fper_token_shape\x18\x03 \x03(\x03\x12\x17\n\x0f\x62ytes_per_token\x18\x04 \x01(\x04\x12\x0e\n\x06offset\x18\x05 \x01(\x04\"\x85\x01\n\nPoolLayout\x12\x12\n\nblock_size\x18\x01 \x01(\r\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12#\n\x06\x66ields\x18\x03 \x03(\x0b\x32\x13.epd.v1.FieldLayout\x12\x14\n\x0crecord_bytes\x18\x04 \x01(\x04\x12\x14\n\x0c\x62\x61se_address\x18\x05 \x01(\x04\"`\n\rTransferError\x12%\n\x06reason\x18\x01 \x01(\x0e\x32\x15.epd.v1.FailureReason\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x17\n\x0fwrites_may_land\x18\x03 \x01(\x08\"(\n\x08\x43hecksum\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04\"\xc2\x02\n\x0eTransferStatus\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.epd.v1.TransferState\x12\x13\n\x0bsent_tokens\x18\x03 \x01(\x04\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\x04\x12\r\n\x05round\x18\x05 \x01(\r\x12\x14\n\x0cround_tokens\x18\x06 \x01(\x04\x12\x18\n\x10\x61llocated_tokens\x18\x07 \x01(\x04\x12#\n\tchecksums\x18\x08 \x03(\x0b\x32\x10.epd.v1.Checksum\x12$\n\x05\x65rror\x18\t \x01(\x0b\x32\x15.epd.v1.TransferError\x12\x15\n\rlanded_tokens\x18\n \x01(\x04\x12*\n\x10landed_checksums\x18\x0b \x03(\x0b\x32\x10.epd.v1.Checksum\"~\n\x08RankView\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.epd.v1.TransferState\x12\x13\n\x0bsent_tokens\x18\x03 \x01(\x04\x12\x18\n\x10\x61llocated_tokens\x18\x04 \x01(\x04\x12\x0f\n\x07session\x18\x05 \x01(\t\"\xcb\x02\n\x0cTransferInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.epd.v1.TransferState\x12\x13\n\x0bsent_tokens\x18\x03 \x01(\x04\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\x04\x12\x0e\n\x06rounds\x18\x05 \x01(\r\x12\x1f\n\x05ranks\x18\x06 \x03(\x0b\x32\x10.epd.v1.RankView\x12$\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x15.epd.v1.TransferError\x12\x13\n\x0b\x61ge_seconds\x18\x08 \x01(\x01\x12\x18\n\x10\x61llocated_tokens\x18\t \x01(\x04\x12\x0c\n\x04peer\x18\n \x01(\t\x12\x18\n\x10transfer_seconds\x18\x0b \x01(\x01\x12\r\n\x05\x62ytes\x18\x0c \x01(\x04\x12\x19\n\x11\x62ootstrap_seconds\x18\r \x01(\x01\"(\n\x12GetTransferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"L\n\x14ListTransfersRequest\x12%\n\x06states\x18\x01 \x03(\x0e\x32\x15.epd.v1.TransferState\x12\r\n\x05limit\x18\x02 \x01(\r\"=\n\x12ListTransfersReply\x12\'\n\ttransfers\x18\x01 \x03(\x0b\x32\x14.epd.v1.TransferInfo\"p\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0blanguage_id\x18\x03 \x01(\t\x12&\n\x07\x66\x61ilure\x18\x04 \x01(\x0e\x32\x15.epd.v1.FailureReason\"\\\n\x0b\x43\x61ncelReply\x12\x11\n\tcancelled\x18\x01 \x01(\x08\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.epd.v1.TransferState\x12\x14\n\x0cwrites_ended\x18\x03 \x01(\x08\"\x10\n\x0eGetPoolRequest\"\xda\x01\n\x08PoolInfo\x12\"\n\x06layout\x18\x01 \x01(\x0b\x32\x12.epd.v1.PoolLayout\x12\x13\n\x0bused_blocks\x18\x02 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\r\x12\x0f\n\x07waiters\x18\x04 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0f\n\x07session\x18\x06 \x01(\t\x12\x0c\n\x04rank\x18\x07 \x01(\r\x12$\n\nrank_pools\x18\x08 \x03(\x0b\x32\x10.epd.v1.RankPool\x12\x1a\n\x12quarantined_blocks\x18\t \x01(\r\"\x88\x01\n\x08RankPool\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x13\n\x0bused_blocks\x18\x02 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\r\x12\x0f\n\x07waiters\x18\x04 \x01(\r\x12\x1a\n\x12quarantined_blocks\x18\x06 \x01(\rJ\x04\x08\x05\x10\x06R\x11\x66\x61ult_held_blocks\"\x17\n\x15GetDiagnosticsRequest\"\x93\x01\n\x0b\x44iagnostics\x12\x15\n\rasyncio_tasks\x18\x01 \x01(\r\x12\x0f\n\x07threads\x18\x02 \x01(\r\x12\x11\n\trss_bytes\x18\x03 \x01(\x04\x12\x16\n\x0elive_transfers\x18\x04 \x01(\r\x12\x19\n\x11history_transfers\x18\x05 \x01(\r\x12\x16\n\x0estatus_streams\x18\x06 \x01(\r*\xcf\x01\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12 \n\x1cTRANSFER_STATE_BOOTSTRAPPING\x10\x01\x12$\n TRANSFER_STATE_WAITING_FOR_INPUT\x10\x02\x12\x1f\n\x1bTRANSFER_STATE_TRANSFERRING\x10\x03\x12\x1a\n\x16TRANSFER_STATE_SUCCESS\x10\x04\x12\x19\n\x15TRANSFER_STATE_FAILED\x10\x05*\x86\x02\n\rFailureReason\x12\x1e\n\x1a\x46\x41ILURE_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46\x41ILURE_REASON_TIMEOUT\x10\x01\x12\x1c\n\x18\x46\x41ILURE_REASON_CANCELLED\x10\x02\x12\x1c\n\x18\x46\x41ILURE_REASON_TRANSPORT\x10\x03\x12\x1c\n\x18\x46\x41ILURE_REASON_INTEGRITY\x10\x04\x12%\n!FAILURE_REASON_RESOURCE_EXHAUSTED\x10\x05\x12\x1c\n\x18\x46\x41ILURE_REASON_PEER_LOST\x10\x06\x12\x1a\n\x16\x46\x41ILURE_REASON_INVALID\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x65pd/v1/common.proto\x12\x06\x65pd.v1\"(\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\"l\n\x0b\x46ieldLayout\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x17\n\x0fper_token_shape\x18\x03 \x03(\x03\x12\x17\n\x0f\x62ytes_per_token\x18\x04 \x01(\x04\x12\x0e\n\x06offset\x18\x05 \x01(\x04\"\x85\x01\n\nPoolLayout\x12\x12\n\nblock_size\x18\x01 \x01(\r\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12#\n\x06\x66ields\x18\x03 \x03(\x0b\x32\x13.epd.v1.FieldLayout\x12\x14\n\x0crecord_bytes\x18\x04 \x01(\x04\x12\x14\n\x0c\x62\x61se_address\x18\x05 \x01(\x04\"`\n\rTransferError\x12%\n\x06reason\x18\x01 \x01(\x0e\x32\x15.epd.v1.FailureReason\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x17\n\x0fwrites_may_land\x18\x03 \x01(\x08\"(\n\x08\x43hecksum\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04\"t\n\tImageSpan\x12\r\n\x05image\x18\x01 \x01(\r\x12\x13\n\x0bstart_token\x18\x02 \x01(\x04\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x0b\n\x03key\x18\x04 \x01(\t\x12\x16\n\x0e\x66irst_position\x18\x05 \x03(\x03\x12\x0e\n\x06reused\x18\x06 \x01(\x08\"\xe5\x02\n\x0eTransferStatus\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.epd.v1.TransferState\x12\x13\n\x0bsent_tokens\x18\x03 \x01(\x04\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\x04\x12\r\n\x05round\x18\x05 \x01(\r\x12\x14\n\x0cround_tokens\x18\x06 \x01(\x04\x12\x18\n\x10\x61llocated_tokens\x18\x07 \x01(\x04\x12#\n\tchecksums\x18\x08 \x03(\x0b\x32\x10.epd.v1.Checksum\x12$\n\x05\x65rror\x18\t \x01(\x0b\x32\x15.epd.v1.TransferError\x12\x15\n\rlanded_tokens\x18\n \x01(\x04\x12*\n\x10landed_checksums\x18\x0b \x03(\x0b\x32\x10.epd.v1.Checksum\x12!\n\x06images\x18\x0c \x03(\x0b\x32\x11.epd.v1.ImageSpan\"~\n\x08RankView\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.epd.v1.TransferState\x12\x13\n\x0bsent_tokens\x18\x03 \x01(\x04\x12\x18\n\x10\x61llocated_tokens\x18\x04 \x01(\x04\x12\x0f\n\x07session\x18\x05 \x01(\t\"\xcb\x02\n\x0cTransferInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.epd.v1.TransferState\x12\x13\n\x0bsent_tokens\x18\x03 \x01(\x04\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\x04\x12\x0e\n\x06rounds\x18\x05 \x01(\r\x12\x1f\n\x05ranks\x18\x06 \x03(\x0b\x32\x10.epd.v1.RankView\x12$\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x15.epd.v1.TransferError\x12\x13\n\x0b\x61ge_seconds\x18\x08 \x01(\x01\x12\x18\n\x10\x61llocated_tokens\x18\t \x01(\x04\x12\x0c\n\x04peer\x18\n \x01(\t\x12\x18\n\x10transfer_seconds\x18\x0b \x01(\x01\x12\r\n\x05\x62ytes\x18\x0c \x01(\x04\x12\x19\n\x11\x62ootstrap_seconds\x18\r \x01(\x01\"(\n\x12GetTransferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"L\n\x14ListTransfersRequest\x12%\n\x06states\x18\x01 \x03(\x0e\x32\x15.epd.v1.TransferState\x12\r\n\x05limit\x18\x02 \x01(\r\"=\n\x12ListTransfersReply\x12\'\n\ttransfers\x18\x01 \x03(\x0b\x32\x14.epd.v1.TransferInfo\"p\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0blanguage_id\x18\x03 \x01(\t\x12&\n\x07\x66\x61ilure\x18\x04 \x01(\x0e\x32\x15.epd.v1.FailureReason\"\\\n\x0b\x43\x61ncelReply\x12\x11\n\tcancelled\x18\x01 \x01(\x08\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.epd.v1.TransferState\x12\x14\n\x0cwrites_ended\x18\x03 \x01(\x08\"\x10\n\x0eGetPoolRequest\"\xda\x01\n\x08PoolInfo\x12\"\n\x06layout\x18\x01 \x01(\x0b\x32\x12.epd.v1.PoolLayout\x12\x13\n\x0bused_blocks\x18\x02 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\r\x12\x0f\n\x07waiters\x18\x04 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0f\n\x07session\x18\x06 \x01(\t\x12\x0c\n\x04rank\x18\x07 \x01(\r\x12$\n\nrank_pools\x18\x08 \x03(\x0b\x32\x10.epd.v1.RankPool\x12\x1a\n\x12quarantined_blocks\x18\t \x01(\r\"\x88\x01\n\x08RankPool\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x13\n\x0bused_blocks\x18\x02 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\r\x12\x0f\n\x07waiters\x18\x04 \x01(\r\x12\x1a\n\x12quarantined_blocks\x18\x06 \x01(\rJ\x04\x08\x05\x10\x06R\x11\x66\x61ult_held_blocks\"\x17\n\x15GetDiagnosticsRequest\"\x93\x01\n\x0b\x44iagnostics\x12\x15\n\rasyncio_tasks\x18\x01 \x01(\r\x12\x0f\n\x07threads\x18\x02 \x01(\r\x12\x11\n\trss_bytes\x18\x03 \x01(\x04\x12\x16\n\x0elive_transfers\x18\x04 \x01(\r\x12\x19\n\x11history_transfers\x18\x05 \x01(\r\x12\x16\n\x0estatus_streams\x18\x06 \x01(\r*\xcf\x01\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12 \n\x1cTRANSFER_STATE_BOOTSTRAPPING\x10\x01\x12$\n TRANSFER_STATE_WAITING_FOR_INPUT\x10\x02\x12\x1f\n\x1bTRANSFER_STATE_TRANSFERRING\x10\x03\x12\x1a\n\x16TRANSFER_STATE_SUCCESS\x10\x04\x12\x19\n\x15TRANSFER_STATE_FAILED\x10\x05*\x86\x02\n\rFailureReason\x12\x1e\n\x1a\x46\x41ILURE_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46\x41ILURE_REASON_TIMEOUT\x10\x01\x12\x1c\n\x18\x46\x41ILURE_REASON_CANCELLED\x10\x02\x12\x1c\n\x18\x46\x41ILURE_REASON_TRANSPORT\x10\x03\x12\x1c\n\x18\x46\x41ILURE_REASON_INTEGRITY\x10\x04\x12%\n!FAILURE_REASON_RESOURCE_EXHAUSTED\x10\x05\x12\x1c\n\x18\x46\x41ILURE_REASON_PEER_LOST\x10\x06\x12\x1a\n\x16\x46\x41ILURE_REASON_INVALID\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epd.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRANSFERSTATE']._serialized_start=2191
-  _globals['_TRANSFERSTATE']._serialized_end=2398
-  _globals['_FAILUREREASON']._serialized_start=2401
-  _globals['_FAILUREREASON']._serialized_end=2663
+  _globals['_TRANSFERSTATE']._serialized_start=2344
+  _globals['_TRANSFERSTATE']._serialized_end=2551
+  _globals['_FAILUREREASON']._serialized_start=2554
+  _globals['_FAILUREREASON']._serialized_end=2816
   _globals['_IMAGE']._serialized_start=31
   _globals['_IMAGE']._serialized_end=71
   _globals['_FIELDLAYOUT']._serialized_start=73
@@ -45,30 +45,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRANSFERERROR']._serialized_end=415
   _globals['_CHECKSUM']._serialized_start=417
   _globals['_CHECKSUM']._serialized_end=457
-  _globals['_TRANSFERSTATUS']._serialized_start=460
-  _globals['_TRANSFERSTATUS']._serialized_end=782
-  _globals['_RANKVIEW']._serialized_start=784
-  _globals['_RANKVIEW']._serialized_end=910
-  _globals['_TRANSFERINFO']._serialized_start=913
-  _globals['_TRANSFERINFO']._serialized_end=1244
-  _globals['_GETTRANSFERREQUEST']._serialized_start=1246
-  _globals['_GETTRANSFERREQUEST']._serialized_end=1286
-  _globals['_LISTTRANSFERSREQUEST']._serialized_start=1288
-  _globals['_LISTTRANSFERSREQUEST']._serialized_end=1364
-  _globals['_LISTTRANSFERSREPLY']._serialized_start=1366
-  _globals['_LISTTRANSFERSREPLY']._serialized_end=1427
-  _globals['_CANCELREQUEST']._serialized_start=1429
-  _globals['_CANCELREQUEST']._serialized_end=1541
-  _globals['_CANCELREPLY']._serialized_start=1543
-  _globals['_CANCELREPLY']._serialized_end=1635
-  _globals['_GETPOOLREQUEST']._serialized_start=1637
-  _globals['_GETPOOLREQUEST']._serialized_end=1653
-  _globals['_POOLINFO']._serialized_start=1656
-  _globals['_POOLINFO']._serialized_end=1874
-  _globals['_RANKPOOL']._serialized_start=1877
-  _globals['_RANKPOOL']._serialized_end=2013
-  _globals['_GETDIAGNOSTICSREQUEST']._serialized_start=2015
-  _globals['_GETDIAGNOSTICSREQUEST']._serialized_end=2038
-  _globals['_DIAGNOSTICS']._serialized_start=2041
-  _globals['_DIAGNOSTICS']._serialized_end=2188
+  _globals['_IMAGESPAN']._serialized_start=459
+  _globals['_IMAGESPAN']._serialized_end=575
+  _globals['_TRANSFERSTATUS']._serialized_start=578
+  _globals['_TRANSFERSTATUS']._serialized_end=935
+  _globals['_RANKVIEW']._serialized_start=937
+  _globals['_RANKVIEW']._serialized_end=1063
+  _globals['_TRANSFERINFO']._serialized_start=1066
+  _globals['_TRANSFERINFO']._serialized_end=1397
+  _globals['_GETTRANSFERREQUEST']._serialized_start=1399
+  _globals['_GETTRANSFERREQUEST']._serialized_end=1439
+  _globals['_LISTTRANSFERSREQUEST']._serialized_start=1441
+  _globals['_LISTTRANSFERSREQUEST']._serialized_end=1517
+  _globals['_LISTTRANSFERSREPLY']._serialized_start=1519
+  _globals['_LISTTRANSFERSREPLY']._serialized_end=1580
+  _globals['_CANCELREQUEST']._serialized_start=1582
+  _globals['_CANCELREQUEST']._serialized_end=1694
+  _globals['_CANCELREPLY']._serialized_start=1696
+  _globals['_CANCELREPLY']._serialized_end=1788
+  _globals['_GETPOOLREQUEST']._serialized_start=1790
+  _globals['_GETPOOLREQUEST']._serialized_end=1806
+  _globals['_POOLINFO']._serialized_start=1809
+  _globals['_POOLINFO']._serialized_end=2027
+  _globals['_RANKPOOL']._serialized_start=2030
+  _globals['_RANKPOOL']._serialized_end=2166
+  _globals['_GETDIAGNOSTICSREQUEST']._serialized_start=2168
+  _globals['_GETDIAGNOSTICSREQUEST']._serialized_end=2191
+  _globals['_DIAGNOSTICS']._serialized_start=2194
+  _globals['_DIAGNOSTICS']._serialized_end=2341
 # @@protoc_insertion_point(module_scope)

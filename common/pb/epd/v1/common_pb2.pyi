@@ -95,8 +95,24 @@ class Checksum(_message.Message):
     value: int
     def __init__(self, field: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
 
+class ImageSpan(_message.Message):
+    __slots__ = ("image", "start_token", "tokens", "key", "first_position", "reused")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    START_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    FIRST_POSITION_FIELD_NUMBER: _ClassVar[int]
+    REUSED_FIELD_NUMBER: _ClassVar[int]
+    image: int
+    start_token: int
+    tokens: int
+    key: str
+    first_position: _containers.RepeatedScalarFieldContainer[int]
+    reused: bool
+    def __init__(self, image: _Optional[int] = ..., start_token: _Optional[int] = ..., tokens: _Optional[int] = ..., key: _Optional[str] = ..., first_position: _Optional[_Iterable[int]] = ..., reused: _Optional[bool] = ...) -> None: ...
+
 class TransferStatus(_message.Message):
-    __slots__ = ("request_id", "state", "sent_tokens", "total_tokens", "round", "round_tokens", "allocated_tokens", "checksums", "error", "landed_tokens", "landed_checksums")
+    __slots__ = ("request_id", "state", "sent_tokens", "total_tokens", "round", "round_tokens", "allocated_tokens", "checksums", "error", "landed_tokens", "landed_checksums", "images")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +124,7 @@ class TransferStatus(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     LANDED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LANDED_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     state: TransferState
     sent_tokens: int
@@ -119,7 +136,8 @@ class TransferStatus(_message.Message):
     error: TransferError
     landed_tokens: int
     landed_checksums: _containers.RepeatedCompositeFieldContainer[Checksum]
-    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[_Union[TransferState, str]] = ..., sent_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., round: _Optional[int] = ..., round_tokens: _Optional[int] = ..., allocated_tokens: _Optional[int] = ..., checksums: _Optional[_Iterable[_Union[Checksum, _Mapping]]] = ..., error: _Optional[_Union[TransferError, _Mapping]] = ..., landed_tokens: _Optional[int] = ..., landed_checksums: _Optional[_Iterable[_Union[Checksum, _Mapping]]] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[ImageSpan]
+    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[_Union[TransferState, str]] = ..., sent_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., round: _Optional[int] = ..., round_tokens: _Optional[int] = ..., allocated_tokens: _Optional[int] = ..., checksums: _Optional[_Iterable[_Union[Checksum, _Mapping]]] = ..., error: _Optional[_Union[TransferError, _Mapping]] = ..., landed_tokens: _Optional[int] = ..., landed_checksums: _Optional[_Iterable[_Union[Checksum, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[ImageSpan, _Mapping]]] = ...) -> None: ...
 
 class RankView(_message.Message):
     __slots__ = ("rank", "state", "sent_tokens", "allocated_tokens", "session")

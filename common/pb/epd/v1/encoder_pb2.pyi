@@ -28,18 +28,22 @@ class EncodeRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., text: _Optional[str] = ..., synthetic_tokens: _Optional[int] = ..., synthetic_seed: _Optional[int] = ..., rank_count: _Optional[int] = ..., language_id: _Optional[str] = ..., init: _Optional[_Union[InitRequest, _Mapping]] = ...) -> None: ...
 
 class EncodeReply(_message.Message):
-    __slots__ = ("request_id", "total_tokens", "encode_seconds", "init_applied", "init_error")
+    __slots__ = ("request_id", "total_tokens", "encode_seconds", "init_applied", "init_error", "cached_tokens", "cached_images")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     INIT_APPLIED_FIELD_NUMBER: _ClassVar[int]
     INIT_ERROR_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_IMAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     total_tokens: int
     encode_seconds: float
     init_applied: bool
     init_error: str
-    def __init__(self, request_id: _Optional[str] = ..., total_tokens: _Optional[int] = ..., encode_seconds: _Optional[float] = ..., init_applied: _Optional[bool] = ..., init_error: _Optional[str] = ...) -> None: ...
+    cached_tokens: int
+    cached_images: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., total_tokens: _Optional[int] = ..., encode_seconds: _Optional[float] = ..., init_applied: _Optional[bool] = ..., init_error: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., cached_images: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("language_id", "rank", "session", "layout", "proof_nonce")
@@ -72,15 +76,17 @@ class ChallengeReply(_message.Message):
     def __init__(self, nonce: _Optional[bytes] = ..., expires_in_s: _Optional[float] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("encoder_id", "layout")
+    __slots__ = ("encoder_id", "layout", "model_fingerprint")
     ENCODER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     encoder_id: str
     layout: _common_pb2.PoolLayout
-    def __init__(self, encoder_id: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.PoolLayout, _Mapping]] = ...) -> None: ...
+    model_fingerprint: str
+    def __init__(self, encoder_id: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.PoolLayout, _Mapping]] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
 
 class InitRequest(_message.Message):
-    __slots__ = ("request_id", "language_id", "rank", "rank_count", "dst_blocks", "allocated_tokens", "progress_tokens")
+    __slots__ = ("request_id", "language_id", "rank", "rank_count", "dst_blocks", "allocated_tokens", "progress_tokens", "held_images")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +94,7 @@ class InitRequest(_message.Message):
     DST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HELD_IMAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     language_id: str
     rank: int
@@ -95,7 +102,8 @@ class InitRequest(_message.Message):
     dst_blocks: _containers.RepeatedScalarFieldContainer[int]
     allocated_tokens: int
     progress_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., language_id: _Optional[str] = ..., rank: _Optional[int] = ..., rank_count: _Optional[int] = ..., dst_blocks: _Optional[_Iterable[int]] = ..., allocated_tokens: _Optional[int] = ..., progress_tokens: _Optional[int] = ...) -> None: ...
+    held_images: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., language_id: _Optional[str] = ..., rank: _Optional[int] = ..., rank_count: _Optional[int] = ..., dst_blocks: _Optional[_Iterable[int]] = ..., allocated_tokens: _Optional[int] = ..., progress_tokens: _Optional[int] = ..., held_images: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class InitReply(_message.Message):
     __slots__ = ("state",)

@@ -1,0 +1,199 @@
+"""A repeated image: encoded once, and not sent again where every data rank still holds its rows.
+
+Real encoder and language processes with the tiny Qwen2-VL, real Mooncake TCP. The oracle is a
+second pair with both caches off (`--embedding-cache-bytes 0`): every payload digest with reuse
+must equal its digest there, and the token counts come from the image processor's own resize rule
+(`qwen.image_tokens`). Each scenario ends with every pool free.
+
+- tp=1 (the Init carried by the Encode) and tp=2 (each rank's own Init, rank 0's proposal carried
+  by the admission);
+- the same image after other texts, in another order, several images with one repeated;
+- a large image whose rows cross round boundaries, in a payload larger than the pool;
+- rank 1 without the rows (fault injection `forget_images`): nothing is skipped, on either rank;
+- rows evicted on the language side (a store that holds one image): received again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from common.pb.epd.v1 import common_pb2, language_pb2
+from services.models import qwen
+from services.tools import demo
+from tests.conftest import Pair, assert_all_free, language_stub
+
+HIDDEN = 64
+BLOCK = 128
+LANGUAGE_BLOCKS = 6  # 768 tokens: the large image's payload does not fit
+INITIAL_TOKENS = 256
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+
+SMALL = (320, 240, "png")  # 99 tokens
+OTHER = (200, 200, "jpeg")
+WIDE = (448, 160, "png")
+LARGE = (1120, 980, "png")  # 1,400 tokens: several rounds, more than the pool
+
+
+def make_pair(*language_args: str, cache: bool = True, fault: str = "") -> Pair:
+    off = () if cache else ("--embedding-cache-bytes", "0")
+    return Pair(
+        hidden=HIDDEN,
+        block_size=BLOCK,
+        encoder_blocks=64,
+        language_blocks=LANGUAGE_BLOCKS,
+        initial_tokens=INITIAL_TOKENS,
+        encoder_args=["--model", "tiny", "--max-request-tokens", "3000", *off],
+        language_args=[
+            *off,
+            *language_args,
+            *(("--fault", fault) if fault else ()),
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def plain():
+    p = make_pair(cache=False)
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def reuse():
+    p = make_pair()
+    yield p
+    p.stop()
+
+
+def image(spec: tuple[int, int, str], seed: int) -> common_pb2.Image:
+    w, h, fmt = spec
+    return common_pb2.Image(data=demo.make_image(w, h, fmt, seed=seed), mime_type=f"image/{fmt}")
+
+
+def tokens_of(spec: tuple[int, int, str]) -> int:
+    return qwen.image_tokens(spec[0], spec[1])
+
+
+async def generate(pair: Pair, request_id: str, images, text: str) -> language_pb2.GenerateReply:
+    return await language_stub(pair.language.address).Generate(
+        language_pb2.GenerateRequest(
+            request_id=request_id, images=images, text=text, want_digest=True
+        ),
+        timeout=120,
+    )
+
+
+async def same_as_plain(
+    pair: Pair, plain: Pair, request_id: str, images, text: str
+) -> language_pb2.GenerateReply:
+    """Generate on `pair`; its digest must equal the digest of the same request with no cache."""
+    reply, expected = await asyncio.gather(
+        generate(pair, request_id, images, text), generate(plain, request_id, images, text)
+    )
+    assert reply.payload_sha256 == expected.payload_sha256, request_id
+    assert reply.total_tokens == expected.total_tokens
+    assert reply.integrity_verified
+    assert expected.cached_tokens == 0 and expected.transferred_tokens == expected.total_tokens
+    return reply
+
+
+async def all_free(*pairs: Pair) -> None:
+    for p in pairs:
+        await assert_all_free((p.encoder.address, "encoder"), (p.language.address, "language"))
+
+
+async def test_repeated_image_after_other_text_is_not_sent_again(reuse, plain, unique_id):
+    x = image(SMALL, seed=11)
+    n = tokens_of(SMALL)
+    first = await same_as_plain(reuse, plain, unique_id("a"), [x], "What is in <image>?")
+    assert (first.cached_tokens, first.transferred_tokens) == (0, first.total_tokens)
+
+    again = await same_as_plain(
+        reuse, plain, unique_id("b"), [x], "And now, in a few more words: <image>"
+    )
+    assert again.cached_tokens == n
+    assert again.transferred_tokens == again.total_tokens - n
+    assert again.ranks[0].reused_tokens == n
+    assert again.ranks[0].transferred_tokens == again.total_tokens - n
+    await all_free(reuse, plain)
+
+
+async def test_several_images_one_repeated_in_another_order(reuse, plain, unique_id):
+    a, b, c = image(OTHER, seed=21), image(WIDE, seed=22), image(SMALL, seed=23)
+    await same_as_plain(reuse, plain, unique_id("ab"), [a, b], "Compare <image> with <image>.")
+    # b again, now first, beside a new image c; a is held but not in this request.
+    reply = await same_as_plain(
+        reuse, plain, unique_id("cb"), [b, c], "First <image>, then <image>."
+    )
+    assert reply.cached_tokens == tokens_of(WIDE)
+    assert reply.transferred_tokens == reply.total_tokens - tokens_of(WIDE)
+    # The same image twice in one request: the first is received, the second is not new.
+    twice = await same_as_plain(
+        reuse, plain, unique_id("cc"), [c, c], "<image> and <image> again"
+    )
+    assert twice.transferred_tokens == twice.total_tokens - 2 * tokens_of(SMALL)
+    await all_free(reuse, plain)
+
+
+async def test_large_image_across_rounds_and_larger_than_the_pool(reuse, plain, unique_id):
+    big = image(LARGE, seed=31)
+    n = tokens_of(LARGE)
+    assert n > LANGUAGE_BLOCKS * BLOCK  # the payload cannot be in the pool at once
+    first = await same_as_plain(reuse, plain, unique_id("1"), [big], "Describe <image>.")
+    assert first.rounds >= 3
+    again = await same_as_plain(reuse, plain, unique_id("2"), [big], "Once more: <image>")
+    assert again.rounds == first.rounds  # the rounds are the same; their writes are smaller
+    assert (again.cached_tokens, again.transferred_tokens) == (n, again.total_tokens - n)
+    await all_free(reuse, plain)
+
+
+async def test_rows_evicted_on_the_language_are_received_again(plain, unique_id):
+    # A language store of one small image's records: the second image evicts the first.
+    record_bytes = 160  # 64 bf16 + int32 + 3 int32, padded to 16
+    pair = make_pair("--embedding-cache-bytes", str(tokens_of(SMALL) * record_bytes + 1))
+    try:
+        x, y = image(SMALL, seed=41), image(SMALL, seed=42)
+        n = tokens_of(SMALL)
+        await same_as_plain(pair, plain, unique_id("x"), [x], "<image>")
+        kept = await same_as_plain(pair, plain, unique_id("x2"), [x], "<image>?")
+        assert kept.transferred_tokens == kept.total_tokens - n
+        await same_as_plain(pair, plain, unique_id("y"), [y], "<image>")  # evicts x
+        back = await same_as_plain(pair, plain, unique_id("x3"), [x], "<image>!")
+        assert back.transferred_tokens == back.total_tokens  # received again
+        assert back.cached_tokens == n  # the encoder's cache still had its rows
+        await all_free(pair, plain)
+    finally:
+        pair.stop()
+
+
+async def test_tp2_every_data_rank_fills_the_same_rows(plain, unique_id):
+    pair = make_pair("--tp", "2")
+    try:
+        x = image(WIDE, seed=51)
+        n = tokens_of(WIDE)
+        await same_as_plain(pair, plain, unique_id("1"), [x], "<image> in short")
+        reply = await same_as_plain(pair, plain, unique_id("2"), [x], "<image> at length")
+        assert reply.transferred_tokens == reply.total_tokens - n
+        assert [r.reused_tokens for r in reply.ranks] == [n, n]
+        assert len({r.payload_sha256 for r in reply.ranks}) == 1
+        await all_free(pair, plain)
+    finally:
+        pair.stop()
+
+
+async def test_tp2_a_rank_without_the_rows_means_none_are_skipped(plain, unique_id):
+    pair = make_pair("--tp", "2", fault="rank=1,forget_images=1")
+    try:
+        x = image(WIDE, seed=61)
+        await same_as_plain(pair, plain, unique_id("1"), [x], "<image> in short")
+        reply = await same_as_plain(pair, plain, unique_id("2"), [x], "<image> at length")
+        # Rank 0 holds the rows and proposed them; rank 1 does not: every rank receives them.
+        assert reply.transferred_tokens == reply.total_tokens
+        assert [r.reused_tokens for r in reply.ranks] == [0, 0]
+        assert reply.cached_tokens == tokens_of(WIDE)  # the encoder's own cache served them
+        await all_free(pair, plain)
+    finally:
+        pair.stop()
