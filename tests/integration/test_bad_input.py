@@ -489,6 +489,28 @@ async def test_init_bad_allocation_is_invalid_argument(
     await all_free(encoder, reg)
 
 
+@pytest.mark.parametrize(
+    "held, needle",
+    [
+        (["not-a-key"], "held_images[0]='not-a-key'"),
+        (["AB" * 32], "held_images[0]="),  # upper-case hex is not the key's spelling
+        (["ab" * 32, "cd" * 31], "held_images[1]="),
+        (["ab" * 32] * 100, "100 held_images"),
+    ],
+    ids=["not-hex", "upper-case", "short", "too-many"],
+)
+async def test_init_bad_held_images_is_invalid_argument(encoder, enc, reg, held, needle):
+    request_id = rid()
+    before, pool_before = await listing(enc), await pool_state(enc)
+    req = reg.init_request(request_id, [0])
+    req.held_images.extend(held)
+    await expect_error(enc.Init(req), grpc.StatusCode.INVALID_ARGUMENT, request_id, needle)
+    await assert_absent(enc, request_id)
+    assert await listing(enc) == before
+    assert await pool_state(enc) == pool_before
+    await all_free(encoder, reg)
+
+
 async def test_init_unregistered_language_is_failed_precondition(encoder, enc, reg):
     request_id, stranger = rid(), rid("stranger")
     before = await listing(enc)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.plan import blocks_for_tokens, plan_round, token_runs
+from common.plan import blocks_for_tokens, plan_round, token_runs, uncovered
 
 SRC_BASE = 0x10_0000
 DST_BASE = 0x90_0000
@@ -209,3 +209,22 @@ def test_large_round_is_fast():
     )
     assert time.perf_counter() - t0 < 0.5
     assert sum(nb for _, _, nb in triples) == 100_000 * 7184
+
+
+@pytest.mark.parametrize(
+    "lo, hi, covered, expected",
+    [
+        (0, 10, [], [(0, 10)]),
+        (0, 10, [(0, 10)], []),
+        (0, 10, [(2, 4), (6, 8)], [(0, 2), (4, 6), (8, 10)]),
+        (5, 15, [(0, 7), (12, 20)], [(7, 12)]),
+        (5, 15, [(0, 3), (20, 30)], [(5, 15)]),
+        (0, 10, [(3, 4), (4, 5)], [(0, 3), (5, 10)]),
+    ],
+)
+def test_uncovered_is_what_a_round_writes_around_reused_rows(lo, hi, covered, expected):
+    assert uncovered(lo, hi, covered) == expected
+    # Written and covered together are the range, once each.
+    inside = [(max(a, lo), min(b, hi)) for a, b in covered if min(b, hi) > max(a, lo)]
+    tokens = sorted(t for a, b in [*expected, *inside] for t in range(a, b))
+    assert tokens == list(range(lo, hi))

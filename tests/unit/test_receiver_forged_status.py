@@ -16,7 +16,7 @@ import pytest
 from common import errors
 from common.layout import RecordLayout, default_fields
 from common.pool import BlockPool
-from common.states import FailureReason, StatusUpdate, TransferState
+from common.states import FailureReason, ImageSpan, StatusUpdate, TransferState
 from services.language.receiver import ReceiveTask
 
 BLOCK = 16
@@ -68,7 +68,7 @@ class ForgingLink:
         return True  # the encoder says no write of the transfer can land
 
 
-def st(state, sent, total, rnd, round_tokens=None, allocated=None, checksums=()):
+def st(state, sent, total, rnd, round_tokens=None, allocated=None, checksums=(), images=()):
     n = round_tokens if round_tokens is not None else 0
     return StatusUpdate(
         "r",
@@ -79,7 +79,12 @@ def st(state, sent, total, rnd, round_tokens=None, allocated=None, checksums=())
         round_tokens=n,
         allocated_tokens=n if allocated is None else allocated,
         checksums=checksums,
+        images=images,
     )
+
+
+def span(start, tokens, reused=False, image=0, key="ab" * 32):
+    return ImageSpan(image, start, tokens, key, (start, start, start), reused)
 
 
 def round_(state, sent, total, rnd, handled, **kw):
@@ -151,6 +156,25 @@ FORGED = {
             )
         ],
         "checksums for fields",
+    ),
+    "rows marked reused that the rank never claimed": (
+        [round_(S, 20, 20, 1, 0, images=(span(4, 8, reused=True),))],
+        "did not say it holds",
+    ),
+    "image spans overlapping": (
+        [round_(S, 20, 20, 1, 0, images=(span(2, 8), span(6, 4, image=1)))],
+        "overlap an earlier image",
+    ),
+    "an image span beyond the payload": (
+        [round_(S, 20, 20, 1, 0, images=(span(16, 8),))],
+        "leave the payload of 20 tokens",
+    ),
+    "image spans changing between rounds": (
+        [
+            round_(T, 32, 100, 1, 0, images=(span(40, 8),)),
+            round_(T, 64, 100, 2, 32, images=(span(48, 8),)),
+        ],
+        "the image spans changed",
     ),
     "state going back": (
         [round_(T, 32, 100, 1, 0), st(B, 0, 0, 0)],

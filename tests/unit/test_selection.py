@@ -15,6 +15,7 @@ from services.language.rank_group import (
     _ADMIT_WORDS,
     ADMIT_KEY_BYTES,
     RequestSpec,
+    MAX_HELD,
     _pack_admit,
     _unpack_admit,
 )
@@ -185,9 +186,10 @@ def test_encoder_file_adds_addresses_and_names_a_bad_line(tmp_path):
 @given(
     st.text(min_size=1, max_size=40).filter(lambda s: len(s.encode()) <= ADMIT_KEY_BYTES),
     st.integers(0, 63),
+    st.lists(st.binary(min_size=32, max_size=32), max_size=MAX_HELD),
 )
-def test_admission_record_carries_the_key_and_the_encoder(key, encoder):
+def test_admission_record_carries_the_key_the_encoder_and_the_held_images(key, encoder, held):
     t = torch.zeros(_ADMIT_WORDS + 3, dtype=torch.int64)
-    spec = RequestSpec(7, key, 1024, True, encoder)
+    spec = RequestSpec(7, key, 1024, True, encoder, tuple(h.hex() for h in held))
     _pack_admit(t, 2, spec)
     assert _unpack_admit(t, 2) == spec
