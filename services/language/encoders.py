@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from common import errors
 from common.layout import PoolGeometry
 from services.language.encoder_link import GrpcEncoderLink, Prove
-from services.language.selection import EncoderSelector, EncoderView
+from services.language.selection import EncoderSelector, EncoderView, ImageAffinity
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class EncoderDirectory:
         self.links: list = []
         self.views: list[EncoderView] = []
         self.selector = EncoderSelector(policy)
+        self.affinity = ImageAffinity()  # rank 0: which encoder had which images encoded
         self.dns_names = list(dns_names)
         self._tasks: list[asyncio.Task] = []
         self._registration: tuple[int, str, PoolGeometry, Prove] | None = (
@@ -283,5 +284,8 @@ class EncoderDirectory:
 
     # ------------------------------------------------------------------ selection (rank 0)
 
-    def pick(self, exclude: Sequence[int] = ()) -> EncoderView | None:
-        return self.selector.pick(self.views, exclude)
+    def pick(self, exclude: Sequence[int] = (), images: Sequence[bytes] = ()) -> EncoderView | None:
+        """An encoder for a request with these images (by `image_digest`), or None."""
+        return self.selector.pick(
+            self.views, exclude, self.affinity.held(images) if images else None
+        )

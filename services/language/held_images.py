@@ -60,10 +60,10 @@ class HeldImages:
         return self.rows.capacity_bytes > 0
 
     @staticmethod
-    def keys(fingerprint: str, images: Sequence[tuple[bytes, str]]) -> list[str]:
-        """The key of each image under the encoder whose model has `fingerprint` ("" when that
-        encoder has no vision model: no key, nothing to reuse)."""
-        return [image_key(fingerprint, data) for data, _mime in images] if fingerprint else []
+    def keys(fingerprint: str, digests: Sequence[bytes]) -> list[str]:
+        """The key of each image (by its `image_digest`) under the encoder whose model has
+        `fingerprint` ("" when that encoder has no vision model: no key, nothing to reuse)."""
+        return [image_key(fingerprint, d) for d in digests] if fingerprint else []
 
     def claim(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """The rows held of `keys` (each looked up once, counted as a hit or a miss)."""

@@ -7,6 +7,14 @@ feeds the views from health checks and GetPool/GetDiagnostics polls.
   and what this instance has sent it since (its own, counted at once, so a burst between two
   polls spreads too) — then the fewest allocations waiting for source blocks, then the largest
   free share of the source pool; ties go round-robin.
+  With images, an encoder that holds some of the request's images comes first (the most of
+  them; among equals, the least loaded), unless it has more than AFFINITY_MAX_EXTRA_LOAD
+  transfers in flight beyond the least-loaded candidate: a popular image must not pile every
+  request onto one encoder. What an encoder holds is this instance's own record
+  (`ImageAffinity`): every encoder caches each image it encodes, so the images this instance
+  had encoded there recently, up to a bound, stand for what it holds. The record can be wrong
+  (the encoder evicted them, restarted, or another instance filled it); a wrong guess costs one
+  vision-tower pass, never a wrong payload.
 - `round-robin`: the next available encoder after the last one picked.
 
 An encoder is available when its last health check said SERVING, it was reachable, and it is
@@ -16,9 +24,15 @@ not draining. `pick(exclude=...)` leaves out encoders already tried (failover).
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 POLICIES = ("least-loaded", "round-robin")
+AFFINITY_MAX_EXTRA_LOAD = 4
+"""How many more transfers in flight than the least-loaded candidate an encoder holding the
+request's images may have and still be preferred."""
+AFFINITY_IMAGES = 4096
+"""Images `ImageAffinity` remembers (least recently sent forgotten first)."""
 
 
 @dataclasses.dataclass
@@ -64,6 +78,30 @@ class EncoderView:
         return self.available and self.registered and not self.retired
 
 
+class ImageAffinity:
+    """Which encoders this instance recently had encode which images (by `image_digest`)."""
+
+    def __init__(self, capacity: int = AFFINITY_IMAGES):
+        self.capacity = capacity
+        self._where: OrderedDict[bytes, set[int]] = OrderedDict()
+
+    def remember(self, encoder: int, digests: Iterable[bytes]) -> None:
+        """`encoder` encoded these images (its cache now holds their rows)."""
+        for digest in digests:
+            self._where.setdefault(digest, set()).add(encoder)
+            self._where.move_to_end(digest)
+        while len(self._where) > self.capacity:
+            self._where.popitem(last=False)
+
+    def held(self, digests: Sequence[bytes]) -> dict[int, int]:
+        """Encoder index -> how many of these images it is thought to hold."""
+        counts: dict[int, int] = {}
+        for digest in dict.fromkeys(digests):
+            for encoder in self._where.get(digest, ()):
+                counts[encoder] = counts.get(encoder, 0) + 1
+        return counts
+
+
 class EncoderSelector:
     """Picks an encoder for each request; see the module docstring."""
 
@@ -73,8 +111,14 @@ class EncoderSelector:
         self.policy = policy
         self._next = 0  # round-robin cursor (also the tie-break of least-loaded)
 
-    def pick(self, views: Sequence[EncoderView], exclude: Iterable[int] = ()) -> EncoderView | None:
-        """The encoder for the next request, or None when none is available."""
+    def pick(
+        self,
+        views: Sequence[EncoderView],
+        exclude: Iterable[int] = (),
+        held: dict[int, int] | None = None,
+    ) -> EncoderView | None:
+        """The encoder for the next request, or None when none is available. `held`: encoder
+        index -> images of the request it holds (`ImageAffinity.held`)."""
         excluded = set(exclude)
         n = len(views)
         if n == 0:
@@ -89,5 +133,15 @@ class EncoderSelector:
         else:
             # min() keeps the first of equals: the round-robin order breaks ties.
             chosen = min(candidates, key=lambda v: (v.load, v.waiters, -v.free_share))
+            holders = [
+                v
+                for v in candidates
+                if (held or {}).get(v.index) and v.load <= chosen.load + AFFINITY_MAX_EXTRA_LOAD
+            ]
+            if holders:
+                chosen = min(
+                    holders,
+                    key=lambda v: (-(held or {})[v.index], v.load, v.waiters, -v.free_share),
+                )
         self._next = (views.index(chosen) + 1) % n
         return chosen

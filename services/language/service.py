@@ -38,9 +38,12 @@ from services.language.rank_group import (
 )
 from services.language.receive_options import CarriedInit
 from services.language.worker import RankOutcome, RankWorker, cancel_and_wait
+from services.models.embedding_cache import image_digest
 from services.parts import Parts
 
 log = logging.getLogger(__name__)
+
+HASH_ON_LOOP_BYTES = 256 * 1024  # image bytes hashed on the event loop; more go to a worker thread
 
 SERVICE_NAME = "epd.v1.Language"
 
@@ -302,11 +305,12 @@ class LanguageService:
         started = time.monotonic()
         tried: list[int] = []
         first_error: errors.EpdError | None = None
+        digests = await self._image_digests(request)
         while True:
             if first_error is None:
-                view = await self._pick_encoder(request_id, tried)
+                view = await self._pick_encoder(request_id, tried, digests)
             else:
-                view = self.worker.encoders.pick(exclude=tried)
+                view = self.worker.encoders.pick(exclude=tried, images=digests)
                 if view is None:  # nowhere else to go: the first failure is the answer
                     raise first_error
                 record.failed_over_from = record.encoder
@@ -334,19 +338,35 @@ class LanguageService:
             view.picked += 1
             try:
                 return await self._attempt(
-                    request_id, request, record, view, started, may_retry=attempt < MAX_ATTEMPTS
+                    request_id,
+                    request,
+                    record,
+                    view,
+                    started,
+                    digests,
+                    may_retry=attempt < MAX_ATTEMPTS,
                 )
             except _RetryElsewhere as retry:
                 first_error = retry.error
             finally:
                 view.inflight -= 1
 
-    async def _pick_encoder(self, request_id: str, tried: list[int]):
-        """An available encoder; waits up to CONNECT_WAIT_S for one (e.g. a restarting encoder),
-        then UNAVAILABLE naming each encoder's state."""
+    @staticmethod
+    async def _image_digests(request) -> list[bytes]:
+        """Each image's `image_digest` (what the encoder choice and the held rows go by); big
+        images are hashed in a worker thread."""
+        images = [im.data for im in request.images]
+        if sum(len(data) for data in images) <= HASH_ON_LOOP_BYTES:
+            return [image_digest(data) for data in images]
+        return await asyncio.to_thread(lambda: [image_digest(data) for data in images])
+
+    async def _pick_encoder(self, request_id: str, tried: list[int], digests: list[bytes]):
+        """An available encoder, preferring one that holds the request's images (selection.py);
+        waits up to CONNECT_WAIT_S for one (e.g. a restarting encoder), then UNAVAILABLE naming
+        each encoder's state."""
         deadline = time.monotonic() + CONNECT_WAIT_S
         while True:
-            view = self.worker.encoders.pick(exclude=tried)
+            view = self.worker.encoders.pick(exclude=tried, images=digests)
             if view is not None:
                 return view
             if time.monotonic() > deadline:
@@ -367,6 +387,7 @@ class LanguageService:
         record: GenerateRecord,
         view,
         started: float,
+        digests: list[bytes],
         *,
         may_retry: bool,
     ) -> language_pb2.GenerateReply:
@@ -376,11 +397,7 @@ class LanguageService:
         so the Init's round trip overlaps the encoding; otherwise after the Encode returned."""
         link = self.worker.encoders.links[view.index]
         transfer_id = self.worker.transfer_id(record.key)
-        held = await self.worker.claim_images(
-            record.key,
-            link.model_fingerprint,
-            [(im.data, im.mime_type) for im in request.images],
-        )
+        held = self.worker.claim_images(record.key, link.model_fingerprint, digests)
         admission = Admission(
             self.worker,
             self.group,
@@ -404,6 +421,7 @@ class LanguageService:
             finally:
                 admission.encode_returned()
             record.encoded_at = time.monotonic()
+            self.worker.encoders.affinity.remember(view.index, digests)
             total = encoded.total_tokens
             admission.late()
             outcome: RankOutcome = await admission.outcome()

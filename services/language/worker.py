@@ -38,8 +38,6 @@ from services.parts import Parts
 
 log = logging.getLogger(__name__)
 
-HASH_ON_LOOP_BYTES = 256 * 1024  # image bytes hashed on the event loop; more go to a worker thread
-
 
 @dataclasses.dataclass
 class RankOutcome:
@@ -230,19 +228,14 @@ class RankWorker:
         task.add_done_callback(lambda _t: self.early.release(spec.request_id))
         task.add_done_callback(lambda _t: self.drop_claim(spec.request_id))
 
-    async def claim_images(
-        self, key: str, fingerprint: str, images: Sequence[tuple[bytes, str]]
-    ) -> tuple[str, ...]:
+    def claim_images(self, key: str, fingerprint: str, digests: Sequence[bytes]) -> tuple[str, ...]:
         """Rank 0, before admitting `key`: claim the rows this rank holds of the request's images
-        under the encoder whose model has `fingerprint`. Returns the keys claimed (at most
-        MAX_PROPOSED), which the admission proposes to the other ranks and the Init names."""
-        if not self.held.enabled or not fingerprint or not images:
+        (by `image_digest`) under the encoder whose model has `fingerprint`. Returns the keys
+        claimed (at most MAX_PROPOSED), which the admission proposes to the other ranks and the
+        Init names."""
+        if not self.held.enabled or not fingerprint or not digests:
             return ()
-        if sum(len(data) for data, _ in images) > HASH_ON_LOOP_BYTES:
-            keys = await asyncio.to_thread(HeldImages.keys, fingerprint, images)
-        else:
-            keys = HeldImages.keys(fingerprint, images)
-        claimed = self.held.claim(keys)
+        claimed = self.held.claim(HeldImages.keys(fingerprint, digests))
         claimed = dict(list(claimed.items())[:MAX_PROPOSED])
         self._claims[key] = claimed
         return tuple(claimed)

@@ -43,13 +43,16 @@ CacheEvent = Callable[[int, int, int, int], None]
 """(hits, misses, evictions, bytes held after the event): what the owner reports as metrics."""
 
 
-def image_key(fingerprint: str, data: bytes) -> str:
-    """The cache key of one image under one model: bytes and fingerprint, hashed together."""
-    digest = hashlib.sha256()
-    digest.update(fingerprint.encode())
-    digest.update(b"\0")
-    digest.update(data)
-    return digest.hexdigest()
+def image_digest(data: bytes) -> bytes:
+    """SHA-256 of an image's bytes as sent: what the image is, whatever model reads it."""
+    return hashlib.sha256(data).digest()
+
+
+def image_key(fingerprint: str, digest: bytes) -> str:
+    """The key of an image's rows under one model: sha256(fingerprint, 0, image_digest), in
+    lower-case hex. The encoder's cache, the spans it reports and the language's held rows all
+    use it, so the same image under another model is another key."""
+    return hashlib.sha256(fingerprint.encode() + b"\0" + digest).hexdigest()
 
 
 class EmbeddingCache:

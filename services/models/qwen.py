@@ -43,7 +43,13 @@ from common.errors import FailedPrecondition, InvalidArgument, shown
 from common.layout import RecordLayout
 from common.pool import field_of
 from common.states import ImageSpan
-from services.models.embedding_cache import IMAGES, EmbeddingCache, EncodedImages, image_key
+from services.models.embedding_cache import (
+    IMAGES,
+    EmbeddingCache,
+    EncodedImages,
+    image_digest,
+    image_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -388,8 +394,8 @@ class Plan:
     images: list[ImageInfo]
     opened: list[Any]
     """PIL images (header read; decoded by `prepare`)."""
-    data: list[bytes] = dataclasses.field(default_factory=list)
-    """Each image's bytes as sent (the embedding cache's key)."""
+    keys: list[str] = dataclasses.field(default_factory=list)
+    """Each image's key under this model (`image_key`): its cache entry, its span's key."""
     decoded: list[Any] | None = None
     cached: set[int] = dataclasses.field(default_factory=set)
     """Images whose rows came from the embedding cache (set by `embeddings`)."""
@@ -452,7 +458,10 @@ class QwenEncoderModel:
                 ids.extend([self.image_token] * infos[k].tokens)
                 ids.append(self.vision_end)
         plan = Plan(
-            torch.tensor(ids, dtype=torch.int64), infos, opened, [d for d, _ in inputs.images]
+            torch.tensor(ids, dtype=torch.int64),
+            infos,
+            opened,
+            [image_key(self.fingerprint, image_digest(d)) for d, _ in inputs.images],
         )
         inputs.scratch[MODEL_NAME] = plan
         return plan
@@ -530,7 +539,7 @@ class QwenEncoderModel:
         assert plan.decoded is not None  # prepare() ran
         if self.cache is None:
             return self._vision([plan.decoded[k]], [plan.images[k]])
-        key = image_key(self.fingerprint, plan.data[k])
+        key = plan.keys[k]
         rows = self.cache.get(key)
         if rows is not None and rows.shape[0] == plan.images[k].tokens:
             plan.cached.add(k)
@@ -569,7 +578,7 @@ class QwenEncoderModel:
                     k,
                     start,
                     info.tokens,
-                    image_key(self.fingerprint, plan.data[k]),
+                    plan.keys[k],
                     tuple(int(v) for v in pos[start].tolist()),
                 )
             )

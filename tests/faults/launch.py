@@ -19,9 +19,9 @@ import sys
 
 from common.config import ConfigError
 from services.encoder import transfer
+from services.language.held_images import HeldImages
 from services.parts import Parts, mooncake_transport
 from services.tools import cli
-from services.language.held_images import HeldImages
 from tests.faults.rank import FaultSpec, FaultyLink, HoldingConsumer
 from tests.faults.transport import FaultyTransport, TransportFaultSpec
 

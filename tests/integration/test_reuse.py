@@ -22,7 +22,7 @@ import pytest
 from common.pb.epd.v1 import common_pb2, language_pb2
 from services.models import qwen
 from services.tools import demo
-from tests.conftest import Pair, assert_all_free, language_stub
+from tests.conftest import Pair, ServiceProcess, assert_all_free, language_stub
 
 HIDDEN = 64
 BLOCK = 128
@@ -131,9 +131,7 @@ async def test_several_images_one_repeated_in_another_order(reuse, plain, unique
     assert reply.cached_tokens == tokens_of(WIDE)
     assert reply.transferred_tokens == reply.total_tokens - tokens_of(WIDE)
     # The same image twice in one request: the first is received, the second is not new.
-    twice = await same_as_plain(
-        reuse, plain, unique_id("cc"), [c, c], "<image> and <image> again"
-    )
+    twice = await same_as_plain(reuse, plain, unique_id("cc"), [c, c], "<image> and <image> again")
     assert twice.transferred_tokens == twice.total_tokens - 2 * tokens_of(SMALL)
     await all_free(reuse, plain)
 
@@ -197,3 +195,57 @@ async def test_tp2_a_rank_without_the_rows_means_none_are_skipped(plain, unique_
         await all_free(pair, plain)
     finally:
         pair.stop()
+
+
+async def test_a_repeated_image_goes_to_the_encoder_that_holds_it(unique_id):
+    common = ("--hidden", str(HIDDEN), "--block-size", str(BLOCK), "--model", "tiny")
+    a = ServiceProcess("encoder", *common, "--pool-blocks", "64")
+    b = ServiceProcess("encoder", *common, "--pool-blocks", "64")
+    lang = None
+    try:
+        lang = ServiceProcess(
+            "language",
+            *common[:4],
+            "--pool-blocks",
+            "16",
+            "--encoder",
+            a.address,
+            "--encoder",
+            b.address,
+        )
+        stub = language_stub(lang.address)
+        x, y = image(SMALL, seed=71), image(OTHER, seed=72)
+
+        async def ask(images, text):
+            return await stub.Generate(
+                language_pb2.GenerateRequest(request_id=unique_id("q"), images=images, text=text),
+                timeout=120,
+            )
+
+        await wait_for_both(stub)
+        first = await ask([x], "<image> one")
+        repeats = [await ask([x], f"<image> turn {k}") for k in range(4)]
+        # Load alone would alternate (a tie goes round-robin): the holder wins every time.
+        assert {r.encoder for r in repeats} == {first.encoder}
+        assert all(r.cached_tokens == tokens_of(SMALL) for r in repeats)
+        other = await ask([y], "<image> new")
+        assert other.encoder != first.encoder  # no holder: the next in turn
+        await assert_all_free(
+            (a.address, "encoder"), (b.address, "encoder"), (lang.address, "language")
+        )
+    finally:
+        for s in (lang, a, b):
+            if s is not None:
+                s.stop()
+
+
+async def wait_for_both(stub) -> None:
+    """A language is ready once one encoder registered; wait until text requests reach both."""
+    seen: set[str] = set()
+    for _ in range(200):
+        reply = await stub.Generate(language_pb2.GenerateRequest(text="hi"), timeout=30)
+        seen.add(reply.encoder)
+        if len(seen) == 2:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"only {seen} answered")

@@ -12,7 +12,7 @@ import torch
 
 from services.encoder.models import EncodeInputs
 from services.models import qwen
-from services.models.embedding_cache import EmbeddingCache, image_key
+from services.models.embedding_cache import EmbeddingCache, image_digest, image_key
 from services.tools.demo import make_image
 
 HIDDEN = 64
@@ -124,9 +124,10 @@ def test_zero_bytes_is_no_cache(plain):
 
 def test_the_key_names_the_bytes_and_the_model():
     fp = "model-a"
-    assert image_key(fp, A[0]) == image_key(fp, A[0])
-    assert image_key(fp, A[0]) != image_key(fp, B[0])
-    assert image_key(fp, A[0]) != image_key("model-b", A[0])
+    a, b = image_digest(A[0]), image_digest(B[0])
+    assert image_key(fp, a) == image_key(fp, image_digest(bytes(A[0])))
+    assert image_key(fp, a) != image_key(fp, b)
+    assert image_key(fp, a) != image_key("model-b", a)
 
 
 def test_the_fingerprint_tells_models_apart(plain):

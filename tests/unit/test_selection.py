@@ -14,12 +14,17 @@ from services.language.encoders import resolve_addresses
 from services.language.rank_group import (
     _ADMIT_WORDS,
     ADMIT_KEY_BYTES,
-    RequestSpec,
     MAX_HELD,
+    RequestSpec,
     _pack_admit,
     _unpack_admit,
 )
-from services.language.selection import EncoderSelector, EncoderView
+from services.language.selection import (
+    AFFINITY_MAX_EXTRA_LOAD,
+    EncoderSelector,
+    EncoderView,
+    ImageAffinity,
+)
 
 view_st = st.builds(
     EncoderView,
@@ -86,6 +91,37 @@ def test_least_loaded_spreads_a_burst_and_prefers_free_blocks():
     assert counts == [5, 5]
     views[0].live_transfers, views[0].inflight_at_poll = 8, 0  # other languages load encoder 0
     assert sel.pick(views).index == 1
+
+
+def test_an_encoder_holding_the_images_is_preferred_and_load_breaks_ties():
+    views = views_of([EncoderView(0, "", available=True, registered=True) for _ in range(3)])
+    sel = EncoderSelector()
+    affinity = ImageAffinity()
+    a, b = b"a" * 32, b"b" * 32
+    affinity.remember(2, [a])
+    affinity.remember(1, [a, b])
+    affinity.remember(2, [b])
+    assert affinity.held([a, b, a]) == {1: 2, 2: 2}
+    views[2].inflight = 1  # 1 and 2 hold both images: the less loaded one
+    assert sel.pick(views, held=affinity.held([a, b])).index == 1
+    assert sel.pick(views, held=affinity.held([b"c" * 32])).index == 0  # no holder: least loaded
+    # A holder far busier than the least-loaded encoder is passed over.
+    views[1].inflight = AFFINITY_MAX_EXTRA_LOAD + 1
+    views[2].inflight = AFFINITY_MAX_EXTRA_LOAD + 1
+    assert sel.pick(views, held=affinity.held([a])).index == 0
+    views[2].inflight = AFFINITY_MAX_EXTRA_LOAD
+    assert sel.pick(views, held=affinity.held([a])).index == 2
+    # Round-robin ignores what encoders hold.
+    rr = EncoderSelector("round-robin")
+    assert [rr.pick(views, held={2: 1}).index for _ in range(3)] == [0, 1, 2]
+
+
+def test_image_affinity_forgets_the_least_recently_sent_first():
+    affinity = ImageAffinity(capacity=2)
+    affinity.remember(0, [b"1", b"2"])
+    affinity.remember(1, [b"1"])  # 1 is now the most recent
+    affinity.remember(0, [b"3"])
+    assert affinity.held([b"1", b"2", b"3"]) == {0: 2, 1: 1}
 
 
 def test_unavailable_encoders_leave_and_rejoin_the_rotation():
