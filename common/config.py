@@ -57,6 +57,7 @@ def validate_model(setting: str, model: str, hidden: int) -> None:
 
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+CACHE_SCOPES = ("identity", "shared")
 
 
 def _setting(
@@ -108,6 +109,16 @@ class ServiceConfig:
     its rows come from a least-recently-used cache of at most this many bytes. Language: each data
     rank keeps the records of the images it received, at most this many bytes, and the encoder
     does not send them again while every data rank holds them. Both in host memory."""
+    embedding_cache_scope: str = _setting(
+        "",
+        "who shares kept image rows: 'identity' (each authenticated caller its own) or 'shared' "
+        "(everyone); default identity when --auth-token-file or --tls-ca is set, else shared",
+        choices=CACHE_SCOPES,
+    )
+    """A shared cache tells a caller, by timing (and by which encoder serves it), that someone sent
+    the same image before. `identity` keeps the rows of each authenticated identity apart: on the
+    language, per Generate caller (the encoder keeps them apart for it too); on the encoder, per
+    calling language instance as well. Token holders are one identity. See docs/SECURITY.md."""
     hidden: int = _setting(3584, "embedding width (hidden size)", unit="elements")
     """Hidden size of the `embeddings` field."""
     dtype: str = _setting("bfloat16", "embeddings dtype", choices=EMBEDDING_DTYPES)
@@ -222,6 +233,13 @@ class ServiceConfig:
     must not keep blocks out of the pool forever. Released with a WARNING."""
 
     @property
+    def cache_scope(self) -> str:
+        """`embedding_cache_scope`, its default resolved: identity when callers authenticate."""
+        if self.embedding_cache_scope:
+            return self.embedding_cache_scope
+        return "identity" if self.auth_token_file or self.tls_ca else "shared"
+
+    @property
     def record(self) -> RecordLayout:
         return RecordLayout.pack(self.field_specs)
 
@@ -248,6 +266,10 @@ class ServiceConfig:
             raise ConfigError(f"hidden={self.hidden}: must be >= 1")
         if self.embedding_cache_bytes < 0:
             raise ConfigError(f"embedding_cache_bytes={self.embedding_cache_bytes}: must be >= 0")
+        if self.embedding_cache_scope not in ("", *CACHE_SCOPES):
+            raise ConfigError(
+                f"embedding_cache_scope={self.embedding_cache_scope!r}: must be one of {CACHE_SCOPES}"
+            )
         if self.dtype not in EMBEDDING_DTYPES or self.dtype not in DTYPE_SIZES:
             raise ConfigError(f"dtype={self.dtype!r}: must be one of {EMBEDDING_DTYPES}")
         if self.alloc_timeout_s <= 0:

@@ -39,6 +39,11 @@ class EncodeInputs:
     text: str
     synthetic_tokens: int = 0
     synthetic_seed: int = 0
+    scope: str = ""
+    """EncodeRequest.cache_scope: mixed into every image's key (`image_digest`)."""
+    partition: str = ""
+    """The caller's identity under --embedding-cache-scope identity ("" shared): this cache's
+    entries for one caller never serve another."""
     scratch: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
     """A model's per-request work kept between `token_count`, `prepare` and `encode_into`."""
 

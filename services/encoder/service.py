@@ -40,6 +40,8 @@ from services.parts import Parts
 
 log = logging.getLogger(__name__)
 
+MAX_CACHE_SCOPE_CHARS = 128  # EncodeRequest.cache_scope (the language sends a 64-character hash)
+
 SERVICE_NAME = "epd.v1.Encoder"
 MAX_RAW_REPEATS = 1000
 MAX_RAW_CONCURRENCY = 256
@@ -862,11 +864,19 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
 
     @rpc.grpc_errors
     async def Encode(self, request, context):
+        if len(request.cache_scope) > MAX_CACHE_SCOPE_CHARS:
+            raise errors.InvalidArgument(
+                f"Encode of request {errors.shown(request.request_id)}: cache_scope has "
+                f"{len(request.cache_scope)} characters, above {MAX_CACHE_SCOPE_CHARS}"
+            )
+        principal = rpc.peer_identity(context)
         inputs = EncodeInputs(
             tuple((im.data, im.mime_type) for im in request.images),
             request.text,
             request.synthetic_tokens,
             request.synthetic_seed,
+            scope=request.cache_scope,
+            partition=principal if self.s.config.cache_scope == "identity" else "",
         )
         init_applied, init_error = (
             self._carried_init(request, context) if request.HasField("init") else (False, "")

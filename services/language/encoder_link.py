@@ -145,6 +145,7 @@ class GrpcEncoderLink:
         synthetic_seed: int,
         rank_count: int,
         init: CarriedInit | None = None,
+        cache_scope: str = "",
     ) -> Encoded:
         """The Encode, carrying `init` (EncodeRequest.init) when given: settled with whether the
         encoder took it once the Encode returned (left pending when the Encode fails)."""
@@ -156,6 +157,7 @@ class GrpcEncoderLink:
             synthetic_seed=synthetic_seed,
             rank_count=rank_count,
             language_id=self.language_id,
+            cache_scope=cache_scope,
         )
         if init is not None:
             request.init.CopyFrom(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import time
 import uuid
@@ -305,7 +306,8 @@ class LanguageService:
         started = time.monotonic()
         tried: list[int] = []
         first_error: errors.EpdError | None = None
-        digests = await self._image_digests(request)
+        scope = self._cache_scope(record.principal)
+        digests = await self._image_digests(request, scope)
         while True:
             if first_error is None:
                 view = await self._pick_encoder(request_id, tried, digests)
@@ -344,6 +346,7 @@ class LanguageService:
                     view,
                     started,
                     digests,
+                    scope,
                     may_retry=attempt < MAX_ATTEMPTS,
                 )
             except _RetryElsewhere as retry:
@@ -351,14 +354,22 @@ class LanguageService:
             finally:
                 view.inflight -= 1
 
+    def _cache_scope(self, principal: str) -> str:
+        """EncodeRequest.cache_scope of a caller's requests: under --embedding-cache-scope
+        identity a hash of its identity (the encoder needs to tell callers apart, not to know
+        them), else "" (shared)."""
+        if self.config.cache_scope != "identity":
+            return ""
+        return hashlib.sha256(f"epd-cache-scope\0{principal}".encode()).hexdigest()
+
     @staticmethod
-    async def _image_digests(request) -> list[bytes]:
-        """Each image's `image_digest` (what the encoder choice and the held rows go by); big
-        images are hashed in a worker thread."""
+    async def _image_digests(request, scope: str) -> list[bytes]:
+        """Each image's `image_digest` under the caller's scope (what the encoder choice and the
+        held rows go by); big images are hashed in a worker thread."""
         images = [im.data for im in request.images]
         if sum(len(data) for data in images) <= HASH_ON_LOOP_BYTES:
-            return [image_digest(data) for data in images]
-        return await asyncio.to_thread(lambda: [image_digest(data) for data in images])
+            return [image_digest(data, scope) for data in images]
+        return await asyncio.to_thread(lambda: [image_digest(data, scope) for data in images])
 
     async def _pick_encoder(self, request_id: str, tried: list[int], digests: list[bytes]):
         """An available encoder, preferring one that holds the request's images (selection.py);
@@ -388,6 +399,7 @@ class LanguageService:
         view,
         started: float,
         digests: list[bytes],
+        scope: str,
         *,
         may_retry: bool,
     ) -> language_pb2.GenerateReply:
@@ -413,7 +425,7 @@ class LanguageService:
             carried = await admission.early()  # the Init just ahead of the Encode, or inside it
             record.early_init = admission.is_early
             try:
-                encoded = await self._encode(link, view, transfer_id, request, carried)
+                encoded = await self._encode(link, view, transfer_id, request, scope, carried)
             except errors.EpdError as e:
                 if may_retry and _encoder_unusable(e):
                     raise _RetryElsewhere(e) from None
@@ -464,7 +476,13 @@ class LanguageService:
             raise
 
     async def _encode(
-        self, link, view, transfer_id: str, request, carried: CarriedInit | None = None
+        self,
+        link,
+        view,
+        transfer_id: str,
+        request,
+        scope: str,
+        carried: CarriedInit | None = None,
     ) -> Encoded:
         """Encode on `link` (carrying the rank's early Init, if any); given up (UNAVAILABLE) when
         the encoder leaves the rotation meanwhile, so a call waiting for a dead encoder's channel
@@ -478,6 +496,7 @@ class LanguageService:
                 request.synthetic_seed,
                 self.worker.rank_count,
                 init=carried,
+                cache_scope=scope,
             )
         )
         try:

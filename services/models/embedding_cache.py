@@ -43,9 +43,16 @@ CacheEvent = Callable[[int, int, int, int], None]
 """(hits, misses, evictions, bytes held after the event): what the owner reports as metrics."""
 
 
-def image_digest(data: bytes) -> bytes:
-    """SHA-256 of an image's bytes as sent: what the image is, whatever model reads it."""
-    return hashlib.sha256(data).digest()
+def image_digest(data: bytes, scope: str = "") -> bytes:
+    """SHA-256 of an image's bytes as sent, mixed with a cache scope (EncodeRequest.cache_scope)
+    when there is one: what the image is, for whom, whatever model reads it."""
+    digest = hashlib.sha256(data).digest()
+    return hashlib.sha256(scope.encode() + b"\0" + digest).digest() if scope else digest
+
+
+def partitioned(key: str, partition: str) -> str:
+    """A key kept apart for one caller (the encoder's --embedding-cache-scope identity)."""
+    return hashlib.sha256(f"{partition}\0{key}".encode()).hexdigest() if partition else key
 
 
 def image_key(fingerprint: str, digest: bytes) -> str:

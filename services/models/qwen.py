@@ -49,6 +49,7 @@ from services.models.embedding_cache import (
     EncodedImages,
     image_digest,
     image_key,
+    partitioned,
 )
 
 log = logging.getLogger(__name__)
@@ -395,7 +396,9 @@ class Plan:
     opened: list[Any]
     """PIL images (header read; decoded by `prepare`)."""
     keys: list[str] = dataclasses.field(default_factory=list)
-    """Each image's key under this model (`image_key`): its cache entry, its span's key."""
+    """Each image's key under this model (`image_key`): its span's key."""
+    partition: str = ""
+    """Whose cache entries these are (`EncodeInputs.partition`)."""
     decoded: list[Any] | None = None
     cached: set[int] = dataclasses.field(default_factory=set)
     """Images whose rows came from the embedding cache (set by `embeddings`)."""
@@ -461,7 +464,8 @@ class QwenEncoderModel:
             torch.tensor(ids, dtype=torch.int64),
             infos,
             opened,
-            [image_key(self.fingerprint, image_digest(d)) for d, _ in inputs.images],
+            [image_key(self.fingerprint, image_digest(d, inputs.scope)) for d, _ in inputs.images],
+            inputs.partition,
         )
         inputs.scratch[MODEL_NAME] = plan
         return plan
@@ -539,7 +543,7 @@ class QwenEncoderModel:
         assert plan.decoded is not None  # prepare() ran
         if self.cache is None:
             return self._vision([plan.decoded[k]], [plan.images[k]])
-        key = plan.keys[k]
+        key = partitioned(plan.keys[k], plan.partition)
         rows = self.cache.get(key)
         if rows is not None and rows.shape[0] == plan.images[k].tokens:
             plan.cached.add(k)

@@ -19,10 +19,11 @@ import asyncio
 
 import pytest
 
-from common.pb.epd.v1 import common_pb2, language_pb2
+from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2, language_pb2_grpc
 from services.models import qwen
 from services.tools import demo
 from tests.conftest import Pair, ServiceProcess, assert_all_free, language_stub
+from tests.integration.test_security import Certs
 
 HIDDEN = 64
 BLOCK = 128
@@ -249,3 +250,62 @@ async def wait_for_both(stub) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"only {seen} answered")
+
+
+async def test_identity_scope_keeps_each_callers_rows_apart(tmp_path, unique_id):
+    """With mutual TLS the default scope is `identity`: a second client sending the same image
+    finds nothing kept for it, on either side; its own repeat does. A language instance set to
+    `shared` (same encoder) lets one client's repeat of another's image hit."""
+    certs = Certs(tmp_path)
+    common = ("--hidden", str(HIDDEN), "--block-size", str(BLOCK), "--model", "tiny")
+    enc = ServiceProcess(
+        "encoder", *common, "--pool-blocks", "64", *certs.service_args("encoder", token=None)
+    )
+    langs: list[ServiceProcess] = []
+    try:
+        for extra in ((), ("--embedding-cache-scope", "shared")):
+            langs.append(
+                ServiceProcess(
+                    "language",
+                    *common[:4],
+                    "--pool-blocks",
+                    "16",
+                    "--encoder",
+                    enc.address,
+                    *certs.service_args("language-a", token=None),
+                    *extra,
+                )
+            )
+        x = [image(SMALL, seed=81)]
+        n = tokens_of(SMALL)
+
+        async def ask(lang: ServiceProcess, who: str) -> language_pb2.GenerateReply:
+            async with certs.client(who, token=None).aio_channel(lang.address) as channel:
+                return await language_pb2_grpc.LanguageStub(channel).Generate(
+                    language_pb2.GenerateRequest(
+                        request_id=unique_id(who), images=x, text="<image>", want_digest=True
+                    ),
+                    timeout=120,
+                )
+
+        scoped, shared = langs
+        first = await ask(scoped, "client")
+        other = await ask(scoped, "language-a")  # another identity, the same image
+        assert (other.cached_tokens, other.transferred_tokens) == (0, other.total_tokens)
+        again = await ask(scoped, "client")
+        assert (again.cached_tokens, again.transferred_tokens) == (n, again.total_tokens - n)
+        assert first.payload_sha256 == other.payload_sha256 == again.payload_sha256
+
+        await ask(shared, "client")
+        theirs = await ask(shared, "language-a")
+        assert (theirs.cached_tokens, theirs.transferred_tokens) == (n, theirs.total_tokens - n)
+        assert theirs.payload_sha256 == first.payload_sha256
+        for address, stub in [(lang.address, language_pb2_grpc.LanguageStub) for lang in langs] + [
+            (enc.address, encoder_pb2_grpc.EncoderStub)
+        ]:
+            async with certs.client("language-a", token=None).aio_channel(address) as channel:
+                pool = await stub(channel).GetPool(common_pb2.GetPoolRequest())
+            assert (pool.used_blocks, pool.quarantined_blocks, pool.waiters) == (0, 0, 0), address
+    finally:
+        for s in (*langs, enc):
+            s.stop()
