@@ -245,6 +245,19 @@ def error_to_pb(
     )
 
 
+def cache_info(stats: Sequence[int]) -> common_pb2.EmbeddingCacheInfo:
+    """EmbeddingCacheInfo from `EmbeddingCache.stats()` (or a rank's share of the collective)."""
+    capacity, nbytes, entries, hits, misses, evictions = stats
+    return common_pb2.EmbeddingCacheInfo(
+        capacity_bytes=capacity,
+        bytes=nbytes,
+        entries=entries,
+        hits=hits,
+        misses=misses,
+        evictions=evictions,
+    )
+
+
 def image_span_to_pb(span: ImageSpan) -> common_pb2.ImageSpan:
     return common_pb2.ImageSpan(
         image=span.image,

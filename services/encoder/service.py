@@ -1081,7 +1081,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         # Our session and address only to whom they belong (see ServerSecurity.own_identity).
         shown_to = self.sec.may_see(rpc.peer_identity(context), self.sec.own_identity)
         assert self.s.transport is not None  # serving implies started
-        return rpc.pool_info(self.s.pool, self.s.transport.session, addresses=shown_to)
+        info = rpc.pool_info(self.s.pool, self.s.transport.session, addresses=shown_to)
+        info.embedding_cache.CopyFrom(rpc.cache_info(self.s.embedding_cache.stats()))
+        return info
 
     @rpc.grpc_errors
     async def GetDiagnostics(self, request, context):

@@ -133,19 +133,20 @@ class RankGroup:
         self._seq = 0
         self.broken: str = ""
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.pool_stats: Callable[[], tuple[int, int, int, int]] = lambda: (0, 0, 0, 0)
-        self.rank_pools: list[tuple[int, int, int, int]] = []  # rank 0: every rank's pool_stats
+        self.pool_stats: Callable[[], tuple[int, ...]] = lambda: (0,) * RANK_STATS
+        self.rank_pools: list[tuple[int, ...]] = []  # rank 0: every rank's pool_stats
 
     def bind(
         self,
         on_admit: Callable[[RequestSpec], None],
         on_broken: Callable[[str], None],
         on_shutdown: Callable[[], None] | None = None,
-        pool_stats: Callable[[], tuple[int, int, int, int]] = lambda: (0, 0, 0, 0),
+        pool_stats: Callable[[], tuple[int, ...]] = lambda: (0,) * RANK_STATS,
     ) -> None:
         """Callbacks, run on the event loop: a request was admitted on this rank; the group broke;
         rank 0 ended the group (the other ranks then shut down). `pool_stats` gives this rank's
-        (used, free, waiters, quarantined) blocks; rank 0 sees every rank's in `rank_pools`."""
+        RANK_STATS numbers (blocks used, free, waiting, quarantined, then its held image rows);
+        rank 0 sees every rank's in `rank_pools`."""
         self.loop = asyncio.get_running_loop()
         self.pool_stats = pool_stats
         self._on_admit = on_admit
@@ -262,7 +263,8 @@ class LocalGroup(RankGroup):
 
 # ---------------------------------------------------------------------------- distributed
 
-_HEADER = 8  # shutdown, n_admissions, n_open, step, pool used, free, waiters, quarantined
+RANK_STATS = 10  # pool used, free, waiters, quarantined; held rows capacity, bytes, entries, hits, misses, evictions
+_HEADER = 4 + RANK_STATS  # shutdown, n_admissions, n_open, step, the rank's stats
 _KEY_WORDS = ADMIT_KEY_BYTES // 8
 _HELD_WORDS = 1 + MAX_HELD * HELD_KEY_BYTES // 8  # count, keys
 # seq, initial_tokens, want_digest, key length, encoder, key, held count, held keys
@@ -427,7 +429,7 @@ class DistributedGroup(RankGroup):
         mine[1] = len(admit)
         mine[2] = len(self._open)
         mine[3] = self._steps
-        mine[4:8] = torch.tensor(self.pool_stats())
+        mine[4:_HEADER] = torch.tensor(self.pool_stats())
         for i, request_id in enumerate(self._open):
             view = self.views.get(request_id)
             row = view.row if view is not None else RankRow()
@@ -439,7 +441,7 @@ class DistributedGroup(RankGroup):
         dist.all_gather(gathered, mine)
         self._steps += 1
         leader = gathered[0]
-        self.rank_pools = [(int(g[4]), int(g[5]), int(g[6]), int(g[7])) for g in gathered]
+        self.rank_pools = [tuple(int(x) for x in g[4:_HEADER].tolist()) for g in gathered]
         if any(int(g[2]) != len(self._open) for g in gathered):
             raise RuntimeError(f"ranks disagree on open requests: {[int(g[2]) for g in gathered]}")
         decided: list[tuple[str, Decision]] = []

@@ -41,6 +41,8 @@ def config_to_argv(config: LanguageConfig) -> list[str]:
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        elif value == "" and f.metadata.get("choices"):
+            continue  # unset: the child resolves the same default (embedding_cache_scope)
         elif isinstance(value, tuple):
             for v in value:
                 argv += [flag, str(v)]

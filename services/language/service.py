@@ -823,7 +823,9 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
         info = rpc.pool_info(self.s.pool, self.s.transport.session, 0, addresses=shown_to)
         if not self.s.group.broken:
             await self.s.group.refresh()
-        for rank, (used, free, waiters, quarantined) in enumerate(self.s.group.rank_pools):
+        info.embedding_cache.CopyFrom(rpc.cache_info(self.s.worker.held.rows.stats()))
+        for rank, stats in enumerate(self.s.group.rank_pools):
+            used, free, waiters, quarantined = stats[:4]
             info.rank_pools.append(
                 common_pb2.RankPool(
                     rank=rank,
@@ -831,6 +833,7 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
                     free_blocks=free,
                     waiters=waiters,
                     quarantined_blocks=quarantined,
+                    embedding_cache=rpc.cache_info(stats[4:]),
                 )
             )
         return info

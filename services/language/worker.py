@@ -154,9 +154,11 @@ class RankWorker:
         """The id the encoder knows the attempt admitted as `key` by (common/transfer_id.py)."""
         return wire_name(self.language_id, key)
 
-    def pool_stats(self) -> tuple[int, int, int, int]:
+    def pool_stats(self) -> tuple[int, ...]:
+        """(used, free, waiters, quarantined blocks, *held image rows' EmbeddingCache.stats()):
+        what rank 0 shows of every rank (RankGroup.rank_pools)."""
         a = self.pool.allocator
-        return (a.used_count, a.free_count, a.waiters, a.quarantined_count)
+        return (a.used_count, a.free_count, a.waiters, a.quarantined_count, *self.held.rows.stats())
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -73,6 +73,7 @@ class EmbeddingCache:
         self._rows: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self.hits = self.misses = self.evictions = 0  # since start (inspection)
 
     @property
     def nbytes(self) -> int:
@@ -82,12 +83,27 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self._rows)
 
+    def stats(self) -> tuple[int, int, int, int, int, int]:
+        """(capacity_bytes, bytes, entries, hits, misses, evictions): EmbeddingCacheInfo's fields."""
+        with self._lock:
+            return (
+                self.capacity_bytes,
+                self._bytes,
+                len(self._rows),
+                self.hits,
+                self.misses,
+                self.evictions,
+            )
+
     def get(self, key: str) -> torch.Tensor | None:
         """The rows of `key` (host memory; do not modify), counted as a hit or a miss."""
         with self._lock:
             rows = self._rows.get(key)
             if rows is not None:
                 self._rows.move_to_end(key)
+                self.hits += 1
+            else:
+                self.misses += 1
             held = self._bytes
         self._on_event(int(rows is not None), int(rows is None), 0, held)
         return rows
@@ -110,5 +126,6 @@ class EmbeddingCache:
                 evicted += 1
             self._rows[key] = copy
             self._bytes += size
+            self.evictions += evicted
             held = self._bytes
         self._on_event(0, 0, evicted, held)

@@ -368,6 +368,8 @@ def pool_text(pool: common_pb2.PoolInfo) -> str:
         f"(block_size {layout.block_size}, record {layout.record_bytes} B, device {pool.device or '?'}, "
         f"session {pool.session or '-'})"
     ]
+    if pool.HasField("embedding_cache"):
+        lines.append(f"embedding cache: {cache_text(pool.embedding_cache)}")
     if pool.rank_pools:
         rows = [
             [
@@ -376,16 +378,35 @@ def pool_text(pool: common_pb2.PoolInfo) -> str:
                 str(rp.free_blocks),
                 str(rp.quarantined_blocks),
                 str(rp.waiters),
+                human_bytes(rp.embedding_cache.bytes),
+                str(rp.embedding_cache.entries),
+                hit_rate(rp.embedding_cache),
             ]
             for rp in pool.rank_pools
         ]
         table = format_table(
-            ("RANK", "USED", "FREE", "QUARANTINED", "WAITERS"),
+            ("RANK", "USED", "FREE", "QUARANTINED", "WAITERS", "CACHED", "IMAGES", "HIT-RATE"),
             rows,
-            right=frozenset(range(5)),
+            right=frozenset(range(8)),
         )
         lines += ["", table]
     return "\n".join(lines)
+
+
+def hit_rate(cache: common_pb2.EmbeddingCacheInfo) -> str:
+    looked = cache.hits + cache.misses
+    return f"{100.0 * cache.hits / looked:.1f} %" if looked else "-"
+
+
+def cache_text(cache: common_pb2.EmbeddingCacheInfo) -> str:
+    """'3.0 MiB of 512.0 MiB, 4 images; 6 hits, 4 misses (60.0 %), 0 evictions', or 'off'."""
+    if not cache.capacity_bytes:
+        return "off (--embedding-cache-bytes 0)"
+    return (
+        f"{human_bytes(cache.bytes)} of {human_bytes(cache.capacity_bytes)}, {cache.entries} "
+        f"images; {cache.hits} hits, {cache.misses} misses ({hit_rate(cache)}), "
+        f"{cache.evictions} evictions"
+    )
 
 
 def transfer_detail_text(service: str, address: str, info: common_pb2.TransferInfo) -> str:

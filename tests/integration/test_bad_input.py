@@ -511,6 +511,20 @@ async def test_init_bad_held_images_is_invalid_argument(encoder, enc, reg, held,
     await all_free(encoder, reg)
 
 
+async def test_encode_overlong_cache_scope_is_invalid_argument(encoder, enc, reg):
+    request_id = rid()
+    before, pool_before = await listing(enc), await pool_state(enc)
+    req = reg.encode_request(request_id, 40, seed=5)
+    req.cache_scope = "s" * 129
+    await expect_error(
+        enc.Encode(req), grpc.StatusCode.INVALID_ARGUMENT, request_id, "cache_scope has 129"
+    )
+    await assert_absent(enc, request_id)
+    assert await listing(enc) == before
+    assert await pool_state(enc) == pool_before
+    await all_free(encoder, reg)
+
+
 async def test_init_unregistered_language_is_failed_precondition(encoder, enc, reg):
     request_id, stranger = rid(), rid("stranger")
     before = await listing(enc)

@@ -308,7 +308,8 @@ async def test_transfer_held_mid_round_is_visible_then_cancelled(pair, unique_id
             ], row
             assert "\npool: " in ran.stdout and " waiting " in ran.stdout, ran.stdout
         assert any(  # the language lists every rank's pool
-            line.split() == ["RANK", "USED", "FREE", "QUARANTINED", "WAITERS"]
+            line.split()
+            == ["RANK", "USED", "FREE", "QUARANTINED", "WAITERS", "CACHED", "IMAGES", "HIT-RATE"]
             for line in l_status.stdout.splitlines()
         ), l_status.stdout
 

@@ -23,6 +23,7 @@ from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2, languag
 from services.models import qwen
 from services.tools import demo
 from tests.conftest import Pair, ServiceProcess, assert_all_free, language_stub
+from tests.integration.test_inspection import epd
 from tests.integration.test_security import Certs
 
 HIDDEN = 64
@@ -178,6 +179,18 @@ async def test_tp2_every_data_rank_fills_the_same_rows(plain, unique_id):
         assert reply.transferred_tokens == reply.total_tokens - n
         assert [r.reused_tokens for r in reply.ranks] == [n, n]
         assert len({r.payload_sha256 for r in reply.ranks}) == 1
+        # Each rank holds the image and found it once (epd status and GetPool show every rank).
+        ran = await epd("status", pair.language.address)
+        assert ran.returncode == 0, ran
+        assert "embedding cache: " in ran.stdout and "1 hits" in ran.stdout, ran.stdout
+        rows = [line.split() for line in ran.stdout.splitlines()]
+        header = next(r for r in rows if r[:1] == ["RANK"])
+        assert header[-3:] == ["CACHED", "IMAGES", "HIT-RATE"], header
+        # Rank 0 looks up every image of a request (1 miss, then 1 hit), rank 1 only what rank 0
+        # proposed (1 hit).
+        for rank, rate in (("0", "50.0"), ("1", "100.0")):
+            row = next(r for r in rows if r[:1] == [rank] and len(r) > len(header))
+            assert row[-3:] == ["1", rate, "%"], row
         await all_free(pair, plain)
     finally:
         pair.stop()

@@ -269,14 +269,24 @@ def test_epd_status_shows_quarantined_blocks():
         free_blocks=3,
         quarantined_blocks=3,
         rank_pools=[
-            common_pb2.RankPool(rank=0, used_blocks=2, free_blocks=3, quarantined_blocks=3)
+            common_pb2.RankPool(
+                rank=0,
+                used_blocks=2,
+                free_blocks=3,
+                quarantined_blocks=3,
+                embedding_cache=common_pb2.EmbeddingCacheInfo(
+                    capacity_bytes=2**20, bytes=3 * 2**10, entries=2, hits=3, misses=1
+                ),
+            )
         ],
     )
     text = pool_text(pool)
     assert "pool: 2/8 blocks used, 3 free, 3 quarantined, 0 waiting" in text, text
     header, row = text.splitlines()[-2:]
-    assert header.split() == ["RANK", "USED", "FREE", "QUARANTINED", "WAITERS"]
-    assert row.split() == ["0", "2", "3", "3", "0"]
+    assert header.split() == [
+        *("RANK", "USED", "FREE", "QUARANTINED", "WAITERS", "CACHED", "IMAGES", "HIT-RATE")
+    ]
+    assert row.split() == ["0", "2", "3", "3", "0", "3.0", "KiB", "2", "75.0", "%"]
     assert (
         "quarantined"
         not in pool_text(common_pb2.PoolInfo(used_blocks=1, free_blocks=7)).splitlines()[0]

@@ -230,7 +230,7 @@ class GetPoolRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PoolInfo(_message.Message):
-    __slots__ = ("layout", "used_blocks", "free_blocks", "waiters", "device", "session", "rank", "rank_pools", "quarantined_blocks")
+    __slots__ = ("layout", "used_blocks", "free_blocks", "waiters", "device", "session", "rank", "rank_pools", "quarantined_blocks", "embedding_cache")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     USED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +240,7 @@ class PoolInfo(_message.Message):
     RANK_FIELD_NUMBER: _ClassVar[int]
     RANK_POOLS_FIELD_NUMBER: _ClassVar[int]
     QUARANTINED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_CACHE_FIELD_NUMBER: _ClassVar[int]
     layout: PoolLayout
     used_blocks: int
     free_blocks: int
@@ -249,21 +250,40 @@ class PoolInfo(_message.Message):
     rank: int
     rank_pools: _containers.RepeatedCompositeFieldContainer[RankPool]
     quarantined_blocks: int
-    def __init__(self, layout: _Optional[_Union[PoolLayout, _Mapping]] = ..., used_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., waiters: _Optional[int] = ..., device: _Optional[str] = ..., session: _Optional[str] = ..., rank: _Optional[int] = ..., rank_pools: _Optional[_Iterable[_Union[RankPool, _Mapping]]] = ..., quarantined_blocks: _Optional[int] = ...) -> None: ...
+    embedding_cache: EmbeddingCacheInfo
+    def __init__(self, layout: _Optional[_Union[PoolLayout, _Mapping]] = ..., used_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., waiters: _Optional[int] = ..., device: _Optional[str] = ..., session: _Optional[str] = ..., rank: _Optional[int] = ..., rank_pools: _Optional[_Iterable[_Union[RankPool, _Mapping]]] = ..., quarantined_blocks: _Optional[int] = ..., embedding_cache: _Optional[_Union[EmbeddingCacheInfo, _Mapping]] = ...) -> None: ...
+
+class EmbeddingCacheInfo(_message.Message):
+    __slots__ = ("capacity_bytes", "bytes", "entries", "hits", "misses", "evictions")
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    capacity_bytes: int
+    bytes: int
+    entries: int
+    hits: int
+    misses: int
+    evictions: int
+    def __init__(self, capacity_bytes: _Optional[int] = ..., bytes: _Optional[int] = ..., entries: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
 
 class RankPool(_message.Message):
-    __slots__ = ("rank", "used_blocks", "free_blocks", "waiters", "quarantined_blocks")
+    __slots__ = ("rank", "used_blocks", "free_blocks", "waiters", "quarantined_blocks", "embedding_cache")
     RANK_FIELD_NUMBER: _ClassVar[int]
     USED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     WAITERS_FIELD_NUMBER: _ClassVar[int]
     QUARANTINED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_CACHE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     used_blocks: int
     free_blocks: int
     waiters: int
     quarantined_blocks: int
-    def __init__(self, rank: _Optional[int] = ..., used_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., waiters: _Optional[int] = ..., quarantined_blocks: _Optional[int] = ...) -> None: ...
+    embedding_cache: EmbeddingCacheInfo
+    def __init__(self, rank: _Optional[int] = ..., used_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., waiters: _Optional[int] = ..., quarantined_blocks: _Optional[int] = ..., embedding_cache: _Optional[_Union[EmbeddingCacheInfo, _Mapping]] = ...) -> None: ...
 
 class GetDiagnosticsRequest(_message.Message):
     __slots__ = ()
