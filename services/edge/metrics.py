@@ -162,15 +162,15 @@ class Metrics:
         )
         self.cache_hits = counter(
             "epd_embedding_cache_hits",
-            "Images whose vision-tower rows came from the embedding cache",
+            "Images whose kept rows were found (encoder: no vision tower ran; language rank: held rows)",
         )
         self.cache_misses = counter(
-            "epd_embedding_cache_misses", "Images looked up in the embedding cache and not found"
+            "epd_embedding_cache_misses", "Images looked up among kept rows and not found"
         )
         self.cache_evictions = counter(
-            "epd_embedding_cache_evictions", "Entries the embedding cache gave up to make room"
+            "epd_embedding_cache_evictions", "Kept image rows given up to make room"
         )
-        self.cache_bytes = gauge("epd_embedding_cache_bytes", "Bytes the embedding cache holds")
+        self.cache_bytes = gauge("epd_embedding_cache_bytes", "Bytes of image rows kept")
         self.encoders_available = gauge(
             "epd_encoders_available",
             "Encoders in this language instance's rotation (SERVING, reachable, registered)",
@@ -325,6 +325,10 @@ def exported_names(role: str, rank: int | None = None) -> set[str]:
         m.encoders_available,
         m.fenced,
         m.fence_seconds,
+        m.cache_hits,
+        m.cache_misses,
+        m.cache_evictions,
+        m.cache_bytes,
     ):
         metric.labels(**m._labels)
     for state in ("used", "free", "quarantined"):

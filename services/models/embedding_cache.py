@@ -74,6 +74,7 @@ class EmbeddingCache:
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0  # since start (inspection)
+        self._on_event(0, 0, 0, 0)  # the owner's metrics exist (at 0) from the start
 
     @property
     def nbytes(self) -> int:

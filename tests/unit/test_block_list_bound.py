@@ -75,6 +75,7 @@ async def test_a_block_list_longer_than_the_pool_is_refused_unread(servicer):
         rank_count=1,
         allocated_tokens=4 * n,
         progress_tokens=0,
+        held_images=[],
     )
     with pytest.raises(Aborted):
         await servicer.Init(request, context)
