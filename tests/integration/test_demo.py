@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from services.tools.demo._images import qwen_image_tokens
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -62,6 +63,19 @@ def test_demo_json_succeeds_with_multi_round_requests():
     )
     assert sum(r["rounds"] >= 2 for r in images) >= 2 and min(r["tokens"] for r in images) < 100
     assert {r["kind"] for r in summary["per_request"] if r["first_token_id"] >= 0} == {"image"}
+    # The conversation (4 turns by default): from turn 2 on every image token is cached and
+    # not sent; every turn's payload equals its cold twin's (same pixels, new bytes).
+    chat = summary["conversation"]
+    assert chat["turns"] == 4 and chat["mismatches"] == 0, chat
+    per_image = chat["image_tokens_per_turn"]
+    assert per_image == sum(qwen_image_tokens(w, h) for w, h in ((448, 336), (336, 448)))
+    assert chat["hit_rate"] == 0.75 and chat["cached_tokens"] == 3 * per_image
+    for t in chat["per_turn"]:
+        warm, cold = t["warm"], t["cold"]
+        assert warm["payload_sha256"] == cold["payload_sha256"] and cold["cached_tokens"] == 0
+        sent = warm["total_tokens"] - (per_image if t["turn"] > 1 else 0)
+        assert warm["transferred_tokens"] == sent, t
+    assert chat["bytes_not_sent"] == 3 * per_image * summary["bytes"] // summary["tokens"]
 
 
 def test_demo_table_and_exit_code():
@@ -85,6 +99,7 @@ def test_demo_table_and_exit_code():
         env={**os.environ, "MC_FORCE_TCP": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "conversation: 4 turns" in out.stdout and "hit rate 75.0 %" in out.stdout
     for word in (
         "requests",
         "succeeded",

@@ -193,6 +193,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d("--image-requests", 6),
         help="requests with generated images (default 6; none with --model none)",
     )
+    parser.add_argument(
+        "--conversation-turns",
+        type=_non_negative_int,
+        default=d("--conversation-turns", 4),
+        help="after the workload, a chat of this many turns over the same images, each turn "
+        "beside a cold twin (same pixels, new bytes): hit rate, time saved, bytes not sent "
+        "(default 4; 0 or --model none: none)",
+    )
     add_process_arguments(
         parser, encoder_example="--model=tiny", language_example="--alloc-policy=fixed"
     )

@@ -117,6 +117,10 @@ def format_table(summary: dict[str, Any]) -> str:
                 f"  (the {len(skipped)} synthetic payloads are no model input: the prefill skips "
                 f"them, first token -1)"
             )
+    if s.get("conversation"):
+        from services.tools.demo._conversation import format_conversation
+
+        lines += format_conversation(s["conversation"])
     if len(s.get("per_encoder", {})) > 1 or s.get("failed_over") or cfg.get("killed_encoder"):
         lines.append("")
         spread = ", ".join(f"{name}: {n}" for name, n in s.get("per_encoder", {}).items())

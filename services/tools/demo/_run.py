@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 from services.tools import reference_payload
 from services.tools.demo._client import event_loop_runner, run_workload
+from services.tools.demo._conversation import run_conversation, summarize_conversation
 from services.tools.demo._flags import (
     KINDS,
     demo_env_names,
@@ -244,12 +245,28 @@ def _run(
                 )
 
         summary = summarize(results, wall, config)
+        turns = getattr(args, "conversation_turns", 0) if uses_model(args) else 0
+        if turns:
+            _note(f"a conversation of {turns} turns over the same images")
+            with event_loop_runner() as runner:
+                chat = runner.run(
+                    run_conversation(
+                        language.address,
+                        turns,
+                        seed=args.seed,
+                        request_timeout=args.request_timeout,
+                        sec=sec,
+                    )
+                )
+            summary["conversation"] = summarize_conversation(chat)
         if args.json:
             sys.stdout.write(json.dumps(summary, sort_keys=False) + "\n")
         else:
             sys.stdout.write(format_table(summary))
         sys.stdout.flush()
-        ok = summary["succeeded"] == summary["requests"]
+        ok = summary["succeeded"] == summary["requests"] and not (
+            summary.get("conversation", {}).get("mismatches")
+        )
         if config.get("killed_encoder") and not summary["mismatches"]:
             # Requests that had received bytes from the killed encoder fail (never retried): expected.
             ok = all(r.rpc_ok or r.error_code == "UNAVAILABLE" for r in results)
