@@ -22,7 +22,12 @@ Cases (hidden 3584, bf16, block_size 128 unless flags say otherwise):
 - `policies`: `fixed`, `hint`, `adaptive` on one seeded mixed size distribution: rounds per
   request and peak pool usage;
 - `loops`: the `single` (largest size) and `control` cases again with both services on
-  asyncio's own loop instead of uvloop.
+  asyncio's own loop instead of uvloop;
+- `reuse`: the same image (`--reuse-image`, PNG) `--reuse-requests` times through the tiny
+  Qwen2-VL, with the embedding caches on (the encoder skips the vision tower, the language ranks
+  fill the rows they hold) and off (`--embedding-cache-bytes 0` on both): latency p50 of the
+  repeats and bytes written, on against off (goal: not slower). On a CPU the tiny model's vision
+  tower costs little; a real model's costs far more per image.
 
 `--check` exits 1 when a goal is missed by more than `--margin` (what `make bench-check` runs).
 """
@@ -48,7 +53,7 @@ from services.edge.rpc import CLIENT_OPTIONS
 from services.tools import demo
 from services.tools.supervise import ServiceGroup, add_process_arguments, child_env, service_argv
 
-CASES = ("single", "multi", "control", "concurrency", "policies", "loops")
+CASES = ("single", "multi", "control", "concurrency", "policies", "loops", "reuse")
 POLICIES = ("fixed", "hint", "adaptive")
 
 # (figure, comparison, goal). `round_extra_ms` is checked per size against that
@@ -125,6 +130,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="relative slack of --check (0.15: a >= 0.9 goal fails below 0.765)",
     )
     p.add_argument("--keep-logs", metavar="DIR", default="", help="keep the services' logs in DIR")
+    p.add_argument(
+        "--reuse-requests",
+        type=int,
+        default=20,
+        help="requests of the same image in the reuse case",
+    )
+    p.add_argument(
+        "--reuse-image",
+        default="896x672",
+        help="WIDTHxHEIGHT of the reuse case's image (default 896x672: 768 image tokens)",
+    )
 
 
 # ---------------------------------------------------------------------------- small helpers
@@ -150,6 +166,7 @@ class Services:
         alloc_policy: str = "hint",
         initial_tokens: int = 8192,
         event_loop: str = "auto",
+        extra: Sequence[str] = (),
     ):
         common = [
             "--hidden",
@@ -164,6 +181,7 @@ class Services:
             "WARNING",
             "--integrity" if args.integrity else "--no-integrity",
             "--enable-bench",  # the raw baseline's epd.v1.Bench service, off in production
+            *extra,  # flags of one case, for both services
         ]
         enc_sec, lang_sec = security.service_argv(args), security.service_argv(args, language=True)
         self.group = ServiceGroup(
@@ -590,6 +608,18 @@ def evaluate(results: dict[str, Any], margin: float) -> list[dict[str, Any]]:
     for row in results.get("concurrency", []):
         if row["concurrency"] == 64:
             add("concurrency_64_ratio", row["ratio"], ">=", 0.8, row["ratio"])
+    if "reuse" in results:
+        r = results["reuse"]
+        add(
+            "reuse_speedup",
+            r["speedup"],
+            ">=",
+            1.0,
+            r["speedup"],
+            bytes_ratio=r["bytes_ratio"],
+            latency_ms_on=r["on"]["latency_ms_p50"],
+            latency_ms_off=r["off"]["latency_ms_p50"],
+        )
     return checks
 
 
@@ -682,6 +712,11 @@ async def run_async(args: argparse.Namespace) -> dict[str, Any]:
     if "loops" in cases:
         results["loops"] = await case_loops(args, max(sizes), repeats, small, bpt, results)
         _note("loops done")
+    if "reuse" in cases:
+        results["reuse"] = await case_reuse(
+            args, max(4, args.reuse_requests // (3 if args.quick else 1))
+        )
+        _note("reuse done")
     results["checks"] = evaluate(results, args.margin)
     results["cases"] = cases_of(results["checks"])
     return results
@@ -717,6 +752,56 @@ async def case_loops(
             }
         )
     return rows
+
+
+async def case_reuse(args, n: int) -> dict[str, Any]:
+    """The same image n times, the caches on and off (a service pair each)."""
+    width, _, height = args.reuse_image.partition("x")
+    data = demo.make_image(int(width), int(height), "png", seed=3)
+    image = common_pb2.Image(data=data, mime_type="image/png")
+    out: dict[str, Any] = {"requests": n, "image": args.reuse_image, "image_bytes": len(data)}
+    for name, extra in (("on", ()), ("off", ("--embedding-cache-bytes", "0"))):
+        blocks = 64
+        s = Services(
+            args,
+            language_blocks=blocks,
+            encoder_blocks=blocks,
+            alloc_policy="fixed",
+            initial_tokens=(blocks // 2) * args.block_size,
+            extra=("--model", "tiny", *extra),
+        )
+        try:
+            latencies, replies = [], []
+            for k in range(n):
+                t0 = time.perf_counter()
+                reply = await s.stub.Generate(
+                    language_pb2.GenerateRequest(
+                        images=[image], text=f"<image> look number {k}", want_digest=True
+                    ),
+                    timeout=600,
+                )
+                latencies.append(1000 * (time.perf_counter() - t0))
+                replies.append(reply)
+        finally:
+            await s.close()
+        repeats = replies[1:]
+        per_token = replies[0].bytes / replies[0].total_tokens
+        out[name] = {
+            "first_ms": latencies[0],
+            "latency_ms_p50": median(latencies[1:]),
+            "latency_ms_p90": pct(latencies[1:], 90),
+            "tokens": replies[0].total_tokens,
+            "cached_tokens_mean": statistics.mean(r.cached_tokens for r in repeats),
+            "bytes_written": int(sum(r.transferred_tokens for r in replies) * per_token),
+            "digests": sorted({r.payload_sha256 for r in replies}),
+        }
+    on, off = out["on"], out["off"]
+    # Each request's text differs, so digests are compared request by request in the test; here
+    # only their count: every request is its own payload, the same on and off.
+    out["speedup"] = off["latency_ms_p50"] / on["latency_ms_p50"]
+    out["bytes_ratio"] = on["bytes_written"] / off["bytes_written"]
+    out["same_payloads"] = on["digests"] == off["digests"]
+    return out
 
 
 def _note(msg: str) -> None:
@@ -811,6 +896,23 @@ def format_table(r: dict[str, Any]) -> str:
                 f"  {x['event_loop']:>8} {x['single_ratio']:>12.2f} {x['transfer_ms_p50']:>8.2f} "
                 f"{x['control_latency_ms_p50']:>13.2f} {x['control_overhead_ms_p50']:>11.2f}"
             )
+    if "reuse" in r:
+        x = r["reuse"]
+        out += [
+            "",
+            f"reuse: one {x['image']} PNG ({x['image_bytes']:,} B) {x['requests']} times, tiny Qwen2-VL",
+            f"  {'caches':>6} {'tokens':>7} {'cached':>7} {'first ms':>9} {'p50 ms':>8} {'p90 ms':>8} {'bytes written':>14}",
+        ]
+        for name in ("on", "off"):
+            y = x[name]
+            out.append(
+                f"  {name:>6} {y['tokens']:>7} {y['cached_tokens_mean']:>7.0f} {y['first_ms']:>9.1f} "
+                f"{y['latency_ms_p50']:>8.1f} {y['latency_ms_p90']:>8.1f} {y['bytes_written']:>14,}"
+            )
+        out.append(
+            f"  speedup {x['speedup']:.2f}x, bytes {x['bytes_ratio']:.2f} of the cache-off run, "
+            f"payloads {'the same' if x['same_payloads'] else 'DIFFERENT'} on and off"
+        )
     if r.get("checks"):
         out += ["", "goals (docs/BENCHMARKS.md)"]
         for x in r["checks"]:

@@ -205,3 +205,38 @@ def test_epd_bench_json_has_every_documented_key():
     assert (
         single["ratio"] == single["value"] == r["single"][0]["ratio"] and single["goal"] == ">= 0.9"
     )
+
+
+def test_epd_bench_reuse_case_sends_less_and_the_same_payloads():
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.tools.cli",
+            "bench",
+            "--hidden",
+            "256",
+            "--cases",
+            "reuse",
+            "--reuse-requests",
+            "4",
+            "--reuse-image",
+            "448x448",
+            "--json",
+            "-",
+        ],
+        capture_output=True,
+        timeout=300,
+        cwd=ROOT,
+        env={"MC_FORCE_TCP": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    r = json.loads(done.stdout)["reuse"]
+    image_tokens = (448 // 28) ** 2  # Qwen2-VL: one token per 28x28 pixels
+    assert r["same_payloads"] and len(r["on"]["digests"]) == 4
+    assert r["on"]["cached_tokens_mean"] == image_tokens and r["off"]["cached_tokens_mean"] == 0
+    tokens = r["on"]["tokens"]
+    # Cache on: the first request sends everything, the 3 repeats only their text tokens.
+    on_tokens, off_tokens = tokens + 3 * (tokens - image_tokens), 4 * tokens
+    assert r["bytes_ratio"] == on_tokens / off_tokens
+    assert r["speedup"] > 0
