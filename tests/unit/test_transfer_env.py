@@ -45,7 +45,7 @@ from common.fence import LateWrites, WriteFence
 from common.layout import FieldSpec, PoolGeometry, RecordLayout
 from common.plan import blocks_for_tokens
 from common.pool import BlockPool
-from common.states import FailureReason, StatusUpdate, TransferState
+from common.states import FailureReason, ImageSpan, StatusUpdate, TransferState
 from services.encoder import transfer as transfer_module
 from services.encoder.transfer import EncoderTransfer, PeerSession
 
@@ -241,7 +241,9 @@ class Harness:
     def status(self) -> StatusUpdate:
         return self.transfer.status
 
-    def init(self, rank: int, dst: list[int], *, progress_tokens: int = 0) -> None:
+    def init(
+        self, rank: int, dst: list[int], *, progress_tokens: int = 0, held: frozenset = frozenset()
+    ) -> None:
         self.transfer.add_rank(
             rank,
             self.rank_count,
@@ -249,6 +251,7 @@ class Harness:
             dst,
             len(dst) * DST_BLOCK,
             progress_tokens=progress_tokens,
+            held=held,
         )
 
     def encode(self, total_tokens: int, **payload) -> None:
@@ -397,6 +400,57 @@ async def test_several_rounds_via_resume(harness, total, allocations, round_toke
         assert write.dst_blocks(0) <= set(given)
     assert h.env.telemetry.resumes == len(round_tokens) - 1
     assert h.env.telemetry.ended == [(S.SUCCESS, R.UNSPECIFIED, len(round_tokens))]
+    assert_clean_end(h)
+
+
+def written_tokens(write: Write, rank: int, first_block: int) -> set[int]:
+    """Round-relative tokens a write puts into `rank`'s blocks first_block, first_block + 1, ..."""
+    base = (rank + 1) << 32
+    out: set[int] = set()
+    for _src, dst, length in write.triples:
+        first = (dst - base) // RECORD.record_bytes - first_block * DST_BLOCK
+        out.update(range(first, first + length // RECORD.record_bytes))
+    return out
+
+
+IMAGES = (
+    ImageSpan(0, 4, 8, "a" * 64, (3, 3, 3)),
+    ImageSpan(1, 16, 4, "b" * 64, (9, 9, 9)),
+)
+
+
+async def test_rows_every_rank_holds_are_not_written_and_the_statuses_say_so(harness):
+    h = await harness(rank_count=2)
+    h.encode(24, images=IMAGES)
+    h.init(0, blocks(0, 6), held=frozenset({"a" * 64, "b" * 64}))
+    h.init(1, blocks(0, 6), held=frozenset({"a" * 64}))  # rank 1 does not hold image 1
+    await h.ended()
+    # Image 0 is held by both ranks: not written to either. Image 1 only by rank 0: to both.
+    assert [s.reused for s in h.statuses[-1].images] == [True, False]
+    assert h.statuses[-1].images[0].first_position == (3, 3, 3)
+    for rank in (0, 1):
+        [write] = [w for w in h.env.writes if w.session == session_of(rank)]
+        assert written_tokens(write, rank, 0) == set(range(24)) - set(range(4, 12))
+    assert h.env.telemetry.bytes == 2 * 16 * RECORD.payload_bytes_per_token
+    assert_clean_end(h)
+
+
+async def test_reused_rows_across_rounds_are_skipped_in_each(harness):
+    h = await harness()
+    span = ImageSpan(0, 6, 12, "c" * 64, (0, 0, 0))  # tokens 6..17: rounds [0, 8) [8, 16) [16, 24)
+    h.encode(24, images=(span,))
+    h.init(0, blocks(0, 2), held=frozenset({"c" * 64}))
+    for sent in (8, 16):
+        await h.round_done(sent)
+        assert h.resume(0, sent, blocks(sent, 2)) is False
+    await h.ended()
+    # Round 1 writes its tokens 0..5, round 2 is all reused rows (no write), round 3 its 2..7.
+    first, last = h.env.writes
+    assert written_tokens(first, 0, 0) == set(range(6))
+    assert written_tokens(last, 0, 16) == set(range(2, 8))
+    assert h.status.round == 3
+    await h.ended()
+    assert h.statuses[-1].images == (dataclasses.replace(span, reused=True),)
     assert_clean_end(h)
 
 
