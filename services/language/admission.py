@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from common import errors
@@ -167,7 +168,8 @@ class Admission:
         encoder: int,
         early_allowed: bool,
         bound_tokens: int,
-        held: tuple[str, ...] = (),
+        fingerprint: str = "",
+        images: Sequence[bytes] = (),
     ):
         self.worker = worker
         self.group = group
@@ -175,13 +177,16 @@ class Admission:
         self.initial_tokens = initial_tokens
         self.want_digest = want_digest
         self.encoder = encoder
-        self.held = held  # image rows rank 0 claimed (RankWorker.claim_images)
         self._early_allowed = early_allowed
         self._bound_tokens = bound_tokens
         self.is_early = False
         self.spec: RequestSpec | None = None
         self.outcome_future: asyncio.Future[RankOutcome] | None = None
-        self._check_free()  # refused before anything is reserved or encoded
+        self._check_free()  # refused before anything is reserved, claimed or encoded
+        # The rows rank 0 holds of the request's images (`images`: their `image_digest`s) under
+        # the encoder whose model has `fingerprint`, claimed for this attempt; the receive takes
+        # the claim, the caller drops it when the attempt ends before (RankWorker.drop_claim).
+        self.held = worker.claim_images(key, fingerprint, images)
 
     def _check_free(self) -> None:
         if self.key in self.group.views:  # a client id equal to another request's failover key

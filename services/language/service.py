@@ -409,7 +409,6 @@ class LanguageService:
         so the Init's round trip overlaps the encoding; otherwise after the Encode returned."""
         link = self.worker.encoders.links[view.index]
         transfer_id = self.worker.transfer_id(record.key)
-        held = self.worker.claim_images(record.key, link.model_fingerprint, digests)
         admission = Admission(
             self.worker,
             self.group,
@@ -419,7 +418,8 @@ class LanguageService:
             encoder=view.index,
             early_allowed=self.early_init,
             bound_tokens=self.policy.max_initial_tokens(),
-            held=held,
+            fingerprint=link.model_fingerprint,
+            images=digests,
         )
         try:
             carried = await admission.early()  # the Init just ahead of the Encode, or inside it
