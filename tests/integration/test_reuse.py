@@ -20,10 +20,12 @@ import asyncio
 import pytest
 
 from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2, language_pb2_grpc
+from services.language.ranks import free_port
 from services.models import qwen
 from services.tools import demo
 from tests.conftest import Pair, ServiceProcess, assert_all_free, language_stub
 from tests.integration.test_inspection import epd
+from tests.integration.test_scale import in_rotation
 from tests.integration.test_security import Certs
 
 HIDDEN = 64
@@ -79,8 +81,8 @@ def tokens_of(spec: tuple[int, int, str]) -> int:
     return qwen.image_tokens(spec[0], spec[1])
 
 
-async def generate(pair: Pair, request_id: str, images, text: str) -> language_pb2.GenerateReply:
-    return await language_stub(pair.language.address).Generate(
+async def generate(language: str, request_id: str, images, text: str) -> language_pb2.GenerateReply:
+    return await language_stub(language).Generate(
         language_pb2.GenerateRequest(
             request_id=request_id, images=images, text=text, want_digest=True
         ),
@@ -89,11 +91,14 @@ async def generate(pair: Pair, request_id: str, images, text: str) -> language_p
 
 
 async def same_as_plain(
-    pair: Pair, plain: Pair, request_id: str, images, text: str
+    pair: Pair | ServiceProcess, plain: Pair, request_id: str, images, text: str
 ) -> language_pb2.GenerateReply:
-    """Generate on `pair`; its digest must equal the digest of the same request with no cache."""
+    """Generate on `pair` (or on a language process); its digest must equal the digest of the
+    same request on `plain`, with no cache."""
+    language = pair.language.address if isinstance(pair, Pair) else pair.address
     reply, expected = await asyncio.gather(
-        generate(pair, request_id, images, text), generate(plain, request_id, images, text)
+        generate(language, request_id, images, text),
+        generate(plain.language.address, request_id, images, text),
     )
     assert reply.payload_sha256 == expected.payload_sha256, request_id
     assert reply.total_tokens == expected.total_tokens
@@ -322,3 +327,41 @@ async def test_identity_scope_keeps_each_callers_rows_apart(tmp_path, unique_id)
     finally:
         for s in (*langs, enc):
             s.stop()
+
+
+async def test_failover_to_another_encoder_still_skips_the_held_rows(plain, unique_id):
+    """Injected fault: encoder A's 2nd write fails before any byte counts. The repeat goes to A
+    (it holds the image), fails over to B as ID#2, claims the rows again under B's fingerprint
+    (the same seeded model: the same key) and B does not send them."""
+    common = ("--hidden", str(HIDDEN), "--block-size", str(BLOCK), "--model", "tiny")
+    a = ServiceProcess("encoder", *common, "--pool-blocks", "64", "--transport-fault", "fail_nth=2")
+    b = ServiceProcess("encoder", *common, "--pool-blocks", "64")
+    lang = None
+    try:
+        lang = ServiceProcess(
+            "language",
+            *common[:4],
+            "--pool-blocks",
+            "16",
+            "--encoder",
+            a.address,
+            "--encoder",
+            b.address,
+            "--metrics-port",
+            str(free_port("127.0.0.1")),
+        )
+        await in_rotation(lang, 2)  # without a request: A's writes are counted from the first
+        x = [image(SMALL, seed=91)]
+        n = tokens_of(SMALL)
+        first = await same_as_plain(lang, plain, unique_id("1"), x, "<image> first")
+        assert first.encoder.endswith(a.address.rsplit(":", 1)[1]) and first.attempts == 1, first
+        again = await same_as_plain(lang, plain, unique_id("2"), x, "<image> again")
+        assert again.attempts == 2 and again.failed_over_from == first.encoder, again
+        assert (again.cached_tokens, again.transferred_tokens) == (n, again.total_tokens - n)
+        await assert_all_free(
+            (a.address, "encoder"), (b.address, "encoder"), (lang.address, "language")
+        )
+    finally:
+        for s in (lang, a, b):
+            if s is not None:
+                s.stop()
