@@ -16,7 +16,8 @@ a prompt, its positions only by an offset (ImageSpan.first_position).
   from its claim, positions moved to the request's, and verifies the whole round against the
   encoder's checksums as always: a wrong fill fails the request like a wrong write;
 - after a verified payload, the rows of every image it received are kept (`ImageReuse.keep`).
-Nothing is kept from a payload that failed or was not verified.
+Nothing is kept from a payload that failed or was not verified, and a receive that fails its
+integrity check gives up the rows it reused (`ImageReuse.forget_reused`).
 """
 
 from __future__ import annotations
@@ -173,6 +174,13 @@ class ImageReuse:
                 self.store.place(span, self.claimed[span.key], runs, a - span.start)
 
         await asyncio.to_thread(place)
+
+    def forget_reused(self) -> None:
+        """The receive failed its integrity check: give up the rows it reused, in case they were
+        what was wrong (the next request with the image receives them again)."""
+        for span in self.spans or ():
+            if span.reused:
+                self.store.rows.discard(span.key)
 
     async def keep(self, payload: Payload) -> None:
         """Keep the rows of every image this verified payload brought (the reused ones are held)."""

@@ -393,8 +393,11 @@ class ReceiveTask:
         self.state = st.state
 
     def reject(self, message: str) -> None:
-        """A status that does not match what this rank allocated: the request fails (integrity)."""
+        """A status that does not match what this rank allocated, or a round that does not match
+        its checksums: the request fails (integrity), and the held rows it reused are given up
+        in case they were what was wrong."""
         self.telemetry.integrity_failed()
+        self.reuse.forget_reused()
         raise errors.IntegrityError(message)
 
     async def checksums_to(

@@ -109,6 +109,16 @@ class EmbeddingCache:
         self._on_event(int(rows is not None), int(rows is None), 0, held)
         return rows
 
+    def discard(self, key: str) -> None:
+        """Forget `key` (its rows stay valid for whoever holds them)."""
+        with self._lock:
+            gone = self._rows.pop(key, None)
+            if gone is not None:
+                self._bytes -= gone.numel() * gone.element_size()
+            held = self._bytes
+        if gone is not None:
+            self._on_event(0, 0, 0, held)
+
     def put(self, key: str, rows: torch.Tensor) -> None:
         """Keep a host copy of `rows`, giving up the least recently used entries to make room.
         Rows larger than the whole cache are not kept."""

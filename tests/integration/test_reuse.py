@@ -16,6 +16,8 @@ must equal its digest there, and the token counts come from the image processor'
 from __future__ import annotations
 
 import asyncio
+import re
+import urllib.request
 
 import pytest
 
@@ -41,17 +43,21 @@ WIDE = (448, 160, "png")
 LARGE = (1120, 980, "png")  # 1,400 tokens: several rounds, more than the pool
 
 
-def make_pair(*language_args: str, cache: bool = True, fault: str = "") -> Pair:
+def make_pair(
+    *language_args: str, cache: bool = True, fault: str = "", metrics: bool = False
+) -> Pair:
     off = () if cache else ("--embedding-cache-bytes", "0")
+    ports = [("--metrics-port", str(free_port("127.0.0.1"))) if metrics else () for _ in "el"]
     return Pair(
         hidden=HIDDEN,
         block_size=BLOCK,
         encoder_blocks=64,
         language_blocks=LANGUAGE_BLOCKS,
         initial_tokens=INITIAL_TOKENS,
-        encoder_args=["--model", "tiny", "--max-request-tokens", "3000", *off],
+        encoder_args=["--model", "tiny", "--max-request-tokens", "3000", *off, *ports[0]],
         language_args=[
             *off,
+            *ports[1],
             *language_args,
             *(("--fault", fault) if fault else ()),
         ],
@@ -67,7 +73,7 @@ def plain():
 
 @pytest.fixture(scope="module")
 def reuse():
-    p = make_pair()
+    p = make_pair(metrics=True)
     yield p
     p.stop()
 
@@ -125,7 +131,26 @@ async def test_repeated_image_after_other_text_is_not_sent_again(reuse, plain, u
     assert again.transferred_tokens == again.total_tokens - n
     assert again.ranks[0].reused_tokens == n
     assert again.ranks[0].transferred_tokens == again.total_tokens - n
+    # Both hit: the encoder's cache (no vision tower) and rank 0's held rows (nothing sent).
+    assert await cache_hits(reuse.encoder, 'role="encoder"') >= 1
+    assert await cache_hits(reuse.language, 'rank="0",role="language"') >= 1
     await all_free(reuse, plain)
+
+
+async def cache_hits(service: ServiceProcess, labels: str) -> float:
+    """epd_embedding_cache_hits_total{labels} from the service's /metrics."""
+    url = f"http://127.0.0.1:{service.info['metrics_port']}/metrics"
+
+    def scrape() -> str:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.read().decode()
+
+    text = await asyncio.to_thread(scrape)
+    found = re.search(
+        r"^epd_embedding_cache_hits_total\{" + re.escape(labels) + r"\} (\S+)$", text, re.M
+    )
+    assert found, text
+    return float(found.group(1))
 
 
 async def test_several_images_one_repeated_in_another_order(reuse, plain, unique_id):

@@ -159,7 +159,9 @@ async def test_a_receive_fills_reused_rows_and_verifies_them(rows_right):
     assert link.held == [KEY]  # the Init named the claimed rows
     if rows_right:
         assert failure is None and task.integrity_verified
+        assert store.claim([KEY])
     else:
         assert isinstance(failure, errors.IntegrityError), failure
         assert "checksum of field 'embeddings'" in failure.message
+        assert not store.claim([KEY])  # the rows that failed are given up: received next time
     assert pool.allocator.free_count == POOL_BLOCKS, "the rank's pool is not fully free"
