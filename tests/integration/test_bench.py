@@ -132,34 +132,24 @@ async def test_raw_write_is_validated_like_init(pair):
         rank.close()
 
 
-def test_epd_bench_json_has_every_documented_key():
+def bench_json(*args: str) -> dict:
+    """`epd bench ARGS --json -` in a process of its own; its JSON."""
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "services.tools.cli",
-            "bench",
-            "--quick",
-            "--hidden",
-            "256",
-            "--cases",
-            "single,multi,control",
-            "--sizes",
-            "256,2048",
-            "--repeats",
-            "3",
-            "--small-requests",
-            "30",
-            "--json",
-            "-",
-        ],
+        [sys.executable, "-m", "services.tools.cli", "bench", *args, "--json", "-"],
         capture_output=True,
         timeout=300,
         cwd=ROOT,
         env={"MC_FORCE_TCP": "1", "PATH": "/usr/bin:/bin"},
     )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
-    r = json.loads(done.stdout)
+    return json.loads(done.stdout)
+
+
+def test_epd_bench_json_has_every_documented_key():
+    r = bench_json(
+        *("--quick", "--hidden", "256", "--cases", "single,multi,control"),
+        *("--sizes", "256,2048", "--repeats", "3", "--small-requests", "30"),
+    )
     assert {"config", "single", "multi", "control", "checks", "wall_s"} <= set(r)
     assert r["config"]["client_event_loop"] == "uvloop"  # like the services, when installed
     assert [x["tokens"] for x in r["single"]] == [256, 2048]
@@ -208,30 +198,10 @@ def test_epd_bench_json_has_every_documented_key():
 
 
 def test_epd_bench_reuse_case_sends_less_and_the_same_payloads():
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "services.tools.cli",
-            "bench",
-            "--hidden",
-            "256",
-            "--cases",
-            "reuse",
-            "--reuse-requests",
-            "4",
-            "--reuse-image",
-            "448x448",
-            "--json",
-            "-",
-        ],
-        capture_output=True,
-        timeout=300,
-        cwd=ROOT,
-        env={"MC_FORCE_TCP": "1", "PATH": "/usr/bin:/bin"},
-    )
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
-    r = json.loads(done.stdout)["reuse"]
+    r = bench_json(
+        *("--hidden", "256", "--cases", "reuse", "--reuse-requests", "4"),
+        *("--reuse-image", "448x448"),
+    )["reuse"]
     image_tokens = (448 // 28) ** 2  # Qwen2-VL: one token per 28x28 pixels
     assert r["same_payloads"] and len(r["on"]["digests"]) == 4
     assert r["on"]["cached_tokens_mean"] == image_tokens and r["off"]["cached_tokens_mean"] == 0

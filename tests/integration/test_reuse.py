@@ -16,6 +16,7 @@ must equal its digest there, and the token counts come from the image processor'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import urllib.request
 
@@ -241,22 +242,31 @@ async def test_tp2_a_rank_without_the_rows_means_none_are_skipped(plain, unique_
         pair.stop()
 
 
-async def test_a_repeated_image_goes_to_the_encoder_that_holds_it(unique_id):
+@contextlib.contextmanager
+def two_encoders(*a_args: str):
+    """Encoders A (with `a_args`) and B, and a language using both, in A, B order; every pool
+    checked free afterwards by the test, every process stopped."""
     common = ("--hidden", str(HIDDEN), "--block-size", str(BLOCK), "--model", "tiny")
-    a = ServiceProcess("encoder", *common, "--pool-blocks", "64")
-    b = ServiceProcess("encoder", *common, "--pool-blocks", "64")
-    lang = None
+    a = ServiceProcess("encoder", *common, "--pool-blocks", "64", *a_args)
+    b = lang = None
     try:
+        b = ServiceProcess("encoder", *common, "--pool-blocks", "64")
         lang = ServiceProcess(
             "language",
             *common[:4],
-            "--pool-blocks",
-            "16",
-            "--encoder",
-            a.address,
-            "--encoder",
-            b.address,
+            *("--pool-blocks", "16", "--encoder", a.address, "--encoder", b.address),
+            *("--metrics-port", str(free_port("127.0.0.1"))),
         )
+        yield a, b, lang
+    finally:
+        for s in (lang, b, a):
+            if s is not None:
+                s.stop()
+
+
+async def test_a_repeated_image_goes_to_the_encoder_that_holds_it(unique_id):
+    with two_encoders() as (a, b, lang):
+        await in_rotation(lang, 2)
         stub = language_stub(lang.address)
         x, y = image(SMALL, seed=71), image(OTHER, seed=72)
 
@@ -266,7 +276,6 @@ async def test_a_repeated_image_goes_to_the_encoder_that_holds_it(unique_id):
                 timeout=120,
             )
 
-        await wait_for_both(stub)
         first = await ask([x], "<image> one")
         repeats = [await ask([x], f"<image> turn {k}") for k in range(4)]
         # Load alone would alternate (a tie goes round-robin): the holder wins every time.
@@ -277,22 +286,6 @@ async def test_a_repeated_image_goes_to_the_encoder_that_holds_it(unique_id):
         await assert_all_free(
             (a.address, "encoder"), (b.address, "encoder"), (lang.address, "language")
         )
-    finally:
-        for s in (lang, a, b):
-            if s is not None:
-                s.stop()
-
-
-async def wait_for_both(stub) -> None:
-    """A language is ready once one encoder registered; wait until text requests reach both."""
-    seen: set[str] = set()
-    for _ in range(200):
-        reply = await stub.Generate(language_pb2.GenerateRequest(text="hi"), timeout=30)
-        seen.add(reply.encoder)
-        if len(seen) == 2:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"only {seen} answered")
 
 
 async def test_identity_scope_keeps_each_callers_rows_apart(tmp_path, unique_id):
@@ -358,23 +351,7 @@ async def test_failover_to_another_encoder_still_skips_the_held_rows(plain, uniq
     """Injected fault: encoder A's 2nd write fails before any byte counts. The repeat goes to A
     (it holds the image), fails over to B as ID#2, claims the rows again under B's fingerprint
     (the same seeded model: the same key) and B does not send them."""
-    common = ("--hidden", str(HIDDEN), "--block-size", str(BLOCK), "--model", "tiny")
-    a = ServiceProcess("encoder", *common, "--pool-blocks", "64", "--transport-fault", "fail_nth=2")
-    b = ServiceProcess("encoder", *common, "--pool-blocks", "64")
-    lang = None
-    try:
-        lang = ServiceProcess(
-            "language",
-            *common[:4],
-            "--pool-blocks",
-            "16",
-            "--encoder",
-            a.address,
-            "--encoder",
-            b.address,
-            "--metrics-port",
-            str(free_port("127.0.0.1")),
-        )
+    with two_encoders("--transport-fault", "fail_nth=2") as (a, b, lang):
         await in_rotation(lang, 2)  # without a request: A's writes are counted from the first
         x = [image(SMALL, seed=91)]
         n = tokens_of(SMALL)
@@ -386,7 +363,3 @@ async def test_failover_to_another_encoder_still_skips_the_held_rows(plain, uniq
         await assert_all_free(
             (a.address, "encoder"), (b.address, "encoder"), (lang.address, "language")
         )
-    finally:
-        for s in (lang, a, b):
-            if s is not None:
-                s.stop()
