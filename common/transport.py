@@ -48,6 +48,10 @@ from common.fence import LateWrites, WriteFence, run_tracked
 
 log = logging.getLogger(__name__)
 
+MOONCAKE_PORTS = (15000, 17000)
+"""The range Mooncake picks its handshake and data ports in (MC_MIN_RPC_PORT / MC_MAX_RPC_PORT move
+it): what a firewall or a Kubernetes NetworkPolicy must open between EPD hosts, and only there."""
+
 POLL_STEP_S = 30e-6
 """`poll`: the shortest sleep between status checks (Linux rounds it up to ~60-100 us)."""
 POLL_MAX_S = 0.5e-3
