@@ -6,8 +6,9 @@ else in the services knows about either:
 
 - the fast protocol tests give both services in-process transports (memcpy between registered
   buffers) instead of Mooncake engines;
-- the fault-injection launcher of the tests wraps transports, links and the consumer, and holds
-  blocks, to provoke what cannot be arranged from outside a process.
+- the fault-injection launcher of the tests wraps transports, links and the consumer, holds
+  blocks, and answers encoder names from a file (a scaled Kubernetes Service, without DNS), to
+  provoke what cannot be arranged from outside a process.
 
 No setting selects a part: a `Parts` other than the default exists only in code that builds one.
 """
@@ -41,6 +42,12 @@ def _nothing(worker: RankWorker) -> None:
     del worker
 
 
+def _lookup(address: str) -> list[str]:
+    from services.language.encoders import lookup  # the language's part: imported when used
+
+    return lookup(address)
+
+
 @dataclasses.dataclass(frozen=True)
 class Parts:
     """What a service builds through this seam (the defaults are production's)."""
@@ -57,6 +64,13 @@ class Parts:
 
     on_rank_started: Callable[[RankWorker], None] = _nothing
     """Called once a language rank registered its pool and found its encoders."""
+
+    resolve: Callable[[str], list[str]] = _lookup
+    """How a language instance looks an encoder's `name:port` up: every `ip:port` it resolves to
+    ([] when it does not), at start-up and again every `resolve_every_s`."""
+
+    resolve_every_s: float = 10.0
+    """How often rank 0 looks its encoders' DNS names up again."""
 
     rank_command: tuple[str, ...] = ("-m", "services.tools.cli")
     """How rank 0 of a multi-rank language instance starts ranks 1..tp-1: the Python interpreter

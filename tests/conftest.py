@@ -23,7 +23,7 @@ from services.tools import supervise
 from services.tools.supervise import SERVICE_MODULE, service_argv
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-FAULT_FLAGS = {"--fault", "--transport-fault"}
+FAULT_FLAGS = {"--fault", "--transport-fault", "--resolve-file"}
 os.environ.setdefault("MC_FORCE_TCP", "1")
 
 

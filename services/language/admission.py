@@ -197,7 +197,12 @@ class Admission:
     def _admit(self) -> None:
         self._check_free()
         self.spec = self.group.admit(
-            self.key, self.initial_tokens, self.want_digest, encoder=self.encoder, held=self.held
+            self.key,
+            self.initial_tokens,
+            self.want_digest,
+            encoder=self.encoder,
+            held=self.held,
+            encoder_address=self.worker.encoders.views[self.encoder].address,
         )
         self.outcome_future = self.worker.outcome(self.key)
 

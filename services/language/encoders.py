@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 from common import errors
 from common.layout import PoolGeometry
+from common.states import FailureReason
 from services.language.encoder_link import GrpcEncoderLink, Prove
 from services.language.selection import EncoderSelector, EncoderView, ImageAffinity
 
@@ -58,7 +59,7 @@ def lookup(address: str, getaddrinfo: Callable = socket.getaddrinfo) -> list[str
 
 
 def resolve_addresses(
-    addresses: Sequence[str], getaddrinfo: Callable = socket.getaddrinfo
+    addresses: Sequence[str], resolve: Callable[[str], list[str]] = lookup
 ) -> tuple[list[str], list[str]]:
     """Expand every `name:port` whose name resolves to several IPv4 addresses (e.g. a compose
     service scaled with `--scale encoder=N`: one DNS name, N A records) into one `ip:port` per
@@ -68,7 +69,7 @@ def resolve_addresses(
     out: list[str] = []
     names: list[str] = []
     for address in addresses:
-        ips = lookup(address, getaddrinfo)
+        ips = [address] if _is_ip(split_address(address)[0]) else resolve(address)
         if not _is_ip(split_address(address)[0]):
             names.append(address)
         if len(ips) > 1:
@@ -90,6 +91,8 @@ class EncoderDirectory:
         wrap: Callable = lambda link: link,
         dns_names: Sequence[str] = (),
         sec=None,
+        resolve: Callable[[str], list[str]] = lookup,
+        resolve_every_s: float = RESOLVE_S,
     ):
         if not addresses:
             raise errors.InvalidArgument("encoder: at least one --encoder host:port is required")
@@ -101,6 +104,8 @@ class EncoderDirectory:
         self.selector = EncoderSelector(policy)
         self.affinity = ImageAffinity()  # rank 0: which encoder had which images encoded
         self.dns_names = list(dns_names)
+        self._resolve = resolve
+        self._resolve_every_s = resolve_every_s
         self._tasks: list[asyncio.Task] = []
         self._registration: tuple[int, str, PoolGeometry, Prove] | None = (
             None  # (rank, session, geometry, prove): GrpcEncoderLink.register
@@ -239,17 +244,18 @@ class EncoderDirectory:
             await asyncio.sleep(POLL_S)
 
     async def _resolve_loop(self) -> None:
-        """Rank 0 of a one-rank instance: DNS names are looked up again every RESOLVE_S; new
-        addresses join (registered and watched like the others), vanished ones simply stop
-        answering and leave the rotation. A name kept as such at start-up (one address then) that
-        now has several is retired in favour of one entry per address — its link still finishes
-        the requests it has, but takes no new ones, so no encoder is counted twice. (With several
-        ranks the list is fixed at start-up: the other ranks know encoders by index.)"""
+        """Rank 0: DNS names (a Kubernetes headless Service, a scaled compose service) are looked
+        up again every `resolve_every_s`; new addresses join (registered and watched like the
+        others), vanished ones simply stop answering and leave the rotation. A name kept as such
+        at start-up (one address then) that now has several is retired in favour of one entry per
+        address — its link still finishes the requests it has, but takes no new ones, so no
+        encoder is counted twice. The other ranks of the instance learn a new encoder from the
+        first admission that names it (`link_for`)."""
         while True:
-            await asyncio.sleep(RESOLVE_S)
+            await asyncio.sleep(self._resolve_every_s)
             for name in self.dns_names:
                 try:
-                    found = await asyncio.to_thread(lookup, name)
+                    found = await asyncio.to_thread(self._resolve, name)
                 except Exception as e:  # noqa: BLE001 - a resolver hiccup must not end the loop
                     log.info("re-resolving %s: %s", name, e)
                     continue
@@ -272,6 +278,31 @@ class EncoderDirectory:
             if address not in (v.address for v in self.views):
                 log.info("encoder %s found by DNS (%s)", address, name)
                 self._spawn(self._add(address))
+
+    async def link_for(self, address: str, index: int, timeout: float = 30.0):
+        """The link to the encoder an admission names: by its address (rank 0 found it, maybe
+        after this rank started), else by rank 0's index. An address this rank does not know yet
+        joins, registered before it is used (Unavailable when that fails within `timeout`)."""
+        if not address or (index < len(self.views) and self.views[index].address == address):
+            return self.links[index]  # rank 0, or a rank that knows the same list
+        known = next((v.index for v in self.views if v.address == address and not v.retired), None)
+        if known is not None:
+            return self.links[known]
+        assert self._registration is not None  # start() ran before any admission
+        index = self._add(address)
+        log.info("encoder %s joins (named by an admission)", address)
+        link = self.links[index]
+        try:
+            await link.register(*self._registration, timeout=timeout)
+        except errors.EpdError as e:
+            self.views[index].last_error = e.message
+            self._spawn(index)  # keep trying for the next request
+            raise errors.Unavailable(
+                f"encoder {address}: this rank could not register with it: {e.message}",
+                reason=FailureReason.PEER_LOST,
+            ) from None
+        self.views[index].registered = self.views[index].available = True
+        return link
 
     async def close(self) -> None:
         for t in self._tasks:

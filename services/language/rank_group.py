@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_ID_BYTES = 128
 MAX_HELD = 8  # image keys an admission carries (held_images.MAX_PROPOSED)
+ENCODER_ADDRESS_BYTES = 64  # an admission's encoder address ("" when longer: by index only)
 HELD_KEY_BYTES = 32  # one key: a SHA-256
 ADMIT_KEY_BYTES = MAX_REQUEST_ID_BYTES + 8  # an admission's key: the request id, "#2" on a failover
 
@@ -52,6 +53,9 @@ class RequestSpec:
     want_digest: bool = False
     encoder: int = 0
     """Index of the encoder serving it in the instance's ordered encoder list (rank 0 picks)."""
+    encoder_address: str = ""
+    """Its address (at most ENCODER_ADDRESS_BYTES): a rank that does not know it yet (rank 0
+    found it by DNS since) adds it."""
     held: tuple[str, ...] = ()
     """Keys of the request's images whose rows rank 0 holds (at most MAX_HELD): each data rank
     claims those it holds too, and the encoder skips the rows every data rank claimed."""
@@ -169,6 +173,7 @@ class RankGroup:
         want_digest: bool,
         encoder: int = 0,
         held: tuple[str, ...] = (),
+        encoder_address: str = "",
     ) -> RequestSpec:
         """Rank 0: add a request; every rank's on_admit runs for it (rank 0's before this returns
         for LocalGroup, at the next step for DistributedGroup). `request_id` is the admission's
@@ -244,10 +249,13 @@ class LocalGroup(RankGroup):
         want_digest: bool,
         encoder: int = 0,
         held: tuple[str, ...] = (),
+        encoder_address: str = "",
     ) -> RequestSpec:
         self._check_admissible(request_id)
         self._seq += 1
-        spec = RequestSpec(self._seq, request_id, initial_tokens, want_digest, encoder, held)
+        spec = RequestSpec(
+            self._seq, request_id, initial_tokens, want_digest, encoder, encoder_address, held
+        )
         self._admitted(spec)
         return spec
 
@@ -266,9 +274,10 @@ class LocalGroup(RankGroup):
 RANK_STATS = 10  # pool used, free, waiters, quarantined; held rows capacity, bytes, entries, hits, misses, evictions
 _HEADER = 4 + RANK_STATS  # shutdown, n_admissions, n_open, step, the rank's stats
 _KEY_WORDS = ADMIT_KEY_BYTES // 8
+_ADDRESS_WORDS = 1 + ENCODER_ADDRESS_BYTES // 8  # length, address
 _HELD_WORDS = 1 + MAX_HELD * HELD_KEY_BYTES // 8  # count, keys
-# seq, initial_tokens, want_digest, key length, encoder, key, held count, held keys
-_ADMIT_WORDS = 5 + _KEY_WORDS + _HELD_WORDS
+# seq, initial_tokens, want_digest, key length, encoder, key, encoder address, held keys
+_ADMIT_WORDS = 5 + _KEY_WORDS + _ADDRESS_WORDS + _HELD_WORDS
 
 
 class DistributedGroup(RankGroup):
@@ -352,12 +361,20 @@ class DistributedGroup(RankGroup):
         want_digest: bool,
         encoder: int = 0,
         held: tuple[str, ...] = (),
+        encoder_address: str = "",
     ) -> RequestSpec:
         assert self.rank == 0, "only rank 0 admits requests"
         self._check_admissible(request_id)
         self._seq += 1
+        fits = len(encoder_address.encode()) <= ENCODER_ADDRESS_BYTES
         spec = RequestSpec(
-            self._seq, request_id, initial_tokens, want_digest, encoder, held[:MAX_HELD]
+            self._seq,
+            request_id,
+            initial_tokens,
+            want_digest,
+            encoder,
+            encoder_address if fits else "",
+            held[:MAX_HELD],
         )
         # The view and decision exist at once on rank 0, so Generate can wait on them.
         assert self.loop is not None, "bind() first"
@@ -513,7 +530,10 @@ def _pack_admit(t, at: int, spec: RequestSpec) -> None:
     t[at + 3] = len(raw)
     t[at + 4] = spec.encoder
     _pack_bytes(t, at + 5, raw.ljust(ADMIT_KEY_BYTES, b"\0"))
-    held = at + 5 + _KEY_WORDS
+    address = spec.encoder_address.encode()
+    t[at + 5 + _KEY_WORDS] = len(address)
+    _pack_bytes(t, at + 6 + _KEY_WORDS, address.ljust(ENCODER_ADDRESS_BYTES, b"\0"))
+    held = at + 5 + _KEY_WORDS + _ADDRESS_WORDS
     t[held] = len(spec.held)
     _pack_bytes(t, held + 1, b"".join(bytes.fromhex(key) for key in spec.held))
 
@@ -530,7 +550,9 @@ def _unpack_bytes(words: list[int]) -> bytes:
 def _unpack_admit(t, at: int) -> RequestSpec:
     v = t[at : at + _ADMIT_WORDS].tolist()
     raw = _unpack_bytes(v[5 : 5 + _KEY_WORDS])[: v[3]]
-    held = 5 + _KEY_WORDS
+    at = 5 + _KEY_WORDS
+    address = _unpack_bytes(v[at + 1 : at + _ADDRESS_WORDS])[: v[at]]
+    held = at + _ADDRESS_WORDS
     keys = _unpack_bytes(v[held + 1 :])
     step = HELD_KEY_BYTES
     return RequestSpec(
@@ -539,5 +561,6 @@ def _unpack_admit(t, at: int) -> RequestSpec:
         initial_tokens=v[1],
         want_digest=bool(v[2]),
         encoder=v[4],
+        encoder_address=address.decode(),
         held=tuple(keys[i * step : (i + 1) * step].hex() for i in range(v[held])),
     )

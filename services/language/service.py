@@ -92,10 +92,12 @@ class LanguageService:
             raise errors.InvalidArgument(
                 "encoder: at least one --encoder host:port (or --encoder-file) is required"
             )
-        # DNS names with several addresses (a scaled compose service) become one entry per
-        # address, here, once: the rank processes get the expanded list, so every rank has the
-        # same ordered encoders and an admission names its encoder by index.
-        resolved, dns_names = encoders.resolve_addresses(addresses)
+        # DNS names with several addresses (a headless Service, a scaled compose service) become
+        # one entry per address, here: the rank processes get the expanded list. Rank 0 looks
+        # the names up again (EncoderDirectory._resolve_loop), and an admission names its encoder
+        # by address too, so the other ranks pick up encoders that joined since (link_for).
+        parts = parts or Parts()
+        resolved, dns_names = encoders.resolve_addresses(addresses, parts.resolve)
         config = dataclasses.replace(config, encoder=tuple(resolved), encoder_file="")
         self.config = config
         self.language_id = config.language_id or f"lang-{uuid.uuid4().hex[:12]}"
@@ -111,7 +113,7 @@ class LanguageService:
             self.group,
             self.language_id,
             parts=parts,
-            dns_names=tuple(dns_names) if config.tp == 1 else (),
+            dns_names=tuple(dns_names),
         )
         self.pool = self.worker.pool
         self.policy = AllocationPolicy(

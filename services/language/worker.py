@@ -76,8 +76,9 @@ class RankWorker:
         self.metrics_port = 0
         self.parts = parts = parts or Parts()
         self.transport: MooncakeTransport | None = None
-        # One link per encoder, in the same order on every rank (an admission names its encoder
-        # by index); rank 0 also watches them and picks one per request.
+        # One link per encoder; rank 0 also watches them, looks their DNS names up again and
+        # picks one per request. An admission names its encoder by address (and by rank 0's
+        # index): another rank finds or adds its link by the address (`link_for`).
         self.encoders = EncoderDirectory(
             config.encoder,
             language_id,
@@ -85,6 +86,8 @@ class RankWorker:
             wrap=lambda link: parts.wrap_link(link, rank),
             dns_names=dns_names,
             sec=ClientSecurity.from_config(config),
+            resolve=parts.resolve,
+            resolve_every_s=parts.resolve_every_s,
         )
         self.consumer = parts.wrap_consumer(build_consumer(config, rank), rank)
         self.receivers: dict[str, ReceiveTask] = {}
@@ -254,8 +257,10 @@ class RankWorker:
         outcome: RankOutcome | None = None
         try:
             if self.is_data_rank:
-                receiver = self._receiver(spec, view)
-                receive = asyncio.ensure_future(self._receive(spec, receiver, view))
+                link = await self._link(spec, view)
+                if link is not None:  # else the rank reported its failure to the others
+                    receiver = self._receiver(spec, view, link)
+                    receive = asyncio.ensure_future(self._receive(spec, receiver, view))
             else:
                 self.early.init_sent(spec.request_id)  # a dummy rank sends no Init
                 view.update(not_ready=0, state=int(TransferState.SUCCESS))
@@ -311,7 +316,20 @@ class RankWorker:
         if not fut.done():
             fut.set_result(outcome)
 
-    def _receiver(self, spec: RequestSpec, view: LocalView) -> ReceiveTask:
+    async def _link(self, spec: RequestSpec, view: LocalView):
+        """The link to the admission's encoder; None (and the failure reported to the other
+        ranks) when this rank cannot reach it."""
+        try:
+            return await self.encoders.link_for(spec.encoder_address, spec.encoder)
+        except errors.EpdError as e:
+            log.warning("request %s rank %d: %s", spec.request_id, self.rank, e.message)
+            view.update(
+                failed=int(e.reason or FailureReason.PEER_LOST), state=int(TransferState.FAILED)
+            )
+            self.group.changed()
+            return None
+
+    def _receiver(self, spec: RequestSpec, view: LocalView, link) -> ReceiveTask:
         def progress(r: ReceiveTask) -> None:
             view.update(
                 total=r.total_tokens,
@@ -331,7 +349,7 @@ class RankWorker:
             self.rank,
             self.rank_count,
             self.pool,
-            self.encoders.links[spec.encoder],
+            link,
             transfer_id=self.transfer_id(spec.request_id),
             reserved_blocks=early_blocks,
             progress_tokens=self.progress_tokens,

@@ -5,6 +5,7 @@ test-only `--transport-fault` (named in the tests) or by killing a real process.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 import time
@@ -465,3 +466,32 @@ async def test_tp2_failover_from_a_frozen_encoder_then_it_recovers():
         if stopped:
             os.kill(a.proc.pid, signal.SIGCONT)
         stop(lang, a, b)
+
+
+async def test_tp2_picks_up_an_encoder_that_joins_its_dns_name(tmp_path):
+    """A headless Service scaled from 2 encoders to 3, seen through the resolver seam (the test
+    launcher's `--resolve-file`): rank 0 looks the name up again and the third encoder joins the
+    rotation; rank 1, which started with two, adds it from the first admission that names it.
+    Every request is delivered on both ranks with the reference digest."""
+    a, b, c = encoders((), (), ())
+    table = tmp_path / "dns.json"
+    name = "encoders.epd.test:50051"
+    table.write_text(json.dumps({name: [a.address, b.address]}))
+    lang = language(
+        name,
+        args=("--tp", "2", "--encoder-policy", "round-robin", "--resolve-file", str(table)),
+        watch=True,
+    )
+    try:
+        stub = language_stub(lang.address)
+        await in_rotation(lang, 2)
+        table.write_text(json.dumps({name: [a.address, b.address, c.address]}))
+        await in_rotation(lang, 3)
+        replies = [await generate(stub, 3000, 40 + i, f"dns-{i}") for i in range(6)]
+        assert any(r.encoder.endswith(_port(c)) for r in replies), [r.encoder for r in replies]
+        for i, r in enumerate(replies):
+            _check_ranks(r, 3000, 40 + i)
+            assert r.attempts == 1
+        await free((a, "encoder"), (b, "encoder"), (c, "encoder"), (lang, "language"))
+    finally:
+        stop(lang, a, b, c)

@@ -10,10 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.config import ConfigError, LanguageConfig
+from services.language import encoders
 from services.language.encoders import resolve_addresses
 from services.language.rank_group import (
     _ADMIT_WORDS,
     ADMIT_KEY_BYTES,
+    ENCODER_ADDRESS_BYTES,
     MAX_HELD,
     RequestSpec,
     _pack_admit,
@@ -152,7 +154,8 @@ def test_dns_names_with_several_addresses_expand_to_each():
         {"encoder": ["10.0.0.3", "10.0.0.2", "10.0.0.3"], "single": ["10.0.0.9"]}
     )
     got, expanded = resolve_addresses(
-        ["encoder:50051", "single:1", "10.1.1.1:2", "nowhere:3"], lookup
+        ["encoder:50051", "single:1", "10.1.1.1:2", "nowhere:3"],
+        lambda address: encoders.lookup(address, lookup),
     )
     assert got == ["10.0.0.2:50051", "10.0.0.3:50051", "single:1", "10.1.1.1:2", "nowhere:3"]
     assert expanded == [
@@ -223,9 +226,20 @@ def test_encoder_file_adds_addresses_and_names_a_bad_line(tmp_path):
     st.text(min_size=1, max_size=40).filter(lambda s: len(s.encode()) <= ADMIT_KEY_BYTES),
     st.integers(0, 63),
     st.lists(st.binary(min_size=32, max_size=32), max_size=MAX_HELD),
+    st.text(max_size=20).filter(lambda s: len(s.encode()) <= ENCODER_ADDRESS_BYTES),
 )
-def test_admission_record_carries_the_key_the_encoder_and_the_held_images(key, encoder, held):
+def test_admission_record_carries_the_key_the_encoder_and_the_held_images(
+    key, encoder, held, address
+):
     t = torch.zeros(_ADMIT_WORDS + 3, dtype=torch.int64)
-    spec = RequestSpec(7, key, 1024, True, encoder, tuple(h.hex() for h in held))
+    spec = RequestSpec(
+        7,
+        key,
+        1024,
+        True,
+        encoder,
+        encoder_address=address,
+        held=tuple(h.hex() for h in held),
+    )
     _pack_admit(t, 2, spec)
     assert _unpack_admit(t, 2) == spec
