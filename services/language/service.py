@@ -842,7 +842,24 @@ class LanguageServicer(language_pb2_grpc.LanguageServicer):
 
     @rpc.grpc_errors
     async def GetDiagnostics(self, request, context):
-        return rpc.diagnostics(self.s.requests)
+        info = rpc.diagnostics(self.s.requests)
+        shown_to = self.sec.may_see(rpc.peer_identity(context), self.sec.own_identity)
+        directory = self.s.worker.encoders
+        for view in directory.views:
+            info.encoders.append(
+                common_pb2.EncoderState(
+                    address=view.address if shown_to else "",
+                    encoder_id=directory.links[view.index].encoder_id,
+                    available=view.available,
+                    registered=view.registered,
+                    retired=view.retired,
+                    in_flight=view.inflight,
+                    live_transfers=view.live_transfers,
+                    picked=view.picked,
+                    last_error=view.last_error,
+                )
+            )
+        return info
 
 
 class LanguageBenchServicer(bench_pb2_grpc.BenchServicer):

@@ -477,10 +477,35 @@ def _note(command: str, message: str) -> None:
     print(f"epd {command}: {message}", file=sys.stderr)
 
 
+def encoders_text(encoders: Sequence[common_pb2.EncoderState]) -> str:
+    """The language's encoders: which are in the rotation, and how busy."""
+    rows = [
+        [
+            e.encoder_id or "-",
+            e.address or "(hidden)",
+            "retired" if e.retired else ("yes" if e.available else "no"),
+            str(e.in_flight),
+            str(e.live_transfers),
+            str(e.picked),
+            e.last_error[:60] or "-",
+        ]
+        for e in encoders
+    ]
+    table = format_table(
+        ("ENCODER", "ADDRESS", "IN ROTATION", "IN FLIGHT", "LIVE", "PICKED", "LAST ERROR"),
+        rows,
+        right=frozenset({3, 4, 5}),
+    )
+    return f"encoders: {sum(e.available for e in encoders)} of {len(encoders)} in the rotation\n\n{table}"
+
+
 def _status_list(channel: grpc.Channel, args: argparse.Namespace) -> str:
     request = common_pb2.ListTransfersRequest(states=args.states, limit=args.limit)
     name, stub, reply = call_either(channel, args.address, "ListTransfers", request, args.timeout)
     pool = _call(stub, name, args.address, "GetPool", common_pb2.GetPoolRequest(), args.timeout)
+    diagnostics = _call(
+        stub, name, args.address, "GetDiagnostics", common_pb2.GetDiagnosticsRequest(), args.timeout
+    )
     if args.json:
         return json.dumps(
             {
@@ -488,10 +513,14 @@ def _status_list(channel: grpc.Channel, args: argparse.Namespace) -> str:
                 "address": args.address,
                 "transfers": [as_json(t) for t in reply.transfers],
                 "pool": as_json(pool),
+                "encoders": [as_json(e) for e in diagnostics.encoders],
             },
             indent=2,
         )
-    return f"{transfers_text(name, args.address, reply.transfers)}\n\n{pool_text(pool)}"
+    text = f"{transfers_text(name, args.address, reply.transfers)}\n\n{pool_text(pool)}"
+    if diagnostics.encoders:
+        text += f"\n\n{encoders_text(diagnostics.encoders)}"
+    return text
 
 
 def _status_one(channel: grpc.Channel, args: argparse.Namespace) -> str:

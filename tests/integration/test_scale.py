@@ -20,6 +20,7 @@ from common.pb.epd.v1 import common_pb2, language_pb2
 from services.language.ranks import free_port
 from services.tools.reference_payload import expected_digest
 from tests.conftest import ServiceProcess, assert_all_free, encoder_stub, language_stub
+from tests.integration.test_inspection import epd
 
 HIDDEN = 256
 COMMON = ("--hidden", str(HIDDEN), "--block-size", "128")
@@ -487,6 +488,9 @@ async def test_tp2_picks_up_an_encoder_that_joins_its_dns_name(tmp_path):
         await in_rotation(lang, 2)
         table.write_text(json.dumps({name: [a.address, b.address, c.address]}))
         await in_rotation(lang, 3)
+        ran = await epd("status", lang.address)  # an operator watches it join
+        assert ran.returncode == 0 and "encoders: 3 of 3 in the rotation" in ran.stdout, ran
+        assert c.address in ran.stdout
         replies = [await generate(stub, 3000, 40 + i, f"dns-{i}") for i in range(6)]
         assert any(r.encoder.endswith(_port(c)) for r in replies), [r.encoder for r in replies]
         for i, r in enumerate(replies):

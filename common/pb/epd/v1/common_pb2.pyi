@@ -290,17 +290,41 @@ class GetDiagnosticsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Diagnostics(_message.Message):
-    __slots__ = ("asyncio_tasks", "threads", "rss_bytes", "live_transfers", "history_transfers", "status_streams")
+    __slots__ = ("asyncio_tasks", "threads", "rss_bytes", "live_transfers", "history_transfers", "status_streams", "encoders")
     ASYNCIO_TASKS_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     LIVE_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     HISTORY_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     STATUS_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    ENCODERS_FIELD_NUMBER: _ClassVar[int]
     asyncio_tasks: int
     threads: int
     rss_bytes: int
     live_transfers: int
     history_transfers: int
     status_streams: int
-    def __init__(self, asyncio_tasks: _Optional[int] = ..., threads: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., live_transfers: _Optional[int] = ..., history_transfers: _Optional[int] = ..., status_streams: _Optional[int] = ...) -> None: ...
+    encoders: _containers.RepeatedCompositeFieldContainer[EncoderState]
+    def __init__(self, asyncio_tasks: _Optional[int] = ..., threads: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., live_transfers: _Optional[int] = ..., history_transfers: _Optional[int] = ..., status_streams: _Optional[int] = ..., encoders: _Optional[_Iterable[_Union[EncoderState, _Mapping]]] = ...) -> None: ...
+
+class EncoderState(_message.Message):
+    __slots__ = ("address", "encoder_id", "available", "registered", "retired", "in_flight", "live_transfers", "picked", "last_error")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_ID_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    LIVE_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    PICKED_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    encoder_id: str
+    available: bool
+    registered: bool
+    retired: bool
+    in_flight: int
+    live_transfers: int
+    picked: int
+    last_error: str
+    def __init__(self, address: _Optional[str] = ..., encoder_id: _Optional[str] = ..., available: _Optional[bool] = ..., registered: _Optional[bool] = ..., retired: _Optional[bool] = ..., in_flight: _Optional[int] = ..., live_transfers: _Optional[int] = ..., picked: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
