@@ -1,7 +1,8 @@
 """`epd bench`: the performance goals (docs/BENCHMARKS.md), measured in one run.
 
-Every figure is a ratio against a raw Mooncake `batch_transfer_sync_write` of the same bytes
-between the same two service processes, measured in the same run (the language's MeasureLink
+Every figure is a ratio against the best raw Mooncake write of the same bytes between the same
+two service processes, measured in the same run: Mooncake's `batch_transfer_sync_write` or the
+polled wait the services use, whichever was faster (the language's MeasureLink
 RPC: the encoder writes plain, protocol-free writes into blocks the language reserved for the
 measurement). Ratios hold on noisy machines where absolute times do not.
 
@@ -11,14 +12,16 @@ Cases (hidden 3584, bf16, block_size 128 unless flags say otherwise):
   return when the Init went out alongside it, to the payload received and verified on the
   language) / raw (goal >= 0.9). With integrity on, each row also gives what the language's
   checksum pass over those bytes costs here (`check_ms`) and the best ratio any transfer checked
-  after its write could reach: `integrity_floor_ratio` = raw / (raw + check);
+  after its write could reach: `integrity_floor_ratio` = raw / (raw + check); `efficiency` =
+  (raw + check) / delivered (goal >= 0.95 from 4096 tokens, 0.8 from 1024, 0.6 below); and each
+  service's process CPU time per request beside the raw write's (`cpu_ms_per_request`);
 - `multi`: the same totals through a language whose pool holds one 1024-token round (1-8
   rounds); extra cost per extra round over the one-round `single` case (goal <= copy-out time of a
-  round + 2 ms);
+  round's copy-out + check + 1 ms);
 - `control`: a 64-token request's client-observed latency minus the raw write of its bytes,
-  p50 and p99 (goal <= 3 ms p50);
+  p50 and p99 (goal <= 2 ms p50);
 - `concurrency`: 1, 8, 64 requests in flight; aggregate bandwidth / raw aggregate at the same
-  concurrency (goal >= 0.8 at 64);
+  concurrency (goal >= 0.8 at 64, against Mooncake's sync call and against the best raw);
 - `policies`: `fixed`, `hint`, `adaptive` on one seeded mixed size distribution: rounds per
   request and peak pool usage;
 - `loops`: the `single` (largest size) and `control` cases again with both services on
@@ -39,6 +42,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -56,13 +60,17 @@ from services.tools.supervise import ServiceGroup, add_process_arguments, child_
 CASES = ("single", "multi", "control", "concurrency", "policies", "loops", "reuse")
 POLICIES = ("fixed", "hint", "adaptive")
 
-# (figure, comparison, goal). `round_extra_ms` is checked per size against that
-# size's own copy-out time + 2 ms.
+# (figure, comparison, goal), every ratio against the best raw write of the run (polled or
+# Mooncake's sync call, whichever was faster). `round_extra_ms` is checked per size against a
+# round's own copy-out and check time + 1 ms. `cpu_ms_per_request[N][service]` is a figure to
+# read (goal "-"), with the raw write's CPU beside it.
 GOALS = {
     "single_round_ratio": (">=", 0.9),
-    "round_extra_ms": ("<=", "copy_out_ms + 2"),
-    "control_overhead_p50_ms": ("<=", 3.0),
+    "single_round_efficiency": (">=", "0.95 from 4096 tokens, 0.8 from 1024, 0.6 below"),
+    "round_extra_ms": ("<=", "copy_out_ms + check_ms + 1"),
+    "control_overhead_p50_ms": ("<=", 2.0),
     "concurrency_64_ratio": (">=", 0.8),
+    "concurrency_64_ratio_best": (">=", 0.8),
 }
 
 
@@ -254,6 +262,34 @@ class Services:
     async def used_blocks(self) -> int:
         return (await self.stub.GetPool(common_pb2.GetPoolRequest())).used_blocks
 
+    def cpu_ms(self) -> dict[str, float]:
+        """Process CPU time so far (user + system, from /proc) of the encoder and of the
+        language's rank 0: steadier than wall time on a shared machine."""
+        assert self.language is not None
+        return {"encoder": process_cpu_ms(self.encoder), "language": process_cpu_ms(self.language)}
+
+
+def process_cpu_ms(service) -> float:
+    """CPU time a service process has run, in ms: the sum over its threads of
+    /proc/PID/task/TID/schedstat (nanoseconds; /proc/PID/stat counts in 10 ms ticks, too coarse
+    for a request). 0 where /proc cannot tell."""
+    try:
+        pid = service.proc.pid
+        total = 0
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except OSError:  # a thread that ended meanwhile
+                continue
+        return total / 1e6
+    except (OSError, AttributeError, IndexError, ValueError):
+        return 0.0
+
+
+def cpu_per(before: dict[str, float], after: dict[str, float], count: int) -> dict[str, float]:
+    return {k: (after[k] - before[k]) / max(1, count) for k in before}
+
 
 def record_layout(args: argparse.Namespace) -> RecordLayout:
     """The services' token record for the run's --hidden and --dtype."""
@@ -317,10 +353,21 @@ async def case_single(
     for n in sizes:
         for _ in range(2):  # warm-up: channels, first-touch of pool pages
             await s.generate(n, expected=n)
+        cpu_before = s.cpu_ms()
         times = [(await s.generate(n, expected=n)).transfer_seconds for _ in range(repeats)]
+        cpu = cpu_per(cpu_before, s.cpu_ms(), repeats)
+        cpu_before = s.cpu_ms()
         raw = await s.raw(n, repeats)
+        raw_cpu = cpu_per(cpu_before, s.cpu_ms(), repeats)
+        cpu_before = s.cpu_ms()
         polled = await s.raw(n, repeats, write_wait="poll")
+        poll_cpu = cpu_per(cpu_before, s.cpu_ms(), repeats)
         t, r, rp = median(times), median(raw.seconds), median(polled.seconds)
+        # The yardstick: the faster of the two raw writes of this run (the sync call busy-waits
+        # a core, which on a small machine may make it the slower one).
+        best, best_cpu = (rp, poll_cpu) if rp < r else (r, raw_cpu)
+        best *= (n * bpt) / raw.bytes  # the raw write's time for the request's payload bytes
+        check = check_ms(args, n) if args.integrity else 0.0
         rows.append(
             {
                 "tokens": n,
@@ -331,14 +378,20 @@ async def case_single(
                 "raw_ms_p50": r * 1e3,
                 "gbps": n * bpt / t / 1e9,
                 "raw_gbps": raw.bytes / r / 1e9,
-                "ratio": r / t * (n * bpt) / raw.bytes,
+                "ratio": best / t,
+                "ratio_vs_raw_sync": r / t * (n * bpt) / raw.bytes,
                 "descriptors": raw.descriptors,
                 "raw_poll_ms_p50": rp * 1e3,
                 "ratio_vs_raw_poll": rp / t * (n * bpt) / polled.bytes,
+                "raw_best": "poll" if rp < r else "sync",
+                "raw_best_ms_p50": best * 1e3,
+                "check_ms": check,
+                "integrity_floor_ratio": best * 1e3 / (best * 1e3 + check),
+                "efficiency": (best * 1e3 + check) / (t * 1e3),
+                "cpu_ms_per_request": cpu,
+                "raw_cpu_ms_per_write": best_cpu,
             }
         )
-        check = check_ms(args, n) if args.integrity else 0.0
-        rows[-1].update({"check_ms": check, "integrity_floor_ratio": r * 1e3 / (r * 1e3 + check)})
     return rows
 
 
@@ -416,6 +469,7 @@ async def _multi_rows(
         t = median([r.transfer_seconds for r in replies]) * 1e3
         extra = (t - exact[n]) / (got_rounds - 1) if got_rounds > 1 and n in exact else 0.0
         copy_ms = copy_out_ms(args, min(n, initial))
+        check = check_ms(args, min(n, initial)) if args.integrity else 0.0
         rows.append(
             {
                 "tokens": n,
@@ -428,7 +482,8 @@ async def _multi_rows(
                 "exact_ms_p50": exact.get(n, float("nan")),
                 "extra_ms_per_round": extra,
                 "copy_out_ms_per_round": copy_ms,
-                "goal_ms_per_round": copy_ms + 2.0,
+                "check_ms_per_round": check,
+                "goal_ms_per_round": copy_ms + check + 1.0,
             }
         )
     return rows
@@ -443,7 +498,11 @@ async def case_control(s: Services, n_requests: int, bpt: int) -> dict[str, Any]
         t = time.perf_counter()
         await s.generate(tokens, expected=tokens)
         latency.append(time.perf_counter() - t)
-    raw = median((await s.raw(tokens, max(20, n_requests // 4))).seconds)
+    writes = max(20, n_requests // 4)
+    raw = min(
+        median((await s.raw(tokens, writes)).seconds),
+        median((await s.raw(tokens, writes, write_wait="poll")).seconds),
+    )  # the best raw write of the run
     overhead = [x - raw for x in latency]
     return {
         "tokens": tokens,
@@ -489,6 +548,8 @@ async def case_concurrency(
                 "ratio": gbps / raw_gbps,
                 "raw_poll_gbps": raw_poll_gbps,
                 "ratio_vs_raw_poll": gbps / raw_poll_gbps,
+                "raw_best_gbps": max(raw_gbps, raw_poll_gbps),
+                "ratio_best": gbps / max(raw_gbps, raw_poll_gbps),
             }
         )
     return rows
@@ -570,44 +631,78 @@ def evaluate(results: dict[str, Any], margin: float) -> list[dict[str, Any]]:
     """Each goal (docs/BENCHMARKS.md) with its measured value; `ok` within the margin."""
     checks = []
 
-    def add(name: str, value: float, op: str, goal: float, ratio: float, **context: float) -> None:
-        slack = goal * (1 - margin) if op == ">=" else goal * (1 + margin)
-        ok = value >= slack if op == ">=" else value <= slack
+    def add(name: str, value: float, op: str, goal: float, ratio: float, **context: Any) -> None:
+        if op == "":  # a figure to read, not a goal (goal "-", always met)
+            met = ok = True
+        else:
+            slack = goal * (1 - margin) if op == ">=" else goal * (1 + margin)
+            ok = value >= slack if op == ">=" else value <= slack
+            met = (value >= goal) if op == ">=" else (value <= goal)
         checks.append(
             {
                 "figure": name,
                 "value": value,
-                "goal": f"{op} {goal:g}",
-                "met": (value >= goal) if op == ">=" else (value <= goal),
+                "goal": f"{op} {goal:g}" if op else "-",
+                "met": met,
                 "ok_within_margin": ok,
                 "ratio": ratio,
                 **context,
             }
         )
 
-    raw_single = {row["tokens"]: row["raw_ms_p50"] for row in results.get("single", [])}
+    raw_single = {row["tokens"]: row["raw_best_ms_p50"] for row in results.get("single", [])}
+    check_single = {row["tokens"]: row["check_ms"] for row in results.get("single", [])}
     for row in results.get("single", []):
+        n = row["tokens"]
         floor = {"floor": row["integrity_floor_ratio"]} if "integrity_floor_ratio" in row else {}
-        add(f"single_round_ratio[{row['tokens']}]", row["ratio"], ">=", 0.9, row["ratio"], **floor)
+        add(f"single_round_ratio[{n}]", row["ratio"], ">=", 0.9, row["ratio"], **floor)
+        add(
+            f"single_round_efficiency[{n}]",
+            row["efficiency"],
+            ">=",
+            efficiency_goal(n),
+            row["ratio"],
+            raw_best=row["raw_best"],
+            check_ms=row["check_ms"],
+        )
+        cpu, raw_cpu = row["cpu_ms_per_request"], row["raw_cpu_ms_per_write"]
+        for service in ("encoder", "language"):
+            add(
+                f"cpu_ms_per_request[{n}][{service}]",
+                cpu[service],
+                "",
+                0.0,
+                raw_cpu[service] / cpu[service] if cpu[service] else float("nan"),
+                raw=raw_cpu[service],
+            )
     for row in results.get("multi", []):
         if row["rounds"] > 1:
             extra = row.get("extra_ms_per_round_same_setup", float("nan"))
             if extra != extra:  # NaN: no 1024-token size to tell the setup difference
                 extra = row["extra_ms_per_round"]
             ratio = raw_single.get(row["tokens"], float("nan")) / row["transfer_ms_p50"]
-            add(f"round_extra_ms[{row['tokens']}]", extra, "<=", row["goal_ms_per_round"], ratio)
+            add(
+                f"round_extra_ms[{row['tokens']}]",
+                extra,
+                "<=",
+                row["goal_ms_per_round"],
+                ratio,
+                copy_out_ms=row["copy_out_ms_per_round"],
+                check_ms=row.get("check_ms_per_round", check_single.get(MULTI_ROUND_TOKENS, 0.0)),
+            )
     if "control" in results:
         c = results["control"]
         add(
             "control_overhead_p50_ms",
             c["overhead_ms_p50"],
             "<=",
-            3.0,
+            2.0,
             c["raw_ms_p50"] / c["latency_ms_p50"],
         )
     for row in results.get("concurrency", []):
         if row["concurrency"] == 64:
             add("concurrency_64_ratio", row["ratio"], ">=", 0.8, row["ratio"])
+            add("concurrency_64_ratio_best", row["ratio_best"], ">=", 0.8, row["ratio_best"])
     if "reuse" in results:
         r = results["reuse"]
         add(
@@ -623,10 +718,16 @@ def evaluate(results: dict[str, Any], margin: float) -> list[dict[str, Any]]:
     return checks
 
 
+def efficiency_goal(tokens: int) -> float:
+    """The single-round efficiency goal of a size: >= 0.95 from 4096 tokens, >= 0.8 from 1024,
+    >= 0.6 below (a small request's fixed costs weigh more)."""
+    return 0.95 if tokens >= 4096 else 0.8 if tokens >= 1024 else 0.6
+
+
 def cases_of(checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The goals as the `cases` list: `name`, `ratio` (delivered against raw Mooncake: for
     a ratio goal the figure itself; for the round and control-plane goals, which are in ms, the
-    raw write's time over the request's), `goal` (the figure's own, e.g. "<= 3") and `ok` (met),
+    raw write's time over the request's), `goal` (the figure's own, e.g. "<= 2"; "-" for a figure to read) and `ok` (met),
     then the check's other keys (`value`, `met`, `ok_within_margin`, `floor`)."""
     return [
         {
@@ -821,14 +922,15 @@ def format_table(r: dict[str, Any]) -> str:
             "",
             "single-round requests (delivered = Init or Encode's return -> payload verified on the language)",
             f"  {'tokens':>7} {'MB':>7} {'ms p50':>8} {'raw ms':>8} {'GB/s':>6} {'raw GB/s':>8} {'ratio':>6}  "
-            f"{'polled raw ms':>13} {'ratio':>6}  {'check ms':>8} {'floor':>5}   (goal: ratio >= 0.9)",
+            f"{'polled raw ms':>13} {'ratio':>6}  {'check ms':>8} {'floor':>5} {'effic.':>6}   (ratio: against the best raw; goals: ratio >= 0.9, efficiency >= 0.6 / 0.8 / 0.95)",
         ]
         for x in r["single"]:
             out.append(
                 f"  {x['tokens']:>7} {x['bytes'] / 1e6:>7.2f} {x['transfer_ms_p50']:>8.2f} {x['raw_ms_p50']:>8.2f} "
                 f"{x['gbps']:>6.2f} {x['raw_gbps']:>8.2f} {x['ratio']:>6.2f}  "
                 f"{x.get('raw_poll_ms_p50', float('nan')):>13.2f} {x.get('ratio_vs_raw_poll', float('nan')):>6.2f}  "
-                f"{x.get('check_ms', float('nan')):>8.2f} {x.get('integrity_floor_ratio', float('nan')):>5.2f}"
+                f"{x.get('check_ms', float('nan')):>8.2f} {x.get('integrity_floor_ratio', float('nan')):>5.2f} "
+                f"{x.get('efficiency', float('nan')):>6.2f}"
             )
         out.append(
             "  (check ms: the language's checksum pass over the same bytes here; floor: raw / (raw + check),\n"
@@ -860,7 +962,7 @@ def format_table(r: dict[str, Any]) -> str:
             "",
             f"control plane: {x['requests']} sequential {x['tokens']}-token requests",
             f"  latency p50 {x['latency_ms_p50']:.2f} ms, p99 {x['latency_ms_p99']:.2f} ms; raw write {x['raw_ms_p50']:.3f} ms; "
-            f"overhead p50 {x['overhead_ms_p50']:.2f} ms, p99 {x['overhead_ms_p99']:.2f} ms (goal p50 <= 3)",
+            f"overhead p50 {x['overhead_ms_p50']:.2f} ms, p99 {x['overhead_ms_p99']:.2f} ms (goal p50 <= 2)",
         ]
     if "concurrency" in r:
         out += [
