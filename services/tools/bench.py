@@ -1020,7 +1020,7 @@ def format_table(r: dict[str, Any]) -> str:
         for x in r["checks"]:
             mark = "met" if x["met"] else ("within margin" if x["ok_within_margin"] else "MISSED")
             floor = f" (floor here {x['floor']:.2f})" if "floor" in x else ""
-            out.append(f"  {x['figure']:<28} {x['value']:>8.3f}  {x['goal']:<10} {mark}{floor}")
+            out.append(f"  {x['figure']:<36} {x['value']:>8.3f}  {x['goal']:<10} {mark}{floor}")
     return "\n".join(out)
 
 
