@@ -20,7 +20,7 @@ from common.bounds import OutOfBounds, Slab, check_plan
 from common.config import WRITE_WAITS, EncoderConfig
 from common.fence import WriteFence, quarantine_until_landed
 from common.integrity import INLINE_MAX_BYTES, PayloadSums, checksums_off_loop, fast_checksums
-from common.layout import PROOF_AREA_BYTES, PoolGeometry
+from common.layout import PoolGeometry
 from common.limits import check_held_images, check_images
 from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, common_pb2, encoder_pb2, encoder_pb2_grpc
 from common.plan import blocks_for_tokens, plan_round
@@ -278,7 +278,6 @@ class EncoderService:
         await self.proofs.verify(session, geometry, proof_nonce, what, principal)
         self._refuse_when_draining("Register")
         self._check_replaceable(key, principal, what)  # again: the read awaited
-        self._check_no_overlap(key, session, geometry, what)
         old = self.sessions.get(key)
         if old is not None and old.session == session and old.geometry == geometry:
             self._session_used[key] = time.monotonic()
@@ -308,23 +307,6 @@ class EncoderService:
                         FailureReason.PEER_LOST,
                         f"language {errors.shown(language_id)} rank {rank} re-registered (session {old.session} -> {session})",
                     )
-
-    def _check_no_overlap(
-        self, key: tuple[str, int], session: str, geometry: PoolGeometry, what: str
-    ) -> None:
-        """PERMISSION_DENIED when the claimed memory overlaps a pool another registration holds at
-        the same Mooncake session. The proof shows the caller holds the memory at the claimed
-        pool's end; a claim stretched downwards over a neighbour's pool would pass it."""
-        lo, hi = claimed_range(geometry)
-        for other_key, other in self.sessions.items():
-            if other_key == key or other.session != session:
-                continue
-            other_lo, other_hi = claimed_range(other.geometry)
-            if lo < other_hi and other_lo < hi:
-                raise errors.PermissionDenied(
-                    f"{what}: the memory it claims at Mooncake session {errors.shown(session)} "
-                    f"overlaps a pool another language rank registered there"
-                )
 
     def _check_replaceable(self, key: tuple[str, int], principal: str, what: str) -> None:
         old = self.sessions.get(key)
@@ -1144,11 +1126,6 @@ def _state_arg(value: int) -> TransferState:
     except ValueError:
         raise errors.InvalidArgument(f"states: unknown TransferState value {value}") from None
     return state
-
-
-def claimed_range(geometry: PoolGeometry) -> tuple[int, int]:
-    """[first, last + 1) byte of the memory a registration claims: its blocks and proof area."""
-    return geometry.base_address, geometry.proof_address + PROOF_AREA_BYTES
 
 
 def status_to_pb(st: StatusUpdate) -> common_pb2.TransferStatus:
