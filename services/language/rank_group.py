@@ -181,6 +181,31 @@ class RankGroup:
         A broken group admits nothing: Unavailable at once (no decision would ever come)."""
         raise NotImplementedError
 
+    def _next_spec(
+        self,
+        request_id: str,
+        initial_tokens: int,
+        want_digest: bool,
+        encoder: int,
+        held: tuple[str, ...],
+        encoder_address: str,
+    ) -> RequestSpec:
+        """The next admission's spec (Unavailable when the group is broken), within what the
+        collective carries: at most MAX_HELD keys, an address of at most ENCODER_ADDRESS_BYTES
+        (a longer one is left out: the ranks go by the index)."""
+        self._check_admissible(request_id)
+        self._seq += 1
+        fits = len(encoder_address.encode()) <= ENCODER_ADDRESS_BYTES
+        return RequestSpec(
+            self._seq,
+            request_id,
+            initial_tokens,
+            want_digest,
+            encoder,
+            encoder_address if fits else "",
+            held[:MAX_HELD],
+        )
+
     def _check_admissible(self, request_id: str) -> None:
         if self.broken:
             raise Unavailable(
@@ -251,10 +276,8 @@ class LocalGroup(RankGroup):
         held: tuple[str, ...] = (),
         encoder_address: str = "",
     ) -> RequestSpec:
-        self._check_admissible(request_id)
-        self._seq += 1
-        spec = RequestSpec(
-            self._seq, request_id, initial_tokens, want_digest, encoder, encoder_address, held
+        spec = self._next_spec(
+            request_id, initial_tokens, want_digest, encoder, held, encoder_address
         )
         self._admitted(spec)
         return spec
@@ -364,17 +387,8 @@ class DistributedGroup(RankGroup):
         encoder_address: str = "",
     ) -> RequestSpec:
         assert self.rank == 0, "only rank 0 admits requests"
-        self._check_admissible(request_id)
-        self._seq += 1
-        fits = len(encoder_address.encode()) <= ENCODER_ADDRESS_BYTES
-        spec = RequestSpec(
-            self._seq,
-            request_id,
-            initial_tokens,
-            want_digest,
-            encoder,
-            encoder_address if fits else "",
-            held[:MAX_HELD],
+        spec = self._next_spec(
+            request_id, initial_tokens, want_digest, encoder, held, encoder_address
         )
         # The view and decision exist at once on rank 0, so Generate can wait on them.
         assert self.loop is not None, "bind() first"
