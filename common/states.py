@@ -60,6 +60,11 @@ class ImageSpan:
         return self.start + self.tokens
 
 
+def reused_in(spans: tuple[ImageSpan, ...] | list[ImageSpan], lo: int, hi: int) -> int:
+    """Tokens of [lo, hi) inside spans marked reused: what neither side writes or receives."""
+    return sum(max(0, min(hi, s.end) - max(lo, s.start)) for s in spans if s.reused)
+
+
 @dataclasses.dataclass(frozen=True)
 class StatusUpdate:
     """What a Status stream carries (the domain mirror of TransferStatus)."""

@@ -39,7 +39,7 @@ from common.integrity import PayloadSums
 from common.layout import PoolGeometry
 from common.plan import blocks_for_tokens, plan_round, uncovered
 from common.pool import BlockPool
-from common.states import FailureReason, ImageSpan, StatusUpdate, TransferState
+from common.states import FailureReason, ImageSpan, StatusUpdate, TransferState, reused_in
 from common.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -385,7 +385,7 @@ class EncoderTransfer:
                     *(s.allocated_tokens for s in self.ranks.values()),
                 )
                 checksums = await self._send_round(n)
-                written = n - self._reused_in(self.sent_tokens, self.sent_tokens + n)
+                written = n - reused_in(self.images, self.sent_tokens, self.sent_tokens + n)
                 self.env.telemetry.bytes_moved(
                     written * len(self.ranks) * self.env.pool.record.payload_bytes_per_token
                 )
@@ -446,9 +446,6 @@ class EncoderTransfer:
     def reused_spans(self) -> list[tuple[int, int]]:
         """Token ranges [start, end) the ranks fill themselves, in order."""
         return [(s.start, s.end) for s in self.images if s.reused]
-
-    def _reused_in(self, lo: int, hi: int) -> int:
-        return sum(max(0, min(hi, b) - max(lo, a)) for a, b in self.reused_spans)
 
     async def _send_round(self, n: int) -> tuple[tuple[str, int], ...]:
         """Write the round's n tokens to every rank; returns its checksums (empty without integrity).

@@ -32,7 +32,7 @@ import torch
 from common.layout import RecordLayout
 from common.payload import Payload
 from common.pool import field_of
-from common.states import ImageSpan, StatusUpdate
+from common.states import ImageSpan, StatusUpdate, reused_in
 from services.models.embedding_cache import CacheEvent, EmbeddingCache, image_key
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ class ImageReuse:
 
     def reused_in(self, lo: int, hi: int) -> int:
         """Reused tokens among payload tokens [lo, hi)."""
-        return sum(max(0, min(hi, s.end) - max(lo, s.start)) for s in self.spans or () if s.reused)
+        return reused_in(self.spans or (), lo, hi)
 
     def check(self, task: ReceiveTask, st: StatusUpdate) -> None:
         """The encoder's image spans, checked once (and held to afterwards): in order, inside the
