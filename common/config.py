@@ -20,7 +20,7 @@ class ConfigError(ValueError):
     """An impossible or unknown setting; the message names it."""
 
 
-ALLOC_POLICIES = ("fixed", "hint", "adaptive")
+ALLOC_POLICIES = ("fixed", "hint", "adaptive", "auto")
 PROTOCOLS = ("tcp", "rdma")
 WRITE_WAITS = ("poll", "spin")  # how common/transport.py may wait for a write
 EMBEDDING_DTYPES = ("bfloat16", "float16", "float32")
@@ -508,9 +508,12 @@ class LanguageConfig(ServiceConfig):
     initial_tokens: int = _setting(
         8192, "tokens reserved before the real size is known", unit="tokens"
     )
-    """Initial allocation of the `fixed` policy (clamped to the pool)."""
+    """Initial allocation of the `fixed` policy (clamped to the pool); `auto` falls back to it
+    for a payload larger than the pool."""
     alloc_policy: str = _setting("fixed", "initial allocation policy", choices=ALLOC_POLICIES)
-    """`fixed` (initial_tokens), `hint` (the client's expected_tokens) or `adaptive`."""
+    """`fixed` (initial_tokens), `hint` (the client's expected_tokens), `adaptive`, or `auto`
+    (size-first: the encoder says the payload's size before its model runs, and the ranks reserve
+    exactly that; a payload larger than the pool gets initial_tokens and resume rounds)."""
     adaptive_min_tokens: int = _setting(1024, "lower bound of the adaptive policy", unit="tokens")
     """Smallest initial allocation `adaptive` may choose."""
     adaptive_max_tokens: int = _setting(65536, "upper bound of the adaptive policy", unit="tokens")

@@ -72,6 +72,9 @@ ALLOC_WAIT_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0
 ROUNDS_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 1024)
 
 OUTCOMES = ("success", "failed", "cancelled")
+# epd_size_first_admissions_total's labels: where a request's size came from, what was reserved.
+SIZE_FROM = ("status", "encode_reply")
+RESERVATIONS = ("exact", "default")
 
 
 class Metrics:
@@ -160,6 +163,14 @@ class Metrics:
             "epd_early_inits",
             "Requests whose Init went out alongside their Encode (early_init; language rank 0)",
         )
+        self.size_first = counter(
+            "epd_size_first_admissions",
+            "Requests admitted under --alloc-policy auto (language rank 0), by where their size "
+            "came from (status: said on the Status stream before the model ran; encode_reply: "
+            "the Encode returned first) and what was reserved (exact: the whole payload; "
+            "default: --initial-tokens, the payload being larger than the pool)",
+            ["size_from", "reservation"],
+        )
         self.cache_hits = counter(
             "epd_embedding_cache_hits",
             "Images whose kept rows were found (encoder: no vision tower ran; language rank: held rows)",
@@ -189,6 +200,9 @@ class Metrics:
         for reason in FailureReason:
             if reason != FailureReason.UNSPECIFIED:
                 self.failures.labels(**self._labels, reason=reason.label)
+        for size_from in SIZE_FROM:
+            for reservation in RESERVATIONS:
+                self.size_first.labels(**self._labels, size_from=size_from, reservation=reservation)
         self._bytes = self.transfer_bytes.labels(**self._labels)
         self._seconds = self.transfer_seconds.labels(**self._labels)
         self._rounds = self.rounds.labels(**self._labels)
@@ -226,6 +240,10 @@ class Metrics:
 
     def early_init(self) -> None:
         self.early_inits.labels(**self._labels).inc()
+
+    def size_first_admitted(self, size_from: str, reservation: str) -> None:
+        """A size-first admission (`SIZE_FROM` x `RESERVATIONS`)."""
+        self.size_first.labels(**self._labels, size_from=size_from, reservation=reservation).inc()
 
     def embedding_cache(self, hits: int, misses: int, evictions: int, held: int) -> None:
         """An embedding cache event (services/models/embedding_cache.py's `CacheEvent`)."""

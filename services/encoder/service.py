@@ -462,9 +462,13 @@ class EncoderService:
         rank_count: int,
         language_id: str,
         principal: str = "",
+        *,
+        announce_size: bool = False,
     ) -> tuple[int, float, EncodedImages | None]:
         """Encode into source blocks and hand them to the transfer: (tokens, seconds, what the
-        model found of the images: where their rows sit, which came from the embedding cache)."""
+        model found of the images: where their rows sit, which came from the embedding cache).
+        `announce_size`: publish the token count on the transfer's status feed once the source
+        blocks are held, before the model runs (EncodeRequest.announce_size)."""
         started = time.monotonic()
         what = f"Encode of request {errors.shown(request_id)}"
         self._refuse_when_draining(what)
@@ -526,6 +530,10 @@ class EncoderService:
                 label=f"encoder source pool for request {request_id}",
             )
             self.telemetry.alloc_waited(time.monotonic() - alloc_started)
+            if announce_size:
+                # Only now: a rank that reserves on this may wait for its blocks, and a request
+                # holding source blocks always gets them once the transfers under way end.
+                t.sized(total)
             runs = self.pool.runs(blocks, 0, total)
             fill_started = time.monotonic()
             record = self.pool.record
@@ -887,6 +895,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             request.rank_count,
             request.language_id,
             rpc.peer_identity(context),
+            announce_size=request.announce_size,
         )
         if context.cancelled():
             # The caller gave up while we encoded (a small payload is encoded without a pause in

@@ -306,6 +306,15 @@ class EncoderTransfer:
         self._wake()
         return True
 
+    def sized(self, total_tokens: int) -> None:
+        """The payload being encoded will have `total_tokens` (EncodeRequest.announce_size): say
+        so on the status feed now, before the model runs, so the ranks can reserve exactly that
+        while it does. The state does not change."""
+        if self.state.terminal or self._failure is not None:
+            return
+        self.total_tokens = total_tokens
+        self._publish()
+
     def encode_failed(self, error: EpdError) -> None:
         self.encoding = False
         self.encode_finished.set()

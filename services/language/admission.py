@@ -20,6 +20,13 @@ so its `close()` and the write fence cover them whatever happens to the attempt;
 task took (its task was cancelled before it ran, at shutdown) is quarantined rather than freed
 when an Encode may have carried its Init.
 
+Size-first (`--alloc-policy auto`): nothing is reserved before the Encode. Rank 0's Status
+stream is opened with the Encode (`AnnouncedSize`), the encoder says the payload's size on it
+once its source blocks are held and before its model runs (EncodeRequest.announce_size), and the
+request is admitted then with exactly that reservation (`late(initial_tokens)`): every rank's Init
+goes out while the model runs, and rank 0's receive task takes the stream (`take_stream`). An
+encoder that says nothing gives the size in its Encode reply instead, and the admission follows it.
+
 Why two paths. An early reservation is made before the payload exists, so it is bounded: a pool
 full of reservations waiting for encoder source blocks, held by transfers waiting for those
 reservations, would be a deadlock only timeouts could break (see `EarlyReservations.reserve`).
@@ -29,20 +36,82 @@ A request that cannot reserve early, or an instance of several ranks, admits aft
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from common import errors
 from common.plan import blocks_for_tokens
 from common.pool import BlockPool
+from common.states import StatusUpdate, TransferState
 from services.language.rank_group import RankGroup, RequestSpec
 from services.language.receive_options import CarriedInit
 
 if TYPE_CHECKING:
+    from services.language.receiver import StatusSource
     from services.language.worker import RankOutcome, RankWorker
 
 log = logging.getLogger(__name__)
+_END = object()
+
+
+class AnnouncedSize:
+    """A size-first request's Status stream, opened alongside its Encode: it reads ahead until the
+    encoder says the payload's size (a status before the first round with total_tokens set), the
+    stream ends or fails, or the transfer moves on; then it is the stream again, giving what it
+    read ahead first. The reading is its own task, so waiting for the size can be given up at any
+    point without losing a status."""
+
+    def __init__(self, stream: StatusSource):
+        self._stream = stream
+        self._statuses = stream.__aiter__()
+        self._ahead: collections.deque[Any] = collections.deque()
+        self._settled = asyncio.Event()
+        self.total_tokens = 0
+        """The size the encoder said (0: it said none before the stream ended or moved on)."""
+        self._reader = asyncio.ensure_future(self._read_ahead())
+
+    async def _read_ahead(self) -> None:
+        try:
+            while True:
+                st = await self._statuses.__anext__()
+                self._ahead.append(st)
+                waiting = st.state in (TransferState.BOOTSTRAPPING, TransferState.WAITING_FOR_INPUT)
+                if waiting and st.total_tokens:
+                    self.total_tokens = st.total_tokens
+                    return
+                if not waiting:  # a round, or the end: the receive task takes it from here
+                    return
+        except StopAsyncIteration:
+            self._ahead.append(_END)
+        except errors.EpdError as e:
+            self._ahead.append(e)
+        finally:
+            self._settled.set()
+
+    async def size(self) -> int:
+        """The payload's size once the encoder said it; 0 when it will not say (see above)."""
+        await self._settled.wait()
+        return self.total_tokens
+
+    def __aiter__(self) -> AnnouncedSize:
+        return self
+
+    async def __anext__(self) -> StatusUpdate:
+        await self._settled.wait()
+        if self._ahead:
+            item = self._ahead.popleft()
+            if item is _END:
+                raise StopAsyncIteration
+            if isinstance(item, BaseException):
+                raise item
+            return item
+        return await self._statuses.__anext__()
+
+    def close(self) -> None:
+        self._reader.cancel()
+        self._stream.close()
 
 
 class EarlyReservations:
@@ -238,10 +307,13 @@ class Admission:
     def encode_returned(self) -> None:
         self.worker.early.encode_returned(self.key)
 
-    def late(self) -> None:
-        """After the Encode returned: admit now unless admitted early (every rank reserves and
-        Inits in its receive task)."""
-        if not self.is_early:
+    def late(self, initial_tokens: int = 0) -> None:
+        """Admit now unless admitted already (early, or size-first once the size was said):
+        every rank reserves and Inits in its receive task. `initial_tokens`: the reservation,
+        when the size decides it (size-first) rather than the policy's guess."""
+        if self.spec is None:
+            if initial_tokens:
+                self.initial_tokens = initial_tokens
             self._admit()
 
     async def outcome(self) -> RankOutcome:

@@ -146,9 +146,11 @@ class GrpcEncoderLink:
         rank_count: int,
         init: CarriedInit | None = None,
         cache_scope: str = "",
+        announce_size: bool = False,
     ) -> Encoded:
         """The Encode, carrying `init` (EncodeRequest.init) when given: settled with whether the
-        encoder took it once the Encode returned (left pending when the Encode fails)."""
+        encoder took it once the Encode returned (left pending when the Encode fails).
+        `announce_size`: EncodeRequest.announce_size (the size-first `auto` policy)."""
         request = encoder_pb2.EncodeRequest(
             request_id=request_id,
             images=[common_pb2.Image(data=d, mime_type=m) for d, m in images],
@@ -158,6 +160,7 @@ class GrpcEncoderLink:
             rank_count=rank_count,
             language_id=self.language_id,
             cache_scope=cache_scope,
+            announce_size=announce_size,
         )
         if init is not None:
             request.init.CopyFrom(

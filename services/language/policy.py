@@ -4,7 +4,10 @@ before the size is known.
 - `fixed`: always `initial_tokens` (8192 by default);
 - `hint`: the client's `expected_tokens` when given, else `initial_tokens`;
 - `adaptive`: a running high quantile (p90) of recent request totals, clamped to
-  [adaptive_min_tokens, adaptive_max_tokens]; `initial_tokens` until enough history exists.
+  [adaptive_min_tokens, adaptive_max_tokens]; `initial_tokens` until enough history exists;
+- `auto` (size-first): nothing is reserved until the encoder says the payload's size
+  (EncodeRequest.announce_size), then exactly that (`sized_tokens`); a payload larger than the
+  pool gets `initial_tokens` and resume rounds.
 Every answer is clamped to the pool's capacity, so the first allocation can always succeed.
 """
 
@@ -12,6 +15,8 @@ from __future__ import annotations
 
 import collections
 import math
+
+from common.config import ALLOC_POLICIES
 
 
 class AllocationPolicy:
@@ -26,8 +31,8 @@ class AllocationPolicy:
         window: int = 256,
         quantile: float = 0.9,
     ):
-        if kind not in ("fixed", "hint", "adaptive"):
-            raise ValueError(f"alloc_policy={kind!r}: must be fixed, hint or adaptive")
+        if kind not in ALLOC_POLICIES:
+            raise ValueError(f"alloc_policy={kind!r}: must be one of {', '.join(ALLOC_POLICIES)}")
         self.kind = kind
         self.initial = initial_tokens
         self.pool_tokens = pool_tokens
@@ -46,9 +51,22 @@ class AllocationPolicy:
             want = max(self.min_tokens, min(self.max_tokens, q))
         return max(1, min(want, self.pool_tokens))
 
+    @property
+    def size_first(self) -> bool:
+        """Reserve only once the encoder said the payload's size (`auto`)."""
+        return self.kind == "auto"
+
+    def sized_tokens(self, total_tokens: int) -> int:
+        """What `auto` reserves for a payload of `total_tokens`: all of it when the pool can hold
+        it, else the default reservation (the rest comes in resume rounds)."""
+        if 0 < total_tokens <= self.pool_tokens:
+            return total_tokens
+        return max(1, min(self.initial, self.pool_tokens))
+
     def max_initial_tokens(self) -> int:
-        """The largest answer `initial_tokens` can give (the bound of early reservations)."""
-        if self.kind == "hint":
+        """The largest answer `initial_tokens` or `sized_tokens` can give (the bound of early
+        reservations)."""
+        if self.kind in ("hint", "auto"):
             return self.pool_tokens
         want = max(self.initial, self.max_tokens) if self.kind == "adaptive" else self.initial
         return max(1, min(want, self.pool_tokens))

@@ -138,6 +138,7 @@ class ReceiveTask:
         on_init: Callable[[], None] | None = None,
         carried: CarriedInit | None = None,
         reuse: ImageReuse | None = None,
+        stream: StatusSource | None = None,
     ):
         self.request_id = request_id
         self.transfer_id = transfer_id or request_id  # the encoder's name for it
@@ -191,7 +192,8 @@ class ReceiveTask:
         self.init_at: float | None = None
         self.finished_at: float | None = None
         self._segments: list[torch.Tensor] = []  # copies of the rounds before the last
-        self._stream: StatusSource | None = None
+        # The request's Status stream when it was opened before the admission (size-first).
+        self._stream: StatusSource | None = stream
         self._round_tokens = 0
         self._initialised = False
         self._terminal_seen = False
@@ -212,7 +214,7 @@ class ReceiveTask:
         self._progress()
         self.init_at = time.monotonic()
         self._initialised = True  # from here on the encoder may hold state: close() cancels it
-        if not self.early:
+        if not self.early and self._stream is None:
             # The Encode opened the transfer on the encoder, so its Status stream can be opened
             # alongside the Init: the first round's status then never waits for a stream set-up.
             # An early Init may reach the encoder before the Encode and opens the transfer

@@ -27,7 +27,7 @@ from common.transfer_id import TransferId
 from common.transport import MooncakeTransport
 from services.edge import exposure, rpc
 from services.language import encoders, ranks
-from services.language.admission import Admission
+from services.language.admission import Admission, AnnouncedSize
 from services.language.encoder_link import Encoded
 from services.language.policy import AllocationPolicy
 from services.language.rank_group import (
@@ -418,7 +418,7 @@ class LanguageService:
             initial_tokens=self.policy.initial_tokens(request.expected_tokens),
             want_digest=request.want_digest,
             encoder=view.index,
-            early_allowed=self.early_init,
+            early_allowed=self.early_init and not self.policy.size_first,
             bound_tokens=self.policy.max_initial_tokens(),
             fingerprint=link.model_fingerprint,
             images=digests,
@@ -427,7 +427,9 @@ class LanguageService:
             carried = await admission.early()  # the Init just ahead of the Encode, or inside it
             record.early_init = admission.is_early
             try:
-                encoded = await self._encode(link, view, transfer_id, request, scope, carried)
+                encoded = await self._encode_sized(
+                    link, view, transfer_id, request, scope, carried, admission
+                )
             except errors.EpdError as e:
                 if may_retry and _encoder_unusable(e):
                     raise _RetryElsewhere(e) from None
@@ -437,6 +439,8 @@ class LanguageService:
             record.encoded_at = time.monotonic()
             self.worker.encoders.affinity.remember(view.index, digests)
             total = encoded.total_tokens
+            if self.policy.size_first and admission.spec is None:  # the Encode said it first
+                admission.late(self._sized(total, "encode_reply"))
             admission.late()
             outcome: RankOutcome = await admission.outcome()
             record.outcome = outcome
@@ -459,6 +463,8 @@ class LanguageService:
             )
         except BaseException as e:
             self.worker.drop_claim(record.key)
+            if admission.spec is None:  # never admitted: no receive task will take the stream
+                self.worker.drop_stream(record.key)
             # One shielded clean-up: the Generate's own deadline and the client's cancellation
             # can both cancel this task, and a second cancel must not skip the Cancel on the
             # encoder (its source blocks would wait for the bootstrap timeout). For a retry it
@@ -477,6 +483,44 @@ class LanguageService:
             )
             raise
 
+    async def _encode_sized(
+        self,
+        link,
+        view,
+        transfer_id: str,
+        request,
+        scope: str,
+        carried: CarriedInit | None,
+        admission: Admission,
+    ) -> Encoded:
+        """The Encode. Size-first (`--alloc-policy auto`), with rank 0's Status stream opened
+        beside it: the request is admitted, with exactly the payload's size reserved, as soon as
+        the encoder says the size there, while its model still runs (admission.py)."""
+        if not self.policy.size_first:
+            return await self._encode(link, view, transfer_id, request, scope, carried)
+        announced = AnnouncedSize(link.status(transfer_id, self.worker.rank, await_transfer=True))
+        self.worker.stream_ahead(admission.key, announced)
+        encoding = asyncio.ensure_future(
+            self._encode(link, view, transfer_id, request, scope, announce_size=True)
+        )
+        sizing = asyncio.ensure_future(announced.size())
+        try:
+            await asyncio.wait({encoding, sizing}, return_when=asyncio.FIRST_COMPLETED)
+            if sizing.done() and sizing.result() and not encoding.done():
+                admission.late(self._sized(sizing.result(), "status"))
+            return await encoding
+        finally:
+            sizing.cancel()
+            if not encoding.done():
+                await cancel_and_wait(encoding)
+
+    def _sized(self, total_tokens: int, size_from: str) -> int:
+        """What a size-first request reserves, counted by where its size came from."""
+        tokens = self.policy.sized_tokens(total_tokens)
+        exact = "exact" if tokens == total_tokens else "default"
+        self.worker.telemetry.size_first_admitted(size_from, exact)
+        return tokens
+
     async def _encode(
         self,
         link,
@@ -485,6 +529,8 @@ class LanguageService:
         request,
         scope: str,
         carried: CarriedInit | None = None,
+        *,
+        announce_size: bool = False,
     ) -> Encoded:
         """Encode on `link` (carrying the rank's early Init, if any); given up (UNAVAILABLE) when
         the encoder leaves the rotation meanwhile, so a call waiting for a dead encoder's channel
@@ -499,6 +545,7 @@ class LanguageService:
                 self.worker.rank_count,
                 init=carried,
                 cache_scope=scope,
+                announce_size=announce_size,
             )
         )
         try:

@@ -33,7 +33,7 @@ from services.language.consumers import ConsumerResult, NullConsumer, build_cons
 from services.language.encoders import EncoderDirectory
 from services.language.held_images import MAX_PROPOSED, HeldImages, ImageReuse
 from services.language.rank_group import Decision, LocalView, RankGroup, RequestSpec
-from services.language.receiver import Fence, ReceiveTask, release_when_safe
+from services.language.receiver import Fence, ReceiveTask, StatusSource, release_when_safe
 from services.parts import Parts
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,9 @@ class RankWorker:
             on_event=self.metrics.embedding_cache,
         )
         self._claims: dict[str, dict[str, torch.Tensor]] = {}
+        # Status streams opened before their request was admitted (size-first, admission.py):
+        # the request's receive task takes its own; whatever no task took is closed.
+        self._opened_streams: dict[str, StatusSource] = {}
         self._consumer_log = (
             open(f"{config.consumer_log}.rank{rank}", "a")  # noqa: SIM115 - closed at stop()
             if config.consumer_log
@@ -232,6 +235,7 @@ class RankWorker:
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(lambda _t: self.early.release(spec.request_id))
         task.add_done_callback(lambda _t: self.drop_claim(spec.request_id))
+        task.add_done_callback(lambda _t: self.drop_stream(spec.request_id))
 
     def claim_images(self, key: str, fingerprint: str, digests: Sequence[bytes]) -> tuple[str, ...]:
         """Rank 0, before admitting `key`: claim the rows this rank holds of the request's images
@@ -248,6 +252,17 @@ class RankWorker:
     def drop_claim(self, key: str) -> None:
         """The claim of a request no receive took (refused before admission, or cancelled)."""
         self._claims.pop(key, None)
+
+    def stream_ahead(self, key: str, stream: StatusSource) -> None:
+        """Rank 0's Status stream of `key`, opened before its admission: its receive task takes
+        it instead of opening one."""
+        self._opened_streams[key] = stream
+
+    def drop_stream(self, key: str) -> None:
+        """Close the stream opened ahead for `key` if no receive task took it."""
+        stream = self._opened_streams.pop(key, None)
+        if stream is not None:
+            stream.close()
 
     async def _handle(self, spec: RequestSpec) -> None:
         view = self.group.view(spec.request_id)
@@ -363,6 +378,7 @@ class RankWorker:
             on_init=functools.partial(self.early.init_sent, spec.request_id),
             carried=carried,
             reuse=ImageReuse(self.held, claimed),
+            stream=self._opened_streams.pop(spec.request_id, None),
         )
         self.receivers[spec.request_id] = receiver
         return receiver

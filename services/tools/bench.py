@@ -58,7 +58,7 @@ from services.tools import demo
 from services.tools.supervise import ServiceGroup, add_process_arguments, child_env, service_argv
 
 CASES = ("single", "multi", "control", "concurrency", "policies", "loops", "reuse")
-POLICIES = ("fixed", "hint", "adaptive")
+POLICIES = ("fixed", "hint", "adaptive", "auto")
 
 # (figure, comparison, goal), every ratio against the best raw write of the run (polled or
 # Mooncake's sync call, whichever was faster). `round_extra_ms` is checked per size against a

@@ -1,6 +1,7 @@
 """Early reservations of a language rank (services/language/admission.py): the budget that keeps
 early reservations from starving requests admitted after their Encode, the carried Init naming
-exactly the reserved blocks, and what happens to a reservation no receive task took."""
+exactly the reserved blocks, and what happens to a reservation no receive task took; and the
+size-first read-ahead (`AnnouncedSize`): the size said, and every status kept for the receive."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import asyncio
 
 import pytest
 
+from common import errors
 from common.layout import RecordLayout, default_fields
 from common.pool import BlockPool
-from services.language.admission import EarlyReservations
+from common.states import StatusUpdate, TransferState
+from services.language.admission import AnnouncedSize, EarlyReservations
 
 BLOCK = 16
 POOL_BLOCKS = 10
@@ -93,3 +96,96 @@ async def test_an_own_init_is_waited_for_until_the_task_issues_it():
     await waiting
     early.release("r")
     assert p.allocator.free_count == POOL_BLOCKS
+
+
+# ------------------------------------------------------------------ size-first: AnnouncedSize
+
+
+class ScriptedStream:
+    """Test double of a Status stream: yields `items` in order (an exception is raised where it
+    stands), then ends; records whether it was closed."""
+
+    def __init__(self, items):
+        self.items = list(items)
+        self.read = 0
+        self.closed = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        await asyncio.sleep(0)
+        if not self.items:
+            raise StopAsyncIteration
+        self.read += 1
+        item = self.items.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        self.closed = True
+
+
+def _st(state: TransferState, total: int = 0, sent: int = 0) -> StatusUpdate:
+    return StatusUpdate("r", state, total_tokens=total, sent_tokens=sent, round=1 if sent else 0)
+
+
+BOOT, WAIT, DONE = (
+    TransferState.BOOTSTRAPPING,
+    TransferState.WAITING_FOR_INPUT,
+    TransferState.SUCCESS,
+)
+FAILED = TransferState.FAILED
+
+ANNOUNCED = [
+    # (id, what the encoder sends, the size said, statuses read ahead)
+    ("said-while-bootstrapping", [_st(BOOT), _st(BOOT, 300), _st(DONE, 300, 300)], 300, 2),
+    ("said-while-waiting", [_st(WAIT, 70), _st(DONE, 70, 70)], 70, 1),
+    ("ended-before-saying", [_st(BOOT)], 0, 1),
+    ("failed-before-saying", [_st(BOOT), _st(FAILED)], 0, 2),
+    ("a-round-before-any-size", [_st(BOOT), _st(DONE, 10, 10)], 0, 2),
+    ("stream-error", [_st(BOOT), errors.Unavailable("gone")], 0, 2),
+]
+
+
+@pytest.mark.parametrize(
+    "items, size, ahead", [c[1:] for c in ANNOUNCED], ids=[c[0] for c in ANNOUNCED]
+)
+async def test_announced_size_reads_ahead_and_loses_nothing(items, size, ahead):
+    stream = ScriptedStream(items)
+    announced = AnnouncedSize(stream)
+    assert await announced.size() == size
+    assert stream.read == ahead  # it stopped reading where the size (or the end) was
+    got, raised = [], None
+    try:
+        async for st in announced:  # the receive task sees every status, in order, then the end
+            got.append(st)
+    except errors.EpdError as e:
+        raised = e
+    assert got == [x for x in items if isinstance(x, StatusUpdate)]
+    stream_errors = [x for x in items if isinstance(x, BaseException)]
+    assert raised is (stream_errors[0] if stream_errors else None)
+    announced.close()
+    assert stream.closed
+
+
+async def test_giving_up_on_the_size_loses_no_status():
+    """The front door stops waiting for the size when the Encode returns first: whatever was read
+    meanwhile still reaches the receive task."""
+    gate = asyncio.Event()
+
+    class Slow(ScriptedStream):
+        async def __anext__(self):
+            if self.read == 1:
+                await gate.wait()
+            return await super().__anext__()
+
+    stream = Slow([_st(BOOT), _st(BOOT, 40), _st(DONE, 40, 40)])
+    announced = AnnouncedSize(stream)
+    waiting = asyncio.ensure_future(announced.size())
+    await asyncio.sleep(0.01)
+    waiting.cancel()  # the Encode's reply came first
+    gate.set()
+    assert [st.total_tokens async for st in announced] == [0, 40, 40]
+    announced.close()

@@ -6,6 +6,8 @@ How many tokens a rank reserves before the payload's size is known, per the modu
 - `hint`: the client's `expected_tokens` when given (> 0), else `initial_tokens`;
 - `adaptive`: a high quantile (p90 by default) of the recent totals fed to `observe`, clamped to
   [min_tokens, max_tokens]; `initial_tokens` until enough history exists;
+- `auto` (size-first): the size the encoder said when the pool can hold it, else
+  `initial_tokens` (resume rounds bring the rest);
 - every answer is clamped to the pool's capacity, so the first allocation can always succeed;
 - `max_initial_tokens` is the largest answer `initial_tokens` can ever give.
 
@@ -254,3 +256,37 @@ def test_no_answer_exceeds_max_initial_tokens_or_the_pool(kind, initial, pool):
         answer = policy.initial_tokens(expected_tokens=rng.choice([0, rng.randint(1, 2 * POOL)]))
         assert answer <= bound
         policy.observe(rng.randint(1, 2 * POOL))
+
+
+# ------------------------------------------------------------------ auto (size-first)
+
+AUTO = [
+    # (id, initial_tokens, pool_tokens, the size the encoder said, answer)
+    ("auto-exact", INITIAL, POOL, 3000, 3000),
+    ("auto-one-token", INITIAL, POOL, 1, 1),
+    ("auto-above-initial", INITIAL, POOL, 15_000, 15_000),
+    ("auto-the-whole-pool", INITIAL, POOL, POOL, POOL),
+    ("auto-larger-than-pool-falls-back", INITIAL, POOL, POOL + 1, INITIAL),
+    ("auto-fallback-clamped-to-pool", 2 * POOL, POOL, 3 * POOL, POOL),
+    ("auto-no-size-falls-back", INITIAL, POOL, 0, INITIAL),
+]
+
+
+@pytest.mark.parametrize(
+    ("initial", "pool", "total", "answer"), [c[1:] for c in AUTO], ids=[c[0] for c in AUTO]
+)
+def test_auto_reserves_the_said_size_when_the_pool_holds_it(initial, pool, total, answer):
+    policy = AllocationPolicy("auto", initial, pool)
+    assert policy.size_first
+    assert policy.sized_tokens(total) == answer
+    assert policy.sized_tokens(total) <= policy.max_initial_tokens() == pool
+
+
+@pytest.mark.parametrize("kind", ["fixed", "hint", "adaptive"])
+def test_only_auto_is_size_first(kind):
+    assert not AllocationPolicy(kind, INITIAL, POOL).size_first
+
+
+def test_an_unknown_policy_is_named():
+    with pytest.raises(ValueError, match="'sized'.*fixed, hint, adaptive, auto"):
+        AllocationPolicy("sized", INITIAL, POOL)

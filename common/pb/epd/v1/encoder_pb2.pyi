@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("request_id", "images", "text", "synthetic_tokens", "synthetic_seed", "rank_count", "language_id", "init", "cache_scope")
+    __slots__ = ("request_id", "images", "text", "synthetic_tokens", "synthetic_seed", "rank_count", "language_id", "init", "cache_scope", "announce_size")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class EncodeRequest(_message.Message):
     LANGUAGE_ID_FIELD_NUMBER: _ClassVar[int]
     INIT_FIELD_NUMBER: _ClassVar[int]
     CACHE_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    ANNOUNCE_SIZE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
     text: str
@@ -27,7 +28,8 @@ class EncodeRequest(_message.Message):
     language_id: str
     init: InitRequest
     cache_scope: str
-    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., text: _Optional[str] = ..., synthetic_tokens: _Optional[int] = ..., synthetic_seed: _Optional[int] = ..., rank_count: _Optional[int] = ..., language_id: _Optional[str] = ..., init: _Optional[_Union[InitRequest, _Mapping]] = ..., cache_scope: _Optional[str] = ...) -> None: ...
+    announce_size: bool
+    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., text: _Optional[str] = ..., synthetic_tokens: _Optional[int] = ..., synthetic_seed: _Optional[int] = ..., rank_count: _Optional[int] = ..., language_id: _Optional[str] = ..., init: _Optional[_Union[InitRequest, _Mapping]] = ..., cache_scope: _Optional[str] = ..., announce_size: _Optional[bool] = ...) -> None: ...
 
 class EncodeReply(_message.Message):
     __slots__ = ("request_id", "total_tokens", "encode_seconds", "init_applied", "init_error", "cached_tokens", "cached_images")
