@@ -22,8 +22,9 @@ Cases (hidden 3584, bf16, block_size 128 unless flags say otherwise):
   p50 and p99 (goal <= 2 ms p50);
 - `concurrency`: 1, 8, 64 requests in flight; aggregate bandwidth / raw aggregate at the same
   concurrency (goal >= 0.8 at 64, against Mooncake's sync call and against the best raw);
-- `policies`: `fixed`, `hint`, `adaptive` on one seeded mixed size distribution: rounds per
-  request and peak pool usage;
+- `policies`: `fixed`, `hint`, `adaptive`, `auto` on one seeded mixed size distribution, no
+  client hint but for `hint`: rounds per request and peak pool usage; `auto_rounds_per_request`
+  is `auto`'s rounds per request the pool can hold whole (goal <= 1: size-first reserves it all);
 - `loops`: the `single` (largest size) and `control` cases again with both services on
   asyncio's own loop instead of uvloop;
 - `reuse`: the same image (`--reuse-image`, PNG) `--reuse-requests` times through the tiny
@@ -59,6 +60,7 @@ from services.tools.supervise import ServiceGroup, add_process_arguments, child_
 
 CASES = ("single", "multi", "control", "concurrency", "policies", "loops", "reuse")
 POLICIES = ("fixed", "hint", "adaptive", "auto")
+POLICY_POOL_BLOCKS = 256  # the language pool of the policies case
 
 # (figure, comparison, goal), every ratio against the best raw write of the run (polled or
 # Mooncake's sync call, whichever was faster). `round_extra_ms` is checked per size against a
@@ -577,7 +579,11 @@ async def case_policies(
     rows = []
     for policy in POLICIES:
         s = Services(
-            args, language_blocks=256, encoder_blocks=1024, alloc_policy=policy, initial_tokens=8192
+            args,
+            language_blocks=POLICY_POOL_BLOCKS,
+            encoder_blocks=1024,
+            alloc_policy=policy,
+            initial_tokens=8192,
         )
         try:
             peak = 0
@@ -592,6 +598,7 @@ async def case_policies(
             sampler = asyncio.ensure_future(sample())
             sem = asyncio.Semaphore(4)
             rounds: list[int] = []
+            fitting: list[int] = []  # the rounds of the requests the pool can hold whole
 
             async def one(i: int, n: int) -> None:
                 async with sem:  # noqa: B023 - awaited within the iteration
@@ -599,6 +606,8 @@ async def case_policies(
                         n, expected=n, seed=i
                     )  # `hint` uses it, the others ignore it
                     rounds.append(reply.rounds)  # noqa: B023 - awaited within the iteration
+                    if n <= POLICY_POOL_BLOCKS * args.block_size:
+                        fitting.append(reply.rounds)  # noqa: B023 - awaited within the iteration
 
             started = time.perf_counter()
             await asyncio.gather(*(one(i, n) for i, n in enumerate(sizes)))
@@ -613,8 +622,10 @@ async def case_policies(
                     "rounds_p90": pct(rounds, 90),
                     "rounds_max": max(rounds),
                     "resumes_per_request": statistics.fmean(r - 1 for r in rounds),
+                    "rounds_mean_fitting": statistics.fmean(fitting) if fitting else float("nan"),
+                    "requests_fitting": len(fitting),
                     "peak_pool_blocks": peak,
-                    "pool_blocks": 256,
+                    "pool_blocks": POLICY_POOL_BLOCKS,
                     "gbps": sum(sizes) * bpt / wall / 1e9,
                     "wall_s": wall,
                 }
@@ -703,6 +714,18 @@ def evaluate(results: dict[str, Any], margin: float) -> list[dict[str, Any]]:
         if row["concurrency"] == 64:
             add("concurrency_64_ratio", row["ratio"], ">=", 0.8, row["ratio"])
             add("concurrency_64_ratio_best", row["ratio_best"], ">=", 0.8, row["ratio_best"])
+    for row in results.get("policies", []):
+        if row["policy"] == "auto":  # size-first, no client hints: one round wherever it fits
+            add(
+                "auto_rounds_per_request",
+                row["rounds_mean_fitting"],
+                "<=",
+                1.0,
+                1.0 / row["rounds_mean_fitting"],
+                rounds_mean_all=row["rounds_mean"],
+                requests_fitting=row["requests_fitting"],
+                requests=row["requests"],
+            )
     if "reuse" in results:
         r = results["reuse"]
         add(

@@ -213,6 +213,20 @@ def test_epd_bench_json_has_every_documented_key():
     )
 
 
+def test_epd_bench_policies_case_reports_auto_in_one_round_without_hints():
+    r = bench_json(
+        *("--quick", "--hidden", "256", "--cases", "policies", "--policy-requests", "30")
+    )
+    rows = {x["policy"]: x for x in r["policies"]}
+    assert set(rows) == {"fixed", "hint", "adaptive", "auto"}
+    for x in rows.values():
+        assert x["requests"] == 30 and x["requests_fitting"] == 30  # the pool holds every size
+    # Size-first with no hint reserves what `hint` reserves with one: every payload whole.
+    assert rows["auto"]["rounds_mean_fitting"] == rows["hint"]["rounds_mean_fitting"] == 1.0
+    case = {c["name"]: c for c in r["cases"]}["auto_rounds_per_request"]
+    assert (case["value"], case["goal"], case["ok"], case["ratio"]) == (1.0, "<= 1", True, 1.0)
+
+
 def test_epd_bench_reuse_case_sends_less_and_the_same_payloads():
     r = bench_json(
         *("--hidden", "256", "--cases", "reuse", "--reuse-requests", "4"),
