@@ -524,6 +524,14 @@ class LanguageConfig(ServiceConfig):
     """Single-rank instances reserve the initial allocation and send the Init while the Encode runs,
     when the pool can take it at once and keeps room for the largest initial allocation of a request
     admitted after its Encode (so the two pools cannot deadlock); otherwise after the Encode."""
+    encode_stream: bool = _setting(
+        True,
+        "rank 0 follows its Status stream on the Encode's own call (Encoder.EncodeStream): "
+        "one call per request fewer on each side",
+    )
+    """When rank 0 receives data: the Encode and rank 0's statuses share one server-streaming
+    call. An encoder that does not serve it (UNIMPLEMENTED) gets the Encode and the Status stream
+    as two calls, as with this off."""
     carry_init: bool = _setting(
         True,
         "an early Init travels inside its Encode (EncodeRequest.init), one message "

@@ -14,6 +14,7 @@ import logging
 import socket
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from common import errors
 from common.bounds import OutOfBounds, Slab, check_plan
@@ -45,6 +46,7 @@ MAX_CACHE_SCOPE_CHARS = 128  # EncodeRequest.cache_scope (the language sends a 6
 SERVICE_NAME = "epd.v1.Encoder"
 MAX_RAW_REPEATS = 1000
 MAX_RAW_CONCURRENCY = 256
+_PUMP_DONE = object()  # EncodeStream: one of its two parts ended
 BENCH_FILL_BYTE = 0xA5  # what a RawWrite sends: a pattern the bench wrote, never leftover payloads
 
 
@@ -872,6 +874,79 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
 
     @rpc.grpc_errors
     async def Encode(self, request, context):
+        return await self._encode(request, context)
+
+    @rpc.grpc_errors
+    async def EncodeStream(self, request, context):
+        """Encode, and meanwhile and after it the transfer's statuses as rank 0's Status stream
+        would send them (await_transfer): one call where there were two. It takes a Status
+        stream's room for its whole life."""
+        principal = rpc.peer_identity(context)
+        what = f"EncodeStream of request {errors.shown(request.request_id)}"
+        self._check_stream_room(principal, what)
+        self.status_streams += 1
+        self._streams_by[principal] += 1
+        updates: asyncio.Queue[Any] = asyncio.Queue()
+        follow = encoder_pb2.StatusRequest(
+            request_id=request.request_id,
+            rank=0,
+            language_id=request.language_id,
+            await_transfer=True,
+        )
+
+        async def encode() -> None:
+            reply = await self._encode(request, context)
+            updates.put_nowait(encoder_pb2.EncodeUpdate(encoded=reply))
+
+        async def statuses() -> None:
+            async for st in self._status(follow, principal, what):
+                updates.put_nowait(encoder_pb2.EncodeUpdate(status=st))
+
+        async def pump(work) -> None:
+            try:
+                await work()
+            except errors.EpdError as e:
+                updates.put_nowait(e)
+            else:
+                updates.put_nowait(_PUMP_DONE)
+
+        if not request.announce_size:
+            # Nothing to say before the Encode's reply (the statuses before it are only the
+            # current state, which the first status after it gives): one after the other, with
+            # no task or queue of their own.
+            try:
+                reply = await self._encode(request, context)
+                yield encoder_pb2.EncodeUpdate(encoded=reply)
+                async for st in self._status(follow, principal, what):
+                    yield encoder_pb2.EncodeUpdate(status=st)
+            finally:
+                self._stream_closed(principal)
+            return
+        pumps = [asyncio.ensure_future(pump(encode)), asyncio.ensure_future(pump(statuses))]
+        try:
+            ended = 0
+            while ended < len(pumps):
+                item = await updates.get()
+                if item is _PUMP_DONE:
+                    ended += 1
+                elif isinstance(item, errors.EpdError):
+                    raise item  # the Encode's refusal, with its code; or the stream's
+                else:
+                    yield item
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            self._stream_closed(principal)
+
+    def _stream_closed(self, principal: str) -> None:
+        """A Status stream (or an EncodeStream) of `principal` ended: its room is free again."""
+        self.status_streams -= 1
+        self._streams_by[principal] -= 1
+        if not self._streams_by[principal]:
+            del self._streams_by[principal]
+
+    async def _encode(self, request, context) -> encoder_pb2.EncodeReply:
         if len(request.cache_scope) > MAX_CACHE_SCOPE_CHARS:
             raise errors.InvalidArgument(
                 f"Encode of request {errors.shown(request.request_id)}: cache_scope has "
@@ -1024,10 +1099,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             async for st in self._status(request, principal, what):
                 yield st
         finally:
-            self.status_streams -= 1
-            self._streams_by[principal] -= 1
-            if not self._streams_by[principal]:
-                del self._streams_by[principal]
+            self._stream_closed(principal)
 
     async def _status(self, request, principal: str, what: str):
         if request.await_transfer and request.request_id:

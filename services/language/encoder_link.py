@@ -11,6 +11,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -47,6 +48,8 @@ class GrpcEncoderLink:
         self.encoder_id = ""
         self.model_fingerprint = ""  # RegisterReply.model_fingerprint: keys the image rows it makes
         self._registration: tuple[int, str, PoolGeometry, Prove] | None = None
+        # Whether the encoder serves EncodeStream (None: not known yet; False after UNIMPLEMENTED).
+        self.streams_encode: bool | None = None
         self._registering: asyncio.Lock | None = None  # made on first use, in the running loop
 
     async def close(self) -> None:
@@ -136,7 +139,7 @@ class GrpcEncoderLink:
         )
         return True, pool.free_blocks, pool.used_blocks, pool.waiters, diag.live_transfers
 
-    async def encode(
+    def encode_request(
         self,
         request_id: str,
         images: Sequence[tuple[bytes, str]],
@@ -147,10 +150,9 @@ class GrpcEncoderLink:
         init: CarriedInit | None = None,
         cache_scope: str = "",
         announce_size: bool = False,
-    ) -> Encoded:
-        """The Encode, carrying `init` (EncodeRequest.init) when given: settled with whether the
-        encoder took it once the Encode returned (left pending when the Encode fails).
-        `announce_size`: EncodeRequest.announce_size (the size-first `auto` policy)."""
+    ) -> encoder_pb2.EncodeRequest:
+        """The EncodeRequest, carrying `init` (EncodeRequest.init) when given; `announce_size`:
+        EncodeRequest.announce_size (the size-first `auto` policy)."""
         request = encoder_pb2.EncodeRequest(
             request_id=request_id,
             images=[common_pb2.Image(data=d, mime_type=m) for d, m in images],
@@ -174,24 +176,42 @@ class GrpcEncoderLink:
                     init.held_images,
                 )
             )
+        return request
+
+    async def encode(
+        self, request: encoder_pb2.EncodeRequest, init: CarriedInit | None = None
+    ) -> Encoded:
+        """The Encode (`encode_request`): settles `init`, the Init it carries, with whether the
+        encoder took it once the Encode returned (left pending when the Encode fails)."""
         call = self.stub.Encode(request, wait_for_ready=True)  # bounded by the Generate and by Init
         if init is not None:
             init.issued()  # the rank may open its Status stream now (StatusRequest.await_transfer)
         try:
             reply = await self._call("Encode", call)
         except errors.FailedPrecondition as e:
-            await self._register_again(e, request_id)
+            await self._register_again(e, request.request_id)
             reply = await self._call("Encode", self.stub.Encode(request))
+        return self.encoded(reply, init)
+
+    def encoded(self, reply: encoder_pb2.EncodeReply, init: CarriedInit | None) -> Encoded:
+        """What an Encode's reply says, its carried Init settled."""
         if init is not None:
             if reply.init_error:
                 log.info(
                     "request %s: encoder %s refused the Init carried by the Encode (%s); sending it on its own",
-                    request_id,
+                    reply.request_id,
                     self.address,
                     reply.init_error,
                 )
             init.settle(reply.init_applied)
         return Encoded(reply.total_tokens, frozenset(reply.cached_images))
+
+    def encode_exchange(
+        self, request: encoder_pb2.EncodeRequest, init: CarriedInit | None = None
+    ) -> EncodeExchange:
+        """The Encode and rank 0's Status stream in one call (Encoder.EncodeStream), or in two
+        (Encode, then Status) with an encoder that does not serve it."""
+        return EncodeExchange(self, request, init)
 
     def _init_request(
         self,
@@ -393,6 +413,175 @@ class StatusStream:
         self._ended = True
         self._reader.cancel()
         self._call.cancel()
+
+
+class EncodeExchange:
+    """One Encode and rank 0's statuses of its transfer, on one EncodeStream call read by its own
+    task: `encoded()` is the Encode's reply; `statuses` is rank 0's Status stream (a
+    StatusSource, which a link wrapper may replace). `statuses.close()` before the reply came
+    lets the call run until it comes; `cancel()` ends everything.
+
+    An encoder that does not serve EncodeStream (UNIMPLEMENTED, before anything came) gets the
+    two calls instead, and the link remembers not to ask again. A restarted encoder that no
+    longer knows this instance (NOT_REGISTERED) is registered with again, and the call made once
+    more, as for Encode."""
+
+    def __init__(
+        self,
+        link: GrpcEncoderLink,
+        request: encoder_pb2.EncodeRequest,
+        init: CarriedInit | None,
+    ):
+        self._link = link
+        self._request = request
+        self._init = init
+        loop = asyncio.get_running_loop()
+        self._encoded: asyncio.Future[Encoded] = loop.create_future()
+        self._encoded.add_done_callback(_retrieved)
+        self._what = f"EncodeStream of request {request.request_id} on encoder {link.address}"
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._calls: list[Any] = []
+        self._statuses = _ExchangeStatuses(self)
+        self.statuses: Any = self._statuses
+        """Rank 0's statuses: what Status(request_id, rank 0, await_transfer) would stream (a
+        StatusSource; a link wrapper may put its own around it)."""
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def encoded(self) -> Encoded:
+        return await asyncio.shield(self._encoded)
+
+    def cancel(self) -> None:
+        self._reader.cancel()
+        for call in self._calls:
+            call.cancel()
+        if not self._encoded.done():
+            self._encoded.cancel()
+        # A receive still reading the statuses learns that none will come.
+        self._queue.put_nowait(errors.Cancelled(f"{self._what}: given up"))
+
+    async def _read(self) -> None:
+        link, request = self._link, self._request
+        registered_again = False
+        try:
+            while True:
+                if link.streams_encode is False:
+                    return await self._two_calls()
+                call = link.stub.EncodeStream(request, wait_for_ready=True)
+                self._calls.append(call)
+                if self._init is not None:
+                    self._init.issued()
+                try:
+                    async for update in call:
+                        if update.HasField("encoded"):
+                            link.streams_encode = True
+                            self._encoded.set_result(link.encoded(update.encoded, self._init))
+                            if self._statuses.closed:
+                                return  # nobody reads the statuses any more
+                        else:
+                            self._queue.put_nowait(update.status)
+                    self._queue.put_nowait(_END)
+                except grpc.aio.AioRpcError as e:
+                    if not self._encoded.done():
+                        error = rpc.error_from_rpc(e, f"Encode on encoder {link.address}")
+                        if e.code() == grpc.StatusCode.UNIMPLEMENTED and self._queue.empty():
+                            log.info(
+                                "encoder %s does not serve EncodeStream: Encode and Status",
+                                link.address,
+                            )
+                            link.streams_encode = False
+                            continue
+                        if (
+                            isinstance(error, errors.FailedPrecondition)
+                            and error.error_reason == errors.NOT_REGISTERED
+                            and not registered_again
+                            and self._queue.empty()
+                        ):
+                            registered_again = True
+                            await link._register_again(error, request.request_id)
+                            continue
+                        self._encoded.set_exception(error)
+                    self._queue.put_nowait(e)
+                    return
+                if not self._encoded.done():
+                    self._encoded.set_exception(
+                        errors.Unavailable(
+                            f"{self._what}: the call ended without the Encode's reply",
+                            reason=FailureReason.PEER_LOST,
+                        )
+                    )
+                return
+        except errors.EpdError as e:  # registering again failed
+            if not self._encoded.done():
+                self._encoded.set_exception(e)
+            self._queue.put_nowait(e)
+        except Exception as e:  # a bug here must not leave the Encode or the receive waiting
+            log.exception("%s: reading the call failed", self._what)
+            failure = errors.Unavailable(f"{self._what}: {e!r}", reason=FailureReason.PEER_LOST)
+            if not self._encoded.done():
+                self._encoded.set_exception(failure)
+            self._queue.put_nowait(failure)
+        finally:
+            for call in self._calls:
+                call.cancel()  # a no-op once it ended
+
+    async def _two_calls(self) -> None:
+        """Encode, and rank 0's Status stream behind it, for an encoder without EncodeStream."""
+        stream = self._link.status(self._request.request_id, 0, await_transfer=True)
+        try:
+            self._encoded.set_result(await self._link.encode(self._request, self._init))
+        except errors.EpdError as e:
+            self._encoded.set_exception(e)
+            stream.close()
+            self._queue.put_nowait(e)
+            return
+        try:
+            async for st in stream:
+                self._queue.put_nowait(st)
+            self._queue.put_nowait(_END)
+        except errors.EpdError as e:
+            self._queue.put_nowait(e)
+        finally:
+            stream.close()
+
+
+class _ExchangeStatuses:
+    """An EncodeExchange's status side, as a StatusSource."""
+
+    def __init__(self, exchange: EncodeExchange):
+        self._exchange = exchange
+        self._ended = False
+        self.closed = False
+
+    def __aiter__(self) -> _ExchangeStatuses:
+        return self
+
+    async def __anext__(self) -> StatusUpdate:
+        if self._ended:
+            raise StopAsyncIteration
+        item = await self._exchange._queue.get()
+        if item is _END:
+            self._ended = True
+            raise StopAsyncIteration
+        if isinstance(item, grpc.aio.AioRpcError):
+            self._ended = True
+            raise rpc.error_from_rpc(item, self._exchange._what, stream=True)
+        if isinstance(item, errors.EpdError):
+            self._ended = True
+            raise item
+        if isinstance(item, StatusUpdate):
+            return item
+        return status_from_pb(item)
+
+    def close(self) -> None:
+        self._ended = self.closed = True
+        if self._exchange._encoded.done():
+            self._exchange.cancel()
+
+
+def _retrieved(fut: asyncio.Future) -> None:
+    """An Encode's error nobody awaited (the attempt ended another way) is not worth a warning."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def status_from_pb(pb: common_pb2.TransferStatus) -> StatusUpdate:

@@ -238,8 +238,12 @@ class ReceiveTask:
             self.open_status()
 
     def open_status(self, await_transfer: bool = False) -> StatusSource:
-        """Open the transfer's Status stream; close() closes it, whatever happens after."""
-        self._stream = self.link.status(self.transfer_id, self.rank, await_transfer=await_transfer)
+        """Open the transfer's Status stream, unless one is open (e.g. the one rank 0 follows on
+        its Encode's call); close() closes it, whatever happens after."""
+        if self._stream is None:
+            self._stream = self.link.status(
+                self.transfer_id, self.rank, await_transfer=await_transfer
+            )
         return self._stream
 
     async def receive(self) -> Payload:

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
 
 from common import errors
 from common.config import WRITE_WAITS, LanguageConfig
@@ -38,6 +39,7 @@ from services.language.rank_group import (
     RankRow,
 )
 from services.language.receive_options import CarriedInit
+from services.language.receiver import StatusSource
 from services.language.worker import RankOutcome, RankWorker, cancel_and_wait
 from services.models.embedding_cache import image_digest
 from services.parts import Parts
@@ -427,7 +429,7 @@ class LanguageService:
             carried = await admission.early()  # the Init just ahead of the Encode, or inside it
             record.early_init = admission.is_early
             try:
-                encoded = await self._encode_sized(
+                encoded = await self._encode(
                     link, view, transfer_id, request, scope, carried, admission
                 )
             except errors.EpdError as e:
@@ -483,7 +485,7 @@ class LanguageService:
             )
             raise
 
-    async def _encode_sized(
+    async def _encode(
         self,
         link,
         view,
@@ -493,24 +495,51 @@ class LanguageService:
         carried: CarriedInit | None,
         admission: Admission,
     ) -> Encoded:
-        """The Encode. Size-first (`--alloc-policy auto`), with rank 0's Status stream opened
-        beside it: the request is admitted, with exactly the payload's size reserved, as soon as
-        the encoder says the size there, while its model still runs (admission.py)."""
-        if not self.policy.size_first:
-            return await self._encode(link, view, transfer_id, request, scope, carried)
-        announced = AnnouncedSize(link.status(transfer_id, self.worker.rank, await_transfer=True))
-        self.worker.stream_ahead(admission.key, announced)
-        encoding = asyncio.ensure_future(
-            self._encode(link, view, transfer_id, request, scope, announce_size=True)
+        """The Encode, carrying the rank's early Init, if any. When rank 0 receives data (and
+        `--encode-stream`), rank 0's statuses come on the Encode's own call (EncodeExchange),
+        and its receive task takes them (`stream_ahead`): one call per request fewer.
+        Size-first (`--alloc-policy auto`): the request is admitted, with exactly the payload's
+        size reserved, as soon as the encoder says the size, while its model still runs
+        (admission.py)."""
+        size_first = self.policy.size_first
+        encode_request = link.encode_request(
+            transfer_id,
+            [(im.data, im.mime_type) for im in request.images],
+            request.text,
+            request.synthetic_tokens,
+            request.synthetic_seed,
+            self.worker.rank_count,
+            init=carried,
+            cache_scope=scope,
+            announce_size=size_first,
         )
-        sizing = asyncio.ensure_future(announced.size())
+        exchange = None
+        stream: StatusSource | None = None
+        if self.worker.is_data_rank and self.config.encode_stream:
+            exchange = link.encode_exchange(encode_request, carried)
+            stream, replied = exchange.statuses, exchange.encoded()
+        else:
+            if size_first:
+                stream = link.status(transfer_id, self.worker.rank, await_transfer=True)
+            replied = link.encode(encode_request, carried)
+        announced = AnnouncedSize(stream) if size_first and stream is not None else None
+        if stream is not None:
+            self.worker.stream_ahead(admission.key, announced or stream)
+        encoding = asyncio.ensure_future(self._until_encoded(view, replied))
+        sizing = asyncio.ensure_future(announced.size()) if announced is not None else None
         try:
-            await asyncio.wait({encoding, sizing}, return_when=asyncio.FIRST_COMPLETED)
-            if sizing.done() and sizing.result() and not encoding.done():
-                admission.late(self._sized(sizing.result(), "status"))
+            if sizing is not None:
+                await asyncio.wait({encoding, sizing}, return_when=asyncio.FIRST_COMPLETED)
+                if sizing.done() and sizing.result() and not encoding.done():
+                    admission.late(self._sized(sizing.result(), "status"))
             return await encoding
+        except BaseException:
+            if exchange is not None:
+                exchange.cancel()  # the attempt is over: its receive, if any, is abandoned too
+            raise
         finally:
-            sizing.cancel()
+            if sizing is not None:
+                sizing.cancel()
             if not encoding.done():
                 await cancel_and_wait(encoding)
 
@@ -521,33 +550,12 @@ class LanguageService:
         self.worker.telemetry.size_first_admitted(size_from, exact)
         return tokens
 
-    async def _encode(
-        self,
-        link,
-        view,
-        transfer_id: str,
-        request,
-        scope: str,
-        carried: CarriedInit | None = None,
-        *,
-        announce_size: bool = False,
-    ) -> Encoded:
-        """Encode on `link` (carrying the rank's early Init, if any); given up (UNAVAILABLE) when
-        the encoder leaves the rotation meanwhile, so a call waiting for a dead encoder's channel
-        does not wait for the whole deadline."""
-        call = asyncio.ensure_future(
-            link.encode(
-                transfer_id,
-                [(im.data, im.mime_type) for im in request.images],
-                request.text,
-                request.synthetic_tokens,
-                request.synthetic_seed,
-                self.worker.rank_count,
-                init=carried,
-                cache_scope=scope,
-                announce_size=announce_size,
-            )
-        )
+    @staticmethod
+    async def _until_encoded(view, replied: Awaitable[Encoded]) -> Encoded:
+        """The Encode's reply; given up (UNAVAILABLE) when the encoder leaves the rotation
+        meanwhile, so a call waiting for a dead encoder's channel does not wait for the whole
+        deadline."""
+        call = asyncio.ensure_future(replied)
         try:
             while True:
                 done, _ = await asyncio.wait({call}, timeout=encoders.POLL_S)

@@ -103,6 +103,14 @@ class FaultyLink:
             self._spec.status_dup,
         )
 
+    def encode_exchange(self, request, init=None):
+        """Rank 0's statuses on its Encode's own call lag or repeat too."""
+        exchange = self._inner.encode_exchange(request, init)
+        exchange.statuses = LaggingStatus(
+            exchange.statuses, self._spec.status_lag_s, self._spec.status_dup
+        )
+        return exchange
+
 
 class HoldingConsumer:
     """A prefill consumer that holds each payload `hold_s` seconds first, as a long prefill

@@ -3,8 +3,9 @@
 A language rank reaches its encoder through a link (services/language/encoder_link.py); the
 tier wraps the real gRPC link of each rank:
 
-- `ForgingLink` rewrites the rank's Status stream with a `Forgery`: statuses the encoder never
-  sent, or sent differently (a forger on the control plane; a healthy encoder never does this);
+- `ForgingLink` rewrites the rank's Status stream (rank 0's: on its Encode's call) with a
+  `Forgery`: statuses the encoder never sent, or sent differently (a forger on the control
+  plane; a healthy encoder never does this);
 - `PausingLink` holds the rank's K-th Resume until the test releases it, so a request can be
   caught between two rounds.
 """
@@ -70,6 +71,14 @@ class ForgingLink(_Wrapped):
             return stream
         self.delivered.clear()
         return _ForgedStream(stream, self.forge, self.delivered)
+
+    def encode_exchange(self, request, init=None):
+        """Rank 0's statuses on its Encode's own call go through `forge` too."""
+        exchange = self._inner.encode_exchange(request, init)
+        if self.forge is not None:
+            self.delivered.clear()
+            exchange.statuses = _ForgedStream(exchange.statuses, self.forge, self.delivered)
+        return exchange
 
 
 class PausingLink(_Wrapped):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from common.pb.epd.v1 import common_pb2 as epd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x65pd/v1/encoder.proto\x12\x06\x65pd.v1\x1a\x13\x65pd/v1/common.proto\"\xfa\x01\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1d\n\x06images\x18\x02 \x03(\x0b\x32\r.epd.v1.Image\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x18\n\x10synthetic_tokens\x18\x04 \x01(\r\x12\x16\n\x0esynthetic_seed\x18\x05 \x01(\r\x12\x12\n\nrank_count\x18\x06 \x01(\r\x12\x13\n\x0blanguage_id\x18\x07 \x01(\t\x12!\n\x04init\x18\x08 \x01(\x0b\x32\x13.epd.v1.InitRequest\x12\x13\n\x0b\x63\x61\x63he_scope\x18\t \x01(\t\x12\x15\n\rannounce_size\x18\n \x01(\x08\"\xa7\x01\n\x0b\x45ncodeReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\x04\x12\x16\n\x0e\x65ncode_seconds\x18\x03 \x01(\x01\x12\x14\n\x0cinit_applied\x18\x04 \x01(\x08\x12\x12\n\ninit_error\x18\x05 \x01(\t\x12\x15\n\rcached_tokens\x18\x06 \x01(\x04\x12\x15\n\rcached_images\x18\x07 \x03(\r\"~\n\x0fRegisterRequest\x12\x13\n\x0blanguage_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x0f\n\x07session\x18\x03 \x01(\t\x12\"\n\x06layout\x18\x04 \x01(\x0b\x32\x12.epd.v1.PoolLayout\x12\x13\n\x0bproof_nonce\x18\x05 \x01(\x0c\"5\n\x10\x43hallengeRequest\x12\x13\n\x0blanguage_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\"5\n\x0e\x43hallengeReply\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x14\n\x0c\x65xpires_in_s\x18\x02 \x01(\x01\"b\n\rRegisterReply\x12\x12\n\nencoder_id\x18\x01 \x01(\t\x12\"\n\x06layout\x18\x02 \x01(\x0b\x32\x12.epd.v1.PoolLayout\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\"\xb4\x01\n\x0bInitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0blanguage_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nrank_count\x18\x04 \x01(\r\x12\x12\n\ndst_blocks\x18\x05 \x03(\r\x12\x18\n\x10\x61llocated_tokens\x18\x06 \x01(\x04\x12\x17\n\x0fprogress_tokens\x18\x07 \x01(\x04\x12\x13\n\x0bheld_images\x18\x08 \x03(\t\"1\n\tInitReply\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.epd.v1.TransferState\"\x89\x01\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0blanguage_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x13\n\x0bsent_tokens\x18\x04 \x01(\x04\x12\x12\n\ndst_blocks\x18\x05 \x03(\r\x12\x18\n\x10\x61llocated_tokens\x18\x06 \x01(\x04\" \n\x0bResumeReply\x12\x11\n\tduplicate\x18\x01 \x01(\x08\"^\n\rStatusRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x13\n\x0blanguage_id\x18\x03 \x01(\t\x12\x16\n\x0e\x61wait_transfer\x18\x04 \x01(\x08\x32\x98\x05\n\x07\x45ncoder\x12\x34\n\x06\x45ncode\x12\x15.epd.v1.EncodeRequest\x1a\x13.epd.v1.EncodeReply\x12=\n\tChallenge\x12\x18.epd.v1.ChallengeRequest\x1a\x16.epd.v1.ChallengeReply\x12:\n\x08Register\x12\x17.epd.v1.RegisterRequest\x1a\x15.epd.v1.RegisterReply\x12.\n\x04Init\x12\x13.epd.v1.InitRequest\x1a\x11.epd.v1.InitReply\x12\x34\n\x06Resume\x12\x15.epd.v1.ResumeRequest\x1a\x13.epd.v1.ResumeReply\x12\x39\n\x06Status\x12\x15.epd.v1.StatusRequest\x1a\x16.epd.v1.TransferStatus0\x01\x12?\n\x0bGetTransfer\x12\x1a.epd.v1.GetTransferRequest\x1a\x14.epd.v1.TransferInfo\x12I\n\rListTransfers\x12\x1c.epd.v1.ListTransfersRequest\x1a\x1a.epd.v1.ListTransfersReply\x12\x34\n\x06\x43\x61ncel\x12\x15.epd.v1.CancelRequest\x1a\x13.epd.v1.CancelReply\x12\x33\n\x07GetPool\x12\x16.epd.v1.GetPoolRequest\x1a\x10.epd.v1.PoolInfo\x12\x44\n\x0eGetDiagnostics\x12\x1d.epd.v1.GetDiagnosticsRequest\x1a\x13.epd.v1.Diagnosticsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x65pd/v1/encoder.proto\x12\x06\x65pd.v1\x1a\x13\x65pd/v1/common.proto\"\xfa\x01\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1d\n\x06images\x18\x02 \x03(\x0b\x32\r.epd.v1.Image\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x18\n\x10synthetic_tokens\x18\x04 \x01(\r\x12\x16\n\x0esynthetic_seed\x18\x05 \x01(\r\x12\x12\n\nrank_count\x18\x06 \x01(\r\x12\x13\n\x0blanguage_id\x18\x07 \x01(\t\x12!\n\x04init\x18\x08 \x01(\x0b\x32\x13.epd.v1.InitRequest\x12\x13\n\x0b\x63\x61\x63he_scope\x18\t \x01(\t\x12\x15\n\rannounce_size\x18\n \x01(\x08\"\xa7\x01\n\x0b\x45ncodeReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\x04\x12\x16\n\x0e\x65ncode_seconds\x18\x03 \x01(\x01\x12\x14\n\x0cinit_applied\x18\x04 \x01(\x08\x12\x12\n\ninit_error\x18\x05 \x01(\t\x12\x15\n\rcached_tokens\x18\x06 \x01(\x04\x12\x15\n\rcached_images\x18\x07 \x03(\r\"\\\n\x0c\x45ncodeUpdate\x12$\n\x07\x65ncoded\x18\x01 \x01(\x0b\x32\x13.epd.v1.EncodeReply\x12&\n\x06status\x18\x02 \x01(\x0b\x32\x16.epd.v1.TransferStatus\"~\n\x0fRegisterRequest\x12\x13\n\x0blanguage_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x0f\n\x07session\x18\x03 \x01(\t\x12\"\n\x06layout\x18\x04 \x01(\x0b\x32\x12.epd.v1.PoolLayout\x12\x13\n\x0bproof_nonce\x18\x05 \x01(\x0c\"5\n\x10\x43hallengeRequest\x12\x13\n\x0blanguage_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\"5\n\x0e\x43hallengeReply\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x14\n\x0c\x65xpires_in_s\x18\x02 \x01(\x01\"b\n\rRegisterReply\x12\x12\n\nencoder_id\x18\x01 \x01(\t\x12\"\n\x06layout\x18\x02 \x01(\x0b\x32\x12.epd.v1.PoolLayout\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\"\xb4\x01\n\x0bInitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0blanguage_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nrank_count\x18\x04 \x01(\r\x12\x12\n\ndst_blocks\x18\x05 \x03(\r\x12\x18\n\x10\x61llocated_tokens\x18\x06 \x01(\x04\x12\x17\n\x0fprogress_tokens\x18\x07 \x01(\x04\x12\x13\n\x0bheld_images\x18\x08 \x03(\t\"1\n\tInitReply\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.epd.v1.TransferState\"\x89\x01\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0blanguage_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x13\n\x0bsent_tokens\x18\x04 \x01(\x04\x12\x12\n\ndst_blocks\x18\x05 \x03(\r\x12\x18\n\x10\x61llocated_tokens\x18\x06 \x01(\x04\" \n\x0bResumeReply\x12\x11\n\tduplicate\x18\x01 \x01(\x08\"^\n\rStatusRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x13\n\x0blanguage_id\x18\x03 \x01(\t\x12\x16\n\x0e\x61wait_transfer\x18\x04 \x01(\x08\x32\xd7\x05\n\x07\x45ncoder\x12\x34\n\x06\x45ncode\x12\x15.epd.v1.EncodeRequest\x1a\x13.epd.v1.EncodeReply\x12=\n\x0c\x45ncodeStream\x12\x15.epd.v1.EncodeRequest\x1a\x14.epd.v1.EncodeUpdate0\x01\x12=\n\tChallenge\x12\x18.epd.v1.ChallengeRequest\x1a\x16.epd.v1.ChallengeReply\x12:\n\x08Register\x12\x17.epd.v1.RegisterRequest\x1a\x15.epd.v1.RegisterReply\x12.\n\x04Init\x12\x13.epd.v1.InitRequest\x1a\x11.epd.v1.InitReply\x12\x34\n\x06Resume\x12\x15.epd.v1.ResumeRequest\x1a\x13.epd.v1.ResumeReply\x12\x39\n\x06Status\x12\x15.epd.v1.StatusRequest\x1a\x16.epd.v1.TransferStatus0\x01\x12?\n\x0bGetTransfer\x12\x1a.epd.v1.GetTransferRequest\x1a\x14.epd.v1.TransferInfo\x12I\n\rListTransfers\x12\x1c.epd.v1.ListTransfersRequest\x1a\x1a.epd.v1.ListTransfersReply\x12\x34\n\x06\x43\x61ncel\x12\x15.epd.v1.CancelRequest\x1a\x13.epd.v1.CancelReply\x12\x33\n\x07GetPool\x12\x16.epd.v1.GetPoolRequest\x1a\x10.epd.v1.PoolInfo\x12\x44\n\x0eGetDiagnostics\x12\x1d.epd.v1.GetDiagnosticsRequest\x1a\x13.epd.v1.Diagnosticsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,24 +36,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODEREQUEST']._serialized_end=304
   _globals['_ENCODEREPLY']._serialized_start=307
   _globals['_ENCODEREPLY']._serialized_end=474
-  _globals['_REGISTERREQUEST']._serialized_start=476
-  _globals['_REGISTERREQUEST']._serialized_end=602
-  _globals['_CHALLENGEREQUEST']._serialized_start=604
-  _globals['_CHALLENGEREQUEST']._serialized_end=657
-  _globals['_CHALLENGEREPLY']._serialized_start=659
-  _globals['_CHALLENGEREPLY']._serialized_end=712
-  _globals['_REGISTERREPLY']._serialized_start=714
-  _globals['_REGISTERREPLY']._serialized_end=812
-  _globals['_INITREQUEST']._serialized_start=815
-  _globals['_INITREQUEST']._serialized_end=995
-  _globals['_INITREPLY']._serialized_start=997
-  _globals['_INITREPLY']._serialized_end=1046
-  _globals['_RESUMEREQUEST']._serialized_start=1049
-  _globals['_RESUMEREQUEST']._serialized_end=1186
-  _globals['_RESUMEREPLY']._serialized_start=1188
-  _globals['_RESUMEREPLY']._serialized_end=1220
-  _globals['_STATUSREQUEST']._serialized_start=1222
-  _globals['_STATUSREQUEST']._serialized_end=1316
-  _globals['_ENCODER']._serialized_start=1319
-  _globals['_ENCODER']._serialized_end=1983
+  _globals['_ENCODEUPDATE']._serialized_start=476
+  _globals['_ENCODEUPDATE']._serialized_end=568
+  _globals['_REGISTERREQUEST']._serialized_start=570
+  _globals['_REGISTERREQUEST']._serialized_end=696
+  _globals['_CHALLENGEREQUEST']._serialized_start=698
+  _globals['_CHALLENGEREQUEST']._serialized_end=751
+  _globals['_CHALLENGEREPLY']._serialized_start=753
+  _globals['_CHALLENGEREPLY']._serialized_end=806
+  _globals['_REGISTERREPLY']._serialized_start=808
+  _globals['_REGISTERREPLY']._serialized_end=906
+  _globals['_INITREQUEST']._serialized_start=909
+  _globals['_INITREQUEST']._serialized_end=1089
+  _globals['_INITREPLY']._serialized_start=1091
+  _globals['_INITREPLY']._serialized_end=1140
+  _globals['_RESUMEREQUEST']._serialized_start=1143
+  _globals['_RESUMEREQUEST']._serialized_end=1280
+  _globals['_RESUMEREPLY']._serialized_start=1282
+  _globals['_RESUMEREPLY']._serialized_end=1314
+  _globals['_STATUSREQUEST']._serialized_start=1316
+  _globals['_STATUSREQUEST']._serialized_end=1410
+  _globals['_ENCODER']._serialized_start=1413
+  _globals['_ENCODER']._serialized_end=2140
 # @@protoc_insertion_point(module_scope)

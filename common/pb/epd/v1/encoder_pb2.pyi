@@ -49,6 +49,14 @@ class EncodeReply(_message.Message):
     cached_images: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, request_id: _Optional[str] = ..., total_tokens: _Optional[int] = ..., encode_seconds: _Optional[float] = ..., init_applied: _Optional[bool] = ..., init_error: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., cached_images: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class EncodeUpdate(_message.Message):
+    __slots__ = ("encoded", "status")
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    encoded: EncodeReply
+    status: _common_pb2.TransferStatus
+    def __init__(self, encoded: _Optional[_Union[EncodeReply, _Mapping]] = ..., status: _Optional[_Union[_common_pb2.TransferStatus, _Mapping]] = ...) -> None: ...
+
 class RegisterRequest(_message.Message):
     __slots__ = ("language_id", "rank", "session", "layout", "proof_nonce")
     LANGUAGE_ID_FIELD_NUMBER: _ClassVar[int]

@@ -40,6 +40,11 @@ class EncoderStub:
                 request_serializer=epd_dot_v1_dot_encoder__pb2.EncodeRequest.SerializeToString,
                 response_deserializer=epd_dot_v1_dot_encoder__pb2.EncodeReply.FromString,
                 _registered_method=True)
+        self.EncodeStream = channel.unary_stream(
+                '/epd.v1.Encoder/EncodeStream',
+                request_serializer=epd_dot_v1_dot_encoder__pb2.EncodeRequest.SerializeToString,
+                response_deserializer=epd_dot_v1_dot_encoder__pb2.EncodeUpdate.FromString,
+                _registered_method=True)
         self.Challenge = channel.unary_unary(
                 '/epd.v1.Encoder/Challenge',
                 request_serializer=epd_dot_v1_dot_encoder__pb2.ChallengeRequest.SerializeToString,
@@ -97,6 +102,14 @@ class EncoderServicer:
 
     def Encode(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EncodeStream(self, request, context):
+        """Encode and rank 0's Status stream in one call: one call per request fewer on each side.
+        Errors, limits and ownership are those of Encode, then of Status (a Status stream's room).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -169,6 +182,11 @@ def add_EncoderServicer_to_server(servicer, server):
                     servicer.Encode,
                     request_deserializer=epd_dot_v1_dot_encoder__pb2.EncodeRequest.FromString,
                     response_serializer=epd_dot_v1_dot_encoder__pb2.EncodeReply.SerializeToString,
+            ),
+            'EncodeStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.EncodeStream,
+                    request_deserializer=epd_dot_v1_dot_encoder__pb2.EncodeRequest.FromString,
+                    response_serializer=epd_dot_v1_dot_encoder__pb2.EncodeUpdate.SerializeToString,
             ),
             'Challenge': grpc.unary_unary_rpc_method_handler(
                     servicer.Challenge,
@@ -248,6 +266,33 @@ class Encoder:
             '/epd.v1.Encoder/Encode',
             epd_dot_v1_dot_encoder__pb2.EncodeRequest.SerializeToString,
             epd_dot_v1_dot_encoder__pb2.EncodeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EncodeStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/epd.v1.Encoder/EncodeStream',
+            epd_dot_v1_dot_encoder__pb2.EncodeRequest.SerializeToString,
+            epd_dot_v1_dot_encoder__pb2.EncodeUpdate.FromString,
             options,
             channel_credentials,
             insecure,
