@@ -515,7 +515,9 @@ class LanguageService:
         )
         exchange = None
         stream: StatusSource | None = None
-        if self.worker.is_data_rank and self.config.encode_stream:
+        # Not behind an early Init sent on its own: that went first, with rank 0's stream.
+        own_init_first = admission.is_early and carried is None
+        if self.worker.is_data_rank and self.config.encode_stream and not own_init_first:
             exchange = link.encode_exchange(encode_request, carried)
             stream, replied = exchange.statuses, exchange.encoded()
         else:

@@ -511,14 +511,18 @@ async def test_init_bad_held_images_is_invalid_argument(encoder, enc, reg, held,
     await all_free(encoder, reg)
 
 
-async def test_encode_overlong_cache_scope_is_invalid_argument(encoder, enc, reg):
+async def _streamed(call) -> list:
+    return [update async for update in call]
+
+
+@pytest.mark.parametrize("method", ["Encode", "EncodeStream"])
+async def test_encode_overlong_cache_scope_is_invalid_argument(encoder, enc, reg, method):
     request_id = rid()
     before, pool_before = await listing(enc), await pool_state(enc)
     req = reg.encode_request(request_id, 40, seed=5)
     req.cache_scope = "s" * 129
-    await expect_error(
-        enc.Encode(req), grpc.StatusCode.INVALID_ARGUMENT, request_id, "cache_scope has 129"
-    )
+    call = enc.Encode(req) if method == "Encode" else _streamed(enc.EncodeStream(req))
+    await expect_error(call, grpc.StatusCode.INVALID_ARGUMENT, request_id, "cache_scope has 129")
     await assert_absent(enc, request_id)
     assert await listing(enc) == before
     assert await pool_state(enc) == pool_before

@@ -57,9 +57,11 @@ async def test_init_goes_out_alongside_the_encode_when_the_pool_has_room(roomy):
         # The transfer's clock starts once both the Init and the Encode are done.
         assert 0 < reply.transfer_seconds <= reply.total_seconds
     await assert_all_free((roomy.encoder.address, "encoder"), (roomy.language.address, "language"))
-    # Each Init travelled inside its Encode (--carry-init, the default): the encoder served none.
+    # Each Init travelled inside its Encode (--carry-init, the default), and rank 0's statuses
+    # came on the Encode's own call (--encode-stream): the encoder served no Init, no Status.
     assert _rpc_count(roomy.encoder, "Init") == 0
-    assert _rpc_count(roomy.encoder, "Encode") >= 3
+    assert _rpc_count(roomy.encoder, "Status") == 0
+    assert _rpc_count(roomy.encoder, "EncodeStream") >= 3
 
 
 def _rpc_count(process, method: str) -> float:

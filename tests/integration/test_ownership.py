@@ -220,7 +220,7 @@ async def finish_victim(
 
 
 async def test_another_instance_cannot_steer_a_live_transfer(encoder, enc, ranks):
-    """Init, Resume, Status, Cancel and Encode of the victim's request id by another language
+    """Init, Resume, Status, Cancel, Encode and EncodeStream of the victim's request id by another language
     instance: PERMISSION_DENIED naming the request id (not the owner), nothing changes — not the
     transfer, not the encoder's pool, not one byte of either pool; the victim then completes."""
     victim, attacker = ranks
@@ -279,6 +279,13 @@ async def test_another_instance_cannot_steer_a_live_transfer(encoder, enc, ranks
         enc.Encode(attacker.encode_request(request_id, 5000, 99)), PD, request_id, absent=(owner,)
     )
     await unchanged("Encode by another instance")
+    await expect(
+        drain(enc.EncodeStream(attacker.encode_request(request_id, 5000, 99))),
+        PD,
+        request_id,
+        absent=(owner,),
+    )
+    await unchanged("EncodeStream by another instance")
     # Empty language_id where one is needed: INVALID_ARGUMENT, nothing changes.
     await expect(
         enc.Init(attacker.init_request(rid(), mine, language_id="")), IA, "language_id is empty"

@@ -500,6 +500,17 @@ async def test_wrong_or_missing_token_changes_nothing(certs, mtls_pair):
                     raise AssertionError("Status streamed without a token")
 
             await expect_code(grpc.StatusCode.UNAUTHENTICATED, status_stream())
+
+            async def encode_stream():
+                async for _ in estub.EncodeStream(
+                    encoder_pb2.EncodeRequest(
+                        request_id="intruder-3", synthetic_tokens=500, rank_count=1, language_id="x"
+                    ),
+                    timeout=10,
+                ):
+                    raise AssertionError("EncodeStream streamed without a token")
+
+            await expect_code(grpc.StatusCode.UNAUTHENTICATED, encode_stream())
     # Still a client certificate but no token: health open, inspection not (protected by default).
     open_client = certs.client(token=None)
     assert await health(open_client, enc) == health_pb2.HealthCheckResponse.SERVING
@@ -777,6 +788,7 @@ def test_method_classes():
         "/epd.v1.Encoder/Register",
         "/epd.v1.Encoder/Init",
         "/epd.v1.Encoder/Status",
+        "/epd.v1.Encoder/EncodeStream",
         "/epd.v1.Language/Generate",
         "/epd.v1.Encoder/RawWrite",
         "/x.Y/GetPool",
