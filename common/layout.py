@@ -159,14 +159,23 @@ class PoolGeometry:
 
     @property
     def proof_address(self) -> int:
-        """Where the pool's proof area starts: right after its last block, inside the memory
+        """Where the pool's tail proof area starts: right after its last block, inside the memory
         registered with the transfer engine (`PROOF_AREA_BYTES`). Register's proof of possession
-        reads the encoder's nonce back from here."""
+        reads the encoder's nonce back from here and from `head_proof_address`."""
         return self.base_address + self.slab_bytes
 
+    @property
+    def head_proof_address(self) -> int:
+        """Where the pool's head proof area starts: `PROOF_AREA_BYTES` right before its first
+        block. With the nonce at both ends, a claimed pool must begin and end where the caller
+        put it: a claim stretched over a neighbouring pool of the same process fails at the end
+        that is not the caller's. Negative for a claim too close to address 0 (never valid)."""
+        return self.base_address - PROOF_AREA_BYTES
 
-# The proof area after every pool's blocks: PROOF_LANES lanes of PROOF_LANE_BYTES. A language rank
-# puts a Register nonce into lane 0; an encoder reads proofs into its own lanes, one per read.
+
+# The proof areas around every pool's blocks, one before and one after: PROOF_LANES lanes of
+# PROOF_LANE_BYTES each. A language rank puts a Register nonce into lane 0 of both; an encoder
+# reads proofs into lanes of its own, one per read.
 PROOF_LANE_BYTES = 64
 PROOF_LANES = 16
 PROOF_AREA_BYTES = PROOF_LANE_BYTES * PROOF_LANES

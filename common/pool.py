@@ -359,12 +359,20 @@ class BlockPool:
         self._record = record
         self._block_size = block_size
         self._num_blocks = num_blocks
-        # Allocated once: the transfer engine registers this exact memory before serving. The
-        # proof area follows the blocks (Register's proof of possession, common/layout.py).
+        # Allocated once: the transfer engine registers this exact memory before serving. A
+        # proof area on each side of the blocks (Register's proof of possession, common/layout.py).
         slab_bytes = num_blocks * block_size * record.record_bytes
-        self._memory = torch.zeros(slab_bytes + PROOF_AREA_BYTES, dtype=torch.uint8, device=device)
-        self.slab = self._memory[:slab_bytes].view(num_blocks, block_size, record.record_bytes)
-        self._proof = self._memory[slab_bytes:].view(PROOF_LANES, PROOF_LANE_BYTES)
+        self._memory = torch.zeros(
+            PROOF_AREA_BYTES + slab_bytes + PROOF_AREA_BYTES, dtype=torch.uint8, device=device
+        )
+        end = PROOF_AREA_BYTES + slab_bytes
+        self.slab = self._memory[PROOF_AREA_BYTES:end].view(
+            num_blocks, block_size, record.record_bytes
+        )
+        self._proofs = (
+            self._memory[:PROOF_AREA_BYTES].view(PROOF_LANES, PROOF_LANE_BYTES),
+            self._memory[end:].view(PROOF_LANES, PROOF_LANE_BYTES),
+        )
         self._proof_lock: asyncio.Lock | None = None  # made on first use, in the running loop
         self._flat = self.slab.view(num_blocks * block_size, record.record_bytes)
         self.allocator = BlockAllocator(num_blocks, on_change=on_change)
@@ -396,8 +404,13 @@ class BlockPool:
         return self.slab.numel()
 
     @property
+    def registered_address(self) -> int:
+        """Where the memory the transfer engine registers starts: the head proof area."""
+        return self._memory.data_ptr()
+
+    @property
     def registered_bytes(self) -> int:
-        """What the transfer engine registers: the blocks and the proof area after them."""
+        """What the transfer engine registers: the blocks and the proof areas around them."""
         return self._memory.numel()
 
     @property
@@ -409,22 +422,24 @@ class BlockPool:
     # -- proof area ----------------------------------------------------------------------------
 
     def write_proof(self, lane: int, data: bytes) -> None:
-        """Put `data` (at most PROOF_LANE_BYTES) at the start of a proof lane, zero the rest."""
+        """Put `data` (at most PROOF_LANE_BYTES) at the start of a proof lane of both proof
+        areas, zero the rest."""
         if len(data) > PROOF_LANE_BYTES:
             raise ValueError(f"proof data of {len(data)} bytes exceeds a lane's {PROOF_LANE_BYTES}")
         row = torch.zeros(PROOF_LANE_BYTES, dtype=torch.uint8)
         if data:
             row[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        self._proof[lane].copy_(row)
-        if self._proof.is_cuda:
+        for area in self._proofs:
+            area[lane].copy_(row)
+        if self._memory.is_cuda:
             torch.cuda.synchronize(
-                self._proof.device
+                self._memory.device
             )  # visible to the engine's reads before we answer
 
     @contextlib.asynccontextmanager
     async def proving(self, nonce: bytes) -> AsyncIterator[None]:
-        """Register's proof of possession on the language side: the nonce sits in lane 0 of the
-        proof area while the encoder reads it back, one registration at a time (a rank registers
+        """Register's proof of possession on the language side: the nonce sits in lane 0 of both
+        proof areas while the encoder reads it back, one registration at a time (a rank registers
         with every encoder at once)."""
         if self._proof_lock is None:
             self._proof_lock = asyncio.Lock()

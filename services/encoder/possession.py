@@ -7,12 +7,14 @@ it. Comparing session spellings cannot close that; reading memory back can:
 
 1. `Challenge` hands the caller a one-time random nonce for (identity, language_id, rank),
    valid for CHALLENGE_TTL_S (`Challenges`).
-2. The rank puts the nonce into lane 0 of its pool's proof area, right after its last block,
-   inside the memory it registered with the engine (common/layout.py `proof_address`), and
-   calls Register with it.
-3. The encoder reads those bytes back with a transfer-engine read from the claimed session at
-   the claimed pool's proof address (`ProofReader`) and accepts the pool only when they match.
-   A read never changes the claimed memory; a mismatch is PERMISSION_DENIED.
+2. The rank puts the nonce into lane 0 of both of its pool's proof areas, right before its
+   first block and right after its last, inside the memory it registered with the engine
+   (common/layout.py `head_proof_address`, `proof_address`), and calls Register with it.
+3. The encoder reads those bytes back with transfer-engine reads from the claimed session at
+   both proof addresses of the claimed pool (`ProofReader`) and accepts the pool only when both
+   match. A read never changes the claimed memory; a mismatch is PERMISSION_DENIED. Both ends,
+   because one would let a caller stretch its claim from its own pool over a neighbouring pool
+   of the same process (the end it owns proves, the other end lies in the neighbour).
 
 The reads go through a transfer engine of their own (`proof_transport`), never the one that
 writes payloads: Mooncake's TCP transport leaves a pooled connection unusable for the next
@@ -35,7 +37,7 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -47,7 +49,7 @@ from common.errors import (
     Unavailable,
     shown,
 )
-from common.layout import PROOF_LANE_BYTES, PROOF_LANES, PoolGeometry
+from common.layout import PROOF_AREA_BYTES, PROOF_LANE_BYTES, PROOF_LANES, PoolGeometry
 
 log = logging.getLogger(__name__)
 
@@ -148,25 +150,40 @@ class ProofReader:
         if not self._lanes_by[principal]:
             del self._lanes_by[principal]
 
-    def _read(self, session: str, lane: int, remote: int, length: int) -> bytes:
-        """In a worker thread: read into `lane`, return what landed (copied while the lane is ours)."""
+    def _read(self, session: str, lane: int, remotes: Sequence[int], length: int) -> list[bytes]:
+        """In a worker thread: read each of `remotes` into `lane` in turn, return what landed
+        (copied while the lane is ours)."""
         local = self._lanes.data_ptr() + lane * PROOF_LANE_BYTES
-        for attempt in range(PROOF_READ_ATTEMPTS):
-            try:
-                self._read_sync(session, local, remote, length)
-                break
-            except TransportError:
-                if attempt == PROOF_READ_ATTEMPTS - 1:
-                    raise
-            except (TypeError, ValueError, OverflowError) as e:  # the binding refused the arguments
-                raise TransportError(f"the engine refused the read: {type(e).__name__}") from None
-        return bytes(self._lanes[lane, :length].numpy().tobytes())
+        found = []
+        for remote in remotes:
+            self._lanes[lane].zero_()
+            for attempt in range(PROOF_READ_ATTEMPTS):
+                try:
+                    self._read_sync(session, local, remote, length)
+                    break
+                except TransportError:
+                    if attempt == PROOF_READ_ATTEMPTS - 1:
+                        raise
+                except (TypeError, ValueError, OverflowError) as e:  # the binding refused them
+                    raise TransportError(
+                        f"the engine refused the read: {type(e).__name__}"
+                    ) from None
+            found.append(bytes(self._lanes[lane, :length].numpy().tobytes()))
+        return found
 
     async def verify(
         self, session: str, geometry: PoolGeometry, nonce: bytes, what: str, principal: str = ""
     ) -> None:
-        """Returns when the nonce is at `geometry.proof_address` in `session`'s memory;
+        """Returns when the nonce is at both `geometry.proof_address` (the pool's end) and
+        `geometry.head_proof_address` (right before its start) in `session`'s memory;
         PermissionDenied when something else is there, Unavailable when it cannot be read."""
+        ends = (("end", geometry.proof_address), ("start", geometry.head_proof_address))
+        if geometry.head_proof_address < 0:
+            raise PermissionDenied(
+                f"{what}: base_address 0x{geometry.base_address:x} leaves no room for the "
+                f"{PROOF_AREA_BYTES}-byte proof area before the pool: no memory of Mooncake "
+                f"session {shown(session)} can hold its nonce there"
+            )
         if self._lanes_by[principal] >= PROOF_LANES_PER_IDENTITY:
             raise Unavailable(
                 f"{what}: this identity has {PROOF_LANES_PER_IDENTITY} proofs being read already; "
@@ -176,9 +193,8 @@ class ProofReader:
             raise Unavailable(f"{what}: {PROOF_LANES} proofs are being read already; try again")
         lane = self._free_lanes.pop()
         self._lanes_by[principal] += 1
-        self._lanes[lane].zero_()
         reading = asyncio.ensure_future(
-            asyncio.to_thread(self._read, session, lane, geometry.proof_address, len(nonce))
+            asyncio.to_thread(self._read, session, lane, [a for _, a in ends], len(nonce))
         )
         # The lane is ours until the engine's thread returns, even when we stop waiting for it.
         reading.add_done_callback(lambda _f: self._release(lane, principal))
@@ -194,17 +210,20 @@ class ProofReader:
             # the peer's registered memory: either way the pool cannot be confirmed.
             raise PermissionDenied(
                 f"{what}: cannot read the proof back from Mooncake session {shown(session)} at "
-                f"0x{geometry.proof_address:x} (the pool's end): {e.message}"
+                f"0x{geometry.proof_address:x} (the pool's end) and 0x{geometry.head_proof_address:x} "
+                f"(right before its start): {e.message}"
             ) from None
-        if not hmac.compare_digest(found, nonce):
-            log.warning(
-                "%s: the proof at 0x%x of session %s does not match",
-                what,
-                geometry.proof_address,
-                session,
-            )
-            raise PermissionDenied(
-                f"{what}: the memory at Mooncake session {shown(session)}, address "
-                f"0x{geometry.proof_address:x} (the claimed pool's end) does not hold this "
-                f"registration's nonce: the caller does not control that pool"
-            )
+        for (end, address), got in zip(ends, found):
+            if not hmac.compare_digest(got, nonce):
+                log.warning(
+                    "%s: the proof at 0x%x (the pool's %s) of session %s does not match",
+                    what,
+                    address,
+                    end,
+                    session,
+                )
+                raise PermissionDenied(
+                    f"{what}: the memory at Mooncake session {shown(session)}, address "
+                    f"0x{address:x} (the claimed pool's {end}) does not hold this "
+                    f"registration's nonce: the caller does not control that pool"
+                )

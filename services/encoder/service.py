@@ -103,7 +103,7 @@ class EncoderService:
         )
         # Registered once, before any peer can open our segment (peers cache descriptors).
         self.transport.register(
-            self.pool.base_address, self.pool.registered_bytes, memory_location(cfg.device)
+            self.pool.registered_address, self.pool.registered_bytes, memory_location(cfg.device)
         )
         self.metrics.watch_pool(self.pool.allocator)
         self.metrics.watch_inflight(lambda: len(self.transfers.live))

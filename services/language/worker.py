@@ -122,7 +122,7 @@ class RankWorker:
             self.parts.make_transport, cfg.host, cfg.protocol, cfg.rdma_device, purpose="pool"
         )
         self.transport.register(
-            self.pool.base_address, self.pool.registered_bytes, memory_location(cfg.device)
+            self.pool.registered_address, self.pool.registered_bytes, memory_location(cfg.device)
         )
         self.metrics.watch_pool(self.pool.allocator)
         self.metrics.watch_inflight(lambda: len(self._tasks))

@@ -61,7 +61,7 @@ class TestRank:
         self.record = RecordLayout.pack(default_fields(hidden, dtype))
         self.pool = BlockPool(self.record, block_size, num_blocks)
         self.transport = transport or shared_transport()
-        self.transport.register(self.pool.base_address, self.pool.registered_bytes)
+        self.transport.register(self.pool.registered_address, self.pool.registered_bytes)
         self._held: set[int] = set()
         self._closed = False
 

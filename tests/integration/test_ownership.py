@@ -361,6 +361,26 @@ async def test_register_cannot_claim_another_instances_pool(encoder, enc, ranks)
     stretched.base_address = lo
     stretched.num_blocks = (hi - lo) // (BLOCK * stretched.record_bytes) + RANK_BLOCKS
     await expect(attacker.register_claiming(enc, layout=stretched), PD, "Mooncake session")
+    # ... and, whichever side of the attacker's pool the victim's lies, the claim stretched from
+    # the attacker's pool over the victim's, block-aligned with the attacker's own blocks: one end
+    # of the claim is the attacker's own proof area (a proof read at one end only passes it), the
+    # other lies in or beyond the victim's pool.
+    bb = BLOCK * stretched.record_bytes
+    own = attacker.layout()
+    over = attacker.layout()
+    if victim.pool.base_address < attacker.pool.base_address:  # stretched downwards
+        k = -(-(attacker.pool.base_address - victim.pool.base_address) // bb)
+        over.base_address = own.base_address - k * bb
+        over.num_blocks = RANK_BLOCKS + k
+        assert over.base_address + over.num_blocks * bb == own.base_address + RANK_BLOCKS * bb
+    else:  # stretched upwards
+        victim_end = victim.pool.base_address + RANK_BLOCKS * bb
+        over.num_blocks = RANK_BLOCKS + -(
+            -(victim_end - (own.base_address + RANK_BLOCKS * bb)) // bb
+        )
+    assert over.base_address <= victim.pool.base_address
+    assert over.base_address + over.num_blocks * bb >= victim.pool.base_address + RANK_BLOCKS * bb
+    await expect(attacker.register_claiming(enc, layout=over), PD, "Mooncake session")
     # 3. The attacker registering its own pool again is fine (idempotent), and writes only there.
     await attacker.register(enc)
     assert (await state_of(enc, request_id)) == before[0]

@@ -675,3 +675,28 @@ async def test_alloc_timeout_message_counts_quarantined_blocks():
     a.quarantine(a.try_alloc(3))
     with pytest.raises(ResourceExhausted, match=r"1 free of 4, \d+ other waiters, 3 quarantined"):
         await a.alloc(2, timeout=0.01)
+
+
+async def test_the_proof_nonce_sits_at_both_ends_of_the_pool_inside_its_registered_memory():
+    """Register's proof (services/encoder/possession.py) reads the nonce at the claimed pool's
+    `head_proof_address` and `proof_address`: both must be inside the memory the engine
+    registers, around the blocks, and hold the nonce exactly while `proving` runs."""
+    import ctypes
+
+    from common.layout import PROOF_AREA_BYTES
+
+    pool = BlockPool(RecordLayout.pack(default_fields(16, "bfloat16")), 4, 8)
+    geo = pool.geometry
+    start, size = pool.registered_address, pool.registered_bytes
+    assert (start, size) == (geo.head_proof_address, geo.slab_bytes + 2 * PROOF_AREA_BYTES)
+    assert geo.proof_address + PROOF_AREA_BYTES == start + size
+    assert pool.base_address == start + PROOF_AREA_BYTES  # the blocks between the two areas
+
+    def at(address: int, n: int) -> bytes:
+        return ctypes.string_at(address, n)
+
+    nonce = b"n" * 32
+    async with pool.proving(nonce):
+        assert at(geo.head_proof_address, 32) == at(geo.proof_address, 32) == nonce
+        assert pool.slab.count_nonzero() == 0  # no block was touched
+    assert at(geo.head_proof_address, 32) == at(geo.proof_address, 32) == bytes(32)

@@ -1,6 +1,7 @@
 """Register's challenges (services/encoder/possession.py): one-time, per (identity, language_id,
-rank), expiring, bounded per identity; and the proof reader's comparison, with a fake engine read
-(the real one is exercised between processes in tests/integration/test_hostile.py)."""
+rank), expiring, bounded per identity; and the proof reader's comparison at both ends of the
+claimed pool, with a fake engine read (the real one is exercised between processes in
+tests/integration/test_hostile.py and test_ownership.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import asyncio
 import pytest
 
 from common import errors
-from common.layout import PoolGeometry, RecordLayout, default_fields
+from common.layout import PROOF_AREA_BYTES, PoolGeometry, RecordLayout, default_fields
 from services.encoder.possession import NONCE_BYTES, Challenges, ProofReader
 
 
@@ -65,43 +66,65 @@ def test_challenges_expire_and_are_bounded_per_identity():
 
 
 def geometry() -> PoolGeometry:
-    return PoolGeometry(
-        RecordLayout.pack(default_fields(16, "bfloat16")), 4, 8, base_address=0x10000
-    )
+    return PoolGeometry(RecordLayout.pack(default_fields(16, "bfloat16")), 4, 8, base_address=BASE)
+
+
+BASE = 0x10000
+END = BASE + 8 * 4 * RecordLayout.pack(default_fields(16, "bfloat16")).record_bytes
+HEAD = BASE - PROOF_AREA_BYTES  # the 1 KiB right before the first block
+N, M = b"N" * NONCE_BYTES, b"M" * NONCE_BYTES
+REFUSED = errors.TransportError("rejected")
+
+PROOFS = [
+    # (id, what the claimed session holds at each proof address, error or None, message)
+    ("both-ends-hold-the-nonce", {HEAD: N, END: N}, None, ""),
+    ("only-the-end: a claim stretched down", {HEAD: M, END: N}, errors.PermissionDenied, "start"),
+    ("only-the-start: a claim stretched up", {HEAD: N, END: M}, errors.PermissionDenied, "end"),
+    ("neither", {HEAD: M, END: M}, errors.PermissionDenied, "nonce"),
+    ("the-end-unreadable", {HEAD: N, END: REFUSED}, errors.PermissionDenied, "cannot read"),
+    ("the-start-unreadable", {HEAD: REFUSED, END: N}, errors.PermissionDenied, "cannot read"),
+]
 
 
 @pytest.mark.parametrize(
-    "remote, outcome",
-    [
-        (b"N" * NONCE_BYTES, None),
-        (b"M" * NONCE_BYTES, errors.PermissionDenied),
-        (errors.TransportError("rejected"), errors.PermissionDenied),
-    ],
+    "memory, outcome, needle", [c[1:] for c in PROOFS], ids=[c[0] for c in PROOFS]
 )
-async def test_the_proof_reader_accepts_only_the_nonce_at_the_pools_end(remote, outcome):
+async def test_the_proof_reader_accepts_only_the_nonce_at_both_ends_of_the_pool(
+    memory, outcome, needle
+):
     reads = []
 
     def read_sync(session, local, address, length):
         reads.append((session, address, length))
-        if isinstance(remote, Exception):
-            raise remote
+        held = memory[address]
+        if isinstance(held, Exception):
+            raise held
         import ctypes
 
-        ctypes.memmove(local, remote, length)
+        ctypes.memmove(local, held, length)
 
     reader = ProofReader(read_sync, ProofReader.new_lanes())
     geo = geometry()
+    assert (geo.head_proof_address, geo.proof_address) == (HEAD, END)
     if outcome is None:
-        await reader.verify("127.0.0.1:1", geo, b"N" * NONCE_BYTES, "Register")
+        await reader.verify("127.0.0.1:1", geo, N, "Register")
     else:
-        with pytest.raises(outcome):
-            await reader.verify("127.0.0.1:1", geo, b"N" * NONCE_BYTES, "Register")
-    # Where it read: right after the claimed blocks (base + blocks x block_size x record bytes).
-    end = 0x10000 + 8 * 4 * geo.record.record_bytes
-    assert {a for _, a, _ in reads} == {end} and {n for _, _, n in reads} == {NONCE_BYTES}
-    assert len(reads) == (
-        3 if isinstance(remote, Exception) else 1
-    )  # a refused read is tried again
+        with pytest.raises(outcome, match=needle):
+            await reader.verify("127.0.0.1:1", geo, N, "Register")
+    assert {a for _, a, _ in reads} <= {HEAD, END} and {n for _, _, n in reads} == {NONCE_BYTES}
+    refused = [a for a, held in memory.items() if isinstance(held, Exception)]
+    assert all(sum(1 for _, a, _ in reads if a == r) == 3 for r in refused)  # tried again
+
+
+async def test_a_pool_with_no_room_before_it_for_the_proof_is_refused_unread():
+    reads = []
+    geo = PoolGeometry(
+        RecordLayout.pack(default_fields(16, "bfloat16")), 4, 8, base_address=PROOF_AREA_BYTES - 1
+    )
+    reader = ProofReader(lambda *a: reads.append(a), ProofReader.new_lanes())
+    with pytest.raises(errors.PermissionDenied, match="no room for the 1024-byte proof area"):
+        await reader.verify("127.0.0.1:1", geo, N, "Register")
+    assert reads == []
 
 
 async def test_a_read_that_never_returns_is_given_up_on():
