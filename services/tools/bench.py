@@ -496,10 +496,12 @@ async def case_control(s: Services, n_requests: int, bpt: int) -> dict[str, Any]
     for _ in range(10):
         await s.generate(tokens, expected=tokens)
     latency = []
+    cpu_before = s.cpu_ms()
     for _ in range(n_requests):
         t = time.perf_counter()
         await s.generate(tokens, expected=tokens)
         latency.append(time.perf_counter() - t)
+    cpu = cpu_per(cpu_before, s.cpu_ms(), n_requests)
     writes = max(20, n_requests // 4)
     raw = min(
         median((await s.raw(tokens, writes)).seconds),
@@ -515,6 +517,7 @@ async def case_control(s: Services, n_requests: int, bpt: int) -> dict[str, Any]
         "raw_ms_p50": raw * 1e3,
         "overhead_ms_p50": pct(overhead, 50) * 1e3,
         "overhead_ms_p99": pct(overhead, 99) * 1e3,
+        "cpu_ms_per_request": cpu,  # process CPU per request of each service (/proc)
     }
 
 

@@ -181,6 +181,8 @@ def test_epd_bench_json_has_every_documented_key():
     assert {"latency_ms_p50", "latency_ms_p99", "overhead_ms_p50", "raw_ms_p50"} <= set(
         r["control"]
     )
+    assert all(v > 0 for v in r["control"]["cpu_ms_per_request"].values())
+    assert set(r["control"]["cpu_ms_per_request"]) == {"encoder", "language"}
     figures = {c["figure"] for c in r["checks"]}
     assert {"single_round_ratio[256]", "round_extra_ms[2048]", "control_overhead_p50_ms"} <= figures
     # A fixed shape (docs/DESIGN.md, "Names other tools rely on"):
