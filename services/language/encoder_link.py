@@ -64,12 +64,13 @@ class GrpcEncoderLink:
     async def register(
         self, rank: int, session: str, geometry: PoolGeometry, prove: Prove, timeout: float = 10.0
     ) -> None:
-        """Challenge, put the nonce into the pool's proof area (`prove`), Register with it: the
+        """Challenge, put the nonce into the pool's proof areas (`prove`), Register with it: the
         encoder reads it back through Mooncake before it accepts the pool
         (services/encoder/possession.py)."""
         # Remembered before the call: an Init to an encoder this rank could not reach at start-up
         # registers then (NOT_REGISTERED below).
         self._registration = (rank, session, geometry, prove)
+        self.streams_encode = None  # a restarted encoder may be another version: ask again
         if self._registering is None:
             self._registering = asyncio.Lock()
         try:
