@@ -19,6 +19,7 @@ from typing import Any
 from common import errors
 from common.bounds import OutOfBounds, Slab, check_plan
 from common.config import WRITE_WAITS, EncoderConfig
+from common.device import settle
 from common.fence import WriteFence, quarantine_until_landed
 from common.integrity import INLINE_MAX_BYTES, PayloadSums, checksums_off_loop, fast_checksums
 from common.layout import PoolGeometry
@@ -547,11 +548,13 @@ class EncoderService:
                 # Checksums while the bytes are hot, so rounds send them without a pass over the
                 # round beside their write: a small payload's whole checksums (one round, the
                 # common case), a big payload's sums that any round's checksums follow from.
-                if not self.integrity:
-                    return None, None
-                if small:
-                    return tuple(fast_checksums(runs, record, 0).items()), None
-                return None, PayloadSums.build(runs, record, self.pool.block_size)
+                sums: tuple[tuple[tuple[str, int], ...] | None, PayloadSums | None] = (None, None)
+                if self.integrity and small:
+                    sums = tuple(fast_checksums(runs, record, 0).items()), None
+                elif self.integrity:
+                    sums = None, PayloadSums.build(runs, record, self.pool.block_size)
+                settle(self.pool.slab)  # on a GPU: the rows are written before any write reads them
+                return sums
 
             if model is self.synthetic and small:
                 payload_checksums, payload_sums = fill()  # small: cheaper than a thread hop

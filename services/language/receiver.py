@@ -41,6 +41,7 @@ from typing import Protocol
 import torch
 
 from common import errors
+from common.device import settle
 from common.integrity import checksums_off_loop, combine
 from common.parallel import MEMORY_BOUND_SPLIT_BYTES, run_split_async
 from common.payload import Payload
@@ -468,6 +469,7 @@ class ReceiveTask:
             for run in runs:
                 segment[first : first + run.shape[0]].copy_(run)
                 first += run.shape[0]
+            settle(segment)  # a CUDA copy is queued: done before the blocks can be freed
 
         # Big rounds are split over worker threads, like big checksums (torch runs single-threaded here).
         assert self.blocks is not None  # the round is read in them
