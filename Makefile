@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 PROFILE ?= cpu
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint soak setup proto clean bench bench-check
+.PHONY: demo test test-fast lint soak setup proto clean bench bench-check gpu-check
 
 setup: $(STAMP)
 
@@ -52,6 +52,13 @@ test-fast: setup
 # The performance goals as ratios against raw Mooncake in the same run (docs/BENCHMARKS.md).
 bench: setup
 	MC_FORCE_TCP=1 $(BIN)/epd bench --json bench.json
+
+# The GPU path on a CUDA host, in one command (README "Checking a GPU host"). Not `setup`: that
+# would install the CPU torch pin over the host's CUDA build. Uses the host's PyTorch, installs
+# only what is missing into .venv-gpu (GPU_WHEELS=DIR: from DIR only, offline), writes
+# GPU_CHECK_OUT (gpu-check.json); exit 77 without a CUDA device.
+gpu-check:
+	bash scripts/gpu-check.sh
 
 # Regression check (not part of `make test`): fails when a figure misses its goal by more than
 # BENCH_MARGIN (relative); BENCH_FLAGS=--no-integrity checks the data path without checksums.
