@@ -171,17 +171,37 @@ def test_the_installer_keeps_the_hosts_packages_and_never_installs_torch(tmp_pat
 
     monkeypatch.setattr(inst, "pip", pip)
     assert inst.main(tmp_path / "constraints.txt") == 0
-    first, project = calls
+    (first,) = calls  # the project itself is not installed: the check runs from the checkout
     assert first[:2] == ("-c", str(tmp_path / "constraints.txt"))
     assert sorted(first[2:]) == [
         "grpcio-health-checking==1.80.0",  # follows the host's grpcio
         "grpcio-reflection==1.80.0",
         "mooncake-transfer-engine>=0.3.12.post1",  # the gpu extra
     ]
-    assert project == ("--no-deps", "-e", str(inst.ROOT))
     assert not any(a.split("=")[0].split(">")[0] == "torch" for c in calls for a in c)
     pins = (tmp_path / "constraints.txt").read_text().splitlines()
     assert any(p.lower().startswith("torch==") for p in pins)  # whatever torch this venv has stays
+
+
+def test_an_older_host_protobuf_is_shadowed_in_the_venv(tmp_path, monkeypatch):
+    """The generated stubs need the project's protobuf: an older host one gets the project's
+    range installed into the venv (the host's own stays), and is not pinned."""
+    inst = _installer()
+    host = {"torch": "2.11.0", "grpcio": "1.80.0", "protobuf": "5.29.0"}
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(inst, "installed", lambda name: host.get(name))
+
+    def pip(*args):
+        calls.append(args)
+        for name, _spec in inst.requirements():
+            host.setdefault(name, "x")
+        return 0
+
+    monkeypatch.setattr(inst, "pip", pip)
+    assert inst.main(tmp_path / "constraints.txt") == 0
+    assert "protobuf>=7.35.1,<8" in calls[0]
+    pins = (tmp_path / "constraints.txt").read_text().lower().splitlines()
+    assert not any(p.startswith("protobuf==") for p in pins)
 
 
 def test_the_installer_stops_without_a_pytorch(tmp_path, monkeypatch):
