@@ -556,7 +556,7 @@ class EncoderService:
                 settle(self.pool.slab)  # on a GPU: the rows are written before any write reads them
                 return sums
 
-            if model is self.synthetic and small:
+            if model is self.synthetic and small and not self.pool.slab.is_cuda:
                 payload_checksums, payload_sums = fill()  # small: cheaper than a thread hop
             else:
                 filling = asyncio.ensure_future(asyncio.to_thread(fill))
@@ -908,7 +908,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         async def pump(work) -> None:
             try:
                 await work()
-            except errors.EpdError as e:
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # noqa: BLE001 - any end of a part must reach the loop below
                 updates.put_nowait(e)
             else:
                 updates.put_nowait(_PUMP_DONE)
@@ -932,8 +934,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
                 item = await updates.get()
                 if item is _PUMP_DONE:
                     ended += 1
-                elif isinstance(item, errors.EpdError):
-                    raise item  # the Encode's refusal, with its code; or the stream's
+                elif isinstance(item, BaseException):
+                    raise item  # the Encode's refusal (with its code) or failure; or the stream's
                 else:
                     yield item
         finally:

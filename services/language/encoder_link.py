@@ -526,21 +526,24 @@ class EncodeExchange:
                 call.cancel()  # a no-op once it ended
 
     async def _two_calls(self) -> None:
-        """Encode, and rank 0's Status stream behind it, for an encoder without EncodeStream."""
+        """Encode, and rank 0's Status stream behind it, for an encoder without EncodeStream.
+        The stream is closed on every way out, cancellation included."""
         stream = self._link.status(self._request.request_id, 0, await_transfer=True)
         try:
-            self._encoded.set_result(await self._link.encode(self._request, self._init))
-        except errors.EpdError as e:
-            self._encoded.set_exception(e)
-            stream.close()
-            self._queue.put_nowait(e)
-            return
-        try:
-            async for st in stream:
-                self._queue.put_nowait(st)
-            self._queue.put_nowait(_END)
-        except errors.EpdError as e:
-            self._queue.put_nowait(e)
+            try:
+                self._encoded.set_result(await self._link.encode(self._request, self._init))
+            except errors.EpdError as e:
+                self._encoded.set_exception(e)
+                self._queue.put_nowait(e)
+                return
+            if self._statuses.closed:
+                return  # nobody reads the statuses any more
+            try:
+                async for st in stream:
+                    self._queue.put_nowait(st)
+                self._queue.put_nowait(_END)
+            except errors.EpdError as e:
+                self._queue.put_nowait(e)
         finally:
             stream.close()
 

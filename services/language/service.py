@@ -29,7 +29,7 @@ from common.transport import MooncakeTransport
 from services.edge import exposure, rpc
 from services.language import encoders, ranks
 from services.language.admission import Admission, AnnouncedSize
-from services.language.encoder_link import Encoded
+from services.language.encoder_link import Encoded, EncodeExchange
 from services.language.policy import AllocationPolicy
 from services.language.rank_group import (
     MAX_REQUEST_ID_BYTES,
@@ -128,6 +128,9 @@ class LanguageService:
         # Early Inits need the Encode's return and the rank's reservation in one process (see _attempt).
         self.early_init = config.early_init and config.tp == 1
         self.requests: TransferTable[GenerateRecord] = TransferTable(config.history_size)
+        # Each attempt's Encode call when it carries rank 0's statuses (EncodeExchange), until
+        # the attempt ends: an abandoned one's call is ended after its Cancel (`_attempt`).
+        self._exchanges: dict[str, EncodeExchange] = {}
         self.server: rpc.GrpcServer | None = None
         self.children: list = []
         self.port = 0
@@ -483,7 +486,14 @@ class LanguageService:
                     final=not retry,
                 )
             )
+            # The encoder has the Cancel (or cannot be reached): the Encode's call may end now
+            # without the encoder taking it for a lost rank 0.
+            exchange = self._exchanges.pop(record.key, None)
+            if exchange is not None:
+                exchange.cancel()
             raise
+        finally:
+            self._exchanges.pop(record.key, None)
 
     async def _encode(
         self,
@@ -519,6 +529,7 @@ class LanguageService:
         own_init_first = admission.is_early and carried is None
         if self.worker.is_data_rank and self.config.encode_stream and not own_init_first:
             exchange = link.encode_exchange(encode_request, carried)
+            self._exchanges[admission.key] = exchange
             stream, replied = exchange.statuses, exchange.encoded()
         else:
             if size_first:
@@ -536,8 +547,11 @@ class LanguageService:
                     admission.late(self._sized(sizing.result(), "status"))
             return await encoding
         except BaseException:
-            if exchange is not None:
-                exchange.cancel()  # the attempt is over: its receive, if any, is abandoned too
+            # Not admitted: nobody else reads the call. Admitted: the call ends once the attempt
+            # is abandoned (`_attempt`), after the Cancel reached the encoder, which would record
+            # an earlier end of rank 0's statuses as a lost peer.
+            if exchange is not None and admission.spec is None:
+                exchange.cancel()
             raise
         finally:
             if sizing is not None:

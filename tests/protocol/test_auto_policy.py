@@ -198,3 +198,41 @@ async def test_bad_input_under_auto_is_refused_before_anything_is_reserved():
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "501" in e.value.details()
         assert tier.language.worker._opened_streams == {}
+
+
+async def test_a_model_crashing_after_the_size_was_said_ends_the_call_at_once(monkeypatch):
+    """Not an EpdError (a model's RuntimeError): the Encode's half of the call still ends it, so
+    the Generate fails now rather than at its deadline."""
+    async with protocol_tier(language=AUTO) as tier:
+        model = gate(tier, monkeypatch)
+        model.fail = RuntimeError("the vision tower crashed (injected)")
+        call = asyncio.ensure_future(tier.generate(100, seed=1, request_id="crashes"))
+        await _inits_while_held(tier, model, "crashes", [0])
+        model.release.set()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await asyncio.wait_for(call, STEP_TIMEOUT_S / 2)
+        assert e.value.code() != grpc.StatusCode.DEADLINE_EXCEEDED, e.value.details()
+        model.fail = None
+
+
+async def test_a_cancelled_request_is_cancelled_on_the_encoder_not_a_lost_peer(monkeypatch):
+    """The Generate is cancelled while the model runs and every Init is in: the encoder hears
+    the Cancel before rank 0's statuses (on the Encode's call) end, so it records CANCELLED."""
+    async with protocol_tier(language=AUTO) as tier:
+        model = gate(tier, monkeypatch)
+        call = asyncio.ensure_future(tier.generate(100, seed=1, request_id="cancelled"))
+        await _inits_while_held(tier, model, "cancelled", [0])
+        # The encoder's Cancel (and so the language's) waits for the running model to give its
+        # blocks back: the model goes on a little after the Cancel.
+        asyncio.get_running_loop().call_later(0.3, model.release.set)
+        await tier.stub.Cancel(common_pb2.CancelRequest(request_id="cancelled"))
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await asyncio.wait_for(call, STEP_TIMEOUT_S)
+        assert e.value.code() == grpc.StatusCode.CANCELLED, e.value.details()
+        deadline = asyncio.get_running_loop().time() + STEP_TIMEOUT_S
+        while (
+            info := await tier.encoder_transfer("cancelled")
+        ).state != common_pb2.TRANSFER_STATE_FAILED:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        assert info.error.reason == common_pb2.FAILURE_REASON_CANCELLED, info.error
