@@ -13,7 +13,13 @@ import json
 import os
 import re
 
-from common.layout import DTYPE_SIZES, FieldSpec, RecordLayout, default_fields
+from common.layout import (
+    DTYPE_SIZES,
+    MAX_DEEPSTACK_LEVELS,
+    FieldSpec,
+    RecordLayout,
+    payload_fields,
+)
 
 
 class ConfigError(ValueError):
@@ -123,6 +129,15 @@ class ServiceConfig:
     """Hidden size of the `embeddings` field."""
     dtype: str = _setting("bfloat16", "embeddings dtype", choices=EMBEDDING_DTYPES)
     """dtype of the `embeddings` field."""
+    deepstack_levels: int = _setting(
+        0,
+        "extra per-token [hidden] fields deepstack_0.. after the default three, one per "
+        "deepstack level of the model (Qwen3-VL: 3)",
+        unit="fields",
+    )
+    """Fields `deepstack_0`..`deepstack_{N-1}` ([hidden], the embeddings' dtype) after the
+    default three. Both services must agree: Register compares the layouts. Synthetic payloads
+    fill them with the embeddings' formula, the field's index mixed into the seed."""
     alloc_timeout_s: float = _setting(30.0, "longest wait for pool blocks", unit="s")
     """How long an allocation may wait for free blocks before RESOURCE_EXHAUSTED."""
     integrity: bool = _setting(True, "send/verify per-round checksums")
@@ -245,13 +260,17 @@ class ServiceConfig:
 
     @property
     def field_specs(self) -> tuple[FieldSpec, ...]:
-        return default_fields(self.hidden, self.dtype)
+        return payload_fields(self.hidden, self.dtype, self.deepstack_levels)
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port={self.port}: must be in 0..65535")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port={self.metrics_port}: must be in 0..65535")
+        if not 0 <= self.deepstack_levels <= MAX_DEEPSTACK_LEVELS:
+            raise ConfigError(
+                f"deepstack_levels={self.deepstack_levels}: must be in 0..{MAX_DEEPSTACK_LEVELS}"
+            )
         if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", self.device):
             raise ConfigError(f"device={self.device!r}: must be 'cpu' or 'cuda:N'")
         if self.protocol not in PROTOCOLS:
@@ -622,6 +641,11 @@ class LanguageConfig(ServiceConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.consumer == "qwen2-vl-prefill" and self.deepstack_levels:
+            raise ConfigError(
+                f"deepstack_levels={self.deepstack_levels}: the qwen2-vl-prefill consumer "
+                f"(Qwen2-VL) takes no deepstack features"
+            )
         for addr in self.encoder:
             if not re.fullmatch(r"[^\s:]+:[0-9]{1,5}", addr):
                 raise ConfigError(f"encoder={addr!r}: must be host:port")

@@ -69,6 +69,21 @@ def default_fields(hidden: int, dtype: str = "bfloat16") -> tuple[FieldSpec, ...
     )
 
 
+DEEPSTACK_PREFIX = "deepstack_"
+MAX_DEEPSTACK_LEVELS = 8
+
+
+def payload_fields(
+    hidden: int, dtype: str = "bfloat16", deepstack_levels: int = 0
+) -> tuple[FieldSpec, ...]:
+    """A payload's fields: the default three, then one `deepstack_K` [hidden] field (the
+    embeddings' dtype) per deepstack level of the model (Qwen3-VL's visual features injected
+    into its first decoder layers; 0 for Qwen2-VL)."""
+    return default_fields(hidden, dtype) + tuple(
+        FieldSpec(f"{DEEPSTACK_PREFIX}{k}", dtype, (hidden,)) for k in range(deepstack_levels)
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class RecordLayout:
     """The packed layout of one token record."""

@@ -15,7 +15,7 @@ import functools
 import numpy as np
 import torch
 
-from common.layout import RecordLayout
+from common.layout import DEEPSTACK_PREFIX, RecordLayout
 
 _CHUNK_TOKENS = 4096
 _HOST_CHUNK_TOKENS = (
@@ -57,16 +57,36 @@ def _token_id(seed: int, i):
     return (seed + i) % 65536
 
 
+FIELD_SEED_MUL = 1009
+"""A [hidden] field at record index x > 0 (a deepstack level) takes the embeddings' values for
+seed s + 1009 * x: the same formula, the field's index mixed into the seed."""
+
+
+def field_seed(seed: int, index: int) -> int:
+    return seed + FIELD_SEED_MUL * index
+
+
 def synthetic_fields(
-    seed: int, start: int, n: int, hidden: int, dtype: torch.dtype
+    seed: int, start: int, n: int, hidden: int, dtype: torch.dtype, deepstack_levels: int = 0
 ) -> dict[str, torch.Tensor]:
-    """The synthetic values of tokens [start, start+n): embeddings, token_ids, mrope_positions."""
+    """The synthetic values of tokens [start, start+n): embeddings, token_ids, mrope_positions,
+    and deepstack_0.. (record indexes 3..) when the payload has them."""
     i = torch.arange(start, start + n, dtype=torch.int64)
-    return {
-        "embeddings": _row_table(hidden, dtype).index_select(0, _row_index(seed, i)),
+    table = _row_table(hidden, dtype)
+    out = {
+        "embeddings": table.index_select(0, _row_index(seed, i)),
         "token_ids": _token_id(seed, i).to(torch.int32),
         "mrope_positions": torch.stack((i, 2 * i, 3 * i), dim=1).to(torch.int32),
     }
+    for k in range(deepstack_levels):
+        out[f"{DEEPSTACK_PREFIX}{k}"] = table.index_select(
+            0, _row_index(field_seed(seed, 3 + k), i)
+        )
+    return out
+
+
+def _deepstack_levels(record: RecordLayout) -> int:
+    return sum(1 for f in record.fields if f.name.startswith(DEEPSTACK_PREFIX))
 
 
 def fill_synthetic(records: torch.Tensor, record: RecordLayout, seed: int, start: int) -> None:
@@ -97,7 +117,9 @@ def _fill_torch(
     n = records.shape[0]
     for lo in range(0, n, _CHUNK_TOKENS):
         hi = min(n, lo + _CHUNK_TOKENS)
-        values = synthetic_fields(seed, start + lo, hi - lo, hidden, dtype)
+        values = synthetic_fields(
+            seed, start + lo, hi - lo, hidden, dtype, _deepstack_levels(record)
+        )
         for f in record.fields:
             view = field_of(records[lo:hi], f)
             if f.name in values:
@@ -126,12 +148,14 @@ def _fill_host(
     uint32, so the int64 arithmetic never overflows on either route)."""
     n = records.shape[0]
     i = np.arange(start, start + n, dtype=np.int64)
-    for f in record.fields:
+    table = _row_table(hidden, dtype)
+    words = table.view({2: torch.int16, 4: torch.int32}[table.element_size()]).numpy()
+    for index, f in enumerate(record.fields):
         out = _words(records, f)
         if f.name == "embeddings":
-            table = _row_table(hidden, dtype)
-            words = table.view({2: torch.int16, 4: torch.int32}[table.element_size()]).numpy()
             out[...] = words[_row_index(seed, i)]
+        elif f.name.startswith(DEEPSTACK_PREFIX):
+            out[...] = words[_row_index(field_seed(seed, index), i)]
         elif f.name == "token_ids":
             out[...] = _token_id(seed, i).astype(np.int32)
         elif f.name == "mrope_positions":

@@ -51,7 +51,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from common.layout import RecordLayout, default_fields
+from common.layout import RecordLayout, payload_fields
 from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, common_pb2, language_pb2, language_pb2_grpc
 from services.edge import security
 from services.edge.rpc import CLIENT_OPTIONS
@@ -88,6 +88,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--hidden", type=int, default=3584, help="embedding width (default 3584)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument(
+        "--deepstack-levels",
+        type=int,
+        default=0,
+        help="per-token deepstack fields of both services (Qwen3-VL: 3; default 0)",
+    )
     security.add_client_arguments(p)  # the bench's client and the services it starts
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument(
@@ -183,6 +189,8 @@ class Services:
             str(args.hidden),
             "--dtype",
             args.dtype,
+            "--deepstack-levels",
+            str(args.deepstack_levels),
             "--block-size",
             str(args.block_size),
             "--event-loop",
@@ -295,7 +303,7 @@ def cpu_per(before: dict[str, float], after: dict[str, float], count: int) -> di
 
 def record_layout(args: argparse.Namespace) -> RecordLayout:
     """The services' token record for the run's --hidden and --dtype."""
-    return RecordLayout.pack(default_fields(args.hidden, args.dtype))
+    return RecordLayout.pack(payload_fields(args.hidden, args.dtype, args.deepstack_levels))
 
 
 def payload_bytes_per_token(args: argparse.Namespace) -> int:

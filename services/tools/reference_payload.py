@@ -12,8 +12,11 @@ Synthetic payload (``synthetic_tokens = n``, ``synthetic_seed = s``), token ``i`
   ``m = (s*7919 + i*131 + j*31) mod 2003``, cast to the embeddings dtype with torch's rounding
   (round to nearest, ties to even).
 
+- ``deepstack_k[i][j]`` (``k`` < the payload's deepstack levels; the field's record index is
+  ``x = 3 + k``): the embeddings' formula for seed ``s + 1009*x``, in the embeddings' dtype.
+
 Digest: SHA-256 over embeddings [n, hidden], then token_ids [n], then mrope_positions [n, 3],
-each C-contiguous little-endian.
+then deepstack_0, deepstack_1, ... [n, hidden], each C-contiguous little-endian.
 
 Because 2003 is prime, row ``i`` depends only on ``(s*7919 + i*131) mod 2003``, and stepping
 ``i`` by one steps that value by 131 (mod 2003): the embeddings byte stream is periodic with a
@@ -33,6 +36,8 @@ SEED_MUL = 7919
 ROW_MUL = 131
 COL_MUL = 31
 TOKEN_ID_MOD = 65536
+FIELD_SEED_MUL = 1009
+"""A deepstack field at record index x uses seed s + 1009*x."""
 
 _DTYPE_ALIASES = {
     "bfloat16": "bfloat16",
@@ -120,7 +125,7 @@ def _mrope_positions(start: int, count: int) -> np.ndarray:
 
 
 def synthetic_payload(
-    n_tokens: int, seed: int, hidden: int, dtype: str = "bfloat16"
+    n_tokens: int, seed: int, hidden: int, dtype: str = "bfloat16", deepstack_levels: int = 0
 ) -> dict[str, np.ndarray]:
     """The whole payload as numpy arrays (for small ``n``; tests and debugging).
 
@@ -129,26 +134,29 @@ def synthetic_payload(
     """
     dtype = canonical_dtype(dtype)
     _check(n_tokens, seed, hidden)
-    return {
+    out = {
         "embeddings": _embedding_rows(seed, 0, n_tokens, hidden, dtype),
         "token_ids": _token_ids(seed, 0, n_tokens),
         "mrope_positions": _mrope_positions(0, n_tokens),
     }
+    for k in range(deepstack_levels):
+        out[f"deepstack_{k}"] = _embedding_rows(
+            seed + FIELD_SEED_MUL * (3 + k), 0, n_tokens, hidden, dtype
+        )
+    return out
 
 
-def payload_bytes(n_tokens: int, hidden: int, dtype: str = "bfloat16") -> int:
-    """Bytes covered by the digest: the three fields' sizes summed."""
-    return int(n_tokens) * (int(hidden) * element_size(dtype) + 4 + 12)
+def payload_bytes(
+    n_tokens: int, hidden: int, dtype: str = "bfloat16", deepstack_levels: int = 0
+) -> int:
+    """Bytes covered by the digest: every field's size summed."""
+    row = int(hidden) * element_size(dtype)
+    return int(n_tokens) * (row + 4 + 12 + deepstack_levels * row)
 
 
-def expected_digest(n_tokens: int, seed: int, hidden: int, dtype: str = "bfloat16") -> str:
-    """Hex SHA-256 of the synthetic payload of ``n_tokens`` tokens for ``seed``."""
-    dtype = canonical_dtype(dtype)
-    _check(n_tokens, seed, hidden)
-    n = int(n_tokens)
-    h = hashlib.sha256()
-
-    # embeddings: one period of (at most) 2003 rows, hashed repeatedly.
+def _hash_rows(h, seed: int, n: int, hidden: int, dtype: str) -> None:
+    """Embeddings-formula rows [0, n) for `seed`: one period of (at most) 2003 rows, hashed
+    repeatedly."""
     period = _embedding_rows(seed, 0, min(n, MODULUS), hidden, dtype)
     period_bytes = memoryview(period.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy stubs lack __buffer__ on 3.11
     row_bytes = hidden * period.itemsize
@@ -157,12 +165,23 @@ def expected_digest(n_tokens: int, seed: int, hidden: int, dtype: str = "bfloat1
         h.update(period_bytes)
     if rest:
         h.update(period_bytes[: rest * row_bytes])
-    del period, period_bytes
 
+
+def expected_digest(
+    n_tokens: int, seed: int, hidden: int, dtype: str = "bfloat16", deepstack_levels: int = 0
+) -> str:
+    """Hex SHA-256 of the synthetic payload of ``n_tokens`` tokens for ``seed``."""
+    dtype = canonical_dtype(dtype)
+    _check(n_tokens, seed, hidden)
+    n = int(n_tokens)
+    h = hashlib.sha256()
+    _hash_rows(h, seed, n, hidden, dtype)
     for lo in range(0, n, _INT_CHUNK):
         h.update(_token_ids(seed, lo, min(_INT_CHUNK, n - lo)).tobytes())
     for lo in range(0, n, _INT_CHUNK):
         h.update(_mrope_positions(lo, min(_INT_CHUNK, n - lo)).tobytes())
+    for k in range(deepstack_levels):
+        _hash_rows(h, seed + FIELD_SEED_MUL * (3 + k), n, hidden, dtype)
     return h.hexdigest()
 
 

@@ -188,3 +188,58 @@ def test_bad_arguments():
     assert ref.canonical_dtype("torch.bfloat16") == "bfloat16"
     assert ref.canonical_dtype("BF16") == "bfloat16"
     assert ref.payload_bytes(10, 16, "bfloat16") == 10 * (32 + 16)
+
+
+# ------------------------------------------------------------------ deepstack fields
+
+DEEPSTACK_CASES = [
+    # (n, seed, hidden, dtype, levels)
+    (7, 1, 16, "bfloat16", 1),
+    (2004, 3, 48, "bfloat16", 3),  # past one period, three levels (Qwen3-VL)
+    (300, 2**32 - 1, 32, "float16", 2),  # the largest seed: s + 1009*x passes 2**32
+    (50, 9, 8, "float32", 3),
+]
+
+
+def torch_deepstack_digest(n: int, seed: int, hidden: int, dtype: str, levels: int) -> str:
+    """The written rule (DESIGN, "Synthetic payload and digest"): deepstack_k, the field at
+    record index x = 3 + k, is the embeddings' formula for seed s + 1009*x, hashed after the
+    default three fields in record order."""
+    h = hashlib.sha256()
+    base = torch_payload(n, seed, hidden, dtype)
+    for name in ("embeddings", "token_ids", "mrope_positions"):
+        h.update(torch_bytes(base[name]))
+    for k in range(levels):
+        h.update(torch_bytes(torch_payload(n, seed + 1009 * (3 + k), hidden, dtype)["embeddings"]))
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("n,seed,hidden,dtype,levels", DEEPSTACK_CASES)
+def test_deepstack_digest_follows_the_written_rule(n, seed, hidden, dtype, levels):
+    assert ref.expected_digest(n, seed, hidden, dtype, deepstack_levels=levels) == (
+        torch_deepstack_digest(n, seed, hidden, dtype, levels)
+    )
+    assert ref.expected_digest(n, seed, hidden, dtype, deepstack_levels=levels) != (
+        ref.expected_digest(n, seed, hidden, dtype)
+    )
+
+
+@pytest.mark.parametrize("n,seed,hidden,dtype,levels", DEEPSTACK_CASES)
+def test_the_pools_synthetic_fill_writes_the_reference_deepstack_rows(
+    n, seed, hidden, dtype, levels
+):
+    """Both routes of common/synthetic.py (numpy for host memory, torch for a device) write what
+    the reference says, field by field."""
+    from common import synthetic
+    from common.layout import RecordLayout, payload_fields
+    from common.pool import field_of
+
+    record = RecordLayout.pack(payload_fields(hidden, dtype, levels))
+    want = ref.synthetic_payload(n, seed, hidden, dtype, deepstack_levels=levels)
+    host = torch.zeros((n, record.record_bytes), dtype=torch.uint8)
+    synthetic.fill_synthetic(host, record, seed, 0)
+    device = torch.zeros_like(host)
+    synthetic._fill_torch(device, record, seed, 0, hidden, TORCH_DTYPES[dtype])
+    for records in (host, device):
+        for f in record.fields:
+            assert torch_bytes(field_of(records, f)) == want[f.name].tobytes(), f.name
