@@ -24,8 +24,9 @@ Size-first (`--alloc-policy auto`): nothing is reserved before the Encode. Rank 
 stream is opened with the Encode (`AnnouncedSize`), the encoder says the payload's size on it
 once its source blocks are held and before its model runs (EncodeRequest.announce_size), and the
 request is admitted then with exactly that reservation (`late(initial_tokens)`): every rank's Init
-goes out while the model runs, and rank 0's receive task takes the stream (`take_stream`). An
-encoder that says nothing gives the size in its Encode reply instead, and the admission follows it.
+goes out while the model runs, and rank 0's receive task takes the stream
+(`RankWorker.stream_ahead`). An encoder that says nothing gives the size in its Encode reply
+instead, and the admission follows it.
 
 Why two paths. An early reservation is made before the payload exists, so it is bounded: a pool
 full of reservations waiting for encoder source blocks, held by transfers waiting for those

@@ -375,27 +375,16 @@ _END = object()
 Prove = Callable[[bytes], AbstractAsyncContextManager[None]]
 
 
-class StatusStream:
-    """A Status stream read by its own task, so that cancelling the consumer (the receive task)
-    does not cancel the RPC: the receiver first sends Cancel, then closes the stream, and the
-    encoder records `cancelled` rather than a lost peer."""
+class _QueuedStatuses:
+    """Statuses that a reader task puts on a queue, as a StatusSource: TransferStatus messages
+    (or StatusUpdates), then _END, the call's AioRpcError or an EpdError."""
 
-    def __init__(self, call, what: str):
-        self._call = call
+    def __init__(self, queue: asyncio.Queue, what: str):
+        self._queue = queue
         self._what = what
-        self._queue: asyncio.Queue = asyncio.Queue()
         self._ended = False
-        self._reader = asyncio.ensure_future(self._read())
 
-    async def _read(self) -> None:
-        try:
-            async for pb in self._call:
-                self._queue.put_nowait(pb)
-            self._queue.put_nowait(_END)
-        except grpc.aio.AioRpcError as e:
-            self._queue.put_nowait(e)
-
-    def __aiter__(self) -> StatusStream:
+    def __aiter__(self) -> _QueuedStatuses:
         return self
 
     async def __anext__(self) -> StatusUpdate:
@@ -408,7 +397,31 @@ class StatusStream:
         if isinstance(item, grpc.aio.AioRpcError):
             self._ended = True
             raise rpc.error_from_rpc(item, self._what, stream=True)
+        if isinstance(item, errors.EpdError):
+            self._ended = True
+            raise item
+        if isinstance(item, StatusUpdate):
+            return item
         return status_from_pb(item)
+
+
+class StatusStream(_QueuedStatuses):
+    """A Status stream read by its own task, so that cancelling the consumer (the receive task)
+    does not cancel the RPC: the receiver first sends Cancel, then closes the stream, and the
+    encoder records `cancelled` rather than a lost peer."""
+
+    def __init__(self, call, what: str):
+        super().__init__(asyncio.Queue(), what)
+        self._call = call
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for pb in self._call:
+                self._queue.put_nowait(pb)
+            self._queue.put_nowait(_END)
+        except grpc.aio.AioRpcError as e:
+            self._queue.put_nowait(e)
 
     def close(self) -> None:
         self._ended = True
@@ -548,33 +561,13 @@ class EncodeExchange:
             stream.close()
 
 
-class _ExchangeStatuses:
-    """An EncodeExchange's status side, as a StatusSource."""
+class _ExchangeStatuses(_QueuedStatuses):
+    """An EncodeExchange's status side, as a StatusSource (its queue is the exchange's)."""
 
     def __init__(self, exchange: EncodeExchange):
+        super().__init__(exchange._queue, exchange._what)
         self._exchange = exchange
-        self._ended = False
         self.closed = False
-
-    def __aiter__(self) -> _ExchangeStatuses:
-        return self
-
-    async def __anext__(self) -> StatusUpdate:
-        if self._ended:
-            raise StopAsyncIteration
-        item = await self._exchange._queue.get()
-        if item is _END:
-            self._ended = True
-            raise StopAsyncIteration
-        if isinstance(item, grpc.aio.AioRpcError):
-            self._ended = True
-            raise rpc.error_from_rpc(item, self._exchange._what, stream=True)
-        if isinstance(item, errors.EpdError):
-            self._ended = True
-            raise item
-        if isinstance(item, StatusUpdate):
-            return item
-        return status_from_pb(item)
 
     def close(self) -> None:
         self._ended = self.closed = True
