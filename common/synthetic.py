@@ -67,26 +67,24 @@ def field_seed(seed: int, index: int) -> int:
 
 
 def synthetic_fields(
-    seed: int, start: int, n: int, hidden: int, dtype: torch.dtype, deepstack_levels: int = 0
+    seed: int, start: int, n: int, hidden: int, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """The synthetic values of tokens [start, start+n): embeddings, token_ids, mrope_positions,
-    and deepstack_0.. (record indexes 3..) when the payload has them."""
+    """The synthetic values of tokens [start, start+n): embeddings, token_ids, mrope_positions
+    (a deepstack field's come from `_deepstack_rows`, by its record index)."""
     i = torch.arange(start, start + n, dtype=torch.int64)
-    table = _row_table(hidden, dtype)
-    out = {
-        "embeddings": table.index_select(0, _row_index(seed, i)),
+    return {
+        "embeddings": _row_table(hidden, dtype).index_select(0, _row_index(seed, i)),
         "token_ids": _token_id(seed, i).to(torch.int32),
         "mrope_positions": torch.stack((i, 2 * i, 3 * i), dim=1).to(torch.int32),
     }
-    for k in range(deepstack_levels):
-        out[f"{DEEPSTACK_PREFIX}{k}"] = table.index_select(
-            0, _row_index(field_seed(seed, 3 + k), i)
-        )
-    return out
 
 
-def _deepstack_levels(record: RecordLayout) -> int:
-    return sum(1 for f in record.fields if f.name.startswith(DEEPSTACK_PREFIX))
+def _deepstack_rows(
+    seed: int, index: int, start: int, n: int, hidden: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The values of the deepstack field at record index `index`, tokens [start, start+n)."""
+    i = torch.arange(start, start + n, dtype=torch.int64)
+    return _row_table(hidden, dtype).index_select(0, _row_index(field_seed(seed, index), i))
 
 
 def fill_synthetic(records: torch.Tensor, record: RecordLayout, seed: int, start: int) -> None:
@@ -117,13 +115,14 @@ def _fill_torch(
     n = records.shape[0]
     for lo in range(0, n, _CHUNK_TOKENS):
         hi = min(n, lo + _CHUNK_TOKENS)
-        values = synthetic_fields(
-            seed, start + lo, hi - lo, hidden, dtype, _deepstack_levels(record)
-        )
-        for f in record.fields:
+        values = synthetic_fields(seed, start + lo, hi - lo, hidden, dtype)
+        for index, f in enumerate(record.fields):
             view = field_of(records[lo:hi], f)
             if f.name in values:
                 view.copy_(values[f.name].to(view.device))
+            elif f.name.startswith(DEEPSTACK_PREFIX):
+                rows = _deepstack_rows(seed, index, start + lo, hi - lo, hidden, dtype)
+                view.copy_(rows.to(view.device))
             else:
                 view.zero_()  # extra configured fields: zeros in synthetic payloads
 
