@@ -124,30 +124,26 @@ async def generate(address: str, n: int = 0, seed: int = 0, **fields: Any):
         )
 
 
-async def pools_free(*addresses: str) -> None:
-    """Every pool of these services fully free (raises Failed naming the one that is not)."""
+async def pools_free(pair: Pair) -> None:
+    """Every pool of both services fully free (raises Failed naming the one that is not)."""
     import grpc
 
     from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2_grpc
 
-    for address in addresses:
+    for address, stub_class in (
+        (pair.encoder, encoder_pb2_grpc.EncoderStub),
+        (pair.language, language_pb2_grpc.LanguageStub),
+    ):
         async with grpc.aio.insecure_channel(address) as channel:
-            for stub in (
-                encoder_pb2_grpc.EncoderStub(channel),
-                language_pb2_grpc.LanguageStub(channel),
-            ):
-                try:
-                    pool = await stub.GetPool(common_pb2.GetPoolRequest(), timeout=10)
-                except grpc.aio.AioRpcError:
-                    continue  # the other service's stub
-                for _ in range(50):  # blocks of a request that just ended come back promptly
-                    pools = [pool, *pool.rank_pools]
-                    if all(p.used_blocks == 0 and p.quarantined_blocks == 0 for p in pools):
-                        break
-                    await asyncio.sleep(0.1)
-                    pool = await stub.GetPool(common_pb2.GetPoolRequest(), timeout=10)
-                else:
-                    raise Failed(f"{address}: pool not free after the step: {pool}")
+            stub = stub_class(channel)
+            for _ in range(50):  # blocks of a request that just ended come back promptly
+                pool = await stub.GetPool(common_pb2.GetPoolRequest(), timeout=10)
+                pools = [pool, *pool.rank_pools]
+                if all(p.used_blocks == 0 and p.quarantined_blocks == 0 for p in pools):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise Failed(f"{address}: pool not free after the step: {pool}")
 
 
 def rounds_for(n: int) -> int:
@@ -169,7 +165,7 @@ async def transfers(pair: Pair, seed: int, integrity: bool = True) -> str:
         if reply.rounds != rounds_for(n) or reply.integrity_verified != integrity:
             raise Failed(f"{n} tokens: {reply.rounds} rounds, integrity {reply.integrity_verified}")
         rounds.append(reply.rounds)
-    await pools_free(pair.encoder, pair.language)
+    await pools_free(pair)
     return f"{len(SIZES)} payloads ({'/'.join(map(str, SIZES))} tokens) in {'/'.join(map(str, rounds))} rounds, digests equal"
 
 
@@ -181,19 +177,14 @@ def step_environment(device: str, out: dict[str, Any]) -> str:
 
     out["torch"] = torch.__version__
     out["torch_cuda"] = torch.version.cuda or ""
-    try:
-        from importlib.metadata import version
-
-        out["mooncake"] = next(
-            (
-                version(d)
-                for d in ("mooncake-transfer-engine", "mooncake-transfer-engine-non-cuda")
-                if _installed(d)
-            ),
-            "",
-        )
-    except Exception:  # noqa: BLE001 - only a figure
-        out["mooncake"] = ""
+    out["mooncake"] = next(
+        (
+            v
+            for d in ("mooncake-transfer-engine", "mooncake-transfer-engine-non-cuda")
+            if (v := _version(d))
+        ),
+        "",
+    )
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise Failed("torch.cuda.is_available() is False")
@@ -203,14 +194,14 @@ def step_environment(device: str, out: dict[str, Any]) -> str:
     return f"torch {out['torch']} (CUDA {out['torch_cuda'] or '-'}), {out['gpu']}, Mooncake {out['mooncake'] or '?'}"
 
 
-def _installed(dist: str) -> bool:
+def _version(dist: str) -> str:
+    """The installed version of a distribution, "" when it is not installed."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        version(dist)
+        return version(dist)
     except PackageNotFoundError:
-        return False
-    return True
+        return ""
 
 
 PROBE = """
@@ -274,7 +265,7 @@ async def step_integrity(device: str) -> str:
                 raise Failed(f"a corrupted write gave {e.code().name}: {e.details()}") from None
         else:
             raise Failed("a corrupted write was delivered")
-        await pools_free(pair.encoder, pair.language)
+        await pools_free(pair)
         await transfers(pair, seed=2)
         return f"corrupted write refused (DATA_LOSS) by checksums over the {device} pool; next payloads intact"
     finally:
@@ -292,7 +283,7 @@ async def step_tp2(device: str) -> str:
             got = [(r.rank, r.data_rank, r.payload_sha256) for r in reply.ranks]
             if got != [(0, True, want), (1, False, "")]:
                 raise Failed(f"{n} tokens: ranks reported {got}")
-        await pools_free(pair.encoder, pair.language)
+        await pools_free(pair)
         return "2 ranks on one device (rank 1 dummy) agreed; rank 0's payloads equal the reference"
     finally:
         await asyncio.to_thread(pair.stop)
@@ -326,7 +317,7 @@ async def step_qwen(device: str) -> str:
             images=[common_pb2.Image(data=d, mime_type=m) for d, m in images],
             text=text,
         )
-        await pools_free(pair.encoder, pair.language)
+        await pools_free(pair)
     finally:
         await asyncio.to_thread(pair.stop)
 
