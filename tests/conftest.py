@@ -103,6 +103,17 @@ def encoder_stub(address: str):
     return encoder_pb2_grpc.EncoderStub(grpc.aio.insecure_channel(address))
 
 
+async def connected_language_stub(address: str, connect_s: float = 10.0):
+    """A language stub whose channel is connected and whose server has answered one call: a call
+    with a short deadline on a fresh channel may spend it all connecting on a loaded machine, and
+    never reach the server's handler."""
+    channel = grpc.aio.insecure_channel(address)
+    await asyncio.wait_for(channel.channel_ready(), connect_s)
+    stub = language_pb2_grpc.LanguageStub(channel)
+    await stub.ListTransfers(common_pb2.ListTransfersRequest(limit=1), timeout=connect_s)
+    return stub
+
+
 LIVE_STATES = [1, 2, 3]
 
 

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from common.pb.epd.v1 import common_pb2, language_pb2
-from tests.conftest import Pair, assert_all_free, language_stub
+from tests.conftest import Pair, assert_all_free, connected_language_stub
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,9 @@ async def test_payload_complete_on_rank0_then_dropped_by_deadline_fault_injected
     lagging_pair, unique_id, tokens
 ):
     pair = lagging_pair
-    stub = language_stub(pair.language.address)
+    # Connected first: the 0.6 s deadline is for the request, and a cold channel could spend it
+    # connecting, so that the language never sees the request (NOT_FOUND below).
+    stub = await connected_language_stub(pair.language.address)
     rid = unique_id("race")
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await stub.Generate(
