@@ -9,6 +9,7 @@ table, the flags and the env names all come from the same place.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -20,6 +21,13 @@ from common.layout import (
     RecordLayout,
     payload_fields,
 )
+from common.models import (
+    FAMILIES,
+    TINY_DEEPSTACK_LEVELS,
+    TINY_MODELS,
+    ModelInfo,
+    family_of_model_type,
+)
 
 
 class ConfigError(ValueError):
@@ -30,36 +38,75 @@ ALLOC_POLICIES = ("fixed", "hint", "adaptive", "auto")
 PROTOCOLS = ("tcp", "rdma")
 WRITE_WAITS = ("poll", "spin")  # how common/transport.py may wait for a write
 EMBEDDING_DTYPES = ("bfloat16", "float16", "float32")
-CONSUMERS = ("null", "qwen2-vl-prefill")
+CONSUMERS = ("null", "qwen2-vl-prefill", "qwen3-vl-prefill")
 ENCODER_POLICIES = ("least-loaded", "round-robin")
 
 
-def validate_model(setting: str, model: str, hidden: int) -> None:
-    """A Qwen2-VL model name: `tiny` (hidden a multiple of 16) or a checkpoint directory whose text
-    hidden size equals the pool's `hidden`. Reads only the checkpoint's config.json."""
-    if model == "tiny":
+def describe_model(setting: str, model: str, hidden: int) -> ModelInfo:
+    """A vision-language model name: a tiny one (`TINY_MODELS`, hidden a multiple of 16) or a
+    local checkpoint directory whose config.json names a known family and whose text hidden size
+    equals the pool's `hidden`. Reads only that config.json (cached: settings are read often)."""
+    return _describe_model(setting, model, hidden)
+
+
+@functools.lru_cache(maxsize=64)
+def _describe_model(setting: str, model: str, hidden: int) -> ModelInfo:
+    tiny = TINY_MODELS.get(model)
+    if tiny is not None:
         if hidden % 16:
             raise ConfigError(
-                f"{setting}='tiny' needs hidden to be a multiple of 16, got hidden={hidden}"
+                f"{setting}={model!r} needs hidden to be a multiple of 16, got hidden={hidden}"
             )
-        return
+        levels = TINY_DEEPSTACK_LEVELS if tiny.deepstack else 0
+        return ModelInfo(model, tiny, hidden, levels)
     config_json = os.path.join(model, "config.json")
     if not os.path.isfile(config_json):
         raise ConfigError(
-            f"{setting}={model!r}: must be 'tiny' or a local Qwen2-VL checkpoint directory "
-            f"(no {config_json})"
+            f"{setting}={model!r}: must be one of {tuple(TINY_MODELS)} or a local checkpoint "
+            f"directory of {', '.join(f.name for f in FAMILIES)} (no {config_json})"
         )
     try:
         with open(config_json) as f:
             cfg = json.load(f)
-        model_hidden = (cfg.get("text_config") or {}).get("hidden_size", cfg.get("hidden_size"))
+        model_type = cfg.get("model_type", "")
+        text = cfg.get("text_config") or {}
+        vision = cfg.get("vision_config") or {}
+        model_hidden = text.get("hidden_size", cfg.get("hidden_size"))
+        indexes = vision.get("deepstack_visual_indexes", DEFAULT_DEEPSTACK_INDEXES)
     except (OSError, ValueError, AttributeError) as e:
         raise ConfigError(f"{setting}={model!r}: cannot read {config_json}: {e}") from None
+    family = family_of_model_type(model_type)
+    if family is None:
+        known = [t for f in FAMILIES for t in f.model_types]
+        raise ConfigError(
+            f"{setting}={model!r}: {config_json} has model_type={model_type!r}; "
+            f"known model types: {known}"
+        )
     if model_hidden != hidden:
         raise ConfigError(
             f"{setting}={model!r} has hidden size {model_hidden} but hidden={hidden}: "
             f"the pool's embeddings must be the model's width (set --hidden {model_hidden})"
         )
+    return ModelInfo(model, family, hidden, len(indexes) if family.deepstack else 0)
+
+
+DEFAULT_DEEPSTACK_INDEXES = (8, 16, 24)
+"""transformers' Qwen3VLVisionConfig default, for a config.json that leaves it out."""
+
+
+def check_deepstack_levels(setting: str, levels: int, info: ModelInfo) -> None:
+    """An explicit --deepstack-levels must be the model's (0 means: the model's)."""
+    if not levels or levels == info.deepstack_levels:
+        return
+    model = f"model {info.name!r} ({info.family.name})"
+    if not info.deepstack_levels:
+        raise ConfigError(
+            f"{setting}={levels} but {model} fills no deepstack fields: leave it at 0"
+        )
+    raise ConfigError(
+        f"{setting}={levels} but {model} fills {info.deepstack_levels} deepstack fields: "
+        f"leave it at 0 (the model's) or set {info.deepstack_levels}"
+    )
 
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
@@ -132,12 +179,15 @@ class ServiceConfig:
     deepstack_levels: int = _setting(
         0,
         "extra per-token [hidden] fields deepstack_0.. after the default three, one per "
-        "deepstack level of the model (Qwen3-VL: 3)",
+        "deepstack level of the model (Qwen3-VL: 3); 0 = as many as --model has (none "
+        "without a model)",
         unit="fields",
     )
     """Fields `deepstack_0`..`deepstack_{N-1}` ([hidden], the embeddings' dtype) after the
-    default three. Both services must agree: Register compares the layouts. Synthetic payloads
-    fill them with the embeddings' formula, the field's index mixed into the seed."""
+    default three. 0 takes the count from the model this service runs (the encoder's `--model`,
+    the prefill consumer's): a Qwen3-VL has 3, a Qwen2-VL none. Both services must agree:
+    Register compares the layouts. Synthetic payloads fill them with the embeddings' formula,
+    the field's index mixed into the seed."""
     alloc_timeout_s: float = _setting(30.0, "longest wait for pool blocks", unit="s")
     """How long an allocation may wait for free blocks before RESOURCE_EXHAUSTED."""
     integrity: bool = _setting(True, "send/verify per-round checksums")
@@ -260,7 +310,20 @@ class ServiceConfig:
 
     @property
     def field_specs(self) -> tuple[FieldSpec, ...]:
-        return payload_fields(self.hidden, self.dtype, self.deepstack_levels)
+        return payload_fields(self.hidden, self.dtype, self.layout_deepstack_levels)
+
+    @property
+    def model_info(self) -> ModelInfo | None:
+        """The vision-language model this service runs, when it runs one."""
+        return None
+
+    @property
+    def layout_deepstack_levels(self) -> int:
+        """The payload's deepstack fields: `deepstack_levels`, or the model's when that is 0."""
+        if self.deepstack_levels:
+            return self.deepstack_levels
+        info = self.model_info
+        return info.deepstack_levels if info is not None else 0
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -393,11 +456,14 @@ class EncoderConfig(ServiceConfig):
     model: str = _setting(
         "bytes",
         "encoder model for non-synthetic requests: 'bytes' (byte-level text only), "
-        "'tiny' (a small seeded Qwen2-VL, no download) or PATH of a local Qwen2-VL checkpoint",
+        "'tiny' (a small seeded Qwen2-VL, no download), 'tiny-qwen3' (a small seeded "
+        "Qwen3-VL with 3 deepstack levels) or PATH of a local Qwen2-VL, Qwen2.5-VL or "
+        "Qwen3-VL checkpoint (the architecture read from its config.json)",
     )
-    """Encoder model: `bytes` embeds UTF-8 text bytes with a seeded table (no images); `tiny` is a
-    Qwen2-VL with seeded random weights and hidden size `hidden`; a directory is a Qwen2-VL
-    checkpoint (its text hidden size must equal `hidden`)."""
+    """Encoder model: `bytes` embeds UTF-8 text bytes with a seeded table (no images); `tiny` and
+    `tiny-qwen3` are a Qwen2-VL and a Qwen3-VL with seeded random weights and hidden size
+    `hidden`; a directory is a checkpoint whose config.json `model_type` names its family
+    (`common/models.py`; its text hidden size must equal `hidden`)."""
     bootstrap_timeout_s: float = _setting(
         30.0, "longest wait for Init from every data rank (and for Encode)", unit="s"
     )
@@ -495,8 +561,13 @@ class EncoderConfig(ServiceConfig):
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
-        if self.model != "bytes":
-            validate_model("model", self.model, self.hidden)
+        # A model whose deepstack levels differ from an explicit --deepstack-levels serves
+        # synthetic requests only (the service refuses the others, naming both counts).
+        self.model_info  # noqa: B018 - ConfigError for an unknown model or a hidden mismatch
+
+    @property
+    def model_info(self) -> ModelInfo | None:
+        return None if self.model == "bytes" else describe_model("model", self.model, self.hidden)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -588,18 +659,20 @@ class LanguageConfig(ServiceConfig):
     5 rounds in 58-68 ms without)."""
     consumer: str = _setting(
         "null",
-        "what receives the payload ('null': releases it; 'qwen2-vl-prefill': "
-        "runs the model's language part and returns the first token)",
+        "what receives the payload ('null': releases it; 'qwen2-vl-prefill' (Qwen2-VL, "
+        "Qwen2.5-VL) and 'qwen3-vl-prefill' (Qwen3-VL): run the model's language part and "
+        "return the first token)",
         choices=CONSUMERS,
     )
     """Consumer the received payload is handed to (services/language/consumers.py)."""
     model: str = _setting(
         "tiny",
-        "weights of the qwen2-vl-prefill consumer: 'tiny' or PATH of the encoder's "
-        "Qwen2-VL checkpoint (ignored by the null consumer)",
+        "weights of the prefill consumer: 'tiny', 'tiny-qwen3' or PATH of the "
+        "encoder's checkpoint (ignored by the null consumer)",
     )
-    """The Qwen2-VL weights `qwen2-vl-prefill` runs: `tiny` (seeded, hidden size `hidden`) or the same
-    checkpoint directory as the encoder's `--model`."""
+    """The weights the prefill consumer runs: `tiny` / `tiny-qwen3` (seeded, hidden size `hidden`)
+    or the same checkpoint directory as the encoder's `--model`; its family must be the
+    consumer's."""
     tls_server_name: str = _setting(
         "",
         "name checked against the encoders' server certificates instead of the "
@@ -639,13 +712,15 @@ class LanguageConfig(ServiceConfig):
     )
     """Rendezvous of the rank group, e.g. tcp://127.0.0.1:PORT; chosen by rank 0."""
 
+    @property
+    def model_info(self) -> ModelInfo | None:
+        """The prefill consumer's model; the null consumer runs none (`model` is ignored)."""
+        if self.consumer == "null" or self.consumer not in CONSUMERS:
+            return None
+        return describe_model("model", self.model, self.hidden)
+
     def validate(self) -> None:
         super().validate()
-        if self.consumer == "qwen2-vl-prefill" and self.deepstack_levels:
-            raise ConfigError(
-                f"deepstack_levels={self.deepstack_levels}: the qwen2-vl-prefill consumer "
-                f"(Qwen2-VL) takes no deepstack features"
-            )
         for addr in self.encoder:
             if not re.fullmatch(r"[^\s:]+:[0-9]{1,5}", addr):
                 raise ConfigError(f"encoder={addr!r}: must be host:port")
@@ -701,8 +776,14 @@ class LanguageConfig(ServiceConfig):
             )
         if self.consumer not in CONSUMERS:
             raise ConfigError(f"consumer={self.consumer!r}: must be one of {CONSUMERS}")
-        if self.consumer == "qwen2-vl-prefill":
-            validate_model("model", self.model, self.hidden)
+        info = self.model_info
+        if info is not None:
+            if info.family.consumer != self.consumer:
+                raise ConfigError(
+                    f"consumer={self.consumer!r} does not run model {info.name!r} "
+                    f"({info.family.name}): use --consumer {info.family.consumer}"
+                )
+            check_deepstack_levels("deepstack_levels", self.deepstack_levels, info)
             if 0 not in self.data_rank_list:
                 raise ConfigError(
                     f"consumer={self.consumer!r} runs the model on rank 0, so rank 0 must be a data rank "

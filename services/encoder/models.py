@@ -7,8 +7,8 @@ An `EncoderModel` knows `token_count(inputs)` cheaply (before anything is alloca
   'Synthetic payload and digest').
 - `bytes`: a dependency-free text model — one token per UTF-8 byte, embeddings from a seeded
   table, positions (i, i, i). It has no vision tower, so images are validated and then refused.
-- `tiny` or a checkpoint directory: the Qwen2-VL model (services/models/qwen.py), built from
-  Hugging Face transformers' classes. Models may also have `prepare(inputs)`: work that must
+- `tiny`, `tiny-qwen3` or a checkpoint directory: a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model
+  (services/models/qwen.py), built from Hugging Face transformers' classes. Models may also have `prepare(inputs)`: work that must
   succeed before anything is allocated (decoding every image), run after `token_count`.
 """
 
@@ -22,6 +22,7 @@ import torch
 
 from common.errors import FailedPrecondition, InvalidArgument, shown
 from common.layout import RecordLayout
+from common.models import TINY_MODELS
 from common.parallel import run_split
 from common.pool import field_of
 from common.synthetic import fill_synthetic
@@ -136,14 +137,16 @@ class ByteTextModel:
 def load_model(
     name: str, hidden: int, dtype: str, device: str = "cpu", cache: EmbeddingCache | None = None
 ) -> EncoderModel:
-    """`bytes`, `tiny` (a seeded Qwen2-VL of hidden size `hidden`) or a Qwen2-VL checkpoint
-    directory; `cache` keeps the Qwen2-VL vision rows of images seen before."""
+    """`bytes`, a tiny Qwen model (`tiny`: Qwen2-VL, `tiny-qwen3`: Qwen3-VL; seeded, hidden size
+    `hidden`) or a Qwen checkpoint directory; `cache` keeps the vision rows of images seen
+    before (every deepstack level with them)."""
     if name == "bytes":
         return ByteTextModel(hidden, dtype)
-    from services.models import qwen
+    from services.models import qwen, qwen_weights
 
-    if name == qwen.TINY or qwen.is_checkpoint_name(name):
+    if name in TINY_MODELS or qwen_weights.is_checkpoint_name(name):
         return qwen.load_encoder_model(name, hidden, device, cache)
     raise InvalidArgument(
-        f"model={name!r}: unknown encoder model (available: 'bytes', 'tiny' or a checkpoint directory)"
+        f"model={name!r}: unknown encoder model (available: 'bytes', "
+        f"{', '.join(repr(t) for t in TINY_MODELS)} or a checkpoint directory)"
     )

@@ -1,10 +1,13 @@
 """Consumers: what a language rank does with a received payload (`--consumer`).
 
 - `null`: accepts the payload and generates nothing (`first_token_id = -1`).
-- `qwen2-vl-prefill`: runs the language part of the encoder's Qwen2-VL model (`--model`: `tiny`
-  or the same checkpoint directory as the encoder) on the payload — `inputs_embeds` = the
-  received embeddings, `position_ids` = the received M-RoPE (t, h, w) positions — and returns the
-  greedy first token and a summary of the last position's logits. The M-RoPE position delta
+- `qwen2-vl-prefill` (Qwen2-VL, Qwen2.5-VL) and `qwen3-vl-prefill` (Qwen3-VL): run the language
+  part of the encoder's model (`--model`: `tiny`, `tiny-qwen3` or the same checkpoint directory
+  as the encoder) on the payload — `inputs_embeds` = the received embeddings, `position_ids` =
+  the received M-RoPE (t, h, w) positions and, for Qwen3-VL, the received deepstack fields
+  injected as the model does (each level's rows at the image tokens, `visual_pos_masks` = the
+  tokens whose id is the image token, added after the decoder layer of that level) — and return
+  the greedy first token and a summary of the last position's logits. The M-RoPE position delta
   (needed to go on decoding) is computed here from the positions: max position + 1 - tokens.
   This release runs the whole language model on rank 0 (no tensor-parallel split); other ranks
   receive their copy and release it. A payload that is not a model input — a token id outside the
@@ -22,15 +25,17 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Sequence
 
 import torch
 
 from common.config import LanguageConfig
+from common.layout import DEEPSTACK_PREFIX
 from common.payload import Payload
 
 log = logging.getLogger(__name__)
 
-CONSUMERS = ("null", "qwen2-vl-prefill")
+CONSUMERS = ("null", "qwen2-vl-prefill", "qwen3-vl-prefill")
 TOP_K = 8
 
 
@@ -65,13 +70,13 @@ class NullConsumer:
         return ConsumerResult()
 
 
-class Qwen2VLPrefill:
-    """Prefill of a Qwen2-VL language model on a received payload; returns the first token."""
-
-    name = "qwen2-vl-prefill"
+class QwenPrefill:
+    """Prefill of a Qwen language model on a received payload; returns the first token. Its
+    name is the family's consumer (`qwen2-vl-prefill`, `qwen3-vl-prefill`)."""
 
     def __init__(self, qwen, top_k: int = TOP_K):
         self.qwen = qwen
+        self.name = qwen.family.consumer
         self.top_k = top_k
         self._lock = threading.Lock()  # one prefill at a time: they share the cores / the GPU
 
@@ -88,9 +93,16 @@ class Qwen2VLPrefill:
         embeddings: torch.Tensor,
         positions: torch.Tensor,
         token_ids: torch.Tensor | None = None,
+        deepstack: Sequence[torch.Tensor] = (),
     ) -> ConsumerResult:
-        """embeddings [T, hidden], positions [T, 3] (t, h, w), token_ids [T] → the first token."""
+        """embeddings [T, hidden], positions [T, 3] (t, h, w), token_ids [T], per deepstack level
+        [T, hidden] → the first token. The deepstack rows go in at the image tokens (found by
+        `token_ids`), as the model's own forward puts its vision tower's there."""
         total = int(embeddings.shape[0])
+        if len(deepstack) != self.qwen.deepstack_levels:
+            raise ValueError(
+                f"{len(deepstack)} deepstack field(s) for a model with {self.qwen.deepstack_levels}"
+            )
         why = self._not_an_input(total, token_ids)
         if why:
             return ConsumerResult(vocab_size=self.vocab_size, prefill_tokens=0, skipped=why)
@@ -99,8 +111,18 @@ class Qwen2VLPrefill:
             started = time.perf_counter()  # the prefill itself, not the wait for the one before
             x = embeddings.to(device=q.device, dtype=q.dtype)[None]
             pos = positions.to(device=q.device, dtype=torch.int64).T[:, None, :]  # [3, 1, T]
+            extra = {}
+            if deepstack:
+                assert token_ids is not None  # the image tokens are where the rows go
+                mask = (token_ids.to(q.device) == q.config.image_token_id)[None]  # [1, T]
+                extra = dict(
+                    visual_pos_masks=mask,
+                    deepstack_visual_embeds=[
+                        d.to(device=q.device, dtype=q.dtype)[mask[0]] for d in deepstack
+                    ],
+                )
             hidden = q.model.model.language_model(
-                inputs_embeds=x, position_ids=pos, use_cache=False
+                inputs_embeds=x, position_ids=pos, use_cache=False, **extra
             ).last_hidden_state
             logits = q.model.lm_head(hidden[:, -1]).float()[0]
             top = torch.topk(logits, min(self.top_k, logits.shape[0]))
@@ -133,7 +155,12 @@ class Qwen2VLPrefill:
         if why:
             log.info("prefill skipped: %s", why)
             return ConsumerResult(vocab_size=self.vocab_size, skipped=why)
-        return self.prefill(payload.field("embeddings"), payload.field("mrope_positions"), None)
+        deepstack = [
+            payload.field(f"{DEEPSTACK_PREFIX}{k}") for k in range(self.qwen.deepstack_levels)
+        ]
+        return self.prefill(
+            payload.field("embeddings"), payload.field("mrope_positions"), ids, deepstack
+        )
 
     async def consume(self, payload: Payload | None) -> ConsumerResult:
         if payload is None or payload.total_tokens == 0:
@@ -149,12 +176,12 @@ class Qwen2VLPrefill:
 
 def build_consumer(config: LanguageConfig, rank: int):
     """The consumer of a rank (`config.consumer`); the prefill model runs on rank 0 only."""
-    if config.consumer == "qwen2-vl-prefill" and rank == 0:
-        from services.models.qwen import load_qwen2vl
+    if config.consumer != "null" and rank == 0:
+        from services.models.qwen_weights import load_qwen
 
         started = time.perf_counter()
-        consumer = Qwen2VLPrefill(
-            load_qwen2vl(config.model, config.hidden, config.device, keep=("text",))
+        consumer = QwenPrefill(
+            load_qwen(config.model, config.hidden, config.device, keep=("text",))
         )
         log.info(
             "consumer %s: model %s (hidden %d) loaded in %.1f s",

@@ -298,8 +298,8 @@ async def step_qwen(device: str) -> str:
 
     from common.pb.epd.v1 import common_pb2
     from services.encoder.models import EncodeInputs
-    from services.language.consumers import Qwen2VLPrefill
-    from services.models import qwen
+    from services.language.consumers import QwenPrefill
+    from services.models import qwen, qwen_weights
     from services.tools.demo._images import make_image
 
     images = [(make_image(448, 160, "png", seed=1), "image/png")]
@@ -322,9 +322,9 @@ async def step_qwen(device: str) -> str:
         await asyncio.to_thread(pair.stop)
 
     def colocated():
-        full = qwen.load_qwen2vl("tiny", QWEN_HIDDEN)
-        enc, prefill = qwen.QwenEncoderModel(full), Qwen2VLPrefill(full)
-        embeds, ids, pos, _ = enc.encode(EncodeInputs(tuple(images), text))
+        full = qwen_weights.load_qwen("tiny", QWEN_HIDDEN)
+        enc, prefill = qwen.QwenEncoderModel(full), QwenPrefill(full)
+        embeds, ids, pos, _, _ = enc.encode(EncodeInputs(tuple(images), text))
         return prefill.prefill(embeds.to(torch.bfloat16), pos.to(torch.int32), ids)
 
     local = await asyncio.to_thread(colocated)

@@ -97,7 +97,65 @@ def test_bad_levels_are_named(levels):
 
 
 def test_the_qwen2_prefill_consumer_takes_no_deepstack_fields():
-    with pytest.raises(ConfigError, match="qwen2-vl-prefill consumer"):
+    with pytest.raises(
+        ConfigError,
+        match=r"deepstack_levels=3 but model 'tiny' \(qwen2-vl\) fills no deepstack fields",
+    ):
         LanguageConfig(
             encoder=("127.0.0.1:1",), consumer="qwen2-vl-prefill", deepstack_levels=3
         ).validate()
+
+
+@pytest.mark.parametrize(
+    "config, levels",
+    [
+        (EncoderConfig(model="tiny-qwen3", hidden=64), 3),
+        (EncoderConfig(model="tiny-qwen3", hidden=64, deepstack_levels=3), 3),
+        (EncoderConfig(model="tiny", hidden=64), 0),
+        (EncoderConfig(model="bytes", hidden=64), 0),
+        (EncoderConfig(model="bytes", hidden=64, deepstack_levels=2), 2),
+        (LanguageConfig(consumer="qwen3-vl-prefill", model="tiny-qwen3", hidden=64), 3),
+        (LanguageConfig(consumer="null", model="tiny-qwen3", hidden=64), 0),  # model unused
+        (LanguageConfig(consumer="null", hidden=64, deepstack_levels=3), 3),
+    ],
+)
+def test_the_layout_takes_its_deepstack_fields_from_the_model(config, levels):
+    config.validate()
+    names = [f.name for f in config.field_specs]
+    assert names == ["embeddings", "token_ids", "mrope_positions"] + [
+        f"deepstack_{k}" for k in range(levels)
+    ]
+
+
+LANGUAGE = dict(hidden=64, encoder=("127.0.0.1:1",))
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            LanguageConfig(
+                **LANGUAGE, consumer="qwen3-vl-prefill", model="tiny-qwen3", deepstack_levels=2
+            ),
+            r"deepstack_levels=2 but model 'tiny-qwen3' \(qwen3-vl\) fills 3 deepstack fields: "
+            r"leave it at 0 \(the model's\) or set 3",
+        ),
+        (
+            LanguageConfig(**LANGUAGE, consumer="qwen2-vl-prefill", model="tiny-qwen3"),
+            r"consumer='qwen2-vl-prefill' does not run model 'tiny-qwen3' \(qwen3-vl\): "
+            r"use --consumer qwen3-vl-prefill",
+        ),
+        (
+            LanguageConfig(**LANGUAGE, consumer="qwen3-vl-prefill", model="tiny"),
+            r"consumer='qwen3-vl-prefill' does not run model 'tiny' \(qwen2-vl\): "
+            r"use --consumer qwen2-vl-prefill",
+        ),
+        (
+            EncoderConfig(model="tiny-qwen4", hidden=64),
+            r"model='tiny-qwen4': must be one of \('tiny', 'tiny-qwen3'\) or a local checkpoint",
+        ),
+    ],
+)
+def test_a_model_and_a_consumer_or_levels_that_do_not_fit_are_named(config, message):
+    with pytest.raises(ConfigError, match=message):
+        config.validate()

@@ -20,8 +20,8 @@ from PIL import Image
 
 from common.pb.epd.v1 import common_pb2, encoder_pb2, language_pb2
 from services.encoder.models import EncodeInputs
-from services.language.consumers import Qwen2VLPrefill
-from services.models import qwen
+from services.language.consumers import QwenPrefill
+from services.models import qwen, qwen_weights
 from services.tools import demo
 from tests.conftest import Pair, ServiceProcess, assert_all_free, encoder_stub, language_stub
 
@@ -65,8 +65,8 @@ def pair():
 @pytest.fixture(scope="module")
 def colocated():
     """The same seeded model, whole, in this process: (encoder model, full model, prefill)."""
-    full = qwen.load_qwen2vl("tiny", HIDDEN)
-    return qwen.QwenEncoderModel(full), full, Qwen2VLPrefill(full)
+    full = qwen_weights.load_qwen("tiny", HIDDEN)
+    return qwen.QwenEncoderModel(full), full, QwenPrefill(full)
 
 
 def images_of(case: str) -> list[tuple[bytes, str]]:
@@ -128,12 +128,14 @@ async def test_disaggregated_equals_colocated(pair, colocated, case, unique_id):
         assert reply.rounds >= 3
     lg = reply.logits
     assert (
-        not lg.skipped and lg.prefill_tokens == expected_tokens and lg.vocab_size == qwen.TINY_VOCAB
+        not lg.skipped
+        and lg.prefill_tokens == expected_tokens
+        and lg.vocab_size == qwen_weights.TINY_VOCAB
     )
     assert reply.first_token_id == lg.top_token_ids[0]
 
     # 1. No transfer at all, same rounding to the pool's bf16: the same numbers.
-    embeds, ids, pos, delta = enc.encode(EncodeInputs(tuple(images), text))
+    embeds, ids, pos, delta, _ = enc.encode(EncodeInputs(tuple(images), text))
     local = prefill.prefill(embeds.to(torch.bfloat16), pos.to(torch.int32), ids)
     assert reply.first_token_id == local.first_token_id
     assert list(lg.top_token_ids) == list(local.top_token_ids)

@@ -3,7 +3,7 @@
 Real encoder and language processes with the tiny Qwen2-VL, real Mooncake TCP. The oracle is a
 second pair with both caches off (`--embedding-cache-bytes 0`): every payload digest with reuse
 must equal its digest there, and the token counts come from the image processor's own resize rule
-(`qwen.image_tokens`). Each scenario ends with every pool free.
+(`qwen_images.image_tokens`). Each scenario ends with every pool free.
 
 - tp=1 (the Init carried by the Encode) and tp=2 (each rank's own Init, rank 0's proposal carried
   by the admission);
@@ -24,7 +24,7 @@ import pytest
 
 from common.pb.epd.v1 import common_pb2, encoder_pb2_grpc, language_pb2, language_pb2_grpc
 from services.language.ranks import free_port
-from services.models import qwen
+from services.models import qwen_images
 from services.tools import demo
 from tests.conftest import Pair, ServiceProcess, assert_all_free, language_stub
 from tests.integration.test_inspection import epd
@@ -85,7 +85,7 @@ def image(spec: tuple[int, int, str], seed: int) -> common_pb2.Image:
 
 
 def tokens_of(spec: tuple[int, int, str]) -> int:
-    return qwen.image_tokens(spec[0], spec[1])
+    return qwen_images.image_tokens(spec[0], spec[1])
 
 
 async def generate(language: str, request_id: str, images, text: str) -> language_pb2.GenerateReply:

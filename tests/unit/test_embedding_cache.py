@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from services.encoder.models import EncodeInputs
-from services.models import qwen
+from services.models import qwen, qwen_weights
 from services.models.embedding_cache import EmbeddingCache, image_digest, image_key
 from services.tools.demo import make_image
 
@@ -50,7 +50,7 @@ A, B, C = image(96, 64, 1), image(64, 128, 2, "jpeg"), image(80, 80, 3)
 
 
 def payload(model: qwen.QwenEncoderModel, images, text: str) -> tuple[torch.Tensor, ...]:
-    embeds, ids, pos, _ = model.encode(EncodeInputs(tuple(images), text))
+    embeds, ids, pos, _, _ = model.encode(EncodeInputs(tuple(images), text))
     return embeds, ids, pos
 
 
@@ -132,9 +132,9 @@ def test_the_key_names_the_bytes_and_the_model():
 
 def test_the_fingerprint_tells_models_apart(plain):
     other = qwen.load_encoder_model("tiny", 2 * HIDDEN, cache=EmbeddingCache(1))
-    assert qwen.fingerprint(plain.qwen) == qwen.fingerprint(
-        qwen.load_qwen2vl("tiny", HIDDEN, keep=("vision",))
+    assert qwen_weights.fingerprint(plain.qwen) == qwen_weights.fingerprint(
+        qwen_weights.load_qwen("tiny", HIDDEN, keep=("vision",))
     )
-    assert qwen.fingerprint(plain.qwen) != other.fingerprint
+    assert qwen_weights.fingerprint(plain.qwen) != other.fingerprint
     with pytest.raises(ValueError, match="capacity_bytes=-1"):
         EmbeddingCache(-1)

@@ -20,8 +20,8 @@ from common.errors import InvalidArgument
 from common.layout import RecordLayout, default_fields
 from common.pool import BlockPool, field_of
 from services.encoder.models import EncodeInputs, load_model
-from services.language.consumers import NullConsumer, Qwen2VLPrefill, build_consumer
-from services.models import qwen
+from services.language.consumers import NullConsumer, QwenPrefill, build_consumer
+from services.models import qwen, qwen_images, qwen_weights
 from services.tools import demo
 
 HIDDEN = 64
@@ -34,14 +34,14 @@ def enc() -> qwen.QwenEncoderModel:
 
 
 @pytest.fixture(scope="module")
-def full() -> qwen.QwenVL:
+def full() -> qwen_weights.QwenVL:
     """The whole tiny model (vision + text), as one process would run it with no transfer."""
-    return qwen.load_qwen2vl("tiny", HIDDEN)
+    return qwen_weights.load_qwen("tiny", HIDDEN)
 
 
 @pytest.fixture(scope="module")
-def prefill() -> Qwen2VLPrefill:
-    return Qwen2VLPrefill(qwen.load_qwen2vl("tiny", HIDDEN, keep=("text",)))
+def prefill() -> QwenPrefill:
+    return QwenPrefill(qwen_weights.load_qwen("tiny", HIDDEN, keep=("text",)))
 
 
 def image(w: int, h: int, fmt: str = "png", seed: int = 0) -> tuple[bytes, str]:
@@ -52,7 +52,9 @@ def inputs(images, text: str = "") -> EncodeInputs:
     return EncodeInputs(tuple(images), text)
 
 
-def hf_logits(full: qwen.QwenVL, enc: qwen.QwenEncoderModel, inp: EncodeInputs) -> torch.Tensor:
+def hf_logits(
+    full: qwen_weights.QwenVL, enc: qwen.QwenEncoderModel, inp: EncodeInputs
+) -> torch.Tensor:
     """Last-position logits of the library's own end-to-end forward (input_ids + pixel_values)."""
     enc.prepare(inp)
     plan = enc.plan(inp)
@@ -78,9 +80,10 @@ def test_both_services_build_the_same_tiny_model(enc, prefill):
     a = enc.qwen.model.model.language_model.embed_tokens.weight
     b = prefill.qwen.model.model.language_model.embed_tokens.weight
     assert torch.equal(a, b)
-    again = qwen.load_qwen2vl("tiny", HIDDEN)
+    again = qwen_weights.load_qwen("tiny", HIDDEN)
     for (name, p), (_, q) in zip(
-        again.model.named_parameters(), qwen.load_qwen2vl("tiny", HIDDEN).model.named_parameters()
+        again.model.named_parameters(),
+        qwen_weights.load_qwen("tiny", HIDDEN).model.named_parameters(),
     ):
         assert torch.equal(p, q), name
     assert enc.qwen.hidden == HIDDEN and prefill.qwen.config.text_config.hidden_size == HIDDEN
@@ -89,7 +92,7 @@ def test_both_services_build_the_same_tiny_model(enc, prefill):
 def test_token_ids_and_mrope_positions_of_text_image_text(enc, full):
     imgs = [image(200, 300, "jpeg", 1), image(500, 120, "png", 2)]
     inp = inputs(imgs, "look <image> then <image> end")
-    embeds, ids, pos, delta = enc.encode(inp)
+    embeds, ids, pos, delta, _ = enc.encode(inp)
     # The library's image processor decides the grids ...
     batch = full.processor(
         images=[Image.open(io.BytesIO(d)).convert("RGB") for d, _ in imgs], return_tensors="pt"
@@ -100,7 +103,7 @@ def test_token_ids_and_mrope_positions_of_text_image_text(enc, full):
     vs, ve, pad = cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.image_token_id
     expected = [*b"look ", vs, *[pad] * n[0], ve, *b" then ", vs, *[pad] * n[1], ve, *b" end"]
     assert ids.tolist() == expected
-    assert n == [qwen.image_tokens(200, 300), qwen.image_tokens(500, 120)]
+    assert n == [qwen_images.image_tokens(200, 300), qwen_images.image_tokens(500, 120)]
     # ... and the model's own rope-index rule the positions.
     ref, ref_delta = full.model.model.get_rope_index(
         ids[None], mm_token_type_ids=(ids == pad)[None].int(), image_grid_thw=grid
@@ -135,8 +138,8 @@ def test_images_without_placeholders_go_before_the_text(enc):
 
 
 def test_text_only_and_special_tokens(enc):
-    embeds, ids, pos, delta = enc.encode(inputs([], "<|im_start|>user\nhé<|im_end|>"))
-    sp = qwen.TINY_SPECIAL_TOKENS
+    embeds, ids, pos, delta, _ = enc.encode(inputs([], "<|im_start|>user\nhé<|im_end|>"))
+    sp = qwen_weights.TINY_SPECIAL_TOKENS
     assert ids.tolist() == [sp["<|im_start|>"], *"user\nhé".encode(), sp["<|im_end|>"]]
     assert pos.tolist() == [[i, i, i] for i in range(len(ids))] and delta == 0
     table = enc.qwen.model.get_input_embeddings().weight
@@ -148,7 +151,7 @@ def test_text_only_and_special_tokens(enc):
 def test_token_count_is_the_processors_count(enc, w, h):
     if max(w, h) / min(w, h) > 200:
         return
-    n = qwen.image_tokens(w, h)
+    n = qwen_images.image_tokens(w, h)
     assert n == demo.qwen_image_tokens(
         w, h
     )  # the demo's independent rule agrees with the library's
@@ -179,12 +182,12 @@ def test_token_count_equals_the_payload_written(enc, sizes, text):
     )
     total = enc.token_count(inp)
     assert total == len(text.replace("<image>", "").encode()) + sum(
-        qwen.image_tokens(w, h) + 2 for w, h, _ in sizes
+        qwen_images.image_tokens(w, h) + 2 for w, h, _ in sizes
     )
     pool = BlockPool(record, 16, -(-total // 16) + 3, "cpu")
     blocks = pool.allocator.try_alloc(-(-total // 16))
     try:
-        ref_embeds, ref_ids, ref_pos, _ = enc.encode(inputs(inp.images, inp.text))
+        ref_embeds, ref_ids, ref_pos, _, _ = enc.encode(inputs(inp.images, inp.text))
         enc.prepare(inp)
         enc.encode_into(inp, pool.runs(blocks, 0, total), record)
         runs = pool.runs(blocks, 0, total)
@@ -263,7 +266,7 @@ def test_prefill_equals_the_models_own_forward(enc, full, prefill):
         ([], "just text"),
     ):
         ref = hf_logits(full, enc, inputs(imgs, text))
-        embeds, ids, pos, delta = enc.encode(inputs(imgs, text))
+        embeds, ids, pos, delta, _ = enc.encode(inputs(imgs, text))
         exact = prefill.prefill(embeds, pos, ids)  # float32 embeddings: same numbers
         assert exact.first_token_id == int(ref.argmax())
         assert torch.allclose(
@@ -288,7 +291,7 @@ def test_prefill_skips_payloads_that_are_no_model_input(prefill):
     pos = torch.arange(10, dtype=torch.int32)[:, None].expand(10, 3)
     r = prefill.prefill(emb, pos, torch.arange(1000, 1010, dtype=torch.int32))
     assert r.first_token_id == -1 and "vocabulary" in r.skipped and "1009" in r.skipped
-    long = qwen.TINY_MAX_POSITIONS + 1
+    long = qwen_weights.TINY_MAX_POSITIONS + 1
     r = prefill.prefill(torch.zeros(long, HIDDEN), torch.zeros(long, 3, dtype=torch.int32))
     assert r.first_token_id == -1 and "context" in r.skipped
 
@@ -334,5 +337,5 @@ def test_model_settings_are_validated():
 def test_build_consumer_by_rank():
     cfg = LanguageConfig(encoder=("h:1",), consumer="qwen2-vl-prefill", hidden=HIDDEN, tp=2)
     assert isinstance(build_consumer(cfg, 1), NullConsumer)  # the model runs on rank 0 only
-    assert isinstance(build_consumer(cfg, 0), Qwen2VLPrefill)
+    assert isinstance(build_consumer(cfg, 0), QwenPrefill)
     assert isinstance(build_consumer(LanguageConfig(encoder=("h:1",)), 0), NullConsumer)
