@@ -27,12 +27,13 @@ from services.tools.demo._flags import (
 )
 from services.tools.demo._images import (
     IMAGE_PLACEHOLDER,
-    QWEN_FACTOR,
-    QWEN_MAX_PIXELS,
-    QWEN_MIN_PIXELS,
+    QWEN2_TOKENS,
+    QWEN3_TOKENS,
+    TokenRule,
     expected_image_request_tokens,
     make_image,
     qwen_image_tokens,
+    token_rule,
 )
 from services.tools.demo._report import Progress, format_failures, format_table
 from services.tools.demo._results import (
@@ -63,9 +64,9 @@ __all__ = [
     "KIND_DESCRIPTIONS",
     "PlannedRequest",
     "Progress",
-    "QWEN_FACTOR",
-    "QWEN_MAX_PIXELS",
-    "QWEN_MIN_PIXELS",
+    "QWEN2_TOKENS",
+    "QWEN3_TOKENS",
+    "TokenRule",
     "RequestResult",
     "ServiceProcess",
     "ServiceStartError",
@@ -90,6 +91,7 @@ __all__ = [
     "plan_images",
     "plan_workload",
     "qwen_image_tokens",
+    "token_rule",
     "run",
     "run_workload",
     "service_dtype",

@@ -17,7 +17,7 @@ import io
 import time
 from typing import Any
 
-from services.tools.demo._images import qwen_image_tokens
+from services.tools.demo._images import QWEN2_TOKENS, TokenRule, qwen_image_tokens
 
 CONVERSATION_IMAGES = ((448, 336), (336, 448))
 """(width, height) of the conversation's images (PNG): 192 image tokens each."""
@@ -63,20 +63,28 @@ def conversation_images(seed: int, variant: int = 0) -> list[tuple[bytes, str]]:
     return out
 
 
-def image_tokens() -> int:
-    return sum(qwen_image_tokens(w, h) for w, h in CONVERSATION_IMAGES)
+def image_tokens(rule: TokenRule = QWEN2_TOKENS) -> int:
+    return sum(qwen_image_tokens(w, h, rule) for w, h in CONVERSATION_IMAGES)
 
 
 @dataclasses.dataclass
 class TurnResult:
     turn: int
+    image_tokens: int
+    """The conversation's image tokens a turn, by the model family's rule."""
     warm: dict[str, Any] = dataclasses.field(default_factory=dict)
     cold: dict[str, Any] = dataclasses.field(default_factory=dict)
     problems: list[str] = dataclasses.field(default_factory=list)
 
 
 async def run_conversation(
-    address: str, turns: int, *, seed: int, request_timeout: float, sec=None
+    address: str,
+    turns: int,
+    *,
+    seed: int,
+    request_timeout: float,
+    sec=None,
+    rule: TokenRule = QWEN2_TOKENS,
 ) -> list[TurnResult]:
     """Send the conversation's turns (each with its cold twin) one after the other."""
     import grpc
@@ -114,7 +122,7 @@ async def run_conversation(
 
         for k, text in enumerate(turn_texts(turns)):
             twin = await asyncio.to_thread(conversation_images, seed, k + 1)
-            result = TurnResult(k + 1)
+            result = TurnResult(k + 1, image_tokens=image_tokens(rule))
             result.warm = await ask(f"demo-{seed}-chat-{k + 1}", images, text)
             result.cold = await ask(f"demo-{seed}-chat-{k + 1}-cold", twin, text)
             result.problems = check_turn(result)
@@ -137,14 +145,15 @@ def check_turn(result: TurnResult) -> list[str]:
         )
     if cold["cached_tokens"]:
         problems.append(f"the cold twin had {cold['cached_tokens']} cached tokens")
-    if result.turn > 1 and warm["cached_tokens"] != image_tokens():
-        problems.append(f"{warm['cached_tokens']} cached tokens, expected {image_tokens()}")
+    if result.turn > 1 and warm["cached_tokens"] != result.image_tokens:
+        problems.append(f"{warm['cached_tokens']} cached tokens, expected {result.image_tokens}")
     return problems
 
 
 def summarize_conversation(results: list[TurnResult]) -> dict[str, Any]:
     ok = [r for r in results if "error" not in r.warm and "error" not in r.cold]
-    looked = image_tokens() * len(ok)
+    per_turn = results[0].image_tokens if results else image_tokens()
+    looked = per_turn * len(ok)
     cached = sum(r.warm["cached_tokens"] for r in ok)
     not_sent = sum(
         (r.warm["total_tokens"] - r.warm["transferred_tokens"]) * r.warm["bytes_per_token"]
@@ -153,7 +162,7 @@ def summarize_conversation(results: list[TurnResult]) -> dict[str, Any]:
     saved = sum(r.cold["latency_ms"] - r.warm["latency_ms"] for r in ok[1:])
     return {
         "turns": len(results),
-        "image_tokens_per_turn": image_tokens(),
+        "image_tokens_per_turn": per_turn,
         "cached_tokens": cached,
         "hit_rate": cached / looked if looked else 0.0,
         "bytes_not_sent": int(not_sent),

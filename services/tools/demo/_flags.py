@@ -184,8 +184,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         default=d("--model", "tiny"),
         help="'tiny' (default): both services run a small seeded Qwen2-VL and image "
-        "requests are added; 'none': synthetic requests only (null consumer); "
-        "PATH: a local Qwen2-VL checkpoint (GPU hosts; --hidden must match it)",
+        "requests are added; 'tiny-qwen3': the same with a small seeded Qwen3-VL (3 "
+        "deepstack fields per token); 'none': synthetic requests only (null consumer); "
+        "PATH: a local Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint (GPU hosts; --hidden "
+        "must match it)",
     )
     parser.add_argument(
         "--image-requests",
@@ -237,7 +239,8 @@ def demo_env_names() -> set[str]:
 
 
 def uses_model(args: argparse.Namespace) -> bool:
-    """Whether the services run a Qwen2-VL (`--model tiny` or a checkpoint), not just synthetic payloads."""
+    """Whether the services run a Qwen model (`--model tiny`, `tiny-qwen3` or a checkpoint), not
+    just synthetic payloads."""
     return getattr(args, "model", "none") not in ("none", "", "bytes")
 
 

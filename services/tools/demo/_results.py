@@ -245,11 +245,13 @@ def verify_results(
     hidden: int,
     dtype: str,
     progress: Progress | None = None,
-    digest: Callable[[int, int, int, str], str] | None = None,
+    digest: Callable[..., str] | None = None,
     workers: int | None = None,
+    deepstack_levels: int = 0,
 ) -> int:
     """Check every answered reply against the reference digest (in a thread pool: hashlib and
-    numpy release the GIL). Returns the number of mismatches."""
+    numpy release the GIL), the payload having `deepstack_levels` deepstack fields. Returns the
+    number of mismatches."""
     digest = digest or reference_payload.expected_digest
     for r in results:
         if r.rpc_ok and r.request.kind == "image":
@@ -260,7 +262,9 @@ def verify_results(
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {
-            pool.submit(digest, r.request.tokens, r.request.seed, hidden, dtype): r
+            pool.submit(
+                digest, r.request.tokens, r.request.seed, hidden, dtype, deepstack_levels
+            ): r
             for r in answered
         }
         for fut in concurrent.futures.as_completed(futures):

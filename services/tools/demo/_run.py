@@ -20,6 +20,7 @@ from services.tools.demo._flags import (
     uses_model,
     validate_args,
 )
+from services.tools.demo._images import token_rule
 from services.tools.demo._report import Progress, format_failures, format_table
 from services.tools.demo._results import summarize, verify_results
 from services.tools.demo._workload import (
@@ -29,6 +30,15 @@ from services.tools.demo._workload import (
     plan_workload,
 )
 from services.tools.supervise import ServiceGroup, ServiceStartError, child_env, service_argv
+
+
+def model_deepstack_levels(args: argparse.Namespace) -> int:
+    """Deepstack fields of the payload: the model's (Qwen3-VL: 3), none without a model."""
+    if not uses_model(args):
+        return 0
+    from common.config import describe_model
+
+    return describe_model("--model", args.model, args.hidden).deepstack_levels
 
 
 def encoder_argv(args: argparse.Namespace) -> list[str]:
@@ -65,7 +75,11 @@ def language_argv(args: argparse.Namespace, encoders: Sequence[str]) -> list[str
         "--initial-tokens",
         str(args.initial_tokens),
         *(["--tp", str(args.tp)] if getattr(args, "tp", 1) > 1 else []),
-        *(["--consumer", "qwen2-vl-prefill", "--model", args.model] if uses_model(args) else []),
+        *(
+            ["--consumer", token_rule(args.model).consumer, "--model", args.model]
+            if uses_model(args)
+            else []
+        ),
         *_security_argv(args, language=True),
         *getattr(args, "language_arg", []),
     )
@@ -128,7 +142,8 @@ def _run(
         block_size=args.block_size,
         initial_tokens=args.initial_tokens,
         language_pool_blocks=args.language_pool_blocks,
-        exact_tokens=args.model == "tiny",
+        exact_tokens=args.model in ("tiny", "tiny-qwen3"),
+        rule=token_rule(getattr(args, "model", "none")),
     )
     # The slow image requests start first, the largest first, so the wall time stays short.
     plan = sorted(image_plan, key=lambda p: -p.tokens) + plan
@@ -229,7 +244,13 @@ def _run(
         # ---- verification (after the workload, so it does not skew the timings)
         answered = sum(r.rpc_ok for r in results)
         progress.start(label="verify  ", total=answered, fail_label="mismatches")
-        verify_results(results, args.hidden, dtype, progress=progress)
+        verify_results(
+            results,
+            args.hidden,
+            dtype,
+            progress=progress,
+            deepstack_levels=model_deepstack_levels(args),
+        )
         progress.finish()
         for r in results:
             if r.rpc_ok and r.rounds and r.rounds < r.request.min_rounds:
@@ -256,6 +277,7 @@ def _run(
                         seed=args.seed,
                         request_timeout=args.request_timeout,
                         sec=sec,
+                        rule=token_rule(args.model),
                     )
                 )
             summary["conversation"] = summarize_conversation(chat)

@@ -8,7 +8,12 @@ import math
 import random
 
 from services.tools.demo._flags import BOUNDARY_OFFSETS, KINDS
-from services.tools.demo._images import expected_image_request_tokens, make_image
+from services.tools.demo._images import (
+    QWEN2_TOKENS,
+    TokenRule,
+    expected_image_request_tokens,
+    make_image,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,14 +143,16 @@ def plan_images(
     initial_tokens: int = 8192,
     language_pool_blocks: int = 96,
     exact_tokens: bool = True,
+    rule: TokenRule = QWEN2_TOKENS,
 ) -> list[PlannedRequest]:
-    """`requests` image requests, cycling through IMAGE_SET (seeded image contents)."""
+    """`requests` image requests, cycling through IMAGE_SET (seeded image contents); `rule` is
+    the model family's token count."""
     pool_tokens = language_pool_blocks * block_size
     initial = initial_allocation_tokens(initial_tokens, block_size, language_pool_blocks)
     plan = []
     for i in range(requests):
         name, images, text = IMAGE_SET[i % len(IMAGE_SET)]
-        tokens = expected_image_request_tokens(images, text)
+        tokens = expected_image_request_tokens(images, text, rule)
         plan.append(
             PlannedRequest(
                 index=first_index + i,
