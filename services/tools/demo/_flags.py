@@ -19,7 +19,7 @@ KIND_DESCRIPTIONS = {
     "boundary": "at / just around the initial allocation",
     "multi10": "larger than 10x the language pool (>= 10 rounds)",
     "medium": "2-4 rounds",
-    "image": "generated PNG/JPEG images, tiny Qwen2-VL + prefill",
+    "image": "generated PNG/JPEG images, the tiny Qwen model + prefill",
 }
 
 
