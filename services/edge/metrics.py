@@ -123,6 +123,11 @@ class Metrics:
             ["state"],
         )
         self.pool_waiters = gauge("epd_pool_waiters", "Allocations waiting for free blocks")
+        self.record_bytes = gauge(
+            "epd_record_bytes",
+            "Bytes of one token's record in this process's pool: every payload field "
+            "(3 default fields, plus the model's deepstack fields), padded",
+        )
         self.alloc_wait = histogram(
             "epd_alloc_wait_seconds",
             "How long allocations waited for pool blocks",
@@ -215,8 +220,9 @@ class Metrics:
 
     # ------------------------------------------------------------------ gauges read at scrape time
 
-    def watch_pool(self, allocator) -> None:
-        """Pool gauges read from a BlockAllocator when scraped."""
+    def watch_pool(self, allocator, record_bytes: int) -> None:
+        """Pool gauges read from a BlockAllocator when scraped, and the pool's record size."""
+        self.record_bytes.labels(**self._labels).set(record_bytes)
         self.pool_blocks.labels(**self._labels, state="used").set_function(
             lambda: allocator.used_count
         )
@@ -337,6 +343,7 @@ def exported_names(role: str, rank: int | None = None) -> set[str]:
         m.encode_seconds,
         m.inflight,
         m.pool_waiters,
+        m.record_bytes,
         m.failovers,
         m.early_inits,
         m.overlapped_resumes,

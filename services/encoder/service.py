@@ -106,7 +106,7 @@ class EncoderService:
         self.transport.register(
             self.pool.registered_address, self.pool.registered_bytes, memory_location(cfg.device)
         )
-        self.metrics.watch_pool(self.pool.allocator)
+        self.metrics.watch_pool(self.pool.allocator, self.pool.record.record_bytes)
         self.metrics.watch_inflight(lambda: len(self.transfers.live))
         # Register's proofs are read by an engine of their own (services/encoder/possession.py).
         self.proof_transport = await asyncio.to_thread(

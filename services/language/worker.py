@@ -124,7 +124,7 @@ class RankWorker:
         self.transport.register(
             self.pool.registered_address, self.pool.registered_bytes, memory_location(cfg.device)
         )
-        self.metrics.watch_pool(self.pool.allocator)
+        self.metrics.watch_pool(self.pool.allocator, self.pool.record.record_bytes)
         self.metrics.watch_inflight(lambda: len(self._tasks))
         self.metrics_port = self.metrics.serve(
             cfg.host, cfg.metrics_port
