@@ -129,6 +129,10 @@ class RecordLayout:
         return tuple(f.name for f in self.fields)
 
     @property
+    def deepstack_levels(self) -> int:
+        return sum(1 for n in self.names if n.startswith(DEEPSTACK_PREFIX))
+
+    @property
     def payload_bytes_per_token(self) -> int:
         """Bytes of real field data per token (without padding)."""
         return sum(f.bytes_per_token for f in self.fields)
@@ -138,6 +142,12 @@ class RecordLayout:
         diffs = []
         if self.names != other.names:
             diffs.append(f"fields {list(other.names)} != {list(self.names)}")
+            here, there = self.deepstack_levels, other.deepstack_levels
+            if here != there:
+                diffs.append(
+                    f"deepstack levels {there} != {here}: set --deepstack-levels {here} on "
+                    f"the language (or run its prefill consumer with the encoder's --model)"
+                )
         else:
             for mine, theirs in zip(self.fields, other.fields):
                 for attr in ("dtype", "per_token_shape"):

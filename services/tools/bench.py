@@ -52,6 +52,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from common.layout import RecordLayout, payload_fields
+from common.models import TINY_DEEPSTACK_LEVELS
 from common.pb.epd.v1 import bench_pb2, bench_pb2_grpc, common_pb2, language_pb2, language_pb2_grpc
 from services.edge import security
 from services.edge.rpc import CLIENT_OPTIONS
@@ -92,7 +93,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--deepstack-levels",
         type=int,
         default=0,
-        help="per-token deepstack fields of both services (Qwen3-VL: 3; default 0)",
+        help="per-token deepstack fields of both services (Qwen3-VL: 3; default 0); with 3 "
+        "the reuse case runs tiny-qwen3",
     )
     security.add_client_arguments(p)  # the bench's client and the services it starts
     p.add_argument("--block-size", type=int, default=128)
@@ -780,6 +782,11 @@ async def run_async(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         raise SystemExit(f"epd bench: unknown case(s) {unknown}; known: {list(CASES)}")
+    if "reuse" in cases and args.deepstack_levels not in (0, TINY_DEEPSTACK_LEVELS):
+        raise SystemExit(
+            f"epd bench: --deepstack-levels {args.deepstack_levels}: the reuse case runs a tiny "
+            f"model, which fills 0 (tiny) or {TINY_DEEPSTACK_LEVELS} (tiny-qwen3) deepstack fields"
+        )
     sizes = [int(x) for x in args.sizes.split(",")]
     levels = [int(x) for x in args.concurrency.split(",")]
     repeats = max(3, args.repeats // 3) if args.quick else args.repeats
@@ -890,7 +897,8 @@ async def case_loops(
 
 
 async def case_reuse(args, n: int) -> dict[str, Any]:
-    """The same image n times, the caches on and off (a service pair each)."""
+    """The same image n times, the caches on and off (a service pair each), through the tiny
+    model whose fields the payload has (`tiny`, or `tiny-qwen3` with deepstack fields)."""
     width, _, height = args.reuse_image.partition("x")
     data = demo.make_image(int(width), int(height), "png", seed=3)
     image = common_pb2.Image(data=data, mime_type="image/png")
@@ -903,7 +911,7 @@ async def case_reuse(args, n: int) -> dict[str, Any]:
             encoder_blocks=blocks,
             alloc_policy="fixed",
             initial_tokens=(blocks // 2) * args.block_size,
-            extra=("--model", "tiny", *extra),
+            extra=("--model", "tiny-qwen3" if args.deepstack_levels else "tiny", *extra),
         )
         try:
             latencies, replies = [], []

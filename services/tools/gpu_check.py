@@ -14,6 +14,7 @@ run's; a step that fails, or finds a part missing, is one line of the table, nev
 | `transfer-rdma` | `transfer-tcp` over RDMA, when `/dev/infiniband` exists (else skipped) |
 | `tp2-dummy-rank` | `--tp 2` on the one device, rank 1 a dummy rank: the ranks agree |
 | `qwen-tiny` | the tiny Qwen2-VL encoder and prefill on the device: disaggregated == colocated |
+| `qwen3-tiny` | the same with the tiny Qwen3-VL: its deepstack features filled on the device, sent as three more fields and injected by the prefill |
 | `bench` | `epd bench --quick --cases single,multi,control` on device pools: the ratios |
 
 Every step ends with every pool free (GetPool of both services).
@@ -293,9 +294,12 @@ QWEN_HIDDEN = 64
 BF16_TOLERANCE = 5e-2
 
 
-async def step_qwen(device: str) -> str:
+async def step_qwen(device: str, model: str = "tiny") -> str:
+    """A tiny model's encoder and prefill consumer on the device, against a colocated run on the
+    host (`tiny`: Qwen2-VL; `tiny-qwen3`: Qwen3-VL, whose deepstack fields travel too)."""
     import torch
 
+    from common.config import describe_model
     from common.pb.epd.v1 import common_pb2
     from services.encoder.models import EncodeInputs
     from services.language.consumers import QwenPrefill
@@ -304,12 +308,13 @@ async def step_qwen(device: str) -> str:
 
     images = [(make_image(448, 160, "png", seed=1), "image/png")]
     text = "Describe <image>."
-    flags = ("--hidden", str(QWEN_HIDDEN), "--model", "tiny")
+    flags = ("--hidden", str(QWEN_HIDDEN), "--model", model)
+    consumer = describe_model("model", model, QWEN_HIDDEN).family.consumer
     pair = await asyncio.to_thread(
         Pair,
         device,
         encoder=(*flags, "--max-request-tokens", "4096"),
-        language=(*flags, "--consumer", "qwen2-vl-prefill"),
+        language=(*flags, "--consumer", consumer),
     )
     try:
         reply = await generate(
@@ -322,10 +327,15 @@ async def step_qwen(device: str) -> str:
         await asyncio.to_thread(pair.stop)
 
     def colocated():
-        full = qwen_weights.load_qwen("tiny", QWEN_HIDDEN)
+        full = qwen_weights.load_qwen(model, QWEN_HIDDEN)
         enc, prefill = qwen.QwenEncoderModel(full), QwenPrefill(full)
-        embeds, ids, pos, _, _ = enc.encode(EncodeInputs(tuple(images), text))
-        return prefill.prefill(embeds.to(torch.bfloat16), pos.to(torch.int32), ids)
+        out = enc.encode(EncodeInputs(tuple(images), text))
+        return prefill.prefill(
+            out.embeddings.to(torch.bfloat16),
+            out.positions.to(torch.int32),
+            out.token_ids,
+            [d.to(torch.bfloat16) for d in out.deepstack],
+        )
 
     local = await asyncio.to_thread(colocated)
     lg = reply.logits
@@ -387,9 +397,10 @@ STEPS = (
     "transfer-rdma",
     "tp2-dummy-rank",
     "qwen-tiny",
+    "qwen3-tiny",
     "bench",
 )
-STEP_LIMIT_S = {"qwen-tiny": 180.0, "bench": 320.0}
+STEP_LIMIT_S = {"qwen-tiny": 150.0, "qwen3-tiny": 150.0, "bench": 300.0}
 
 
 def run(device: str, steps: list[str], out_path: str) -> int:
@@ -409,6 +420,7 @@ def run(device: str, steps: list[str], out_path: str) -> int:
         "transfer-rdma": lambda: step_transfer(device, "rdma"),
         "tp2-dummy-rank": lambda: step_tp2(device),
         "qwen-tiny": lambda: step_qwen(device),
+        "qwen3-tiny": lambda: step_qwen(device, "tiny-qwen3"),
         "bench": lambda: step_bench(device, report),
     }
     for name in steps:
