@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from services.tools.demo._images import qwen_image_tokens
+from services.tools.demo._images import QWEN3_TOKENS, qwen_image_tokens
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -147,3 +147,53 @@ def test_demo_with_two_ranks_checks_every_rank():
     assert all(
         r["first_token_id"] >= 0 for r in summary["image_requests"]
     )  # rank 0 prefills; both ranks agree
+
+
+def test_demo_with_tiny_qwen3_carries_the_deepstack_fields():
+    """`epd demo --model tiny-qwen3`: Qwen3-VL's token rule for the image requests, three deepstack
+    fields per token in every payload (synthetic digests recomputed with them), and reuse of held
+    rows with every field in the conversation."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.tools.cli",
+            "demo",
+            "--model",
+            "tiny-qwen3",
+            "--requests",
+            "4",
+            "--image-requests",
+            "3",
+            "--conversation-turns",
+            "2",
+            "--hidden",
+            "128",
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MC_FORCE_TCP": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    assert summary["succeeded"] == 4 + 3 and summary["failed"] == summary["mismatches"] == 0
+    assert summary["digests_matched"] == 4  # the reference digest with 3 deepstack fields
+    # 128 x bf16 for the embeddings and each of the 3 deepstack levels, + ids and positions.
+    assert summary["bytes"] == summary["tokens"] * (4 * 128 * 2 + 4 + 12)
+    images = summary["image_requests"]
+    assert len(images) == 3 and all(
+        r["first_token_id"] >= 0 and r["tokens"] == r["expected_tokens"] for r in images
+    )
+    chat = summary["conversation"]
+    per_image = chat["image_tokens_per_turn"]
+    assert (
+        per_image
+        == sum(qwen_image_tokens(w, h, QWEN3_TOKENS) for w, h in ((448, 336), (336, 448)))
+        != sum(qwen_image_tokens(w, h) for w, h in ((448, 336), (336, 448)))
+    )
+    assert chat["mismatches"] == 0 and chat["cached_tokens"] == per_image, chat
+    for t in chat["per_turn"]:
+        assert t["warm"]["payload_sha256"] == t["cold"]["payload_sha256"]
