@@ -173,7 +173,26 @@ def _tiny_qwen25_config():
     )
 
 
-@pytest.mark.parametrize("family", ["qwen3-vl", "qwen2.5-vl"])
+def _tiny_qwen3_moe_config():
+    from transformers import Qwen3VLMoeConfig
+
+    dense = qwen_weights.tiny_qwen3_config(HIDDEN).to_dict()
+    text = dense["text_config"] | dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=HIDDEN, decoder_sparse_step=1
+    )
+    for key in ("model_type", "architectures", "dtype", "transformers_version"):
+        text.pop(key, None)
+    vision = {k: v for k, v in dense["vision_config"].items() if k != "model_type"}
+    keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return Qwen3VLMoeConfig(  # type: ignore[call-arg]
+        text_config=text, vision_config=vision, **{k: dense[k] for k in keys}
+    )
+
+
+BUILT = {"qwen2.5-vl": _tiny_qwen25_config, "qwen3-vl-moe": _tiny_qwen3_moe_config}
+
+
+@pytest.mark.parametrize("family", ["qwen3-vl", "qwen2.5-vl", "qwen3-vl-moe"])
 def test_a_checkpoint_directory_is_loaded_as_its_config_says(tmp_path, full, family):
     """The architecture comes from config.json's model_type; the prefill of what the loaded
     encoder writes equals the library's forward of the same checkpoint."""
@@ -183,18 +202,19 @@ def test_a_checkpoint_directory_is_loaded_as_its_config_says(tmp_path, full, fam
     else:  # no preprocessor_config.json: the family's processor settings
         import transformers
 
+        config = BUILT[family]()
+        cls = getattr(transformers, next(f for f in FAMILIES if f.name == family).model_class)
         torch.manual_seed(0)
-        transformers.Qwen2_5_VLForConditionalGeneration(_tiny_qwen25_config()).save_pretrained(
-            tmp_path
-        )
+        cls(config).save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] in (
         "qwen3_vl",
         "qwen2_5_vl",
+        "qwen3_vl_moe",
     )
     config = EncoderConfig(model=str(tmp_path), hidden=HIDDEN)
     config.validate()
     assert config.model_info is not None and config.model_info.family.name == family
-    levels = LEVELS if family == "qwen3-vl" else 0
+    levels = 0 if family == "qwen2.5-vl" else LEVELS
     assert [f.name for f in config.field_specs][3:] == [f"deepstack_{k}" for k in range(levels)]
 
     loaded = load_model(str(tmp_path), HIDDEN, "bfloat16")
