@@ -18,7 +18,7 @@ from PIL import Image
 
 from common.config import ConfigError, EncoderConfig
 from common.layout import RecordLayout, payload_fields
-from common.models import QWEN3_VL
+from common.models import FAMILIES, QWEN3_VL
 from common.pool import BlockPool, field_of
 from services.encoder.models import EncodeInputs, load_model
 from services.language.consumers import QwenPrefill
