@@ -561,9 +561,11 @@ class EncoderConfig(ServiceConfig):
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
-        # A model whose deepstack levels differ from an explicit --deepstack-levels serves
-        # synthetic requests only (the service refuses the others, naming both counts).
-        self.model_info  # noqa: B018 - ConfigError for an unknown model or a hidden mismatch
+        # ConfigError for an unknown model or a hidden size that is not the model's. A model
+        # whose deepstack levels differ from an explicit --deepstack-levels is no error: the
+        # service serves synthetic requests only (it refuses the others, naming both counts).
+        if self.model != "bytes":
+            describe_model("model", self.model, self.hidden)
 
     @property
     def model_info(self) -> ModelInfo | None:

@@ -29,24 +29,25 @@ DEMO_KEYS = {
 }
 
 
-def test_demo_json_succeeds_with_multi_round_requests():
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "services.tools.cli",
-            "demo",
-            "--requests",
-            "8",
-            "--hidden",
-            "256",
-            "--json",
-        ],
+def run_demo(*flags: str) -> subprocess.CompletedProcess:
+    """`epd demo FLAGS` as a user runs it: a process of its own, Mooncake over TCP."""
+    return subprocess.run(
+        [sys.executable, "-m", "services.tools.cli", "demo", *flags],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
         env={**os.environ, "MC_FORCE_TCP": "1"},
+    )
+
+
+def test_demo_json_succeeds_with_multi_round_requests():
+    out = run_demo(
+        "--requests",
+        "8",
+        "--hidden",
+        "256",
+        "--json",
     )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout)
@@ -79,24 +80,13 @@ def test_demo_json_succeeds_with_multi_round_requests():
 
 
 def test_demo_table_and_exit_code():
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "services.tools.cli",
-            "demo",
-            "--requests",
-            "4",
-            "--hidden",
-            "128",
-            "--image-requests",
-            "2",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "MC_FORCE_TCP": "1"},
+    out = run_demo(
+        "--requests",
+        "4",
+        "--hidden",
+        "128",
+        "--image-requests",
+        "2",
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "conversation: 4 turns" in out.stdout and "hit rate 75.0 %" in out.stdout
@@ -115,27 +105,16 @@ def test_demo_table_and_exit_code():
 
 
 def test_demo_with_two_ranks_checks_every_rank():
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "services.tools.cli",
-            "demo",
-            "--tp",
-            "2",
-            "--requests",
-            "4",
-            "--hidden",
-            "128",
-            "--json",
-            "--image-requests",
-            "2",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "MC_FORCE_TCP": "1"},
+    out = run_demo(
+        "--tp",
+        "2",
+        "--requests",
+        "4",
+        "--hidden",
+        "128",
+        "--json",
+        "--image-requests",
+        "2",
     )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout)
@@ -153,29 +132,18 @@ def test_demo_with_tiny_qwen3_carries_the_deepstack_fields():
     """`epd demo --model tiny-qwen3`: Qwen3-VL's token rule for the image requests, three deepstack
     fields per token in every payload (synthetic digests recomputed with them), and reuse of held
     rows with every field in the conversation."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "services.tools.cli",
-            "demo",
-            "--model",
-            "tiny-qwen3",
-            "--requests",
-            "4",
-            "--image-requests",
-            "3",
-            "--conversation-turns",
-            "2",
-            "--hidden",
-            "128",
-            "--json",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "MC_FORCE_TCP": "1"},
+    out = run_demo(
+        "--model",
+        "tiny-qwen3",
+        "--requests",
+        "4",
+        "--image-requests",
+        "3",
+        "--conversation-turns",
+        "2",
+        "--hidden",
+        "128",
+        "--json",
     )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout)

@@ -25,6 +25,7 @@ from services.language.consumers import QwenPrefill
 from services.models import qwen, qwen_images, qwen_weights
 from services.tools import demo
 from tests.conftest import Pair, assert_all_free, language_stub
+from tests.qwen_oracle import generated_images, library_forward
 
 HIDDEN = 64
 BLOCK = 128
@@ -77,29 +78,7 @@ def colocated():
 
 
 def images_of(case: str) -> list[tuple[bytes, str]]:
-    return [
-        (demo.make_image(w, h, fmt, seed=k), f"image/{fmt}")
-        for k, (w, h, fmt) in enumerate(CASES[case][0])
-    ]
-
-
-def library_logits(colocated, images, text) -> torch.Tensor:
-    """The library's own forward (input_ids + pixel_values, float32): last-position logits."""
-    enc, full, _ = colocated
-    inp = EncodeInputs(tuple(images), text)
-    enc.prepare(inp)
-    plan = enc.plan(inp)
-    batch = full.processor(images=plan.decoded, return_tensors="pt")
-    ids = plan.token_ids[None]
-    with torch.inference_mode():
-        out = full.model(
-            input_ids=ids,
-            pixel_values=batch["pixel_values"],
-            image_grid_thw=batch["image_grid_thw"],
-            mm_token_type_ids=(ids == enc.image_token).int(),
-            logits_to_keep=1,
-        )
-    return out.logits[0, -1].float()
+    return generated_images(CASES[case][0])
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -141,7 +120,8 @@ async def test_disaggregated_equals_colocated(pair, colocated, case, unique_id):
     assert lg.mrope_position_delta == local.position_delta == out.delta
 
     # 2. The library's own forward, deepstack computed and injected by the model itself.
-    ref = library_logits(colocated, images, text)
+    ref, ref_delta = library_forward(colocated[1], enc, EncodeInputs(tuple(images), text))
+    assert ref_delta == out.delta
     assert float(ref[reply.first_token_id]) >= float(ref.max()) - BF16_TOLERANCE
     assert list(lg.top_logits) == pytest.approx(
         ref[list(lg.top_token_ids)].tolist(), abs=BF16_TOLERANCE

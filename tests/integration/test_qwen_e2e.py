@@ -24,6 +24,7 @@ from services.language.consumers import QwenPrefill
 from services.models import qwen, qwen_weights
 from services.tools import demo
 from tests.conftest import Pair, ServiceProcess, assert_all_free, encoder_stub, language_stub
+from tests.qwen_oracle import generated_images, library_forward
 
 HIDDEN = 64
 BLOCK = 128
@@ -70,10 +71,7 @@ def colocated():
 
 
 def images_of(case: str) -> list[tuple[bytes, str]]:
-    return [
-        (demo.make_image(w, h, fmt, seed=k), f"image/{fmt}")
-        for k, (w, h, fmt) in enumerate(CASES[case][0])
-    ]
+    return generated_images(CASES[case][0])
 
 
 def generate_request(request_id: str, images, text: str, **kw) -> language_pb2.GenerateRequest:
@@ -84,29 +82,6 @@ def generate_request(request_id: str, images, text: str, **kw) -> language_pb2.G
         images=[common_pb2.Image(data=d, mime_type=m) for d, m in images],
         **kw,
     )
-
-
-def reference_logits(colocated, images, text) -> tuple[torch.Tensor, int]:
-    """The library's own forward (input_ids + pixel_values, float32): last-position logits, delta."""
-    enc, full, _ = colocated
-    inp = EncodeInputs(tuple(images), text)
-    enc.prepare(inp)
-    plan = enc.plan(inp)
-    batch = full.processor(images=plan.decoded, return_tensors="pt")
-    ids = plan.token_ids[None]
-    mm = (ids == enc.image_token).int()
-    with torch.inference_mode():
-        out = full.model(
-            input_ids=ids,
-            pixel_values=batch["pixel_values"],
-            image_grid_thw=batch["image_grid_thw"],
-            mm_token_type_ids=mm,
-            logits_to_keep=1,
-        )
-        _, delta = full.model.model.get_rope_index(
-            ids, mm_token_type_ids=mm, image_grid_thw=batch["image_grid_thw"]
-        )
-    return out.logits[0, -1].float(), int(delta)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -146,7 +121,7 @@ async def test_disaggregated_equals_colocated(pair, colocated, case, unique_id):
     assert lg.mrope_position_delta == local.position_delta == delta
 
     # 2. The library's own end-to-end forward (float32, no payload at all): within bf16 tolerance.
-    ref, ref_delta = reference_logits(colocated, images, text)
+    ref, ref_delta = library_forward(colocated[1], enc, EncodeInputs(tuple(images), text))
     # The same first token, up to bf16 rounding: the reference's argmax, or a token within the
     # tolerance of it (only possible when the reference's top two are that close).
     assert float(ref[reply.first_token_id]) >= float(ref.max()) - BF16_TOLERANCE

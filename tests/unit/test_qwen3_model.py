@@ -25,6 +25,7 @@ from services.language.consumers import QwenPrefill
 from services.models import qwen, qwen_images, qwen_weights
 from services.models.embedding_cache import EmbeddingCache
 from services.tools import demo
+from tests.qwen_oracle import library_forward
 
 HIDDEN = 64
 LEVELS = 3
@@ -42,22 +43,6 @@ def enc() -> qwen.QwenEncoderModel:
 
 def image(w: int, h: int, seed: int = 0, fmt: str = "png") -> tuple[bytes, str]:
     return demo.make_image(w, h, fmt, seed), f"image/{fmt}"
-
-
-def library_logits(full, enc, inp: EncodeInputs) -> torch.Tensor:
-    enc.prepare(inp)
-    plan = enc.plan(inp)
-    batch = full.processor(images=plan.decoded, return_tensors="pt")
-    ids = plan.token_ids[None]
-    with torch.inference_mode():
-        out = full.model(
-            input_ids=ids,
-            pixel_values=batch["pixel_values"],
-            image_grid_thw=batch["image_grid_thw"],
-            mm_token_type_ids=(ids == enc.image_token).int(),
-            logits_to_keep=1,
-        )
-    return out.logits[0, -1].float()
 
 
 def test_tiny_qwen3_is_a_qwen3_vl_with_three_deepstack_levels(full, enc):
@@ -79,7 +64,7 @@ def test_the_prefill_on_the_fields_equals_the_librarys_forward(full, enc):
     out = enc.encode(inp)
     prefill = QwenPrefill(full)
     got = prefill.prefill(out.embeddings, out.positions, out.token_ids, out.deepstack)
-    ref = library_logits(full, enc, inp)
+    ref = library_forward(full, enc, inp)[0]
     assert got.first_token_id == int(ref.argmax()) and prefill.name == "qwen3-vl-prefill"
     assert list(got.top_logits) == pytest.approx(ref[list(got.top_token_ids)].tolist(), abs=1e-4)
     # The deepstack rows sit on image tokens only, and they change the answer.
@@ -225,7 +210,7 @@ def test_a_checkpoint_directory_is_loaded_as_its_config_says(tmp_path, full, fam
     inp = EncodeInputs((image(90, 120, 5),), "<|vision_start|><|image_pad|><|vision_end|>")
     out = loaded.encode(inp)
     got = QwenPrefill(whole).prefill(out.embeddings, out.positions, out.token_ids, out.deepstack)
-    ref = library_logits(whole, loaded, EncodeInputs(inp.images, inp.text))
+    ref = library_forward(whole, loaded, EncodeInputs(inp.images, inp.text))[0]
     assert got.first_token_id == int(ref.argmax())
     assert list(got.top_logits) == pytest.approx(ref[list(got.top_token_ids)].tolist(), abs=1e-4)
 

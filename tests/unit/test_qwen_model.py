@@ -23,6 +23,7 @@ from services.encoder.models import EncodeInputs, load_model
 from services.language.consumers import NullConsumer, QwenPrefill, build_consumer
 from services.models import qwen, qwen_images, qwen_weights
 from services.tools import demo
+from tests.qwen_oracle import library_forward
 
 HIDDEN = 64
 PNG, JPEG = "image/png", "image/jpeg"
@@ -50,27 +51,6 @@ def image(w: int, h: int, fmt: str = "png", seed: int = 0) -> tuple[bytes, str]:
 
 def inputs(images, text: str = "") -> EncodeInputs:
     return EncodeInputs(tuple(images), text)
-
-
-def hf_logits(
-    full: qwen_weights.QwenVL, enc: qwen.QwenEncoderModel, inp: EncodeInputs
-) -> torch.Tensor:
-    """Last-position logits of the library's own end-to-end forward (input_ids + pixel_values)."""
-    enc.prepare(inp)
-    plan = enc.plan(inp)
-    ids = plan.token_ids[None]
-    kwargs = {}
-    if plan.images:
-        batch = full.processor(images=plan.decoded, return_tensors="pt")
-        kwargs = dict(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
-    with torch.inference_mode():
-        out = full.model(
-            input_ids=ids,
-            mm_token_type_ids=(ids == enc.image_token).int(),
-            logits_to_keep=1,
-            **kwargs,
-        )
-    return out.logits[0, -1].float()
 
 
 # ---------------------------------------------------------------------------- the model itself
@@ -265,7 +245,7 @@ def test_prefill_equals_the_models_own_forward(enc, full, prefill):
         ([image(200, 200, "jpeg", 8), image(448, 160, "png", 9)], "a <image> b <image> c"),
         ([], "just text"),
     ):
-        ref = hf_logits(full, enc, inputs(imgs, text))
+        ref = library_forward(full, enc, inputs(imgs, text))[0]
         embeds, ids, pos, delta, _ = enc.encode(inputs(imgs, text))
         exact = prefill.prefill(embeds, pos, ids)  # float32 embeddings: same numbers
         assert exact.first_token_id == int(ref.argmax())
