@@ -45,12 +45,19 @@ ENCODER_POLICIES = ("least-loaded", "round-robin")
 def describe_model(setting: str, model: str, hidden: int) -> ModelInfo:
     """A vision-language model name: a tiny one (`TINY_MODELS`, hidden a multiple of 16) or a
     local checkpoint directory whose config.json names a known family and whose text hidden size
-    equals the pool's `hidden`. Reads only that config.json (cached: settings are read often)."""
-    return _describe_model(setting, model, hidden)
+    equals the pool's `hidden`. Reads only that config.json, cached while the file is unchanged
+    (settings are read often)."""
+    config_json = os.path.join(model, "config.json")
+    try:
+        stamp = os.stat(config_json).st_mtime_ns if model not in TINY_MODELS else 0
+        where = os.path.realpath(config_json) if stamp else model
+    except OSError:
+        stamp, where = 0, model
+    return _describe_model(setting, model, hidden, where, stamp)
 
 
 @functools.lru_cache(maxsize=64)
-def _describe_model(setting: str, model: str, hidden: int) -> ModelInfo:
+def _describe_model(setting: str, model: str, hidden: int, where: str, stamp: int) -> ModelInfo:
     tiny = TINY_MODELS.get(model)
     if tiny is not None:
         if hidden % 16:
@@ -82,12 +89,32 @@ def _describe_model(setting: str, model: str, hidden: int) -> ModelInfo:
             f"{setting}={model!r}: {config_json} has model_type={model_type!r}; "
             f"known model types: {known}"
         )
+    if not isinstance(model_hidden, int) or isinstance(model_hidden, bool):
+        raise ConfigError(
+            f"{setting}={model!r}: {config_json} has no integer hidden_size in text_config "
+            f"or at its top level (found {model_hidden!r})"
+        )
     if model_hidden != hidden:
         raise ConfigError(
             f"{setting}={model!r} has hidden size {model_hidden} but hidden={hidden}: "
             f"the pool's embeddings must be the model's width (set --hidden {model_hidden})"
         )
-    return ModelInfo(model, family, hidden, len(indexes) if family.deepstack else 0)
+    levels = 0
+    if family.deepstack:
+        if not isinstance(indexes, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in indexes
+        ):
+            raise ConfigError(
+                f"{setting}={model!r}: {config_json} vision_config.deepstack_visual_indexes="
+                f"{indexes!r}: must be a list of layer numbers"
+            )
+        levels = len(indexes)
+        if levels > MAX_DEEPSTACK_LEVELS:
+            raise ConfigError(
+                f"{setting}={model!r} has {levels} deepstack levels, above the "
+                f"{MAX_DEEPSTACK_LEVELS} a payload may carry"
+            )
+    return ModelInfo(model, family, hidden, levels)
 
 
 DEFAULT_DEEPSTACK_INDEXES = (8, 16, 24)
@@ -457,8 +484,8 @@ class EncoderConfig(ServiceConfig):
         "bytes",
         "encoder model for non-synthetic requests: 'bytes' (byte-level text only), "
         "'tiny' (a small seeded Qwen2-VL, no download), 'tiny-qwen3' (a small seeded "
-        "Qwen3-VL with 3 deepstack levels) or PATH of a local Qwen2-VL, Qwen2.5-VL or "
-        "Qwen3-VL checkpoint (the architecture read from its config.json)",
+        "Qwen3-VL with 3 deepstack levels) or PATH of a local Qwen2-VL, Qwen2.5-VL, "
+        "Qwen3-VL or Qwen3-VL-MoE checkpoint (the architecture read from its config.json)",
     )
     """Encoder model: `bytes` embeds UTF-8 text bytes with a seeded table (no images); `tiny` and
     `tiny-qwen3` are a Qwen2-VL and a Qwen3-VL with seeded random weights and hidden size
@@ -662,7 +689,8 @@ class LanguageConfig(ServiceConfig):
     consumer: str = _setting(
         "null",
         "what receives the payload ('null': releases it; 'qwen2-vl-prefill' (Qwen2-VL, "
-        "Qwen2.5-VL) and 'qwen3-vl-prefill' (Qwen3-VL): run the model's language part and "
+        "Qwen2.5-VL) and 'qwen3-vl-prefill' (Qwen3-VL, Qwen3-VL-MoE): run the model's "
+        "language part and "
         "return the first token)",
         choices=CONSUMERS,
     )

@@ -144,9 +144,11 @@ class RecordLayout:
             diffs.append(f"fields {list(other.names)} != {list(self.names)}")
             here, there = self.deepstack_levels, other.deepstack_levels
             if here != there:
+                # Where each side's count comes from: its model, or --deepstack-levels without one.
                 diffs.append(
-                    f"deepstack levels {there} != {here}: set --deepstack-levels {here} on "
-                    f"the language (or run its prefill consumer with the encoder's --model)"
+                    f"deepstack levels {there} != {here}: both services need the same count, "
+                    f"from the same family of --model, or from --deepstack-levels where no "
+                    f"model runs (a language with the null consumer)"
                 )
         else:
             for mine, theirs in zip(self.fields, other.fields):

@@ -1,4 +1,4 @@
-"""The Qwen encoder model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), built from Hugging Face
+"""The Qwen encoder model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE), built from Hugging Face
 `transformers` classes (weights: services/models/qwen_weights.py).
 
 Nothing here re-implements the model: preprocessing is the library's image processor (smart

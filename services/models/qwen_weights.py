@@ -50,6 +50,9 @@ TINY_SPECIAL_TOKENS = {
 }
 TINY_VOCAB = 320
 TINY_TEXT_LAYERS = 2
+TINY_QWEN3_TEXT_LAYERS = TINY_DEEPSTACK_LEVELS + 1
+"""The text model adds deepstack level K after its decoder layer K: one layer per level (so
+every level reaches the logits, and a wrong one shows), then one more."""
 TINY_VISION_DEPTH = 1
 TINY_QWEN3_VISION_DEPTH = TINY_DEEPSTACK_LEVELS
 """One vision block per deepstack level: each block's output is also a deepstack feature."""
@@ -79,9 +82,13 @@ def tiny_head_dim(hidden: int) -> int:
 
 
 def _tiny_text(
-    hidden: int, mrope_section: list[int], rope_extra: dict | None = None, **extra
+    hidden: int,
+    mrope_section: list[int],
+    layers: int = TINY_TEXT_LAYERS,
+    rope_extra: dict | None = None,
+    **extra,
 ) -> dict:
-    """The tiny models' text config: 2 decoder layers, M-RoPE split as `mrope_section`."""
+    """The tiny models' text config: `layers` decoder layers, M-RoPE split as `mrope_section`."""
     head_dim = tiny_head_dim(hidden)
     heads = hidden // head_dim
     s = TINY_SPECIAL_TOKENS
@@ -89,7 +96,7 @@ def _tiny_text(
         vocab_size=TINY_VOCAB,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        num_hidden_layers=TINY_TEXT_LAYERS,
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
         max_position_embeddings=TINY_MAX_POSITIONS,
@@ -143,9 +150,9 @@ def tiny_config(hidden: int):
 
 
 def tiny_qwen3_config(hidden: int):
-    """The tiny Qwen3-VL config: text hidden = `hidden`, 2 decoder layers, a 3-block vision
-    tower whose every block also gives a deepstack feature (3 levels, as the released
-    checkpoints have), interleaved M-RoPE."""
+    """The tiny Qwen3-VL config: text hidden = `hidden`, 4 decoder layers (the first 3 each take
+    a deepstack level), a 3-block vision tower whose every block also gives a deepstack feature
+    (3 levels, as the released checkpoints have), interleaved M-RoPE."""
     from transformers import Qwen3VLConfig
 
     half = tiny_head_dim(hidden) // 2
@@ -154,6 +161,7 @@ def tiny_qwen3_config(hidden: int):
         text_config=_tiny_text(
             hidden,
             [half - 2 * hw, hw, hw],
+            layers=TINY_QWEN3_TEXT_LAYERS,
             head_dim=tiny_head_dim(hidden),
             rope_extra={"mrope_interleaved": True},
         ),
@@ -217,11 +225,24 @@ def _offline() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+"""Where a checkpoint keeps its image processor's settings: the first file is the released
+checkpoints'; transformers 5's `save_pretrained` of a whole processor writes the second, with
+the image processor's settings inside."""
+
+
 def _processor(family: ModelFamily, path: str = ""):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    if path and os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+    if path and any(os.path.isfile(os.path.join(path, f)) for f in PROCESSOR_FILES):
         return Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
+    if path:
+        log.warning(
+            "checkpoint %s has no %s: the image processor takes %s's settings",
+            path,
+            " or ".join(PROCESSOR_FILES),
+            family.name,
+        )
     return Qwen2VLImageProcessorPil(
         min_pixels=family.min_pixels,
         max_pixels=family.max_pixels,
@@ -240,13 +261,13 @@ def load_qwen(
     `keep` names the parts the caller runs: "vision" (vision tower + embedding table, the
     encoder) and/or "text" (decoder layers + lm_head, the prefill); the others are dropped to
     save memory."""
-    _offline()
-    import transformers
-
     try:
         info = describe_model("model", name, hidden)
     except ConfigError as e:
         raise FailedPrecondition(str(e)) from None
+    _offline()
+    import transformers
+
     family = info.family
     cls = getattr(transformers, family.model_class)
     dev = torch.device(device)

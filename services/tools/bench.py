@@ -28,7 +28,7 @@ Cases (hidden 3584, bf16, block_size 128 unless flags say otherwise):
 - `loops`: the `single` (largest size) and `control` cases again with both services on
   asyncio's own loop instead of uvloop;
 - `reuse`: the same image (`--reuse-image`, PNG) `--reuse-requests` times through the tiny
-  Qwen2-VL, with the embedding caches on (the encoder skips the vision tower, the language ranks
+  Qwen2-VL (the tiny Qwen3-VL with `--deepstack-levels 3`), with the embedding caches on (the encoder skips the vision tower, the language ranks
   fill the rows they hold) and off (`--embedding-cache-bytes 0` on both): latency p50 of the
   repeats and bytes written, on against off (goal: not slower). On a CPU the tiny model's vision
   tower costs little; a real model's costs far more per image.
@@ -902,7 +902,13 @@ async def case_reuse(args, n: int) -> dict[str, Any]:
     width, _, height = args.reuse_image.partition("x")
     data = demo.make_image(int(width), int(height), "png", seed=3)
     image = common_pb2.Image(data=data, mime_type="image/png")
-    out: dict[str, Any] = {"requests": n, "image": args.reuse_image, "image_bytes": len(data)}
+    model = "tiny-qwen3" if args.deepstack_levels else "tiny"
+    out: dict[str, Any] = {
+        "requests": n,
+        "image": args.reuse_image,
+        "image_bytes": len(data),
+        "model": model,
+    }
     for name, extra in (("on", ()), ("off", ("--embedding-cache-bytes", "0"))):
         blocks = 64
         s = Services(
@@ -911,7 +917,7 @@ async def case_reuse(args, n: int) -> dict[str, Any]:
             encoder_blocks=blocks,
             alloc_policy="fixed",
             initial_tokens=(blocks // 2) * args.block_size,
-            extra=("--model", "tiny-qwen3" if args.deepstack_levels else "tiny", *extra),
+            extra=("--model", model, *extra),
         )
         try:
             latencies, replies = [], []
@@ -1044,7 +1050,8 @@ def format_table(r: dict[str, Any]) -> str:
         x = r["reuse"]
         out += [
             "",
-            f"reuse: one {x['image']} PNG ({x['image_bytes']:,} B) {x['requests']} times, tiny Qwen2-VL",
+            f"reuse: one {x['image']} PNG ({x['image_bytes']:,} B) {x['requests']} times, "
+            f"{x.get('model', 'tiny')}",
             f"  {'caches':>6} {'tokens':>7} {'cached':>7} {'first ms':>9} {'p50 ms':>8} {'p90 ms':>8} {'bytes written':>14}",
         ]
         for name in ("on", "off"):

@@ -88,7 +88,7 @@ def test_services_that_disagree_on_the_fields_never_pair():
     message = str(e.value)
     assert "every encoder refused this instance's registration" in message
     assert "'deepstack_0', 'deepstack_1', 'deepstack_2']" in message
-    assert "deepstack levels 0 != 3: set --deepstack-levels 3 on the language" in message
+    assert "deepstack levels 0 != 3: both services need the same count" in message
 
 
 @pytest.mark.parametrize("levels", [-1, 9])

@@ -9,6 +9,7 @@ cache. Real pools (CPU) hold what `encode_into` writes; every allocation is give
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -75,6 +76,11 @@ def test_the_prefill_on_the_fields_equals_the_librarys_forward(full, enc):
         out.embeddings, out.positions, out.token_ids, [torch.zeros_like(d) for d in out.deepstack]
     )
     assert max(abs(a - b) for a, b in zip(blind.top_logits, got.top_logits)) > 1e-3
+    # Every level reaches the logits, the last one too (one decoder layer per level).
+    for k in range(LEVELS):
+        one_off = [d if j != k else torch.zeros_like(d) for j, d in enumerate(out.deepstack)]
+        changed = prefill.prefill(out.embeddings, out.positions, out.token_ids, one_off)
+        assert max(abs(a - b) for a, b in zip(changed.top_logits, got.top_logits)) > 1e-4, k
     with pytest.raises(ValueError, match="2 deepstack field"):
         prefill.prefill(out.embeddings, out.positions, out.token_ids, out.deepstack[:2])
 
@@ -218,4 +224,46 @@ def test_a_checkpoint_directory_is_loaded_as_its_config_says(tmp_path, full, fam
 def test_an_unknown_model_type_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava", "hidden_size": 64}))
     with pytest.raises(ConfigError, match=r"model_type='llava'; known model types: \['qwen2_vl'"):
+        EncoderConfig(model=str(tmp_path), hidden=HIDDEN).validate()
+
+
+def test_a_processor_saved_whole_is_read_from_processor_config_json(tmp_path, full):
+    """transformers 5 saves a whole processor as processor_config.json (the image processor's
+    settings inside it): those settings are the checkpoint's, not the family's defaults."""
+    full.model.save_pretrained(tmp_path)
+    settings_ = full.processor.to_dict() | {"min_pixels": None, "max_pixels": None}
+    settings_["size"] = {"shortest_edge": 4 * 32 * 32, "longest_edge": 64 * 32 * 32}
+    (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": settings_}))
+    loaded = qwen.load_encoder_model(str(tmp_path), HIDDEN)
+    assert (loaded.min_pixels, loaded.max_pixels) == (4 * 32 * 32, 64 * 32 * 32)
+    # A 1000x1000 image is 64 tokens under these bounds (Qwen3-VL's own would give 961).
+    assert loaded.token_count(EncodeInputs((image(1000, 1000),), "")) == 64 + 2
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda c: c["text_config"].pop("hidden_size"),
+            r"has no integer hidden_size in text_config or at its top level \(found None\)",
+        ),
+        (
+            lambda c: c["vision_config"].update(deepstack_visual_indexes=None),
+            r"vision_config.deepstack_visual_indexes=None: must be a list of layer numbers",
+        ),
+        (
+            lambda c: c["vision_config"].update(deepstack_visual_indexes=list(range(9))),
+            r"has 9 deepstack levels, above the 8 a payload may carry",
+        ),
+    ],
+    ids=["no-hidden-size", "indexes-not-a-list", "too-many-levels"],
+)
+def test_a_config_json_that_cannot_be_served_is_named(tmp_path, full, edit, message):
+    config = json.loads(full.config.to_json_string())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    EncoderConfig(model=str(tmp_path), hidden=HIDDEN).validate()  # as written: fine
+    edit(config)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    os.utime(tmp_path / "config.json", ns=(1, 1))  # another stamp: read again, not cached
+    with pytest.raises(ConfigError, match=message):
         EncoderConfig(model=str(tmp_path), hidden=HIDDEN).validate()

@@ -1,7 +1,8 @@
 """`epd demo`: start an encoder and a language service on loopback, send a mixed workload in
 which some requests need many transfer rounds, verify every byte, print a summary.
 
-With `--model tiny` (the default) both services run a small seeded Qwen2-VL and the workload adds
+With `--model tiny` (the default) both services run a small seeded Qwen2-VL (`tiny-qwen3`: a
+Qwen3-VL, whose payloads carry three deepstack fields) and the workload adds
 requests with real images the demo generates; their token counts are checked against the
 image-size rule recomputed here (`_images`). Synthetic payloads are checked against
 `services.tools.reference_payload`, an independent numpy implementation.

@@ -20,7 +20,8 @@ from typing import Any
 from services.tools.demo._images import QWEN2_TOKENS, TokenRule, qwen_image_tokens
 
 CONVERSATION_IMAGES = ((448, 336), (336, 448))
-"""(width, height) of the conversation's images (PNG): 192 image tokens each."""
+"""(width, height) of the conversation's images (PNG): 192 image tokens each for Qwen2-VL,
+140 for Qwen3-VL."""
 QUESTIONS = (
     "What do these two pictures <image> and <image> show?",
     "Which of the two is brighter?",

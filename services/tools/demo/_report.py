@@ -7,6 +7,8 @@ import time
 from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING, Any
 
+from services.tools.demo._images import token_rule
+
 if TYPE_CHECKING:  # annotations only: the modules use each other
     from services.tools.demo._results import RequestResult
 
@@ -89,7 +91,7 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append("")
         lines.append(
             f"  image requests (model {cfg.get('model', '?')}: vision tower on the encoder, "
-            f"qwen2-vl-prefill on the language)"
+            f"{token_rule(cfg.get('model', '')).consumer} on the language)"
         )
         lines.append(
             f"  {'request':<10} {'images':<28} {'tokens':>7} {'rounds':>6} {'first token':>11} "
