@@ -121,12 +121,15 @@ async def assert_all_free(
     *addresses_and_kinds: tuple[str, str],
     settle_s: float = 5.0,
     held: dict[int, int] | None = None,
+    abandoned: bool = False,
 ) -> None:
     """Every pool fully free, no allocation waiting, no live transfer.
 
     Ranks 1..N-1 of a language instance release a request's blocks just after rank 0 replies,
     so their pools are given `settle_s` to get there (rank 0 and the encoder must be free at once).
-    `held`: blocks a language rank holds for good by injected fault (`--fault hold_blocks`)."""
+    `held`: blocks a language rank holds for good by injected fault (`--fault hold_blocks`).
+    `abandoned`: the last requests may have ended at the client (deadline, Cancel) before the
+    encoder heard of it, so every pool is given `settle_s`."""
     held = held or {}
     for address, kind in addresses_and_kinds:
         async with grpc.aio.insecure_channel(address) as ch:
@@ -138,11 +141,14 @@ async def assert_all_free(
             deadline = asyncio.get_running_loop().time() + settle_s
             while True:
                 pool = await stub.GetPool(common_pb2.GetPoolRequest())
+                settling = pool.rank_pools if abandoned else pool.rank_pools[1:]
                 busy = [
                     rp
-                    for rp in pool.rank_pools[1:]
+                    for rp in settling
                     if rp.used_blocks != held.get(rp.rank, 0) or rp.waiters or rp.quarantined_blocks
                 ]
+                if abandoned and (pool.used_blocks or pool.quarantined_blocks or pool.waiters):
+                    busy.append(pool)
                 if not busy or asyncio.get_running_loop().time() > deadline:
                     break
                 await asyncio.sleep(0.05)
