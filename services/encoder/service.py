@@ -43,6 +43,7 @@ from services.parts import Parts
 log = logging.getLogger(__name__)
 
 MAX_CACHE_SCOPE_CHARS = 128  # EncodeRequest.cache_scope (the language sends a 64-character hash)
+CANCELLED_UNKNOWN_KEPT = 4096  # ids cancelled before they began here, kept to refuse them later
 
 SERVICE_NAME = "epd.v1.Encoder"
 MAX_RAW_REPEATS = 1000
@@ -79,6 +80,11 @@ class EncoderService:
             tuple[str, int], float
         ] = {}  # last Register or Init of each registration
         self.transfers: TransferTable[EncoderTransfer] = TransferTable(config.history_size)
+        # Ids their owner cancelled before this encoder knew them: (request_id, language_id) ->
+        # the caller. Bounded; see `cancelled_before_begun`.
+        self._cancelled_unknown: collections.OrderedDict[tuple[str, str], str] = (
+            collections.OrderedDict()
+        )
         self.server: rpc.GrpcServer | None = None
         self.port = 0
         self.encoder_id = config.encoder_id
@@ -232,6 +238,28 @@ class EncoderService:
     def _refuse_when_draining(self, what: str) -> None:
         if self.draining:
             raise errors.Unavailable(f"{what}: encoder {self.encoder_id} is shutting down")
+
+    def cancelled_before_begun(self, request_id: str, language_id: str, principal: str) -> None:
+        """Its owner cancelled an id this encoder does not know. An Encode or Init of it may still
+        be on its way: the language sent it before the Cancel, but calls are handled in no fixed
+        order (an EncodeStream carrying the rank's Init, still queued behind the Cancel). Once
+        the Cancel said NOT_FOUND, the language frees the blocks that Init names, so the id is
+        kept and its Encode and Init refused: nothing of it may ever run here."""
+        if not request_id or not language_id:
+            return
+        key = (request_id, language_id)
+        self._cancelled_unknown[key] = principal
+        self._cancelled_unknown.move_to_end(key)
+        while len(self._cancelled_unknown) > CANCELLED_UNKNOWN_KEPT:
+            self._cancelled_unknown.popitem(last=False)
+
+    def _refuse_cancelled(self, request_id: str, language_id: str, principal: str, what: str):
+        if self._cancelled_unknown.get((request_id, language_id)) == principal:
+            raise errors.FailedPrecondition(
+                f"{what}: its owner cancelled the request before it began here",
+                reason=FailureReason.CANCELLED,
+                error_reason=errors.TRANSFER_ENDED,
+            )
 
     def challenge(self, language_id: str, rank: int, principal: str = "") -> bytes:
         """A one-time nonce for Register's proof of possession (services/encoder/possession.py)."""
@@ -422,6 +450,7 @@ class EncoderService:
         if existing is not None:
             existing.check_owner(language_id, principal, what)
         else:
+            self._refuse_cancelled(request_id, language_id, principal, what)
             ended = self.transfers.get(request_id)
             if ended is not None:
                 ended.check_owner(
@@ -489,6 +518,7 @@ class EncoderService:
         if known is not None:
             known.check_owner(language_id, principal, what)
         if self.transfers.live_get(request_id) is None:
+            self._refuse_cancelled(request_id, language_id, principal, what)
             self._check_transfer_id(request_id, language_id, principal, what)
             self._check_peer_limit(language_id, principal, what)
         # Bad input changes nothing, not even a transfer an Init already opened: the language
@@ -563,8 +593,13 @@ class EncoderService:
                 try:
                     payload_checksums, payload_sums = await asyncio.shield(filling)
                 except asyncio.CancelledError:
-                    # The worker thread writes into these blocks until it returns: only then free them.
-                    await asyncio.gather(filling, return_exceptions=True)
+                    # The worker thread writes into these blocks until it returns: only then free
+                    # them, even through a second cancellation while we wait.
+                    while not filling.done():
+                        try:
+                            await asyncio.shield(filling)
+                        except BaseException:  # noqa: BLE001 - still waiting for the thread
+                            continue
                     raise
             self.telemetry.encoded(time.monotonic() - fill_started)
         except errors.EpdError as e:
@@ -1159,7 +1194,11 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         if caller in self.sec.admin_identities:
             t = self.s.find(request.request_id)  # an operator may end any transfer
         else:
-            t = self.s.find_owned(request.request_id, request.language_id, caller, what)
+            try:
+                t = self.s.find_owned(request.request_id, request.language_id, caller, what)
+            except errors.NotFound:
+                self.s.cancelled_before_begun(request.request_id, request.language_id, caller)
+                raise
         cancelled = await t.cancel(
             f"cancelled by peer: {request.reason or 'no reason given'}",
             cancel_failure(request.failure),

@@ -319,3 +319,44 @@ async def test_no_deadlock_when_both_pools_are_short():
         )
     finally:
         pair.stop()
+
+
+@pytest.mark.parametrize("carried_in", ["Encode", "EncodeStream"])
+async def test_a_cancel_that_overtakes_its_encode_keeps_the_encode_from_running(roomy, carried_in):
+    """The language sends an Encode carrying rank 0's Init, gives up, and Cancels; the encoder may
+    handle the Cancel first (NOT_FOUND: it knows no such transfer), and the language then frees the
+    blocks the Init named. The Encode arriving after it must be refused, or it would write into
+    blocks that now hold another request's payload (seen in the soak as DATA_LOSS on the request
+    that got them next, and as an encoder transfer left waiting for its bootstrap timeout)."""
+    enc = encoder_stub(roomy.encoder.address)
+    rank = TestRank(hidden=HIDDEN, language_id="overtaken-lang")
+    rid = f"overtaken-lang/overtaken-{carried_in}"
+    try:
+        await rank.register(enc)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await enc.Cancel(rank.cancel_request(rid))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        blocks = rank.alloc(2)  # the freed blocks, now another request's: zeroed
+        tokens = 2 * rank.block_size
+        request = rank.encode_request(rid, tokens, seed=5)
+        request.init.CopyFrom(rank.init_request(rid, blocks))
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            if carried_in == "Encode":
+                await enc.Encode(request)
+            else:
+                async for _ in enc.EncodeStream(request):
+                    pass
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, e.value.details()
+        assert "cancelled the request before it began here" in e.value.details()
+        # An Init of its own is refused the same way, and nothing was written.
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await enc.Init(rank.init_request(rid, blocks))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        await asyncio.sleep(0.3)
+        assert not rank.read(blocks, tokens).any(), (
+            "a write landed in blocks freed after the Cancel"
+        )
+        rank.free(blocks)
+        await assert_all_free((roomy.encoder.address, "encoder"))
+    finally:
+        rank.close()
