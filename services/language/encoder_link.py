@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -33,6 +34,9 @@ class Encoded:
     total_tokens: int
     cached_images: frozenset[int] = frozenset()
     """Images whose rows came from the encoder's embedding cache (EncodeReply.cached_images)."""
+    returned_at: float = 0.0
+    """time.monotonic() when the reply was read off the call: on an EncodeStream rank 0's receive
+    may finish before the front door gets to the reply, so the reply's own arrival dates it."""
 
 
 class GrpcEncoderLink:
@@ -205,7 +209,7 @@ class GrpcEncoderLink:
                     reply.init_error,
                 )
             init.settle(reply.init_applied)
-        return Encoded(reply.total_tokens, frozenset(reply.cached_images))
+        return Encoded(reply.total_tokens, frozenset(reply.cached_images), time.monotonic())
 
     def encode_exchange(
         self, request: encoder_pb2.EncodeRequest, init: CarriedInit | None = None

@@ -441,7 +441,7 @@ class LanguageService:
                 raise
             finally:
                 admission.encode_returned()
-            record.encoded_at = time.monotonic()
+            record.encoded_at = encoded.returned_at or time.monotonic()
             self.worker.encoders.affinity.remember(view.index, digests)
             total = encoded.total_tokens
             if self.policy.size_first and admission.spec is None:  # the Encode said it first
