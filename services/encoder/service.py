@@ -626,11 +626,12 @@ class EncoderService:
         model = self.synthetic if inputs.synthetic_tokens > 0 else self.model
         if model is not self.synthetic:
             levels = getattr(model, "deepstack_levels", 0)
-            if levels != self.config.layout_deepstack_levels:
+            pool_levels = self.pool.record.deepstack_levels
+            if levels != pool_levels:
                 raise errors.FailedPrecondition(
                     f"request {errors.shown(request_id)}: the encoder's model fills {levels} "
                     f"deepstack field(s), its pool has deepstack_levels="
-                    f"{self.config.layout_deepstack_levels}: only synthetic requests can be served"
+                    f"{pool_levels}: only synthetic requests can be served"
                 )
             validate_images(inputs.images)
         total = model.token_count(inputs)
