@@ -35,7 +35,6 @@ from common.payload import Payload
 
 log = logging.getLogger(__name__)
 
-CONSUMERS = ("null", "qwen2-vl-prefill", "qwen3-vl-prefill")
 TOP_K = 8
 
 
